@@ -119,6 +119,8 @@ _NUMBA_CACHE = _numba_cache_usable()
 import numba  # noqa: E402  (after the cache probe, before any kernel)
 
 _njit = numba.njit(cache=_NUMBA_CACHE, nogil=True)
+# Fused multiply-add only: no change to NaN/Inf semantics (unlike full fastmath).
+_njit_contract = numba.njit(cache=_NUMBA_CACHE, nogil=True, fastmath={"contract"})
 
 ###############################################################################
 ### Constants
@@ -373,17 +375,19 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                     iy, ty = 0, 0.0
                 else:
                     iy, ty = _nb_cell(py, ny)
+                wy0 = _nb_keys(ty + 1.0)
+                wy1 = _nb_keys(ty)
+                wy2 = _nb_keys(1.0 - ty)
+                wy3 = _nb_keys(2.0 - ty)
+                y3 = min(iy + 3, ny + 1)
                 acc = 0.0
                 for p in range(4):
                     wx = _nb_keys(tx + 1.0 - p)
                     if wx == 0.0:
                         continue
                     xi = min(ix + p, nx + 1)
-                    col = 0.0
-                    for q in range(4):
-                        yi = min(iy + q, ny + 1)
-                        col += _nb_keys(ty + 1.0 - q) * ext[xi, yi]
-                    acc += wx * col
+                    acc += wx * (wy0 * ext[xi, iy] + wy1 * ext[xi, iy + 1]
+                                 + wy2 * ext[xi, iy + 2] + wy3 * ext[xi, y3])
                 out[x, y] = acc
 
 
@@ -572,18 +576,23 @@ def _nb_set_boundary(f):
 
 
 @_njit
-def _nb_data_coeffs(J11, J22, J33, J12, J13, J23, weight, a_data, du, dv,
-                    first, psi_all_ones, A11, A12, A22, A13, A23):
-    """Channel sums ``A.. = sum_k W_k psi_k J.._k`` of the lagged data term.
+def _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, first,
+                psi_all_ones, u, v, wxe, wye, omega, A12, Du, Dv, cu, cv):
+    """Refresh the per-pixel constants of the sweep (interior pixels).
 
-    ``first``: use the initial psi (1 for channel 0, and for every channel when
-    ``psi_all_ones``; 0 otherwise, the toolbox's zero-filled start).  Otherwise
-    psi_k = a_k (E_k + eps)^(a_k - 1) with E_k the linearised data energy of the
-    current increment, clamped at 0.
+    The lagged data term enters through the channel sums
+    ``A.. = sum_k W_k psi_k J.._k``: with ``first`` psi is the initial value (1
+    for channel 0, and for every channel when ``psi_all_ones``; 0 otherwise,
+    the toolbox's zero-filled start), else psi_k = a_k (E_k + eps)^(a_k - 1)
+    with E_k the linearised data energy of the current increment, clamped at 0.
+    From them and the smoothness edge weights ``wxe, wye``:
+    ``Du = omega / (sum_nb w_nb + A11)`` (0 where that is 0),
+    ``cu = sum_nb w_nb (u_nb - u_c) - A13``, likewise for v, and ``A12``.
+    ``weight`` is ``(C, NX, NY)`` when ``local`` else ``(C, 1, 1)``.
     """
     C, NX, NY = J11.shape
-    for a in range(NX):
-        for b in range(NY):
+    for a in range(1, NX - 1):
+        for b in range(1, NY - 1):
             d = du[a, b]
             e = dv[a, b]
             s11 = 0.0
@@ -601,17 +610,28 @@ def _nb_data_coeffs(J11, J22, J33, J12, J13, J23, weight, a_data, du, dv,
                     if en < 0.0:
                         en = 0.0
                     psi = a_data[k] * (en + PSI_EPS) ** (a_data[k] - 1.0)
-                wp = weight[k, a, b] * psi
+                wp = (weight[k, a, b] if local else weight[k, 0, 0]) * psi
                 s11 += wp * J11[k, a, b]
                 s12 += wp * J12[k, a, b]
                 s22 += wp * J22[k, a, b]
                 s13 += wp * J13[k, a, b]
                 s23 += wp * J23[k, a, b]
-            A11[a, b] = s11
+            wl = wxe[a - 1, b]
+            wr = wxe[a, b]
+            wd = wye[a, b]
+            wu = wye[a, b - 1]
+            uc = u[a, b]
+            vc = v[a, b]
+            cu[a, b] = (wl * (u[a - 1, b] - uc) + wr * (u[a + 1, b] - uc)
+                        + wd * (u[a, b + 1] - uc) + wu * (u[a, b - 1] - uc)) - s13
+            cv[a, b] = (wl * (v[a - 1, b] - vc) + wr * (v[a + 1, b] - vc)
+                        + wd * (v[a, b + 1] - vc) + wu * (v[a, b - 1] - vc)) - s23
+            sw = wl + wr + wd + wu
+            den = sw + s11
+            Du[a, b] = omega / den if den != 0.0 else 0.0
+            den = sw + s22
+            Dv[a, b] = omega / den if den != 0.0 else 0.0
             A12[a, b] = s12
-            A22[a, b] = s22
-            A13[a, b] = s13
-            A23[a, b] = s23
 
 
 @_njit
@@ -653,97 +673,80 @@ def _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wy
             wye[a, b] = 0.5 * (psi[a, b] + psi[a, b + 1]) * cy if b + 1 < NY else 0.0
 
 
-@_njit
-def _nb_solver_rhs(u, v, wxe, wye, A11, A22, A13, A23, Du, Dv, cu, cv):
-    """Per-pixel constants of the sweep between two nonlinearity updates.
+@_njit_contract
+def _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
+    """One lexicographic SOR sweep, column by column, du before dv at each pixel.
 
-    ``Du = sum_nb w_nb + A11`` and ``cu = sum_nb w_nb (u_nb - u_c) - A13``
-    (likewise for v), so that a pixel update needs only the increments.
+    The update of a pixel depends on the pixel just updated before it (y - 1);
+    that term is added last so the loop-carried chain is short.  With
+    ``uniform`` the edge weights are the constants ``wxe[0, 0]``, ``wye[0, 0]``.
     """
-    NX, NY = u.shape
-    for a in range(1, NX - 1):
-        for b in range(1, NY - 1):
-            wl = wxe[a - 1, b]
-            wr = wxe[a, b]
-            wd = wye[a, b]
-            wu = wye[a, b - 1]
-            uc = u[a, b]
-            vc = v[a, b]
-            cu[a, b] = (wl * (u[a - 1, b] - uc) + wr * (u[a + 1, b] - uc)
-                        + wd * (u[a, b + 1] - uc) + wu * (u[a, b - 1] - uc)) - A13[a, b]
-            cv[a, b] = (wl * (v[a - 1, b] - vc) + wr * (v[a + 1, b] - vc)
-                        + wd * (v[a, b + 1] - vc) + wu * (v[a, b - 1] - vc)) - A23[a, b]
-            s = wl + wr + wd + wu
-            Du[a, b] = s + A11[a, b]
-            Dv[a, b] = s + A22[a, b]
-
-
-@_njit
-def _nb_sor_sweep(du, dv, wxe, wye, A12, Du, Dv, cu, cv, omega):
-    """One lexicographic SOR sweep, column by column, du before dv at each pixel."""
     NX, NY = du.shape
     om1 = 1.0 - omega
+    if uniform:
+        cx = wxe[0, 0]
+        cy = wye[0, 0]
+        for a in range(1, NX - 1):
+            for b in range(1, NY - 1):
+                pu = (cx * (du[a - 1, b] + du[a + 1, b]) + cy * du[a, b + 1]
+                      + cu[a, b] - A12[a, b] * dv[a, b])
+                duc = om1 * du[a, b] + Du[a, b] * (pu + cy * du[a, b - 1])
+                du[a, b] = duc
+                pv = (cx * (dv[a - 1, b] + dv[a + 1, b]) + cy * dv[a, b + 1]
+                      + cv[a, b] - A12[a, b] * duc)
+                dv[a, b] = om1 * dv[a, b] + Dv[a, b] * (pv + cy * dv[a, b - 1])
+        return
     for a in range(1, NX - 1):
         for b in range(1, NY - 1):
             wl = wxe[a - 1, b]
             wr = wxe[a, b]
             wd = wye[a, b]
             wu = wye[a, b - 1]
-            nu = (wl * du[a - 1, b] + wr * du[a + 1, b] + wd * du[a, b + 1]
-                  + wu * du[a, b - 1] + cu[a, b] - A12[a, b] * dv[a, b])
-            den = Du[a, b]
-            step = nu / den if den != 0.0 else 0.0
-            duc = om1 * du[a, b] + omega * step
+            pu = (wl * du[a - 1, b] + wr * du[a + 1, b] + wd * du[a, b + 1]
+                  + cu[a, b] - A12[a, b] * dv[a, b])
+            duc = om1 * du[a, b] + Du[a, b] * (pu + wu * du[a, b - 1])
             du[a, b] = duc
-            nv = (wl * dv[a - 1, b] + wr * dv[a + 1, b] + wd * dv[a, b + 1]
-                  + wu * dv[a, b - 1] + cv[a, b] - A12[a, b] * duc)
-            den = Dv[a, b]
-            step = nv / den if den != 0.0 else 0.0
-            dv[a, b] = om1 * dv[a, b] + omega * step
+            pv = (wl * dv[a - 1, b] + wr * dv[a + 1, b] + wd * dv[a, b + 1]
+                  + cv[a, b] - A12[a, b] * duc)
+            dv[a, b] = om1 * dv[a, b] + Dv[a, b] * (pv + wu * dv[a, b - 1])
 
 
 @_njit
-def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha_x, alpha_y,
+def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x, alpha_y,
                      iterations, update_lag, a_data, a_smooth, hx, hy, psi_all_ones,
                      du, dv):
     """Nonlinear SOR for the flow increment on one pyramid level.
 
-    Tensors and ``weight`` are ``(C, NX, NY)`` (haloed, transposed); ``u, v, du,
-    dv`` are ``(NX, NY)``.  Iterations count from 1; the data and smoothness
+    Tensors are ``(C, NX, NY)`` (haloed, transposed); ``weight`` is
+    ``(C, NX, NY)`` when ``local`` else ``(C, 1, 1)``; ``u, v, du, dv`` are
+    ``(NX, NY)``.  Iterations count from 1; the data and smoothness
     nonlinearities are refreshed when ``it % update_lag == 0``; the Neumann halo
     of the increments is reset before every sweep.  Writes ``du, dv`` (with halo).
     """
     NX, NY = u.shape
     du[:, :] = 0.0
     dv[:, :] = 0.0
-    A11 = np.zeros((NX, NY))
     A12 = np.zeros((NX, NY))
-    A22 = np.zeros((NX, NY))
-    A13 = np.zeros((NX, NY))
-    A23 = np.zeros((NX, NY))
-    wxe = np.empty((NX, NY))
-    wye = np.empty((NX, NY))
     Du = np.zeros((NX, NY))
     Dv = np.zeros((NX, NY))
     cu = np.zeros((NX, NY))
     cv = np.zeros((NX, NY))
-    _nb_data_coeffs(J11, J22, J33, J12, J13, J23, weight, a_data, du, dv, True,
-                    psi_all_ones, A11, A12, A22, A13, A23)
-    cx = alpha_x / (hx * hx)
-    cy = alpha_y / (hy * hy)
-    wxe[:, :] = cx
-    wye[:, :] = cy
-    _nb_solver_rhs(u, v, wxe, wye, A11, A22, A13, A23, Du, Dv, cu, cv)
+    wxe = np.empty((NX, NY))
+    wye = np.empty((NX, NY))
+    wxe[:, :] = alpha_x / (hx * hx)
+    wye[:, :] = alpha_y / (hy * hy)
+    uniform = a_smooth == 1.0
+    _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, True,
+                psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv)
     for it in range(1, iterations + 1):
         if it % update_lag == 0:
-            _nb_data_coeffs(J11, J22, J33, J12, J13, J23, weight, a_data, du, dv, False,
-                            psi_all_ones, A11, A12, A22, A13, A23)
-            if a_smooth != 1.0:
+            if not uniform:
                 _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wye)
-            _nb_solver_rhs(u, v, wxe, wye, A11, A22, A13, A23, Du, Dv, cu, cv)
+            _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, False,
+                        psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv)
         _nb_set_boundary(du)
         _nb_set_boundary(dv)
-        _nb_sor_sweep(du, dv, wxe, wye, A12, Du, Dv, cu, cv, SOR_OMEGA)
+        _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
 
 
 ###############################################################################
@@ -781,27 +784,78 @@ def _nb_select(buf, n, k):
 
 
 @_njit
-def _nb_sym_index(i, n):
-    """Symmetric (edge-repeating) reflection of index i into [0, n)."""
-    period = 2 * n
-    k = i % period
-    return k if k < n else period - 1 - k
+def _nb_pad_symmetric(src, p):
+    """Pad by ``p`` samples on every side, mirrored with the edge repeated."""
+    n0, n1 = src.shape
+    out = np.empty((n0 + 2 * p, n1 + 2 * p))
+    for a in range(n0 + 2 * p):
+        k = (a - p) % (2 * n0)
+        sa = k if k < n0 else 2 * n0 - 1 - k
+        for b in range(n1 + 2 * p):
+            k = (b - p) % (2 * n1)
+            out[a, b] = src[sa, k if k < n1 else 2 * n1 - 1 - k]
+    return out
+
+
+@_njit
+def _nb_sort5(a0, a1, a2, a3, a4):
+    """Sort five values with the optimal 9-comparator network (branch-free)."""
+    a0, a1 = min(a0, a1), max(a0, a1)
+    a3, a4 = min(a3, a4), max(a3, a4)
+    a2, a4 = min(a2, a4), max(a2, a4)
+    a2, a3 = min(a2, a3), max(a2, a3)
+    a0, a3 = min(a0, a3), max(a0, a3)
+    a0, a2 = min(a0, a2), max(a0, a2)
+    a1, a4 = min(a1, a4), max(a1, a4)
+    a1, a3 = min(a1, a3), max(a1, a3)
+    a1, a2 = min(a1, a2), max(a1, a2)
+    return a0, a1, a2, a3, a4
 
 
 @_njit
 def _nb_medfilt5(src, out):
-    """5x5 median with symmetric padding (MATLAB ``medfilt2(A, [5 5], 'symmetric')``)."""
+    """5x5 median with symmetric padding (MATLAB ``medfilt2(A, [5 5], 'symmetric')``).
+
+    Exact.  Each window's five x-columns are sorted (a sorted column is shared by
+    the five windows that contain it as the window slides along y); sorting the
+    rows of that 5x5 block as well leaves columns sorted, and then an entry
+    (i, j) has at least (i+1)(j+1) entries <= it and (5-i)(5-j) entries >= it.
+    Discarding those that cannot be the 13th smallest leaves 13 candidates, 6
+    of the discarded lying below: the median is the 7th smallest candidate.
+    """
     n0, n1 = src.shape
-    buf = np.empty(25)
+    pad = _nb_pad_symmetric(src, 2)
+    cols = np.empty((n1 + 4, 5))
+    cand = np.empty(13)
     for a in range(n0):
+        for j in range(n1 + 4):
+            c0, c1, c2, c3, c4 = _nb_sort5(pad[a, j], pad[a + 1, j], pad[a + 2, j],
+                                           pad[a + 3, j], pad[a + 4, j])
+            cols[j, 0] = c0
+            cols[j, 1] = c1
+            cols[j, 2] = c2
+            cols[j, 3] = c3
+            cols[j, 4] = c4
         for b in range(n1):
-            t = 0
-            for p in range(-2, 3):
-                ia = _nb_sym_index(a + p, n0)
-                for q in range(-2, 3):
-                    buf[t] = src[ia, _nb_sym_index(b + q, n1)]
-                    t += 1
-            out[a, b] = _nb_select(buf, 25, 12)
+            r = _nb_sort5(cols[b, 0], cols[b + 1, 0], cols[b + 2, 0], cols[b + 3, 0], cols[b + 4, 0])
+            cand[0] = r[3]
+            cand[1] = r[4]
+            r = _nb_sort5(cols[b, 1], cols[b + 1, 1], cols[b + 2, 1], cols[b + 3, 1], cols[b + 4, 1])
+            cand[2] = r[2]
+            cand[3] = r[3]
+            cand[4] = r[4]
+            r = _nb_sort5(cols[b, 2], cols[b + 1, 2], cols[b + 2, 2], cols[b + 3, 2], cols[b + 4, 2])
+            cand[5] = r[1]
+            cand[6] = r[2]
+            cand[7] = r[3]
+            r = _nb_sort5(cols[b, 3], cols[b + 1, 3], cols[b + 2, 3], cols[b + 3, 3], cols[b + 4, 3])
+            cand[8] = r[0]
+            cand[9] = r[1]
+            cand[10] = r[2]
+            r = _nb_sort5(cols[b, 4], cols[b + 1, 4], cols[b + 2, 4], cols[b + 3, 4], cols[b + 4, 4])
+            cand[11] = r[0]
+            cand[12] = r[1]
+            out[a, b] = _nb_select(cand, 13, 6)
 
 
 @_njit
@@ -891,7 +945,10 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
         J12 = np.empty((C, NX, NY))
         J13 = np.empty((C, NX, NY))
         J23 = np.empty((C, NX, NY))
-        weight = np.zeros((C, NX, NY))
+        if local_weight:
+            weight = np.zeros((C, NX, NY))
+        else:
+            weight = np.empty((C, 1, 1))
         for c in range(C):
             if tensor_kind == 0:
                 _nb_tensor_gc(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c],
@@ -902,11 +959,11 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
             if local_weight:
                 weight[c, 1:-1, 1:-1] = _nb_resize(wmap[c], lx, ly)
             else:
-                weight[c, :, :] = wvec[c]
+                weight[c, 0, 0] = wvec[c]
         scale = 1.0 if i == min_level else eta ** (-0.5 * i)
         du = np.empty((NX, NY))
         dv = np.empty((NX, NY))
-        _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, u, v,
+        _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local_weight, u, v,
                          alpha_x * scale, alpha_y * scale, iterations, update_lag,
                          a_data, a_smooth, hx, hy, not quirks, du, dv)
         if min(lx, ly) > 5:
@@ -1115,15 +1172,15 @@ def level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha, iterations,
             msg = f"level_solver: spatial weight must be {(M, N, C)}, got {w.shape}"
             raise InputError(msg)
         wint = np.ascontiguousarray(np.transpose(w, (2, 1, 0)))
+        local = True
     else:
-        wv = _channel_vector("weight", w, C)
-        wint = np.empty((C, N, M))
-        wint[:] = wv[:, None, None]
+        wint = _channel_vector("weight", w, C).reshape(C, 1, 1)
+        local = False
     al = np.atleast_1d(np.asarray(alpha, dtype=np.float64))
     ax, ay = (al[0], al[0]) if al.size == 1 else (al[0], al[1])
     du = np.empty((N, M))
     dv = np.empty((N, M))
-    _nb_level_solver(*[np.ascontiguousarray(np.transpose(J, (2, 1, 0))) for J in Js], wint,
+    _nb_level_solver(*[np.ascontiguousarray(np.transpose(J, (2, 1, 0))) for J in Js], wint, local,
                      _field_to_internal(u, (M, N), "u"), _field_to_internal(v, (M, N), "v"),
                      float(ax), float(ay), int(iterations), int(update_lag),
                      _channel_vector("a_data", a_data, C), float(a_smooth),

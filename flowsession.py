@@ -62,10 +62,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "FlowOptions",
     "FlowSessionError",
+    "Hdf5Reader",
+    "Hdf5VideoWriter",
     "InputError",
+    "MatReader",
+    "SessionConfig",
+    "TiffReader",
+    "TiffVideoWriter",
+    "VideoReader",
+    "array_task_to_index",
+    "atomic_save_npy",
+    "atomic_save_npz",
     "backward_valid_mask",
+    "cast_to_dtype",
+    "compensate_single_recording",
     "compute_batch_valid_masks",
+    "compute_reference",
+    "gaussian_filter_video",
+    "get_array_task_id",
     "get_displacement",
     "get_motion_tensor",
     "imregister_binary",
@@ -75,6 +91,13 @@ __all__ = [
     "level_solver",
     "main",
     "medfilt2_symmetric",
+    "open_video",
+    "open_writer",
+    "resolve_flow_options",
+    "run_stage1",
+    "run_stage1_array",
+    "synthetic_pair",
+    "synthetic_recording",
     "warping_depth",
 ]
 
@@ -83,14 +106,24 @@ __all__ = [
 ###############################################################################
 
 import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
 import logging
 import math
 import os
+import pathlib
+import re
 import sys
 import tempfile
 import time
+import tomllib
+from typing import NamedTuple
 
+import h5py
 import numpy as np
+import tifffile
 
 if __name__ == "__main__":
     # ``python flowsession.py`` and ``import flowsession`` share one module object
@@ -159,6 +192,1697 @@ class ConfigError(FlowSessionError, ValueError):
 
 class InputError(FlowSessionError, ValueError):
     """An input array or file cannot be used as given."""
+
+
+###############################################################################
+### Configuration
+###############################################################################
+
+#: Finest pyramid level solved by each quality preset (MATLAB ``OF_options``).
+_CFG_QUALITY_MIN_LEVEL = {"quality": 0, "balanced": 4, "fast": 6, "custom": 0}
+#: Data-term aliases accepted by the toolbox; census ('cs') is not implemented.
+_CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray"}
+_CFG_TYPENAMES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "single", "double")
+#: Keys that MATLAB / pyflowreg option files carry and flowsession does not use.
+_CFG_FOREIGN_FLOW_KEYS = frozenset({
+    "backend_params", "cc_hw", "cc_up", "channel_idx", "datatype", "flow_backend",
+    "gnc_schedule", "input_file", "min_frames_per_reference", "n_references",
+    "naming_convention", "normalize_ref", "output_file_name", "output_file_writer",
+    "output_path", "preproc_funct", "save_valid_mask", "use_gpu", "verbose", "warping_steps",
+})
+#: Array-task variables in order of precedence, with the submit option that sets the range.
+_CFG_ARRAY_VARS = {"SLURM_ARRAY_TASK_ID": "--array=", "SGE_TASK_ID": "-t ",
+                   "PBS_ARRAY_INDEX": "-J ", "PBS_ARRAYID": "-t "}
+
+
+def _cfg_check_keys(mapping, valid, source):
+    """Raise ConfigError unless ``mapping`` is a dict whose keys are all in ``valid``."""
+    if not isinstance(mapping, dict):
+        msg = f"{source} must be a table of keys, got {type(mapping).__name__}"
+        raise ConfigError(msg)
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            msg = f"{source}: unknown key '{key}'; {hint}"
+            raise ConfigError(msg)
+
+
+def _cfg_is_number(value):
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
+
+
+def _cfg_error(source, key, allowed, value):
+    msg = f"{source}: {key} must be {allowed}, got {value!r}"
+    return ConfigError(msg)
+
+
+def _cfg_float(value, key, source, allowed, ok):
+    """Finite real number (int accepted) for which ``ok`` holds, as float."""
+    if _cfg_is_number(value) and ok(float(value)):
+        return float(value)
+    raise _cfg_error(source, key, allowed, value)
+
+
+def _cfg_int(value, key, source, allowed, ok):
+    """Integer (integral float accepted, bool rejected) for which ``ok`` holds, as int."""
+    if _cfg_is_number(value) and float(value).is_integer() and ok(int(value)):
+        return int(value)
+    raise _cfg_error(source, key, allowed, value)
+
+
+def _cfg_bool(value, key, source):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise _cfg_error(source, key, "true or false", value)
+
+
+def _cfg_choice(value, key, source, choices, aliases=None):
+    """Case-insensitive choice, returned in the spelling of ``choices``."""
+    canonical = {c.lower(): c for c in choices}
+    name = value.strip().lower() if isinstance(value, str) else None
+    name = (aliases or {}).get(name, name)
+    if name in canonical:
+        return canonical[name]
+    also = "".join(f", '{a}' (= '{c}')" for a, c in (aliases or {}).items())
+    msg = (f"{source}: {key} {value!r} is not supported; use one of "
+           f"{', '.join(repr(c) for c in choices)}{also}")
+    raise ConfigError(msg)
+
+
+def _cfg_list(value, key, source, allowed):
+    """Non-empty list from a list, tuple or numpy array."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and value:
+        return list(value)
+    raise _cfg_error(source, key, allowed, value)
+
+
+def _cfg_text(value, key, source):
+    """Non-empty str (os.PathLike accepted), stripped."""
+    if isinstance(value, (str, os.PathLike)) and str(value).strip():
+        return str(value).strip()
+    raise _cfg_error(source, key, "a non-empty string", value)
+
+
+def _cfg_path(value, key, source):
+    return pathlib.Path(_cfg_text(value, key, source)).expanduser()
+
+
+def _cfg_blank_to_none(value):
+    """TOML cannot write None: an empty string means 'not set'."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _cfg_optional(check, *args):
+    """Rule that passes None (or an empty string) as None and checks anything else."""
+    def optional(value, key, source):
+        value = _cfg_blank_to_none(value)
+        return None if value is None else check(value, key, source, *args)
+    return optional
+
+
+def _cfg_alpha(value, key, source):
+    allowed = "a number > 0 or a list of 1 or 2 numbers > 0"
+    items = [value] if _cfg_is_number(value) else _cfg_list(value, key, source, allowed)
+    if len(items) > 2:
+        raise _cfg_error(source, key, allowed, value)
+    alpha = tuple(_cfg_float(a, key, source, allowed, lambda x: x > 0) for a in items)
+    return alpha * (2 // len(alpha))
+
+
+def _cfg_weight(value, key, source):
+    allowed = "a list of per-channel weights >= 0, not all 0"
+    weight = [_cfg_float(w, key, source, allowed, lambda x: x >= 0)
+              for w in _cfg_list(value, key, source, allowed)]
+    if sum(weight) <= 0:
+        raise _cfg_error(source, key, allowed, value)
+    return tuple(w / sum(weight) for w in weight)
+
+
+def _cfg_a_data(value, key, source):
+    allowed = "a number in (0, 1] or a list of them (one per channel)"
+    if _cfg_is_number(value):
+        return _cfg_float(value, key, source, allowed, lambda x: 0 < x <= 1)
+    return tuple(_cfg_float(a, key, source, allowed, lambda x: 0 < x <= 1)
+                 for a in _cfg_list(value, key, source, allowed))
+
+
+def _cfg_sigma(value, key, source):
+    allowed = "[sigma_row, sigma_col, sigma_time] or a list of such rows, each >= 0"
+    rows = _cfg_list(value, key, source, allowed)
+    rows = [rows] if all(_cfg_is_number(r) for r in rows) else rows
+    rows = [_cfg_list(row, key, source, allowed) for row in rows]
+    if any(len(row) != 3 for row in rows):
+        raise _cfg_error(source, key, allowed, value)
+    return tuple(tuple(_cfg_float(x, key, source, allowed, lambda x: x >= 0) for x in row)
+                 for row in rows)
+
+
+def _cfg_reference_frames(value, key, source):
+    if value is None:
+        return None
+    index = ("an integer >= 0", lambda x: x >= 0)
+    if isinstance(value, dict):
+        _cfg_check_keys(value, ("start", "stop"), f"{source}: {key}")
+        start = _cfg_int(value.get("start", 0), f"{key}.start", source, *index)
+        stop = _cfg_int(value.get("stop"), f"{key}.stop", source,
+                        f"an integer > start ({start})", lambda x: x > start)
+        return tuple(range(start, stop))
+    allowed = "None, a non-empty list of 0-based frame indices or {start, stop}"
+    return tuple(_cfg_int(i, key, source, *index) for i in _cfg_list(value, key, source, allowed))
+
+
+def _cfg_pattern(value, key, source):
+    value = _cfg_text(value, key, source)
+    if os.path.isabs(value):
+        raise _cfg_error(source, key, "a glob relative to root (e.g. '*.tif')", value)
+    return value
+
+
+def _cfg_plain_dict(value, key, source):
+    ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise _cfg_error(source, key, "a table of plain (JSON) values", value)
+    return dict(value)
+
+
+def _cfg_apply(obj, rules, source):
+    """Check and normalise, in place, each field of ``obj`` named in ``rules``."""
+    for key, (check, *args) in rules.items():
+        setattr(obj, key, check(getattr(obj, key), key, source, *args))
+
+
+_CFG_COUNT = ("an integer >= 1", lambda x: x >= 1)
+_CFG_POSITIVE = ("a number > 0", lambda x: x > 0)
+_CFG_CONSTANCY = (_cfg_choice, ("gc", "gray"), _CFG_CONSTANCY_ALIASES)
+_CFG_QUALITY = (_cfg_choice, tuple(_CFG_QUALITY_MIN_LEVEL))
+
+#: Check of each FlowOptions field: (function, extra arguments...).
+_CFG_FLOW_RULES = {
+    "quality_setting": _CFG_QUALITY,
+    "alpha": (_cfg_alpha,),
+    "weight": (_cfg_weight,),
+    "levels": (_cfg_int, *_CFG_COUNT),
+    "min_level": (_cfg_int, "an integer >= -1", lambda x: x >= -1),
+    "eta": (_cfg_float, "a number in (0, 1]", lambda x: 0 < x <= 1),
+    "update_lag": (_cfg_int, *_CFG_COUNT),
+    "iterations": (_cfg_int, *_CFG_COUNT),
+    "a_smooth": (_cfg_float, *_CFG_POSITIVE),
+    "a_data": (_cfg_a_data,),
+    "sigma": (_cfg_sigma,),
+    "bin_size": (_cfg_int, *_CFG_COUNT),
+    "buffer_size": (_cfg_int, *_CFG_COUNT),
+    "reference_frames": (_cfg_reference_frames,),
+    "update_reference": (_cfg_bool,),
+    "update_initialization_w": (_cfg_bool,),
+    "channel_normalization": (_cfg_choice, ("joint", "separate")),
+    "interpolation_method": (_cfg_choice, ("cubic", "linear", "nearest")),
+    "cc_initialization": (_cfg_bool,),
+    "save_w": (_cfg_bool,),
+    "save_valid_idx": (_cfg_bool,),
+    "save_meta_info": (_cfg_bool,),
+    "output_format": (_cfg_choice, ("HDF5", "TIFF")),
+    "output_typename": (_cfg_optional(_cfg_choice, _CFG_TYPENAMES),),
+    "constancy_assumption": _CFG_CONSTANCY,
+    "matlab_quirks": (_cfg_bool,),
+}
+
+#: Check of each SessionConfig field except root and flow_options (which need root).
+_CFG_SESSION_RULES = {
+    "pattern": (_cfg_pattern,),
+    "center": (_cfg_optional(_cfg_text),),
+    "output_root": (_cfg_path,),
+    "final_results": (_cfg_path,),
+    "resume": (_cfg_bool,),
+    "scheduler": (_cfg_choice, ("local", "array")),
+    "n_workers": (_cfg_int, "-1 (all CPUs) or an integer >= 1", lambda x: x == -1 or x >= 1),
+    "flow_backend": (_cfg_text,),
+    "backend_params": (_cfg_plain_dict,),
+    "stage1_quality_setting": (_cfg_optional(*_CFG_QUALITY),),
+    "cc_upsample": (_cfg_int, *_CFG_COUNT),
+    "sigma_smooth": (_cfg_float, "a number >= 0", lambda x: x >= 0),
+    "alpha_between": (_cfg_float, *_CFG_POSITIVE),
+    "iterations_between": (_cfg_int, *_CFG_COUNT),
+    "stage2_constancy_assumption": _CFG_CONSTANCY,
+    "align_chunk_size": (_cfg_int, *_CFG_COUNT),
+    "align_output_format": (_cfg_choice, ("TIFF", "HDF5")),
+}
+
+
+def _cfg_jsonable(value):
+    if isinstance(value, tuple):
+        return [_cfg_jsonable(v) for v in value]
+    return str(value) if isinstance(value, pathlib.PurePath) else value
+
+
+def _cfg_read_text(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"{path}: file not found"
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"{path}: cannot read ({exc})"
+    raise ConfigError(msg)
+
+
+def _cfg_read_flow_json(path):
+    """Read an options JSON file -> (dict without foreign keys, source label)."""
+    path = pathlib.Path(path)
+    lines = _cfg_read_text(path).splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("{")), None)
+    if start is None:
+        msg = f"{path}: no JSON object found (no line starts with '{{')"
+        raise ConfigError(msg)
+    try:
+        data = json.loads("".join(lines[start:]))
+    except json.JSONDecodeError as exc:
+        msg = f"{path}: invalid JSON at line {exc.lineno + start}, column {exc.colno}: {exc.msg}"
+        raise ConfigError(msg) from None
+    dropped = sorted(k for k in data if k in _CFG_FOREIGN_FLOW_KEYS)
+    if dropped:
+        log.debug("%s: ignoring keys flowsession does not use: %s", path, ", ".join(dropped))
+    return {k: v for k, v in data.items() if k not in _CFG_FOREIGN_FLOW_KEYS}, str(path)
+
+
+def _cfg_flow_subset(mapping, source):
+    """Validate flow-option overrides; return only the named keys, normalised, JSON-ready."""
+    full = FlowOptions.from_mapping(mapping, source=source).to_dict()
+    return {key: full[key] for key in mapping}
+
+
+def _cfg_session_flow(mapping, source):
+    """Like ``_cfg_flow_subset`` but refuse overrides that would break Stage 1 of a session."""
+    fmt = mapping.get("output_format", "HDF5") if isinstance(mapping, dict) else "HDF5"
+    if not (isinstance(fmt, str) and fmt.strip().upper() == "HDF5"):
+        msg = (f"{source}: output_format = {fmt!r} cannot be used: Stage 1 of a session "
+               "writes HDF5 (compensated.hdf5) and valid masks; remove this key")
+        raise ConfigError(msg)
+    named = _cfg_flow_subset(mapping, source)
+    if named.get("save_valid_idx") is False:
+        msg = (f"{source}: save_valid_idx = false cannot be used: Stage 1 of a session "
+               "writes valid masks (idx.hdf) for Stage 3; remove this key")
+        raise ConfigError(msg)
+    return named
+
+
+@dataclasses.dataclass
+class FlowOptions:
+    """Per-recording motion-correction options (MATLAB ``OF_options``, pyflowreg ``OFOptions``).
+
+    Defaults are the MATLAB toolbox's.  Fields are validated and normalised on construction
+    (tuples of floats, lower-case names); every error is a one-line :class:`ConfigError`.
+
+    Parameters
+    ----------
+    quality_setting : {'quality', 'balanced', 'fast', 'custom'}
+        Preset for the finest pyramid level solved (:attr:`effective_min_level`).
+    alpha : float or (2,) floats
+        Smoothness weights (row, col), each > 0; one value means (a, a).
+    weight : sequence of float
+        Per-channel data-term weights, >= 0, not all 0; stored normalised to sum 1.
+    levels, update_lag, iterations, bin_size, buffer_size : int
+        Pyramid levels, SOR iterations between nonlinearity updates / per level, temporal
+        binning, frames per batch; each >= 1.
+    min_level : int
+        Finest level solved, >= -1; -1 takes it from the preset, a value >= 0 overrides it.
+    eta : float
+        Pyramid downsampling factor in (0, 1].
+    a_smooth, a_data : float
+        Smoothness (> 0) and data-term (in (0, 1], scalar or per channel) exponents.
+    sigma : (C, 3) floats
+        Per-channel Gaussian ``[sigma_row, sigma_col, sigma_time]``, >= 0; a triple is one row.
+    reference_frames : None, sequence of int, or {'start': a, 'stop': b}
+        0-based frames averaged into the reference; a dict means ``range(a, b)``.  None is
+        the toolbox default, MATLAB ``50:500`` (0-based 49..499) clipped to the recording.
+    channel_normalization : {'joint', 'separate'}
+    interpolation_method : {'cubic', 'linear', 'nearest'}
+    output_format : {'HDF5', 'TIFF'}
+    output_typename : None or str
+        None keeps the input dtype; else uint8, uint16, int16, int32, float32, float64,
+        single or double.
+    constancy_assumption : {'gc', 'gray'}
+        Gradient or brightness constancy (aliases 'gradient', 'brightness'); no census.
+    update_reference, update_initialization_w, cc_initialization, save_w, save_valid_idx,
+    save_meta_info, matlab_quirks : bool
+    source : str, init only
+        Label that starts error messages (a file name; default ``flow_options``).
+    """
+
+    quality_setting: str = "quality"
+    alpha: tuple = (1.5, 1.5)
+    weight: tuple = (0.5, 0.5)
+    levels: int = 100
+    min_level: int = -1
+    eta: float = 0.8
+    update_lag: int = 5
+    iterations: int = 50
+    a_smooth: float = 1.0
+    a_data: float | tuple = 0.45
+    sigma: tuple = ((1.0, 1.0, 0.1), (1.0, 1.0, 0.1))
+    bin_size: int = 1
+    buffer_size: int = 400
+    reference_frames: tuple | None = None
+    update_reference: bool = False
+    update_initialization_w: bool = True
+    channel_normalization: str = "joint"
+    interpolation_method: str = "cubic"
+    cc_initialization: bool = False
+    save_w: bool = False
+    save_valid_idx: bool = True
+    save_meta_info: bool = True
+    output_format: str = "HDF5"
+    output_typename: str | None = None
+    constancy_assumption: str = "gc"
+    matlab_quirks: bool = True
+    source: dataclasses.InitVar[str] = "flow_options"
+
+    def __post_init__(self, source):
+        self.validate(source=source)
+
+    def validate(self, *, source="flow_options"):
+        """Check every field and normalise it in place.
+
+        Parameters
+        ----------
+        source : str
+            Label that starts every error message (a file name, ``flow_options``).
+        """
+        _cfg_apply(self, _CFG_FLOW_RULES, source)
+
+    @property
+    def effective_min_level(self):
+        """int: ``min_level`` if >= 0, else the preset's (quality 0, balanced 4, fast 6)."""
+        if self.min_level >= 0:
+            return self.min_level
+        return _CFG_QUALITY_MIN_LEVEL[self.quality_setting]
+
+    @classmethod
+    def from_mapping(cls, mapping, *, source="flow_options"):
+        """Build validated options from a dict; unknown keys are errors.
+
+        Parameters
+        ----------
+        mapping : dict
+            Field names to values; missing fields take their defaults.
+        source : str
+            Label for error messages (e.g. ``"session.toml [flow_options]"``).
+        """
+        _cfg_check_keys(mapping, [f.name for f in dataclasses.fields(cls)], source)
+        return cls(**mapping, source=source)
+
+    def replace(self, **overrides):
+        """Return new validated options with only the named fields changed."""
+        _cfg_check_keys(overrides, [f.name for f in dataclasses.fields(self)], "flow_options")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self):
+        """dict: every field, JSON-serialisable (tuples become lists)."""
+        return {f.name: _cfg_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def save_json(self, path):
+        """Write the options atomically as ``Flow options YYYY-MM-DD``, a blank line, JSON."""
+        header = f"Flow options {time.strftime('%Y-%m-%d')}"
+        _atomic_write_text(path, f"{header}\n\n{json.dumps(self.to_dict(), indent=2)}\n")
+
+    @classmethod
+    def load_json(cls, path):
+        """Read an options file and return only the keys it names, validated.
+
+        Lines before the first line starting with ``{`` are skipped, so flowsession
+        (``Flow options ...``) and MATLAB/pyflowreg (``Compensation options ...``) files both
+        load.  Keys those tools write that flowsession does not use (``input_file``,
+        ``verbose``, ``flow_backend``, ...) are dropped with a debug log; other unknown keys
+        are errors.
+
+        Returns
+        -------
+        dict
+            Overrides for :meth:`from_mapping` / :meth:`replace`, JSON-ready.
+        """
+        return _cfg_flow_subset(*_cfg_read_flow_json(path))
+
+
+def resolve_flow_options(config, runtime_overrides=None):
+    """Stage 1 options of a session: defaults < config < runtime overrides.
+
+    Starts from :class:`FlowOptions`, applies ``config.stage1_quality_setting``,
+    ``config.flow_options`` (a dict, or a JSON options file that overrides only the keys it
+    names), then ``runtime_overrides``, and enforces ``save_valid_idx=True`` and
+    ``output_format='HDF5'``, which Stage 1 needs.  An explicit request for anything else
+    raises :class:`ConfigError` rather than being switched off silently.
+
+    Parameters
+    ----------
+    config : SessionConfig
+    runtime_overrides : dict or None
+        E.g. from the command line.
+
+    Returns
+    -------
+    FlowOptions
+    """
+    named = {}
+    if config.stage1_quality_setting is not None:
+        named["quality_setting"] = config.stage1_quality_setting
+    if isinstance(config.flow_options, dict):
+        named.update(_cfg_session_flow(config.flow_options, "flow_options"))
+    elif config.flow_options is not None:
+        named.update(_cfg_session_flow(*_cfg_read_flow_json(config.flow_options)))
+    if runtime_overrides is not None:
+        named.update(_cfg_session_flow(runtime_overrides, "runtime overrides"))
+    log.debug("flow options overridden: %s", ", ".join(sorted(named)) or "none")
+    return FlowOptions.from_mapping({**named, "save_valid_idx": True, "output_format": "HDF5"})
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    """Configuration of a session (pyflowreg ``SessionConfig`` fields, strict validation).
+
+    Parameters
+    ----------
+    root : str or Path
+        Existing folder with the recordings; stored absolute.
+    pattern : str
+        Glob relative to ``root`` selecting the recordings (``**`` recurses).
+    center : str or None
+        Reference recording, relative to ``root`` (or absolute inside it); None takes the
+        middle one.  An empty string means None (as for ``flow_options``).
+    output_root, final_results : str or Path
+        Per-recording and Stage 3 output folders, relative to ``root`` unless absolute.
+    resume : bool
+    scheduler : {'local', 'array'}
+    n_workers : int
+        -1 for every CPU this process may use, else >= 1.
+    flow_backend, backend_params : str, dict
+        Optical-flow backend name and its (JSON-serialisable) parameters.
+    flow_options : None, dict or path
+        Stage 1 overrides (:func:`resolve_flow_options`); a relative JSON path resolves
+        against ``root``.  Checked at load time.
+    stage1_quality_setting : str or None
+        pyflowreg shortcut for ``quality_setting``, applied before ``flow_options``.
+    cc_upsample, iterations_between, align_chunk_size : int
+        Stage 2 phase-correlation upsampling and solver iterations per level; Stage 3
+        frames per chunk; each >= 1.
+    sigma_smooth, alpha_between : float
+        Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0).
+    stage2_constancy_assumption : {'gc', 'gray'}
+    align_output_format : {'TIFF', 'HDF5'}
+    source : str, init only
+        Label that starts error messages (the config file; default ``config``).
+    """
+
+    root: pathlib.Path
+    pattern: str = "*.tif"
+    center: str | None = None
+    output_root: pathlib.Path = pathlib.Path("compensated_outputs")
+    final_results: pathlib.Path = pathlib.Path("final_results")
+    resume: bool = True
+    scheduler: str = "local"
+    n_workers: int = -1
+    flow_backend: str = "flowreg"
+    backend_params: dict = dataclasses.field(default_factory=dict)
+    flow_options: dict | pathlib.Path | None = None
+    stage1_quality_setting: str | None = None
+    cc_upsample: int = 4
+    sigma_smooth: float = 6.0
+    alpha_between: float = 25.0
+    iterations_between: int = 100
+    stage2_constancy_assumption: str = "gc"
+    align_chunk_size: int = 64
+    align_output_format: str = "TIFF"
+    source: dataclasses.InitVar[str] = "config"
+
+    def __post_init__(self, source):
+        self.root = pathlib.Path(os.path.abspath(_cfg_path(self.root, "root", source)))
+        if not self.root.is_dir():
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            msg = f"{source}: root: {self.root} {what}"
+            raise ConfigError(msg)
+        _cfg_apply(self, _CFG_SESSION_RULES, source)
+        self.flow_options = _cfg_blank_to_none(self.flow_options)
+        if isinstance(self.flow_options, dict):
+            self.flow_options = _cfg_session_flow(self.flow_options, f"{source} [flow_options]")
+        elif self.flow_options is not None:
+            path = self.root / _cfg_path(self.flow_options, "flow_options", source)
+            self.flow_options = pathlib.Path(os.path.abspath(path))
+            if not self.flow_options.is_file():
+                msg = f"{source}: flow_options: options file {self.flow_options} does not exist"
+                raise ConfigError(msg)
+            _cfg_session_flow(*_cfg_read_flow_json(self.flow_options))
+
+    @classmethod
+    def from_dict(cls, data, *, base_dir=None, source="config"):
+        """Build a validated config from a dict.
+
+        Parameters
+        ----------
+        data : dict
+            Field names to values; unknown keys are errors; ``root`` is required.
+        base_dir : str or Path, optional
+            Folder a relative ``root`` resolves against (the config file's folder); default
+            the current working directory.
+        source : str
+            Label for error messages (the config file name).
+        """
+        valid = [f.name for f in dataclasses.fields(cls)]
+        _cfg_check_keys(data, valid, source)
+        if data.get("root") is None:
+            msg = f"{source}: root is required (the folder with the recordings)"
+            raise ConfigError(msg)
+        data = dict(data)
+        if base_dir is not None:
+            data["root"] = pathlib.Path(base_dir) / _cfg_path(data["root"], "root", source)
+        return cls(**data, source=source)
+
+    @classmethod
+    def from_toml(cls, path):
+        """Load a TOML config; a relative ``root`` resolves against the file's folder."""
+        path = pathlib.Path(path)
+        try:
+            data = tomllib.loads(_cfg_read_text(path))
+        except tomllib.TOMLDecodeError as exc:
+            msg = f"{path}: TOML syntax error: {exc}"
+            raise ConfigError(msg) from None
+        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_yaml(cls, path):
+        """Load a YAML config (needs pyyaml); a relative ``root`` is relative to the file."""
+        path = pathlib.Path(path)
+        try:
+            import yaml
+        except ImportError:
+            msg = f"{path}: YAML configs need pyyaml: pip install pyyaml (or use a .toml config)"
+            raise ConfigError(msg) from None
+        text = _cfg_read_text(path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            msg = f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', None) or exc}"
+            raise ConfigError(msg) from None
+        return cls.from_dict({} if data is None else data, base_dir=path.parent,
+                             source=str(path))
+
+    @classmethod
+    def from_file(cls, path):
+        """Load a ``.toml``, ``.yaml`` or ``.yml`` config (suffix case-insensitive)."""
+        suffix = pathlib.Path(path).suffix.lower()
+        if suffix == ".toml":
+            return cls.from_toml(path)
+        if suffix in (".yaml", ".yml"):
+            return cls.from_yaml(path)
+        msg = f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .yml"
+        raise ConfigError(msg)
+
+    @property
+    def output_root_path(self):
+        """Path: absolute folder of the per-recording outputs."""
+        return pathlib.Path(os.path.abspath(self.root / self.output_root))
+
+    @property
+    def final_results_path(self):
+        """Path: absolute folder of the Stage 3 outputs."""
+        return pathlib.Path(os.path.abspath(self.root / self.final_results))
+
+    def discover_inputs(self):
+        """Sorted recordings ``root.glob(pattern)``: files only, outside the output folders.
+
+        Raises
+        ------
+        ConfigError
+            When nothing matches, or two recordings share a stem (their output folders
+            ``output_root/<stem>`` would collide).
+        """
+        outputs = (self.output_root_path, self.final_results_path)
+        files = sorted(p for p in self.root.glob(self.pattern)
+                       if p.is_file() and not any(p.is_relative_to(o) for o in outputs))
+        if not files:
+            msg = f"no files match pattern {self.pattern!r} in {self.root}"
+            raise ConfigError(msg)
+        seen = {}
+        for p in files:
+            if p.stem in seen:
+                msg = (f"{seen[p.stem].relative_to(self.root)} and {p.relative_to(self.root)} "
+                       f"share the stem '{p.stem}', so their output folders would collide; "
+                       "narrow the pattern or rename one")
+                raise ConfigError(msg)
+            seen[p.stem] = p
+        return files
+
+    def resolve_center(self, files):
+        """Reference recording among ``files`` (as returned by :meth:`discover_inputs`).
+
+        Returns
+        -------
+        (int, Path)
+            0-based index and path.  Without ``center`` the index is MATLAB ``ceil(N/2)``
+            made 0-based, ``(N + 1) // 2 - 1``.
+        """
+        files = [pathlib.Path(os.path.abspath(f)) for f in files]
+        if not files:
+            msg = "resolve_center: no recordings"
+            raise ConfigError(msg)
+        if self.center is None:
+            index = (len(files) + 1) // 2 - 1
+            return index, files[index]
+        target = pathlib.Path(os.path.abspath(self.root / pathlib.Path(self.center).expanduser()))
+        if target in files:
+            return files.index(target), target
+        names = [f.relative_to(self.root).as_posix() if f.is_relative_to(self.root) else str(f)
+                 for f in files]
+        close = difflib.get_close_matches(self.center, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        more = ", ..." if len(names) > 5 else ""
+        msg = (f"center: '{self.center}' is not one of the {len(files)} recordings matching "
+               f"{self.pattern!r} in {self.root}; {hint}available: {', '.join(names[:5])}{more}")
+        raise ConfigError(msg)
+
+    def n_workers_effective(self):
+        """int: ``n_workers``, or for -1 the CPUs this process may use (job allocation)."""
+        if self.n_workers != -1:
+            return self.n_workers
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # no sched_getaffinity (macOS, Windows)
+            return os.cpu_count() or 1
+
+    def to_dict(self):
+        """dict: every field, JSON-serialisable (paths as strings)."""
+        return {f.name: _cfg_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def save_resolved(self, path):
+        """Write :meth:`to_dict` atomically as JSON (e.g. next to the outputs)."""
+        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _cfg_array_var(environ):
+    """(name, value) of the first array-task variable that is set, or (None, None)."""
+    for name in _CFG_ARRAY_VARS:
+        value = environ.get(name, "").strip()
+        # SGE sets SGE_TASK_ID=undefined in jobs that are not arrays.
+        if value and value.lower() != "undefined":
+            return name, value
+    return None, None
+
+
+def get_array_task_id(environ=None):
+    """Scheduler array-task id of this job, or None outside an array job.
+
+    Checks ``SLURM_ARRAY_TASK_ID``, ``SGE_TASK_ID``, ``PBS_ARRAY_INDEX`` (PBS Pro) and
+    ``PBS_ARRAYID`` (Torque) in that order; the first one set wins (SGE's ``undefined``
+    counts as unset).  The raw id is returned; :func:`array_task_to_index` maps it to a
+    recording.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Defaults to ``os.environ``.
+    """
+    name, value = _cfg_array_var(os.environ if environ is None else environ)
+    if name is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        msg = f"{name}={value!r} is not an integer array-task id"
+        raise ConfigError(msg) from None
+
+
+def array_task_to_index(task_id, n_files, environ=None):
+    """0-based recording index for scheduler array task ``task_id``.
+
+    The convention follows from the variable that is set (see :func:`get_array_task_id`):
+
+    * SGE: always 1-based (SGE arrays cannot start at 0): index = id - 1.
+    * SLURM: ``SLURM_ARRAY_TASK_MIN`` == 0 means a 0-based array (index = id); any other
+      minimum means 1-based (index = id - 1), so re-running part of a 1-based array such as
+      ``--array=3-4`` still maps task 3 to the third recording.
+    * PBS, or SLURM without ``SLURM_ARRAY_TASK_MIN``, or no variable: start unknown, read as
+      1-based, except that task 0 maps to recording 0 (with a warning).  In a 0-based array
+      task 1 would then also map to recording 0, so submit 1-based arrays there.
+
+    Raises
+    ------
+    ConfigError
+        When the index is outside ``0..n_files-1``; the message gives the valid array range.
+    """
+    env = os.environ if environ is None else environ
+    name, _ = _cfg_array_var(env)
+    minimum = env.get("SLURM_ARRAY_TASK_MIN", "").strip() if name == "SLURM_ARRAY_TASK_ID" else ""
+    if name == "SGE_TASK_ID" or (minimum.isdigit() and int(minimum) >= 1):
+        base = 1
+    elif minimum.isdigit():
+        base = 0
+    elif task_id == 0:
+        base = 0
+        log.warning("%s=0 and the array's first task id is unknown: taking task 0 as recording 0 "
+                    "and other task ids as 1-based; submit 1-based arrays", name or "task id")
+    else:
+        base = 1
+        log.info("%s=%d: array start unknown, assuming 1-based task ids", name or "task id",
+                 task_id)
+    index = task_id - base
+    if not 0 <= index < n_files:
+        option = _CFG_ARRAY_VARS.get(name, "--array=")
+        msg = (f"{name or 'array task id'}={task_id} is out of range for {n_files} recordings: "
+               f"valid task ids are {base}-{n_files - 1 + base} "
+               f"(e.g. {option}{base}-{n_files - 1 + base} for {n_files} recordings)")
+        raise ConfigError(msg)
+    return index
+
+
+###############################################################################
+### I/O: video readers and writers
+###############################################################################
+
+_TIFF_SUFFIXES = ('.tif', '.tiff')
+_HDF5_SUFFIXES = ('.h5', '.hdf5', '.hdf')
+_HDF5_NAMES = ('mov', 'data', 'dataset')
+_MAT_NAMES = ('mov', 'data', 'Y', 'video')
+_MAT_NUMERIC = frozenset(
+    ('double', 'single', 'logical', 'int8', 'uint8', 'int16', 'uint16',
+     'int32', 'uint32', 'int64', 'uint64'))
+_CHANNEL_RE = re.compile(r'^(ch|chan|channel)_?(\d+)$', re.IGNORECASE)
+_HDF5_FORMAT = 'flowsession_hdf5_v1'
+_WRITER_FORMATS = ('HDF5', 'TIFF')
+# tifffile logs, rather than raises, when the IFD chain of a file is broken
+_TIFF_CORRUPT_RE = re.compile(
+    r'corrupt|page offset|offset to page|next page|circular', re.IGNORECASE)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or value < 1:
+        msg = f'{name} must be an integer >= 1, got {value!r}'
+        raise ConfigError(msg)
+    return int(value)
+
+
+def _why(exc, limit=300):
+    """An exception or message as one short line, for error messages."""
+    return ' '.join(str(exc).split())[:limit]
+
+
+def _runs(values):
+    """Split an int array into runs of consecutive values.
+
+    Returns a list of ``(position, first_value, length)``.
+    """
+    values = np.asarray(values, dtype=np.int64)
+    if values.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [values.size]))
+    return [(int(s), int(values[s]), int(e - s))
+            for s, e in zip(starts, ends, strict=True)]
+
+
+class VideoReader:
+    """Base class of the video readers returned by `open_video`.
+
+    A reader opens its file once and reads only the frames asked for. Frames
+    come back as ``(n, H, W, C)`` arrays. With ``bin_size > 1`` every output
+    frame is the float64 mean of ``bin_size`` consecutive raw frames (the
+    last group averages the frames that exist).
+
+    A reader is not thread-safe: use it from one thread at a time, or open
+    one reader per thread.
+
+    Attributes
+    ----------
+    path : str
+    n_frames : int
+        Raw frame count, before binning.
+    height, width, n_channels : int
+    dtype : numpy.dtype
+        Dtype of the stored data (`read` returns float64 when binning).
+    bin_size : int
+    """
+
+    def __init__(self, path, bin_size):
+        self.path = os.fspath(path)
+        self.bin_size = _positive_int('bin_size', bin_size)
+        self._closed = False
+
+    def _set_shape(self, n_frames, height, width, n_channels, dtype):
+        """Record the raw video geometry (subclasses, once the file is open)."""
+        self.n_frames, self.height, self.width, self.n_channels = map(
+            int, (n_frames, height, width, n_channels))
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self):
+        return math.ceil(self.n_frames / self.bin_size)
+
+    @property
+    def shape(self):
+        """``(len(self), H, W, C)``: the shape of the binned video."""
+        return (len(self), self.height, self.width, self.n_channels)
+
+    def __repr__(self):
+        return (f'<{type(self).__name__} {os.path.basename(self.path)!r} '
+                f'shape={self.shape} dtype={self.dtype} bin={self.bin_size}>')
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        """Close the file; calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def _close(self):
+        """Release the file handle (subclasses)."""
+
+    def _read_raw(self, start, stop):
+        """Return raw frames ``[start, stop)`` as ``(n, H, W, C)``."""
+        raise NotImplementedError
+
+    def _empty(self, n):
+        dtype = self.dtype if self.bin_size == 1 else np.float64
+        return np.empty((n, self.height, self.width, self.n_channels), dtype)
+
+    def read(self, start, stop):
+        """Read binned frames ``[start, stop)``, clipped to ``len(self)``.
+
+        Parameters
+        ----------
+        start, stop : int
+            Binned frame indices, ``0 <= start``.
+
+        Returns
+        -------
+        ndarray, shape (n, H, W, C)
+            Native dtype when ``bin_size == 1``, else float64 means.
+        """
+        if self._closed:
+            msg = f'{self.path}: reader is closed'
+            raise FlowSessionError(msg)
+        if start < 0:
+            msg = f'start must be >= 0, got {start}'
+            raise IndexError(msg)
+        stop = min(int(stop), len(self))
+        start = min(int(start), stop)
+        if start == stop:
+            return self._empty(0)
+        if self.bin_size == 1:
+            return self._read_raw(start, stop)
+        b = self.bin_size
+        r0, r1 = start * b, min(stop * b, self.n_frames)
+        raw = self._read_raw(r0, r1)
+        firsts = np.arange(0, r1 - r0, b)
+        sums = np.add.reduceat(raw, firsts, axis=0, dtype=np.float64)
+        counts = np.minimum(b, (r1 - r0) - firsts)
+        return sums / counts[:, None, None, None]
+
+    def read_frames(self, indices):
+        """Read binned frames by index, in any order, duplicates allowed.
+
+        Consecutive indices are read together as one slice.
+
+        Parameters
+        ----------
+        indices : sequence of int
+            Binned frame indices in ``[0, len(self))``.
+
+        Returns
+        -------
+        ndarray, shape (len(indices), H, W, C)
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            msg = (f'frame indices must lie in [0, {len(self)}), '
+                   f'got {idx.min()}..{idx.max()}')
+            raise IndexError(msg)
+        unique, inverse = np.unique(idx, return_inverse=True)
+        out = self._empty(unique.size)
+        for pos, first, n in _runs(unique):
+            out[pos:pos + n] = self.read(first, first + n)
+        return out[inverse.reshape(-1)]
+
+    def iter_batches(self, batch_size, start=0):
+        """Yield ``(first_index, frames)`` for consecutive batches.
+
+        Parameters
+        ----------
+        batch_size : int
+            Binned frames per batch (the last batch may be shorter).
+        start : int
+            First binned frame.
+        """
+        batch_size = _positive_int('batch_size', batch_size)
+        for first in range(start, len(self), batch_size):
+            yield first, self.read(first, first + batch_size)
+
+
+class _CorruptionLog(logging.Handler):
+    """Collect the corruption errors that tifffile logs instead of raising."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if _TIFF_CORRUPT_RE.search(message):
+            self.messages.append(message)
+
+
+def _scanimage_channels(tif):
+    """Saved channel count of a ScanImage TIFF, or None if not stated."""
+    meta = tif.scanimage_metadata or {}
+    value = meta.get('FrameData', {}).get('SI.hChannels.channelSave')
+    if value is None:
+        page = tif.pages.first
+        found = re.search(r'SI\d*\.hChannels\.channelSave\s*=\s*(\[[^\]]*\]|\S+)',
+                          f'{page.software}\n{page.description}')
+        value = found and found.group(1)
+    n = len(re.findall(r'\d+', str(value))) if value else 0
+    return n or None
+
+
+class TiffReader(VideoReader):
+    """Batch reader of (Big)TIFF, ImageJ hyperstack and ScanImage files.
+
+    Time is the T axis of the first tifffile series (or Z / I / Q when there
+    is no T; several such axes are folded into time, outer first). Channels
+    are the C axis times the page samples S. ScanImage files, and plain files
+    opened with ``channels=k``, are read as pages interleaved frame-major:
+    frame0-ch0, frame0-ch1, frame1-ch0, ... (ScanImage z-planes become time).
+    Uncompressed contiguous series, including ImageJ stacks over 4 GB whose
+    pages exist only in the ImageJ header, are read by file offset; other
+    series page by page through tifffile.
+    """
+
+    def __init__(self, path, *, bin_size=1, channels=None):
+        super().__init__(path, bin_size)
+        path = self.path
+        if channels is not None:
+            channels = _positive_int('channels', channels)
+        handler = _CorruptionLog()
+        tiff_log = logging.getLogger('tifffile')
+        tiff_log.addHandler(handler)
+        with contextlib.ExitStack() as stack:
+            try:
+                tif = stack.enter_context(tifffile.TiffFile(path))
+                len(tif.pages)  # walks the IFD chain
+                series = tif.series[0]
+                interleave = channels or (
+                    _scanimage_channels(tif) if tif.is_scanimage else None)
+            except (OSError, ValueError, IndexError, KeyError) as exc:
+                msg = (f'{path}: cannot read as TIFF ({_why(exc)}); the file '
+                       f'may be truncated or corrupt, re-export or re-copy it')
+                raise InputError(msg) from exc
+            finally:
+                tiff_log.removeHandler(handler)
+            if handler.messages:
+                msg = (f'{path}: corrupt or truncated TIFF '
+                       f'({_why(handler.messages[0])}); re-export or re-copy it')
+                raise InputError(msg)
+            self._layout(path, series, interleave, channels is not None)
+            self._check_size(path, series)
+            self._tif, self._series = tif, series
+            stack.pop_all()
+        if len(tif.series) > 1:
+            log.warning('%s: %d image series, reading the first %s',
+                        path, len(tif.series), series.shape)
+        self._set_shape(self._table.shape[0],
+                        self._page_shape[self._page_axes.index('Y')],
+                        self._page_shape[self._page_axes.index('X')],
+                        self._table.shape[1] * self._samples,
+                        series.dtype.newbyteorder('='))
+
+    def _layout(self, path, series, interleave, declared):
+        """Map (frame, channel) to series page indices in ``self._table``."""
+        page = series.keyframe
+        page_axes, page_shape = page.axes, tuple(page.shape)
+        axes, shape = series.get_axes(True), series.get_shape(True)
+        grid_axes = axes[:-len(page_axes)]
+        grid_shape = shape[:len(grid_axes)]
+        # a truncated series (ImageJ > 4 GB) holds its first page only; the
+        # ScanImage series shape can disagree with the pages (split files)
+        n_pages = math.prod(grid_shape) if series.is_truncated else len(series)
+        if (set(page_axes) - set('YXS') or not axes.endswith(page_axes)
+                or series.is_truncated and series.dataoffset is None
+                or not interleave and math.prod(grid_shape) != n_pages):
+            msg = (f'{path}: unsupported TIFF layout (axes {axes}, page axes '
+                   f'{page_axes}); export it as a T,(C,)Y,X stack')
+            raise InputError(msg)
+        if interleave:
+            if n_pages % interleave:
+                msg = (f'{path}: {n_pages} pages is not a multiple of '
+                       f'{interleave} channels')
+                if declared:
+                    msg += '; check `channels=`'
+                    raise InputError(msg)
+                log.warning('%s; dropping the incomplete last frame', msg)
+            table = np.arange(n_pages // interleave * interleave)
+            table = table.reshape(-1, interleave)
+        else:
+            grid = np.arange(n_pages).reshape(grid_shape)
+            if 'C' in grid_axes:
+                grid = np.moveaxis(grid, grid_axes.index('C'), -1)
+            else:
+                grid = grid[..., None]
+            table = grid.reshape(-1, grid.shape[-1])
+            if len(grid_axes.replace('C', '')) > 1:
+                log.warning('%s: axes %s are folded into time',
+                            path, grid_axes.replace('C', ''))
+        self._table, self._n_pages = table, n_pages
+        self._page_axes, self._page_shape = page_axes, page_shape
+        self._samples = page_shape[page_axes.index('S')] if 'S' in page_axes else 1
+        # (page, *page axes) -> (page, Y, X[, S])
+        self._perm = [0] + [1 + page_axes.index(a) for a in 'YXS' if a in page_axes]
+
+    def _check_size(self, path, series):
+        """Raise InputError if the image data run past the end of the file."""
+        size = os.path.getsize(path)
+        nbytes = series.keyframe.nbytes
+        self._offset = series.dataoffset
+        if self._offset is not None:
+            end = self._offset + self._n_pages * nbytes
+        else:
+            last = series[self._n_pages - 1]
+            end = max(o + n for o, n in zip(
+                last.dataoffsets, last.databytecounts, strict=True))
+        if end > size:
+            msg = (f'{path}: truncated TIFF (image data end at byte {end}, '
+                   f'file has {size}); re-export or re-copy it')
+            raise InputError(msg)
+
+    def _read_pages(self, pages):
+        """Read series pages, shape ``(len(pages), *page_shape)``."""
+        out = np.empty((len(pages), *self._page_shape), self.dtype)
+        if self._offset is None:
+            out[:] = self._tif.asarray(key=pages.tolist(), series=self._series
+                                       ).reshape(out.shape)
+            return out
+        typecode = self._tif.byteorder + self.dtype.char
+        per_page = math.prod(self._page_shape)
+        for pos, first, n in _runs(pages):
+            offset = self._offset + first * per_page * self.dtype.itemsize
+            self._tif.filehandle.read_array(
+                typecode, n * per_page, offset, out=out[pos:pos + n].reshape(-1))
+        return out
+
+    def _read_raw(self, start, stop):
+        rows = self._table[start:stop]
+        try:
+            data = self._read_pages(rows.reshape(-1))
+        except (OSError, ValueError, IndexError) as exc:
+            msg = (f'{self.path}: cannot read frames {start}..{stop - 1} '
+                   f'({_why(exc)}); the file may be corrupt')
+            raise InputError(msg) from exc
+        data = data.transpose(self._perm).reshape(
+            len(rows), rows.shape[1], self.height, self.width, self._samples)
+        return np.ascontiguousarray(data.transpose(0, 2, 3, 1, 4).reshape(
+            len(rows), self.height, self.width, self.n_channels))
+
+    def _close(self):
+        self._tif.close()
+
+
+def _is_mat73(path):
+    with open(path, 'rb') as fh:
+        return fh.read(128).startswith(b'MATLAB 7.3 MAT-file')
+
+
+def _list_datasets(f):
+    """All datasets of an open HDF5 file as ``[(name, dataset)]``."""
+    found = []
+
+    def visit(name, link):  # every link, so hard-linked aliases are listed
+        if isinstance(link, h5py.HardLink) and not name.startswith('#'):
+            obj = f[name]
+            if isinstance(obj, h5py.Dataset):
+                found.append((name, obj))
+    f.visititems_links(visit)
+    return found
+
+
+def _is_video(dset):
+    return dset.ndim in (3, 4) and dset.dtype.kind in 'biuf'
+
+
+def _describe(datasets):
+    names = [f'{name} {d.shape}' for name, d in datasets[:12]]
+    more = ', ...' if len(datasets) > 12 else ''
+    return ', '.join(names) + more if names else 'none'
+
+
+def _find_datasets(f, path, names):
+    """Discover the video datasets of an HDF5 file (see `Hdf5Reader`)."""
+    datasets = _list_datasets(f)
+    groups = {}
+    for name, d in datasets:
+        parent, _, base = name.rpartition('/')
+        match = _CHANNEL_RE.match(base)
+        if match and parent.count('/') == 0:
+            groups.setdefault(parent, []).append((int(match.group(2)), name, d))
+    for parent, members in sorted(groups.items(),
+                                  key=lambda g: (-len(g[1]), g[0] != '')):
+        members.sort(key=lambda m: m[:2])
+        shapes = {m[2].shape for m in members}
+        if len(shapes) == 1 and all(m[2].ndim == 3 and _is_video(m[2])
+                                    for m in members):
+            return [m[2] for m in members]
+        log.warning('%s: channel datasets in /%s differ in shape or are not '
+                    '3-D (%s); ignoring them', path, parent,
+                    _describe([m[1:] for m in members]))
+    for wanted in names:
+        hits = [(name.count('/'), d) for name, d in datasets
+                if name.rpartition('/')[2] == wanted and _is_video(d)]
+        if hits:
+            return [min(hits, key=lambda h: h[0])[1]]
+    videos = [d for _, d in datasets if _is_video(d)]
+    if videos:
+        return [max(videos, key=lambda d: d.size)]
+    msg = (f'{path}: no 3-D or 4-D numeric dataset found (datasets: '
+           f'{_describe(datasets)}); name the dataset with `dataset=`')
+    raise InputError(msg)
+
+
+def _says_matlab(dset):
+    """True if a dataset carries MATLAB's column-major axis order."""
+    if 'MATLAB_class' in dset.attrs:
+        return True
+    order = dset.attrs.get('dimension_ordering')
+    if isinstance(order, bytes):
+        order = order.decode(errors='replace')
+    return isinstance(order, str) and bool(
+        re.search(r'matlab|fortran|column', order, re.IGNORECASE)
+        or order.strip().lower() == 'f')
+
+
+class Hdf5Reader(VideoReader):
+    """Batch reader of HDF5 files (and MAT v7.3, which are HDF5).
+
+    Without ``dataset``, datasets are discovered in three passes:
+    1. channel datasets ``ch1``, ``ch2``, ... (also ``chan_1``, ``channel2``)
+       at the root or one group down, all 3-D of one shape, one channel each;
+    2. a 3-D/4-D dataset named after `names` (``mov``, ``data``, ``dataset``);
+    3. the largest 3-D/4-D numeric dataset.
+    Datasets are ``(T, H, W)`` per channel or one ``(T, H, W, C)``. In MATLAB
+    order (MAT v7.3 header, a ``MATLAB_class`` attribute, a string attribute
+    ``dimension_ordering`` naming MATLAB/Fortran/column-major order, or
+    ``matlab_order=True``) they are ``(T, W, H)`` and ``(T, C, W, H)``.
+    """
+
+    def __init__(self, path, *, dataset=None, bin_size=1, matlab_order=None,
+                 names=_HDF5_NAMES):
+        super().__init__(path, bin_size)
+        path = self.path
+        with contextlib.ExitStack() as stack:
+            try:
+                f = stack.enter_context(h5py.File(path, 'r'))
+            except OSError as exc:
+                msg = (f'{path}: cannot open as HDF5 ({_why(exc)}); the file '
+                       f'may be truncated or corrupt, re-copy it')
+                raise InputError(msg) from exc
+            if dataset is None:
+                dsets = _find_datasets(f, path, names)
+            else:
+                dsets = self._named(f, path, dataset)
+            if matlab_order is None:
+                matlab_order = _is_mat73(path) or any(map(_says_matlab, dsets))
+            self._file, self._dsets = f, dsets
+            stack.pop_all()
+        self._matlab = bool(matlab_order)
+        shape = dsets[0].shape
+        if self._matlab:
+            shape = (shape[0], shape[-1], shape[-2]) + (
+                (shape[1],) if len(shape) == 4 else ())
+        n_channels = shape[3] if len(shape) == 4 else len(dsets)
+        log.debug('%s: datasets %s, matlab_order=%s', path,
+                  [d.name for d in dsets], self._matlab)
+        self._set_shape(shape[0], shape[1], shape[2], n_channels,
+                        np.result_type(*[d.dtype for d in dsets]))
+
+    @staticmethod
+    def _named(f, path, dataset):
+        names = [dataset] if isinstance(dataset, str) else list(dataset)
+        dsets = []
+        for name in names:
+            d = f.get(name)
+            if not isinstance(d, h5py.Dataset) or not _is_video(d):
+                msg = (f'{path}: {name!r} is not a 3-D or 4-D numeric dataset '
+                       f'(datasets: {_describe(_list_datasets(f))}); '
+                       f'fix `dataset=`')
+                raise InputError(msg)
+            dsets.append(d)
+        if len(dsets) > 1 and (len({d.shape for d in dsets}) > 1
+                               or dsets[0].ndim != 3):
+            msg = (f'{path}: datasets {names} must all be 3-D with one shape '
+                   f'(one per channel), got {[d.shape for d in dsets]}')
+            raise InputError(msg)
+        return dsets
+
+    def _read_raw(self, start, stop):
+        out = np.empty((stop - start, self.height, self.width, self.n_channels),
+                       self.dtype)
+        try:
+            for c, d in enumerate(self._dsets):
+                block = d[start:stop]
+                if self._matlab:  # (n, W, H) or (n, C, W, H)
+                    block = block.transpose(0, *range(block.ndim - 1, 0, -1))
+                if block.ndim == 4:
+                    out[:] = block
+                else:
+                    out[..., c] = block
+        except OSError as exc:
+            msg = (f'{self.path}: cannot read frames {start}..{stop - 1} '
+                   f'({_why(exc)}); the file may be corrupt')
+            raise InputError(msg) from exc
+        return out
+
+    def _close(self):
+        self._file.close()
+
+
+class MatReader(VideoReader):
+    """Reader of MAT v4/v5/v7 files through ``scipy.io.loadmat``.
+
+    scipy cannot read part of a variable, so the chosen variable is loaded
+    whole (only that variable). It is ``dataset`` if given, else the first of
+    ``mov``, ``data``, ``Y``, ``video``, else the largest 3-D/4-D numeric
+    variable. MATLAB layout ``(H, W, T)`` / ``(H, W, C, T)`` is converted to
+    ``(T, H, W, C)``; ``matlab_order=False`` reads ``(T, H, W[, C])`` as is.
+    MATLAB drops trailing singleton axes, so a one-frame ``(H, W, 1)`` video
+    is stored 2-D and cannot be read.
+    """
+
+    def __init__(self, path, *, dataset=None, bin_size=1, matlab_order=None):
+        import scipy.io
+        super().__init__(path, bin_size)
+        path = self.path
+        if dataset is not None and not isinstance(dataset, str):
+            msg = f'{path}: `dataset=` must be one variable name for MAT files'
+            raise ConfigError(msg)
+        errors = (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError)
+        try:
+            info = scipy.io.whosmat(path)
+        except errors as exc:
+            msg = (f'{path}: cannot read as a MAT file ({_why(exc)}); the file may '
+                   f'be truncated or corrupt')
+            raise InputError(msg) from exc
+        videos = {name: shape for name, shape, cls in info
+                  if cls in _MAT_NUMERIC and len(shape) in (3, 4)}
+        listing = ', '.join(f'{n} {s} {c}' for n, s, c in info) or 'none'
+        if dataset is not None and dataset not in videos:
+            msg = (f'{path}: variable {dataset!r} is not a 3-D or 4-D numeric '
+                   f'array (variables: {listing}); fix `dataset=`')
+            raise InputError(msg)
+        if not videos:
+            msg = (f'{path}: no 3-D or 4-D numeric variable found (variables: '
+                   f'{listing}); save the video as a numeric array')
+            raise InputError(msg)
+        name = dataset or next((n for n in _MAT_NAMES if n in videos), None)
+        if name is None:
+            name = max(videos, key=lambda n: math.prod(videos[n]))
+        try:
+            array = scipy.io.loadmat(path, variable_names=[name])[name]
+        except errors as exc:
+            msg = f'{path}: cannot load variable {name!r} ({_why(exc)})'
+            raise InputError(msg) from exc
+        if matlab_order is not False:
+            array = np.moveaxis(array, -1, 0)
+        self._array = array if array.ndim == 4 else array[..., None]
+        log.debug('%s: variable %r loaded, shape %s', path, name, array.shape)
+        self._set_shape(*self._array.shape, array.dtype)
+
+    def _read_raw(self, start, stop):
+        return np.ascontiguousarray(self._array[start:stop])
+
+    def _close(self):
+        self._array = None
+
+
+def open_video(path, *, dataset=None, bin_size=1, channels=None,
+               matlab_order=None):
+    """Open a video file for batch reading, choosing the reader by suffix.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.tif``/``.tiff``, ``.h5``/``.hdf5``/``.hdf``, ``.mat`` (v7.3 is read
+        as HDF5); other suffixes are tried as HDF5.
+    dataset : str or list of str, optional
+        HDF5 dataset name(s), one per channel, or the MAT variable name.
+        Ignored (with a warning) for TIFF.
+    bin_size : int
+        Average groups of this many raw frames into one output frame.
+    channels : int, optional
+        TIFF only: pages are interleaved channels, frame-major.
+    matlab_order : bool, optional
+        HDF5/MAT only: None detects MATLAB axis order, True/False forces it.
+
+    Returns
+    -------
+    VideoReader
+        Yields ``(n, H, W, C)`` frames; use it as a context manager.
+
+    Raises
+    ------
+    InputError
+        Missing, unsupported, corrupt or truncated file, or no video in it.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        msg = f'{path}: file not found; check the path'
+        raise InputError(msg)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _TIFF_SUFFIXES:
+        if dataset is not None or matlab_order is not None:
+            log.warning('%s: `dataset` and `matlab_order` do not apply to '
+                        'TIFF files; ignored', path)
+        return TiffReader(path, bin_size=bin_size, channels=channels)
+    if channels is not None:
+        msg = f'{path}: `channels=` applies to TIFF files only'
+        raise ConfigError(msg)
+    if suffix == '.mat' and not h5py.is_hdf5(path):
+        return MatReader(path, dataset=dataset, bin_size=bin_size,
+                         matlab_order=matlab_order)
+    if suffix in _HDF5_SUFFIXES + ('.mat',) or h5py.is_hdf5(path):
+        names = _MAT_NAMES if suffix == '.mat' else _HDF5_NAMES
+        return Hdf5Reader(path, dataset=dataset, bin_size=bin_size,
+                          matlab_order=matlab_order, names=names)
+    supported = ', '.join(_TIFF_SUFFIXES + _HDF5_SUFFIXES + ('.mat',))
+    msg = (f'{path}: unsupported file type {suffix!r} and not HDF5; '
+           f'supported suffixes: {supported}')
+    raise InputError(msg)
+
+
+def cast_to_dtype(frames, dtype):
+    """Cast frames to an output dtype without wrap-around.
+
+    Integer outputs: round half away from zero (MATLAB ``round``), NaN to 0,
+    clip to the dtype's range. Float outputs: plain cast.
+
+    Parameters
+    ----------
+    frames : array_like
+        Any shape, any real dtype.
+    dtype : numpy dtype
+        Integer or floating output dtype.
+
+    Returns
+    -------
+    ndarray
+        Same shape, dtype `dtype` (the input itself if it already has it).
+    """
+    dtype = np.dtype(dtype)
+    a = np.asarray(frames)
+    if a.dtype == dtype:
+        return a
+    if dtype.kind == 'f':
+        return a.astype(dtype)
+    if dtype.kind not in 'iu' or a.dtype.kind not in 'biuf':
+        msg = f'cannot cast {a.dtype} frames to {dtype}'
+        raise ConfigError(msg)
+    info = np.iinfo(dtype)
+    if a.dtype.kind in 'biu':
+        if np.can_cast(a.dtype, dtype):
+            return a.astype(dtype)
+        src = np.iinfo(a.dtype)
+        return np.clip(a, max(info.min, src.min), min(info.max, src.max)
+                       ).astype(dtype)
+    x = np.nan_to_num(a.astype(np.float64), nan=0.0, copy=False)
+    rounded = np.trunc(x)
+    rounded += np.sign(x) * (np.abs(x - rounded) >= 0.5)
+    hi = float(info.max)
+    if int(hi) > info.max:  # 64-bit maxima are not exact in float64
+        hi = np.nextafter(hi, 0.0)
+    np.clip(rounded, float(info.min), hi, out=rounded)
+    return rounded.astype(dtype)
+
+
+def _fsync_path(path, *, folder=False):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if not folder:
+            raise
+        return  # folders cannot be opened on some platforms
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
+
+
+class _AtomicVideoWriter:
+    """Shared part of the writers: shape checks and atomic publishing.
+
+    Data go to ``.<name>.partial-<pid>`` in the target folder; `close`
+    flushes, fsyncs and renames it onto the final name, `abort` deletes it.
+    Leaving a ``with`` block by an exception aborts.
+    """
+
+    def __init__(self, path, *, height, width, n_channels, dtype):
+        self.path = os.fspath(path)
+        self.height = _positive_int('height', height)
+        self.width = _positive_int('width', width)
+        self.n_channels = _positive_int('n_channels', n_channels)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind not in 'iuf':
+            msg = f'output dtype must be integer or float, got {self.dtype}'
+            raise ConfigError(msg)
+        folder, name = os.path.split(os.path.abspath(self.path))
+        self._folder = folder
+        self._tmp = os.path.join(folder, f'.{name}.partial-{os.getpid()}')
+        self._frames = 0
+        self._open = True
+
+    @property
+    def frames_written(self):
+        """Number of frames appended so far."""
+        return self._frames
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def append(self, frames):
+        """Append frames, cast with `cast_to_dtype`.
+
+        Parameters
+        ----------
+        frames : ndarray, shape (n, H, W, C)
+            Always 4-D; any real dtype.
+        """
+        if not self._open:
+            msg = f'{self.path}: writer is closed'
+            raise FlowSessionError(msg)
+        frames = np.asarray(frames)
+        expected = (self.height, self.width, self.n_channels)
+        if frames.ndim != 4 or frames.shape[1:] != expected:
+            msg = (f'{self.path}: frames must have shape (n, {expected[0]}, '
+                   f'{expected[1]}, {expected[2]}), got {frames.shape}')
+            raise ValueError(msg)
+        self._write(cast_to_dtype(frames, self.dtype))
+        self._frames += frames.shape[0]
+
+    def close(self):
+        """Finish the file and publish it under its final name."""
+        if not self._open:
+            return
+        try:
+            self._finish()
+            _fsync_path(self._tmp)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        _fsync_path(self._folder, folder=True)
+        log.debug('%s: %d frames written', self.path, self._frames)
+
+    def abort(self):
+        """Discard the temporary file; the final name is left untouched."""
+        if not self._open:
+            return
+        self._open = False
+        with contextlib.suppress(OSError, ValueError):
+            self._discard()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._tmp)
+
+
+class Hdf5VideoWriter(_AtomicVideoWriter):
+    """Write a video as chunked HDF5, one ``(T, H, W)`` dataset per channel.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    height, width, n_channels : int
+    dtype : numpy dtype
+        Stored dtype; appended frames are cast with `cast_to_dtype`.
+    dataset_names : list of str, optional
+        One per channel; default ``ch1``, ``ch2``, ...
+    chunk_frames : int, optional
+        Frames per chunk. Default: as many as fit in 1 MiB, between 1 and 64
+        (2 for 512x512 uint16, 1 from 1024x1024). Reading one frame then
+        touches one chunk of at most ~1 MiB, and small frames are not split
+        into many tiny chunks.
+    compression : {None, 'gzip', 'lzf'}
+    attrs : dict, optional
+        Extra file attributes.
+
+    Notes
+    -----
+    File attributes: ``n_channels``, ``frame_count`` (kept current),
+    ``height``, ``width``, ``format="flowsession_hdf5_v1"``,
+    ``dataset_names``; dataset attribute ``original_shape_THWC``.
+    """
+
+    def __init__(self, path, *, height, width, n_channels, dtype,
+                 dataset_names=None, chunk_frames=None, compression=None,
+                 attrs=None):
+        super().__init__(path, height=height, width=width,
+                         n_channels=n_channels, dtype=dtype)
+        names = list(dataset_names or
+                     [f'ch{c + 1}' for c in range(self.n_channels)])
+        if len(names) != self.n_channels or len(set(names)) != len(names):
+            msg = (f'dataset_names must be {self.n_channels} distinct names, '
+                   f'got {names}')
+            raise ConfigError(msg)
+        if compression not in (None, 'gzip', 'lzf'):
+            msg = f"compression must be None, 'gzip' or 'lzf', got {compression!r}"
+            raise ConfigError(msg)
+        attrs = dict(attrs or {})
+        reserved = {'n_channels', 'frame_count', 'height', 'width', 'format',
+                    'dataset_names'} & set(attrs)
+        if reserved:
+            msg = f'attrs may not set reserved attributes {sorted(reserved)}'
+            raise ConfigError(msg)
+        if chunk_frames is None:
+            frame_bytes = self.height * self.width * self.dtype.itemsize
+            chunk_frames = min(64, max(1, 2**20 // frame_bytes))
+        chunk_frames = _positive_int('chunk_frames', chunk_frames)
+        self._file = h5py.File(self._tmp, 'w')
+        try:
+            self._dsets = [
+                self._file.create_dataset(
+                    name, shape=(0, self.height, self.width), dtype=self.dtype,
+                    maxshape=(None, self.height, self.width),
+                    chunks=(chunk_frames, self.height, self.width),
+                    compression=compression)
+                for name in names]
+            self._file.attrs.update(attrs)
+            self._file.attrs.update(
+                n_channels=self.n_channels, frame_count=0, height=self.height,
+                width=self.width, format=_HDF5_FORMAT, dataset_names=names)
+            self._set_shape_attrs(0)
+        except (OSError, ValueError, TypeError) as exc:
+            self.abort()
+            msg = f'{self.path}: cannot create HDF5 output ({_why(exc)})'
+            raise ConfigError(msg) from exc
+
+    def _set_shape_attrs(self, n_frames):
+        self._file.attrs['frame_count'] = n_frames
+        for d in self._dsets:
+            d.attrs['original_shape_THWC'] = (
+                n_frames, self.height, self.width, self.n_channels)
+
+    def _write(self, data):
+        first, total = self._frames, self._frames + data.shape[0]
+        for c, d in enumerate(self._dsets):
+            d.resize(total, axis=0)
+            d[first:] = data[..., c]
+        self._set_shape_attrs(total)
+
+    def add_alias(self, alias, target):
+        """Give dataset `target` a second name `alias` (an HDF5 hard link)."""
+        if target not in self._file or alias in self._file:
+            msg = (f'{self.path}: cannot link {alias!r} to {target!r} (target '
+                   f'missing or alias taken)')
+            raise ConfigError(msg)
+        self._file[alias] = self._file[target]
+
+    def _finish(self):
+        self._file.flush()
+        self._file.close()
+
+    def _discard(self):
+        self._file.close()
+
+
+class TiffVideoWriter(_AtomicVideoWriter):
+    """Write a video as uncompressed BigTIFF, one page per frame and channel.
+
+    Pages are frame-major (frame0-ch0, frame0-ch1, frame1-ch0, ...), the
+    Suite2p order. The first page carries tifffile "shaped" metadata
+    ``{"shape": [T, C, H, W], "axes": "TCYX"}``, so tifffile and
+    `TiffReader` read the file back as ``(T, H, W, C)``. Frames are appended
+    to the open file; the description is completed on `close`. Closing a
+    writer that received no frame raises FlowSessionError (TIFF cannot hold
+    zero frames).
+    """
+
+    def __init__(self, path, *, height, width, n_channels, dtype):
+        super().__init__(path, height=height, width=width,
+                         n_channels=n_channels, dtype=dtype)
+        self._fh = open(self._tmp, 'wb')
+        self._tw = tifffile.TiffWriter(self._fh, bigtiff=True)
+
+    def _write(self, data):
+        for frame in data:
+            self._tw.write(np.ascontiguousarray(np.moveaxis(frame, -1, 0)),
+                           contiguous=True, photometric='minisblack')
+
+    def _finish(self):
+        if self._frames == 0:
+            msg = f'{self.path}: no frames were written; TIFF output not created'
+            raise FlowSessionError(msg)
+        shape = [self._frames, self.n_channels, self.height, self.width]
+        self._tw.overwrite_description(json.dumps({'shape': shape,
+                                                   'axes': 'TCYX'}))
+        self._tw.close()
+        self._fh.flush()
+        self._fh.close()
+
+    def _discard(self):
+        self._tw.close()
+        self._fh.close()
+
+
+def open_writer(path, fmt, **kw):
+    """Create a `Hdf5VideoWriter` (``fmt="HDF5"``) or `TiffVideoWriter`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    fmt : str
+        "HDF5" or "TIFF", any case.
+    **kw
+        Passed to the writer (``height``, ``width``, ``n_channels``, ``dtype``,
+        ...).
+    """
+    kind = str(fmt).upper()
+    if kind not in _WRITER_FORMATS:
+        msg = f'output format must be one of {_WRITER_FORMATS}, got {fmt!r}'
+        raise ConfigError(msg)
+    return (Hdf5VideoWriter if kind == 'HDF5' else TiffVideoWriter)(path, **kw)
 
 
 ###############################################################################
@@ -1318,12 +3042,42 @@ def get_displacement(fixed, moving, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
             raise InputError(msg)
         ui = _field_to_internal(uvarr[..., 0], (H, W), "uv[..., 0]")
         vi = _field_to_internal(uvarr[..., 1], (H, W), "uv[..., 1]")
-    out_u = np.empty((W, H))
-    out_v = np.empty((W, H))
-    _nb_get_displacement(_to_internal(f1), _to_internal(f2), wvec, wmap, local, ui, vi,
-                         ax, ay, iterations, update_lag, ad, a_smooth, levels, eta,
-                         min_level, kind, bool(matlab_quirks), out_u, out_v)
+    params = _FlowParams(ax, ay, iterations, update_lag, ad, a_smooth, levels, eta, min_level,
+                         kind, bool(matlab_quirks), wvec, wmap, local)
+    out_u, out_v = _flow_internal(params, _to_internal(f1), _to_internal(f2), ui, vi)
     return np.stack([out_u.T, out_v.T], axis=-1)
+
+
+class _FlowParams(NamedTuple):
+    """Checked parameters of ``_nb_get_displacement`` (see ``get_displacement``)."""
+
+    alpha_x: float
+    alpha_y: float
+    iterations: int
+    update_lag: int
+    a_data: np.ndarray
+    a_smooth: float
+    levels: int
+    eta: float
+    min_level: int
+    kind: int
+    quirks: bool
+    wvec: np.ndarray
+    wmap: np.ndarray
+    local: bool
+
+
+def _flow_internal(p, f1, f2, ui, vi):
+    """Flow of transposed ``(C, W, H)`` stacks; returns transposed ``(u, v)``, each ``(W, H)``.
+
+    Releases the GIL for the whole computation.
+    """
+    out_u = np.empty(ui.shape)
+    out_v = np.empty(ui.shape)
+    _nb_get_displacement(f1, f2, p.wvec, p.wmap, p.local, ui, vi, p.alpha_x, p.alpha_y,
+                         p.iterations, p.update_lag, p.a_data, p.a_smooth, p.levels, p.eta,
+                         p.min_level, p.kind, p.quirks, out_u, out_v)
+    return out_u, out_v
 
 
 ###############################################################################
@@ -1432,6 +3186,633 @@ def compute_batch_valid_masks(w):
 
 
 ###############################################################################
+### Atomic saves
+###############################################################################
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write):
+    """Write ``path`` through ``write(fileobj)`` into a temporary file, then rename.
+
+    The temporary file lives in the same folder (so the rename is atomic), is
+    flushed and fsynced before ``os.replace``; on any error it is removed and
+    ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _atomic_write_text(path, text):
+    """Write text (UTF-8) atomically."""
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_save_npy(path, arr):
+    """Save one array as ``.npy`` atomically (temporary file, fsync, rename)."""
+    _atomic_write(path, lambda fh: np.save(fh, np.asarray(arr), allow_pickle=False))
+
+
+def atomic_save_npz(path, **arrays):
+    """Save arrays as an uncompressed ``.npz`` atomically (temporary file, fsync, rename)."""
+    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def _atomic_save_json(path, obj):
+    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+###############################################################################
+### Per-recording correction (the toolbox's compensate_recording)
+###############################################################################
+
+
+def _gauss_kernel(sigma):
+    """1-D Gaussian of MATLAB ``imgaussfilt3``: size 2*ceil(2 sigma)+1, tiny taps zeroed, sum 1."""
+    if sigma <= 0:
+        return np.ones(1)
+    r = int(math.ceil(2.0 * sigma))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    h = np.exp(-(x * x) / (2.0 * sigma * sigma))
+    h[h < np.finfo(np.float64).eps * h.max()] = 0.0
+    h = h / h.sum()
+    nz = np.flatnonzero(h)
+    half = max(r - nz[0], nz[-1] - r)
+    return h[r - half:r + half + 1]
+
+
+def gaussian_filter_video(video, sigma, offset=(0.0, 0.0, 0.0)):
+    """Smooth a ``(T, H, W, C)`` video per channel, as MATLAB ``imgaussfilt3``.
+
+    ``sigma`` is ``(C, 3)`` (or one row for all channels): ``[sigma_row,
+    sigma_col, sigma_time]`` per channel, plus ``offset``.  Kernel size
+    ``2 ceil(2 sigma) + 1``, replicated edges.  Returns float64.
+    """
+    from scipy.ndimage import correlate1d
+
+    v = np.asarray(video, dtype=np.float64)
+    sig = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+    out = np.empty(v.shape)
+    for c in range(v.shape[3]):
+        s = sig[c] if c < len(sig) else sig[0]
+        x = v[..., c]
+        for axis, sd in ((1, s[0] + offset[0]), (2, s[1] + offset[1]), (0, s[2] + offset[2])):
+            k = _gauss_kernel(sd)
+            if k.size > 1:
+                x = correlate1d(x, k, axis=axis, mode="nearest")
+        out[..., c] = x
+    return out
+
+
+def _minmax(x, per_channel):
+    """(lo, hi) over everything, or per channel (last axis) as arrays."""
+    if per_channel:
+        axes = tuple(range(x.ndim - 1))
+        return x.min(axis=axes), x.max(axis=axes)
+    return np.float64(x.min()), np.float64(x.max())
+
+
+def _normalise(x, lo, hi, clip=False):
+    """MATLAB ``mat2gray`` with limits ``lo, hi`` (scalars or per channel)."""
+    span = np.asarray(hi, dtype=np.float64) - lo
+    scale = np.divide(1.0, span, out=np.zeros_like(span, dtype=np.float64), where=span > 0)
+    y = (x - lo) * scale
+    return np.clip(y, 0.0, 1.0) if clip else y
+
+
+def _smooth_chunk(raw, sigma, halo, i0, i1, lo=None, hi=None):
+    """Smoothed frames ``[i0, i1)`` of a batch, read with a temporal halo.
+
+    With ``lo, hi`` the raw frames are first normalised by them.  The result
+    equals the same frames of the whole batch filtered at once.
+    """
+    a = max(0, i0 - halo)
+    b = min(len(raw), i1 + halo)
+    x = raw[a:b].astype(np.float64)
+    if lo is not None:
+        x = _normalise(x, lo, hi)
+    return gaussian_filter_video(x, sigma)[i0 - a:i1 - a]
+
+
+def _smoothed_range(raw, sigma, halo, per_channel, lo=None, hi=None, chunk=32):
+    """Range (and sum over frames) of the smoothed batch, computed chunk by chunk.
+
+    Integer data is rounded after smoothing, as MATLAB filters into an array of
+    the input's class.
+    """
+    a_lo = a_hi = None
+    total = 0.0
+    as_int = lo is None and raw.dtype.kind in "iu"
+    for i0 in range(0, len(raw), chunk):
+        g = _smooth_chunk(raw, sigma, halo, i0, min(i0 + chunk, len(raw)), lo, hi)
+        if as_int:
+            g = np.sign(g) * np.floor(np.abs(g) + 0.5)
+        a, b = _minmax(g, per_channel)
+        a_lo = a if a_lo is None else np.minimum(a_lo, a)
+        a_hi = b if a_hi is None else np.maximum(a_hi, b)
+        total = total + g.sum(axis=0)
+    return a_lo, a_hi, total
+
+
+def _temporal_halo(sigma):
+    return max(_gauss_kernel(s[2]).size // 2 for s in np.atleast_2d(sigma))
+
+
+class _Preprocessed:
+    """The toolbox's ``mat2gray(imgaussfilt3(mat2gray(buffer)))`` of a raw batch, in chunks.
+
+    The outer normalisation needs the range of the whole smoothed batch, so a
+    first pass measures it; ``frames(i0, i1)`` then recomputes a chunk.  Memory
+    stays at a chunk of float64 frames.  ``separate`` normalises the outer step
+    per channel (``mat2gray_multichannel``).  ``mean`` is the batch mean of the
+    preprocessed frames.
+    """
+
+    def __init__(self, raw, sigma, separate):
+        self.raw = raw
+        self.sigma = sigma
+        self.halo = _temporal_halo(sigma)
+        self.lo0, self.hi0 = _minmax(raw, False)
+        self.lo, self.hi, total = _smoothed_range(raw, sigma, self.halo, separate,
+                                                  self.lo0, self.hi0)
+        self.mean = _normalise(total / len(raw), self.lo, self.hi)
+
+    def frames(self, i0, i1):
+        g = _smooth_chunk(self.raw, self.sigma, self.halo, i0, i1, self.lo0, self.hi0)
+        return _normalise(g, self.lo, self.hi)
+
+
+def _weight_vector(weight, n_channels):
+    """Per-channel weights as the toolbox's ``get_weight_at``.
+
+    A longer vector is cut to the channel count and renormalised; channels
+    beyond its length get 1/C.
+    """
+    w = np.asarray(weight, dtype=np.float64).ravel()
+    if w.size >= n_channels:
+        w = w[:n_channels]
+        return w / w.sum() if w.sum() > 0 else np.full(n_channels, 1.0 / n_channels)
+    return np.concatenate([w, np.full(n_channels - w.size, 1.0 / n_channels)])
+
+
+def _flow_params(opts, n_channels, *, alpha_offset=0.0):
+    al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
+    ax, ay = (al[0], al[-1])
+    ad = np.broadcast_to(np.atleast_1d(np.asarray(opts.a_data, dtype=np.float64)),
+                         (n_channels,)) if np.size(opts.a_data) in (1, n_channels) else None
+    if ad is None:
+        msg = f"flow_options.a_data has {np.size(opts.a_data)} entries for {n_channels} channels"
+        raise ConfigError(msg)
+    return _FlowParams(float(ax + alpha_offset), float(ay + alpha_offset), int(opts.iterations),
+                       int(opts.update_lag), np.ascontiguousarray(ad, dtype=np.float64),
+                       float(opts.a_smooth), int(opts.levels), float(opts.eta),
+                       int(opts.effective_min_level), _tensor_kind(opts.constancy_assumption),
+                       bool(opts.matlab_quirks), _weight_vector(opts.weight, n_channels),
+                       np.zeros((n_channels, 1, 1)), False)
+
+
+def _frame_statistics(u, v):
+    """The toolbox's per-frame statistics of a field (u, v), each ``(H, W)``.
+
+    mean and max displacement magnitude, mean divergence with MATLAB's Sobel
+    ``imgradientxy`` (replicated edges, unnormalised), and the magnitude of the
+    mean displacement.
+    """
+    mag = np.hypot(u, v)
+    up = np.pad(u, 1, mode="edge")
+    vp = np.pad(v, 1, mode="edge")
+    gx = ((up[:-2, 2:] - up[:-2, :-2]) + 2.0 * (up[1:-1, 2:] - up[1:-1, :-2])
+          + (up[2:, 2:] - up[2:, :-2]))
+    gy = ((vp[2:, :-2] - vp[:-2, :-2]) + 2.0 * (vp[2:, 1:-1] - vp[:-2, 1:-1])
+          + (vp[2:, 2:] - vp[:-2, 2:]))
+    return (float(mag.mean()), float(mag.max()), float((gx + gy).mean()),
+            float(math.hypot(u.mean(), v.mean())))
+
+
+def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method, pool):
+    """Flows and warped raw frames of batch frames ``[i0, i1)``, in parallel threads.
+
+    Returns ``(w (n, H, W, 2) float64, registered (n, H, W, C) float64,
+    valid (n, H, W) bool, c1 (n, H, W, C) float64)``.
+    """
+    c1 = pre.frames(i0, i1)
+    n = i1 - i0
+    H, W, C = c1.shape[1:]
+    w = np.empty((n, H, W, 2))
+    reg = np.empty((n, H, W, C))
+    valid = np.empty((n, H, W), dtype=bool)
+    ui = np.ascontiguousarray(init[..., 0].T)
+    vi = np.ascontiguousarray(init[..., 1].T)
+
+    def one(k):
+        u, v = _flow_internal(params, ref_int, _to_internal(c1[k]), ui, vi)
+        src = _to_internal(raw[i0 + k].astype(np.float64))
+        out = np.empty_like(src)
+        ok = np.empty((W, H), dtype=bool)
+        for c in range(C):
+            _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill_int[c], method, out[c], ok)
+        w[k, ..., 0] = u.T
+        w[k, ..., 1] = v.T
+        reg[k] = out.transpose(2, 1, 0)
+        valid[k] = ok.T
+
+    list(pool.map(one, range(n)))
+    return w, reg, valid, c1
+
+
+def _initial_flows(frames, ref_int, params, pool):
+    """Flows of preprocessed frames ``(n, H, W, C)`` against a reference, zero start."""
+    H, W = frames.shape[1:3]
+    zero = np.zeros((W, H))
+    out = np.empty((len(frames), H, W, 2))
+
+    def one(k):
+        u, v = _flow_internal(params, ref_int, _to_internal(frames[k]), zero, zero)
+        out[k, ..., 0] = u.T
+        out[k, ..., 1] = v.T
+
+    list(pool.map(one, range(len(frames))))
+    return out
+
+
+def _reference_indices(opts, n_frames, name):
+    """0-based reference frame indices of a recording with ``n_frames`` (binned) frames."""
+    if opts.reference_frames is None:
+        idx = [i for i in range(49, 500) if i < n_frames]  # MATLAB 50:500, 1-based
+        if not idx:
+            log.info("%s: %d frames, fewer than the default reference range (frames 50-500); "
+                     "using all frames for the reference", name, n_frames)
+            idx = list(range(n_frames))
+        return idx
+    idx = [int(i) for i in opts.reference_frames]
+    bad = [i for i in idx if i >= n_frames]
+    if bad:
+        msg = (f"flow_options.reference_frames: frame {bad[0]} does not exist in {name} "
+               f"({n_frames} frames after binning); choose indices below {n_frames}")
+        raise ConfigError(msg)
+    return idx
+
+
+def compute_reference(reader, opts, pool, name="recording"):
+    """Reference frame ``(H, W, C)`` float64 of a recording, as the toolbox.
+
+    The reference frames are smoothed with ``sigma + [1, 1, 0.5]``, normalised,
+    registered onto their mean with ``alpha + 2``, and the raw frames warped by
+    those fields (cubic, filled from their raw mean) are averaged.  One frame is
+    returned as it is.
+    """
+    idx = _reference_indices(opts, len(reader), name)
+    tmp = reader.read_frames(idx).astype(np.float64)
+    if len(tmp) == 1:
+        return tmp[0]
+    sigma = np.atleast_2d(opts.sigma)
+    sep = opts.channel_normalization == "separate"
+    g = gaussian_filter_video(tmp, sigma, offset=(1.0, 1.0, 0.5))
+    c1 = _normalise(g, *_minmax(g, sep))
+    del g
+    C = tmp.shape[3]
+    params = _flow_params(opts, C, alpha_offset=2.0)
+    w = _initial_flows(c1, _to_internal(c1.mean(axis=0)), params, pool)
+    fill = _to_internal(tmp.mean(axis=0))
+    total = np.zeros(fill.shape)
+
+    def one(k):
+        src = _to_internal(tmp[k])
+        out = np.empty_like(src)
+        ok = np.empty(src.shape[1:], dtype=bool)
+        u = np.ascontiguousarray(w[k, ..., 0].T)
+        v = np.ascontiguousarray(w[k, ..., 1].T)
+        for c in range(C):
+            _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill[c], 2, out[c], ok)
+        return out
+
+    for out in pool.map(one, range(len(tmp))):
+        total += out
+    return np.ascontiguousarray((total / len(tmp)).transpose(2, 1, 0))
+
+
+class _Progress:
+    """Throttled progress log: frames done, frames/s, time left."""
+
+    def __init__(self, name, total, every=10.0):
+        self.name, self.total, self.every = name, total, every
+        self.t0 = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, n):
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("%s: %d/%d frames, %.1f frames/s, %s left", self.name, self.done,
+                     self.total, rate, _fmt_seconds(left))
+
+
+def _fmt_seconds(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _correct_recording(reader, folder, opts, n_workers, name):
+    """Motion-correct one opened recording into ``folder``; returns the record for status.json.
+
+    Every output is written under a temporary name and renamed at the end.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    T = len(reader)
+    H, W, C = reader.height, reader.width, reader.n_channels
+    if T == 0:
+        msg = f"{name}: the recording has no frames"
+        raise InputError(msg)
+    out_dtype = np.dtype(opts.output_typename) if opts.output_typename else (
+        reader.dtype if reader.bin_size == 1 else np.dtype(np.float64))
+    if out_dtype.kind not in "uif":
+        msg = f"{name}: cannot write data of type {out_dtype}"
+        raise InputError(msg)
+    method = _method_code(opts.interpolation_method)
+    sigma = np.atleast_2d(np.asarray(opts.sigma, dtype=np.float64))
+    sep = opts.channel_normalization == "separate"
+    params = _flow_params(opts, C)
+    ext = "hdf5" if opts.output_format.upper() == "HDF5" else "tif"
+    stats = np.empty((4, T))
+    avg = np.zeros((H, W, C))
+    chunk = max(8, 2 * n_workers)
+    progress = _Progress(name, T)
+    writers = []
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool:
+        ref_raw = compute_reference(reader, opts, pool, name)
+        fill_int = _to_internal(ref_raw)
+        try:
+            comp = open_writer(os.path.join(folder, f"compensated.{ext}"), opts.output_format,
+                               height=H, width=W, n_channels=C, dtype=out_dtype)
+            writers.append(comp)
+            idxw = Hdf5VideoWriter(os.path.join(folder, "idx.hdf"), height=H, width=W,
+                                   n_channels=1, dtype=np.uint8, dataset_names=["idx"])
+            writers.append(idxw)
+            wwr = None
+            if opts.save_w:
+                wwr = Hdf5VideoWriter(os.path.join(folder, "w.hdf5"), height=H, width=W,
+                                      n_channels=2, dtype=np.float32, dataset_names=["u", "v"])
+                writers.append(wwr)
+            ref_int = w_init = None
+            for b0, raw in reader.iter_batches(opts.buffer_size):
+                n = len(raw)
+                pre = _Preprocessed(raw, sigma, sep)
+                if ref_int is None:
+                    # First batch: the reference in preprocessed units (smoothed, scaled by
+                    # the smoothed raw batch's range) and the flow initialisation from the
+                    # first 22 frames.
+                    lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep)
+                    c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi,
+                                       clip=sep)
+                    ref_int = _to_internal(c_ref)
+                    first = _Preprocessed(raw[:min(22, n)], sigma, sep)
+                    w_init = _initial_flows(first.frames(0, len(first.raw)), ref_int, params,
+                                            pool).mean(axis=0)
+                init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
+                n_ref = min(100, n - 1)
+                ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
+                w_sum = np.zeros((H, W, 2))
+                w_tail = []
+                for i0 in range(0, n, chunk):
+                    i1 = min(i0 + chunk, n)
+                    w, reg, valid, c1 = _registered_frames(pre, raw, i0, i1, ref_int, fill_int,
+                                                           init, params, method, pool)
+                    for k in range(i1 - i0):
+                        stats[:, b0 + i0 + k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+                    out = cast_to_dtype(reg, out_dtype)
+                    comp.append(out)
+                    avg += out.sum(axis=0, dtype=np.float64)
+                    idxw.append(np.where(valid, np.uint8(255), np.uint8(0))[..., None])
+                    if wwr is not None:
+                        wwr.append(w.astype(np.float32))
+                    w_sum += w.sum(axis=0)
+                    w_tail.extend(w[max(0, n - 21 - i0):])
+                    w_tail = w_tail[-21:]
+                    if ref_sum is not None:
+                        _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
+                    progress.update(i1 - i0)
+                if ref_sum is not None:
+                    ref_int = _to_internal(ref_sum / (n_ref + 1))
+                w_init = np.mean(w_tail, axis=0) if n > 100 else w_sum / n
+            idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
+            for wr in writers:
+                wr.close()
+        except BaseException:
+            for wr in writers:
+                wr.abort()
+            raise
+    avg /= T
+    atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
+    atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
+    if opts.save_meta_info:
+        atomic_save_npz(os.path.join(folder, "statistics.npz"), mean_disp=stats[0],
+                        max_disp=stats[1], mean_div=stats[2], mean_translation=stats[3])
+    return {"frames": T, "shape": [H, W, C], "dtype": str(out_dtype),
+            "compensated": f"compensated.{ext}"}
+
+
+def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
+    """Add the warped preprocessed frames with batch index >= ``start`` to ``ref_sum``.
+
+    The toolbox's reference update: the mean of the last ``min(100, n - 1) + 1``
+    preprocessed frames warped by their fields, filled with the batch mean.
+    """
+    fill_int = _to_internal(fill)
+    for k in range(max(0, start - i0), len(c1)):
+        src = _to_internal(c1[k])
+        out = np.empty_like(src)
+        ok = np.empty(src.shape[1:], dtype=bool)
+        u = np.ascontiguousarray(w[k, ..., 0].T)
+        v = np.ascontiguousarray(w[k, ..., 1].T)
+        for c in range(src.shape[0]):
+            _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill_int[c], method, out[c], ok)
+        ref_sum += out.transpose(2, 1, 0)
+
+
+###############################################################################
+### Stage 1: per-recording motion correction
+###############################################################################
+
+STATUS_FILE = "status.json"
+
+
+def _input_fingerprint(path):
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _digest(obj):
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_status(folder):
+    """The folder's status record, or ``{}`` (a missing or unreadable file is logged)."""
+    path = os.path.join(folder, STATUS_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            status = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); its results will be recomputed", path, exc)
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _stage1_expected(input_file, opts, config):
+    return {"input": _input_fingerprint(input_file),
+            "options": _digest([opts.to_dict(), config.flow_backend, config.backend_params]),
+            "version": __version__}
+
+
+def _verify_stage1(folder, status, expected, opts):
+    """Return None when the Stage 1 outputs in ``folder`` are complete and current, else why not."""
+    rec = status.get("stage1")
+    if not isinstance(rec, dict) or rec.get("state") != "done":
+        return "no completion record"
+    for key in ("input", "options"):
+        if rec.get(key) != expected[key]:
+            return f"the {key} changed since the last run"
+    try:
+        T = int(rec["frames"])
+        H, W, C = (int(x) for x in rec["shape"])
+        with open_video(os.path.join(folder, rec["compensated"])) as r:
+            if r.shape != (T, H, W, C):
+                return f"{rec['compensated']} has shape {r.shape}, expected {(T, H, W, C)}"
+        import h5py
+
+        with h5py.File(os.path.join(folder, "idx.hdf"), "r") as f:
+            if f["idx"].shape != (T, H, W):
+                return f"idx.hdf has shape {f['idx'].shape}, expected {(T, H, W)}"
+        if opts.save_w:
+            with h5py.File(os.path.join(folder, "w.hdf5"), "r") as f:
+                if f["u"].shape != (T, H, W) or f["v"].shape != (T, H, W):
+                    return "w.hdf5 has the wrong shape"
+        avg = np.load(os.path.join(folder, "temporal_average.npy"))
+        if avg.shape != (H, W, C) or not np.all(np.isfinite(avg)):
+            return "temporal_average.npy is damaged"
+        ref = np.load(os.path.join(folder, "reference_frame.npy"))
+        if ref.shape != (H, W, C):
+            return "reference_frame.npy is damaged"
+        if opts.save_meta_info:
+            with np.load(os.path.join(folder, "statistics.npz")) as st:
+                if any(st[k].shape != (T,) for k in ("mean_disp", "max_disp", "mean_div",
+                                                      "mean_translation")):
+                    return "statistics.npz is damaged"
+    except Exception as exc:  # any unreadable output means: recompute
+        return f"an output is missing or unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def compensate_single_recording(input_file, config, of_options_override=None, *, options=None):
+    """Motion-correct one recording of a session into ``output_root/<stem>/``.
+
+    Skips the recording when ``config.resume`` is set and its completion record
+    matches the input file and the options and the files it describes verify;
+    otherwise recomputes it from scratch.  Returns the output folder.
+    """
+    opts = options if options is not None else resolve_flow_options(config, of_options_override)
+    input_file = os.fspath(input_file)
+    name = os.path.basename(input_file)
+    folder = os.path.join(config.output_root_path, os.path.splitext(name)[0])
+    os.makedirs(folder, exist_ok=True)
+    expected = _stage1_expected(input_file, opts, config)
+    status = _load_status(folder)
+    if config.resume:
+        why = _verify_stage1(folder, status, expected, opts)
+        if why is None:
+            log.info("%s: Stage 1 already complete, skipping", name)
+            return folder
+        if status:
+            log.info("%s: recomputing Stage 1 (%s)", name, why)
+    # Results of later stages in this folder depend on Stage 1: drop the record first,
+    # so that a crash from here on leaves nothing that looks finished.
+    if status:
+        os.remove(os.path.join(folder, STATUS_FILE))
+    t0 = time.monotonic()
+    with open_video(input_file, bin_size=opts.bin_size) as reader:
+        info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name)
+    opts.save_json(os.path.join(folder, "options.json"))
+    dt = time.monotonic() - t0
+    info.update(expected, state="done", seconds=round(dt, 3))
+    _atomic_save_json(os.path.join(folder, STATUS_FILE), {"stage1": info})
+    log.info("%s: Stage 1 done, %d frames in %s (%.1f frames/s)", name, info["frames"],
+             _fmt_seconds(dt), info["frames"] / max(dt, 1e-9))
+    return folder
+
+
+def run_stage1(config, of_options_override=None, task_index=None):
+    """Stage 1 for every recording of the session (or only ``task_index``, 0-based).
+
+    Returns the list of output folders.  The options are resolved and checked
+    before any recording is touched.
+    """
+    files = config.discover_inputs()
+    opts = resolve_flow_options(config, of_options_override)
+    if task_index is not None:
+        if not 0 <= int(task_index) < len(files):
+            msg = (f"task index {task_index} is out of range: the session has {len(files)} "
+                   f"recordings (valid 0..{len(files) - 1})")
+            raise ConfigError(msg)
+        files = [files[int(task_index)]]
+    os.makedirs(config.output_root_path, exist_ok=True)
+    config.save_resolved(os.path.join(config.output_root_path, "session_config.json"))
+    folders = []
+    for k, f in enumerate(files):
+        log.info("Stage 1 [%d/%d]: %s", k + 1, len(files), f)
+        folders.append(compensate_single_recording(f, config, options=opts))
+    return folders
+
+
+def run_stage1_array(config, of_options_override=None):
+    """Stage 1 for the one recording of this HPC array task.
+
+    The task id comes from ``SLURM_ARRAY_TASK_ID``, ``SGE_TASK_ID`` or
+    ``PBS_ARRAY_INDEX`` (see ``array_task_to_index`` for 0- and 1-based arrays).
+    """
+    task_id = get_array_task_id()
+    if task_id is None:
+        msg = ("no array task id: none of SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAY_INDEX "
+               "is set; submit as an array job or use --index N")
+        raise ConfigError(msg)
+    files = config.discover_inputs()
+    return run_stage1(config, of_options_override, array_task_to_index(task_id, len(files)))
+
+
+###############################################################################
 ### Built-in example
 ###############################################################################
 
@@ -1477,6 +3858,65 @@ def synthetic_pair(size=(128, 128), shift=(2.6, -1.7), seed=7):
     return fixed, moving, np.stack([wu, wv], axis=-1)
 
 
+def synthetic_recording(n_frames=60, size=(64, 64), n_channels=1, *, seed=0, jitter=1.0,
+                        wobble=0.5, photons=20.0):
+    """A recording with known motion: frames ``(T, H, W, C)`` uint16 and fields ``(T, H, W, 2)``.
+
+    Every frame shows the analytic scene moved by a rigid jitter (normal, sd
+    ``jitter`` px) plus a smooth sinusoidal field (``wobble`` px), sampled exactly
+    (no interpolation), with Poisson noise of ``photons`` per unit intensity.
+    The returned field registers each frame onto the scene:
+    ``scene(p) = frame(p + w(p))``.  Channel c > 0 shows another scene with the
+    same motion.
+    """
+    H, W = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    frames = np.empty((n_frames, H, W, n_channels), np.uint16)
+    w = np.empty((n_frames, H, W, 2), np.float32)
+    cells = max(8, H * W // 250)
+    for t in range(n_frames):
+        sx, sy = rng.normal(0.0, jitter, 2)
+        ph = rng.uniform(0, 2 * np.pi, 2)
+
+        def field(px, py):
+            return (sx + wobble * np.sin(2 * np.pi * py / H + ph[0]),
+                    sy + wobble * np.cos(2 * np.pi * px / W + ph[1]))
+
+        wu, wv = field(xx, yy)
+        w[t, ..., 0], w[t, ..., 1] = wu, wv
+        px, py = xx.copy(), yy.copy()
+        for _ in range(30):  # invert q = p + w(p)
+            fu, fv = field(px, py)
+            px, py = xx - fu, yy - fv
+        for c in range(n_channels):
+            img = _synthetic_scene(px, py, seed=1000 * seed + c, n_cells=cells, size=size)
+            frames[t, ..., c] = np.minimum(rng.poisson(img * photons / 50.0), 65535)
+    return frames, w
+
+
+def _write_example_session(folder, n_recordings=3, n_frames=60, size=(64, 64), n_channels=1):
+    """Write a small synthetic session (TIFF recordings, ``session.toml``) into ``folder``."""
+    import tifffile
+
+    os.makedirs(folder, exist_ok=True)
+    truth = {}
+    for r in range(n_recordings):
+        frames, w = synthetic_recording(n_frames, size, n_channels, seed=r + 1)
+        name = f"rec_{r + 1:02d}.tif"
+        data = frames[..., 0] if n_channels == 1 else np.moveaxis(frames, -1, 1)
+        tifffile.imwrite(os.path.join(folder, name), data, imagej=True,
+                         metadata={"axes": "TYX" if n_channels == 1 else "TCYX"})
+        truth[name] = w
+    text = (f'# flowsession example session ({n_recordings} synthetic recordings)\n'
+            f'root = "."\npattern = "rec_*.tif"\nn_workers = -1\n\n'
+            f'[flow_options]\nquality_setting = "balanced"\nreference_frames = '
+            f'{list(range(min(20, n_frames)))}\nsave_w = true\n')
+    with open(os.path.join(folder, "session.toml"), "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return os.path.join(folder, "session.toml"), truth
+
+
 ###############################################################################
 ### Command line
 ###############################################################################
@@ -1505,11 +3945,88 @@ def _cmd_demo(args):
     return 0 if epe.mean() < 0.5 * epe0.mean() else 1
 
 
+def _parse_of_params(items):
+    """``KEY=VALUE`` strings -> dict; values are JSON (numbers, lists, true/false) or text."""
+    out = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            msg = f"--of-params: '{item}' is not KEY=VALUE (e.g. alpha=2 or quality_setting=fast)"
+            raise ConfigError(msg)
+        low = val.strip().lower()
+        if low in ("true", "false"):
+            out[key.strip()] = low == "true"
+            continue
+        try:
+            out[key.strip()] = json.loads(val)
+        except ValueError:
+            out[key.strip()] = val
+    return out
+
+
+def _cmd_run(args):
+    path = args.config or args.config_file
+    if not path:
+        msg = "run: name the session config, e.g. 'flowsession run session.toml --stage 1'"
+        raise ConfigError(msg)
+    config = SessionConfig.from_file(path)
+    overrides = _parse_of_params(args.of_params)
+    array = args.array or config.scheduler == "array"
+    if args.index is not None and array:
+        msg = "run: --index and array mode exclude each other (the array task picks the recording)"
+        raise ConfigError(msg)
+    if array:
+        run_stage1_array(config, overrides)
+    else:
+        run_stage1(config, overrides, task_index=args.index)
+    return 0
+
+
+def _cmd_example(args):
+    folder = os.path.abspath(args.out)
+    cfg_path, truth = _write_example_session(folder, n_recordings=args.recordings,
+                                             n_frames=args.frames, size=(args.size, args.size))
+    log.info("example session written to %s", folder)
+    config = SessionConfig.from_file(cfg_path)
+    folders = run_stage1(config)
+    print(f"Stage 1 of {len(folders)} synthetic recordings ({args.frames} frames, "
+          f"{args.size}x{args.size}) in {folder}")
+    print("recording     EPE raw px   EPE vs own reference px   (truth known; 8-px border excluded)")
+    ok = True
+    for out, (name, w_true) in zip(folders, sorted(truth.items())):
+        with h5py.File(os.path.join(out, "w.hdf5"), "r") as f:
+            w = np.stack([f["u"][:], f["v"][:]], axis=-1)
+        err = (w - w_true)[:, 8:-8, 8:-8]
+        raw = np.hypot(err[..., 0], err[..., 1]).mean()
+        err = err - err.mean(axis=0)  # each recording registers onto its own reference
+        rel = np.hypot(err[..., 0], err[..., 1]).mean()
+        moved = np.hypot(*(w_true - w_true.mean(axis=0))[:, 8:-8, 8:-8].transpose(3, 0, 1, 2)).mean()
+        ok &= rel < 0.5 * moved
+        print(f"{name:12s}  {raw:10.3f}   {rel:10.3f}  (motion without correction: {moved:.3f})")
+    return 0 if ok else 1
+
+
 def _build_parser():
     p = argparse.ArgumentParser(prog="flowsession", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"flowsession {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a session from a config file (TOML or YAML)")
+    r.add_argument("config_file", nargs="?", help="session config (session.toml)")
+    r.add_argument("-c", "--config", help="session config (alternative to the positional)")
+    r.add_argument("-s", "--stage", type=int, choices=[1], help="run only this stage")
+    r.add_argument("--array", action="store_true",
+                   help="HPC array mode: process the recording of this array task")
+    r.add_argument("-i", "--index", type=int, help="process only recording N (0-based)")
+    r.add_argument("--of-params", nargs="*", metavar="KEY=VALUE",
+                   help="override flow options, e.g. quality_setting=fast alpha=2")
+    r.set_defaults(func=_cmd_run)
+    e = sub.add_parser("example", help="make a small synthetic session and run it")
+    e.add_argument("--out", default="flowsession_example", help="folder to create")
+    e.add_argument("--recordings", type=int, default=3)
+    e.add_argument("--frames", type=int, default=60)
+    e.add_argument("--size", type=int, default=64)
+    e.set_defaults(func=_cmd_example)
     d = sub.add_parser("demo", help="register a built-in synthetic frame pair")
     d.add_argument("--size", type=int, default=128, help="frame size in pixels (default 128)")
     d.add_argument("--alpha", type=float, default=1.5)

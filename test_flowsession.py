@@ -5,13 +5,20 @@ Sections mirror the module.  MATLAB reference fixtures live in ``matlab_ref/``
 written next to the comparison with its reason.
 """
 
+import json
+import logging
+import math
 import os
+import pathlib
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+import scipy.io
+import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,6 +65,1121 @@ def scene(x, y, seed=3, n=25, size=48):
                             rng.uniform(2.0, 4.0, n), rng.uniform(0.3, 1.0, n)):
         img = img + a * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
     return img
+
+
+###############################################################################
+### Configuration
+###############################################################################
+
+###############################################################################
+### Fixtures
+###############################################################################
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A session folder with three recordings and a config folder beside it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("rec_b.tif", "rec_a.tif", "rec_c.tif"):
+        (data / name).write_bytes(b"")
+    return data
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+###############################################################################
+### FlowOptions
+###############################################################################
+
+
+def test_flow_defaults():
+    o = fs.FlowOptions()
+    expected = dict(
+        quality_setting="quality", alpha=(1.5, 1.5), weight=(0.5, 0.5), levels=100, min_level=-1,
+        eta=0.8, update_lag=5, iterations=50, a_smooth=1.0, a_data=0.45,
+        sigma=((1.0, 1.0, 0.1), (1.0, 1.0, 0.1)), bin_size=1, buffer_size=400,
+        reference_frames=None, update_reference=False, update_initialization_w=True,
+        channel_normalization="joint", interpolation_method="cubic", cc_initialization=False,
+        save_w=False, save_valid_idx=True, save_meta_info=True, output_format="HDF5",
+        output_typename=None, constancy_assumption="gc", matlab_quirks=True)
+    assert {k: getattr(o, k) for k in expected} == expected
+    assert set(o.to_dict()) == set(expected)
+    assert o.effective_min_level == 0
+
+
+def test_flow_normalisation():
+    o = fs.FlowOptions(alpha=3, weight=[1, 3], sigma=[2, 2, 0.5], a_data=[0.5, 1],
+                       levels=10.0, quality_setting=" Fast ", output_format="tiff",
+                       constancy_assumption="Brightness", output_typename="UINT16",
+                       reference_frames={"start": 2, "stop": 5})
+    assert o.alpha == (3.0, 3.0) and isinstance(o.alpha[0], float)
+    assert o.weight == (0.25, 0.75)
+    assert o.sigma == ((2.0, 2.0, 0.5),)
+    assert o.a_data == (0.5, 1.0)
+    assert o.levels == 10 and isinstance(o.levels, int)
+    assert o.quality_setting == "fast" and o.output_format == "TIFF"
+    assert o.constancy_assumption == "gray" and o.output_typename == "uint16"
+    assert o.reference_frames == (2, 3, 4)
+    assert fs.FlowOptions(constancy_assumption="gradient").constancy_assumption == "gc"
+    assert fs.FlowOptions(alpha=np.array([1, 2])).alpha == (1.0, 2.0)
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.lists(st.floats(0, 1e6), min_size=1, max_size=6).filter(lambda w: sum(w) > 0))
+def test_weight_normalised(w):
+    o = fs.FlowOptions(weight=w)
+    assert math.isclose(sum(o.weight), 1.0, rel_tol=1e-12)
+    assert all(x >= 0 for x in o.weight)
+    again = fs.FlowOptions(weight=o.weight)
+    assert np.allclose(again.weight, o.weight, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("alpha", -1, "alpha must be"),
+    ("alpha", [1, 2, 3], "alpha must be"),
+    ("alpha", "30", "alpha must be"),
+    ("eta", 1.5, "eta must be a number in (0, 1]"),
+    ("eta", 0, "eta must be"),
+    ("eta", float("nan"), "eta must be"),
+    ("levels", 0, "levels must be an integer >= 1"),
+    ("levels", 2.5, "levels must be"),
+    ("levels", True, "levels must be"),
+    ("min_level", -2, "min_level must be an integer >= -1"),
+    ("weight", [0, 0], "weight must be"),
+    ("weight", [0.5, -0.1], "weight must be"),
+    ("weight", 0.5, "weight must be"),
+    ("a_data", 0, "a_data must be"),
+    ("a_data", [0.5, 1.2], "a_data must be"),
+    ("a_smooth", 0, "a_smooth must be"),
+    ("sigma", [1, 1], "sigma must be"),
+    ("sigma", [[1, 1, -0.1]], "sigma must be"),
+    ("reference_frames", [], "reference_frames must be"),
+    ("reference_frames", [3, -1], "reference_frames must be"),
+    ("reference_frames", "ref.tif", "reference_frames must be"),
+    ("reference_frames", {"start": 5, "stop": 5}, "reference_frames.stop must be"),
+    ("reference_frames", {"start": 0, "stp": 5}, "did you mean 'stop'"),
+    ("reference_frames", {"begin": 0}, "unknown key 'begin'; valid keys: start, stop"),
+    ("save_w", "yes", "save_w must be true or false"),
+    ("quality_setting", "best", "quality_setting 'best' is not supported"),
+    ("output_format", "MAT", "output_format 'MAT' is not supported"),
+    ("output_typename", "int64", "output_typename 'int64' is not supported"),
+    ("interpolation_method", "spline", "interpolation_method"),
+    ("channel_normalization", "both", "channel_normalization"),
+])
+def test_flow_bad_values(key, value, fragment):
+    with pytest.raises(fs.ConfigError) as info:
+        fs.FlowOptions.from_mapping({key: value}, source="opts")
+    msg = str(info.value)
+    assert msg.startswith("opts") and fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("value", ["cs", "census", "ncc", 1])
+def test_flow_constancy_unsupported(value):
+    with pytest.raises(fs.ConfigError, match="not supported; use one of 'gc', 'gray'"):
+        fs.FlowOptions(constancy_assumption=value)
+
+
+def test_flow_unknown_key_suggests():
+    with pytest.raises(fs.ConfigError, match=r"unknown key 'iteratons'; did you mean 'iterations'"):
+        fs.FlowOptions.from_mapping({"iteratons": 3})
+    with pytest.raises(fs.ConfigError, match="did you mean 'alpha'"):
+        fs.FlowOptions().replace(alpah=3)
+
+
+def test_replace_changes_only_named():
+    o = fs.FlowOptions(alpha=4, levels=20)
+    r = o.replace(eta=0.5)
+    assert r.eta == 0.5 and r.alpha == (4.0, 4.0) and r.levels == 20
+    assert o.eta == 0.8
+    assert {k: v for k, v in r.to_dict().items() if k != "eta"} == \
+        {k: v for k, v in o.to_dict().items() if k != "eta"}
+    with pytest.raises(fs.ConfigError, match="eta"):
+        o.replace(eta=2)
+
+
+@pytest.mark.parametrize("quality, expected", [
+    ("quality", 0), ("balanced", 4), ("fast", 6), ("custom", 0)])
+def test_effective_min_level(quality, expected):
+    assert fs.FlowOptions(quality_setting=quality).effective_min_level == expected
+    explicit = fs.FlowOptions(quality_setting=quality, min_level=2)
+    assert explicit.effective_min_level == 2 and explicit.quality_setting == quality
+
+
+def test_every_field_has_a_rule():
+    assert list(fs._CFG_FLOW_RULES) == [f.name for f in fs.dataclasses.fields(fs.FlowOptions)]
+    session = [f.name for f in fs.dataclasses.fields(fs.SessionConfig)]
+    assert set(fs._CFG_SESSION_RULES) == set(session) - {"root", "flow_options"}
+
+
+def test_save_load_json_roundtrip(tmp_path):
+    o = fs.FlowOptions(alpha=(2, 3), weight=[1, 1, 2], sigma=[[1, 1, 0.5]] * 3,
+                       reference_frames=[1, 2, 3], quality_setting="fast")
+    path = tmp_path / "options.json"
+    o.save_json(path)
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("Flow options ") and len(lines[0]) == len("Flow options 2024-01-01")
+    assert lines[1] == ""
+    loaded = fs.FlowOptions.load_json(path)
+    assert loaded == o.to_dict()
+    assert fs.FlowOptions.from_mapping(loaded) == o
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_load_json_foreign_header_and_keys(tmp_path, caplog):
+    path = write(tmp_path / "opts.json", "Compensation options 2024-01-01\n\n" + json.dumps(
+        {"alpha": 8, "input_file": "x.tif", "verbose": True, "flow_backend": "flowreg",
+         "n_references": 1}, indent=2))
+    with caplog.at_level(logging.DEBUG, logger="flowsession"):
+        assert fs.FlowOptions.load_json(path) == {"alpha": [8.0, 8.0]}
+    assert "input_file" in caplog.text
+
+
+def test_load_json_errors(tmp_path):
+    bad = write(tmp_path / "bad.json", "header\n\n{\n  \"alpha\": 2,\n  oops\n}\n")
+    with pytest.raises(fs.ConfigError, match=r"bad\.json: invalid JSON at line 5"):
+        fs.FlowOptions.load_json(bad)
+    unknown = write(tmp_path / "unknown.json", '{"etta": 0.5}')
+    with pytest.raises(fs.ConfigError, match="unknown.json: unknown key 'etta'; did you mean"):
+        fs.FlowOptions.load_json(unknown)
+    with pytest.raises(fs.ConfigError, match="no JSON object"):
+        fs.FlowOptions.load_json(write(tmp_path / "empty.json", "Flow options\n"))
+    with pytest.raises(fs.ConfigError, match="missing.json: file not found"):
+        fs.FlowOptions.load_json(tmp_path / "missing.json")
+
+
+###############################################################################
+### SessionConfig: loading
+###############################################################################
+
+
+def test_session_defaults(root):
+    c = fs.SessionConfig(root=str(root))
+    assert c.root == root and c.root.is_absolute()
+    expected = dict(pattern="*.tif", center=None, output_root=pathlib.Path("compensated_outputs"),
+                    final_results=pathlib.Path("final_results"), resume=True, scheduler="local",
+                    n_workers=-1, flow_backend="flowreg", backend_params={}, flow_options=None,
+                    stage1_quality_setting=None, cc_upsample=4, sigma_smooth=6.0,
+                    alpha_between=25.0, iterations_between=100,
+                    stage2_constancy_assumption="gc", align_chunk_size=64,
+                    align_output_format="TIFF")
+    assert {k: getattr(c, k) for k in expected} == expected
+    assert c.output_root_path == root / "compensated_outputs"
+    assert c.final_results_path == root / "final_results"
+
+
+TOML = """\
+root = "../data"
+pattern = "rec_*.tif"
+n_workers = 4
+alpha_between = 30
+align_output_format = "hdf5"
+stage2_constancy_assumption = "brightness"
+output_root = "/abs/out"
+
+[flow_options]
+alpha = 3
+quality_setting = "balanced"
+
+[backend_params]
+device = "cpu"
+"""
+
+
+def test_from_toml(root, tmp_path, monkeypatch):
+    cfg_file = write(tmp_path / "configs" / "session.toml", TOML)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = fs.SessionConfig.from_file(cfg_file)
+    assert c.root == root
+    assert c.n_workers == 4 and c.alpha_between == 30.0 and isinstance(c.alpha_between, float)
+    assert c.align_output_format == "HDF5" and c.stage2_constancy_assumption == "gray"
+    assert c.flow_options == {"alpha": [3.0, 3.0], "quality_setting": "balanced"}
+    assert c.backend_params == {"device": "cpu"}
+    assert c.output_root_path == pathlib.Path("/abs/out")
+    opts = fs.resolve_flow_options(c)
+    assert opts.alpha == (3.0, 3.0) and opts.effective_min_level == 4 and opts.eta == 0.8
+
+
+def test_from_yaml(root, tmp_path, monkeypatch):
+    cfg_file = write(tmp_path / "configs" / "session.YML",
+                     "root: ../data\nresume: false\nflow_options:\n  eta: 0.5\n"
+                     "backend_params:\n  tile: [64, 64]\n")
+    monkeypatch.chdir(root)
+    c = fs.SessionConfig.from_file(cfg_file)
+    assert c.root == root and c.resume is False
+    assert c.flow_options == {"eta": 0.5} and c.backend_params == {"tile": [64, 64]}
+
+
+def test_yaml_without_pyyaml(root, tmp_path, monkeypatch):
+    cfg_file = write(tmp_path / "session.yaml", f"root: {root}\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(fs.ConfigError, match="session.yaml: YAML configs need pyyaml: pip install"):
+        fs.SessionConfig.from_yaml(cfg_file)
+
+
+def test_file_syntax_errors(root, tmp_path):
+    toml_file = write(tmp_path / "session.toml", f'root = "{root}"\nn_workers = = 3\n')
+    with pytest.raises(fs.ConfigError, match=r"session\.toml: TOML syntax error.*line 2"):
+        fs.SessionConfig.from_toml(toml_file)
+    yaml_file = write(tmp_path / "session.yaml", f"root: {root}\n  bad: [1, 2\n")
+    with pytest.raises(fs.ConfigError, match=r"session\.yaml: YAML syntax error at line \d"):
+        fs.SessionConfig.from_yaml(yaml_file)
+    with pytest.raises(fs.ConfigError, match=r"nope\.toml: file not found"):
+        fs.SessionConfig.from_file(tmp_path / "nope.toml")
+    with pytest.raises(fs.ConfigError, match="use .toml, .yaml or .yml"):
+        fs.SessionConfig.from_file(write(tmp_path / "session.json", "{}"))
+
+
+def test_unknown_keys(root, tmp_path):
+    cfg = write(tmp_path / "session.toml", f'root = "{root}"\nn_wrkers = 3\n')
+    with pytest.raises(fs.ConfigError) as info:
+        fs.SessionConfig.from_toml(cfg)
+    assert str(info.value) == f"{cfg}: unknown key 'n_wrkers'; did you mean 'n_workers'?"
+    cfg = write(tmp_path / "s2.toml", f'root = "{root}"\n[flow_options]\niteratons = 3\n')
+    with pytest.raises(fs.ConfigError, match=r"s2\.toml \[flow_options\]: unknown key "
+                                             "'iteratons'; did you mean 'iterations'"):
+        fs.SessionConfig.from_toml(cfg)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("n_workers", "four", "n_workers must be -1 (all CPUs) or an integer >= 1, got 'four'"),
+    ("n_workers", 0, "n_workers must be"),
+    ("n_workers", -2, "n_workers must be"),
+    ("n_workers", 2.5, "n_workers must be"),
+    ("alpha_between", "30", "alpha_between must be a number > 0, got '30'"),
+    ("alpha_between", -1, "alpha_between must be"),
+    ("cc_upsample", 0, "cc_upsample must be an integer >= 1"),
+    ("iterations_between", True, "iterations_between must be"),
+    ("sigma_smooth", -0.5, "sigma_smooth must be"),
+    ("align_chunk_size", 0, "align_chunk_size must be"),
+    ("resume", "no", "resume must be true or false"),
+    ("scheduler", "dask", "scheduler 'dask' is not supported"),
+    ("stage2_constancy_assumption", "cs", "'cs' is not supported; use one of 'gc', 'gray'"),
+    ("align_output_format", "MAT", "align_output_format 'MAT' is not supported"),
+    ("flow_backend", "", "flow_backend must be"),
+    ("backend_params", {"f": object()}, "backend_params must be"),
+    ("pattern", "/abs/*.tif", "pattern must be a glob relative to root"),
+    ("stage1_quality_setting", "max", "stage1_quality_setting 'max' is not supported"),
+    ("flow_options", {"eta": 1.5}, "cfg.toml [flow_options]: eta must be a number in (0, 1]"),
+    ("flow_options", {"eta": 0}, "eta must be"),
+    ("flow_options", {"alpha": -1}, "alpha must be"),
+    ("flow_options", {"output_format": "TIFF"}, "Stage 1 of a session writes HDF5"),
+    ("flow_options", {"save_valid_idx": False}, "remove this key"),
+    ("flow_options", 5, "flow_options must be a non-empty string"),
+    ("flow_options", "missing.json", "options file"),
+])
+def test_session_bad_values(root, key, value, fragment):
+    with pytest.raises(fs.ConfigError) as info:
+        fs.SessionConfig.from_dict({"root": str(root), key: value}, source="cfg.toml")
+    msg = str(info.value)
+    assert msg.startswith("cfg.toml") and fragment in msg and "\n" not in msg
+
+
+def test_session_int_float_leniency(root):
+    c = fs.SessionConfig(root=root, cc_upsample=8.0, alpha_between=30, n_workers=np.int64(2))
+    assert c.cc_upsample == 8 and isinstance(c.cc_upsample, int)
+    assert c.alpha_between == 30.0 and isinstance(c.alpha_between, float)
+    assert c.n_workers == 2 and type(c.n_workers) is int
+
+
+def test_root_errors(tmp_path):
+    with pytest.raises(fs.ConfigError, match=r"root: .*nowhere does not exist"):
+        fs.SessionConfig(root=tmp_path / "nowhere")
+    f = write(tmp_path / "afile", "")
+    with pytest.raises(fs.ConfigError, match="is a file, not a folder"):
+        fs.SessionConfig(root=f)
+    with pytest.raises(fs.ConfigError, match="root is required"):
+        fs.SessionConfig.from_dict({"pattern": "*.tif"})
+    cfg = write(tmp_path / "cfg" / "s.toml", 'root = "../missing"\n')
+    with pytest.raises(fs.ConfigError, match=r"s\.toml: root: .*missing does not exist"):
+        fs.SessionConfig.from_toml(cfg)
+
+
+def test_relative_root_uses_cwd_without_base_dir(root, monkeypatch):
+    monkeypatch.chdir(root.parent)
+    assert fs.SessionConfig.from_dict({"root": "data"}).root == root
+
+
+def test_to_dict_and_save_resolved(root, tmp_path):
+    write(root / "opts.json", '{"eta": 0.5}')
+    c = fs.SessionConfig(root=root, flow_options="opts.json", backend_params={"a": 1})
+    assert c.flow_options == root / "opts.json"
+    d = c.to_dict()
+    assert d["root"] == str(root) and d["flow_options"] == str(root / "opts.json")
+    path = tmp_path / "resolved.json"
+    c.save_resolved(path)
+    assert json.loads(path.read_text()) == d
+    assert fs.SessionConfig.from_dict(d) == c
+
+
+def test_n_workers_effective(root):
+    assert fs.SessionConfig(root=root, n_workers=3).n_workers_effective() == 3
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert fs.SessionConfig(root=root).n_workers_effective() == expected
+
+
+###############################################################################
+### resolve_flow_options
+###############################################################################
+
+
+def test_json_options_override_only_what_they_name(root):
+    write(root / "opts.json", "Compensation options 2024-01-01\n\n"
+          '{\n  "iterations": 20,\n  "input_file": "a.tif",\n  "output_path": "results"\n}\n')
+    c = fs.SessionConfig(root=root, flow_options="opts.json", stage1_quality_setting="fast")
+    o = fs.resolve_flow_options(c, {"alpha": 5})
+    assert o.iterations == 20 and o.alpha == (5.0, 5.0) and o.quality_setting == "fast"
+    assert o.replace(iterations=50, alpha=1.5, quality_setting="quality") == fs.FlowOptions()
+    assert o.save_valid_idx is True and o.output_format == "HDF5"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"output_format": "MAT"}', "output_format = 'MAT' cannot be used"),
+    ('{"save_valid_idx": false}', "save_valid_idx = false cannot be used"),
+])
+def test_json_options_that_break_stage1(root, content, fragment):
+    write(root / "opts.json", "Compensation options 2024-01-01\n\n" + content)
+    with pytest.raises(fs.ConfigError, match=fragment):
+        fs.SessionConfig(root=root, flow_options="opts.json")
+
+
+def test_runtime_overrides(root):
+    c = fs.SessionConfig(root=root, flow_options={"eta": 0.5, "output_format": "hdf5"})
+    o = fs.resolve_flow_options(c, {"eta": 0.7})
+    assert o.eta == 0.7 and o.output_format == "HDF5"
+    with pytest.raises(fs.ConfigError, match="runtime overrides: output_format = 'TIFF'"):
+        fs.resolve_flow_options(c, {"output_format": "TIFF"})
+    with pytest.raises(fs.ConfigError, match="runtime overrides: unknown key 'etaa'"):
+        fs.resolve_flow_options(c, {"etaa": 0.7})
+    assert fs.resolve_flow_options(fs.SessionConfig(root=root)) == fs.FlowOptions()
+
+
+###############################################################################
+### Discovery and center
+###############################################################################
+
+
+def test_discover_inputs(root):
+    (root / "folder.tif").mkdir()
+    out = root / "final_results"
+    out.mkdir()
+    write(out / "aligned.tif", "")
+    c = fs.SessionConfig(root=root, pattern="**/*.tif")
+    assert [p.name for p in c.discover_inputs()] == ["rec_a.tif", "rec_b.tif", "rec_c.tif"]
+    with pytest.raises(fs.ConfigError, match=r"no files match pattern '\*\.h5' in "):
+        fs.SessionConfig(root=root, pattern="*.h5").discover_inputs()
+    write(root / "rec_a.h5", "")
+    with pytest.raises(fs.ConfigError, match="share the stem 'rec_a'"):
+        fs.SessionConfig(root=root, pattern="rec_a.*").discover_inputs()
+
+
+def test_center_by_name(root):
+    c = fs.SessionConfig(root=root, center="rec_c.tif")
+    files = c.discover_inputs()
+    assert c.resolve_center(files) == (2, root / "rec_c.tif")
+    c = fs.SessionConfig(root=root, center=str(root / "rec_a.tif"))
+    assert c.resolve_center(files) == (0, root / "rec_a.tif")
+    c = fs.SessionConfig(root=root, center="rec_d.tif")
+    with pytest.raises(fs.ConfigError, match=r"did you mean 'rec_\w\.tif'\? available: rec_a"):
+        c.resolve_center(files)
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_center_default_is_matlab_ceil(tmp_path, n):
+    for i in range(n):
+        write(tmp_path / f"r{i}.tif", "")
+    c = fs.SessionConfig(root=tmp_path)
+    index, path = c.resolve_center(c.discover_inputs())
+    assert index == math.ceil(n / 2) - 1 and path == tmp_path / f"r{index}.tif"
+
+
+###############################################################################
+### Array tasks
+###############################################################################
+
+
+@pytest.mark.parametrize("name", ["SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "PBS_ARRAY_INDEX",
+                                  "PBS_ARRAYID"])
+def test_array_task_id_each_variable(name):
+    assert fs.get_array_task_id({name: " 7 "}) == 7
+
+
+def test_array_task_id_precedence_and_errors():
+    env = {"PBS_ARRAY_INDEX": "3", "SGE_TASK_ID": "2", "SLURM_ARRAY_TASK_ID": "1"}
+    assert fs.get_array_task_id(env) == 1
+    del env["SLURM_ARRAY_TASK_ID"]
+    assert fs.get_array_task_id(env) == 2
+    assert fs.get_array_task_id({"SGE_TASK_ID": "undefined", "PBS_ARRAYID": "4"}) == 4
+    assert fs.get_array_task_id({}) is None
+    with pytest.raises(fs.ConfigError, match="SLURM_ARRAY_TASK_ID='abc' is not an integer"):
+        fs.get_array_task_id({"SLURM_ARRAY_TASK_ID": "abc"})
+
+
+def test_array_task_id_default_environ(monkeypatch):
+    for name in ("SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "PBS_ARRAY_INDEX", "PBS_ARRAYID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SGE_TASK_ID", "5")
+    assert fs.get_array_task_id() == 5
+
+
+@pytest.mark.parametrize("env, task, index", [
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0"}, 0, 0),
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0"}, 2, 2),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1"}, 1, 0),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}, 3, 2),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "2"}, 3, 2),
+    ({"SGE_TASK_ID": "1"}, 1, 0),
+    ({"SGE_TASK_ID": "3"}, 3, 2),
+    ({"PBS_ARRAY_INDEX": "2"}, 2, 1),
+    ({"SLURM_ARRAY_TASK_ID": "2"}, 2, 1),
+    ({}, 3, 2),
+])
+def test_array_task_to_index(env, task, index):
+    assert fs.array_task_to_index(task, 3, env) == index
+
+
+def test_array_task_unknown_start_zero(caplog):
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        assert fs.array_task_to_index(0, 3, {"PBS_ARRAY_INDEX": "0"}) == 0
+    assert "1-based" in caplog.text and "PBS_ARRAY_INDEX=0" in caplog.text
+
+
+@pytest.mark.parametrize("env, task, fragment", [
+    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1"}, 4, "--array=1-3 for 3 recordings"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0"}, 3, "--array=0-2 for 3 recordings"),
+    ({"SGE_TASK_ID": "4"}, 4, "SGE_TASK_ID=4 is out of range for 3 recordings"),
+    ({"SGE_TASK_ID": "0"}, 0, "-t 1-3"),
+    ({"PBS_ARRAY_INDEX": "9"}, 9, "-J 1-3"),
+])
+def test_array_task_out_of_range(env, task, fragment):
+    with pytest.raises(fs.ConfigError, match="valid task ids") as info:
+        fs.array_task_to_index(task, 3, env)
+    assert fragment in str(info.value)
+
+###############################################################################
+### I/O: readers and writers
+###############################################################################
+
+T, H, W = 10, 12, 9  # non-square on purpose: catches swapped axes
+RNG = np.random.default_rng(20240611)
+
+
+def _video(c=1, dtype=np.uint16, t=T, lo=0, hi=4000):
+    return RNG.integers(lo, hi, size=(t, H, W, c)).astype(dtype)
+
+
+###############################################################################
+### source files written by tifffile / h5py / scipy
+###############################################################################
+
+def tiff_plain(p):
+    v = _video()
+    tifffile.imwrite(p / 'plain.tif', v[..., 0])
+    return p / 'plain.tif', v, {}
+
+
+def tiff_bigtiff(p):
+    v = _video()
+    tifffile.imwrite(p / 'big.tiff', v[..., 0], bigtiff=True)
+    return p / 'big.tiff', v, {}
+
+
+def tiff_imagej_2ch(p):
+    v = _video(2)
+    tifffile.imwrite(p / 'ij.tif', np.moveaxis(v, -1, 1), imagej=True,
+                     metadata={'axes': 'TCYX'})
+    return p / 'ij.tif', v, {}
+
+
+def tiff_imagej_virtual(p):
+    # one IFD, frame count in the ImageJ header only, like ImageJ stacks > 4 GB
+    v = _video(2)
+    tifffile.imwrite(p / 'virtual.tif', np.moveaxis(v, -1, 1), imagej=True,
+                     truncate=True, metadata={'axes': 'TCYX'})
+    return p / 'virtual.tif', v, {}
+
+
+def tiff_int16_negative(p):
+    v = _video(dtype=np.int16, lo=-3000, hi=3000)
+    tifffile.imwrite(p / 'neg.tif', v[..., 0], bigtiff=True)
+    return p / 'neg.tif', v, {}
+
+
+def tiff_big_endian(p):
+    v = _video()
+    tifffile.imwrite(p / 'be.tif', v[..., 0], byteorder='>')
+    return p / 'be.tif', v, {}
+
+
+def tiff_samples(p):
+    v = _video(2)
+    tifffile.imwrite(p / 'samples.tif', v, photometric='minisblack',
+                     planarconfig='contig')
+    return p / 'samples.tif', v, {}
+
+
+def tiff_planar_samples(p):
+    v = _video(2)
+    tifffile.imwrite(p / 'planar.tif', np.moveaxis(v, -1, 1),
+                     photometric='minisblack', planarconfig='separate',
+                     metadata=None)
+    return p / 'planar.tif', v, {}
+
+
+def tiff_interleaved_pages(p):
+    # written page by page: not contiguous, read through tifffile pages
+    v = _video(2)
+    with tifffile.TiffWriter(p / 'inter.tif') as tw:
+        for page in np.moveaxis(v, -1, 1).reshape(-1, H, W):
+            tw.write(page, metadata=None)
+    return p / 'inter.tif', v, {'channels': 2}
+
+
+def tiff_interleaved_contiguous(p):
+    v = _video(2)
+    tifffile.imwrite(p / 'inter2.tif', np.moveaxis(v, -1, 1).reshape(-1, H, W),
+                     metadata=None)
+    return p / 'inter2.tif', v, {'channels': 2}
+
+
+def tiff_scanimage(p):
+    # ScanImage 2016+ also stores its frame data in every page's Software tag
+    v = _video(2, dtype=np.int16, lo=-500, hi=500)
+    info = 'SI.hChannels.channelSave = [1;2]\nSI.hStackManager.framesPerSlice = 1000'
+    with tifffile.TiffWriter(p / 'si.tif', bigtiff=True) as tw:
+        for page in np.moveaxis(v, -1, 1).reshape(-1, H, W):
+            tw.write(page, metadata=None, software=info)
+    return p / 'si.tif', v, {}
+
+
+def h5_channels(p):
+    v = _video(2)
+    with h5py.File(p / 'ch.h5', 'w') as f:
+        f['ch2'] = v[..., 1]
+        f['ch1'] = v[..., 0]
+        f['other'] = np.zeros((50, 50, 50))  # larger, but the channels win
+    return p / 'ch.h5', v, {}
+
+
+def h5_channels_in_group(p):
+    v = _video(2)
+    with h5py.File(p / 'grp.hdf5', 'w') as f:
+        f['rec/Channel_1'] = v[..., 0]
+        f['rec/channel_2'] = v[..., 1]
+    return p / 'grp.hdf5', v, {}
+
+
+def h5_mov(p):
+    v = _video(dtype=np.float32)
+    with h5py.File(p / 'mov.h5', 'w') as f:
+        f['mov'] = v[..., 0]
+        f['small'] = np.zeros((3, 4, 5))
+    return p / 'mov.h5', v, {}
+
+
+def h5_data_4d(p):
+    v = _video(3, dtype=np.int16, lo=-100, hi=100)
+    with h5py.File(p / 'data.hdf', 'w') as f:
+        f.create_dataset('data', data=v, chunks=(2, H, W, 3))
+    return p / 'data.hdf', v, {}
+
+
+def h5_largest(p):
+    v = _video()
+    with h5py.File(p / 'big.h5', 'w') as f:
+        f['a/b/video'] = v[..., 0]
+        f['tiny'] = np.zeros((2, 2, 2))
+    return p / 'big.h5', v, {}
+
+
+def h5_matlab_attr(p):
+    v = _video(dtype=np.uint8, hi=255)
+    with h5py.File(p / 'mat_attr.h5', 'w') as f:
+        f['mov'] = v[..., 0].transpose(0, 2, 1)  # MATLAB (H, W, T) seen by h5py
+        f['mov'].attrs['MATLAB_class'] = np.bytes_('uint8')
+    return p / 'mat_attr.h5', v, {}
+
+
+def h5_matlab_ordering_attr(p):
+    v = _video()
+    with h5py.File(p / 'mat_ord.h5', 'w') as f:
+        f['data'] = v[..., 0].transpose(0, 2, 1)
+        f['data'].attrs['dimension_ordering'] = 'MATLAB'
+    return p / 'mat_ord.h5', v, {}
+
+
+def h5_matlab_forced_4d(p):
+    v = _video(2)
+    with h5py.File(p / 'forced.h5', 'w') as f:
+        f['video'] = v.transpose(0, 3, 2, 1)  # MATLAB (H, W, C, T)
+    return p / 'forced.h5', v, {'matlab_order': True, 'dataset': 'video'}
+
+
+def h5_named_list(p):
+    v = _video(2)
+    with h5py.File(p / 'named.h5', 'w') as f:
+        f['green'] = v[..., 0]
+        f['red'] = v[..., 1]
+    return p / 'named.h5', v, {'dataset': ['green', 'red']}
+
+
+def mat_v5(p):
+    v = _video(dtype=np.int16, lo=-50, hi=50)
+    scipy.io.savemat(p / 'v5.mat', {'mov': np.moveaxis(v[..., 0], 0, -1),
+                                    'fs': 30.0})
+    return p / 'v5.mat', v, {}
+
+
+def mat_v5_4d_largest(p):
+    v = _video(2, dtype=np.float64)
+    scipy.io.savemat(p / 'v5b.mat', {'stack': np.moveaxis(v, 0, -1),
+                                     'other': np.zeros((2, 2, 2))})
+    return p / 'v5b.mat', v, {}
+
+
+def _write_mat73(path, variables):
+    with h5py.File(path, 'w', userblock_size=512) as f:
+        for name, value in variables.items():
+            f[name] = value.T  # MATLAB's column-major order, as h5py sees it
+            f[name].attrs['MATLAB_class'] = np.bytes_(value.dtype.name)
+    header = (b'MATLAB 7.3 MAT-file, Platform: GLNXA64, '
+              b'Created on: test HDF5 schema 1.00 .')
+    with open(path, 'r+b') as fh:
+        fh.write(header.ljust(128, b' '))
+
+
+def mat_v73(p):
+    v = _video()
+    _write_mat73(p / 'v73.mat', {'Y': np.moveaxis(v[..., 0], 0, -1)})
+    return p / 'v73.mat', v, {}
+
+
+SOURCES = [tiff_plain, tiff_bigtiff, tiff_imagej_2ch, tiff_imagej_virtual,
+           tiff_int16_negative, tiff_big_endian,
+           tiff_samples, tiff_planar_samples, tiff_interleaved_pages,
+           tiff_interleaved_contiguous, tiff_scanimage, h5_channels,
+           h5_channels_in_group, h5_mov, h5_data_4d, h5_largest, h5_matlab_attr,
+           h5_matlab_ordering_attr, h5_matlab_forced_4d, h5_named_list, mat_v5,
+           mat_v5_4d_largest, mat_v73]
+
+
+###############################################################################
+### readers
+###############################################################################
+
+@pytest.mark.parametrize('make', SOURCES, ids=lambda f: f.__name__)
+def test_reader_values(tmp_path, make):
+    path, v, kw = make(tmp_path)
+    with fs.open_video(path, **kw) as r:
+        assert r.shape == v.shape and len(r) == T and r.n_frames == T
+        assert (r.height, r.width, r.n_channels) == v.shape[1:]
+        assert r.dtype == v.dtype and r.path == os.fspath(path)
+        for batch in (1, 3, T):
+            parts = list(r.iter_batches(batch))
+            assert [first for first, _ in parts] == list(range(0, T, batch))
+            got = np.concatenate([a for _, a in parts])
+            assert got.dtype == v.dtype and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, v)
+        idx = [7, 2, 2, 9, 0, 3, 4, 5]
+        np.testing.assert_array_equal(r.read_frames(idx), v[idx])
+        np.testing.assert_array_equal(r.read(8, 100), v[8:])
+        assert r.read(12, 20).shape == (0, H, W, v.shape[3])
+        if v.dtype == np.int16:
+            assert r.read(0, T).min() < 0
+
+
+@pytest.mark.parametrize('make', SOURCES, ids=lambda f: f.__name__)
+def test_reader_binning(tmp_path, make):
+    path, v, kw = make(tmp_path)
+    expected = np.stack([v[i:i + 3].mean(axis=0, dtype=np.float64)
+                         for i in range(0, T, 3)])
+    with fs.open_video(path, bin_size=3, **kw) as r:
+        assert len(r) == 4 and r.shape == (4, *v.shape[1:]) and r.n_frames == T
+        got = r.read(0, 4)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        np.testing.assert_allclose(got[3], v[9].astype(np.float64))
+        np.testing.assert_allclose(r.read_frames([3, 1, 3]), expected[[3, 1, 3]])
+        np.testing.assert_allclose(
+            np.concatenate([a for _, a in r.iter_batches(3, start=1)]),
+            expected[1:])
+
+
+def test_reader_lifecycle(tmp_path):
+    path, v, _ = tiff_plain(tmp_path)
+    r = fs.open_video(path)
+    assert 'plain.tif' in repr(r)
+    r.close()
+    r.close()
+    with pytest.raises(fs.FlowSessionError):
+        r.read(0, 1)
+    with fs.open_video(path) as r:
+        with pytest.raises(IndexError):
+            r.read_frames([T])
+        assert r.read_frames([]).shape == (0, H, W, 1)
+    with pytest.raises(fs.ConfigError):
+        fs.open_video(path, bin_size=0)
+
+
+def test_hdf5_zero_frames(tmp_path):
+    p = tmp_path / 'empty.h5'
+    with h5py.File(p, 'w') as f:
+        f.create_dataset('mov', shape=(0, H, W), maxshape=(None, H, W),
+                         dtype=np.uint16)
+    with fs.open_video(p) as r:
+        assert len(r) == 0 and r.shape == (0, H, W, 1)
+        assert r.read(0, 5).shape == (0, H, W, 1)
+        assert list(r.iter_batches(4)) == []
+
+
+def test_unknown_suffix_probed_as_hdf5(tmp_path):
+    path, v, _ = h5_mov(tmp_path)
+    other = tmp_path / 'mov.bin'
+    os.rename(path, other)
+    with fs.open_video(other) as r:
+        np.testing.assert_array_equal(r.read(0, T), v)
+
+
+def test_mat73_matlab_order_can_be_disabled(tmp_path):
+    path, v, _ = mat_v73(tmp_path)
+    with fs.open_video(path, matlab_order=False) as r:
+        assert r.shape == (T, W, H, 1)
+
+
+def test_scanimage_channel_count(tmp_path):
+    path, v, _ = tiff_scanimage(tmp_path)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_scanimage
+        assert fs._scanimage_channels(tif) == 2
+
+
+def test_scanimage_header_metadata(tmp_path, monkeypatch):
+    # as in a real ScanImage BigTIFF header; framesPerSlice (1000) exceeds the
+    # frames in this file, so tifffile's series shape disagrees with the pages
+    meta = {'FrameData': {'SI.hChannels.channelSave': [[1], [2]],
+                          'SI.hStackManager.framesPerSlice': 1000}}
+    monkeypatch.setattr(tifffile.TiffFile, 'scanimage_metadata',
+                        property(lambda self: meta))
+    path, v, _ = tiff_scanimage(tmp_path)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].kind == 'scanimage'
+        assert tif.series[0].size != v.size
+    with fs.open_video(path) as r:
+        assert r.shape == v.shape
+        np.testing.assert_array_equal(r.read_frames([9, 0, 4]), v[[9, 0, 4]])
+
+
+class _CountingDataset:
+    """Proxy of an h5py dataset that records what is sliced."""
+
+    def __init__(self, dset, log):
+        self._dset, self._log = dset, log
+
+    def __getitem__(self, key):
+        out = self._dset[key]
+        self._log.append(out.shape[0])
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._dset, name)
+
+
+def test_hdf5_reads_only_requested_frames(tmp_path):
+    v = RNG.integers(0, 60000, size=(500, 64, 48), dtype=np.uint16)
+    with h5py.File(tmp_path / 'long.h5', 'w') as f:
+        f.create_dataset('mov', data=v, chunks=(1, 64, 48))
+    with fs.open_video(tmp_path / 'long.h5') as r:
+        read = []
+        r._dsets = [_CountingDataset(r._dsets[0], read)]
+        np.testing.assert_array_equal(r.read(10, 13)[..., 0], v[10:13])
+        np.testing.assert_array_equal(r.read_frames([300, 12, 11])[..., 0],
+                                      v[[300, 12, 11]])
+        assert read == [3, 2, 1]  # 10-12, then runs 11-12 and 300
+
+
+@pytest.mark.parametrize('contiguous', [True, False])
+def test_tiff_reads_only_requested_frames(tmp_path, monkeypatch, contiguous):
+    v = RNG.integers(0, 60000, size=(500, 64, 48), dtype=np.uint16)
+    p = tmp_path / 'long.tif'
+    if contiguous:
+        tifffile.imwrite(p, v, bigtiff=True)
+    else:
+        with tifffile.TiffWriter(p, bigtiff=True) as tw:
+            for frame in v:
+                tw.write(frame, metadata=None)
+    items = []
+    read_array = tifffile.FileHandle.read_array
+
+    def count_read_array(self, dtype, count=-1, offset=0, **kw):
+        out = read_array(self, dtype, count, offset, **kw)
+        items.append(out.size)
+        return out
+
+    with fs.open_video(p) as r:
+        monkeypatch.setattr(tifffile.FileHandle, 'read_array', count_read_array)
+        np.testing.assert_array_equal(r.read(10, 13)[..., 0], v[10:13])
+        assert sum(items) == 3 * 64 * 48
+
+
+###############################################################################
+### bad input files
+###############################################################################
+
+def _expect_input_error(path, **kw):
+    with pytest.raises(fs.InputError) as info:
+        fs.open_video(path, **kw)
+    message = str(info.value)
+    assert os.path.basename(path) in message and '\n' not in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    assert 'not found' in _expect_input_error(tmp_path / 'nope.tif')
+
+
+@pytest.mark.parametrize('kw', [{}, {'bigtiff': True}, {'imagej': True},
+                                {'metadata': None}, {'compression': 'zlib'},
+                                {'truncate': True},
+                                {'imagej': True, 'truncate': True}])
+def test_truncated_tiff(tmp_path, kw):
+    p = tmp_path / 'cut.tif'
+    tifffile.imwrite(p, _video()[..., 0], **kw)
+    with open(p, 'r+b') as fh:
+        fh.truncate(os.path.getsize(p) // 2)
+    _expect_input_error(p)
+
+
+@pytest.mark.parametrize('cut', [2, 50])
+def test_truncated_page_by_page_tiff(tmp_path, cut):
+    # cut / 2: the IFD chain breaks; cut 50 bytes: the last page's data
+    path, _, kw = tiff_interleaved_pages(tmp_path)
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as fh:
+        fh.truncate(size // 2 if cut == 2 else size - cut)
+    _expect_input_error(path, **kw)
+
+
+@pytest.mark.parametrize('name', ['junk.h5', 'junk.tif', 'junk.mat', 'junk.hdf5'])
+def test_corrupt_files(tmp_path, name):
+    p = tmp_path / name
+    p.write_bytes(RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    _expect_input_error(p)
+
+
+def test_truncated_hdf5(tmp_path):
+    path, _, _ = h5_channels(tmp_path)
+    with open(path, 'r+b') as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+    _expect_input_error(path)
+
+
+def test_hdf5_without_video(tmp_path):
+    p = tmp_path / 'novideo.h5'
+    with h5py.File(p, 'w') as f:
+        f['a'] = np.zeros(10)
+        f['b'] = np.zeros((3, 4))
+    message = _expect_input_error(p)
+    assert 'a (10,)' in message and 'b (3, 4)' in message and 'dataset=' in message
+    _expect_input_error(p, dataset='missing')
+
+
+def test_hdf5_bad_channel_list(tmp_path):
+    p = tmp_path / 'mixed.h5'
+    with h5py.File(p, 'w') as f:
+        f['x'] = np.zeros((4, 5, 6))
+        f['y'] = np.zeros((4, 5, 7))
+    _expect_input_error(p, dataset=['x', 'y'])
+
+
+def test_mat_without_video(tmp_path):
+    p = tmp_path / 'novideo.mat'
+    scipy.io.savemat(p, {'fs': 30.0, 'image': np.zeros((4, 5))})
+    message = _expect_input_error(p)
+    assert 'fs' in message and 'image' in message
+    _expect_input_error(tmp_path / 'novideo.mat', dataset='fs')
+
+
+def test_unsupported_suffix(tmp_path):
+    p = tmp_path / 'movie.avi'
+    p.write_bytes(b'RIFF....AVI ')
+    message = _expect_input_error(p)
+    assert '.tif' in message and '.h5' in message and '.mat' in message
+
+
+def test_channels_option_only_for_tiff(tmp_path):
+    path, _, _ = h5_mov(tmp_path)
+    with pytest.raises(fs.ConfigError):
+        fs.open_video(path, channels=2)
+    path, _, _ = tiff_plain(tmp_path)
+    _expect_input_error(path, channels=3)  # 10 pages, not a multiple of 3
+
+
+###############################################################################
+### casting
+###############################################################################
+
+def test_cast_rounds_half_away_and_clips():
+    x = np.array([2.5, -0.5, -2.5, 1.5, 0.49999999999999994, -1.4, np.nan])
+    np.testing.assert_array_equal(fs.cast_to_dtype(x, np.int16),
+                                  [3, -1, -3, 2, 0, -1, 0])
+    y = np.array([-3.7, 70000.0, np.nan, np.inf, -np.inf, 65534.5])
+    got = fs.cast_to_dtype(y, np.uint16)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, [0, 65535, 0, 65535, 0, 65535])
+    big = fs.cast_to_dtype(np.array([1e30, -1e30]), np.int64)
+    assert big[0] >= 2**63 - 1024 and big[1] == np.iinfo(np.int64).min  # no wrap
+    assert fs.cast_to_dtype(np.float32([1.25]), np.float64)[0] == 1.25
+
+
+def test_cast_integers_clip():
+    np.testing.assert_array_equal(
+        fs.cast_to_dtype(np.array([-5, 70000], np.int32), np.uint16), [0, 65535])
+    np.testing.assert_array_equal(
+        fs.cast_to_dtype(np.array([0, 300], np.uint16), np.int8), [0, 127])
+    a = np.arange(5, dtype=np.uint8)
+    assert fs.cast_to_dtype(a, np.uint8) is a
+    assert fs.cast_to_dtype(a, np.int16).dtype == np.int16
+    with pytest.raises(fs.ConfigError):
+        fs.cast_to_dtype(a, np.complex64)
+
+
+###############################################################################
+### writers
+###############################################################################
+
+def _leftovers(folder):
+    return [n for n in os.listdir(folder) if '.partial-' in n]
+
+
+def test_hdf5_writer_round_trip(tmp_path):
+    frames = RNG.normal(1000, 400, size=(T, H, W, 2))
+    frames[0, 0, 0] = [-7.5, 70000]
+    p = tmp_path / 'out' / 'compensated.HDF5'
+    p.parent.mkdir()
+    with fs.open_writer(p, 'hdf5', height=H, width=W, n_channels=2,
+                        dtype=np.uint16, attrs={'source': 'test'}) as w:
+        w.append(frames[:0])
+        for a, b in [(0, 4), (4, 5), (5, T)]:
+            w.append(frames[a:b])
+            assert not p.exists() and len(_leftovers(p.parent)) == 1
+        assert w.frames_written == T
+        w.add_alias('idx', 'ch1')
+    assert _leftovers(p.parent) == []
+    expected = fs.cast_to_dtype(frames, np.uint16)
+    assert list(expected[0, 0, 0]) == [0, 65535]
+    with h5py.File(p, 'r') as f:
+        assert f.attrs['format'] == 'flowsession_hdf5_v1'
+        assert f.attrs['frame_count'] == T and f.attrs['n_channels'] == 2
+        assert (f.attrs['height'], f.attrs['width']) == (H, W)
+        assert list(f.attrs['dataset_names']) == ['ch1', 'ch2']
+        assert f.attrs['source'] == 'test'
+        d = f['ch2']
+        assert d.shape == (T, H, W) and d.dtype == np.uint16
+        assert d.maxshape == (None, H, W) and d.chunks[1:] == (H, W)
+        assert list(d.attrs['original_shape_THWC']) == [T, H, W, 2]
+        np.testing.assert_array_equal(f['idx'][()], f['ch1'][()])
+    with fs.open_video(p) as r:
+        assert r.shape == (T, H, W, 2) and r.dtype == np.uint16
+        np.testing.assert_array_equal(r.read(0, T), expected)
+    with fs.open_video(p, dataset='idx') as r:
+        np.testing.assert_array_equal(r.read(0, T), expected[..., :1])
+
+
+def test_hdf5_writer_names_and_options(tmp_path):
+    p = tmp_path / 'idx.hdf'
+    masks = (RNG.random((5, H, W, 1)) > 0.5).astype(np.uint8) * 255
+    with fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=1, dtype=np.uint8,
+                            dataset_names=['idx'], chunk_frames=4,
+                            compression='gzip') as w:
+        w.append(masks)
+    with h5py.File(p, 'r') as f:
+        assert f['idx'].chunks == (4, H, W) and f['idx'].compression == 'gzip'
+    with fs.open_video(p) as r:
+        np.testing.assert_array_equal(r.read(0, 5), masks)
+    with pytest.raises(fs.ConfigError):
+        fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=2, dtype=np.uint8,
+                           dataset_names=['a'])
+    with pytest.raises(fs.ConfigError):
+        fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=1, dtype=np.uint8,
+                           compression='zstd')
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize('t, c', [(1, 1), (1, 2), (T, 1), (T, 2), (4, 3)])
+def test_tiff_writer_round_trip(tmp_path, t, c):
+    frames = RNG.normal(0, 3000, size=(t, H, W, c)).astype(np.float32)
+    p = tmp_path / 'compensated.TIFF'
+    with fs.open_writer(p, 'TIFF', height=H, width=W, n_channels=c,
+                        dtype=np.int16) as w:
+        w.append(frames[:0])
+        for a in range(0, t, 3):
+            w.append(frames[a:a + 3])
+        assert not p.exists()
+    assert _leftovers(tmp_path) == []
+    expected = fs.cast_to_dtype(frames, np.int16)
+    with tifffile.TiffFile(p) as tif:
+        assert tif.is_bigtiff and len(tif.pages) == t * c
+        assert tif.pages[0].compression == 1  # none
+        pages = np.stack([page.asarray() for page in tif.pages])
+        np.testing.assert_array_equal(  # frame-major: f0-c0, f0-c1, f1-c0 ...
+            pages, np.moveaxis(expected, -1, 1).reshape(-1, H, W))
+        np.testing.assert_array_equal(tif.asarray(), np.moveaxis(expected, -1, 1))
+    with fs.open_video(p) as r:
+        assert r.shape == (t, H, W, c) and r.dtype == np.int16
+        np.testing.assert_array_equal(r.read(0, t), expected)
+
+
+@pytest.mark.parametrize('fmt', ['HDF5', 'TIFF'])
+def test_writer_abort_and_exception(tmp_path, fmt):
+    p = tmp_path / f'out.{fmt}'
+    kw = dict(height=H, width=W, n_channels=1, dtype=np.uint16)
+    w = fs.open_writer(p, fmt, **kw)
+    w.append(np.zeros((2, H, W, 1)))
+    w.abort()
+    w.abort()
+    assert not p.exists() and _leftovers(tmp_path) == []
+    p.write_bytes(b'previous result')
+    with pytest.raises(RuntimeError), fs.open_writer(p, fmt, **kw) as w:
+        w.append(np.zeros((2, H, W, 1)))
+        raise RuntimeError('boom')
+    assert p.read_bytes() == b'previous result' and _leftovers(tmp_path) == []
+    with fs.open_writer(p, fmt, **kw) as w:
+        w.append(np.ones((2, H, W, 1)))
+    w.close()  # second close does nothing
+    with fs.open_video(p) as r:
+        np.testing.assert_array_equal(r.read(0, 2), np.ones((2, H, W, 1)))
+    with pytest.raises(fs.FlowSessionError):
+        w.append(np.ones((1, H, W, 1)))
+
+
+def test_writer_rejects_wrong_shapes(tmp_path):
+    with fs.open_writer(tmp_path / 'x.h5', 'HDF5', height=H, width=W,
+                        n_channels=1, dtype=np.float32) as w:
+        with pytest.raises(ValueError):
+            w.append(np.zeros((H, H, W)))  # 3-D is never guessed
+        with pytest.raises(ValueError):
+            w.append(np.zeros((1, H, W, 2)))
+    with pytest.raises(fs.ConfigError):
+        fs.open_writer(tmp_path / 'x.avi', 'AVI', height=H, width=W,
+                       n_channels=1, dtype=np.uint8)
+    with pytest.raises(fs.ConfigError):
+        fs.open_writer(tmp_path / 'x.h5', 'HDF5', height=0, width=W,
+                       n_channels=1, dtype=np.uint8)
+
+
+def test_tiff_writer_without_frames(tmp_path):
+    p = tmp_path / 'empty.tif'
+    writer = fs.open_writer(p, 'tiff', height=H, width=W, n_channels=1,
+                            dtype=np.uint8)
+    with pytest.raises(fs.FlowSessionError), writer:
+        pass
+    assert not p.exists() and _leftovers(tmp_path) == []
 
 
 ###############################################################################

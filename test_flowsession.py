@@ -5,6 +5,7 @@ Sections mirror the module.  MATLAB reference fixtures live in ``matlab_ref/``
 written next to the comparison with its reason.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -1647,3 +1648,283 @@ def test_main_returns_nonzero_on_usage_error():
     with pytest.raises(SystemExit) as exc:
         fs.main(["no-such-command"])
     assert exc.value.code != 0
+
+
+###############################################################################
+### Stage 1
+###############################################################################
+
+
+def _write_h5(path, frames):
+    with h5py.File(path, "w") as f:
+        if frames.shape[-1] == 1:
+            f["mov"] = frames[..., 0]
+        else:
+            for c in range(frames.shape[-1]):
+                f[f"ch{c + 1}"] = frames[..., c]
+
+
+def _stage1_config(tmp_path, recordings, **flow):
+    root = tmp_path / "data"
+    root.mkdir(exist_ok=True)
+    for name, frames in recordings.items():
+        _write_h5(root / name, frames)
+    flow.setdefault("reference_frames", list(range(min(20, len(next(iter(recordings.values())))))))
+    return fs.SessionConfig(root=root, pattern="*.h5", n_workers=2, flow_options=flow)
+
+
+def _read_w(folder):
+    with h5py.File(os.path.join(folder, "w.hdf5"), "r") as f:
+        return np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
+
+
+def _read_comp(folder):
+    with h5py.File(os.path.join(folder, "compensated.hdf5"), "r") as f:
+        return np.stack([f[f"ch{c + 1}"][:] for c in range(int(f.attrs["n_channels"]))], axis=-1)
+
+
+def test_stage1_matches_matlab_compensate_recording(tmp_path):
+    """The whole Stage 1 path (file in, files out) against the toolbox's compensate_recording.
+
+    Tolerances: the reference file measured the configuration's sensitivity to
+    a 1e-12 input perturbation as max 1.2e-3 px / mean 9e-7 px; the fields are
+    stored as float32 (rounding <= 2.4e-7 px at |w| < 4 px).  The reference
+    pre-registration (alpha + 2) is well conditioned: 1e-9 relative.  A field
+    error d moves a cubic sample by at most |grad f| d, which bounds the frames.
+    """
+    d = ref("compensate_recording_64x64x40_1ch")
+    frames = np.moveaxis(as_float(d["frames"]), -1, 0)
+    cfg = _stage1_config(tmp_path, {"rec.h5": frames}, save_w=True)
+    out = fs.run_stage1(cfg)[0]
+    sens_max, sens_mean = (float(s) for s in d["perturbation_sensitivity_1e12"])
+    w = _read_w(out)
+    w_ref = np.moveaxis(as_float(d["w"]), -1, 0)
+    dw = np.abs(w - w_ref)
+    assert dw.mean() <= 2 * sens_mean + 2.4e-7
+    assert dw.max() <= sens_max
+    comp = _read_comp(out)
+    assert comp.dtype == np.float64  # float input keeps its type
+    grad = max(np.abs(np.diff(frames, axis=a)).max() for a in (1, 2))
+    c_ref = np.moveaxis(as_float(d["compensated_first8"]), -1, 0)
+    np.testing.assert_allclose(comp[:8], c_ref, rtol=0, atol=grad * (sens_max + 2.4e-7))
+    with h5py.File(os.path.join(out, "idx.hdf"), "r") as f:
+        idx = f["idx"][:]
+        np.testing.assert_array_equal(f["ch1"][:], idx)  # pyflowreg's name, same data
+    idx_ref = np.moveaxis(d["idx"][:, :, 0, :], -1, 0)
+    assert idx.dtype == np.uint8 and (idx == idx_ref).mean() >= 0.999
+    np.testing.assert_allclose(np.load(os.path.join(out, "reference_frame.npy"))[..., 0],
+                               d["reference_frame"], rtol=0,
+                               atol=1e-9 * np.abs(d["reference_frame"]).max())
+    with np.load(os.path.join(out, "statistics.npz")) as st:
+        for key in ("mean_disp", "max_disp", "mean_div", "mean_translation"):
+            # statistics are 1-Lipschitz-like in w (Sobel sums 8 differences): 8 x max dw
+            np.testing.assert_allclose(st[key], d[key], rtol=0, atol=8 * sens_max, err_msg=key)
+    avg = np.load(os.path.join(out, "temporal_average.npy"))
+    assert avg.shape == (64, 64, 1) and avg.dtype == np.float64
+    np.testing.assert_allclose(avg, comp.mean(axis=0), rtol=1e-12)
+    assert sorted(os.listdir(out)) == ["compensated.hdf5", "idx.hdf", "options.json",
+                                       "reference_frame.npy", "statistics.npz", "status.json",
+                                       "temporal_average.npy", "w.hdf5"]
+
+
+@pytest.mark.parametrize("quality", ["quality", "balanced"])
+def test_stage1_recovers_known_motion(tmp_path, quality):
+    # Each recording registers onto its own reference (the mean of its first
+    # frames, itself displaced by their mean motion), so the per-pixel time-mean
+    # of (w - truth) is removed.  0.35 px: the toolbox gets 0.26 px on its own
+    # comparable synthetic recording (matlab_ref README); no correction ~1.3 px.
+    frames, w_true = fs.synthetic_recording(40, (64, 64), 1, seed=5)
+    out = fs.run_stage1(_stage1_config(tmp_path, {"rec.h5": frames}, save_w=True,
+                                       quality_setting=quality))[0]
+    err = (_read_w(out) - w_true)[:, 8:-8, 8:-8]
+    err -= err.mean(axis=0)
+    moved = w_true[:, 8:-8, 8:-8] - w_true[:, 8:-8, 8:-8].mean(axis=0)
+    assert np.hypot(err[..., 0], err[..., 1]).mean() < 0.35
+    assert np.hypot(moved[..., 0], moved[..., 1]).mean() > 1.0
+
+
+def test_stage1_two_channel_tiff_keeps_dtype_and_never_wraps(tmp_path):
+    frames, _ = fs.synthetic_recording(12, (40, 48), 2, seed=3)
+    frames[:, 10:14, 10:14, 0] = 65535  # saturated block: cubic overshoot above the range
+    frames[:, 20:24, 20:24, 1] = 0
+    root = tmp_path / "data"
+    root.mkdir()
+    tifffile.imwrite(root / "two.tif", np.moveaxis(frames, -1, 1), imagej=True,
+                     metadata={"axes": "TCYX"})
+    cfg = fs.SessionConfig(root=root, n_workers=2,
+                           flow_options={"quality_setting": "fast", "reference_frames": [0, 1, 2]})
+    out = fs.run_stage1(cfg)[0]
+    comp = _read_comp(out)
+    assert comp.shape == frames.shape and comp.dtype == np.uint16
+    # no wrap-around: a bright block stays bright, a dark block dark
+    assert comp[:, 11:13, 11:13, 0].min() > 30000
+    assert comp[:, 21:23, 21:23, 1].max() < 30000
+    assert np.load(os.path.join(out, "temporal_average.npy")).shape == (40, 48, 2)
+
+
+def _output_state(folder):
+    return {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in sorted(os.listdir(folder))}
+
+
+def test_stage1_resume_skips_complete_and_recomputes_damaged(tmp_path, caplog):
+    frames, _ = fs.synthetic_recording(24, (32, 40), 1, seed=2)
+    cfg = _stage1_config(tmp_path, {"a.h5": frames, "b.h5": frames[::-1].copy()},
+                         quality_setting="fast", save_w=True)
+    fa, fb = fs.run_stage1(cfg)
+    first = {k: _read_comp(f) for k, f in (("a", fa), ("b", fb))}
+    state = _output_state(fa)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage1(cfg)
+    assert _output_state(fa) == state  # nothing rewritten
+    assert "already complete" in caplog.text
+    # A truncated output from an older run is detected and recomputed.
+    path = os.path.join(fa, "compensated.hdf5")
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+    caplog.clear()
+    fs.run_stage1(cfg)
+    assert "recomputing Stage 1" in caplog.text
+    np.testing.assert_array_equal(_read_comp(fa), first["a"])
+    # An unparsable completion record is not trusted.
+    with open(os.path.join(fb, "status.json"), "w") as fh:
+        fh.write("{not json")
+    state_b = _output_state(fb)
+    fs.run_stage1(cfg)
+    assert _output_state(fb)["compensated.hdf5"] != state_b["compensated.hdf5"]
+    np.testing.assert_array_equal(_read_comp(fb), first["b"])
+    # Different options: recomputed; resume = false: recomputed.
+    state = _output_state(fa)
+    fs.run_stage1(cfg, {"alpha": 3.0})
+    assert _output_state(fa)["compensated.hdf5"] != state["compensated.hdf5"]
+    state = _output_state(fa)
+    fs.run_stage1(dataclasses.replace(cfg, resume=False), {"alpha": 3.0})
+    assert _output_state(fa)["compensated.hdf5"] != state["compensated.hdf5"]
+
+
+def test_stage1_interrupted_run_leaves_nothing_finished(tmp_path, monkeypatch):
+    frames, _ = fs.synthetic_recording(30, (32, 32), 1, seed=4)
+    cfg = _stage1_config(tmp_path, {"r.h5": frames}, quality_setting="fast", buffer_size=10)
+    calls = {"n": 0}
+    real = fs._frame_statistics
+
+    def crash_after_15(u, v):
+        calls["n"] += 1
+        if calls["n"] > 15:
+            raise KeyboardInterrupt  # like a kill in the middle of the second batch
+        return real(u, v)
+
+    monkeypatch.setattr(fs, "_frame_statistics", crash_after_15)
+    with pytest.raises(KeyboardInterrupt):
+        fs.run_stage1(cfg)
+    folder = cfg.output_root_path / "r"
+    assert sorted(os.listdir(folder)) == []  # no result, no temporary file
+    monkeypatch.setattr(fs, "_frame_statistics", real)
+    out = fs.run_stage1(cfg)[0]
+    resumed = _read_comp(out)
+    clean = fs.run_stage1(dataclasses.replace(cfg, resume=False))[0]
+    np.testing.assert_array_equal(_read_comp(clean), resumed)
+
+
+MEMORY_SCRIPT = r"""
+import dataclasses, sys, tracemalloc, h5py, numpy as np, flowsession as fs
+root, n, buffer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+yy, xx = np.mgrid[0:96, 0:96].astype(float)
+scene = fs._synthetic_scene(xx, yy, size=(96, 96))
+with h5py.File(f"{root}/rec.h5", "w") as f:
+    d = f.create_dataset("mov", (n, 96, 96), dtype="uint16")
+    for t in range(0, n, 100):
+        k = min(100, n - t)
+        d[t:t + k] = rng.poisson(np.roll(scene, (t % 3, t % 2), axis=(0, 1)), (k, 96, 96))
+cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=2,
+                       flow_options={"quality_setting": "fast", "buffer_size": buffer,
+                                     "reference_frames": list(range(20))})
+fs.run_stage1(cfg, task_index=0)  # warm-up: Numba loads its compiled kernels (not measured)
+tracemalloc.start()
+fs.run_stage1(dataclasses.replace(cfg, resume=False))
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+def _stage1_peak_mib(tmp_path, n, buffer):
+    root = tmp_path / f"{n}_{buffer}"
+    root.mkdir()
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(n), str(buffer)],
+                         capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1]) / 2**20
+
+
+def test_stage1_memory_does_not_grow_with_recording_length(tmp_path):
+    # Peak of the arrays Python allocates during Stage 1 (tracemalloc sees numpy's
+    # allocations).  The batch bounds memory: what 10x the frames adds must be
+    # small against what 4x the batch size adds (so the measurement can fail).
+    short = _stage1_peak_mib(tmp_path, 200, 100)
+    long = _stage1_peak_mib(tmp_path, 2000, 100)
+    big_batch = _stage1_peak_mib(tmp_path, 2000, 400)
+    print(f"Stage 1 peak memory (96x96, batch 100): 200 frames {short:.1f} MiB, "
+          f"2000 frames {long:.1f} MiB; batch 400: {big_batch:.1f} MiB")
+    assert big_batch > 1.5 * long
+    assert long - short <= 0.25 * (big_batch - long)
+
+
+###############################################################################
+### Command line: run
+###############################################################################
+
+
+def _cli(args, cwd=None, env=None):
+    e = dict(os.environ, PYTHONPATH=str(HERE), **(env or {}))
+    return subprocess.run([sys.executable, str(HERE / "flowsession.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
+
+
+def test_cli_run_stage1_with_overrides_index_and_array(tmp_path):
+    frames, _ = fs.synthetic_recording(16, (32, 32), 1, seed=9)
+    root = tmp_path / "s"
+    root.mkdir()
+    for name in ("a.h5", "b.h5", "c.h5"):
+        _write_h5(root / name, frames)
+    (root / "session.toml").write_text('root = "."\npattern = "*.h5"\nn_workers = 2\n'
+                                       '[flow_options]\nreference_frames = [0, 1, 2]\n')
+    r = _cli(["run", str(root / "session.toml"), "--stage", "1", "--index", "1",
+              "--of-params", "quality_setting=fast", "alpha=[2, 3]"])
+    assert r.returncode == 0, r.stderr
+    outs = root / "compensated_outputs"
+    assert sorted(p.name for p in outs.iterdir() if p.is_dir()) == ["b"]
+    opts = (outs / "b" / "options.json").read_text()
+    assert '"quality_setting": "fast"' in opts and "3.0" in opts
+    # array task 3 of a 1-based SLURM array is the third recording
+    r = _cli(["run", "--config", str(root / "session.toml"), "--stage", "1", "--array",
+              "--of-params", "quality_setting=fast"],
+             env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"})
+    assert r.returncode == 0, r.stderr
+    assert (outs / "c" / "status.json").exists() and not (outs / "a").exists()
+
+
+@pytest.mark.parametrize("text, expect", [
+    ('root = "."\nn_wrkers = 2\n', "did you mean 'n_workers'"),
+    ('root = "."\nn_workers = "four"\n', "n_workers"),
+    ('root = "nowhere"\n', "does not exist"),
+    ('root = "."\npattern = "*.xyz"\n', "no files match"),
+    ('root = "."\n[flow_options]\nalpha = -1\n', "alpha"),
+])
+def test_cli_bad_config_fails_in_one_line(tmp_path, text, expect):
+    (tmp_path / "x.tif").write_bytes(b"")
+    cfg = tmp_path / "session.toml"
+    cfg.write_text(text)
+    r = _cli(["run", str(cfg)])
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and expect in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "compensated_outputs").exists()
+
+
+def test_cli_example_runs_the_session(tmp_path):
+    r = _cli(["example", "--out", str(tmp_path / "ex"), "--recordings", "2", "--frames", "24",
+              "--size", "48"])
+    assert r.returncode == 0, r.stderr
+    assert "EPE vs own reference" in r.stdout
+    assert (tmp_path / "ex" / "compensated_outputs" / "rec_01" / "status.json").exists()

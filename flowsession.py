@@ -2743,6 +2743,11 @@ def _to_internal(img):
     return np.ascontiguousarray(np.transpose(img, (2, 1, 0)))
 
 
+def _field_internal(w):
+    """A checked ``(H, W, 2)`` field -> transposed contiguous ``(u, v)``, each ``(W, H)``."""
+    return np.ascontiguousarray(w[..., 0].T), np.ascontiguousarray(w[..., 1].T)
+
+
 def _field_to_internal(f, shape, name):
     arr = np.asarray(f, dtype=np.float64)
     if arr.shape != shape:
@@ -3094,6 +3099,18 @@ def _method_code(interpolation_method):
         raise ConfigError(msg) from None
 
 
+def _warp_stack(src, u, v, fill, method):
+    """Warp every plane of a transposed ``(C, W, H)`` stack by transposed ``(W, H)`` u, v.
+
+    Returns ``(out (C, W, H), valid (W, H))``; releases the GIL per plane.
+    """
+    out = np.empty_like(src)
+    valid = np.empty(src.shape[1:], dtype=bool)
+    for c in range(src.shape[0]):
+        _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill[c], method, out[c], valid)
+    return out, valid
+
+
 def _warp(f2, u, v, f1, method):
     """Warp ``f2`` (H, W[, C]) by (u, v); returns (registered, valid (H, W))."""
     code = _method_code(method)
@@ -3111,12 +3128,7 @@ def _warp(f2, u, v, f1, method):
         raise InputError(msg)
     ui = _field_to_internal(u, (H, W), "u")
     vi = _field_to_internal(v, (H, W), "v")
-    src = _to_internal(mov)
-    fill = _to_internal(ref)
-    out = np.empty_like(src)
-    valid = np.empty((W, H), np.bool_)
-    for c in range(C):
-        _nb_warp_plane(src[c], ui, vi, 1.0, 1.0, fill[c], code, out[c], valid)
+    out, valid = _warp_stack(_to_internal(mov), ui, vi, _to_internal(ref), code)
     reg = np.transpose(out, (2, 1, 0))
     reg = reg[:, :, 0] if squeeze else reg
     return np.ascontiguousarray(reg), np.ascontiguousarray(valid.T)
@@ -3426,16 +3438,12 @@ def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method
     w = np.empty((n, H, W, 2))
     reg = np.empty((n, H, W, C))
     valid = np.empty((n, H, W), dtype=bool)
-    ui = np.ascontiguousarray(init[..., 0].T)
-    vi = np.ascontiguousarray(init[..., 1].T)
+    ui, vi = _field_internal(init)
 
     def one(k):
         u, v = _flow_internal(params, ref_int, _to_internal(c1[k]), ui, vi)
-        src = _to_internal(raw[i0 + k].astype(np.float64))
-        out = np.empty_like(src)
-        ok = np.empty((W, H), dtype=bool)
-        for c in range(C):
-            _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill_int[c], method, out[c], ok)
+        out, ok = _warp_stack(_to_internal(raw[i0 + k].astype(np.float64)), u, v, fill_int,
+                              method)
         w[k, ..., 0] = u.T
         w[k, ..., 1] = v.T
         reg[k] = out.transpose(2, 1, 0)
@@ -3502,14 +3510,7 @@ def compute_reference(reader, opts, pool, name="recording"):
     total = np.zeros(fill.shape)
 
     def one(k):
-        src = _to_internal(tmp[k])
-        out = np.empty_like(src)
-        ok = np.empty(src.shape[1:], dtype=bool)
-        u = np.ascontiguousarray(w[k, ..., 0].T)
-        v = np.ascontiguousarray(w[k, ..., 1].T)
-        for c in range(C):
-            _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill[c], 2, out[c], ok)
-        return out
+        return _warp_stack(_to_internal(tmp[k]), *_field_internal(w[k]), fill, 2)[0]
 
     for out in pool.map(one, range(len(tmp))):
         total += out
@@ -3650,13 +3651,7 @@ def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
     """
     fill_int = _to_internal(fill)
     for k in range(max(0, start - i0), len(c1)):
-        src = _to_internal(c1[k])
-        out = np.empty_like(src)
-        ok = np.empty(src.shape[1:], dtype=bool)
-        u = np.ascontiguousarray(w[k, ..., 0].T)
-        v = np.ascontiguousarray(w[k, ..., 1].T)
-        for c in range(src.shape[0]):
-            _nb_warp_plane(src[c], u, v, 1.0, 1.0, fill_int[c], method, out[c], ok)
+        out, _ = _warp_stack(_to_internal(c1[k]), *_field_internal(w[k]), fill_int, method)
         ref_sum += out.transpose(2, 1, 0)
 
 

@@ -206,6 +206,94 @@ class InputError(FlowSessionError, ValueError):
     """An input array or file cannot be used as given."""
 
 
+class Interrupted(FlowSessionError):
+    """The run was asked to stop (SIGTERM, SIGINT) and stopped at a safe point."""
+
+
+###############################################################################
+### Run control: stop requests, test kill points, locks, stale temporary files
+###############################################################################
+
+#: Set by the command line's SIGTERM/SIGINT handler; checked between chunks of work.
+_STOP = {"signal": None}
+
+
+def _check_stop(where):
+    """Raise `Interrupted` at a safe point if a stop was requested."""
+    if _STOP["signal"] is not None:
+        msg = (f"stopped by {_STOP['signal']} {where}; finished work is kept, rerun with "
+               "resume = true to continue")
+        raise Interrupted(msg)
+
+
+def _kill_point(name):
+    """Kill this process with SIGKILL at a named point (crash-safety tests).
+
+    ``FLOWSESSION_KILL_AT="<name>:<n>"`` kills at the n-th time ``name`` is reached
+    (1-based); without the variable this does nothing.
+    """
+    spec = os.environ.get("FLOWSESSION_KILL_AT")
+    if not spec:
+        return
+    target, _, count = spec.rpartition(":")
+    if target != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] == int(count):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILL_COUNTS = {}
+_PARTIAL_RE = re.compile(r"^\..+\.partial-\d+(-\w+)?$")
+
+
+def _remove_stale_partials(folder):
+    """Delete temporary files that a killed run left in ``folder``.
+
+    Call only while holding the folder's lock: no other process writes there.
+    """
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if _PARTIAL_RE.match(name):
+            log.info("removing %s left by an interrupted run", os.path.join(folder, name))
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder, what):
+    """Hold an exclusive lock on ``folder`` (POSIX ``lockf`` on ``folder/.flowsession.lock``).
+
+    A second process working on the same folder (a resubmitted array task)
+    waits until the first is done; the lock is released when the process dies.
+    """
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".flowsession.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("%s: another process is working on it; waiting", what)
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    _check_stop(f"while waiting for the lock on {what}")
+                    time.sleep(0.2)
+        _remove_stale_partials(folder)
+        yield
+    finally:
+        os.close(fd)
+
+
 ###############################################################################
 ### Configuration
 ###############################################################################
@@ -3236,7 +3324,8 @@ def _atomic_write(path, write):
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-",
+                               suffix="")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -3498,6 +3587,48 @@ def _reference_indices(opts, n_frames, name):
     return idx
 
 
+def _check_finite(frames, name, first):
+    """Raise `InputError` naming the frames that hold NaN or Inf values."""
+    if frames.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(frames).reshape(len(frames), -1).all(axis=1)
+    if bad.any():
+        where = np.flatnonzero(bad)
+        which = (f"frames {where[0] + first}..{where[-1] + first}" if first is not None
+                 else f"{len(where)} of the reference frames")
+        msg = f"{name}: {which} contain NaN or Inf values; fix or drop them before registration"
+        raise InputError(msg)
+
+
+def _check_writable(path, key):
+    """Create ``path`` if needed and prove it is writable, else a `ConfigError` naming ``key``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".flowsession-probe-"):
+            pass
+    except OSError as exc:
+        msg = (f"{key}: cannot write to {path} ({exc.strerror or exc}); choose a folder you can "
+               "write to")
+        raise ConfigError(msg) from None
+
+
+def _check_recordings(files, opts):
+    """Open every recording before any work: readable, frames, one frame size and channel count."""
+    shapes = {}
+    for f in files:
+        with open_video(f, bin_size=opts.bin_size) as r:
+            if len(r) == 0:
+                msg = f"{f.name}: the recording has no frames"
+                raise InputError(msg)
+            _reference_indices(opts, len(r), f.name)
+            shapes[f.name] = (r.height, r.width, r.n_channels)
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{k} {v[0]}x{v[1]}x{v[2]}" for k, v in shapes.items())
+        msg = (f"the recordings of a session must share frame size and channel count "
+               f"(H x W x C): {detail}; split them into separate sessions")
+        raise InputError(msg)
+
+
 def compute_reference(reader, opts, pool, name="recording"):
     """Reference frame ``(H, W, C)`` float64 of a recording, as the toolbox.
 
@@ -3508,6 +3639,12 @@ def compute_reference(reader, opts, pool, name="recording"):
     """
     idx = _reference_indices(opts, len(reader), name)
     tmp = reader.read_frames(idx).astype(np.float64)
+    _check_finite(tmp, name, None)
+    if tmp.max() == tmp.min():
+        msg = (f"{name}: the reference frames ({len(idx)} frames from {idx[0]}) are constant "
+               f"(every pixel {tmp.flat[0]:g}); there is no image to register against: "
+               "check the recording or choose other reference_frames")
+        raise InputError(msg)
     if len(tmp) == 1:
         return tmp[0]
     sigma = np.atleast_2d(opts.sigma)
@@ -3600,6 +3737,8 @@ def _correct_recording(reader, folder, opts, n_workers, name):
             ref_int = w_init = None
             for b0, raw in reader.iter_batches(opts.buffer_size):
                 n = len(raw)
+                _kill_point("stage1.batch")
+                _check_finite(raw, name, b0)
                 pre = _Preprocessed(raw, sigma, sep)
                 if ref_int is None:
                     # First batch: the reference in preprocessed units (smoothed, scaled by
@@ -3635,17 +3774,21 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                     if ref_sum is not None:
                         _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
                     progress.update(i1 - i0)
+                    _kill_point("stage1.chunk")
+                    _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
                     ref_int = _to_internal(ref_sum / (n_ref + 1))
                 w_init = np.mean(w_tail, axis=0) if n > 100 else w_sum / n
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
             for wr in writers:
                 wr.close()
+                _kill_point("stage1.publish")
         except BaseException:
             for wr in writers:
                 wr.abort()
             raise
     avg /= T
+    _kill_point("stage1.average")
     atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
     atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
     if opts.save_meta_info:
@@ -3755,7 +3898,11 @@ def compensate_single_recording(input_file, config, of_options_override=None, *,
     input_file = os.fspath(input_file)
     name = os.path.basename(input_file)
     folder = os.path.join(config.output_root_path, os.path.splitext(name)[0])
-    os.makedirs(folder, exist_ok=True)
+    with _folder_lock(folder, name):
+        return _compensate_locked(input_file, name, folder, config, opts)
+
+
+def _compensate_locked(input_file, name, folder, config, opts):
     expected = _stage1_expected(input_file, opts, config)
     status = _load_status(folder)
     if config.resume:
@@ -3775,6 +3922,7 @@ def compensate_single_recording(input_file, config, of_options_override=None, *,
     opts.save_json(os.path.join(folder, "options.json"))
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
+    _kill_point("stage1.status")
     _atomic_save_json(os.path.join(folder, STATUS_FILE), {"stage1": info})
     log.info("%s: Stage 1 done, %d frames in %s (%.1f frames/s)", name, info["frames"],
              _fmt_seconds(dt), info["frames"] / max(dt, 1e-9))
@@ -3796,10 +3944,12 @@ def run_stage1(config, of_options_override=None, task_index=None):
                    f"recordings (valid 0..{len(files) - 1})")
             raise ConfigError(msg)
         files = [files[int(task_index)]]
-    os.makedirs(config.output_root_path, exist_ok=True)
+    _check_recordings(files, opts)
+    _check_writable(config.output_root_path, "output_root")
     config.save_resolved(os.path.join(config.output_root_path, "session_config.json"))
     folders = []
     for k, f in enumerate(files):
+        _check_stop("before Stage 1 of " + f.name)
         log.info("Stage 1 [%d/%d]: %s", k + 1, len(files), f)
         folders.append(compensate_single_recording(f, config, options=opts))
     return folders
@@ -4246,32 +4396,41 @@ def run_stage2(config):
     _check_backend(config.flow_backend)
     files = config.discover_inputs()
     middle_idx, center_file = config.resolve_center(files)
+    _check_writable(config.output_root_path, "output_root")
     avgs = _session_averages(config, files, "Stage 2")
     ref = avgs[middle_idx]
     params = _stage2_params(config)
     ref_digest = _array_digest(ref)
     fields = []
     for i, f in enumerate(files):
+        _check_stop(f"in Stage 2 before {f.name}")
         folder = _recording_folder(config, f)
-        path = os.path.join(folder, "w_to_reference.npz")
         expected = {"center": pathlib.Path(center_file).name, "center_average": ref_digest,
                     "average": _array_digest(avgs[i]), "params": _digest(params)}
-        w = _load_stage2_field(folder, path, expected, ref.shape[:2]) if config.resume else None
-        if w is not None:
-            log.info("Stage 2: %s already aligned, skipping", f.name)
-        else:
-            if i == middle_idx:
-                w = np.zeros(ref.shape[:2] + (2,))
-            else:
-                t0 = time.monotonic()
-                w = compute_between_displacement(ref, avgs[i], config)
-                log.info("Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s", f.name,
-                         pathlib.Path(center_file).name, w[..., 0].mean(), w[..., 1].mean(),
-                         time.monotonic() - t0)
-            atomic_save_npz(path, u=w[..., 0], v=w[..., 1])
-            _update_status(folder, "stage2", dict(expected, state="done"))
-        fields.append(w)
+        with _folder_lock(folder, f.name):
+            fields.append(_stage2_one(config, folder, f.name, expected, i == middle_idx, ref,
+                                      avgs[i], pathlib.Path(center_file).name))
     return middle_idx, center_file, fields
+
+
+def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name):
+    path = os.path.join(folder, "w_to_reference.npz")
+    w = _load_stage2_field(folder, path, expected, ref.shape[:2]) if config.resume else None
+    if w is not None:
+        log.info("Stage 2: %s already aligned, skipping", name)
+        return w
+    if is_center:
+        w = np.zeros(ref.shape[:2] + (2,))
+    else:
+        t0 = time.monotonic()
+        w = compute_between_displacement(ref, avg, config)
+        log.info("Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s", name, center_name,
+                 w[..., 0].mean(), w[..., 1].mean(), time.monotonic() - t0)
+    _kill_point("stage2.save")
+    atomic_save_npz(path, u=w[..., 0], v=w[..., 1])
+    _kill_point("stage2.status")
+    _update_status(folder, "stage2", dict(expected, state="done"))
+    return w
 
 
 def _load_stage2_field(folder, path, expected, hw):
@@ -4361,6 +4520,8 @@ def _align_video(src, dst, fmt, w, reference, chunk, pool):
 
                 wr.append(cast_to_dtype(np.stack(list(pool.map(one, range(len(frames))))),
                                         reader.dtype))
+                _kill_point("stage3.chunk")
+                _check_stop(f"in Stage 3 while writing {os.path.basename(dst)}")
         return len(reader)
 
 
@@ -4373,8 +4534,6 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     ``aligned_<recording>.<tif|hdf5>`` and ``qc_session.png``.  Returns the final
     mask ``(H, W)`` bool.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     files = config.discover_inputs()
     if middle_idx is None:
         middle_idx, _ = config.resolve_center(files)
@@ -4398,7 +4557,15 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
         msg = f"Stage 3 needs one (H, W, 2) = ({H}, {W}, 2) field per recording; rerun Stage 2"
         raise InputError(msg)
     out_dir = config.final_results_path
-    os.makedirs(out_dir, exist_ok=True)
+    _check_writable(out_dir, "final_results")
+    with _folder_lock(out_dir, "final_results"):
+        return _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
+                              out_dir)
+
+
+def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
     per_seq = [_mask_over_time(os.path.join(d, "idx.hdf"), f.name) for d, f in zip(folders, files)]
     aligned = [imregister_binary(m, w[..., 0], w[..., 1]) for m, w in zip(per_seq, fields)]
     final = np.logical_and.reduce(aligned)
@@ -4419,10 +4586,12 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
                 continue
             n = _align_video(src, dst, config.align_output_format, w, ref,
                              config.align_chunk_size, pool)
+            _kill_point("stage3.video")
             done[name] = {"key": expected, "frames": n}
             status["aligned"] = done
             _atomic_save_json(status_path, status)
     averages_after = [align_sequence(a[None], w, ref)[0] for a, w in zip(avgs, fields)]
+    _kill_point("stage3.bundle")
     save_final_results(out_dir, final_valid=final, aligned_valid_masks=np.stack(aligned),
                        per_seq_valid_masks=np.stack(per_seq),
                        displacement_fields_u=np.stack([w[..., 0] for w in fields]),
@@ -4442,6 +4611,7 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
                    displacement_traces=traces)
     status["stage3"] = {"state": "done", "middle_idx": int(middle_idx),
                         "valid_fraction": float(final.mean())}
+    _kill_point("stage3.status")
     _atomic_save_json(status_path, status)
     return final
 
@@ -5108,8 +5278,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
+    previous = _install_stop_handlers()
     try:
         return int(args.func(args))
+    except Interrupted as exc:
+        log.error("%s", exc)
+        return 143 if _STOP["signal"] == "SIGTERM" else 130
     except FlowSessionError as exc:
         log.error("%s", exc)
         return 2
@@ -5117,6 +5291,37 @@ def main(argv=None) -> int:
         log.error("unexpected error: %s: %s", type(exc).__name__, exc)
         log.debug("traceback", exc_info=True)
         return 1
+    finally:
+        _restore_stop_handlers(previous)
+
+
+def _install_stop_handlers():
+    """SIGTERM (what schedulers send at the time limit) and SIGINT request a stop.
+
+    The run ends at the next safe point (between chunks of frames), aborting
+    unfinished files; everything finished is kept for a resumed run.
+    """
+    import signal
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if _STOP["signal"] is None:
+            log.warning("%s received: stopping at the next safe point", name)
+        _STOP["signal"] = name
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not in the main thread
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_stop_handlers(previous):
+    import signal
+
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+    _STOP["signal"] = None
 
 
 if __name__ == "__main__":

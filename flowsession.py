@@ -1295,6 +1295,7 @@ class TiffReader(VideoReader):
         handler = _CorruptionLog()
         tiff_log = logging.getLogger('tifffile')
         tiff_log.addHandler(handler)
+        propagate, tiff_log.propagate = tiff_log.propagate, False  # one error line, ours
         with contextlib.ExitStack() as stack:
             try:
                 tif = stack.enter_context(tifffile.TiffFile(path))
@@ -1308,6 +1309,7 @@ class TiffReader(VideoReader):
                 raise InputError(msg) from exc
             finally:
                 tiff_log.removeHandler(handler)
+                tiff_log.propagate = propagate
             if handler.messages:
                 msg = (f'{path}: corrupt or truncated TIFF '
                        f'({_why(handler.messages[0])}); re-export or re-copy it')
@@ -3944,6 +3946,8 @@ def run_stage1(config, of_options_override=None, task_index=None):
                    f"recordings (valid 0..{len(files) - 1})")
             raise ConfigError(msg)
         files = [files[int(task_index)]]
+    if config.center:
+        config.resolve_center(config.discover_inputs())  # a wrong center fails now, not after Stage 1
     _check_recordings(files, opts)
     _check_writable(config.output_root_path, "output_root")
     config.save_resolved(os.path.join(config.output_root_path, "session_config.json"))

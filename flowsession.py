@@ -127,6 +127,7 @@ import math
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -4989,6 +4990,145 @@ def save_qc_figure(path, *, names, center_index, averages_before, averages_after
 
 
 ###############################################################################
+### HPC: batch submission and status
+###############################################################################
+
+#: Environment of every batch task: one BLAS/OpenMP thread (frames run on our own
+#: threads, sized to the task's CPUs), and one Numba cache shared by all tasks.
+_TASK_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def _sbatch_script(name, config_path, stages, *, array=None, cpus, mem, time_limit,
+                   partition, account, log_dir, cache_dir, python):
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --cpus-per-task={cpus}",
+             f"#SBATCH --time={time_limit}", f"#SBATCH --output={log_dir}/{name}_%A_%a.log"]
+    if array:
+        lines.append(f"#SBATCH --array=1-{array}")
+    if mem:
+        lines.append(f"#SBATCH --mem={mem}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    lines += ["set -euo pipefail",
+              f'export NUMBA_CACHE_DIR="${{NUMBA_CACHE_DIR:-{cache_dir}}}"',
+              "export " + " ".join(f"{v}=1" for v in _TASK_ENV)]
+    script = os.path.abspath(__file__)
+    for stage in stages:
+        extra = " --array" if array else ""
+        lines.append(f'"{python}" "{script}" run "{config_path}" --stage {stage}{extra}')
+    return "\n".join(lines) + "\n"
+
+
+def submit_session(config_path, *, cpus=4, mem="8G", time_limit="04:00:00", partition=None,
+                   account=None, python=None, dry_run=False):
+    """Submit a session to SLURM: Stage 1 as an array (one task per recording), then
+    Stages 2 and 3 as one job that runs only if every array task succeeded.
+
+    The scripts are written to ``output_root/slurm/`` (``stage1.sbatch``,
+    ``stage23.sbatch``) with their logs; the job ids go to ``jobs.json`` there.
+    Returns ``(array_job_id, dependent_job_id)`` (None, None with ``dry_run``).
+    """
+    import shutil
+
+    config_path = os.path.abspath(config_path)
+    config = SessionConfig.from_file(config_path)
+    _check_backend(config.flow_backend)
+    files = config.discover_inputs()
+    opts = resolve_flow_options(config)
+    if config.center:
+        config.resolve_center(files)
+    _check_recordings(files, opts)
+    slurm_dir = os.path.join(config.output_root_path, "slurm")
+    _check_writable(slurm_dir, "output_root")
+    common = dict(cpus=cpus, mem=mem, time_limit=time_limit, partition=partition, account=account,
+                  log_dir=slurm_dir, cache_dir=os.path.join(config.output_root_path, ".numba_cache"),
+                  python=python or sys.executable)
+    s1 = os.path.join(slurm_dir, "stage1.sbatch")
+    s23 = os.path.join(slurm_dir, "stage23.sbatch")
+    _atomic_write_text(s1, _sbatch_script("flowsession-stage1", config_path, [1],
+                                          array=len(files), **common))
+    _atomic_write_text(s23, _sbatch_script("flowsession-stage23", config_path, [2, 3], **common))
+    if dry_run:
+        log.info("dry run: scripts written to %s; submit with: sbatch %s, then "
+                 "sbatch --dependency=afterok:<array id> --kill-on-invalid-dep=yes %s",
+                 slurm_dir, s1, s23)
+        return None, None
+    if shutil.which("sbatch") is None:
+        msg = (f"submit: sbatch not found (no SLURM here); the scripts are in {slurm_dir}, "
+               "use --dry-run to only write them")
+        raise ConfigError(msg)
+
+    def sbatch(*args):
+        r = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = f"submit: sbatch failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+            raise FlowSessionError(msg)
+        return r.stdout.strip().split(";")[0]
+
+    array_id = sbatch(s1)
+    dep_id = sbatch(f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes", s23)
+    _atomic_save_json(os.path.join(slurm_dir, "jobs.json"),
+                      {"stage1_array": array_id, "stage23": dep_id, "recordings":
+                       [f.name for f in files]})
+    log.info("submitted Stage 1 as array job %s (%d tasks) and Stages 2-3 as job %s "
+             "(runs only if every task succeeds)", array_id, len(files), dep_id)
+    return array_id, dep_id
+
+
+def _sacct_states(job_id):
+    """``{job or task id: state}`` from ``sacct`` (empty if unavailable)."""
+    import shutil
+
+    if not job_id or shutil.which("sacct") is None:
+        return {}
+    r = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "--format=JobID,State"],
+                       capture_output=True, text=True)
+    out = {}
+    for line in r.stdout.splitlines():
+        jid, _, state = line.partition("|")
+        if jid:
+            out[jid] = state.split()[0] if state else ""
+    return out
+
+
+def session_status(config):
+    """Per recording: Stage 1/2 state, and for a submitted session the SLURM task states.
+
+    Returns a list of dicts (``recording, stage1, stage2, task_state, error``); a
+    failed task's last error line is taken from its log.
+    """
+    files = config.discover_inputs()
+    jobs = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(config.output_root_path, "slurm", "jobs.json")) as fh:
+            jobs = json.load(fh)
+    states = _sacct_states(jobs.get("stage1_array"))
+    rows = []
+    for k, f in enumerate(files):
+        st = _load_status(_recording_folder(config, f))
+        task = f"{jobs.get('stage1_array')}_{k + 1}" if jobs else None
+        row = {"recording": f.name,
+               "stage1": "done" if st.get("stage1", {}).get("state") == "done" else "-",
+               "stage2": "done" if st.get("stage2", {}).get("state") == "done" else "-",
+               "task_state": states.get(task, "") if task else "", "error": ""}
+        if task:
+            logf = os.path.join(config.output_root_path, "slurm",
+                                f"flowsession-stage1_{jobs['stage1_array']}_{k + 1}.log")
+            with contextlib.suppress(OSError):
+                errors = [ln for ln in open(logf, encoding="utf-8", errors="replace")
+                          if " ERROR " in ln]
+                row["error"] = errors[-1].split(" ERROR ", 1)[1].strip() if errors else ""
+        rows.append(row)
+    if jobs:
+        dep = _sacct_states(jobs.get("stage23")).get(str(jobs.get("stage23")), "")
+        rows.append({"recording": "(stages 2-3)", "stage1": "", "stage2": "",
+                     "task_state": dep, "error": ""})
+    return rows
+
+
+###############################################################################
 ### Built-in example
 ###############################################################################
 
@@ -5245,6 +5385,24 @@ def _cmd_example(args):
     return 0 if ok else 1
 
 
+def _cmd_submit(args):
+    submit_session(args.config_file, cpus=args.cpus_per_task, mem=args.mem,
+                   time_limit=args.time, partition=args.partition, account=args.account,
+                   python=args.python, dry_run=args.dry_run)
+    return 0
+
+
+def _cmd_status(args):
+    rows = session_status(SessionConfig.from_file(args.config_file))
+    print(f"{'recording':24} {'stage 1':8} {'stage 2':8} {'task':12} error")
+    for r in rows:
+        print(f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['task_state']:12} "
+              f"{r['error']}")
+    failed = [r for r in rows if r["task_state"] in ("FAILED", "CANCELLED", "TIMEOUT",
+                                                       "OUT_OF_MEMORY", "NODE_FAIL")]
+    return 1 if failed else 0
+
+
 def _build_parser():
     p = argparse.ArgumentParser(prog="flowsession", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"flowsession {__version__}")
@@ -5261,6 +5419,21 @@ def _build_parser():
     r.add_argument("--of-params", nargs="*", metavar="KEY=VALUE",
                    help="override flow options, e.g. quality_setting=fast alpha=2")
     r.set_defaults(func=_cmd_run)
+    b = sub.add_parser("submit", help="submit the session to SLURM: Stage 1 as an array job, "
+                       "Stages 2-3 as a job that runs after every task succeeded")
+    b.add_argument("config_file", help="session config (session.toml)")
+    b.add_argument("--cpus-per-task", type=int, default=4, help="CPUs per array task (default 4)")
+    b.add_argument("--mem", default="8G", help="memory per task (default 8G)")
+    b.add_argument("--time", default="04:00:00", help="time limit per task (default 04:00:00)")
+    b.add_argument("--partition", help="SLURM partition")
+    b.add_argument("--account", help="SLURM account")
+    b.add_argument("--python", help="Python interpreter on the nodes (default: this one)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="only write the sbatch scripts (output_root/slurm/)")
+    b.set_defaults(func=_cmd_submit)
+    t = sub.add_parser("status", help="per-recording state of a session (and its SLURM tasks)")
+    t.add_argument("config_file", help="session config (session.toml)")
+    t.set_defaults(func=_cmd_status)
     e = sub.add_parser("example", help="make a small synthetic session with known motion, run "
                        "all stages and compare with the truth")
     e.add_argument("--out", default="flowsession_example", help="folder to create")

@@ -2794,8 +2794,8 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
             r = _cli(["run", str(cfg)], env={"FLOWSESSION_KILL_AT": point})
             assert r.returncode == -9, (point, r.returncode, r.stderr[-500:])
         finished = {}
-        for st in cfg.parent.glob("compensated_outputs/*/status.json"):
-            finished[st.parent.name] = (st.parent / "compensated.hdf5").stat().st_mtime_ns
+        for record in cfg.parent.glob("compensated_outputs/*/status.json"):
+            finished[record.parent.name] = (record.parent / "compensated.hdf5").stat().st_mtime_ns
         r = _cli(["run", str(cfg)])
         assert r.returncode == 0, (point, r.stderr[-1000:])
         assert not _partials(cfg.parent), point
@@ -3041,3 +3041,112 @@ def test_int16_with_negative_values_is_valid_input(tmp_path):
     assert fs.main(["run", str(cfg), "--stage", "1"]) == 0
     comp = _read_comp(root / "compensated_outputs" / "neg")
     assert comp.dtype == np.int16 and comp.min() < 0
+
+
+###############################################################################
+### HPC: a real SLURM cluster
+###############################################################################
+
+
+def _slurm_missing():
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        return "SLURM is not installed (no sbatch); .ci/run starts a one-node cluster"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "no SLURM controller answers (sinfo timed out)"
+    if r.returncode != 0 or not r.stdout.strip():
+        return f"no SLURM controller reachable (sinfo: {(r.stderr or r.stdout).strip()[:200]})"
+    return None
+
+
+needs_slurm = pytest.mark.skipif(_slurm_missing() is not None,
+                                 reason=str(_slurm_missing()))
+
+
+def _submit(cfg):
+    r = _cli(["submit", str(cfg), "--cpus-per-task", "1", "--mem", "1G", "--time", "00:15:00"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(cfg.parent / "compensated_outputs" / "slurm" / "jobs.json") as fh:
+        return json.load(fh)
+
+
+def _wait_for_jobs(job_ids, timeout=900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
+                           capture_output=True, text=True)
+        if not r.stdout.strip():
+            return
+        time.sleep(1.0)
+    pytest.fail(f"SLURM jobs {job_ids} still queued after {timeout} s: {r.stdout}")
+
+
+def _sacct(job_id):
+    for _ in range(30):  # accounting can lag behind squeue by a moment
+        states = fs._sacct_states(job_id)
+        if states and all(s not in ("PENDING", "RUNNING") for s in states.values()):
+            return states
+        time.sleep(1.0)
+    return fs._sacct_states(job_id)
+
+
+@needs_slurm
+def test_slurm_session_matches_local_run(tmp_path):
+    local = _crash_session(tmp_path / "local")
+    assert _cli(["run", str(local)]).returncode == 0
+    cfg = _crash_session(tmp_path / "cluster")
+    t0 = time.monotonic()
+    jobs = _submit(cfg)
+    _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
+    wall = time.monotonic() - t0
+    tasks = _sacct(jobs["stage1_array"])
+    dep = _sacct(jobs["stage23"])
+    print(f"SLURM session: {wall:.1f} s wall; sacct: {tasks} {dep}")
+    assert sorted(tasks) == [f"{jobs['stage1_array']}_{k}" for k in (1, 2, 3)]
+    assert set(tasks.values()) == {"COMPLETED"} and dep == {jobs["stage23"]: "COMPLETED"}
+    expected = _session_arrays(local.parent)
+    got = _session_arrays(cfg.parent)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    r = _cli(["status", str(cfg)])
+    assert r.returncode == 0 and r.stdout.count("COMPLETED") == 4, r.stdout
+
+
+@needs_slurm
+def test_slurm_failed_task_stops_the_dependent_job(tmp_path):
+    cfg = _crash_session(tmp_path / "cluster")
+    bad = h5py.File(cfg.parent / "rec_02.h5", "r")["mov"][:].astype(np.float32)
+    bad[9, 5, 5] = np.nan  # found only while correcting: submit's checks pass
+    (cfg.parent / "rec_02.h5").unlink()
+    _write_h5(cfg.parent / "rec_02.h5", bad[..., None])
+    jobs = _submit(cfg)
+    _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
+    tasks = _sacct(jobs["stage1_array"])
+    dep = _sacct(jobs["stage23"])
+    print(f"SLURM with a failing task: sacct {tasks} {dep}")
+    assert tasks[f"{jobs['stage1_array']}_2"] == "FAILED"
+    assert tasks[f"{jobs['stage1_array']}_1"] == tasks[f"{jobs['stage1_array']}_3"] == "COMPLETED"
+    assert dep[jobs["stage23"]] == "CANCELLED"  # never ran
+    assert not (cfg.parent / "final_results").exists()
+    assert not list((cfg.parent / "compensated_outputs" / "slurm").glob("flowsession-stage23_*.log"))
+    r = _cli(["status", str(cfg)])
+    assert r.returncode == 1
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("rec_02.h5"))
+    assert "FAILED" in line and "NaN" in line
+
+
+def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
+    cfg = _crash_session(tmp_path / "s")
+    r = _cli(["submit", str(cfg), "--dry-run", "--cpus-per-task", "3", "--partition", "short"])
+    assert r.returncode == 0, r.stderr
+    slurm = cfg.parent / "compensated_outputs" / "slurm"
+    s1 = (slurm / "stage1.sbatch").read_text()
+    assert "#SBATCH --array=1-3" in s1 and "#SBATCH --cpus-per-task=3" in s1
+    assert "#SBATCH --partition=short" in s1 and "OMP_NUM_THREADS=1" in s1
+    assert "NUMBA_CACHE_DIR" in s1 and "--stage 1 --array" in s1
+    s23 = (slurm / "stage23.sbatch").read_text()
+    assert "--stage 2" in s23 and "--stage 3" in s23 and "--array" not in s23

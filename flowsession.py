@@ -3421,7 +3421,11 @@ def _normalise(x, lo, hi, clip=False):
     return np.clip(y, 0.0, 1.0) if clip else y
 
 
-def _smooth_chunk(raw, sigma, halo, i0, i1, lo=None, hi=None):
+#: Frames per preprocessing task on the thread pool.
+_SMOOTH_STEP = 4
+
+
+def _smooth_chunk(raw, sigma, halo, i0, i1, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
     """Smoothed frames ``[i0, i1)`` of a batch, read with a temporal halo.
 
     With ``lo, hi`` the raw frames are first normalised by them.  The result
@@ -3432,26 +3436,37 @@ def _smooth_chunk(raw, sigma, halo, i0, i1, lo=None, hi=None):
     x = raw[a:b].astype(np.float64)
     if lo is not None:
         x = _normalise(x, lo, hi)
-    return gaussian_filter_video(x, sigma)[i0 - a:i1 - a]
+    return gaussian_filter_video(x, sigma, offset)[i0 - a:i1 - a]
 
 
-def _smoothed_range(raw, sigma, halo, per_channel, lo=None, hi=None, chunk=32):
-    """Range (and sum over frames) of the smoothed batch, computed chunk by chunk.
+def _smooth_frames(raw, sigma, halo, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
+    """``_smooth_chunk`` of ``[i0, i1)`` computed in pieces on the thread pool (the
+    filters release the GIL); identical to one call."""
+    steps = [(a, min(a + _SMOOTH_STEP, i1)) for a in range(i0, i1, _SMOOTH_STEP)]
+    parts = pool.map(lambda r: _smooth_chunk(raw, sigma, halo, r[0], r[1], lo, hi, offset), steps)
+    return np.concatenate(list(parts), axis=0)
+
+
+def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
+    """Range (and sum over frames) of the smoothed batch, computed in pieces in parallel.
 
     Integer data is rounded after smoothing, as MATLAB filters into an array of
     the input's class.
     """
-    a_lo = a_hi = None
-    total = 0.0
     as_int = lo is None and raw.dtype.kind in "iu"
-    for i0 in range(0, len(raw), chunk):
-        g = _smooth_chunk(raw, sigma, halo, i0, min(i0 + chunk, len(raw)), lo, hi)
+
+    def piece(i0):
+        g = _smooth_chunk(raw, sigma, halo, i0, min(i0 + _SMOOTH_STEP, len(raw)), lo, hi)
         if as_int:
             g = np.sign(g) * np.floor(np.abs(g) + 0.5)
-        a, b = _minmax(g, per_channel)
+        return (*_minmax(g, per_channel), g.sum(axis=0))
+
+    a_lo = a_hi = None
+    total = 0.0
+    for a, b, t in pool.map(piece, range(0, len(raw), _SMOOTH_STEP)):
         a_lo = a if a_lo is None else np.minimum(a_lo, a)
         a_hi = b if a_hi is None else np.maximum(a_hi, b)
-        total = total + g.sum(axis=0)
+        total = total + t
     return a_lo, a_hi, total
 
 
@@ -3469,17 +3484,18 @@ class _Preprocessed:
     preprocessed frames.
     """
 
-    def __init__(self, raw, sigma, separate):
+    def __init__(self, raw, sigma, separate, pool):
         self.raw = raw
         self.sigma = sigma
+        self.pool = pool
         self.halo = _temporal_halo(sigma)
         self.lo0, self.hi0 = _minmax(raw, False)
-        self.lo, self.hi, total = _smoothed_range(raw, sigma, self.halo, separate,
+        self.lo, self.hi, total = _smoothed_range(raw, sigma, self.halo, separate, pool,
                                                   self.lo0, self.hi0)
         self.mean = _normalise(total / len(raw), self.lo, self.hi)
 
     def frames(self, i0, i1):
-        g = _smooth_chunk(self.raw, self.sigma, self.halo, i0, i1, self.lo0, self.hi0)
+        g = _smooth_frames(self.raw, self.sigma, self.halo, i0, i1, self.pool, self.lo0, self.hi0)
         return _normalise(g, self.lo, self.hi)
 
 
@@ -3534,11 +3550,12 @@ def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method
     """Flows and warped raw frames of batch frames ``[i0, i1)``, in parallel threads.
 
     Returns ``(w (n, H, W, 2) float64, registered (n, H, W, C) float64,
-    valid (n, H, W) bool, c1 (n, H, W, C) float64)``.
+    valid (n, H, W) bool, c1 (n, H, W, C) float64, statistics (4, n))``.
     """
     c1 = pre.frames(i0, i1)
     n = i1 - i0
     H, W, C = c1.shape[1:]
+    stats = np.empty((4, n))
     w = np.empty((n, H, W, 2))
     reg = np.empty((n, H, W, C))
     valid = np.empty((n, H, W), dtype=bool)
@@ -3552,9 +3569,10 @@ def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method
         w[k, ..., 1] = v.T
         reg[k] = out.transpose(2, 1, 0)
         valid[k] = ok.T
+        stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
 
     list(pool.map(one, range(n)))
-    return w, reg, valid, c1
+    return w, reg, valid, c1, stats
 
 
 def _initial_flows(frames, ref_int, params, pool):
@@ -3652,7 +3670,8 @@ def compute_reference(reader, opts, pool, name="recording"):
         return tmp[0]
     sigma = np.atleast_2d(opts.sigma)
     sep = opts.channel_normalization == "separate"
-    g = gaussian_filter_video(tmp, sigma, offset=(1.0, 1.0, 0.5))
+    halo = max(_gauss_kernel(s[2] + 0.5).size // 2 for s in sigma)
+    g = _smooth_frames(tmp, sigma, halo, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
     c1 = _normalise(g, *_minmax(g, sep))
     del g
     C = tmp.shape[3]
@@ -3742,16 +3761,16 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                 n = len(raw)
                 _kill_point("stage1.batch")
                 _check_finite(raw, name, b0)
-                pre = _Preprocessed(raw, sigma, sep)
+                pre = _Preprocessed(raw, sigma, sep, pool)
                 if ref_int is None:
                     # First batch: the reference in preprocessed units (smoothed, scaled by
                     # the smoothed raw batch's range) and the flow initialisation from the
                     # first 22 frames.
-                    lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep)
+                    lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
                     c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi,
                                        clip=sep)
                     ref_int = _to_internal(c_ref)
-                    first = _Preprocessed(raw[:min(22, n)], sigma, sep)
+                    first = _Preprocessed(raw[:min(22, n)], sigma, sep, pool)
                     w_init = _initial_flows(first.frames(0, len(first.raw)), ref_int, params,
                                             pool).mean(axis=0)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
@@ -3761,10 +3780,9 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                 w_tail = []
                 for i0 in range(0, n, chunk):
                     i1 = min(i0 + chunk, n)
-                    w, reg, valid, c1 = _registered_frames(pre, raw, i0, i1, ref_int, fill_int,
-                                                           init, params, method, pool)
-                    for k in range(i1 - i0):
-                        stats[:, b0 + i0 + k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+                    w, reg, valid, c1, st = _registered_frames(pre, raw, i0, i1, ref_int, fill_int,
+                                                               init, params, method, pool)
+                    stats[:, b0 + i0:b0 + i1] = st
                     out = cast_to_dtype(reg, out_dtype)
                     comp.append(out)
                     avg += out.sum(axis=0, dtype=np.float64)

@@ -5085,24 +5085,31 @@ def submit_session(config_path, *, cpus=4, mem="8G", time_limit="04:00:00", part
             raise FlowSessionError(msg)
         return r.stdout.strip().split(";")[0]
 
+    # sacct queries start here: job ids are reused after a controller reset.
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 60))
     array_id = sbatch(s1)
     dep_id = sbatch(f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes", s23)
     _atomic_save_json(os.path.join(slurm_dir, "jobs.json"),
-                      {"stage1_array": array_id, "stage23": dep_id, "recordings":
-                       [f.name for f in files]})
+                      {"stage1_array": array_id, "stage23": dep_id, "submitted": submitted,
+                       "recordings": [f.name for f in files]})
     log.info("submitted Stage 1 as array job %s (%d tasks) and Stages 2-3 as job %s "
              "(runs only if every task succeeds)", array_id, len(files), dep_id)
     return array_id, dep_id
 
 
-def _sacct_states(job_id):
-    """``{job or task id: state}`` from ``sacct`` (empty if unavailable)."""
+def _sacct_states(job_id, since=None):
+    """``{job or task id: state}`` from ``sacct`` (empty if unavailable).
+
+    ``since`` (``YYYY-MM-DDTHH:MM:SS``) skips older jobs that had the same id.
+    """
     import shutil
 
     if not job_id or shutil.which("sacct") is None:
         return {}
-    r = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "--format=JobID,State"],
-                       capture_output=True, text=True)
+    cmd = ["sacct", "-j", str(job_id), "-X", "-n", "-P", "--format=JobID,State"]
+    if since:
+        cmd += ["-S", since]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     out = {}
     for line in r.stdout.splitlines():
         jid, _, state = line.partition("|")
@@ -5122,7 +5129,7 @@ def session_status(config):
     with contextlib.suppress(OSError, ValueError):
         with open(os.path.join(config.output_root_path, "slurm", "jobs.json")) as fh:
             jobs = json.load(fh)
-    states = _sacct_states(jobs.get("stage1_array"))
+    states = _sacct_states(jobs.get("stage1_array"), jobs.get("submitted"))
     rows = []
     for k, f in enumerate(files):
         st = _load_status(_recording_folder(config, f))
@@ -5140,7 +5147,8 @@ def session_status(config):
                 row["error"] = errors[-1].split(" ERROR ", 1)[1].strip() if errors else ""
         rows.append(row)
     if jobs:
-        dep = _sacct_states(jobs.get("stage23")).get(str(jobs.get("stage23")), "")
+        dep = _sacct_states(jobs.get("stage23"), jobs.get("submitted")).get(
+            str(jobs.get("stage23")), "")
         rows.append({"recording": "(stages 2-3)", "stage1": "", "stage2": "",
                      "task_state": dep, "error": ""})
     return rows

@@ -3084,13 +3084,16 @@ def _wait_for_jobs(job_ids, timeout=900):
     pytest.fail(f"SLURM jobs {job_ids} still queued after {timeout} s: {r.stdout}")
 
 
-def _sacct(job_id):
-    for _ in range(30):  # accounting can lag behind squeue by a moment
-        states = fs._sacct_states(job_id)
-        if states and all(s not in ("PENDING", "RUNNING") for s in states.values()):
+def _sacct(jobs, key, n_tasks=None):
+    """Final sacct states of a submitted job (or of every task of the array)."""
+    job = jobs[key]
+    want = {f"{job}_{k}" for k in range(1, n_tasks + 1)} if n_tasks else {job}
+    for _ in range(60):  # accounting lags behind the controller by a moment
+        states = fs._sacct_states(job, jobs["submitted"])
+        if want <= set(states) and all(s not in ("PENDING", "RUNNING") for s in states.values()):
             return states
         time.sleep(1.0)
-    return fs._sacct_states(job_id)
+    pytest.fail(f"sacct has no final states for {sorted(want)}: {states}")
 
 
 @needs_slurm
@@ -3102,8 +3105,8 @@ def test_slurm_session_matches_local_run(tmp_path):
     jobs = _submit(cfg)
     _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
     wall = time.monotonic() - t0
-    tasks = _sacct(jobs["stage1_array"])
-    dep = _sacct(jobs["stage23"])
+    tasks = _sacct(jobs, "stage1_array", 3)
+    dep = _sacct(jobs, "stage23")
     print(f"SLURM session: {wall:.1f} s wall; sacct: {tasks} {dep}")
     assert sorted(tasks) == [f"{jobs['stage1_array']}_{k}" for k in (1, 2, 3)]
     assert set(tasks.values()) == {"COMPLETED"} and dep == {jobs["stage23"]: "COMPLETED"}
@@ -3125,8 +3128,8 @@ def test_slurm_failed_task_stops_the_dependent_job(tmp_path):
     _write_h5(cfg.parent / "rec_02.h5", bad[..., None])
     jobs = _submit(cfg)
     _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
-    tasks = _sacct(jobs["stage1_array"])
-    dep = _sacct(jobs["stage23"])
+    tasks = _sacct(jobs, "stage1_array", 3)
+    dep = _sacct(jobs, "stage23")
     print(f"SLURM with a failing task: sacct {tasks} {dep}")
     assert tasks[f"{jobs['stage1_array']}_2"] == "FAILED"
     assert tasks[f"{jobs['stage1_array']}_1"] == tasks[f"{jobs['stage1_array']}_3"] == "COMPLETED"

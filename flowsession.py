@@ -3635,6 +3635,14 @@ def _check_writable(path, key):
         raise ConfigError(msg) from None
 
 
+def _check_supported(opts):
+    """Refuse options this version accepts for compatibility but does not implement."""
+    if opts.cc_initialization:
+        msg = ("flow_options.cc_initialization = true is not supported by this version "
+               "(per-frame rigid pre-alignment); remove it or set it to false")
+        raise ConfigError(msg)
+
+
 def _check_recordings(files, opts):
     """Open every recording before any work: readable, frames, one frame size and channel count."""
     shapes = {}
@@ -3926,6 +3934,7 @@ def compensate_single_recording(input_file, config, of_options_override=None, *,
 
 
 def _compensate_locked(input_file, name, folder, config, opts):
+    _check_supported(opts)
     expected = _stage1_expected(input_file, opts, config)
     status = _load_status(folder)
     if config.resume:
@@ -3969,6 +3978,7 @@ def run_stage1(config, of_options_override=None, task_index=None):
         files = [files[int(task_index)]]
     if config.center:
         config.resolve_center(config.discover_inputs())  # a wrong center fails now, not after Stage 1
+    _check_supported(opts)
     _check_recordings(files, opts)
     _check_writable(config.output_root_path, "output_root")
     config.save_resolved(os.path.join(config.output_root_path, "session_config.json"))
@@ -5059,6 +5069,7 @@ def submit_session(config_path, *, cpus=4, mem="8G", time_limit="04:00:00", part
     opts = resolve_flow_options(config)
     if config.center:
         config.resolve_center(files)
+    _check_supported(opts)
     _check_recordings(files, opts)
     slurm_dir = os.path.join(config.output_root_path, "slurm")
     _check_writable(slurm_dir, "output_root")

@@ -2979,6 +2979,9 @@ def _bad_session(tmp_path, case):
     elif case == "malformed --of-params":
         args = ["--of-params", "alpha"]
         expect = "KEY=VALUE"
+    elif case == "unsupported cc_initialization":
+        extra_flow = "cc_initialization = true\n"
+        expect = "cc_initialization"
     elif case == "YAML config without pyyaml":
         path = root / "session.yaml"
         path.write_text("root: .\n")
@@ -3004,7 +3007,7 @@ BAD_INPUTS = ["missing root", "root is a file", "no files match", "center not am
               "Stage 2 before Stage 1", "Stage 3 before Stage 2",
               "options JSON changes the output format", "TOML syntax error",
               "missing config file", "index out of range", "malformed --of-params",
-              "YAML config without pyyaml"]
+              "unsupported cc_initialization", "YAML config without pyyaml"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

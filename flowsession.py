@@ -2720,16 +2720,12 @@ def _nb_pad_edge(f):
 
 
 @_njit
-def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
-                         alpha_x, alpha_y, iterations, update_lag, a_data, a_smooth,
-                         levels, eta, min_level, tensor_kind, quirks, out_u, out_v):
-    """Coarse-to-fine variational optical flow of one frame pair.
+def _nb_levels(m, n, eta, levels, min_level):
+    """Pyramid of ``get_displacement.m``: ``(top, min_level, max_x, max_y)``.
 
-    ``f1`` (reference) and ``f2`` (moving) are ``(C, nx, ny)`` transposed stacks;
-    ``u_init, v_init, out_u, out_v`` are ``(nx, ny)``.  ``wvec`` holds per-channel
-    weights, ``wmap`` ``(C, nx, ny)`` spatial weights used when ``local_weight``.
+    Each axis stops shrinking at its own depth; the depths are capped at 4x the
+    smaller one; ``min_level`` is clamped into ``[0, top - 1]`` when too large.
     """
-    C, n, m = f1.shape
     max_y = _nb_warping_depth(eta, levels, m, m)
     max_x = _nb_warping_depth(eta, levels, n, n)
     cap = min(max_x, max_y) * 4
@@ -2740,12 +2736,53 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
         min_level = top - 1
     if min_level < 0:
         min_level = 0
+    return top, min_level, max_x, max_y
+
+
+@_njit
+def _nb_level_size(m, n, eta, i, max_x, max_y):
+    """(cols, rows) of pyramid level i."""
+    return (int(_nb_round(n * eta ** min(i, max_x))), int(_nb_round(m * eta ** min(i, max_y))))
+
+
+@_njit
+def _nb_reference_pyramid(f1, eta, levels, min_level):
+    """Every level of a reference stack ``(C, nx, ny)``, coarsest first.
+
+    The reference of a recording is the same for all its frames, so its pyramid
+    is resized once and passed to ``_nb_get_displacement``.
+    """
+    C, n, m = f1.shape
+    top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
+    out = numba.typed.List()
+    for i in range(top, min_level - 1, -1):
+        lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
+        out.append(_nb_resize_stack(f1, lx, ly))
+    return out
+
+
+@_njit
+def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
+                         alpha_x, alpha_y, iterations, update_lag, a_data, a_smooth,
+                         levels, eta, min_level, tensor_kind, quirks, pyramid, use_pyramid,
+                         out_u, out_v):
+    """Coarse-to-fine variational optical flow of one frame pair.
+
+    ``f1`` (reference) and ``f2`` (moving) are ``(C, nx, ny)`` transposed stacks;
+    ``u_init, v_init, out_u, out_v`` are ``(nx, ny)``.  ``wvec`` holds per-channel
+    weights, ``wmap`` ``(C, nx, ny)`` spatial weights used when ``local_weight``.
+    With ``use_pyramid``, ``pyramid`` holds f1's levels (``_nb_reference_pyramid``).
+    """
+    C, n, m = f1.shape
+    top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
     u = np.zeros((1, 1))
     v = np.zeros((1, 1))
     for i in range(top, min_level - 1, -1):
-        ly = int(_nb_round(m * eta ** min(i, max_y)))
-        lx = int(_nb_round(n * eta ** min(i, max_x)))
-        F1 = _nb_resize_stack(f1, lx, ly)
+        lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
+        if use_pyramid:
+            F1 = pyramid[top - i]
+        else:
+            F1 = _nb_resize_stack(f1, lx, ly)
         F2 = _nb_resize_stack(f2, lx, ly)
         if quirks:
             hx = m / ly
@@ -3177,17 +3214,29 @@ class _FlowParams(NamedTuple):
     local: bool
 
 
-def _flow_internal(p, f1, f2, ui, vi):
+def _flow_internal(p, f1, f2, ui, vi, pyramid=None):
     """Flow of transposed ``(C, W, H)`` stacks; returns transposed ``(u, v)``, each ``(W, H)``.
 
+    ``pyramid``: ``_reference_pyramid(p, f1)``, to reuse f1's levels across frames.
     Releases the GIL for the whole computation.
     """
     out_u = np.empty(ui.shape)
     out_v = np.empty(ui.shape)
+    use = pyramid is not None
     _nb_get_displacement(f1, f2, p.wvec, p.wmap, p.local, ui, vi, p.alpha_x, p.alpha_y,
                          p.iterations, p.update_lag, p.a_data, p.a_smooth, p.levels, p.eta,
-                         p.min_level, p.kind, p.quirks, out_u, out_v)
+                         p.min_level, p.kind, p.quirks, pyramid if use else _empty_pyramid(),
+                         use, out_u, out_v)
     return out_u, out_v
+
+
+def _empty_pyramid():
+    return numba.typed.List.empty_list(numba.types.float64[:, :, ::1])
+
+
+def _reference_pyramid(p, f1):
+    """f1's pyramid levels for ``_flow_internal`` (identical to resizing per frame)."""
+    return _nb_reference_pyramid(f1, p.eta, p.levels, p.min_level)
 
 
 ###############################################################################
@@ -3562,9 +3611,10 @@ def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method
     reg = np.empty((n, H, W, C))
     valid = np.empty((n, H, W), dtype=bool)
     ui, vi = _field_internal(init)
+    pyr = _reference_pyramid(params, ref_int)
 
     def one(k):
-        u, v = _flow_internal(params, ref_int, _to_internal(c1[k]), ui, vi)
+        u, v = _flow_internal(params, ref_int, _to_internal(c1[k]), ui, vi, pyr)
         out, ok = _warp_stack(_to_internal(raw[i0 + k].astype(np.float64)), u, v, fill_int,
                               method)
         w[k, ..., 0] = u.T
@@ -3582,9 +3632,10 @@ def _initial_flows(frames, ref_int, params, pool):
     H, W = frames.shape[1:3]
     zero = np.zeros((W, H))
     out = np.empty((len(frames), H, W, 2))
+    pyr = _reference_pyramid(params, ref_int)
 
     def one(k):
-        u, v = _flow_internal(params, ref_int, _to_internal(frames[k]), zero, zero)
+        u, v = _flow_internal(params, ref_int, _to_internal(frames[k]), zero, zero, pyr)
         out[k, ..., 0] = u.T
         out[k, ..., 1] = v.T
 

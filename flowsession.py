@@ -5475,6 +5475,88 @@ def _cmd_example(args):
     return 0 if ok else 1
 
 
+def _bench_recording(n_frames, size, n_channels, seed=1, photons=10.0):
+    """A quick recording with known motion for ``bench``: frames ``(T, H, W, C)`` uint16
+    and fields ``(T, H, W, 2)`` with ``scene(p) = frame(p + w(p))``.
+
+    The scene (ring cells on a smooth background) is drawn once; every frame warps
+    it by a rigid jitter plus a smooth field with cubic interpolation, then adds
+    Poisson noise (faster than the exact ``synthetic_recording`` at large sizes).
+    """
+    from scipy.ndimage import map_coordinates
+
+    H, W = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    scenes = []
+    for c in range(n_channels):
+        img = 20.0 + 5.0 * np.sin(xx / 37.0 + c) * np.cos(yy / 29.0)
+        for cy, cx, rad, amp in zip(rng.uniform(0, H, H * W // 300), rng.uniform(0, W, H * W // 300),
+                                    rng.uniform(3, 6, H * W // 300), rng.uniform(30, 90, H * W // 300)):
+            y0, y1 = max(0, int(cy) - 9), min(H, int(cy) + 10)
+            x0, x1 = max(0, int(cx) - 9), min(W, int(cx) + 10)
+            r = np.hypot(yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx)
+            img[y0:y1, x0:x1] += amp * np.exp(-((r - rad) ** 2) / 2.0)
+        scenes.append(img)
+    frames = np.empty((n_frames, H, W, n_channels), np.uint16)
+    w = np.empty((n_frames, H, W, 2), np.float32)
+    for t in range(n_frames):
+        sx, sy = rng.normal(0, 1.5, 2)
+        ph = rng.uniform(0, 2 * np.pi, 2)
+        wu = sx + 0.7 * np.sin(2 * np.pi * yy / H + ph[0])
+        wv = sy + 0.7 * np.cos(2 * np.pi * xx / W + ph[1])
+        w[t, ..., 0], w[t, ..., 1] = wu, wv
+        px, py = xx.copy(), yy.copy()
+        for _ in range(20):  # frame(q) = scene(p) with q = p + w(p)
+            px = xx - (sx + 0.7 * np.sin(2 * np.pi * py / H + ph[0]))
+            py = yy - (sy + 0.7 * np.cos(2 * np.pi * px / W + ph[1]))
+        for c in range(n_channels):
+            clean = map_coordinates(scenes[c], [py, px], order=3, mode="nearest")
+            frames[t, ..., c] = np.minimum(rng.poisson(np.maximum(clean, 0) * photons / 20.0),
+                                           65535)
+    return frames, w
+
+
+def _cmd_bench(args):
+    import resource
+    import shutil
+
+    size = (args.size, args.size)
+    frames, w_true = _bench_recording(args.frames, size, args.channels)
+    tmp = tempfile.mkdtemp(prefix="flowsession-bench-")
+    try:
+        with h5py.File(os.path.join(tmp, "bench.h5"), "w") as f:
+            for c in range(args.channels):
+                f[f"ch{c + 1}"] = frames[..., c]
+        cfg = SessionConfig(root=tmp, pattern="*.h5", n_workers=args.workers, resume=False,
+                            flow_options={"quality_setting": args.preset, "save_w": True,
+                                          "reference_frames": list(range(min(50, args.frames)))})
+        workers = cfg.n_workers_effective()
+        t0 = time.perf_counter()
+        out = run_stage1(cfg)[0]
+        dt = time.perf_counter() - t0
+        with h5py.File(os.path.join(out, "w.hdf5"), "r") as f:
+            w = np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    b = max(4, args.size // 16)
+    err = (w - w_true)[:, b:-b, b:-b]
+    err -= err.mean(axis=0)  # the recording registers onto its own reference
+    moved = w_true[:, b:-b, b:-b] - w_true[:, b:-b, b:-b].mean(axis=0)
+    epe = np.hypot(err[..., 0], err[..., 1]).mean()
+    epe0 = np.hypot(moved[..., 0], moved[..., 1]).mean()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(f"flowsession {__version__} Stage 1 bench: {args.size}x{args.size}, {args.frames} frames, "
+          f"{args.channels} channel(s), preset {args.preset}, {workers} worker thread(s)")
+    print(f"  frames/s              {args.frames / dt:10.2f}   (whole stage: reference, flow, warp, "
+          "writing; first run includes compilation)")
+    print(f"  s per frame per core  {dt * workers / args.frames:10.4f}")
+    print(f"  endpoint error        {epe:10.3f} px (without correction {epe0:.3f} px; "
+          f"{b}-px border excluded)")
+    print(f"  peak memory           {peak:10.1f} MiB (this process)")
+    return 0 if epe < 0.5 * epe0 else 1
+
+
 def _cmd_submit(args):
     submit_session(args.config_file, cpus=args.cpus_per_task, mem=args.mem,
                    time_limit=args.time, partition=args.partition, account=args.account,
@@ -5524,6 +5606,14 @@ def _build_parser():
     t = sub.add_parser("status", help="per-recording state of a session (and its SLURM tasks)")
     t.add_argument("config_file", help="session config (session.toml)")
     t.set_defaults(func=_cmd_status)
+    m = sub.add_parser("bench", help="time Stage 1 on a synthetic recording with known motion "
+                       "(frames/s, s/frame/core, endpoint error, peak memory)")
+    m.add_argument("--size", type=int, default=256, help="frame size in pixels (default 256)")
+    m.add_argument("--frames", type=int, default=200, help="frames (default 200)")
+    m.add_argument("--channels", type=int, default=1, choices=[1, 2, 3, 4])
+    m.add_argument("--preset", default="balanced", choices=["quality", "balanced", "fast"])
+    m.add_argument("--workers", type=int, default=-1, help="threads (default -1: all CPUs)")
+    m.set_defaults(func=_cmd_bench)
     e = sub.add_parser("example", help="make a small synthetic session with known motion, run "
                        "all stages and compare with the truth")
     e.add_argument("--out", default="flowsession_example", help="folder to create")

@@ -3156,3 +3156,13 @@ def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
     assert "NUMBA_CACHE_DIR" in s1 and "--stage 1 --array" in s1
     s23 = (slurm / "stage23.sbatch").read_text()
     assert "--stage 2" in s23 and "--stage 3" in s23 and "--array" not in s23
+
+
+def test_bench_command_reports_speed_accuracy_and_memory():
+    r = _cli(["bench", "--size", "64", "--frames", "24", "--preset", "fast", "--workers", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for label in ("frames/s", "s per frame per core", "endpoint error", "peak memory"):
+        assert label in r.stdout, r.stdout
+    epe = float(r.stdout.split("endpoint error")[1].split()[0])
+    moved = float(r.stdout.split("without correction")[1].split()[0])
+    assert epe < 0.5 * moved

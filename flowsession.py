@@ -1733,6 +1733,7 @@ def cast_to_dtype(frames, dtype):
 
 
 def _fsync_path(path, *, folder=False):
+    """fsync a file (errors raise) or a folder (errors ignored: not every platform allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -3356,19 +3357,6 @@ def compute_batch_valid_masks(w):
 ###############################################################################
 
 
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path, write):
     """Write ``path`` through ``write(fileobj)`` into a temporary file, then rename.
 
@@ -3392,7 +3380,7 @@ def _atomic_write(path, write):
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    _fsync_path(folder, folder=True)
 
 
 def _atomic_write_text(path, text):

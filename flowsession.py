@@ -121,6 +121,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -3585,7 +3586,7 @@ def _frame_statistics(u, v):
             float(math.hypot(u.mean(), v.mean())))
 
 
-def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method, pool):
+def _registered_frames(pre, raw, i0, i1, ref_int, pyr, fill_int, init, params, method, pool):
     """Flows and warped raw frames of batch frames ``[i0, i1)``, in parallel threads.
 
     Returns ``(w (n, H, W, 2) float64, registered (n, H, W, C) float64,
@@ -3599,7 +3600,6 @@ def _registered_frames(pre, raw, i0, i1, ref_int, fill_int, init, params, method
     reg = np.empty((n, H, W, C))
     valid = np.empty((n, H, W), dtype=bool)
     ui, vi = _field_internal(init)
-    pyr = _reference_pyramid(params, ref_int)
 
     def one(k):
         u, v = _flow_internal(params, ref_int, _to_internal(c1[k]), ui, vi, pyr)
@@ -3805,7 +3805,7 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                 wwr = Hdf5VideoWriter(os.path.join(folder, "w.hdf5"), height=H, width=W,
                                       n_channels=2, dtype=np.float32, dataset_names=["u", "v"])
                 writers.append(wwr)
-            ref_int = w_init = None
+            ref_int = ref_pyr = w_init = None
             for b0, raw in reader.iter_batches(opts.buffer_size):
                 n = len(raw)
                 _kill_point("stage1.batch")
@@ -3819,6 +3819,7 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                     c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi,
                                        clip=sep)
                     ref_int = _to_internal(c_ref)
+                    ref_pyr = _reference_pyramid(params, ref_int)
                     first = _Preprocessed(raw[:min(22, n)], sigma, sep, pool)
                     w_init = _initial_flows(first.frames(0, len(first.raw)), ref_int, params,
                                             pool).mean(axis=0)
@@ -3829,8 +3830,8 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                 w_tail = []
                 for i0 in range(0, n, chunk):
                     i1 = min(i0 + chunk, n)
-                    w, reg, valid, c1, st = _registered_frames(pre, raw, i0, i1, ref_int, fill_int,
-                                                               init, params, method, pool)
+                    w, reg, valid, c1, st = _registered_frames(
+                        pre, raw, i0, i1, ref_int, ref_pyr, fill_int, init, params, method, pool)
                     stats[:, b0 + i0:b0 + i1] = st
                     out = cast_to_dtype(reg, out_dtype)
                     comp.append(out)
@@ -3848,6 +3849,7 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                     _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
                     ref_int = _to_internal(ref_sum / (n_ref + 1))
+                    ref_pyr = _reference_pyramid(params, ref_int)
                 w_init = np.mean(w_tail, axis=0) if n > 100 else w_sum / n
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
             for wr in writers:
@@ -3893,8 +3895,6 @@ def _input_fingerprint(path):
 
 
 def _digest(obj):
-    import hashlib
-
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -3932,8 +3932,6 @@ def _verify_stage1(folder, status, expected, opts):
         with open_video(os.path.join(folder, rec["compensated"])) as r:
             if r.shape != (T, H, W, C):
                 return f"{rec['compensated']} has shape {r.shape}, expected {(T, H, W, C)}"
-        import h5py
-
         with h5py.File(os.path.join(folder, "idx.hdf"), "r") as f:
             if f["idx"].shape != (T, H, W):
                 return f"idx.hdf has shape {f['idx'].shape}, expected {(T, H, W)}"
@@ -4453,8 +4451,6 @@ def _stage2_params(config):
 
 
 def _array_digest(a):
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 

@@ -2540,10 +2540,47 @@ def _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
             dv[a, b] = om1 * dv[a, b] + Dv[a, b] * (pv + wu * dv[a, b - 1])
 
 
+@_njit_contract
+def _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
+    """One red-black SOR sweep: first every interior pixel with ``(a + b)`` even
+    ("red"), then every one with ``(a + b)`` odd ("black"); du before dv at each
+    pixel, as in the lexicographic sweep.
+
+    Within a colour no pixel reads another pixel of its colour, so every pixel of
+    a colour can be updated at once: this is the ordering of the GPU backends, and
+    with it the CPU computes exactly what they compute (up to rounding).  Red
+    pixels see the black values of the previous sweep, black pixels the red values
+    of this one.  The halo is not touched (it is reset before every sweep).
+    """
+    NX, NY = du.shape
+    om1 = 1.0 - omega
+    for colour in range(2):
+        for a in range(1, NX - 1):
+            b0 = 1 + ((a + 1 + colour) & 1)
+            for b in range(b0, NY - 1, 2):
+                if uniform:
+                    wl = wxe[0, 0]
+                    wr = wl
+                    wd = wye[0, 0]
+                    wu = wd
+                else:
+                    wl = wxe[a - 1, b]
+                    wr = wxe[a, b]
+                    wd = wye[a, b]
+                    wu = wye[a, b - 1]
+                pu = (wl * du[a - 1, b] + wr * du[a + 1, b] + wd * du[a, b + 1]
+                      + wu * du[a, b - 1] + cu[a, b] - A12[a, b] * dv[a, b])
+                duc = om1 * du[a, b] + Du[a, b] * pu
+                du[a, b] = duc
+                pv = (wl * dv[a - 1, b] + wr * dv[a + 1, b] + wd * dv[a, b + 1]
+                      + wu * dv[a, b - 1] + cv[a, b] - A12[a, b] * duc)
+                dv[a, b] = om1 * dv[a, b] + Dv[a, b] * pv
+
+
 @_njit
 def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x, alpha_y,
                      iterations, update_lag, a_data, a_smooth, hx, hy, psi_all_ones,
-                     du, dv):
+                     du, dv, red_black=False):
     """Nonlinear SOR for the flow increment on one pyramid level.
 
     Tensors are ``(C, NX, NY)`` (haloed, transposed); ``weight`` is
@@ -2551,6 +2588,8 @@ def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x,
     ``(NX, NY)``.  Iterations count from 1; the data and smoothness
     nonlinearities are refreshed when ``it % update_lag == 0``; the Neumann halo
     of the increments is reset before every sweep.  Writes ``du, dv`` (with halo).
+    ``red_black`` sweeps in red-black order (``_nb_sor_sweep_rb``) instead of the
+    toolbox's column-major order.
     """
     NX, NY = u.shape
     du[:, :] = 0.0
@@ -2575,7 +2614,10 @@ def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x,
                         psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv)
         _nb_set_boundary(du)
         _nb_set_boundary(dv)
-        _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
+        if red_black:
+            _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
+        else:
+            _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
 
 
 ###############################################################################
@@ -2767,13 +2809,14 @@ def _nb_reference_pyramid(f1, eta, levels, min_level):
 def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
                          alpha_x, alpha_y, iterations, update_lag, a_data, a_smooth,
                          levels, eta, min_level, tensor_kind, quirks, pyramid, use_pyramid,
-                         out_u, out_v):
+                         out_u, out_v, red_black=False):
     """Coarse-to-fine variational optical flow of one frame pair.
 
     ``f1`` (reference) and ``f2`` (moving) are ``(C, nx, ny)`` transposed stacks;
     ``u_init, v_init, out_u, out_v`` are ``(nx, ny)``.  ``wvec`` holds per-channel
     weights, ``wmap`` ``(C, nx, ny)`` spatial weights used when ``local_weight``.
     With ``use_pyramid``, ``pyramid`` holds f1's levels (``_nb_reference_pyramid``).
+    ``red_black`` selects the SOR ordering of the GPU backends.
     """
     C, n, m = f1.shape
     top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
@@ -2833,7 +2876,7 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
         dv = np.empty((NX, NY))
         _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local_weight, u, v,
                          alpha_x * scale, alpha_y * scale, iterations, update_lag,
-                         a_data, a_smooth, hx, hy, not quirks, du, dv)
+                         a_data, a_smooth, hx, hy, not quirks, du, dv, red_black)
         if min(lx, ly) > 5:
             _nb_medfilt5_interior(du)
             _nb_medfilt5_interior(dv)
@@ -3011,7 +3054,8 @@ def get_motion_tensor(f1, f2, hx=1.0, hy=1.0, const_assumption="gc"):
 
 
 def level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha, iterations,
-                 update_lag, a_data, a_smooth, hx, hy, *, matlab_quirks=True):
+                 update_lag, a_data, a_smooth, hx, hy, *, matlab_quirks=True,
+                 sor_order="lexicographic"):
     """Solve for the flow increment on one pyramid level, as ``level_solver.cpp``.
 
     Parameters
@@ -3026,11 +3070,16 @@ def level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha, iterations,
     iterations, update_lag : int
     a_data : float or (C,)
     a_smooth, hx, hy : float
+    sor_order : {"lexicographic", "red_black"}
+        The toolbox's column-major sweep, or the GPU backends' red-black sweep.
 
     Returns
     -------
     du, dv : ndarray, (M, N)
     """
+    if sor_order not in ("lexicographic", "red_black"):
+        msg = f"sor_order must be 'lexicographic' or 'red_black', got {sor_order!r}"
+        raise ConfigError(msg)
     Js = [np.asarray(J, dtype=np.float64) for J in (J11, J22, J33, J12, J13, J23)]
     Js = [J[:, :, None] if J.ndim == 2 else J for J in Js]
     shape = Js[0].shape
@@ -3057,7 +3106,7 @@ def level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha, iterations,
                      _field_to_internal(u, (M, N), "u"), _field_to_internal(v, (M, N), "v"),
                      float(ax), float(ay), int(iterations), int(update_lag),
                      _channel_vector("a_data", a_data, C), float(a_smooth),
-                     float(hx), float(hy), not matlab_quirks, du, dv)
+                     float(hx), float(hy), not matlab_quirks, du, dv, sor_order == "red_black")
     return np.ascontiguousarray(du.T), np.ascontiguousarray(dv.T)
 
 
@@ -3078,6 +3127,67 @@ def _tensor_kind(name):
     except (KeyError, TypeError):
         msg = (f"const_assumption must be one of {sorted(_TENSOR_KINDS)}, got {name!r}")
         raise ConfigError(msg) from None
+
+
+def _displacement_params(shape, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
+                         update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
+                         iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
+                         min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
+                         levels=GET_DISPLACEMENT_DEFAULTS["levels"],
+                         eta=GET_DISPLACEMENT_DEFAULTS["eta"],
+                         a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
+                         a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
+                         weight=None, const_assumption="gc", matlab_quirks=True):
+    """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
+    (int C is enough unless ``weight`` is a spatial map)."""
+    if isinstance(shape, (int, np.integer)):
+        H = W = None
+        C = int(shape)
+    else:
+        H, W, C = shape
+    al = np.atleast_1d(np.asarray(alpha, dtype=np.float64)).ravel()
+    if al.size not in (1, 2):
+        msg = f"alpha must be a number or a pair, got {alpha!r}"
+        raise ConfigError(msg)
+    ax = _positive("alpha", al[0])
+    ay = _positive("alpha", al[-1])
+    eta = _positive("eta", eta)
+    if eta > 1:
+        msg = f"eta must be in (0, 1], got {eta!r}"
+        raise ConfigError(msg)
+    levels = _count("levels", levels, 0)
+    min_level = _count("min_level", min_level, 0)
+    iterations = _count("iterations", iterations, 0)
+    update_lag = _count("update_lag", update_lag, 1)
+    a_smooth = _positive("a_smooth", a_smooth)
+    ad = _channel_vector("a_data", a_data, C)
+    if np.any(ad <= 0):
+        msg = f"a_data must be > 0, got {a_data!r}"
+        raise ConfigError(msg)
+    kind = _tensor_kind(const_assumption)
+    local = False
+    wmap = np.zeros((C, 1, 1))
+    if weight is None:
+        wvec = np.full(C, 1.0 / C)
+    else:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.ndim >= 2:
+            if w.ndim == 2:
+                w = np.repeat(w[:, :, None], C, axis=2)
+            if w.shape != (H, W, C):
+                msg = f"spatial weight must be (H, W) or (H, W, C) = {(H, W, C)}, got {np.shape(weight)}"
+                raise ConfigError(msg)
+            if not np.all(np.isfinite(w)) or np.any(w < 0):
+                msg = "spatial weight must be finite and >= 0"
+                raise ConfigError(msg)
+            local = True
+            wmap = _to_internal(w)
+            wvec = np.zeros(C)
+        else:
+            wvec = _channel_vector("weight", w, C, normalise=True, fill=1.0 / C)
+    params = _FlowParams(ax, ay, iterations, update_lag, ad, a_smooth, levels, eta, min_level,
+                         kind, bool(matlab_quirks), wvec, wmap, local)
+    return params
 
 
 def get_displacement(fixed, moving, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
@@ -3141,46 +3251,10 @@ def get_displacement(fixed, moving, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
         msg = f"fixed and moving must have the same shape, got {f1.shape} and {f2.shape}"
         raise InputError(msg)
     H, W, C = f1.shape
-    al = np.atleast_1d(np.asarray(alpha, dtype=np.float64)).ravel()
-    if al.size not in (1, 2):
-        msg = f"alpha must be a number or a pair, got {alpha!r}"
-        raise ConfigError(msg)
-    ax = _positive("alpha", al[0])
-    ay = _positive("alpha", al[-1])
-    eta = _positive("eta", eta)
-    if eta > 1:
-        msg = f"eta must be in (0, 1], got {eta!r}"
-        raise ConfigError(msg)
-    levels = _count("levels", levels, 0)
-    min_level = _count("min_level", min_level, 0)
-    iterations = _count("iterations", iterations, 0)
-    update_lag = _count("update_lag", update_lag, 1)
-    a_smooth = _positive("a_smooth", a_smooth)
-    ad = _channel_vector("a_data", a_data, C)
-    if np.any(ad <= 0):
-        msg = f"a_data must be > 0, got {a_data!r}"
-        raise ConfigError(msg)
-    kind = _tensor_kind(const_assumption)
-    local = False
-    wmap = np.zeros((C, 1, 1))
-    if weight is None:
-        wvec = np.full(C, 1.0 / C)
-    else:
-        w = np.asarray(weight, dtype=np.float64)
-        if w.ndim >= 2:
-            if w.ndim == 2:
-                w = np.repeat(w[:, :, None], C, axis=2)
-            if w.shape != (H, W, C):
-                msg = f"spatial weight must be (H, W) or (H, W, C) = {(H, W, C)}, got {np.shape(weight)}"
-                raise ConfigError(msg)
-            if not np.all(np.isfinite(w)) or np.any(w < 0):
-                msg = "spatial weight must be finite and >= 0"
-                raise ConfigError(msg)
-            local = True
-            wmap = _to_internal(w)
-            wvec = np.zeros(C)
-        else:
-            wvec = _channel_vector("weight", w, C, normalise=True, fill=1.0 / C)
+    params = _displacement_params(f1.shape, alpha=alpha, update_lag=update_lag,
+                                  iterations=iterations, min_level=min_level, levels=levels,
+                                  eta=eta, a_smooth=a_smooth, a_data=a_data, weight=weight,
+                                  const_assumption=const_assumption, matlab_quirks=matlab_quirks)
     if uv is None:
         ui = np.zeros((W, H))
         vi = np.zeros((W, H))
@@ -3191,8 +3265,6 @@ def get_displacement(fixed, moving, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
             raise InputError(msg)
         ui = _field_to_internal(uvarr[..., 0], (H, W), "uv[..., 0]")
         vi = _field_to_internal(uvarr[..., 1], (H, W), "uv[..., 1]")
-    params = _FlowParams(ax, ay, iterations, update_lag, ad, a_smooth, levels, eta, min_level,
-                         kind, bool(matlab_quirks), wvec, wmap, local)
     out_u, out_v = _flow_internal(params, _to_internal(f1), _to_internal(f2), ui, vi)
     return np.stack([out_u.T, out_v.T], axis=-1)
 
@@ -3214,6 +3286,7 @@ class _FlowParams(NamedTuple):
     wvec: np.ndarray
     wmap: np.ndarray
     local: bool
+    red_black: bool = False
 
 
 def _flow_internal(p, f1, f2, ui, vi, pyramid=None):
@@ -3228,7 +3301,7 @@ def _flow_internal(p, f1, f2, ui, vi, pyramid=None):
     _nb_get_displacement(f1, f2, p.wvec, p.wmap, p.local, ui, vi, p.alpha_x, p.alpha_y,
                          p.iterations, p.update_lag, p.a_data, p.a_smooth, p.levels, p.eta,
                          p.min_level, p.kind, p.quirks, pyramid if use else _empty_pyramid(),
-                         use, out_u, out_v)
+                         use, out_u, out_v, p.red_black)
     return out_u, out_v
 
 
@@ -3351,6 +3424,154 @@ def compute_batch_valid_masks(w):
     for t in range(warr.shape[0]):
         out[t] = np.where(backward_valid_mask(warr[t, ..., 0], warr[t, ..., 1]), 255, 0)
     return out
+
+
+###############################################################################
+### Flow backends
+###############################################################################
+#
+# A backend computes the displacement fields of Stage 1 and Stage 2 and, in
+# Stage 1, warps the frames and their valid masks.  Every backend has the methods
+# of ``FlowregBackend``:
+#
+# * ``reference(params, ref, fill)``: state for one reference; ``ref`` is the
+#   preprocessed ``(H, W, C)`` image flows are computed against, ``fill`` the raw
+#   ``(H, W, C)`` image whose values out-of-grid pixels of warped frames take.
+# * ``flows(state, frames, init, pool)``: ``w (n, H, W, 2)`` of preprocessed
+#   frames ``(n, H, W, C)``, starting from ``init (H, W, 2)``.
+# * ``register(state, frames, raw, init, method, pool)``: flows, the raw frames
+#   warped by them (float), valid masks ``(n, H, W)`` and statistics ``(4, n)``.
+# * ``pair(params, fixed, moving, init)``: ``w (H, W, 2)`` of one pair (Stage 2).
+#
+# ``params`` is a ``_FlowParams``.  Backends that need packages import them in
+# ``__init__``; a missing package is a ConfigError naming it.
+
+
+class _CpuState(NamedTuple):
+    params: _FlowParams
+    ref: np.ndarray      # (C, W, H) preprocessed reference
+    pyramid: object      # its levels (numba typed list)
+    fill: np.ndarray     # (C, W, H) raw fill image, or None
+
+
+class FlowregBackend:
+    """``flowreg``: the toolbox's solver on the CPU (Numba), one frame per thread.
+
+    ``backend_params``: ``sor_order = "lexicographic"`` (default: the toolbox's
+    column-major SOR, MATLAB parity) or ``"red_black"`` (the ordering of the GPU
+    backends, for comparing with them).
+    """
+
+    name = "flowreg"
+    keys = ("sor_order",)
+
+    def __init__(self, backend_params=None):
+        bp = dict(backend_params or {})
+        _cfg_check_keys(bp, self.keys, f"backend_params of flow_backend '{self.name}'")
+        order = bp.get("sor_order", "lexicographic")
+        if order not in ("lexicographic", "red_black"):
+            msg = (f"backend_params.sor_order must be 'lexicographic' or 'red_black', "
+                   f"got {order!r}")
+            raise ConfigError(msg)
+        self.red_black = order == "red_black"
+
+    def __repr__(self):
+        return f"{type(self).__name__}(red_black={self.red_black})"
+
+    def reference(self, params, ref, fill=None):
+        p = params._replace(red_black=self.red_black)
+        ref_int = _to_internal(np.asarray(ref, dtype=np.float64))
+        fill_int = None if fill is None else _to_internal(np.asarray(fill, dtype=np.float64))
+        return _CpuState(p, ref_int, _reference_pyramid(p, ref_int), fill_int)
+
+    def flows(self, state, frames, init, pool):
+        n, H, W = frames.shape[:3]
+        ui, vi = _field_internal(init)
+        out = np.empty((n, H, W, 2))
+
+        def one(k):
+            u, v = _flow_internal(state.params, state.ref, _to_internal(frames[k]), ui, vi,
+                                  state.pyramid)
+            out[k, ..., 0] = u.T
+            out[k, ..., 1] = v.T
+
+        list(pool.map(one, range(n)))
+        return out
+
+    def register(self, state, frames, raw, init, method, pool):
+        n, H, W, C = frames.shape
+        ui, vi = _field_internal(init)
+        w = np.empty((n, H, W, 2))
+        reg = np.empty((n, H, W, C))
+        valid = np.empty((n, H, W), dtype=bool)
+        stats = np.empty((4, n))
+
+        def one(k):
+            u, v = _flow_internal(state.params, state.ref, _to_internal(frames[k]), ui, vi,
+                                  state.pyramid)
+            out, ok = _warp_stack(_to_internal(np.asarray(raw[k], dtype=np.float64)), u, v,
+                                  state.fill, method)
+            w[k, ..., 0] = u.T
+            w[k, ..., 1] = v.T
+            reg[k] = out.transpose(2, 1, 0)
+            valid[k] = ok.T
+            stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+
+        list(pool.map(one, range(n)))
+        return w, reg, valid, stats
+
+    def pair(self, params, fixed, moving, init=None):
+        p = params._replace(red_black=self.red_black)
+        H, W = fixed.shape[:2]
+        ui, vi = _field_internal(np.zeros((H, W, 2)) if init is None else init)
+        u, v = _flow_internal(p, _to_internal(np.asarray(fixed, dtype=np.float64)),
+                              _to_internal(np.asarray(moving, dtype=np.float64)), ui, vi)
+        return np.stack([u.T, v.T], axis=-1)
+
+
+#: Flow backends by name: (class name in this module, what it needs).
+_BACKENDS = {
+    "flowreg": ("FlowregBackend", "nothing beyond numba"),
+}
+
+#: The names ``flow_backend`` accepts (the pyflowreg API's names).
+FLOW_BACKENDS = tuple(_BACKENDS)
+
+
+def _check_backend(name):
+    """ConfigError unless ``name`` is a known backend (without importing what it needs)."""
+    if name not in _BACKENDS:
+        close = difflib.get_close_matches(str(name), FLOW_BACKENDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        msg = (f"flow_backend '{name}' is not known{hint} "
+               f"(known: {', '.join(FLOW_BACKENDS)})")
+        raise ConfigError(msg)
+
+
+def available_backends():
+    """Names of the backends that can be built here (imports their packages)."""
+    out = []
+    for name in FLOW_BACKENDS:
+        try:
+            make_backend(name)
+        except ConfigError:
+            continue
+        out.append(name)
+    return out
+
+
+def make_backend(name, backend_params=None):
+    """The backend ``name`` with its ``backend_params``; ConfigError when unknown or unusable."""
+    _check_backend(name)
+    return globals()[_BACKENDS[name][0]](backend_params)
+
+
+def _unavailable(name, why, install):
+    """ConfigError for a backend that cannot run here, naming the fix and the alternatives."""
+    others = [b for b in FLOW_BACKENDS if b != name]
+    msg = (f"flow_backend '{name}' cannot run here: {why}; {install} "
+           f"(other backends: {', '.join(others)}; 'flowreg' runs on any CPU)")
+    return ConfigError(msg)
 
 
 ###############################################################################
@@ -3586,49 +3807,15 @@ def _frame_statistics(u, v):
             float(math.hypot(u.mean(), v.mean())))
 
 
-def _registered_frames(pre, raw, i0, i1, ref_int, pyr, fill_int, init, params, method, pool):
-    """Flows and warped raw frames of batch frames ``[i0, i1)``, in parallel threads.
+def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool):
+    """Flows and warped raw frames of batch frames ``[i0, i1)`` (see the backends).
 
-    Returns ``(w (n, H, W, 2) float64, registered (n, H, W, C) float64,
-    valid (n, H, W) bool, c1 (n, H, W, C) float64, statistics (4, n))``.
+    Returns ``(w (n, H, W, 2), registered (n, H, W, C) float, valid (n, H, W) bool,
+    c1 (n, H, W, C) float64 preprocessed, statistics (4, n))``.
     """
     c1 = pre.frames(i0, i1)
-    n = i1 - i0
-    H, W, C = c1.shape[1:]
-    stats = np.empty((4, n))
-    w = np.empty((n, H, W, 2))
-    reg = np.empty((n, H, W, C))
-    valid = np.empty((n, H, W), dtype=bool)
-    ui, vi = _field_internal(init)
-
-    def one(k):
-        u, v = _flow_internal(params, ref_int, _to_internal(c1[k]), ui, vi, pyr)
-        out, ok = _warp_stack(_to_internal(raw[i0 + k].astype(np.float64)), u, v, fill_int,
-                              method)
-        w[k, ..., 0] = u.T
-        w[k, ..., 1] = v.T
-        reg[k] = out.transpose(2, 1, 0)
-        valid[k] = ok.T
-        stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-
-    list(pool.map(one, range(n)))
+    w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
     return w, reg, valid, c1, stats
-
-
-def _initial_flows(frames, ref_int, params, pool):
-    """Flows of preprocessed frames ``(n, H, W, C)`` against a reference, zero start."""
-    H, W = frames.shape[1:3]
-    zero = np.zeros((W, H))
-    out = np.empty((len(frames), H, W, 2))
-    pyr = _reference_pyramid(params, ref_int)
-
-    def one(k):
-        u, v = _flow_internal(params, ref_int, _to_internal(frames[k]), zero, zero, pyr)
-        out[k, ..., 0] = u.T
-        out[k, ..., 1] = v.T
-
-    list(pool.map(one, range(len(frames))))
-    return out
 
 
 def _reference_indices(opts, n_frames, name):
@@ -3699,14 +3886,15 @@ def _check_recordings(files, opts):
         raise InputError(msg)
 
 
-def compute_reference(reader, opts, pool, name="recording"):
+def compute_reference(reader, opts, pool, name="recording", backend=None):
     """Reference frame ``(H, W, C)`` float64 of a recording, as the toolbox.
 
     The reference frames are smoothed with ``sigma + [1, 1, 0.5]``, normalised,
     registered onto their mean with ``alpha + 2``, and the raw frames warped by
     those fields (cubic, filled from their raw mean) are averaged.  One frame is
-    returned as it is.
+    returned as it is.  ``backend`` computes the flows (default ``flowreg``).
     """
+    backend = backend if backend is not None else FlowregBackend()
     idx = _reference_indices(opts, len(reader), name)
     tmp = reader.read_frames(idx).astype(np.float64)
     _check_finite(tmp, name, None)
@@ -3725,16 +3913,10 @@ def compute_reference(reader, opts, pool, name="recording"):
     del g
     C = tmp.shape[3]
     params = _flow_params(opts, C, alpha_offset=2.0)
-    w = _initial_flows(c1, _to_internal(c1.mean(axis=0)), params, pool)
-    fill = _to_internal(tmp.mean(axis=0))
-    total = np.zeros(fill.shape)
-
-    def one(k):
-        return _warp_stack(_to_internal(tmp[k]), *_field_internal(w[k]), fill, 2)[0]
-
-    for out in pool.map(one, range(len(tmp))):
-        total += out
-    return np.ascontiguousarray((total / len(tmp)).transpose(2, 1, 0))
+    state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0))
+    H, W = tmp.shape[1:3]
+    reg = backend.register(state, c1, tmp, np.zeros((H, W, 2)), 2, pool)[1]
+    return reg.mean(axis=0, dtype=np.float64)
 
 
 class _Progress:
@@ -3763,13 +3945,15 @@ def _fmt_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _correct_recording(reader, folder, opts, n_workers, name):
+def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     """Motion-correct one opened recording into ``folder``; returns the record for status.json.
 
     Every output is written under a temporary name and renamed at the end.
+    ``backend`` computes flows and warps (default ``flowreg``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    backend = backend if backend is not None else FlowregBackend()
     T = len(reader)
     H, W, C = reader.height, reader.width, reader.n_channels
     if T == 0:
@@ -3791,8 +3975,7 @@ def _correct_recording(reader, folder, opts, n_workers, name):
     progress = _Progress(name, T)
     writers = []
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool:
-        ref_raw = compute_reference(reader, opts, pool, name)
-        fill_int = _to_internal(ref_raw)
+        ref_raw = compute_reference(reader, opts, pool, name, backend)
         try:
             comp = open_writer(os.path.join(folder, f"compensated.{ext}"), opts.output_format,
                                height=H, width=W, n_channels=C, dtype=out_dtype)
@@ -3805,24 +3988,23 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                 wwr = Hdf5VideoWriter(os.path.join(folder, "w.hdf5"), height=H, width=W,
                                       n_channels=2, dtype=np.float32, dataset_names=["u", "v"])
                 writers.append(wwr)
-            ref_int = ref_pyr = w_init = None
+            state = w_init = None
             for b0, raw in reader.iter_batches(opts.buffer_size):
                 n = len(raw)
                 _kill_point("stage1.batch")
                 _check_finite(raw, name, b0)
                 pre = _Preprocessed(raw, sigma, sep, pool)
-                if ref_int is None:
+                if state is None:
                     # First batch: the reference in preprocessed units (smoothed, scaled by
                     # the smoothed raw batch's range) and the flow initialisation from the
                     # first 22 frames.
                     lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
                     c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi,
                                        clip=sep)
-                    ref_int = _to_internal(c_ref)
-                    ref_pyr = _reference_pyramid(params, ref_int)
+                    state = backend.reference(params, c_ref, ref_raw)
                     first = _Preprocessed(raw[:min(22, n)], sigma, sep, pool)
-                    w_init = _initial_flows(first.frames(0, len(first.raw)), ref_int, params,
-                                            pool).mean(axis=0)
+                    w_init = backend.flows(state, first.frames(0, len(first.raw)),
+                                           np.zeros((H, W, 2)), pool).mean(axis=0)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
                 n_ref = min(100, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
@@ -3830,8 +4012,8 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                 w_tail = []
                 for i0 in range(0, n, chunk):
                     i1 = min(i0 + chunk, n)
-                    w, reg, valid, c1, st = _registered_frames(
-                        pre, raw, i0, i1, ref_int, ref_pyr, fill_int, init, params, method, pool)
+                    w, reg, valid, c1, st = _registered_frames(pre, raw, i0, i1, backend, state,
+                                                               init, method, pool)
                     stats[:, b0 + i0:b0 + i1] = st
                     out = cast_to_dtype(reg, out_dtype)
                     comp.append(out)
@@ -3848,8 +4030,7 @@ def _correct_recording(reader, folder, opts, n_workers, name):
                     _kill_point("stage1.chunk")
                     _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
-                    ref_int = _to_internal(ref_sum / (n_ref + 1))
-                    ref_pyr = _reference_pyramid(params, ref_int)
+                    state = backend.reference(params, ref_sum / (n_ref + 1), ref_raw)
                 w_init = np.mean(w_tail, axis=0) if n > 100 else w_sum / n
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
             for wr in writers:
@@ -3987,7 +4168,8 @@ def _compensate_locked(input_file, name, folder, config, opts):
         os.remove(os.path.join(folder, STATUS_FILE))
     t0 = time.monotonic()
     with open_video(input_file, bin_size=opts.bin_size) as reader:
-        info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name)
+        info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name,
+                                  make_backend(config.flow_backend, config.backend_params))
     opts.save_json(os.path.join(folder, "options.json"))
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
@@ -4004,7 +4186,7 @@ def run_stage1(config, of_options_override=None, task_index=None):
     Returns the list of output folders.  The options are resolved and checked
     before any recording is touched.
     """
-    _check_backend(config.flow_backend)
+    make_backend(config.flow_backend, config.backend_params)  # fails now if it cannot run
     files = config.discover_inputs()
     opts = resolve_flow_options(config, of_options_override)
     if task_index is not None:
@@ -4354,24 +4536,6 @@ def estimate_rigid_shift(fixed, moving, *, upsample=4, weight=None, window=True,
 
 
 ###############################################################################
-### Flow backends
-###############################################################################
-
-#: Flow implementations by name.  Others of the pyflowreg API ("flowreg_cuda",
-#: "flowreg_torch", "diso") are not part of this version.
-FLOW_BACKENDS = ("flowreg",)
-
-
-def _check_backend(name):
-    if name not in FLOW_BACKENDS:
-        close = difflib.get_close_matches(str(name), FLOW_BACKENDS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        msg = (f"flow_backend '{name}' is not available{hint} "
-               f"(available: {', '.join(FLOW_BACKENDS)})")
-        raise ConfigError(msg)
-
-
-###############################################################################
 ### Stage 2: displacement between recordings
 ###############################################################################
 
@@ -4420,7 +4584,7 @@ def _smooth_normalise(avg, sigma):
     return _normalise(g, *_minmax(g, True))
 
 
-def compute_between_displacement(reference_average, average, config):
+def compute_between_displacement(reference_average, average, config, backend=None):
     """Field ``(H, W, 2)`` registering one recording's temporal average onto the center's.
 
     A rigid shift from sub-pixel phase correlation of the unsmoothed averages
@@ -4429,16 +4593,21 @@ def compute_between_displacement(reference_average, average, config):
     ``iterations_between`` and ``stage2_constancy_assumption`` (other
     parameters: MATLAB ``get_displacement`` defaults), computed after warping
     the moving average by the shift; the result is flow + shift, which for a
-    constant shift equals warping by the shift and then by the flow.
+    constant shift equals warping by the shift and then by the flow.  The flow
+    comes from ``backend`` (default: the session's ``flow_backend``).
     """
+    if backend is None:
+        backend = make_backend(config.flow_backend, config.backend_params)
     dx, dy = estimate_rigid_shift(reference_average, average, upsample=config.cc_upsample)
     img1 = _smooth_normalise(reference_average, config.sigma_smooth)
     img2 = _smooth_normalise(average, config.sigma_smooth)
     H, W = img1.shape[:2]
     img2 = imregister_wrapper(img2, np.full((H, W), dx), np.full((H, W), dy), img1, "cubic")
-    w = get_displacement(img1, img2, alpha=(config.alpha_between, config.alpha_between),
-                         iterations=config.iterations_between,
-                         const_assumption=config.stage2_constancy_assumption)
+    params = _displacement_params(img1.shape[2], alpha=(config.alpha_between,
+                                                        config.alpha_between),
+                                  iterations=config.iterations_between,
+                                  const_assumption=config.stage2_constancy_assumption)
+    w = backend.pair(params, img1, img2)
     w[..., 0] += dx
     w[..., 1] += dy
     return w
@@ -4463,7 +4632,7 @@ def run_stage2(config):
     ``u``, ``v``).  A saved field is reused only when it was computed for the
     same center, the same two averages and the same parameters.
     """
-    _check_backend(config.flow_backend)
+    backend = make_backend(config.flow_backend, config.backend_params)
     files = config.discover_inputs()
     middle_idx, center_file = config.resolve_center(files)
     _check_writable(config.output_root_path, "output_root")
@@ -4479,11 +4648,11 @@ def run_stage2(config):
                     "average": _array_digest(avgs[i]), "params": _digest(params)}
         with _folder_lock(folder, f.name):
             fields.append(_stage2_one(config, folder, f.name, expected, i == middle_idx, ref,
-                                      avgs[i], pathlib.Path(center_file).name))
+                                      avgs[i], pathlib.Path(center_file).name, backend))
     return middle_idx, center_file, fields
 
 
-def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name):
+def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name, backend):
     path = os.path.join(folder, "w_to_reference.npz")
     w = _load_stage2_field(folder, path, expected, ref.shape[:2]) if config.resume else None
     if w is not None:
@@ -4493,7 +4662,7 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
         w = np.zeros(ref.shape[:2] + (2,))
     else:
         t0 = time.monotonic()
-        w = compute_between_displacement(ref, avg, config)
+        w = compute_between_displacement(ref, avg, config, backend)
         log.info("Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s", name, center_name,
                  w[..., 0].mean(), w[..., 1].mean(), time.monotonic() - t0)
     _kill_point("stage2.save")

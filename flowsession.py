@@ -2406,7 +2406,7 @@ def _nb_set_boundary(f):
 
 @_njit
 def _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, first,
-                psi_all_ones, u, v, wxe, wye, omega, A12, Du, Dv, cu, cv):
+                psi_all_ones, u, v, wxe, wye, omega, A12, Du, Dv, cu, cv, uniform=False):
     """Refresh the per-pixel constants of the sweep (interior pixels).
 
     The lagged data term enters through the channel sums
@@ -2417,38 +2417,56 @@ def _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, fir
     From them and the smoothness edge weights ``wxe, wye``:
     ``Du = omega / (sum_nb w_nb + A11)`` (0 where that is 0),
     ``cu = sum_nb w_nb (u_nb - u_c) - A13``, likewise for v, and ``A12``.
-    ``weight`` is ``(C, NX, NY)`` when ``local`` else ``(C, 1, 1)``.
+    ``weight`` is ``(C, NX, NY)`` when ``local`` else ``(C, 1, 1)``; with
+    ``uniform`` the edge weights are the constants ``wxe[0, 0]``, ``wye[0, 0]``.
+    psi of a column is computed first in its own loop (the power dominates and
+    the loop stays simple); the results do not depend on that order.
     """
     C, NX, NY = J11.shape
+    psi = np.empty((C, NY))
+    cx = wxe[0, 0]
+    cy = wye[0, 0]
     for a in range(1, NX - 1):
+        for k in range(C):
+            ak = a_data[k]
+            expo = ak - 1.0
+            if first:
+                val = 1.0 if (k == 0 or psi_all_ones) else 0.0
+                for b in range(1, NY - 1):
+                    psi[k, b] = val
+            else:
+                for b in range(1, NY - 1):
+                    d = du[a, b]
+                    e = dv[a, b]
+                    en = (J11[k, a, b] * d * d + J22[k, a, b] * e * e + J23[k, a, b] * e
+                          + 2.0 * J12[k, a, b] * d * e + 2.0 * J13[k, a, b] * d
+                          + J23[k, a, b] * e + J33[k, a, b])
+                    if en < 0.0:
+                        en = 0.0
+                    psi[k, b] = ak * (en + PSI_EPS) ** expo
         for b in range(1, NY - 1):
-            d = du[a, b]
-            e = dv[a, b]
             s11 = 0.0
             s12 = 0.0
             s22 = 0.0
             s13 = 0.0
             s23 = 0.0
             for k in range(C):
-                if first:
-                    psi = 1.0 if (k == 0 or psi_all_ones) else 0.0
-                else:
-                    en = (J11[k, a, b] * d * d + J22[k, a, b] * e * e + J23[k, a, b] * e
-                          + 2.0 * J12[k, a, b] * d * e + 2.0 * J13[k, a, b] * d
-                          + J23[k, a, b] * e + J33[k, a, b])
-                    if en < 0.0:
-                        en = 0.0
-                    psi = a_data[k] * (en + PSI_EPS) ** (a_data[k] - 1.0)
-                wp = (weight[k, a, b] if local else weight[k, 0, 0]) * psi
+                wp = (weight[k, a, b] if local else weight[k, 0, 0]) * psi[k, b]
                 s11 += wp * J11[k, a, b]
                 s12 += wp * J12[k, a, b]
                 s22 += wp * J22[k, a, b]
                 s13 += wp * J13[k, a, b]
                 s23 += wp * J23[k, a, b]
-            wl = wxe[a - 1, b]
-            wr = wxe[a, b]
-            wd = wye[a, b]
-            wu = wye[a, b - 1]
+            if uniform:
+                wl = cx
+                wr = cx
+                wd = cy
+                wu = cy
+            else:
+                wl = wxe[a - 1, b]
+                wr = wxe[a, b]
+                wd = wye[a, b]
+                wu = wye[a, b - 1]
             uc = u[a, b]
             vc = v[a, b]
             cu[a, b] = (wl * (u[a - 1, b] - uc) + wr * (u[a + 1, b] - uc)
@@ -2605,13 +2623,13 @@ def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x,
     wye[:, :] = alpha_y / (hy * hy)
     uniform = a_smooth == 1.0
     _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, True,
-                psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv)
+                psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
     for it in range(1, iterations + 1):
         if it % update_lag == 0:
             if not uniform:
                 _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wye)
             _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, False,
-                        psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv)
+                        psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
         _nb_set_boundary(du)
         _nb_set_boundary(dv)
         if red_black:
@@ -3305,6 +3323,103 @@ def _flow_internal(p, f1, f2, ui, vi, pyramid=None):
     return out_u, out_v
 
 
+def _profile_flow(p, f1, f2, ui0, vi0):
+    """``_flow_internal`` step by step from Python, timing every step on every level.
+
+    Returns ``(u, v, rows)``; ``u, v`` are identical to ``_flow_internal``'s (a
+    test checks it), ``rows`` holds ``(level, cols, rows, step, seconds)`` with
+    steps resize, warp, tensors, refresh, weights, sweeps, median, final.  The
+    calls from Python add a few microseconds per step, which is noise on the
+    large levels and visible on the smallest ones.
+    """
+    clock = time.perf_counter
+    C, n, m = f1.shape
+    top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
+    rows = []
+    u = v = None
+    for i in range(top, min_level - 1, -1):
+        lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
+
+        def row(step, t0, lx=lx, ly=ly, i=i):
+            rows.append((i, lx, ly, step, clock() - t0))
+
+        t0 = clock()
+        F1 = _nb_resize_stack(f1, lx, ly)
+        F2 = _nb_resize_stack(f2, lx, ly)
+        hx, hy = (m / ly, n / lx) if p.quirks else (n / lx, m / ly)
+        if i == top:
+            ui, vi = _nb_resize(ui0, lx, ly), _nb_resize(vi0, lx, ly)
+        else:
+            ui = _nb_resize(np.ascontiguousarray(u[1:-1, 1:-1]), lx, ly)
+            vi = _nb_resize(np.ascontiguousarray(v[1:-1, 1:-1]), lx, ly)
+        row("resize", t0)
+        t0 = clock()
+        tmp = F2
+        if i != top:
+            tmp = np.empty_like(F2)
+            valid = np.empty((lx, ly), np.bool_)
+            for c in range(C):
+                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], 2, tmp[c], valid)
+        row("warp", t0)
+        t0 = clock()
+        u, v = _nb_pad_edge(ui), _nb_pad_edge(vi)
+        NX, NY = lx + 2, ly + 2
+        J = [np.empty((C, NX, NY)) for _ in range(6)]
+        weight = np.zeros((C, NX, NY)) if p.local else np.empty((C, 1, 1))
+        for c in range(C):
+            tensor = _nb_tensor_gc if p.kind == 0 else _nb_tensor_gray
+            tensor(F1[c], tmp[c], hx, hy, *[j[c] for j in J])
+            if p.local:
+                weight[c, 1:-1, 1:-1] = _nb_resize(p.wmap[c], lx, ly)
+            else:
+                weight[c, 0, 0] = p.wvec[c]
+        row("tensors", t0)
+        scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
+        ax, ay = p.alpha_x * scale, p.alpha_y * scale
+        du, dv = np.zeros((NX, NY)), np.zeros((NX, NY))
+        A12, Du, Dv, cu, cv = (np.zeros((NX, NY)) for _ in range(5))
+        wxe = np.full((NX, NY), ax / (hx * hx))
+        wye = np.full((NX, NY), ay / (hy * hy))
+        uniform = p.a_smooth == 1.0
+        sweep = _nb_sor_sweep_rb if p.red_black else _nb_sor_sweep
+        spent = {"refresh": 0.0, "weights": 0.0, "sweeps": 0.0}
+        t0 = clock()
+        _nb_refresh(*J, weight, p.local, p.a_data, du, dv, True, not p.quirks, u, v, wxe, wye,
+                    SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
+        spent["refresh"] += clock() - t0
+        for it in range(1, p.iterations + 1):
+            if it % p.update_lag == 0:
+                t0 = clock()
+                if not uniform:
+                    _nb_smooth_weights(u, v, du, dv, p.a_smooth, ax, ay, hx, hy, wxe, wye)
+                t1 = clock()
+                _nb_refresh(*J, weight, p.local, p.a_data, du, dv, False, not p.quirks, u, v,
+                            wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
+                spent["weights"] += t1 - t0
+                spent["refresh"] += clock() - t1
+            t0 = clock()
+            _nb_set_boundary(du)
+            _nb_set_boundary(dv)
+            sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
+            spent["sweeps"] += clock() - t0
+        for step, sec in spent.items():
+            rows.append((i, lx, ly, step, sec))
+        t0 = clock()
+        if min(lx, ly) > 5:
+            _nb_medfilt5_interior(du)
+            _nb_medfilt5_interior(dv)
+        u += du
+        v += dv
+        row("median", t0)
+    t0 = clock()
+    wu = np.ascontiguousarray(u[1:-1, 1:-1])
+    wv = np.ascontiguousarray(v[1:-1, 1:-1])
+    if wu.shape != (n, m):
+        wu, wv = _nb_resize(wu, n, m), _nb_resize(wv, n, m)
+    rows.append((-1, n, m, "final", clock() - t0))
+    return wu, wv, rows
+
+
 def _empty_pyramid():
     return numba.typed.List.empty_list(numba.types.float64[:, :, ::1])
 
@@ -3439,8 +3554,9 @@ def compute_batch_valid_masks(w):
 #   ``(H, W, C)`` image whose values out-of-grid pixels of warped frames take.
 # * ``flows(state, frames, init, pool)``: ``w (n, H, W, 2)`` of preprocessed
 #   frames ``(n, H, W, C)``, starting from ``init (H, W, 2)``.
-# * ``register(state, frames, raw, init, method, pool)``: flows, the raw frames
-#   warped by them (float), valid masks ``(n, H, W)`` and statistics ``(4, n)``.
+# * ``register(state, frames, raw, init, method, pool, with_stats=True)``: flows,
+#   the raw frames warped by them (float), valid masks ``(n, H, W)`` and
+#   statistics ``(4, n)`` (left unset without ``with_stats``).
 # * ``pair(params, fixed, moving, init)``: ``w (H, W, 2)`` of one pair (Stage 2).
 #
 # ``params`` is a ``_FlowParams``.  Backends that need packages import them in
@@ -3498,7 +3614,7 @@ class FlowregBackend:
         list(pool.map(one, range(n)))
         return out
 
-    def register(self, state, frames, raw, init, method, pool):
+    def register(self, state, frames, raw, init, method, pool, with_stats=True):
         n, H, W, C = frames.shape
         ui, vi = _field_internal(init)
         w = np.empty((n, H, W, 2))
@@ -3515,7 +3631,8 @@ class FlowregBackend:
             w[k, ..., 1] = v.T
             reg[k] = out.transpose(2, 1, 0)
             valid[k] = ok.T
-            stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+            if with_stats:
+                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
 
         list(pool.map(one, range(n)))
         return w, reg, valid, stats
@@ -3796,15 +3913,36 @@ def _frame_statistics(u, v):
     ``imgradientxy`` (replicated edges, unnormalised), and the magnitude of the
     mean displacement.
     """
-    mag = np.hypot(u, v)
-    up = np.pad(u, 1, mode="edge")
-    vp = np.pad(v, 1, mode="edge")
-    gx = ((up[:-2, 2:] - up[:-2, :-2]) + 2.0 * (up[1:-1, 2:] - up[1:-1, :-2])
-          + (up[2:, 2:] - up[2:, :-2]))
-    gy = ((vp[2:, :-2] - vp[:-2, :-2]) + 2.0 * (vp[2:, 1:-1] - vp[:-2, 1:-1])
-          + (vp[2:, 2:] - vp[:-2, 2:]))
-    return (float(mag.mean()), float(mag.max()), float((gx + gy).mean()),
-            float(math.hypot(u.mean(), v.mean())))
+    return _nb_frame_statistics(np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64))
+
+
+@_njit
+def _nb_frame_statistics(u, v):
+    H, W = u.shape
+    s_mag = 0.0
+    m_mag = 0.0
+    s_div = 0.0
+    s_u = 0.0
+    s_v = 0.0
+    for y in range(H):
+        y0 = max(y - 1, 0)
+        y1 = min(y + 1, H - 1)
+        for x in range(W):
+            x0 = max(x - 1, 0)
+            x1 = min(x + 1, W - 1)
+            uu = u[y, x]
+            vv = v[y, x]
+            mag = math.sqrt(uu * uu + vv * vv)
+            s_mag += mag
+            if mag > m_mag or (y == 0 and x == 0):
+                m_mag = mag
+            gx = ((u[y0, x1] - u[y0, x0]) + 2.0 * (u[y, x1] - u[y, x0]) + (u[y1, x1] - u[y1, x0]))
+            gy = ((v[y1, x0] - v[y0, x0]) + 2.0 * (v[y1, x] - v[y0, x]) + (v[y1, x1] - v[y0, x1]))
+            s_div += gx + gy
+            s_u += uu
+            s_v += vv
+    n = H * W
+    return s_mag / n, m_mag, s_div / n, math.hypot(s_u / n, s_v / n)
 
 
 def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool):
@@ -3915,7 +4053,7 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     params = _flow_params(opts, C, alpha_offset=2.0)
     state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0))
     H, W = tmp.shape[1:3]
-    reg = backend.register(state, c1, tmp, np.zeros((H, W, 2)), 2, pool)[1]
+    reg = backend.register(state, c1, tmp, np.zeros((H, W, 2)), 2, pool, with_stats=False)[1]
     return reg.mean(axis=0, dtype=np.float64)
 
 

@@ -1330,6 +1330,27 @@ def test_red_black_flow_is_as_accurate_as_the_toolbox_order():
     assert epe(lex) < 0.1 and epe(rb) < 0.1 and epe(rb) < epe(lex) + 0.05
 
 
+@pytest.mark.parametrize("red_black, local, a_smooth", [(False, False, 1.0), (True, True, 0.5)])
+def test_profile_driver_computes_what_the_solver_computes(red_black, local, a_smooth):
+    # bench --profile times the steps from Python; its figures describe the real
+    # computation only if it performs exactly the same one.
+    f1, f2, _ = fs.synthetic_pair(size=(48, 40))
+    img1 = np.stack([f1, 0.5 * f1], axis=-1)
+    img2 = np.stack([f2, 0.5 * f2], axis=-1)
+    weight = np.random.default_rng(0).random((48, 40, 2)) if local else None
+    p = fs._displacement_params(img1.shape, weight=weight, a_smooth=a_smooth, iterations=12)
+    p = p._replace(red_black=red_black)
+    z = np.zeros((40, 48))
+    u0, v0 = fs._flow_internal(p, fs._to_internal(img1), fs._to_internal(img2), z, z)
+    u, v, rows = fs._profile_flow(p, fs._to_internal(img1), fs._to_internal(img2), z, z)
+    np.testing.assert_array_equal(u, u0)
+    np.testing.assert_array_equal(v, v0)
+    steps = {r[3] for r in rows}
+    assert steps == {"resize", "warp", "tensors", "refresh", "weights", "sweeps", "median",
+                     "final"}
+    assert all(r[4] >= 0 for r in rows)
+
+
 @pytest.mark.parametrize("params, match", [
     ({"sor_oder": "red_black"}, "unknown key 'sor_oder'; did you mean 'sor_order'"),
     ({"sor_order": "zigzag"}, "sor_order must be 'lexicographic' or 'red_black'"),

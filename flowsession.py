@@ -3945,14 +3945,16 @@ def _nb_frame_statistics(u, v):
     return s_mag / n, m_mag, s_div / n, math.hypot(s_u / n, s_v / n)
 
 
-def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool):
+def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, phases):
     """Flows and warped raw frames of batch frames ``[i0, i1)`` (see the backends).
 
     Returns ``(w (n, H, W, 2), registered (n, H, W, C) float, valid (n, H, W) bool,
     c1 (n, H, W, C) float64 preprocessed, statistics (4, n))``.
     """
-    c1 = pre.frames(i0, i1)
-    w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
+    with phases("preprocess"):
+        c1 = pre.frames(i0, i1)
+    with phases("flow and warp"):
+        w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
     return w, reg, valid, c1, stats
 
 
@@ -4057,6 +4059,24 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     return reg.mean(axis=0, dtype=np.float64)
 
 
+class _Phases:
+    """Wall time per phase of a run (``with phases("name"): ...``), for status.json."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def rounded(self):
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
 class _Progress:
     """Throttled progress log: frames done, frames/s, time left."""
 
@@ -4092,6 +4112,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     from concurrent.futures import ThreadPoolExecutor
 
     backend = backend if backend is not None else FlowregBackend()
+    phases = _Phases()
     T = len(reader)
     H, W, C = reader.height, reader.width, reader.n_channels
     if T == 0:
@@ -4113,7 +4134,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     progress = _Progress(name, T)
     writers = []
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool:
-        ref_raw = compute_reference(reader, opts, pool, name, backend)
+        with phases("reference"):
+            ref_raw = compute_reference(reader, opts, pool, name, backend)
         try:
             comp = open_writer(os.path.join(folder, f"compensated.{ext}"), opts.output_format,
                                height=H, width=W, n_channels=C, dtype=out_dtype)
@@ -4127,22 +4149,29 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                                       n_channels=2, dtype=np.float32, dataset_names=["u", "v"])
                 writers.append(wwr)
             state = w_init = None
-            for b0, raw in reader.iter_batches(opts.buffer_size):
+            batches = reader.iter_batches(opts.buffer_size)
+            while True:
+                with phases("read"):
+                    b0, raw = next(batches, (None, None))
+                if raw is None:
+                    break
                 n = len(raw)
                 _kill_point("stage1.batch")
                 _check_finite(raw, name, b0)
-                pre = _Preprocessed(raw, sigma, sep, pool)
+                with phases("preprocess"):
+                    pre = _Preprocessed(raw, sigma, sep, pool)
                 if state is None:
                     # First batch: the reference in preprocessed units (smoothed, scaled by
                     # the smoothed raw batch's range) and the flow initialisation from the
                     # first 22 frames.
-                    lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
-                    c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi,
-                                       clip=sep)
-                    state = backend.reference(params, c_ref, ref_raw)
-                    first = _Preprocessed(raw[:min(22, n)], sigma, sep, pool)
-                    w_init = backend.flows(state, first.frames(0, len(first.raw)),
-                                           np.zeros((H, W, 2)), pool).mean(axis=0)
+                    with phases("initial flows"):
+                        lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
+                        c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo,
+                                           hi, clip=sep)
+                        state = backend.reference(params, c_ref, ref_raw)
+                        first = _Preprocessed(raw[:min(22, n)], sigma, sep, pool)
+                        w_init = backend.flows(state, first.frames(0, len(first.raw)),
+                                               np.zeros((H, W, 2)), pool).mean(axis=0)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
                 n_ref = min(100, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
@@ -4151,14 +4180,15 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 for i0 in range(0, n, chunk):
                     i1 = min(i0 + chunk, n)
                     w, reg, valid, c1, st = _registered_frames(pre, raw, i0, i1, backend, state,
-                                                               init, method, pool)
+                                                               init, method, pool, phases)
                     stats[:, b0 + i0:b0 + i1] = st
-                    out = cast_to_dtype(reg, out_dtype)
-                    comp.append(out)
-                    avg += out.sum(axis=0, dtype=np.float64)
-                    idxw.append(np.where(valid, np.uint8(255), np.uint8(0))[..., None])
-                    if wwr is not None:
-                        wwr.append(w.astype(np.float32))
+                    with phases("write"):
+                        out = cast_to_dtype(reg, out_dtype)
+                        comp.append(out)
+                        avg += out.sum(axis=0, dtype=np.float64)
+                        idxw.append(np.where(valid, np.uint8(255), np.uint8(0))[..., None])
+                        if wwr is not None:
+                            wwr.append(w.astype(np.float32))
                     w_sum += w.sum(axis=0)
                     w_tail.extend(w[max(0, n - 21 - i0):])
                     w_tail = w_tail[-21:]
@@ -4186,7 +4216,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         atomic_save_npz(os.path.join(folder, "statistics.npz"), mean_disp=stats[0],
                         max_disp=stats[1], mean_div=stats[2], mean_translation=stats[3])
     return {"frames": T, "shape": [H, W, C], "dtype": str(out_dtype),
-            "compensated": f"compensated.{ext}"}
+            "compensated": f"compensated.{ext}", "backend": backend.name,
+            "phase_seconds": phases.rounded()}
 
 
 def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
@@ -5808,6 +5839,96 @@ def _bench_recording(n_frames, size, n_channels, seed=1, photons=10.0):
     return frames, w
 
 
+def _memory_bandwidth(n_threads, mib, reps=4):
+    """Bytes/s moved (read + write) by ``n_threads`` threads each copying a float64
+    array of ``mib`` MiB into another (numpy releases the GIL while copying)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(mib * 2 ** 20) // 8
+    bufs = [(np.ones(n), np.zeros(n)) for _ in range(n_threads)]
+
+    def copy(b):
+        for _ in range(reps):
+            np.copyto(b[1], b[0])
+
+    best = math.inf
+    with ThreadPoolExecutor(n_threads) as pool:
+        list(pool.map(copy, bufs))  # warm
+        for _ in range(3):  # best of three: the machine may be busy
+            t0 = time.perf_counter()
+            list(pool.map(copy, bufs))
+            best = min(best, time.perf_counter() - t0)
+    return 2 * 8 * n * reps * n_threads / best
+
+
+def _flow_bytes(p, H, W, C):
+    """Bytes one frame's flow must move through memory, level by level: every SOR
+    sweep reads du, dv and the five per-pixel constants and writes du, dv (plus the
+    edge weights unless a_smooth = 1); every refresh reads the six tensor planes
+    per channel, du, dv, u, v (and the weights when local) and writes the five
+    constants; tensors, warp and median read and write their planes once.  A lower
+    bound: resizing, halos and temporaries are not counted.
+    """
+    top, min_level, max_x, max_y = _nb_levels(H, W, p.eta, p.levels, p.min_level)
+    total = 0
+    for i in range(top, min_level - 1, -1):
+        lx, ly = _nb_level_size(H, W, p.eta, i, max_x, max_y)
+        N = (lx + 2) * (ly + 2)
+        sweep = 72 + (0 if p.a_smooth == 1.0 else 16)
+        refresh = (6 * C + 9 + (C if p.local else 0)) * 8
+        total += N * (p.iterations * sweep + (p.iterations // p.update_lag + 1) * refresh
+                      + 8 * C * 8 + 2 * C * 8 + 3 * 2 * 8)
+    return total
+
+
+def _print_profile(frames, opts, workers):
+    """Per-level, per-step times of one frame's flow at ``opts`` (one thread), and
+    how far that is from the memory-bandwidth bound of this machine."""
+    C = frames.shape[3]
+    H, W = frames.shape[1:3]
+    p = _flow_params(opts, C)
+    f = frames[:2].astype(np.float64)
+    f = (f - f.min()) / (f.max() - f.min())
+    f1, f2 = _to_internal(f[0]), _to_internal(f[1])
+    z = np.zeros((W, H))
+    _profile_flow(p, f1, f2, z, z)
+    runs = [_profile_flow(p, f1, f2, z, z)[2] for _ in range(3)]
+    table = {}
+    for rows in runs:
+        for lev, lx, ly, step, sec in rows:
+            table.setdefault((lev, lx, ly), {}).setdefault(step, []).append(sec)
+    steps = ["resize", "warp", "tensors", "refresh", "sweeps", "median", "final"]
+    print(f"\nFlow of one frame, step by step (one thread, median of 3 runs, ms; "
+          f"{p.iterations} SOR sweeps per level, refresh every {p.update_lag}):")
+    print("  level      size  " + "".join(f"{s:>9s}" for s in steps) + "    total")
+    totals = dict.fromkeys(steps, 0.0)
+    for (lev, lx, ly), d in table.items():
+        vals = {s: float(np.median(d[s])) * 1e3 if s in d else 0.0 for s in steps}
+        vals["refresh"] += float(np.median(d.get("weights", [0.0]))) * 1e3
+        for s in steps:
+            totals[s] += vals[s]
+        name = "final" if lev < 0 else f"{lev:5d}"
+        print(f"  {name:>5s} {ly:4d}x{lx:<4d} " + "".join(f"{vals[s]:9.2f}" for s in steps)
+              + f"{sum(vals.values()):9.2f}")
+    whole = sum(totals.values())
+    print("  share          " + "".join(f"{100 * totals[s] / whole:8.1f}%" for s in steps)
+          + f"{whole:9.2f}")
+    nbytes = _flow_bytes(p, H, W, C)
+    top, lo, mx, my = _nb_levels(H, W, p.eta, p.levels, p.min_level)
+    lx, ly = _nb_level_size(H, W, p.eta, lo, mx, my)
+    big = (lx + 2) * (ly + 2) * 8 * (6 * C + 11)  # the finest level's planes
+    print(f"\nBytes one frame's flow must move (lower bound, model in _flow_bytes): "
+          f"{nbytes / 1e6:.1f} MB; the finest level's arrays: {big / 2 ** 20:.1f} MiB")
+    for label, mib in (("cache-resident (like one level's arrays)", max(1.0, big / 2 ** 20)),
+                       ("main memory (1 GiB arrays)", 1024)):
+        bw1 = _memory_bandwidth(1, mib)
+        bwn = _memory_bandwidth(workers, mib) if workers > 1 else bw1
+        print(f"  {label}: copy bandwidth {bw1 / 1e9:.1f} GB/s on one thread, {bwn / 1e9:.1f} "
+              f"GB/s on {workers}; bound {nbytes / bw1 * 1e3:.1f} ms per frame per core, "
+              f"{bwn / nbytes:.0f} frames/s on {workers} threads; measured {whole:.1f} ms "
+              f"per frame per core = {whole / (nbytes / bw1 * 1e3):.1f}x the bound")
+
+
 def _cmd_bench(args):
     import resource
     import shutil
@@ -5828,6 +5949,7 @@ def _cmd_bench(args):
         dt = time.perf_counter() - t0
         with h5py.File(os.path.join(out, "w.hdf5"), "r") as f:
             w = np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
+        phases = _load_status(out).get("stage1", {}).get("phase_seconds", {})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     b = max(4, args.size // 16)
@@ -5845,6 +5967,9 @@ def _cmd_bench(args):
     print(f"  endpoint error        {epe:10.3f} px (without correction {epe0:.3f} px; "
           f"{b}-px border excluded)")
     print(f"  peak memory           {peak:10.1f} MiB (this process)")
+    print("  wall time by phase    " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
+    if args.profile:
+        _print_profile(frames, resolve_flow_options(cfg), workers)
     return 0 if epe < 0.5 * epe0 else 1
 
 
@@ -5904,6 +6029,9 @@ def _build_parser():
     m.add_argument("--channels", type=int, default=1, choices=[1, 2, 3, 4])
     m.add_argument("--preset", default="balanced", choices=["quality", "balanced", "fast"])
     m.add_argument("--workers", type=int, default=-1, help="threads (default -1: all CPUs)")
+    m.add_argument("--profile", action="store_true",
+                   help="also time one frame's flow step by step on every pyramid level and "
+                        "compare it with this machine's memory-bandwidth bound")
     m.set_defaults(func=_cmd_bench)
     e = sub.add_parser("example", help="make a small synthetic session with known motion, run "
                        "all stages and compare with the truth")

@@ -1330,6 +1330,16 @@ def test_red_black_flow_is_as_accurate_as_the_toolbox_order():
     assert epe(lex) < 0.1 and epe(rb) < 0.1 and epe(rb) < epe(lex) + 0.05
 
 
+def test_flow_bytes_counts_the_sweeps_and_refreshes():
+    # One 8x6 level (no pyramid), C = 1, a_smooth = 1: per haloed pixel (10 x 8)
+    # 72 B per sweep, (6 + 9) * 8 B per refresh, 64 + 16 + 48 B for tensors, warp
+    # and median.
+    p = fs._displacement_params((6, 8, 1), levels=0, iterations=10, update_lag=5, a_smooth=1.0)
+    assert fs._flow_bytes(p, 6, 8, 1) == 80 * (10 * 72 + 3 * 120 + 128)
+    q = p._replace(a_smooth=0.5)
+    assert fs._flow_bytes(q, 6, 8, 1) - fs._flow_bytes(p, 6, 8, 1) == 80 * 10 * 16
+
+
 @pytest.mark.parametrize("red_black, local, a_smooth", [(False, False, 1.0), (True, True, 0.5)])
 def test_profile_driver_computes_what_the_solver_computes(red_black, local, a_smooth):
     # bench --profile times the steps from Python; its figures describe the real
@@ -3274,9 +3284,12 @@ def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
 
 
 def test_bench_command_reports_speed_accuracy_and_memory():
-    r = _cli(["bench", "--size", "64", "--frames", "24", "--preset", "fast", "--workers", "2"])
+    r = _cli(["bench", "--size", "64", "--frames", "24", "--preset", "fast", "--workers", "2",
+              "--profile"])
     assert r.returncode == 0, r.stderr[-2000:]
-    for label in ("frames/s", "s per frame per core", "endpoint error", "peak memory"):
+    for label in ("frames/s", "s per frame per core", "endpoint error", "peak memory",
+                  "wall time by phase", "reference", "flow and warp", "sweeps", "share",
+                  "main memory", "x the bound"):
         assert label in r.stdout, r.stdout
     epe = float(r.stdout.split("endpoint error")[1].split()[0])
     moved = float(r.stdout.split("without correction")[1].split()[0])

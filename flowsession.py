@@ -2809,17 +2809,25 @@ def _nb_level_size(m, n, eta, i, max_x, max_y):
 
 @_njit
 def _nb_reference_pyramid(f1, eta, levels, min_level):
-    """Every level of a reference stack ``(C, nx, ny)``, coarsest first.
+    """Every level of a reference stack ``(C, nx, ny)``, coarsest first, one after the
+    other in one flat array (a level's place follows from the level sizes).
 
     The reference of a recording is the same for all its frames, so its pyramid
-    is resized once and passed to ``_nb_get_displacement``.
+    is resized once and passed to ``_nb_get_displacement``.  (A flat array rather
+    than a typed list: typed lists compile helper code on every new process.)
     """
     C, n, m = f1.shape
     top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
-    out = numba.typed.List()
+    total = 0
     for i in range(top, min_level - 1, -1):
         lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
-        out.append(_nb_resize_stack(f1, lx, ly))
+        total += C * lx * ly
+    out = np.empty(total)
+    pos = 0
+    for i in range(top, min_level - 1, -1):
+        lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
+        out[pos:pos + C * lx * ly] = _nb_resize_stack(f1, lx, ly).ravel()
+        pos += C * lx * ly
     return out
 
 
@@ -2840,10 +2848,12 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
     top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
     u = np.zeros((1, 1))
     v = np.zeros((1, 1))
+    pos = 0
     for i in range(top, min_level - 1, -1):
         lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
         if use_pyramid:
-            F1 = pyramid[top - i]
+            F1 = pyramid[pos:pos + C * lx * ly].reshape((C, lx, ly))
+            pos += C * lx * ly
         else:
             F1 = _nb_resize_stack(f1, lx, ly)
         F2 = _nb_resize_stack(f2, lx, ly)
@@ -3421,7 +3431,7 @@ def _profile_flow(p, f1, f2, ui0, vi0):
 
 
 def _empty_pyramid():
-    return numba.typed.List.empty_list(numba.types.float64[:, :, ::1])
+    return np.empty(0)
 
 
 def _reference_pyramid(p, f1):

@@ -2928,10 +2928,10 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
 #   finite iterations and lagged nonlinearities the fields differ by a fraction
 #   of the flow's error (``test_red_black_flow_is_as_accurate_as_the_toolbox_order``);
 # * from ``FlowregBackend({"sor_order": "red_black"})``: rounding only.  With
-#   ``precision = "float64"`` the fields agree to about 1e-12 px (the GPU fuses
+#   ``precision = "float64"`` the fields agree to about 1e-13 px (a GPU also fuses
 #   multiply-adds and evaluates ``pow`` with its own library); with the default
-#   ``"float32"`` to about 1e-3 px (single rounding amplified by the nonlinear
-#   iterations; see the tests for the measured figures).  The reference pyramid
+#   ``"float32"`` to about 1e-4 px (single rounding amplified by the nonlinear
+#   iterations and the pyramid; the tests state the measured figures).  The reference pyramid
 #   and the per-level weight maps are built on the host in float64 once per
 #   reference and kept on the device; the median is exact in both precisions.
 #

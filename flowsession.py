@@ -121,6 +121,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -2923,8 +2924,675 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
 ### CUDA kernels (lazy)
 ###############################################################################
 #
-# The GPU backend (``flow_backend = "flowreg_cuda"``) imports numba.cuda only when
-# it is chosen.  Not part of this version.
+# The GPU backend (``flow_backend = "flowreg_cuda"``, ``CudaBackend``) runs the
+# whole per-frame computation of ``_nb_get_displacement`` on one GPU with Numba
+# CUDA kernels: resizes, warps, motion tensors, the level solver, the median
+# filter, the final upsampling and the warp of the raw frames with its valid
+# mask.  numba.cuda is imported only when the backend is built
+# (``_cuda_kernels``), never when this module is imported.
+#
+# Layout.  The device arrays keep the CPU kernels' transposed orientation, so
+# index (a, b) and the red-black parity are the same on both sides: a batch of
+# ``n`` frames with ``C`` channels is a stack of ``n * C`` planes ``(n * C, nx, ny)``
+# (plane ``k * C + c`` is channel c of frame k), fields and solver arrays are
+# ``(n, NX, NY)`` with the one-pixel halo, ``NX = nx + 2``.  A kernel runs one
+# thread per pixel of every plane of the batch: thread x walks axis 2 (contiguous),
+# y axis 1, z the planes, so one launch covers the whole batch.  The level loop
+# and the SOR iterations run on the host, launching kernels over the batch.
+#
+# Ordering.  The solver is SOR in red-black order, identical to the CPU backend
+# with ``sor_order = "red_black"`` (``_nb_sor_sweep_rb``): within a sweep every
+# interior pixel with ``(a + b)`` even on the haloed grid ("red") is updated at
+# once, then every odd one ("black"); at a pixel du is updated first and dv uses
+# that new du; the Neumann halo is reset once before every sweep; psi eps
+# (PSI_EPS), the refresh when ``it % update_lag == 0`` (it from 1), the one-sided
+# border gradients of psi_s and ``matlab_quirks`` are those of the CPU solver.
+# Differences from the CPU path:
+#
+# * from the toolbox's lexicographic order (the CPU default): red pixels see the
+#   black values of the previous sweep, black pixels the red values of this one,
+#   so the iterates differ after the first sweep; both orders are SOR on the same
+#   linearised system and converge to its solution, but with the toolbox's
+#   finite iterations and lagged nonlinearities the fields differ by a fraction
+#   of the flow's error (``test_red_black_flow_is_as_accurate_as_the_toolbox_order``);
+# * from ``FlowregBackend({"sor_order": "red_black"})``: rounding only.  With
+#   ``precision = "float64"`` the fields agree to about 1e-13 px (a GPU also fuses
+#   multiply-adds and evaluates ``pow`` with its own library); with the default
+#   ``"float32"`` to about 1e-4 px (single rounding amplified by the nonlinear
+#   iterations and the pyramid; the tests state the measured figures).  The reference pyramid
+#   and the per-level weight maps are built on the host in float64 once per
+#   reference and kept on the device; the median is exact in both precisions.
+#
+# Batching.  ``register`` and ``flows`` take the frames Stage 1 hands them and
+# split them into batches of ``batch_frames`` frames (default: what fits in
+# half the free GPU memory, ``_cuda_batch_frames``).  Per batch the raw frames
+# (in their own dtype) and the preprocessed frames go to the device once, every
+# kernel runs over the whole batch, and the registered frames, the valid masks
+# and the fields come back once.  Work arrays are reused between levels and
+# batches.
+#
+# Bandwidth bound of the solver (512 x 512, one channel, float32, H100 with
+# 3.35 TB/s).  One colour of a sweep reads du and dv (centre and neighbours: the
+# whole arrays go through the caches), A12, Du, Dv, cu and cv of its pixels (a
+# stride-2 access, so whole cache lines: the whole arrays) and writes du and dv:
+# 9 arrays x 4 B, 72 B per pixel and sweep for both colours (88 B when a_smooth
+# != 1 adds the edge weights wxe, wye).  A refresh (every update_lag = 5 sweeps)
+# reads the six tensors, du, dv, u, v, wxe, wye and writes five arrays: 17 x 4 B,
+# 68 B per pixel, 13.6 B per sweep; about 86 B per pixel and sweep in all.  The
+# presets keep levels = 100, eta = 0.8 and iterations = 50 (50 sweeps per level);
+# the pyramid of 512 has 18 levels (sizes 512 * 0.8^i down to 10 px).
+#
+# * quality (min_level 0): sum over levels of the pixels = 512^2 * sum_{i=0}^{17}
+#   0.64^i = 0.73 Mpx; 0.73e6 x 50 x 86 B = 3.1 GB per frame, 0.94 ms at 3.35 TB/s:
+#   a bound of about 1070 frames/s for the solver (3x of it: 360 frames/s).
+# * balanced (min_level 4): 512^2 * sum_{i=4}^{17} 0.64^i = 0.12 Mpx: 0.53 GB
+#   per frame, 0.16 ms: about 6400 frames/s (3x: 2100 frames/s).
+#
+# The rest of a frame is small next to it at quality (tensors, warps and the
+# median once per level, about 30 arrays, 0.1 GB) but not at balanced, where the
+# full-size upsampling and the warp of the raw frame (about 12 arrays of 1 MiB)
+# add 0.01 ms.  Until a GPU run says otherwise this estimate stands in for a
+# measurement; ``benchmarks/cuda_stage1.py`` measures Stage 1 end to end.
+
+#: numba.cuda once a CUDA backend is built.  The kernels refer to it as a module
+#: global (not a closure variable) because Numba's simulator swaps the globals
+#: that hold numba.cuda for its own thread-level implementation.
+_cuda = None
+
+#: Threads per block (along axis 2 and axis 1 of a plane).  The simulator runs the
+#: threads of a block as concurrent Python threads, which is fastest one at a time.
+_CUDA_BLOCK = (32, 8)
+_CUDA_SIM_BLOCK = (1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels(precision):
+    """The CUDA kernels for ``precision`` ("float32" or "float64"), compiled on use.
+
+    Every floating constant is of the precision's type, so float32 kernels stay
+    in single precision.  Returns a namespace of kernels and launch helpers.
+    """
+    import types
+
+    global _cuda
+    from numba import cuda
+
+    _cuda = cuda
+    F = np.float32 if precision == "float32" else np.float64
+    ZERO, HALF, ONE, TWO, THREE = F(0.0), F(0.5), F(1.0), F(2.0), F(3.0)
+    K15, K25, FOUR = F(1.5), F(2.5), F(4.0)
+    EPS_PSI = F(PSI_EPS)
+    EPS_ZIM = F(ZIMMER_EPS)
+    simulated = _cuda_simulated()
+    # Under the simulator device functions are plain Python functions: the same code,
+    # without the simulator's per-call wrapper (which dominates its run time).
+    dev = (lambda f: f) if simulated else cuda.jit(device=True)
+    STATS_THREADS = 16 if simulated else 256
+
+    # ---- helpers ---------------------------------------------------------
+
+    @dev
+    def keys(x):
+        ax = abs(x)
+        ax2 = ax * ax
+        ax3 = ax2 * ax
+        if ax <= ONE:
+            return K15 * ax3 - K25 * ax2 + ONE
+        if ax <= TWO:
+            return -HALF * ax3 + K25 * ax2 - FOUR * ax + TWO
+        return ZERO
+
+    # min and max written out: the built-in ones do not compile for CUDA in every
+    # Numba version.
+    @dev
+    def lesser(x, y):
+        return x if x < y else y
+
+    @dev
+    def greater(x, y):
+        return x if x > y else y
+
+    @dev
+    def clamp(i, lo, hi):
+        return lesser(greater(i, lo), hi)
+
+    @dev
+    def cell(pos, n):
+        i = int(pos)
+        if i > n - 2:
+            i = n - 2
+        if i < 0:
+            i = 0
+        return i, pos - F(i)
+
+    @dev
+    def ecol(src, p, a, j, ny):
+        """Sample j (0 .. ny + 1) of row a of plane p with interp2's edge rule on axis 1."""
+        if j == 0:
+            if ny >= 3:
+                return THREE * src[p, a, 0] - THREE * src[p, a, 1] + src[p, a, 2]
+            return src[p, a, 0]
+        if j == ny + 1:
+            if ny >= 3:
+                return THREE * src[p, a, ny - 1] - THREE * src[p, a, ny - 2] + src[p, a, ny - 3]
+            return src[p, a, ny - 1]
+        return src[p, a, j - 1]
+
+    @dev
+    def ext(src, p, i, j, nx, ny):
+        """``_nb_extrapolated(src[p])[i, j]`` without building the padded plane."""
+        if i == 0:
+            if nx >= 3:
+                return (THREE * ecol(src, p, 0, j, ny) - THREE * ecol(src, p, 1, j, ny)
+                        + ecol(src, p, 2, j, ny))
+            return ecol(src, p, 0, j, ny)
+        if i == nx + 1:
+            if nx >= 3:
+                return (THREE * ecol(src, p, nx - 1, j, ny) - THREE * ecol(src, p, nx - 2, j, ny)
+                        + ecol(src, p, nx - 3, j, ny))
+            return ecol(src, p, nx - 1, j, ny)
+        return ecol(src, p, i - 1, j, ny)
+
+    @dev
+    def padded(f, p, a, b):
+        """``_nb_pad_symmetric1(f[p])[a, b]``: the edge sample repeated."""
+        return f[p, clamp(a - 1, 0, f.shape[1] - 1), clamp(b - 1, 0, f.shape[2] - 1)]
+
+    @dev
+    def grad_sum0(f, g, k, a, b, h):
+        """``_nb_grad0(f[k] + g[k], h)[a, b]``."""
+        n0 = f.shape[1]
+        if n0 < 2:
+            return ZERO
+        if a == 0:
+            return ((f[k, 1, b] + g[k, 1, b]) - (f[k, 0, b] + g[k, 0, b])) / h
+        if a == n0 - 1:
+            return ((f[k, a, b] + g[k, a, b]) - (f[k, a - 1, b] + g[k, a - 1, b])) / h
+        return ((f[k, a + 1, b] + g[k, a + 1, b]) - (f[k, a - 1, b] + g[k, a - 1, b])) / (TWO * h)
+
+    @dev
+    def grad_sum1(f, g, k, a, b, h):
+        """``_nb_grad1(f[k] + g[k], h)[a, b]``."""
+        n1 = f.shape[2]
+        if n1 < 2:
+            return ZERO
+        if b == 0:
+            return ((f[k, a, 1] + g[k, a, 1]) - (f[k, a, 0] + g[k, a, 0])) / h
+        if b == n1 - 1:
+            return ((f[k, a, b] + g[k, a, b]) - (f[k, a, b - 1] + g[k, a, b - 1])) / h
+        return ((f[k, a, b + 1] + g[k, a, b + 1]) - (f[k, a, b - 1] + g[k, a, b - 1])) / (TWO * h)
+
+    @dev
+    def mirror(t, n):
+        """Index t in [-2, n + 1] mirrored into [0, n - 1] (edge repeated; n >= 2)."""
+        if t < 0:
+            return -t - 1
+        if t >= n:
+            return 2 * n - 1 - t
+        return t
+
+    @dev
+    def median25(f, k, a, b):
+        """5x5 median at interior pixel (a, b) of haloed ``f[k]``, the interior padded
+        symmetrically (``_nb_medfilt5_interior``); exact (selection of the 13th)."""
+        buf = _cuda.local.array(25, F)
+        nx = f.shape[1] - 2
+        ny = f.shape[2] - 2
+        t = 0
+        for i in range(-2, 3):
+            ia = mirror(a - 1 + i, nx) + 1
+            for j in range(-2, 3):
+                buf[t] = f[k, ia, mirror(b - 1 + j, ny) + 1]
+                t += 1
+        for i in range(13):
+            m = i
+            for j in range(i + 1, 25):
+                if buf[j] < buf[m]:
+                    m = j
+            x = buf[m]
+            buf[m] = buf[i]
+            buf[i] = x
+        return buf[12]
+
+    # ---- elementwise and layout kernels ------------------------------------
+
+    @cuda.jit
+    def fill(f, value):
+        b, a, k = _cuda.grid(3)
+        if k < f.shape[0] and a < f.shape[1] and b < f.shape[2]:
+            f[k, a, b] = value
+
+    @cuda.jit
+    def copy(src, dst):
+        b, a, k = _cuda.grid(3)
+        if k < dst.shape[0] and a < dst.shape[1] and b < dst.shape[2]:
+            dst[k, a, b] = src[k, a, b]
+
+    @cuda.jit
+    def broadcast(src, dst):
+        """``dst[k] = src`` for every plane k."""
+        b, a, k = _cuda.grid(3)
+        if k < dst.shape[0] and a < dst.shape[1] and b < dst.shape[2]:
+            dst[k, a, b] = src[a, b]
+
+    @cuda.jit
+    def to_planes(src, dst):
+        """Frames ``(n, H, W, C)`` of any numeric dtype -> planes ``(n * C, W, H)``."""
+        y, x, q = _cuda.grid(3)
+        C = src.shape[3]
+        if q < dst.shape[0] and x < dst.shape[1] and y < dst.shape[2]:
+            dst[q, x, y] = F(src[q // C, y, x, q % C])
+
+    @cuda.jit
+    def from_planes(src, dst):
+        """Planes ``(n * C, W, H)`` -> frames ``(n, H, W, C)``."""
+        y, x, q = _cuda.grid(3)
+        C = dst.shape[3]
+        if q < src.shape[0] and x < src.shape[1] and y < src.shape[2]:
+            dst[q // C, y, x, q % C] = src[q, x, y]
+
+    @cuda.jit
+    def fields_out(u, v, valid, w, mask):
+        """``u, v (n, W, H)`` -> ``w (n, H, W, 2)``; ``valid (n, W, H)`` -> ``mask (n, H, W)``."""
+        y, x, k = _cuda.grid(3)
+        if k < u.shape[0] and x < u.shape[1] and y < u.shape[2]:
+            w[k, y, x, 0] = u[k, x, y]
+            w[k, y, x, 1] = v[k, x, y]
+            mask[k, y, x] = valid[k, x, y]
+
+    @cuda.jit
+    def halo(f, g):
+        """Neumann halo of ``f`` and ``g`` (``_nb_set_boundary``, ``_nb_pad_edge``): every
+        ring pixel takes the value of the nearest interior pixel.  One thread per ring
+        pixel (index t along the ring), z over planes."""
+        t, _, k = _cuda.grid(3)
+        NX = f.shape[1]
+        NY = f.shape[2]
+        if k >= f.shape[0]:
+            return
+        if t < NY:
+            a, b = 0, t
+        elif t < 2 * NY:
+            a, b = NX - 1, t - NY
+        elif t < 2 * NY + 2 * (NX - 2):
+            r = t - 2 * NY
+            a = 1 + r // 2
+            b = 0 if r % 2 == 0 else NY - 1
+        else:
+            return
+        sa = clamp(a, 1, NX - 2)
+        sb = clamp(b, 1, NY - 2)
+        f[k, a, b] = f[k, sa, sb]
+        g[k, a, b] = g[k, sa, sb]
+
+    # ---- resize (imresize, one axis at a time) ----------------------------
+
+    @cuda.jit
+    def resize0(src, wts, idx, out):
+        """Axis 0 of ``_nb_resize_axis0`` for every plane: taps with weight 0 skipped."""
+        b, o, p = _cuda.grid(3)
+        if p >= out.shape[0] or o >= out.shape[1] or b >= out.shape[2]:
+            return
+        acc = ZERO
+        for t in range(wts.shape[1]):
+            wv = wts[o, t]
+            if wv != ZERO:
+                acc += wv * src[p, idx[o, t], b]
+        out[p, o, b] = acc
+
+    @cuda.jit
+    def resize1(src, wts, idx, out):
+        """Axis 1 of ``_nb_resize_axis1`` for every plane."""
+        o, a, p = _cuda.grid(3)
+        if p >= out.shape[0] or a >= out.shape[1] or o >= out.shape[2]:
+            return
+        acc = ZERO
+        for t in range(wts.shape[1]):
+            acc += wts[o, t] * src[p, a, idx[o, t]]
+        out[p, a, o] = acc
+
+    # ---- warp (imwarp) ------------------------------------------------------
+
+    @cuda.jit
+    def warp(src, u, v, hu, hv, fill_img, method, out, valid):
+        """``_nb_warp_plane`` of every channel of every frame.
+
+        ``src, out (n * C, nx, ny)``; ``u, v (n, nx, ny)``; ``fill_img (C, nx, ny)``;
+        ``valid (n, nx, ny)`` uint8.  ``method`` 0 nearest, 1 linear, 2 cubic.
+        """
+        y, x, k = _cuda.grid(3)
+        nx = u.shape[1]
+        ny = u.shape[2]
+        C = fill_img.shape[0]
+        if k >= u.shape[0] or x >= nx or y >= ny:
+            return
+        px = F(x) + u[k, x, y] / hu
+        py = F(y) + v[k, x, y] / hv
+        if not (px >= ZERO and px <= F(nx - 1) and py >= ZERO and py <= F(ny - 1)):
+            for c in range(C):
+                out[k * C + c, x, y] = fill_img[c, x, y]
+            valid[k, x, y] = 0
+            return
+        valid[k, x, y] = 1
+        if method == 0:
+            ix = int(math.floor(px + HALF))  # px, py >= 0: MATLAB round
+            iy = int(math.floor(py + HALF))
+            for c in range(C):
+                out[k * C + c, x, y] = src[k * C + c, ix, iy]
+            return
+        if nx == 1:
+            ix, tx = 0, ZERO
+        else:
+            ix, tx = cell(px, nx)
+        if ny == 1:
+            iy, ty = 0, ZERO
+        else:
+            iy, ty = cell(py, ny)
+        if method == 1:
+            ix1 = lesser(ix + 1, nx - 1)
+            iy1 = lesser(iy + 1, ny - 1)
+            for c in range(C):
+                q = k * C + c
+                out[q, x, y] = ((ONE - tx) * ((ONE - ty) * src[q, ix, iy] + ty * src[q, ix, iy1])
+                                + tx * ((ONE - ty) * src[q, ix1, iy] + ty * src[q, ix1, iy1]))
+            return
+        wy0 = keys(ty + ONE)
+        wy1 = keys(ty)
+        wy2 = keys(ONE - ty)
+        wy3 = keys(TWO - ty)
+        y3 = lesser(iy + 3, ny + 1)
+        for c in range(C):
+            q = k * C + c
+            acc = ZERO
+            for p in range(4):
+                wx = keys(tx + ONE - F(p))
+                if wx == ZERO:
+                    continue
+                xi = lesser(ix + p, nx + 1)
+                acc += wx * (wy0 * ext(src, q, xi, iy, nx, ny) + wy1 * ext(src, q, xi, iy + 1, nx, ny)
+                             + wy2 * ext(src, q, xi, iy + 2, nx, ny)
+                             + wy3 * ext(src, q, xi, y3, nx, ny))
+            out[q, x, y] = acc
+
+    # ---- motion tensors -----------------------------------------------------
+
+    @cuda.jit
+    def tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+        """``_nb_tensor_gc`` of every plane: ``f1 (C, nx, ny)`` reference, ``f2 (n * C, nx, ny)``
+        warped moving, outputs ``(n * C, nx + 2, ny + 2)`` with a zero ring."""
+        b, a, q = _cuda.grid(3)
+        NX = J11.shape[1]
+        NY = J11.shape[2]
+        if q >= J11.shape[0] or a >= NX or b >= NY:
+            return
+        if a == 0 or b == 0 or a == NX - 1 or b == NY - 1:
+            J11[q, a, b] = ZERO
+            J22[q, a, b] = ZERO
+            J33[q, a, b] = ZERO
+            J12[q, a, b] = ZERO
+            J13[q, a, b] = ZERO
+            J23[q, a, b] = ZERO
+            return
+        c = q % f1.shape[0]
+        hx2 = hx * hx
+        hy2 = hy * hy
+        p1 = padded(f1, c, a, b)
+        p2 = padded(f2, q, a, b)
+        fxx = HALF * ((padded(f1, c, a - 1, b) - TWO * p1 + padded(f1, c, a + 1, b)) / hx2
+                      + (padded(f2, q, a - 1, b) - TWO * p2 + padded(f2, q, a + 1, b)) / hx2)
+        fyy = HALF * ((padded(f1, c, a, b - 1) - TWO * p1 + padded(f1, c, a, b + 1)) / hy2
+                      + (padded(f2, q, a, b - 1) - TWO * p2 + padded(f2, q, a, b + 1)) / hy2)
+        # fx (frame-averaged central x-derivative) at the re-padded columns b -/+ 1
+        bl = greater(b - 1, 1)
+        br = lesser(b + 1, NY - 2)
+        fx_l = HALF * ((padded(f1, c, a + 1, bl) - padded(f1, c, a - 1, bl)) / (TWO * hx)
+                       + (padded(f2, q, a + 1, bl) - padded(f2, q, a - 1, bl)) / (TWO * hx))
+        fx_r = HALF * ((padded(f1, c, a + 1, br) - padded(f1, c, a - 1, br)) / (TWO * hx)
+                       + (padded(f2, q, a + 1, br) - padded(f2, q, a - 1, br)) / (TWO * hx))
+        cxy = (fx_r - fx_l) / (TWO * hy)
+        # ft = F2 - F1 re-padded: the padded planes at clamped interior indices
+        al = greater(a - 1, 1)
+        ar = lesser(a + 1, NX - 2)
+        cxt = ((padded(f2, q, ar, b) - padded(f1, c, ar, b))
+               - (padded(f2, q, al, b) - padded(f1, c, al, b))) / (TWO * hx)
+        cyt = ((padded(f2, q, a, br) - padded(f1, c, a, br))
+               - (padded(f2, q, a, bl) - padded(f1, c, a, bl))) / (TWO * hy)
+        rx = ONE / (fxx * fxx + cxy * cxy + EPS_ZIM)
+        ry = ONE / (cxy * cxy + fyy * fyy + EPS_ZIM)
+        J11[q, a, b] = rx * fxx * fxx + ry * cxy * cxy
+        J22[q, a, b] = rx * cxy * cxy + ry * fyy * fyy
+        J33[q, a, b] = rx * cxt * cxt + ry * cyt * cyt
+        J12[q, a, b] = rx * fxx * cxy + ry * cxy * fyy
+        J13[q, a, b] = rx * fxx * cxt + ry * cxy * cyt
+        J23[q, a, b] = rx * cxy * cxt + ry * fyy * cyt
+
+    @cuda.jit
+    def tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+        """``_nb_tensor_gray`` of every plane (shapes as ``tensor_gc``)."""
+        b, a, q = _cuda.grid(3)
+        NX = J11.shape[1]
+        NY = J11.shape[2]
+        if q >= J11.shape[0] or a >= NX or b >= NY:
+            return
+        if a == 0 or b == 0 or a == NX - 1 or b == NY - 1:
+            J11[q, a, b] = ZERO
+            J22[q, a, b] = ZERO
+            J33[q, a, b] = ZERO
+            J12[q, a, b] = ZERO
+            J13[q, a, b] = ZERO
+            J23[q, a, b] = ZERO
+            return
+        c = q % f1.shape[0]
+        fx = HALF * ((padded(f1, c, a + 1, b) - padded(f1, c, a - 1, b)) / (TWO * hx)
+                     + (padded(f2, q, a + 1, b) - padded(f2, q, a - 1, b)) / (TWO * hx))
+        fy = HALF * ((padded(f1, c, a, b + 1) - padded(f1, c, a, b - 1)) / (TWO * hy)
+                     + (padded(f2, q, a, b + 1) - padded(f2, q, a, b - 1)) / (TWO * hy))
+        ft = padded(f2, q, a, b) - padded(f1, c, a, b)
+        J11[q, a, b] = fx * fx
+        J22[q, a, b] = fy * fy
+        J33[q, a, b] = ft * ft
+        J12[q, a, b] = fx * fy
+        J13[q, a, b] = fx * ft
+        J23[q, a, b] = fy * ft
+
+    # ---- level solver -------------------------------------------------------
+
+    @cuda.jit
+    def refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, first,
+                psi_all_ones, u, v, wxe, wye, omega, A12, Du, Dv, cu, cv):
+        """``_nb_refresh`` of every frame: tensors ``(n * C, NX, NY)``, ``weight (C, NX, NY)``
+        when ``local`` else ``(C, 1, 1)``, ``a_data (C,)``, the rest ``(n, NX, NY)``."""
+        b, a, k = _cuda.grid(3)
+        NX = du.shape[1]
+        NY = du.shape[2]
+        if k >= du.shape[0] or a < 1 or b < 1 or a >= NX - 1 or b >= NY - 1:
+            return
+        C = a_data.shape[0]
+        d = du[k, a, b]
+        e = dv[k, a, b]
+        s11 = ZERO
+        s12 = ZERO
+        s22 = ZERO
+        s13 = ZERO
+        s23 = ZERO
+        for c in range(C):
+            q = k * C + c
+            if first:
+                psi = ONE if (c == 0 or psi_all_ones) else ZERO
+            else:
+                en = (J11[q, a, b] * d * d + J22[q, a, b] * e * e + J23[q, a, b] * e
+                      + TWO * J12[q, a, b] * d * e + TWO * J13[q, a, b] * d
+                      + J23[q, a, b] * e + J33[q, a, b])
+                if en < ZERO:
+                    en = ZERO
+                psi = a_data[c] * math.pow(en + EPS_PSI, a_data[c] - ONE)
+            wp = (weight[c, a, b] if local else weight[c, 0, 0]) * psi
+            s11 += wp * J11[q, a, b]
+            s12 += wp * J12[q, a, b]
+            s22 += wp * J22[q, a, b]
+            s13 += wp * J13[q, a, b]
+            s23 += wp * J23[q, a, b]
+        wl = wxe[k, a - 1, b]
+        wr = wxe[k, a, b]
+        wd = wye[k, a, b]
+        wu = wye[k, a, b - 1]
+        uc = u[k, a, b]
+        vc = v[k, a, b]
+        cu[k, a, b] = (wl * (u[k, a - 1, b] - uc) + wr * (u[k, a + 1, b] - uc)
+                       + wd * (u[k, a, b + 1] - uc) + wu * (u[k, a, b - 1] - uc)) - s13
+        cv[k, a, b] = (wl * (v[k, a - 1, b] - vc) + wr * (v[k, a + 1, b] - vc)
+                       + wd * (v[k, a, b + 1] - vc) + wu * (v[k, a, b - 1] - vc)) - s23
+        sw = wl + wr + wd + wu
+        den = sw + s11
+        Du[k, a, b] = omega / den if den != ZERO else ZERO
+        den = sw + s22
+        Dv[k, a, b] = omega / den if den != ZERO else ZERO
+        A12[k, a, b] = s12
+
+    @cuda.jit
+    def smooth_psi(u, v, du, dv, a_smooth, hx, hy, psi):
+        """The lagged diffusivity of ``_nb_smooth_weights`` at every pixel of the haloed grid."""
+        b, a, k = _cuda.grid(3)
+        if k >= u.shape[0] or a >= u.shape[1] or b >= u.shape[2]:
+            return
+        ux = grad_sum0(u, du, k, a, b, hx)
+        uy = grad_sum1(u, du, k, a, b, hy)
+        vx = grad_sum0(v, dv, k, a, b, hx)
+        vy = grad_sum1(v, dv, k, a, b, hy)
+        s = ux * ux + uy * uy + vx * vx + vy * vy
+        psi[k, a, b] = a_smooth * math.pow(s + EPS_PSI, a_smooth - ONE)
+
+    @cuda.jit
+    def smooth_edges(psi, cx, cy, wxe, wye):
+        """Edge weights of ``_nb_smooth_weights`` from ``psi``."""
+        b, a, k = _cuda.grid(3)
+        NX = psi.shape[1]
+        NY = psi.shape[2]
+        if k >= psi.shape[0] or a >= NX or b >= NY:
+            return
+        wxe[k, a, b] = HALF * (psi[k, a, b] + psi[k, a + 1, b]) * cx if a + 1 < NX else ZERO
+        wye[k, a, b] = HALF * (psi[k, a, b] + psi[k, a, b + 1]) * cy if b + 1 < NY else ZERO
+
+    @cuda.jit
+    def sweep(du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv, omega, colour):
+        """One colour of ``_nb_sor_sweep_rb``: thread (j, a - 1, k) updates interior pixel
+        ``(a, b)`` with ``b = 1 + ((a + 1 + colour) & 1) + 2 j`` of frame k.  With
+        ``uniform`` the edge weights are the constants ``cx, cy``."""
+        j, a, k = _cuda.grid(3)
+        a += 1
+        NX = du.shape[1]
+        NY = du.shape[2]
+        b = 1 + ((a + 1 + colour) & 1) + 2 * j
+        if k >= du.shape[0] or a >= NX - 1 or b >= NY - 1:
+            return
+        if uniform:
+            wl = cx
+            wr = cx
+            wd = cy
+            wu = cy
+        else:
+            wl = wxe[k, a - 1, b]
+            wr = wxe[k, a, b]
+            wd = wye[k, a, b]
+            wu = wye[k, a, b - 1]
+        om1 = ONE - omega
+        pu = (wl * du[k, a - 1, b] + wr * du[k, a + 1, b] + wd * du[k, a, b + 1]
+              + wu * du[k, a, b - 1] + cu[k, a, b] - A12[k, a, b] * dv[k, a, b])
+        duc = om1 * du[k, a, b] + Du[k, a, b] * pu
+        du[k, a, b] = duc
+        pv = (wl * dv[k, a - 1, b] + wr * dv[k, a + 1, b] + wd * dv[k, a, b + 1]
+              + wu * dv[k, a, b - 1] + cv[k, a, b] - A12[k, a, b] * duc)
+        dv[k, a, b] = om1 * dv[k, a, b] + Dv[k, a, b] * pv
+
+    @cuda.jit
+    def median_add(du, dv, u, v, filt):
+        """``u += medfilt(du)``, ``v += medfilt(dv)`` on the interior (without ``filt``:
+        ``u += du``, ``v += dv``).  The halo of u and v is left alone: the driver
+        reads only their interior."""
+        b, a, k = _cuda.grid(3)
+        if k >= du.shape[0] or a < 1 or b < 1 or a >= du.shape[1] - 1 or b >= du.shape[2] - 1:
+            return
+        if filt:
+            u[k, a, b] += median25(du, k, a, b)
+            v[k, a, b] += median25(dv, k, a, b)
+        else:
+            u[k, a, b] += du[k, a, b]
+            v[k, a, b] += dv[k, a, b]
+
+
+    # ---- per-frame statistics ------------------------------------------------
+
+    @cuda.jit
+    def frame_sums(u, v, out):
+        """Block k sums frame k of ``u, v (n, W, H)`` in float64: ``out[k] = (sum |w|,
+        max |w|, sum of the divergence, sum u, sum v)``; the divergence is that of
+        ``_frame_statistics`` (Sobel, unnormalised, edges replicated)."""
+        k = _cuda.blockIdx.x
+        t = _cuda.threadIdx.x
+        nx = u.shape[1]
+        ny = u.shape[2]
+        sums = _cuda.shared.array((5, STATS_THREADS), np.float64)
+        s_mag = 0.0
+        m_mag = 0.0
+        s_div = 0.0
+        s_u = 0.0
+        s_v = 0.0
+        for i in range(t, nx * ny, STATS_THREADS):
+            x = i // ny
+            y = i % ny
+            uc = np.float64(u[k, x, y])
+            vc = np.float64(v[k, x, y])
+            mag = math.sqrt(uc * uc + vc * vc)
+            s_mag += mag
+            m_mag = greater(m_mag, mag)
+            s_u += uc
+            s_v += vc
+            xl = greater(x - 1, 0)
+            xr = lesser(x + 1, nx - 1)
+            yu = greater(y - 1, 0)
+            yd = lesser(y + 1, ny - 1)
+            gx = ((np.float64(u[k, xr, yu]) - u[k, xl, yu])
+                  + 2.0 * (np.float64(u[k, xr, y]) - u[k, xl, y])
+                  + (np.float64(u[k, xr, yd]) - u[k, xl, yd]))
+            gy = ((np.float64(v[k, xl, yd]) - v[k, xl, yu])
+                  + 2.0 * (np.float64(v[k, x, yd]) - v[k, x, yu])
+                  + (np.float64(v[k, xr, yd]) - v[k, xr, yu]))
+            s_div += gx + gy
+        sums[0, t] = s_mag
+        sums[1, t] = m_mag
+        sums[2, t] = s_div
+        sums[3, t] = s_u
+        sums[4, t] = s_v
+        _cuda.syncthreads()
+        step = STATS_THREADS // 2
+        while step > 0:
+            if t < step:
+                sums[0, t] += sums[0, t + step]
+                sums[1, t] = greater(sums[1, t], sums[1, t + step])
+                sums[2, t] += sums[2, t + step]
+                sums[3, t] += sums[3, t + step]
+                sums[4, t] += sums[4, t + step]
+            _cuda.syncthreads()
+            step //= 2
+        if t == 0:
+            for r in range(5):
+                out[k, r] = sums[r, 0]
+
+    def launch(kernel, shape, *args):
+        """Run ``kernel`` over the index space ``shape = (planes, n1, n2)``: thread x over
+        n2, y over n1, z over the planes."""
+        bx, by = _CUDA_SIM_BLOCK if simulated else _CUDA_BLOCK
+        grid = ((shape[2] + bx - 1) // bx, (shape[1] + by - 1) // by, shape[0])
+        kernel[grid, (bx, by, 1)](*args)
+
+    return types.SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
+
+
+def _cuda_simulated():
+    """True when numba.cuda is Numba's CPU simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
 
 ###############################################################################
 ### Optical-flow driver: input checks and public wrappers
@@ -3656,9 +4324,334 @@ class FlowregBackend:
         return np.stack([u.T, v.T], axis=-1)
 
 
+class _CudaState(NamedTuple):
+    params: _FlowParams
+    shape: tuple         # (C, W, H) of the frames
+    pyramid: list        # device (C, lx, ly) reference levels, coarsest first
+    weights: list        # device (C, NX, NY) (local) or (C, 1, 1) channel weights per level
+    a_data: object       # device (C,)
+    fill: object         # device (C, W, H) raw fill image, or None
+
+
+def _cuda_batch_frames(free_bytes, C, W, H, itemsize):
+    """Frames per batch that fit in half of ``free_bytes`` of GPU memory (1 .. 4096)."""
+    halo = (W + 2) * (H + 2)
+    per_frame = (itemsize * (halo * (6 * C + 16) + W * H * (6 * C + 4))
+                 + W * H * (8 * C + 32))  # inputs as float64, masks, fields out
+    if not math.isfinite(free_bytes):
+        return 4096
+    return int(min(4096, max(1, 0.5 * free_bytes // per_frame)))
+
+
+class CudaBackend:
+    """``flowreg_cuda``: the whole flow computation on one NVIDIA GPU (Numba CUDA).
+
+    Batches of frames go through every step at once; the SOR is red-black, equal
+    to ``FlowregBackend({"sor_order": "red_black"})`` up to rounding (see "CUDA
+    kernels (lazy)").  ``backend_params``: ``device`` (GPU index, default 0),
+    ``precision`` ("float32", default, or "float64"), ``batch_frames`` (frames per
+    batch; default: sized from the free GPU memory).
+    """
+
+    name = "flowreg_cuda"
+    keys = ("device", "precision", "batch_frames")
+
+    def __init__(self, backend_params=None):
+        bp = dict(backend_params or {})
+        source = f"backend_params of flow_backend '{self.name}'"
+        _cfg_check_keys(bp, self.keys, source)
+        device = bp.get("device", 0)
+        if not isinstance(device, (int, np.integer)) or isinstance(device, bool) or device < 0:
+            msg = f"{source}: device must be a GPU index >= 0, got {device!r}"
+            raise ConfigError(msg)
+        precision = bp.get("precision", "float32")
+        if precision not in ("float32", "float64"):
+            msg = f"{source}: precision must be 'float32' or 'float64', got {precision!r}"
+            raise ConfigError(msg)
+        batch = bp.get("batch_frames")
+        if batch is not None and (not isinstance(batch, (int, np.integer))
+                                  or isinstance(batch, bool) or batch < 1):
+            msg = f"{source}: batch_frames must be an integer >= 1, got {batch!r}"
+            raise ConfigError(msg)
+        try:
+            from numba import cuda
+        except ImportError as exc:  # pragma: no cover (numba always has it)
+            raise _unavailable(self.name, f"numba.cuda cannot be imported ({exc})",
+                               "install numba with CUDA support") from None
+        if not cuda.is_available():
+            raise _unavailable(self.name, "no CUDA GPU with a working driver was found",
+                               "run on a machine with an NVIDIA GPU, its driver and the CUDA "
+                               "runtime (pip install numba-cuda[cu12])")
+        count = len(cuda.gpus)
+        if device >= count:
+            raise _unavailable(self.name, f"backend_params.device = {device} but this machine "
+                               f"has {count} GPU(s)", f"choose device 0..{count - 1}")
+        self.device = int(device)
+        self.precision = precision
+        self.batch_frames = None if batch is None else int(batch)
+        self.dtype = np.dtype(precision)
+        self._cuda = cuda
+        self._k = _cuda_kernels(precision)
+        self._buffers = {}
+        self._tables = {}
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(device={self.device}, precision={self.precision!r}, "
+                f"batch_frames={self.batch_frames})")
+
+    #: Stage 1 hands this many frames at a time to ``register``.
+    chunk_frames = 128
+
+    def _gpu(self):
+        return self._cuda.gpus[self.device]
+
+    # ---- device memory ------------------------------------------------------
+
+    def _work(self, name, shape, dtype=None):
+        """A device work array ``name`` of ``shape``, reused between calls (contents undefined)."""
+        dt = self.dtype if dtype is None else np.dtype(dtype)
+        size = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size or buf.dtype != dt:
+            buf = self._cuda.device_array(max(size, 1), dt)
+            self._buffers[name] = buf
+        return buf[:size].reshape(shape)
+
+    def _table(self, in_len, out_len):
+        """Device copies of ``_nb_resize_weights(in_len, out_len)``."""
+        key = (in_len, out_len)
+        if key not in self._tables:
+            wts, idx = _nb_resize_weights(in_len, out_len)
+            self._tables[key] = (self._cuda.to_device(wts.astype(self.dtype)),
+                                 self._cuda.to_device(idx.astype(np.int32)))
+        return self._tables[key]
+
+    def _batch(self, n, C, W, H):
+        if self.batch_frames is not None:
+            return self.batch_frames
+        free = self._cuda.current_context().get_memory_info()[0]
+        return _cuda_batch_frames(free, C, W, H, self.dtype.itemsize)
+
+    # ---- steps --------------------------------------------------------------
+
+    def _resize(self, src, nx_out, ny_out, out, tmp_name):
+        """``_nb_resize`` of every plane of ``src (P, nx, ny)`` into ``out (P, nx_out, ny_out)``."""
+        k = self._k
+        P, nx, ny = src.shape
+        if nx_out == nx and ny_out == ny:
+            k.launch(k.copy, out.shape, src, out)
+            return
+
+        def ax0(s, o):
+            w, i = self._table(s.shape[1], o.shape[1])
+            k.launch(k.resize0, o.shape, s, w, i, o)
+
+        def ax1(s, o):
+            w, i = self._table(s.shape[2], o.shape[2])
+            k.launch(k.resize1, o.shape, s, w, i, o)
+
+        if ny_out / ny <= nx_out / nx:
+            if ny_out == ny:
+                ax0(src, out)
+            elif nx_out == nx:
+                ax1(src, out)
+            else:
+                tmp = self._work(tmp_name, (P, nx, ny_out))
+                ax1(src, tmp)
+                ax0(tmp, out)
+        elif nx_out == nx:
+            ax1(src, out)
+        elif ny_out == ny:
+            ax0(src, out)
+        else:
+            tmp = self._work(tmp_name, (P, nx_out, ny))
+            ax0(src, tmp)
+            ax1(tmp, out)
+
+    def _halo(self, f, g):
+        k = self._k
+        n, NX, NY = f.shape
+        k.launch(k.halo, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
+
+    def _level_solver(self, J, weight, local, a_data, u, v, alpha_x, alpha_y, iterations,
+                      update_lag, a_smooth, hx, hy, psi_all_ones, du, dv):
+        """``_nb_level_solver(..., red_black=True)`` of a batch: tensors ``J`` (six
+        ``(n * C, NX, NY)``), ``u, v, du, dv (n, NX, NY)``; writes du, dv (with halo)."""
+        k = self._k
+        F = self.dtype.type
+        shape = u.shape
+        n, NX, NY = shape
+        A12, Du, Dv, cu, cv, wxe, wye = (self._work(s, shape) for s in
+                                         ("A12", "Du", "Dv", "cu", "cv", "wxe", "wye"))
+        k.launch(k.fill, shape, du, F(0.0))
+        k.launch(k.fill, shape, dv, F(0.0))
+        cx = F(alpha_x / (hx * hx))
+        cy = F(alpha_y / (hy * hy))
+        k.launch(k.fill, shape, wxe, cx)
+        k.launch(k.fill, shape, wye, cy)
+        uniform = a_smooth == 1.0
+        omega = F(SOR_OMEGA)
+        common = (weight, bool(local), a_data, du, dv)
+        k.launch(k.refresh, shape, *J, *common, True, bool(psi_all_ones), u, v, wxe, wye, omega,
+                 A12, Du, Dv, cu, cv)
+        half = (n, NX - 2, (NY - 1) // 2)
+        for it in range(1, iterations + 1):
+            if it % update_lag == 0:
+                if not uniform:
+                    psi = self._work("psi", shape)
+                    k.launch(k.smooth_psi, shape, u, v, du, dv, F(a_smooth), F(hx), F(hy), psi)
+                    k.launch(k.smooth_edges, shape, psi, F(alpha_x / (hx * hx)),
+                             F(alpha_y / (hy * hy)), wxe, wye)
+                k.launch(k.refresh, shape, *J, *common, False, bool(psi_all_ones), u, v, wxe,
+                         wye, omega, A12, Du, Dv, cu, cv)
+            self._halo(du, dv)
+            for colour in (0, 1):
+                k.launch(k.sweep, half, du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv,
+                         omega, colour)
+
+    def _displacement(self, st, f2, ui0, vi0):
+        """``_nb_get_displacement`` of a batch: ``f2 (n * C, W, H)`` device planes of the
+        preprocessed frames, ``ui0, vi0 (W, H)`` host initial field.  Returns device
+        ``(u, v)``, each ``(n, W, H)``."""
+        k = self._k
+        F = self.dtype.type
+        p = st.params
+        C, nw, mh = st.shape
+        n = f2.shape[0] // C
+        top, min_level, max_x, max_y = _nb_levels(mh, nw, p.eta, p.levels, p.min_level)
+        u = v = None
+        for i in range(top, min_level - 1, -1):
+            lx, ly = _nb_level_size(mh, nw, p.eta, i, max_x, max_y)
+            NX, NY = lx + 2, ly + 2
+            F1 = st.pyramid[top - i]
+            F2 = self._work("F2", (n * C, lx, ly))
+            self._resize(f2, lx, ly, F2, "F2tmp")
+            hx, hy = (mh / ly, nw / lx) if p.quirks else (nw / lx, mh / ly)
+            side = "ab"[i % 2]
+            un = self._work("u" + side, (n, NX, NY))
+            vn = self._work("v" + side, (n, NX, NY))
+            if i == top:
+                for src, dst in ((ui0, un), (vi0, vn)):
+                    init = _nb_pad_edge(_nb_resize(src, lx, ly)).astype(self.dtype)
+                    k.launch(k.broadcast, dst.shape, self._cuda.to_device(init), dst)
+                moved = F2
+            else:
+                self._resize(u[:, 1:-1, 1:-1], lx, ly, un[:, 1:-1, 1:-1], "field_tmp")
+                self._resize(v[:, 1:-1, 1:-1], lx, ly, vn[:, 1:-1, 1:-1], "field_tmp")
+                self._halo(un, vn)
+                moved = self._work("F2warped", (n * C, lx, ly))
+                scratch = self._work("valid_level", (n, lx, ly), np.uint8)
+                k.launch(k.warp, (n, lx, ly), F2, un[:, 1:-1, 1:-1], vn[:, 1:-1, 1:-1], F(hx),
+                         F(hy), F1, 2, moved, scratch)
+            J = [self._work(s, (n * C, NX, NY)) for s in ("J11", "J22", "J33", "J12", "J13", "J23")]
+            tensor = k.tensor_gc if p.kind == 0 else k.tensor_gray
+            k.launch(tensor, J[0].shape, F1, moved, F(hx), F(hy), *J)
+            scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
+            du = self._work("du", (n, NX, NY))
+            dv = self._work("dv", (n, NX, NY))
+            self._level_solver(J, st.weights[top - i], p.local, st.a_data, un, vn,
+                               p.alpha_x * scale, p.alpha_y * scale, p.iterations, p.update_lag,
+                               p.a_smooth, hx, hy, not p.quirks, du, dv)
+            k.launch(k.median_add, (n, NX, NY), du, dv, un, vn, min(lx, ly) > 5)
+            u, v = un, vn
+        out_u = self._work("u_out", (n, nw, mh))
+        out_v = self._work("v_out", (n, nw, mh))
+        self._resize(u[:, 1:-1, 1:-1], nw, mh, out_u, "field_tmp")
+        self._resize(v[:, 1:-1, 1:-1], nw, mh, out_v, "field_tmp")
+        return out_u, out_v
+
+    def _upload_planes(self, frames, name):
+        """Frames ``(n, H, W, C)`` (any numeric dtype) -> device planes ``(n * C, W, H)``."""
+        n, H, W, C = frames.shape
+        src = self._cuda.to_device(np.ascontiguousarray(frames))
+        out = self._work(name, (n * C, W, H))
+        self._k.launch(self._k.to_planes, out.shape, src, out)
+        return out
+
+    # ---- interface ------------------------------------------------------------
+
+    def reference(self, params, ref, fill=None):
+        p = params._replace(red_black=True)
+        ref_int = _to_internal(np.asarray(ref, dtype=np.float64))
+        C, nw, mh = ref_int.shape
+        top, min_level, max_x, max_y = _nb_levels(mh, nw, p.eta, p.levels, p.min_level)
+        to = self._cuda.to_device
+        with self._gpu():
+            pyramid = [to(level.astype(self.dtype)) for level in _reference_pyramid(p, ref_int)]
+            weights = []
+            for i in range(top, min_level - 1, -1):
+                lx, ly = _nb_level_size(mh, nw, p.eta, i, max_x, max_y)
+                if p.local:
+                    wmap = np.zeros((C, lx + 2, ly + 2))
+                    for c in range(C):
+                        wmap[c, 1:-1, 1:-1] = _nb_resize(p.wmap[c], lx, ly)
+                else:
+                    wmap = np.asarray(p.wvec, dtype=np.float64).reshape(C, 1, 1)
+                weights.append(to(wmap.astype(self.dtype)))
+            fill_dev = None if fill is None else to(
+                _to_internal(np.asarray(fill, dtype=np.float64)).astype(self.dtype))
+            a_data = to(np.asarray(p.a_data, dtype=self.dtype))
+        return _CudaState(p, (C, nw, mh), pyramid, weights, a_data, fill_dev)
+
+    def _run(self, state, frames, raw, init, method):
+        """Flows of ``frames`` and, with ``raw``, the warped raw frames, their masks and the
+        sums of ``frame_sums``, in batches."""
+        n, H, W, C = frames.shape
+        ui, vi = _field_internal(np.asarray(init, dtype=np.float64))
+        w = np.empty((n, H, W, 2), self.dtype)
+        reg = None if raw is None else np.empty((n, H, W, C), self.dtype)
+        valid = None if raw is None else np.empty((n, H, W), bool)
+        sums = None if raw is None else np.empty((n, 5))
+        k = self._k
+        with self._gpu():
+            step = self._batch(n, C, W, H)
+            for i0 in range(0, n, step):
+                i1 = min(n, i0 + step)
+                m = i1 - i0
+                f2 = self._upload_planes(frames[i0:i1], "frames")
+                u, v = self._displacement(state, f2, ui, vi)
+                w_dev = self._work("w_out", (m, H, W, 2))
+                mask_dev = self._work("mask_out", (m, H, W), np.uint8)
+                ok = self._work("valid", (m, W, H), np.uint8)
+                if raw is not None:
+                    planes = self._upload_planes(raw[i0:i1], "raw")
+                    out = self._work("registered", planes.shape)
+                    k.launch(k.warp, (m, W, H), planes, u, v, self.dtype.type(1.0),
+                             self.dtype.type(1.0), state.fill, int(method), out, ok)
+                    reg_dev = self._work("registered_out", (m, H, W, C))
+                    k.launch(k.from_planes, out.shape, out, reg_dev)
+                    reg[i0:i1] = reg_dev.copy_to_host()
+                k.launch(k.fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
+                w[i0:i1] = w_dev.copy_to_host()
+                if raw is not None:
+                    valid[i0:i1] = mask_dev.copy_to_host().view(bool)
+                    sums_dev = self._work("frame_sums", (m, 5), np.float64)
+                    k.frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
+                    sums[i0:i1] = sums_dev.copy_to_host()
+        return w, reg, valid, sums
+
+    def flows(self, state, frames, init, pool=None):
+        return self._run(state, frames, None, init, 2)[0].astype(np.float64)
+
+    def register(self, state, frames, raw, init, method, pool=None):
+        w, reg, valid, sums = self._run(state, frames, raw, init, method)
+        npx = w.shape[1] * w.shape[2]
+        stats = np.stack([sums[:, 0] / npx, sums[:, 1], sums[:, 2] / npx,
+                          np.hypot(sums[:, 3] / npx, sums[:, 4] / npx)])
+        return w.astype(np.float64), reg, valid, stats
+
+    def pair(self, params, fixed, moving, init=None):
+        fixed = np.asarray(fixed, dtype=np.float64)
+        H, W = fixed.shape[:2]
+        state = self.reference(params, fixed)
+        mov = np.asarray(moving, dtype=np.float64)
+        return self.flows(state, mov[None], np.zeros((H, W, 2)) if init is None else init)[0]
+
+
 #: Flow backends by name: (class name in this module, what it needs).
 _BACKENDS = {
     "flowreg": ("FlowregBackend", "nothing beyond numba"),
+    "flowreg_cuda": ("CudaBackend", "an NVIDIA GPU with its driver and CUDA runtime"),
 }
 
 #: The names ``flow_backend`` accepts (the pyflowreg API's names).
@@ -4140,7 +5133,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     ext = "hdf5" if opts.output_format.upper() == "HDF5" else "tif"
     stats = np.empty((4, T))
     avg = np.zeros((H, W, C))
-    chunk = max(8, 2 * n_workers)
+    chunk = getattr(backend, "chunk_frames", None) or max(8, 2 * n_workers)
     progress = _Progress(name, T)
     writers = []
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool:

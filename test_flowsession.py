@@ -16,6 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+# CUDA tests run under Numba's simulator unless NUMBA_ENABLE_CUDASIM=0 is set (on a
+# machine with a GPU); it must be set before numba is imported.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 import h5py
 import numpy as np
 import pytest
@@ -3294,3 +3298,404 @@ def test_bench_command_reports_speed_accuracy_and_memory():
     epe = float(r.stdout.split("endpoint error")[1].split()[0])
     moved = float(r.stdout.split("without correction")[1].split()[0])
     assert epe < 0.5 * moved
+
+
+###############################################################################
+### CUDA backend (flowreg_cuda) against the CPU kernels
+###############################################################################
+#
+# Without a GPU these run under Numba's CUDA simulator (set at the top of this
+# file); on a GPU machine ``NUMBA_ENABLE_CUDASIM=0 pytest -m cuda`` runs them on
+# the hardware.  Inputs are tiny (the simulator runs every CUDA thread as a Python
+# thread).  In float64 the simulator and the CPU kernels evaluate the same
+# expressions, so the kernel tests allow rounding only: 1e-12 relative (a GPU
+# fuses multiply-adds, which moves the last bits).
+
+
+def _cuda_ns(precision="float64"):
+    return fs.CudaBackend({"precision": precision})
+
+
+def _dev(a):
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def _close(a, b, rel=1e-12):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    scale = max(np.abs(b).max(), 1e-300)
+    np.testing.assert_allclose(a, b, rtol=0, atol=rel * scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_shape", [(6, 5), (14, 12), (9, 4), (4, 7), (9, 7)])
+def test_cuda_resize_matches_cpu(out_shape):
+    be = _cuda_ns()
+    src = np.random.default_rng(1).random((2, 9, 7))
+    out = be._work("test_out", (2, *out_shape))
+    be._resize(_dev(src), *out_shape, out, "test_tmp")
+    want = np.stack([fs._nb_resize(s, *out_shape) for s in src])
+    _close(out.copy_to_host(), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", [0, 1, 2])
+def test_cuda_warp_matches_cpu(method, monkeypatch):
+    # Two frames of two channels, displacements up to 3 px so that part of the grid
+    # falls outside (fill and mask); grid spacings as on a pyramid level.  Blocks
+    # of 4 x 2 threads so that the launch geometry (partial blocks) is exercised.
+    monkeypatch.setattr(fs, "_CUDA_SIM_BLOCK", (4, 2))
+    rng = np.random.default_rng(2)
+    n, C, nx, ny = 2, 2, 7, 6
+    src = rng.random((n * C, nx, ny))
+    fill = rng.random((C, nx, ny))
+    u = rng.uniform(-3, 3, (n, nx, ny))
+    v = rng.uniform(-3, 3, (n, nx, ny))
+    hu, hv = 1.3, 0.8
+    k = fs._cuda_kernels("float64")
+    out = _dev(np.zeros_like(src))
+    valid = _dev(np.zeros((n, nx, ny), np.uint8))
+    k.launch(k.warp, (n, nx, ny), _dev(src), _dev(u), _dev(v), hu, hv, _dev(fill), method, out,
+             valid)
+    got = out.copy_to_host()
+    ok = valid.copy_to_host().astype(bool)
+    for f in range(n):
+        want_valid = np.empty((nx, ny), bool)
+        for c in range(C):
+            want = np.empty((nx, ny))
+            fs._nb_warp_plane(src[f * C + c], u[f], v[f], hu, hv, fill[c], method, want, want_valid)
+            _close(got[f * C + c], want)
+        np.testing.assert_array_equal(ok[f], want_valid)
+        assert 0 < want_valid.sum() < want_valid.size
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["gc", "gray"])
+def test_cuda_tensors_match_cpu(kind):
+    rng = np.random.default_rng(3)
+    n, C, nx, ny = 2, 2, 6, 5
+    f1 = rng.random((C, nx, ny))
+    f2 = rng.random((n * C, nx, ny))
+    hx, hy = 1.25, 0.9
+    k = fs._cuda_kernels("float64")
+    J = [_dev(np.full((n * C, nx + 2, ny + 2), np.nan)) for _ in range(6)]
+    k.launch(k.tensor_gc if kind == "gc" else k.tensor_gray, J[0].shape, _dev(f1), _dev(f2), hx,
+             hy, *J)
+    cpu = fs._nb_tensor_gc if kind == "gc" else fs._nb_tensor_gray
+    for q in range(n * C):
+        want = [np.empty((nx + 2, ny + 2)) for _ in range(6)]
+        cpu(f1[q % C], f2[q], hx, hy, *want)
+        for g, w in zip(J, want):
+            _close(g.copy_to_host()[q], w)
+
+
+def _solver_inputs(seed, n=2, C=2, NX=7, NY=6):
+    rng = np.random.default_rng(seed)
+    g = [rng.standard_normal((n * C, NX, NY)) for _ in range(3)]
+    J11, J22, J33 = (x * x + 0.1 for x in g)
+    J12, J13, J23 = (rng.standard_normal((n * C, NX, NY)) * 0.3 for _ in range(3))
+    for j in (J11, J22, J33, J12, J13, J23):  # the tensors' zero ring
+        j[:, 0] = j[:, -1] = 0.0
+        j[:, :, 0] = j[:, :, -1] = 0.0
+    fields = [rng.standard_normal((n, NX, NY)) * s for s in (1.0, 1.0, 0.2, 0.2)]
+    return [J11, J22, J33, J12, J13, J23], fields
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("first, local", [(True, False), (False, False), (False, True)])
+def test_cuda_refresh_matches_cpu(first, local):
+    n, C, NX, NY = 2, 2, 7, 6
+    J, (u, v, du, dv) = _solver_inputs(4)
+    rng = np.random.default_rng(5)
+    weight = rng.random((C, NX, NY)) if local else np.array([0.3, 0.7]).reshape(C, 1, 1)
+    a_data = np.array([0.45, 0.6])
+    wxe = rng.random((n, NX, NY)) + 0.5
+    wye = rng.random((n, NX, NY)) + 0.5
+    k = fs._cuda_kernels("float64")
+    outs = [_dev(np.zeros((n, NX, NY))) for _ in range(5)]
+    k.launch(k.refresh, (n, NX, NY), *map(_dev, J), _dev(weight), local, _dev(a_data), _dev(du),
+             _dev(dv), first, False, _dev(u), _dev(v), _dev(wxe), _dev(wye), fs.SOR_OMEGA, *outs)
+    for f in range(n):
+        want = [np.zeros((NX, NY)) for _ in range(5)]
+        fs._nb_refresh(*(j[f * C:(f + 1) * C] for j in J), weight, local, a_data, du[f], dv[f],
+                       first, False, u[f], v[f], wxe[f], wye[f], fs.SOR_OMEGA, *want)
+        for g, w in zip(outs, want):
+            _close(g.copy_to_host()[f][1:-1, 1:-1], w[1:-1, 1:-1])
+
+
+@pytest.mark.cuda
+def test_cuda_smoothness_weights_match_cpu():
+    n, NX, NY = 2, 7, 6
+    _, (u, v, du, dv) = _solver_inputs(6)
+    hx, hy, ax, ay = 1.2, 0.8, 2.0, 3.0
+    k = fs._cuda_kernels("float64")
+    psi = _dev(np.zeros((n, NX, NY)))
+    wxe = _dev(np.zeros((n, NX, NY)))
+    wye = _dev(np.zeros((n, NX, NY)))
+    k.launch(k.smooth_psi, (n, NX, NY), _dev(u), _dev(v), _dev(du), _dev(dv), 0.5, hx, hy, psi)
+    k.launch(k.smooth_edges, (n, NX, NY), psi, ax / hx ** 2, ay / hy ** 2, wxe, wye)
+    for f in range(n):
+        wx = np.empty((NX, NY))
+        wy = np.empty((NX, NY))
+        fs._nb_smooth_weights(u[f], v[f], du[f], dv[f], 0.5, ax, ay, hx, hy, wx, wy)
+        _close(wxe.copy_to_host()[f], wx)
+        _close(wye.copy_to_host()[f], wy)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("uniform", [True, False])
+def test_cuda_red_black_sweep_matches_cpu(uniform):
+    # One sweep: halo reset, red kernel, black kernel, as _nb_level_solver does.
+    n, NX, NY = 2, 7, 8
+    rng = np.random.default_rng(7)
+    arr = [rng.standard_normal((n, NX, NY)) for _ in range(2)]
+    A12, cu, cv = (rng.standard_normal((n, NX, NY)) * 0.2 for _ in range(3))
+    Du, Dv = (rng.random((n, NX, NY)) * 0.3 for _ in range(2))
+    wxe, wye = (rng.random((n, NX, NY)) + 0.5 for _ in range(2))
+    if uniform:
+        wxe[:] = 0.7
+        wye[:] = 1.3
+    be = _cuda_ns()
+    k = be._k
+    du, dv = _dev(arr[0]), _dev(arr[1])
+    be._halo(du, dv)
+    for colour in (0, 1):
+        k.launch(k.sweep, (n, NX - 2, (NY - 1) // 2), du, dv, _dev(wxe), _dev(wye), uniform, 0.7,
+                 1.3, _dev(A12), _dev(Du), _dev(Dv), _dev(cu), _dev(cv), fs.SOR_OMEGA, colour)
+    for f in range(n):
+        a, b = arr[0][f].copy(), arr[1][f].copy()
+        fs._nb_set_boundary(a)
+        fs._nb_set_boundary(b)
+        fs._nb_sor_sweep_rb(a, b, wxe[f], wye[f], uniform, A12[f], Du[f], Dv[f], cu[f], cv[f],
+                            fs.SOR_OMEGA)
+        _close(du.copy_to_host()[f], a)
+        _close(dv.copy_to_host()[f], b)
+        assert np.abs(du.copy_to_host()[f] - arr[0][f]).max() > 1e-3  # it did update
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("a_smooth, quirks", [(0.5, True), (1.0, False)])
+def test_cuda_level_solver_matches_cpu_red_black(a_smooth, quirks):
+    # Six iterations with a refresh every second one; rounding only (1e-11: a few
+    # hundred operations deep, through pow).
+    n, C, NX, NY = 2, 2, 7, 6
+    J, (u, v, _, _) = _solver_inputs(8)
+    weight = np.array([0.4, 0.6]).reshape(C, 1, 1)
+    a_data = np.array([0.45, 0.45])
+    args = (2.0, 1.5, 6, 2)
+    be = _cuda_ns()
+    du, dv = be._work("test_du", (n, NX, NY)), be._work("test_dv", (n, NX, NY))
+    be._level_solver([_dev(j) for j in J], _dev(weight), False, _dev(a_data), _dev(u), _dev(v),
+                     *args, a_smooth, 1.1, 0.9, not quirks, du, dv)
+    for f in range(n):
+        a, b = np.empty((NX, NY)), np.empty((NX, NY))
+        fs._nb_level_solver(*(j[f * C:(f + 1) * C] for j in J), weight, False, u[f], v[f], *args,
+                            a_data, a_smooth, 1.1, 0.9, not quirks, a, b, True)
+        _close(du.copy_to_host()[f][1:-1, 1:-1], a[1:-1, 1:-1], 1e-11)
+        _close(dv.copy_to_host()[f][1:-1, 1:-1], b[1:-1, 1:-1], 1e-11)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("filt", [True, False])
+def test_cuda_median_matches_cpu(filt):
+    # The median is a value of the window: exact, not just close.
+    n, NX, NY = 2, 9, 8
+    rng = np.random.default_rng(9)
+    d = rng.standard_normal((2, n, NX, NY))
+    k = fs._cuda_kernels("float64")
+    u, v = _dev(np.zeros((n, NX, NY))), _dev(np.ones((n, NX, NY)))
+    k.launch(k.median_add, (n, NX, NY), _dev(d[0]), _dev(d[1]), u, v, filt)
+    for f in range(n):
+        a, b = d[0, f].copy(), d[1, f].copy()
+        if filt:
+            fs._nb_medfilt5_interior(a)
+            fs._nb_medfilt5_interior(b)
+        np.testing.assert_array_equal(u.copy_to_host()[f][1:-1, 1:-1], a[1:-1, 1:-1])
+        np.testing.assert_array_equal(v.copy_to_host()[f][1:-1, 1:-1], 1.0 + b[1:-1, 1:-1])
+
+
+def _cuda_case(C=1, n=2, seed=0, **kw):
+    """A tiny pair set with a 3-level pyramid (16 x 15, eta 0.8) and a known shift."""
+    rng = np.random.default_rng(seed)
+    H, W = 16, 15
+    yy, xx = np.mgrid[0:H, 0:W]
+    base = np.sin(xx / 2.3) * np.cos(yy / 3.1)
+    ref = np.stack([base + 0.1 * c for c in range(C)], -1) + 0.05 * rng.random((H, W, C))
+    frames = np.stack([np.roll(ref, 1, axis=1) + 0.02 * rng.random((H, W, C)) for _ in range(n)])
+    opts = dict(iterations=4, update_lag=2, a_smooth=0.5, eta=0.8)
+    opts.update(kw)
+    p = fs._displacement_params((H, W, C), **opts)
+    assert fs._nb_levels(H, W, p.eta, p.levels, p.min_level)[0] == 2
+    init = 0.3 * rng.standard_normal((H, W, 2))
+    return p, ref, frames, init
+
+
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision, tol", [("float64", 1e-10), ("float32", 2e-3)])
+def test_cuda_register_matches_cpu_red_black(precision, tol):
+    # End to end (3 levels, warps, median, final upsampling and the warp of the raw
+    # frames with fill and masks) against FlowregBackend(sor_order="red_black").
+    # float64: rounding only, measured 1e-13 px; 1e-10 px allows for the GPU's
+    # fused multiply-adds and pow.  float32: single rounding (6e-8 relative) grows
+    # through the nonlinear iterations and the pyramid; measured 1.5e-4 px for
+    # fields of 1.4 px (registered frames 1.1e-4 of a 2.4 range): 2e-3 px.
+    p, ref, frames, init = _cuda_case()
+    raw = 2.0 * frames + 0.5
+    cpu = fs.FlowregBackend({"sor_order": "red_black"})
+    gpu = _cuda_ns(precision)
+    with _pool() as pool:
+        wc, rc, vc, sc = cpu.register(cpu.reference(p, ref, 2.0 * ref), frames, raw, init, 2, pool)
+        wg, rg, vg, sg = gpu.register(gpu.reference(p, ref, 2.0 * ref), frames, raw, init, 2, pool)
+    assert wg.shape == wc.shape and rg.shape == rc.shape and vg.dtype == bool
+    assert np.abs(wc).max() > 1.0
+    np.testing.assert_allclose(wg, wc, rtol=0, atol=tol)
+    np.testing.assert_allclose(rg, rc, rtol=0, atol=tol * np.abs(rc).max())
+    np.testing.assert_array_equal(vg, vc)
+    assert 0 < vc.sum() < vc.size
+    np.testing.assert_allclose(sg, sc, rtol=0, atol=tol * 10)
+    if precision == "float32":
+        return
+    # and it is not the toolbox's ordering
+    lex = fs.FlowregBackend()
+    with _pool() as pool:
+        wl = lex.flows(lex.reference(p, ref), frames, init, pool)
+    assert np.abs(wl - wc).max() > 100 * tol
+
+
+@pytest.mark.cuda
+def test_cuda_flows_two_channels_gray_local_weights_match_cpu():
+    # Two channels, brightness constancy, a spatial weight map, no MATLAB quirks,
+    # a batch split in two (batch_frames = 1), a_smooth = 1 (uniform weights path).
+    p, ref, frames, init = _cuda_case(C=2, const_assumption="gray", matlab_quirks=False,
+                                      a_smooth=1.0)
+    wmap = np.random.default_rng(1).random(ref.shape) + 0.2
+    p = fs._displacement_params(ref.shape, iterations=4, update_lag=2, a_smooth=1.0, eta=0.8,
+                                const_assumption="gray", matlab_quirks=False, weight=wmap)
+    assert p.local
+    cpu = fs.FlowregBackend({"sor_order": "red_black"})
+    gpu = fs.CudaBackend({"precision": "float64", "batch_frames": 1})
+    with _pool() as pool:
+        wc = cpu.flows(cpu.reference(p, ref), frames, init, pool)
+    wg = gpu.flows(gpu.reference(p, ref), frames, init, None)
+    assert np.abs(wc).max() > 0.5
+    np.testing.assert_allclose(wg, wc, rtol=0, atol=1e-10)
+
+
+@pytest.mark.cuda
+def test_cuda_pair_matches_cpu_red_black():
+    # Stage 2's call: one pair, no initial field.
+    p, ref, frames, _ = _cuda_case(n=1, seed=3)
+    want = fs.FlowregBackend({"sor_order": "red_black"}).pair(p, ref, frames[0])
+    got = _cuda_ns().pair(p, ref, frames[0])
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.cuda
+def test_cuda_backend_without_gpu_names_the_cpu_backend(monkeypatch):
+    from numba import cuda
+
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    with pytest.raises(fs.ConfigError, match=r"'flowreg_cuda' cannot run here: no CUDA GPU.*"
+                                             r"'flowreg' runs on any CPU"):
+        fs.make_backend("flowreg_cuda")
+    monkeypatch.undo()
+    with pytest.raises(fs.ConfigError, match=r"device = 7 but this machine has 1 GPU.*'flowreg'"):
+        fs.make_backend("flowreg_cuda", {"device": 7})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("params, match", [
+    ({"devcie": 0}, "unknown key 'devcie'; did you mean 'device'"),
+    ({"precision": "float16"}, "precision must be 'float32' or 'float64'"),
+    ({"batch_frames": 0}, "batch_frames must be an integer >= 1"),
+    ({"device": -1}, "device must be a GPU index >= 0"),
+])
+def test_cuda_backend_params_are_checked(params, match):
+    with pytest.raises(fs.ConfigError, match=match):
+        fs.make_backend("flowreg_cuda", params)
+
+
+@pytest.mark.cuda
+def test_importing_flowsession_does_not_import_numba_cuda():
+    code = ("import sys, flowsession; a = 'numba.cuda' in sys.modules; "
+            "flowsession.make_backend('flowreg'); b = 'numba.cuda' in sys.modules; "
+            "flowsession.make_backend('flowreg_cuda'); print(a, b, 'numba.cuda' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "True"]
+
+
+@pytest.mark.cuda
+def test_cuda_batch_size_follows_free_memory():
+    # 512 x 512, one channel, float32: about 40 MiB a frame.
+    per_80g = fs._cuda_batch_frames(80e9, 1, 512, 512, 4)
+    assert 500 < per_80g < 2000
+    assert fs._cuda_batch_frames(2e6, 1, 512, 512, 4) == 1
+    assert fs._cuda_batch_frames(40e9, 2, 512, 512, 8) < per_80g / 2
+    assert fs._cuda_batch_frames(float("inf"), 1, 8, 8, 4) == 4096
+
+
+_PTX_CHECK = r"""
+import re, sys, types
+import numba.cuda.dispatcher as dispatcher
+# Compiling device functions asks the current device for its compute capability;
+# there is none here, so answer for the H100 (sm_90).
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+from numba import cuda
+import flowsession as fs
+
+for F in ("float32", "float64"):
+    k = fs._cuda_kernels(F)
+    A3, A2, A4, U3 = f"{F}[:, :, :]", f"{F}[:, :]", f"{F}[:, :, :, :]", "uint8[:, :, :]"
+    sigs = {
+        "fill": f"({A3}, {F})", "copy": f"({A3}, {A3})", "broadcast": f"({A2}, {A3})",
+        "to_planes": f"(uint16[:, :, :, :], {A3})", "from_planes": f"({A3}, {A4})",
+        "fields_out": f"({A3}, {A3}, {U3}, {A4}, uint8[:, :, :])", "halo": f"({A3}, {A3})",
+        "resize0": f"({A3}, {A2}, int32[:, :], {A3})", "resize1": f"({A3}, {A2}, int32[:, :], {A3})",
+        "warp": f"({A3}, {A3}, {A3}, {F}, {F}, {A3}, int64, {A3}, {U3})",
+        "tensor_gc": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
+        "tensor_gray": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
+        "refresh": f"({A3}" + f", {A3}" * 5 + f", {A3}, boolean, {F}[:], {A3}, {A3}, boolean, "
+                   f"boolean, {A3}, {A3}, {A3}, {A3}, {F}" + f", {A3}" * 5 + ")",
+        "smooth_psi": f"({A3}, {A3}, {A3}, {A3}, {F}, {F}, {F}, {A3})",
+        "smooth_edges": f"({A3}, {F}, {F}, {A3}, {A3})",
+        "sweep": f"({A3}, {A3}, {A3}, {A3}, boolean, {F}, {F}" + f", {A3}" * 5 + f", {F}, int64)",
+        "median_add": f"({A3}, {A3}, {A3}, {A3}, boolean)",
+        "frame_sums": f"({A3}, {A3}, float64[:, :])",
+    }
+    for name, sig in sigs.items():
+        ptx, _ = cuda.compile_ptx(getattr(k, name).py_func, sig, cc=(9, 0))
+        f64 = re.findall(r"\b(?:add|sub|mul|fma|div|sqrt|setp\.\w+)\.(?:rn\.)?f64", ptx)
+        print(F, name, len(f64))
+"""
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_compile_for_the_gpu_and_float32_stays_single():
+    # The simulator runs the kernels as Python; this compiles each to PTX for an
+    # H100 (needs libNVVM, not a GPU) and checks that the float32 kernels do no
+    # double-precision arithmetic (frame_sums accumulates in float64 on purpose).
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    probe = subprocess.run([sys.executable, "-c", "from numba.cuda.cudadrv.nvvm import NVVM; NVVM()"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("libNVVM (CUDA toolkit) not found: cannot compile CUDA kernels here")
+    r = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True,
+                       cwd=HERE, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert len(rows) == 2 * 18
+    for prec, name, n64 in rows:
+        if prec == "float32" and name != "frame_sums":
+            assert n64 == "0", (name, n64)
+    assert any(prec == "float64" and int(n64) > 0 for prec, _, n64 in rows)

@@ -4107,6 +4107,21 @@ def _reference_pyramid(p, f1):
     return _nb_reference_pyramid(f1, p.eta, p.levels, p.min_level)
 
 
+def _pyramid_levels(p, f1, flat=None):
+    """The levels of ``_reference_pyramid(p, f1)`` (or of ``flat``) as a list of
+    ``(C, lx, ly)`` views, coarsest first."""
+    flat = _reference_pyramid(p, f1) if flat is None else flat
+    C, n, m = f1.shape
+    top, lo, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
+    out = []
+    pos = 0
+    for i in range(top, lo - 1, -1):
+        lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
+        out.append(flat[pos:pos + C * lx * ly].reshape(C, lx, ly))
+        pos += C * lx * ly
+    return out
+
+
 ###############################################################################
 ### Warping and masks
 ###############################################################################
@@ -4577,7 +4592,7 @@ class CudaBackend:
         top, min_level, max_x, max_y = _nb_levels(mh, nw, p.eta, p.levels, p.min_level)
         to = self._cuda.to_device
         with self._gpu():
-            pyramid = [to(level.astype(self.dtype)) for level in _reference_pyramid(p, ref_int)]
+            pyramid = [to(level.astype(self.dtype)) for level in _pyramid_levels(p, ref_int)]
             weights = []
             for i in range(top, min_level - 1, -1):
                 lx, ly = _nb_level_size(mh, nw, p.eta, i, max_x, max_y)

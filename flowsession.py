@@ -3805,11 +3805,11 @@ def _tc_tensor(f1, f2, hx, hy, kind):
 
 
 def _tc_set_boundary(f):
-    """``_nb_set_boundary`` (Neumann halo) of ``f (n, NX, NY)`` in place."""
-    f[:, :, 0] = f[:, :, 1]
-    f[:, :, -1] = f[:, :, -2]
-    f[:, 0, :] = f[:, 1, :]
-    f[:, -1, :] = f[:, -2, :]
+    """``_nb_set_boundary`` (Neumann halo) of every plane of ``f (..., NX, NY)``, in place."""
+    f[..., 0] = f[..., 1]
+    f[..., -1] = f[..., -2]
+    f[..., 0, :] = f[..., 1, :]
+    f[..., -1, :] = f[..., -2, :]
 
 
 def _tc_edge_weights(wxe, wye):
@@ -3883,18 +3883,16 @@ def _tc_smooth_weights(u, v, du, dv, a_smooth, cx, cy, hx, hy):
 
 
 def _tc_sublattices(NX, NY):
-    """The interior pixels of a ``(NX, NY)`` haloed grid split by the parity of
-    ``(a, b)``, red (``a + b`` even) first: per colour two ``(rows, cols)`` pairs of
-    strided slices, and the interior-relative slices of the same pixels."""
+    """The interior pixels of a ``(NX, NY)`` haloed grid split by the parities of
+    ``(a, b)``: per colour (red, ``a + b`` even, first) the ``(rows, cols)`` strided
+    slices of its two sub-lattices."""
     out = []
     for colour in range(2):
         parts = []
         for a0 in (1, 2):
             b0 = 1 + ((a0 + 1 + colour) & 1)
-            if a0 > NX - 2 or b0 > NY - 2:
-                continue
-            parts.append((slice(a0, NX - 1, 2), slice(b0, NY - 1, 2),
-                          slice(a0 - 1, NX - 2, 2), slice(b0 - 1, NY - 2, 2)))
+            if a0 <= NX - 2 and b0 <= NY - 2:
+                parts.append((slice(a0, NX - 1, 2), slice(b0, NY - 1, 2)))
         out.append(parts)
     return out
 
@@ -3904,35 +3902,38 @@ def _tc_shift(s, k):
     return slice(s.start + k, s.stop + k, s.step)
 
 
-def _tc_sor_sweep_rb(du, dv, wxe, wye, A12, Du, Dv, cu, cv, omega, lattices):
-    """``_nb_sor_sweep_rb`` of a batch, in place: red pixels all at once, then black.
-
-    Each colour is two strided sub-lattices (pixels whose row and column parities
-    are fixed), so every update reads and writes only the pixels it concerns.
-    ``A12 .. cv`` are interior arrays, ``wxe, wye`` numbers or ``(n, NX, NY)``.
-    """
-    om1 = 1.0 - omega
-    uniform = not hasattr(wxe, "shape")
+def _tc_sweep_plan(D, wxe, wye, consts, lattices):
+    """Views of one red-black sweep: per sub-lattice the increments at its pixels and
+    at their four neighbours (of ``D = (du, dv)``, ``(2, n, NX, NY)``), the edge weights
+    and the constants of ``_tc_refresh`` there.  Views stay valid while D is updated
+    in place, so a plan serves every sweep until the next refresh."""
+    plan = []
     for parts in lattices:
-        for ra, rb, ia, ib in parts:
-            if uniform:
-                wl = wr = wxe
-                wd = wu = wye
+        for ra, rb in parts:
+            ia, ib = _tc_shift(ra, -1), _tc_shift(rb, -1)  # the same pixels, interior arrays
+            if hasattr(wxe, "shape"):
+                w = (wxe[:, _tc_shift(ra, -1), rb], wxe[:, ra, rb], wye[:, ra, rb],
+                     wye[:, ra, _tc_shift(rb, -1)])
             else:
-                wl = wxe[:, _tc_shift(ra, -1), rb]
-                wr = wxe[:, ra, rb]
-                wd = wye[:, ra, rb]
-                wu = wye[:, ra, _tc_shift(rb, -1)]
-            a12 = A12[:, ia, ib]
-            pu = (wl * du[:, _tc_shift(ra, -1), rb] + wr * du[:, _tc_shift(ra, 1), rb]
-                  + wd * du[:, ra, _tc_shift(rb, 1)] + wu * du[:, ra, _tc_shift(rb, -1)]
-                  + cu[:, ia, ib] - a12 * dv[:, ra, rb])
-            duc = om1 * du[:, ra, rb] + Du[:, ia, ib] * pu
-            du[:, ra, rb] = duc
-            pv = (wl * dv[:, _tc_shift(ra, -1), rb] + wr * dv[:, _tc_shift(ra, 1), rb]
-                  + wd * dv[:, ra, _tc_shift(rb, 1)] + wu * dv[:, ra, _tc_shift(rb, -1)]
-                  + cv[:, ia, ib] - a12 * duc)
-            dv[:, ra, rb] = om1 * dv[:, ra, rb] + Dv[:, ia, ib] * pv
+                w = (wxe, wxe, wye, wye)
+            nbs = (D[:, :, _tc_shift(ra, -1), rb], D[:, :, _tc_shift(ra, 1), rb],
+                   D[:, :, ra, _tc_shift(rb, 1)], D[:, :, ra, _tc_shift(rb, -1)])
+            plan.append((D[0, :, ra, rb], D[1, :, ra, rb], nbs, w,
+                         *(c[:, ia, ib] for c in consts)))
+    return plan
+
+
+def _tc_sor_sweep_rb(plan, omega):
+    """``_nb_sor_sweep_rb`` of a batch, in place, from ``_tc_sweep_plan``: red pixels all
+    at once, then black.  Each colour is two strided sub-lattices (fixed row and column
+    parities), so every update reads and writes only the pixels it concerns; du and dv
+    of a pixel read neighbours of the other colour, and dv the new du of the pixel."""
+    om1 = 1.0 - omega
+    for du, dv, (left, right, down, up), (wl, wr, wd, wu), A12, Du, Dv, cu, cv in plan:
+        nb = wl * left + wr * right + wd * down + wu * up  # du and dv at once
+        duc = om1 * du + Du * (nb[0] + cu - A12 * dv)
+        du.copy_(duc)
+        dv.copy_(om1 * dv + Dv * (nb[1] + cv - A12 * duc))
 
 
 def _tc_level_solver(J, weight, u, v, alpha_x, alpha_y, iterations, update_lag, a_data,
@@ -3945,8 +3946,8 @@ def _tc_level_solver(J, weight, u, v, alpha_x, alpha_y, iterations, update_lag, 
     import torch
 
     n, NX, NY = u.shape
-    du = torch.zeros_like(u)
-    dv = torch.zeros_like(u)
+    D = torch.zeros((2, n, NX, NY), dtype=u.dtype, device=u.device)
+    du, dv = D[0], D[1]
     cx = alpha_x / (hx * hx)
     cy = alpha_y / (hy * hy)
     wxe, wye = cx, cy
@@ -3954,15 +3955,16 @@ def _tc_level_solver(J, weight, u, v, alpha_x, alpha_y, iterations, update_lag, 
     lattices = _tc_sublattices(NX, NY)
     consts = _tc_refresh(J, weight, a_data, du, dv, True, psi_all_ones, u, v, wxe, wye,
                          SOR_OMEGA)
+    plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
     for it in range(1, iterations + 1):
         if it % update_lag == 0:
             if not uniform:
                 wxe, wye = _tc_smooth_weights(u, v, du, dv, a_smooth, cx, cy, hx, hy)
             consts = _tc_refresh(J, weight, a_data, du, dv, False, psi_all_ones, u, v, wxe,
                                  wye, SOR_OMEGA)
-        _tc_set_boundary(du)
-        _tc_set_boundary(dv)
-        _tc_sor_sweep_rb(du, dv, wxe, wye, *consts, SOR_OMEGA, lattices)
+            plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
+        _tc_set_boundary(D)
+        _tc_sor_sweep_rb(plan, SOR_OMEGA)
     return du, dv
 
 

@@ -4102,8 +4102,7 @@ class TorchBackend:
                                "enough for device 'cpu')") from None
         device = bp.get("device", "cuda" if torch.cuda.is_available() else "cpu")
         if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-            msg = f"backend_params.device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-            raise ConfigError(msg)
+            raise _cfg_error(source, "device", "'cpu', 'cuda' or 'cuda:N'", device)
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise _unavailable(self.name, "PyTorch sees no CUDA device "
@@ -4115,10 +4114,7 @@ class TorchBackend:
                 msg = (f"backend_params.device = {device!r}, but PyTorch sees "
                        f"{torch.cuda.device_count()} CUDA device(s)")
                 raise ConfigError(msg)
-        dtype = bp.get("dtype", "float64")
-        if dtype not in ("float64", "float32"):
-            msg = f"backend_params.dtype must be 'float64' or 'float32', got {dtype!r}"
-            raise ConfigError(msg)
+        dtype = _cfg_choice(bp.get("dtype", "float64"), "dtype", source, ("float64", "float32"))
         self.batch_frames = _cfg_int(bp.get("batch_frames", 32), "batch_frames", source,
                                      "an integer >= 1", lambda x: x >= 1)
         self.torch = torch

@@ -11,8 +11,8 @@ mean of the difference (the recording registers onto its own reference), as in `
 Presets: for ``flowreg`` and ``flowreg_torch`` the flow option ``quality_setting``
 (fast / balanced / quality: finest pyramid level 6 / 4 / 0); for ``diso`` its
 ``backend_params.preset`` (ultrafast / fast / medium), since the variational presets do
-not apply to DIS.  Each configuration runs twice and the second run is timed (the first
-includes Numba compilation and torch start-up).
+not apply to DIS.  Each backend's first configuration runs twice and only the second run
+is timed (the first includes Numba compilation and torch start-up).
 
     python benchmarks/backends.py --size 256 --frames 50
 """
@@ -80,8 +80,9 @@ def main(argv=None):
             except fs.ConfigError as exc:
                 print(f"# {backend} skipped: {exc}")
                 continue
-            for preset, params, quality in RUNS[backend]:
-                stage1(tmp, backend, params, quality, args.workers, args.frames)  # warm-up
+            for k, (preset, params, quality) in enumerate(RUNS[backend]):
+                if k == 0:  # compilation and start-up, once per backend
+                    stage1(tmp, backend, params, quality, args.workers, args.frames)
                 dt, w = stage1(tmp, backend, params, quality, args.workers, args.frames)
                 rows.append((backend, preset, args.frames / dt, endpoint_error(w, w_true, border)))
     finally:

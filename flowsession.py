@@ -132,6 +132,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from typing import NamedTuple
@@ -4253,7 +4254,9 @@ def compute_batch_valid_masks(w):
 # * ``pair(params, fixed, moving, init)``: ``w (H, W, 2)`` of one pair (Stage 2).
 #
 # ``params`` is a ``_FlowParams``.  Backends that need packages import them in
-# ``__init__``; a missing package is a ConfigError naming it.
+# ``__init__``; a missing package is a ConfigError naming it.  A backend that
+# stands for only some data terms lists them in ``constancy_assumptions``
+# (``_check_data_term`` refuses the others before any work).
 
 
 class _CpuState(NamedTuple):
@@ -4667,6 +4670,8 @@ class CudaBackend:
 _BACKENDS = {
     "flowreg": ("FlowregBackend", "nothing beyond numba"),
     "flowreg_cuda": ("CudaBackend", "an NVIDIA GPU with its driver and CUDA runtime"),
+    "flowreg_torch": ("TorchBackend", "PyTorch (pip install torch)"),
+    "diso": ("DisBackend", "OpenCV (pip install opencv-python-headless)"),
 }
 
 #: The names ``flow_backend`` accepts (the pyflowreg API's names).
@@ -4701,12 +4706,785 @@ def make_backend(name, backend_params=None):
     return globals()[_BACKENDS[name][0]](backend_params)
 
 
+def _check_data_term(backend, assumption, key):
+    """ConfigError when ``backend`` cannot use the data term ``assumption`` set by ``key``."""
+    allowed = getattr(backend, "constancy_assumptions", None)
+    if allowed is not None and assumption not in allowed:
+        msg = (f"{key} = '{assumption}' cannot be used with flow_backend '{backend.name}', "
+               f"which supports only {', '.join(repr(a) for a in allowed)}; set {key} = "
+               f"'{allowed[0]}' or choose flow_backend 'flowreg'")
+        raise ConfigError(msg)
+
+
 def _unavailable(name, why, install):
     """ConfigError for a backend that cannot run here, naming the fix and the alternatives."""
     others = [b for b in FLOW_BACKENDS if b != name]
     msg = (f"flow_backend '{name}' cannot run here: {why}; {install} "
            f"(other backends: {', '.join(others)}; 'flowreg' runs on any CPU)")
     return ConfigError(msg)
+
+
+###############################################################################
+### PyTorch backend (lazy)
+###############################################################################
+#
+# ``flow_backend = "flowreg_torch"``: the whole coarse-to-fine solver of
+# ``_nb_get_displacement`` on a torch device (CPU or CUDA), a batch of frames at
+# once.  Tensors use the transposed layout of the Numba kernels with a leading
+# frame axis: images ``(n, C, nx, ny)``, fields ``(n, nx, ny)``.  Every ``_tc_``
+# function computes what the ``_nb_`` kernel of the same name computes: resizes are
+# matrix products with the weights of ``_nb_resize_weights``, warps are gathers with
+# the interpolation rule of ``_nb_warp_plane`` (not ``grid_sample``, whose cubic
+# kernel differs), and the SOR sweep is the red-black sweep of ``_nb_sor_sweep_rb``.
+# The backend therefore equals ``FlowregBackend({"sor_order": "red_black"})`` up to
+# rounding.  torch is imported only inside these functions.
+
+
+def _tc_resize_matrix(in_len, out_len, like):
+    """Dense ``(out_len, in_len)`` matrix of MATLAB ``imresize`` along one axis."""
+    import torch
+
+    wts, idx = _nb_resize_weights(in_len, out_len)
+    mat = np.zeros((out_len, in_len))
+    np.add.at(mat, (np.repeat(np.arange(out_len), wts.shape[1]), idx.ravel()), wts.ravel())
+    return torch.as_tensor(mat, dtype=like.dtype, device=like.device)
+
+
+def _tc_resize(src, nx_out, ny_out):
+    """``_nb_resize`` of every plane of ``src (..., nx, ny)`` (same axis order, same skips)."""
+    import torch
+
+    nx, ny = src.shape[-2:]
+    if nx_out == nx and ny_out == ny:
+        return src.clone()
+
+    def axis0(t):
+        return torch.matmul(_tc_resize_matrix(nx, nx_out, t), t) if nx_out != nx else t
+
+    def axis1(t):
+        return torch.matmul(t, _tc_resize_matrix(ny, ny_out, t).T) if ny_out != ny else t
+
+    if ny_out / ny <= nx_out / nx:
+        return axis0(axis1(src))
+    return axis1(axis0(src))
+
+
+def _tc_keys(x):
+    """``_nb_keys`` elementwise."""
+    import torch
+
+    ax = x.abs()
+    ax2 = ax * ax
+    ax3 = ax2 * ax
+    inner = 1.5 * ax3 - 2.5 * ax2 + 1.0
+    outer = -0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0
+    return torch.where(ax <= 1.0, inner, torch.where(ax <= 2.0, outer, torch.zeros_like(ax)))
+
+
+def _tc_extrapolated(src):
+    """``_nb_extrapolated`` of every plane: ``(..., nx + 2, ny + 2)``."""
+    import torch.nn.functional as F
+
+    nx, ny = src.shape[-2:]
+    e = F.pad(src, (1, 1, 1, 1))
+    if ny >= 3:
+        e[..., 1:-1, 0] = 3.0 * e[..., 1:-1, 1] - 3.0 * e[..., 1:-1, 2] + e[..., 1:-1, 3]
+        e[..., 1:-1, ny + 1] = (3.0 * e[..., 1:-1, ny] - 3.0 * e[..., 1:-1, ny - 1]
+                                + e[..., 1:-1, ny - 2])
+    else:
+        e[..., 1:-1, 0] = e[..., 1:-1, 1]
+        e[..., 1:-1, ny + 1] = e[..., 1:-1, ny]
+    if nx >= 3:
+        e[..., 0, :] = 3.0 * e[..., 1, :] - 3.0 * e[..., 2, :] + e[..., 3, :]
+        e[..., nx + 1, :] = 3.0 * e[..., nx, :] - 3.0 * e[..., nx - 1, :] + e[..., nx - 2, :]
+    else:
+        e[..., 0, :] = e[..., 1, :]
+        e[..., nx + 1, :] = e[..., nx, :]
+    return e
+
+
+def _tc_gather(planes, ix, iy):
+    """``planes[k, c, ix[k], iy[k]]`` for ``planes (n, C, NX, NY)``, ``ix, iy (n, nx, ny)``."""
+    n, C, NX, NY = planes.shape
+    flat = (ix * NY + iy).reshape(n, 1, -1).expand(n, C, -1)
+    return planes.reshape(n, C, NX * NY).gather(2, flat).reshape(n, C, *ix.shape[1:])
+
+
+def _tc_cell(pos, n):
+    """``_nb_cell``: left sample index (int64) and fraction of ``pos >= 0``."""
+    import torch
+
+    if n == 1:
+        return torch.zeros_like(pos, dtype=torch.int64), torch.zeros_like(pos)
+    i = pos.to(torch.int64).clamp(0, n - 2)
+    return i, pos - i
+
+
+def _tc_warp(src, u, v, hu, hv, fill, method):
+    """``_nb_warp_plane`` of a batch: ``src (n, C, nx, ny)`` sampled at
+    ``(x + u / hu, y + v / hv)`` with ``u, v (n, nx, ny)``; out-of-grid points (and
+    NaN) take ``fill`` (broadcast to src) and are invalid.
+
+    Returns ``(out (n, C, nx, ny), valid (n, nx, ny) bool)``.
+    """
+    import torch
+
+    n, C, nx, ny = src.shape
+    x = torch.arange(nx, dtype=src.dtype, device=src.device).view(nx, 1)
+    y = torch.arange(ny, dtype=src.dtype, device=src.device).view(1, ny)
+    px = x + u / hu
+    py = y + v / hv
+    valid = (px >= 0.0) & (px <= nx - 1) & (py >= 0.0) & (py <= ny - 1)
+    px = torch.where(valid, px, torch.zeros_like(px))
+    py = torch.where(valid, py, torch.zeros_like(py))
+    if method == 0:
+        out = _tc_gather(src, torch.floor(px + 0.5).to(torch.int64),
+                         torch.floor(py + 0.5).to(torch.int64))
+    else:
+        ix, tx = _tc_cell(px, nx)
+        iy, ty = _tc_cell(py, ny)
+        tx = tx[:, None]
+        ty = ty[:, None]
+        if method == 1:
+            ix1 = (ix + 1).clamp(max=nx - 1)
+            iy1 = (iy + 1).clamp(max=ny - 1)
+            out = ((1.0 - tx) * ((1.0 - ty) * _tc_gather(src, ix, iy) + ty * _tc_gather(src, ix, iy1))
+                   + tx * ((1.0 - ty) * _tc_gather(src, ix1, iy) + ty * _tc_gather(src, ix1, iy1)))
+        else:
+            ext = _tc_extrapolated(src)
+            wy0 = _tc_keys(ty + 1.0)
+            wy1 = _tc_keys(ty)
+            wy2 = _tc_keys(1.0 - ty)
+            wy3 = _tc_keys(2.0 - ty)
+            y3 = (iy + 3).clamp(max=ny + 1)
+            out = torch.zeros_like(src)
+            for p in range(4):
+                xi = (ix + p).clamp(max=nx + 1)
+                out = out + _tc_keys(tx + (1.0 - p)) * (
+                    wy0 * _tc_gather(ext, xi, iy) + wy1 * _tc_gather(ext, xi, iy + 1)
+                    + wy2 * _tc_gather(ext, xi, iy + 2) + wy3 * _tc_gather(ext, xi, y3))
+    return torch.where(valid[:, None], out, fill.expand_as(out)), valid
+
+
+def _tc_grad0(f, h):
+    """``_nb_grad0`` (``gradient`` along axis -2) of every plane."""
+    import torch
+
+    out = torch.zeros_like(f)
+    if f.shape[-2] < 2:
+        return out
+    out[..., 1:-1, :] = (f[..., 2:, :] - f[..., :-2, :]) / (2.0 * h)
+    out[..., 0, :] = (f[..., 1, :] - f[..., 0, :]) / h
+    out[..., -1, :] = (f[..., -1, :] - f[..., -2, :]) / h
+    return out
+
+
+def _tc_grad1(f, h):
+    """``_nb_grad1`` (``gradient`` along axis -1) of every plane."""
+    return _tc_grad0(f.transpose(-1, -2), h).transpose(-1, -2)
+
+
+def _tc_pad_edge(f):
+    """One-sample halo repeating the edge (``_nb_pad_symmetric1``) of ``f (..., nx, ny)``."""
+    import torch.nn.functional as F
+
+    shape = f.shape
+    return F.pad(f.reshape(-1, *shape[-2:]), (1, 1, 1, 1), mode="replicate").reshape(
+        *shape[:-2], shape[-2] + 2, shape[-1] + 2)
+
+
+def _tc_tensor(f1, f2, hx, hy, kind):
+    """Motion tensors of ``_nb_tensor_gc`` (kind 0) or ``_nb_tensor_gray`` (kind 1).
+
+    ``f1 (1 or n, C, nx, ny)`` reference, ``f2 (n, C, nx, ny)`` warped moving frames.
+    Returns ``J (6, n, C, nx + 2, ny + 2)`` (J11, J22, J33, J12, J13, J23) with a zero
+    outer ring.
+    """
+    import torch
+
+    F1 = _tc_pad_edge(f1)
+    F2 = _tc_pad_edge(f2)
+    fx = _tc_pad_edge((0.5 * (_tc_grad0(F1, hx) + _tc_grad0(F2, hx)))[..., 1:-1, 1:-1])
+    ft = F2 - F1
+    ft = _tc_pad_edge(ft[..., 1:-1, 1:-1])
+    J = torch.zeros((6, *F2.shape), dtype=F2.dtype, device=F2.device)
+    I = (Ellipsis, slice(1, -1), slice(1, -1))
+    if kind == 0:
+        cxy = _tc_grad1(fx, hy)[I]
+        cxt = _tc_grad0(ft, hx)[I]
+        cyt = _tc_grad1(ft, hy)[I]
+        hx2 = hx * hx
+        hy2 = hy * hy
+        fxx = 0.5 * ((F1[..., :-2, 1:-1] - 2.0 * F1[I] + F1[..., 2:, 1:-1]) / hx2
+                     + (F2[..., :-2, 1:-1] - 2.0 * F2[I] + F2[..., 2:, 1:-1]) / hx2)
+        fyy = 0.5 * ((F1[..., 1:-1, :-2] - 2.0 * F1[I] + F1[..., 1:-1, 2:]) / hy2
+                     + (F2[..., 1:-1, :-2] - 2.0 * F2[I] + F2[..., 1:-1, 2:]) / hy2)
+        rx = 1.0 / (fxx * fxx + cxy * cxy + ZIMMER_EPS)
+        ry = 1.0 / (cxy * cxy + fyy * fyy + ZIMMER_EPS)
+        J[0][I] = rx * fxx * fxx + ry * cxy * cxy
+        J[1][I] = rx * cxy * cxy + ry * fyy * fyy
+        J[2][I] = rx * cxt * cxt + ry * cyt * cyt
+        J[3][I] = rx * fxx * cxy + ry * cxy * fyy
+        J[4][I] = rx * fxx * cxt + ry * cxy * cyt
+        J[5][I] = rx * cxy * cxt + ry * fyy * cyt
+    else:
+        fy = _tc_pad_edge((0.5 * (_tc_grad1(F1, hy) + _tc_grad1(F2, hy)))[I])
+        fx, fy, ft = fx[I], fy[I], ft[I]
+        J[0][I] = fx * fx
+        J[1][I] = fy * fy
+        J[2][I] = ft * ft
+        J[3][I] = fx * fy
+        J[4][I] = fx * ft
+        J[5][I] = fy * ft
+    return J
+
+
+def _tc_set_boundary(f):
+    """``_nb_set_boundary`` (Neumann halo) of every plane of ``f (..., NX, NY)``, in place."""
+    f[..., 0] = f[..., 1]
+    f[..., -1] = f[..., -2]
+    f[..., 0, :] = f[..., 1, :]
+    f[..., -1, :] = f[..., -2, :]
+
+
+def _tc_edge_weights(wxe, wye):
+    """The four neighbour weights ``(wl, wr, wd, wu)`` of the interior pixels:
+    numbers when uniform, else slices of ``wxe, wye (n, NX, NY)``."""
+    if not hasattr(wxe, "shape"):
+        return wxe, wxe, wye, wye
+    return (wxe[:, :-2, 1:-1], wxe[:, 1:-1, 1:-1], wye[:, 1:-1, 1:-1], wye[:, 1:-1, :-2])
+
+
+def _tc_refresh(J, weight, a_data, du, dv, first, psi_all_ones, u, v, wxe, wye, omega):
+    """``_nb_refresh`` of a batch: returns ``(A12, Du, Dv, cu, cv)``, each
+    ``(n, NX - 2, NY - 2)`` (interior pixels).
+
+    ``J (6, n, C, NX, NY)``; ``weight`` is ``(C, NX - 2, NY - 2)`` (interior of a
+    spatial map) or ``(C, 1, 1)``; ``a_data`` a sequence of C floats.
+    """
+    import torch
+
+    C = J.shape[2]
+    I = (Ellipsis, slice(1, -1), slice(1, -1))
+    J11, J22, J33, J12, J13, J23 = (j[I] for j in J)
+    d = du[:, 1:-1, 1:-1]
+    e = dv[:, 1:-1, 1:-1]
+    sums = [None] * 5
+    for k in range(C):
+        if first:
+            wp = weight[k] * (1.0 if (k == 0 or psi_all_ones) else 0.0)
+        else:
+            en = (J11[:, k] * d * d + J22[:, k] * e * e + J23[:, k] * e
+                  + 2.0 * J12[:, k] * d * e + 2.0 * J13[:, k] * d
+                  + J23[:, k] * e + J33[:, k]).clamp(min=0.0)
+            wp = weight[k] * (a_data[k] * (en + PSI_EPS) ** (a_data[k] - 1.0))
+        for s, Jc in enumerate((J11, J12, J22, J13, J23)):
+            term = wp * Jc[:, k]
+            sums[s] = term if sums[s] is None else sums[s] + term
+    s11, s12, s22, s13, s23 = sums
+    wl, wr, wd, wu = _tc_edge_weights(wxe, wye)
+    uc = u[:, 1:-1, 1:-1]
+    vc = v[:, 1:-1, 1:-1]
+    cu = (wl * (u[:, :-2, 1:-1] - uc) + wr * (u[:, 2:, 1:-1] - uc)
+          + wd * (u[:, 1:-1, 2:] - uc) + wu * (u[:, 1:-1, :-2] - uc)) - s13
+    cv = (wl * (v[:, :-2, 1:-1] - vc) + wr * (v[:, 2:, 1:-1] - vc)
+          + wd * (v[:, 1:-1, 2:] - vc) + wu * (v[:, 1:-1, :-2] - vc)) - s23
+    sw = wl + wr + wd + wu
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    den = sw + s11
+    Du = torch.where(den != 0.0, omega / den, zero)
+    den = sw + s22
+    Dv = torch.where(den != 0.0, omega / den, zero)
+    return s12.expand_as(cu), Du.expand_as(cu), Dv.expand_as(cu), cu, cv
+
+
+def _tc_smooth_weights(u, v, du, dv, a_smooth, cx, cy, hx, hy):
+    """``_nb_smooth_weights`` for ``a_smooth != 1``: ``(wxe, wye)``, each ``(n, NX, NY)``."""
+    import torch
+
+    uf = u + du
+    vf = v + dv
+    ux = _tc_grad0(uf, hx)
+    uy = _tc_grad1(uf, hy)
+    vx = _tc_grad0(vf, hx)
+    vy = _tc_grad1(vf, hy)
+    s = ux * ux + uy * uy + vx * vx + vy * vy
+    psi = a_smooth * (s + PSI_EPS) ** (a_smooth - 1.0)
+    wxe = torch.zeros_like(psi)
+    wye = torch.zeros_like(psi)
+    wxe[:, :-1, :] = 0.5 * (psi[:, :-1, :] + psi[:, 1:, :]) * cx
+    wye[:, :, :-1] = 0.5 * (psi[:, :, :-1] + psi[:, :, 1:]) * cy
+    return wxe, wye
+
+
+def _tc_sublattices(NX, NY):
+    """The interior pixels of a ``(NX, NY)`` haloed grid split by the parities of
+    ``(a, b)``: per colour (red, ``a + b`` even, first) the ``(rows, cols)`` strided
+    slices of its two sub-lattices."""
+    out = []
+    for colour in range(2):
+        parts = []
+        for a0 in (1, 2):
+            b0 = 1 + ((a0 + 1 + colour) & 1)
+            if a0 <= NX - 2 and b0 <= NY - 2:
+                parts.append((slice(a0, NX - 1, 2), slice(b0, NY - 1, 2)))
+        out.append(parts)
+    return out
+
+
+def _tc_shift(s, k):
+    """The slice ``s`` moved by ``k`` samples."""
+    return slice(s.start + k, s.stop + k, s.step)
+
+
+def _tc_sweep_plan(D, wxe, wye, consts, lattices):
+    """Views of one red-black sweep: per sub-lattice the increments at its pixels and
+    at their four neighbours (of ``D = (du, dv)``, ``(2, n, NX, NY)``), the edge weights
+    and the constants of ``_tc_refresh`` there.  Views stay valid while D is updated
+    in place, so a plan serves every sweep until the next refresh."""
+    plan = []
+    for parts in lattices:
+        for ra, rb in parts:
+            ia, ib = _tc_shift(ra, -1), _tc_shift(rb, -1)  # the same pixels, interior arrays
+            if hasattr(wxe, "shape"):
+                w = (wxe[:, _tc_shift(ra, -1), rb], wxe[:, ra, rb], wye[:, ra, rb],
+                     wye[:, ra, _tc_shift(rb, -1)])
+            else:
+                w = (wxe, wxe, wye, wye)
+            nbs = (D[:, :, _tc_shift(ra, -1), rb], D[:, :, _tc_shift(ra, 1), rb],
+                   D[:, :, ra, _tc_shift(rb, 1)], D[:, :, ra, _tc_shift(rb, -1)])
+            plan.append((D[0, :, ra, rb], D[1, :, ra, rb], nbs, w,
+                         *(c[:, ia, ib] for c in consts)))
+    return plan
+
+
+def _tc_sor_sweep_rb(plan, omega):
+    """``_nb_sor_sweep_rb`` of a batch, in place, from ``_tc_sweep_plan``: red pixels all
+    at once, then black.  Each colour is two strided sub-lattices (fixed row and column
+    parities), so every update reads and writes only the pixels it concerns; du and dv
+    of a pixel read neighbours of the other colour, and dv the new du of the pixel."""
+    om1 = 1.0 - omega
+    for du, dv, (left, right, down, up), (wl, wr, wd, wu), A12, Du, Dv, cu, cv in plan:
+        nb = wl * left + wr * right + wd * down + wu * up  # du and dv at once
+        duc = om1 * du + Du * (nb[0] + cu - A12 * dv)
+        du.copy_(duc)
+        dv.copy_(om1 * dv + Dv * (nb[1] + cv - A12 * duc))
+
+
+def _tc_level_solver(J, weight, u, v, alpha_x, alpha_y, iterations, update_lag, a_data,
+                     a_smooth, hx, hy, psi_all_ones):
+    """``_nb_level_solver(..., red_black=True)`` of a batch.
+
+    ``J (6, n, C, NX, NY)``, ``u, v (n, NX, NY)``, ``weight`` as ``_tc_refresh``.
+    Returns ``(du, dv)``, each ``(n, NX, NY)`` with halo.
+    """
+    import torch
+
+    n, NX, NY = u.shape
+    D = torch.zeros((2, n, NX, NY), dtype=u.dtype, device=u.device)
+    du, dv = D[0], D[1]
+    cx = alpha_x / (hx * hx)
+    cy = alpha_y / (hy * hy)
+    wxe, wye = cx, cy
+    uniform = a_smooth == 1.0
+    lattices = _tc_sublattices(NX, NY)
+    consts = _tc_refresh(J, weight, a_data, du, dv, True, psi_all_ones, u, v, wxe, wye,
+                         SOR_OMEGA)
+    plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
+    for it in range(1, iterations + 1):
+        if it % update_lag == 0:
+            if not uniform:
+                wxe, wye = _tc_smooth_weights(u, v, du, dv, a_smooth, cx, cy, hx, hy)
+            consts = _tc_refresh(J, weight, a_data, du, dv, False, psi_all_ones, u, v, wxe,
+                                 wye, SOR_OMEGA)
+            plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
+        _tc_set_boundary(D)
+        _tc_sor_sweep_rb(plan, SOR_OMEGA)
+    return du, dv
+
+
+def _tc_symmetric_index(n, p):
+    """Source indices of ``_nb_pad_symmetric`` along an axis of length ``n``."""
+    k = (np.arange(n + 2 * p) - p) % (2 * n)
+    return np.where(k < n, k, 2 * n - 1 - k)
+
+
+def _tc_sort5(a0, a1, a2, a3, a4):
+    """``_nb_sort5`` elementwise (the same 9-comparator network)."""
+    import torch
+
+    lo, hi = torch.minimum, torch.maximum
+    a0, a1 = lo(a0, a1), hi(a0, a1)
+    a3, a4 = lo(a3, a4), hi(a3, a4)
+    a2, a4 = lo(a2, a4), hi(a2, a4)
+    a2, a3 = lo(a2, a3), hi(a2, a3)
+    a0, a3 = lo(a0, a3), hi(a0, a3)
+    a0, a2 = lo(a0, a2), hi(a0, a2)
+    a1, a4 = lo(a1, a4), hi(a1, a4)
+    a1, a3 = lo(a1, a3), hi(a1, a3)
+    a1, a2 = lo(a1, a2), hi(a1, a2)
+    return a0, a1, a2, a3, a4
+
+
+def _tc_medfilt5(src):
+    """``_nb_medfilt5`` (exact 5x5 median, symmetric padding) of ``src (n, n0, n1)``.
+
+    The same selection as the CPU kernel: the window's columns sorted, then its
+    rows; the median is the 7th smallest of the 13 remaining candidates.
+    """
+    import torch
+
+    n, n0, n1 = src.shape
+    ia = torch.as_tensor(_tc_symmetric_index(n0, 2), device=src.device)
+    ib = torch.as_tensor(_tc_symmetric_index(n1, 2), device=src.device)
+    pad = src[:, ia][:, :, ib]
+    cols = _tc_sort5(*(pad[:, a:a + n0] for a in range(5)))
+    cand = []
+    for rank, keep in enumerate(((3, 4), (2, 3, 4), (1, 2, 3), (0, 1, 2), (0, 1))):
+        row = _tc_sort5(*(cols[rank][..., b:b + n1] for b in range(5)))
+        cand.extend(row[k] for k in keep)
+    return torch.stack(cand, dim=-1).median(dim=-1).values
+
+
+def _tc_reference_pyramid(p, f1):
+    """``_nb_reference_pyramid`` of ``f1 (1, C, nx, ny)``: its levels, coarsest first."""
+    C, n, m = f1.shape[1:]
+    top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
+    return [_tc_resize(f1, *_nb_level_size(m, n, p.eta, i, max_x, max_y))
+            for i in range(top, min_level - 1, -1)]
+
+
+def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
+    """``_nb_get_displacement(..., red_black=True)`` of a batch of frames.
+
+    ``pyramid``: ``_tc_reference_pyramid(p, f1)``; ``f2 (n, C, nx, ny)``;
+    ``u_init, v_init (nx, ny)`` (one initial field for all frames); ``wmap`` the
+    ``(C, nx, ny)`` spatial weights as a tensor when ``p.local``.
+    Returns ``(u, v)``, each ``(n, nx, ny)``.
+    """
+    import torch
+
+    nb, C, n, m = f2.shape
+    top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
+    a_data = [float(a) for a in p.a_data]
+    if not p.local:
+        wvec = torch.as_tensor(p.wvec, dtype=f2.dtype, device=f2.device).view(C, 1, 1)
+    u = v = None
+    for i in range(top, min_level - 1, -1):
+        lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
+        F1 = pyramid[top - i]
+        F2 = _tc_resize(f2, lx, ly)
+        hx, hy = (m / ly, n / lx) if p.quirks else (n / lx, m / ly)
+        if i == top:
+            ui = _tc_resize(u_init, lx, ly).expand(nb, lx, ly)
+            vi = _tc_resize(v_init, lx, ly).expand(nb, lx, ly)
+            tmp = F2
+        else:
+            ui = _tc_resize(u[:, 1:-1, 1:-1], lx, ly)
+            vi = _tc_resize(v[:, 1:-1, 1:-1], lx, ly)
+            tmp = _tc_warp(F2, ui, vi, hx, hy, F1, 2)[0]
+        u = _tc_pad_edge(ui)
+        v = _tc_pad_edge(vi)
+        J = _tc_tensor(F1, tmp, hx, hy, p.kind)
+        weight = _tc_resize(wmap, lx, ly) if p.local else wvec
+        scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
+        du, dv = _tc_level_solver(J, weight, u, v, p.alpha_x * scale, p.alpha_y * scale,
+                                  p.iterations, p.update_lag, a_data, p.a_smooth, hx, hy,
+                                  not p.quirks)
+        if min(lx, ly) > 5:
+            du[:, 1:-1, 1:-1] = _tc_medfilt5(du[:, 1:-1, 1:-1])
+            dv[:, 1:-1, 1:-1] = _tc_medfilt5(dv[:, 1:-1, 1:-1])
+        u = u + du
+        v = v + dv
+    wu = u[:, 1:-1, 1:-1]
+    wv = v[:, 1:-1, 1:-1]
+    if wu.shape[1:] != (n, m):
+        wu = _tc_resize(wu, n, m)
+        wv = _tc_resize(wv, n, m)
+    return wu.contiguous(), wv.contiguous()
+
+
+class _TorchState(NamedTuple):
+    params: _FlowParams
+    pyramid: list        # reference levels, (1, C, nx, ny) tensors, coarsest first
+    wmap: object         # (C, W, H) spatial weights tensor, or None
+    fill: object         # (1, C, W, H) raw fill image tensor, or None
+
+
+class TorchBackend:
+    """``flowreg_torch``: the solver on PyTorch (CPU or CUDA), a batch of frames at once.
+
+    The SOR sweep uses the red-black ordering of the GPU backends, so the fields
+    equal ``FlowregBackend({"sor_order": "red_black"})`` up to rounding (float64).
+    ``backend_params``: ``device`` ("cpu", "cuda" or "cuda:N"; default "cuda" when
+    torch sees a GPU, else "cpu"), ``dtype`` ("float64", default, or "float32":
+    faster; its rounding, amplified like any perturbation by the nonlinear solver,
+    moves fields by ~0.1 px on average without making them less accurate),
+    ``batch_frames`` (frames solved at once, default 32; lower it when the device
+    runs out of memory).
+    """
+
+    name = "flowreg_torch"
+    keys = ("device", "dtype", "batch_frames")
+
+    def __init__(self, backend_params=None):
+        bp = dict(backend_params or {})
+        source = f"backend_params of flow_backend '{self.name}'"
+        _cfg_check_keys(bp, self.keys, source)
+        try:
+            import torch
+        except ImportError as exc:
+            raise _unavailable(self.name, f"PyTorch cannot be imported ({exc})",
+                               "install it with `pip install torch` (the CPU-only wheel is "
+                               "enough for device 'cpu')") from None
+        device = bp.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+        if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise _cfg_error(source, "device", "'cpu', 'cuda' or 'cuda:N'", device)
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise _unavailable(self.name, "PyTorch sees no CUDA device "
+                                   "(torch.cuda.is_available() is False)",
+                                   "set backend_params.device = 'cpu', or install a CUDA "
+                                   "build of PyTorch on a machine with an NVIDIA GPU")
+            index = int(device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                msg = (f"backend_params.device = {device!r}, but PyTorch sees "
+                       f"{torch.cuda.device_count()} CUDA device(s)")
+                raise ConfigError(msg)
+        dtype = _cfg_choice(bp.get("dtype", "float64"), "dtype", source, ("float64", "float32"))
+        self.batch_frames = _cfg_int(bp.get("batch_frames", 32), "batch_frames", source,
+                                     "an integer >= 1", lambda x: x >= 1)
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.np_dtype = np.dtype(dtype)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(device={str(self.device)!r}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')!r}, "
+                f"batch_frames={self.batch_frames})")
+
+    def _tensor(self, a):
+        """A numpy ``(n, H, W, C)`` (or ``(H, W, C)``) array as a ``(n, C, W, H)`` tensor."""
+        arr = np.asarray(a, dtype=self.np_dtype)
+        arr = arr[None] if arr.ndim == 3 else arr
+        t = self.torch.as_tensor(arr, device=self.device)
+        return t.permute(0, 3, 2, 1).contiguous()
+
+    def reference(self, params, ref, fill=None):
+        with self.torch.inference_mode():
+            f1 = self._tensor(ref)
+            wmap = None
+            if params.local:
+                wmap = self.torch.as_tensor(params.wmap, dtype=self.dtype, device=self.device)
+            return _TorchState(params, _tc_reference_pyramid(params, f1), wmap,
+                               None if fill is None else self._tensor(fill))
+
+    def _batches(self, state, frames, init):
+        """Per batch of frames: ``(k0, k1, u, v)`` with u, v ``(n, W, H)`` tensors."""
+        torch = self.torch
+        ui, vi = (torch.as_tensor(np.ascontiguousarray(init[..., c].T), dtype=self.dtype,
+                                  device=self.device) for c in (0, 1))
+        for k0 in range(0, len(frames), self.batch_frames):
+            k1 = min(k0 + self.batch_frames, len(frames))
+            u, v = _tc_get_displacement(state.params, state.pyramid,
+                                        self._tensor(frames[k0:k1]), ui, vi, state.wmap)
+            yield k0, k1, u, v
+
+    @staticmethod
+    def _field(u, v):
+        """``(n, W, H)`` tensors u, v -> numpy float64 ``(n, H, W, 2)``."""
+        w = np.stack([u.cpu().numpy(), v.cpu().numpy()], axis=-1)
+        return w.transpose(0, 2, 1, 3).astype(np.float64)
+
+    def flows(self, state, frames, init, pool):
+        out = np.empty((*frames.shape[:3], 2))
+        with self.torch.inference_mode():
+            for k0, k1, u, v in self._batches(state, frames, init):
+                out[k0:k1] = self._field(u, v)
+        return out
+
+    def register(self, state, frames, raw, init, method, pool):
+        n, H, W, C = frames.shape
+        w = np.empty((n, H, W, 2))
+        reg = np.empty((n, H, W, C))
+        valid = np.empty((n, H, W), dtype=bool)
+        with self.torch.inference_mode():
+            for k0, k1, u, v in self._batches(state, frames, init):
+                out, ok = _tc_warp(self._tensor(raw[k0:k1]), u, v, 1.0, 1.0, state.fill, method)
+                w[k0:k1] = self._field(u, v)
+                reg[k0:k1] = out.permute(0, 3, 2, 1).cpu().numpy()
+                valid[k0:k1] = ok.transpose(1, 2).cpu().numpy()
+        stats = np.array([_frame_statistics(w[k, ..., 0], w[k, ..., 1]) for k in range(n)]).T
+        return w, reg, valid, stats.reshape(4, n)
+
+    def pair(self, params, fixed, moving, init=None):
+        H, W = fixed.shape[:2]
+        state = self.reference(params, fixed)
+        init = np.zeros((H, W, 2)) if init is None else init
+        return self.flows(state, np.asarray(moving)[None], init, None)[0]
+
+
+###############################################################################
+### OpenCV DIS backend (lazy)
+###############################################################################
+#
+# ``flow_backend = "diso"``: OpenCV's Dense Inverse Search optical flow (Kroeger
+# et al., ECCV 2016, https://doi.org/10.1007/978-3-319-46493-0_29) instead of the
+# variational solver: much faster, less accurate.  Only the flows come from
+# OpenCV; warps, masks and statistics are the CPU ones.  cv2 is imported only
+# when the backend is built.
+
+#: DIS presets (``cv2.DISOPTICAL_FLOW_PRESET_*``) by their ``backend_params`` name.
+_DIS_PRESETS = ("ultrafast", "fast", "medium")
+#: Setters of ``cv2.DISOpticalFlow`` by ``backend_params`` key, with the check of the value.
+_DIS_SETTINGS = {
+    "patch_size": ("setPatchSize", "an integer >= 1", int, lambda x: x >= 1),
+    "patch_stride": ("setPatchStride", "an integer >= 1", int, lambda x: x >= 1),
+    "finest_scale": ("setFinestScale", "an integer >= 0", int, lambda x: x >= 0),
+    "gradient_descent_iterations": ("setGradientDescentIterations", "an integer >= 1", int,
+                                    lambda x: x >= 1),
+    "variational_refinement_iterations": ("setVariationalRefinementIterations",
+                                          "an integer >= 0", int, lambda x: x >= 0),
+    "variational_refinement_alpha": ("setVariationalRefinementAlpha", "a number >= 0", float,
+                                     lambda x: x >= 0),
+    "variational_refinement_delta": ("setVariationalRefinementDelta", "a number >= 0", float,
+                                     lambda x: x >= 0),
+    "variational_refinement_gamma": ("setVariationalRefinementGamma", "a number >= 0", float,
+                                     lambda x: x >= 0),
+    "use_mean_normalization": ("setUseMeanNormalization", None, bool, None),
+    "use_spatial_propagation": ("setUseSpatialPropagation", None, bool, None),
+}
+
+
+def _dis_grey(img, p):
+    """A normalised ``(H, W, C)`` image as the 8-bit grey image DIS takes.
+
+    Channels are combined with the channel weights of ``p`` (per pixel when
+    ``p.local``), normalised to sum 1; the result is clipped to [0, 1] and scaled
+    to 0..255 (rounded).
+    """
+    img = np.asarray(img, dtype=np.float64)
+    if p.local:
+        wmap = p.wmap.transpose(2, 1, 0)
+        total = wmap.sum(axis=2)
+        grey = (img * wmap).sum(axis=2) / np.where(total > 0, total, 1.0)
+    else:
+        wvec = np.asarray(p.wvec, dtype=np.float64)
+        grey = img @ (wvec / wvec.sum())
+    return np.rint(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class _DisState(NamedTuple):
+    params: _FlowParams
+    ref: np.ndarray      # (H, W) uint8 grey reference
+    fill: np.ndarray     # (C, W, H) raw fill image, or None
+
+
+class DisBackend:
+    """``diso``: OpenCV DIS optical flow (``cv2.DISOpticalFlow``), one frame per thread.
+
+    Fast and less accurate than the variational solver; the variational
+    parameters of the flow options (alpha, levels, iterations, ...) do not apply,
+    the channel weights do.  Only the ``gc`` data term may be configured.
+    ``backend_params``: ``preset`` ("ultrafast", "fast" or "medium", default),
+    and overrides of the preset: ``patch_size``, ``patch_stride``, ``finest_scale``,
+    ``gradient_descent_iterations``, ``variational_refinement_iterations``,
+    ``variational_refinement_alpha``, ``variational_refinement_delta``,
+    ``variational_refinement_gamma``, ``use_mean_normalization``,
+    ``use_spatial_propagation``.
+    """
+
+    name = "diso"
+    keys = ("preset", *_DIS_SETTINGS)
+    #: The data terms (``constancy_assumption``) this backend can stand for.
+    constancy_assumptions = ("gc",)
+
+    def __init__(self, backend_params=None):
+        bp = dict(backend_params or {})
+        source = f"backend_params of flow_backend '{self.name}'"
+        _cfg_check_keys(bp, self.keys, source)
+        try:
+            import cv2
+        except ImportError as exc:
+            raise _unavailable(self.name, f"OpenCV cannot be imported ({exc})",
+                               "install it with `pip install opencv-python-headless`") from None
+        self.cv2 = cv2
+        self.preset = _cfg_choice(bp.get("preset", "medium"), "preset", source, _DIS_PRESETS)
+        self.settings = {}
+        for key, (setter, allowed, kind, ok) in _DIS_SETTINGS.items():
+            if key not in bp:
+                continue
+            if kind is bool:
+                value = _cfg_bool(bp[key], key, source)
+            elif kind is int:
+                value = _cfg_int(bp[key], key, source, allowed, ok)
+            else:
+                value = _cfg_float(bp[key], key, source, allowed, ok)
+            self.settings[setter] = value
+        size = self.settings.get("setPatchSize", 8 if "setPatchStride" in self.settings else None)
+        stride = self.settings.get("setPatchStride")
+        if stride is not None and size is not None and stride > size:
+            msg = (f"{source}: patch_stride ({stride}) must not exceed patch_size ({size})")
+            raise ConfigError(msg)
+        self._local = threading.local()
+
+    def __repr__(self):
+        extra = "".join(f", {k}={self.settings[s]!r}" for k, (s, *_) in _DIS_SETTINGS.items()
+                        if s in self.settings)
+        return f"{type(self).__name__}(preset={self.preset!r}{extra})"
+
+    def _dis(self):
+        """This thread's ``cv2.DISOpticalFlow`` (instances are not shared between threads)."""
+        dis = getattr(self._local, "dis", None)
+        if dis is None:
+            cv2 = self.cv2
+            dis = cv2.DISOpticalFlow.create(
+                getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{self.preset.upper()}"))
+            for setter, value in self.settings.items():
+                getattr(dis, setter)(value)
+            self._local.dis = dis
+        return dis
+
+    def _flow(self, ref8, img, p):
+        """``w (H, W, 2)`` float64 with ``fixed(x) ~ moving(x + w(x))``: OpenCV's
+        ``calc(prev, next)`` gives ``prev(x) ~ next(x + flow(x))``."""
+        return self._dis().calc(ref8, _dis_grey(img, p), None).astype(np.float64)
+
+    def reference(self, params, ref, fill=None):
+        fill_int = None if fill is None else _to_internal(np.asarray(fill, dtype=np.float64))
+        return _DisState(params, _dis_grey(ref, params), fill_int)
+
+    def flows(self, state, frames, init, pool):
+        out = np.empty((*frames.shape[:3], 2))
+
+        def one(k):
+            out[k] = self._flow(state.ref, frames[k], state.params)
+
+        list(pool.map(one, range(len(frames))))
+        return out
+
+    def register(self, state, frames, raw, init, method, pool):
+        n, H, W, C = frames.shape
+        w = np.empty((n, H, W, 2))
+        reg = np.empty((n, H, W, C))
+        valid = np.empty((n, H, W), dtype=bool)
+        stats = np.empty((4, n))
+
+        def one(k):
+            w[k] = self._flow(state.ref, frames[k], state.params)
+            u, v = _field_internal(w[k])
+            out, ok = _warp_stack(_to_internal(np.asarray(raw[k], dtype=np.float64)), u, v,
+                                  state.fill, method)
+            reg[k] = out.transpose(2, 1, 0)
+            valid[k] = ok.T
+            stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+
+        list(pool.map(one, range(n)))
+        return w, reg, valid, stats
+
+    def pair(self, params, fixed, moving, init=None):
+        return self._flow(_dis_grey(fixed, params), moving, params)
 
 
 ###############################################################################
@@ -5354,9 +6132,11 @@ def _compensate_locked(input_file, name, folder, config, opts):
     if status:
         os.remove(os.path.join(folder, STATUS_FILE))
     t0 = time.monotonic()
+    backend = make_backend(config.flow_backend, config.backend_params)
+    _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
     with open_video(input_file, bin_size=opts.bin_size) as reader:
         info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name,
-                                  make_backend(config.flow_backend, config.backend_params))
+                                  backend)
     opts.save_json(os.path.join(folder, "options.json"))
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
@@ -5373,9 +6153,12 @@ def run_stage1(config, of_options_override=None, task_index=None):
     Returns the list of output folders.  The options are resolved and checked
     before any recording is touched.
     """
-    make_backend(config.flow_backend, config.backend_params)  # fails now if it cannot run
+    backend = make_backend(config.flow_backend, config.backend_params)  # fails now if it cannot run
     files = config.discover_inputs()
     opts = resolve_flow_options(config, of_options_override)
+    # Both stages' data terms, so that a session Stage 2 would refuse fails before Stage 1.
+    _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
+    _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
     if task_index is not None:
         if not 0 <= int(task_index) < len(files):
             msg = (f"task index {task_index} is out of range: the session has {len(files)} "
@@ -5785,6 +6568,7 @@ def compute_between_displacement(reference_average, average, config, backend=Non
     """
     if backend is None:
         backend = make_backend(config.flow_backend, config.backend_params)
+    _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
     dx, dy = estimate_rigid_shift(reference_average, average, upsample=config.cc_upsample)
     img1 = _smooth_normalise(reference_average, config.sigma_smooth)
     img2 = _smooth_normalise(average, config.sigma_smooth)
@@ -5820,6 +6604,7 @@ def run_stage2(config):
     same center, the same two averages and the same parameters.
     """
     backend = make_backend(config.flow_backend, config.backend_params)
+    _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
     files = config.discover_inputs()
     middle_idx, center_file = config.resolve_center(files)
     _check_writable(config.output_root_path, "output_root")

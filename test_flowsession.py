@@ -3699,3 +3699,335 @@ def test_cuda_kernels_compile_for_the_gpu_and_float32_stays_single():
         if prec == "float32" and name != "frame_sums":
             assert n64 == "0", (name, n64)
     assert any(prec == "float64" and int(n64) > 0 for prec, _, n64 in rows)
+
+
+###############################################################################
+### Flow backends: flowreg_torch and diso
+###############################################################################
+#
+# The optional packages are skipped with a reason when missing; CI installs the CPU
+# wheel of torch and opencv-python-headless, so there these tests run.
+
+
+def _need(module):
+    reason = {"torch": "PyTorch is not installed (pip install torch): flowreg_torch untested",
+              "cv2": "OpenCV is not installed (pip install opencv-python-headless): "
+                     "diso untested"}[module]
+    return pytest.importorskip(module, reason=reason)
+
+
+def _tt(a):
+    """A float64 numpy array as a torch tensor."""
+    return _need("torch").as_tensor(np.ascontiguousarray(a, dtype=np.float64))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+def test_importing_flowsession_imports_neither_torch_nor_cv2():
+    code = "import sys, flowsession; print(sorted({'torch', 'cv2'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name, module, install", [
+    ("flowreg_torch", "torch", "pip install torch"),
+    ("diso", "cv2", "pip install opencv-python-headless"),
+])
+def test_unavailable_backend_names_the_package_and_the_alternatives(monkeypatch, name, module,
+                                                                    install):
+    monkeypatch.setitem(sys.modules, module, None)  # "import module" now raises ImportError
+    with pytest.raises(fs.ConfigError) as exc:
+        fs.make_backend(name)
+    msg = str(exc.value)
+    assert f"flow_backend '{name}' cannot run here" in msg and install in msg
+    assert "'flowreg' runs on any CPU" in msg
+    assert name not in fs.available_backends() and "flowreg" in fs.available_backends()
+    with pytest.raises(fs.ConfigError, match=install):
+        fs.run_stage1(fs.SessionConfig(root=HERE, pattern="*.nothing", flow_backend=name))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("params, match", [
+    ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ({"dtype": "float16"}, "dtype 'float16' is not supported"),
+    ({"batch_frames": 0}, "batch_frames must be an integer >= 1"),
+    ({"devcie": "cpu"}, "unknown key 'devcie'; did you mean 'device'"),
+])
+def test_torch_backend_params_are_checked(params, match):
+    _need("torch")
+    with pytest.raises(fs.ConfigError, match=match):
+        fs.make_backend("flowreg_torch", params)
+
+
+@pytest.mark.torch
+def test_torch_cuda_device_without_gpu_is_a_clear_error():
+    torch = _need("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(fs.ConfigError, match="PyTorch sees no CUDA device.*device = 'cpu'"):
+        fs.make_backend("flowreg_torch", {"device": "cuda"})
+    assert fs.make_backend("flowreg_torch").device.type == "cpu"  # the default falls back
+
+
+# Per-step agreement of the torch functions with the Numba kernels on small random
+# inputs in float64.  Resize (matrix products instead of tap loops) and the solver
+# (other summation order, no fused multiply-add) round differently; 1e-12 relative
+# (measured <= 1e-14) is rounding only.  Warps, tensors and the median compute the
+# same operations in the same order: measured exactly equal, allowed 1e-14.
+
+@pytest.mark.torch
+@pytest.mark.parametrize("size", [(37, 29), (20, 15), (50, 40), (37, 10), (11, 29), (5, 60)])
+def test_torch_resize_matches_the_cpu_kernel(size):
+    src = np.random.default_rng(0).random((2, 37, 29))
+    out = fs._tc_resize(_tt(src)[None], *size)[0].numpy()
+    assert _rel(out, fs._nb_resize_stack(src, *size)) < 1e-12
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method", [0, 1, 2])
+def test_torch_warp_matches_the_cpu_kernel(method):
+    rng = np.random.default_rng(1)
+    nx, ny = 31, 23
+    src, fill = rng.random((2, nx, ny)), rng.random((2, nx, ny))
+    u, v = rng.normal(0, 3, (nx, ny)), rng.normal(0, 3, (nx, ny))
+    u[0, 0] = np.nan  # NaN is out of grid
+    out = np.empty_like(src)
+    valid = np.empty((nx, ny), bool)
+    for c in range(2):
+        fs._nb_warp_plane(src[c], u, v, 1.3, 0.7, fill[c], method, out[c], valid)
+    got, ok = fs._tc_warp(_tt(src)[None], _tt(u)[None], _tt(v)[None], 1.3, 0.7, _tt(fill)[None],
+                          method)
+    np.testing.assert_array_equal(ok[0].numpy(), valid)
+    assert 0 < valid.mean() < 1
+    assert _rel(got[0].numpy(), out) < 1e-14
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kind", [0, 1])
+def test_torch_motion_tensor_matches_the_cpu_kernel(kind):
+    rng = np.random.default_rng(2)
+    f1, f2 = rng.random((31, 23)), rng.random((31, 23))
+    Js = [np.empty((33, 25)) for _ in range(6)]
+    (fs._nb_tensor_gc if kind == 0 else fs._nb_tensor_gray)(f1, f2, 1.2, 0.9, *Js)
+    Jt = fs._tc_tensor(_tt(f1)[None, None], _tt(f2)[None, None], 1.2, 0.9, kind)
+    for k in range(6):
+        assert _rel(Jt[k, 0, 0].numpy(), Js[k]) < 1e-14
+
+
+@pytest.mark.torch
+def test_torch_median_matches_the_cpu_kernel():
+    x = np.random.default_rng(3).random((3, 31, 23))
+    x[1] = np.round(x[1] * 4)  # ties
+    out = np.empty_like(x[0])
+    got = fs._tc_medfilt5(_tt(x)).numpy()
+    for k in range(3):
+        fs._nb_medfilt5(x[k], out)
+        np.testing.assert_array_equal(got[k], out)
+
+
+def _solver_case(C=2, nx=31, ny=23, local=False, seed=4):
+    rng = np.random.default_rng(seed)
+    J = np.zeros((6, C, nx + 2, ny + 2))
+    for c in range(C):
+        fs._nb_tensor_gc(rng.random((nx, ny)), rng.random((nx, ny)), 1.1, 0.9,
+                         *[J[k, c] for k in range(6)])
+    u = fs._nb_pad_symmetric1(rng.normal(0, 1, (nx, ny)))
+    v = fs._nb_pad_symmetric1(rng.normal(0, 1, (nx, ny)))
+    if local:
+        weight = np.zeros((C, nx + 2, ny + 2))
+        weight[:, 1:-1, 1:-1] = rng.random((C, nx, ny))
+    else:
+        weight = np.linspace(0.3, 0.7, C).reshape(C, 1, 1)
+    return J, weight, u, v
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("iterations, a_smooth, local, quirks", [
+    (1, 1.0, False, True),    # one red-black sweep
+    (1, 0.5, True, False),
+    (30, 1.0, False, True),   # refreshes at 7, 14, 21, 28
+    (30, 0.5, False, True),
+    (30, 0.5, True, False),
+    (30, 1.0, True, False),
+])
+def test_torch_level_solver_matches_the_cpu_red_black_solver(iterations, a_smooth, local, quirks):
+    J, weight, u, v = _solver_case(local=local)
+    NX, NY = u.shape
+    du, dv = np.empty((NX, NY)), np.empty((NX, NY))
+    a_data = np.array([0.45, 0.6])
+    fs._nb_level_solver(*[np.ascontiguousarray(J[k]) for k in range(6)], weight, local, u, v,
+                        2.0, 1.5, iterations, 7, a_data, a_smooth, 1.1, 0.9, not quirks, du, dv,
+                        True)
+    w = _tt(weight[:, 1:-1, 1:-1] if local else weight)
+    tu, tv = fs._tc_level_solver(_tt(J)[:, None], w, _tt(u)[None], _tt(v)[None], 2.0, 1.5,
+                                 iterations, 7, list(a_data), a_smooth, 1.1, 0.9, not quirks)
+    assert _rel(tu[0].numpy(), du) < 1e-12 and _rel(tv[0].numpy(), dv) < 1e-12
+    if iterations == 1:  # and it is not the toolbox's lexicographic sweep
+        fs._nb_level_solver(*[np.ascontiguousarray(J[k]) for k in range(6)], weight, local, u,
+                            v, 2.0, 1.5, 1, 7, a_data, a_smooth, 1.1, 0.9, not quirks, du, dv,
+                            False)
+        assert _rel(tu[0].numpy(), du) > 1e-3
+
+
+def _pair_case():
+    f1, f2, truth = fs.synthetic_pair(size=(96, 80), shift=(2.6, -1.7))
+    return f1[..., None], f2[..., None], truth
+
+
+def _core_epe(w, truth, b=10):
+    return np.hypot(*(w[b:-b, b:-b] - truth[b:-b, b:-b]).transpose(2, 0, 1)).mean()
+
+
+@pytest.mark.torch
+def test_torch_pair_equals_the_cpu_red_black_backend_in_float64():
+    # End to end the two compute the same operations, rounded differently, and the
+    # problem amplifies rounding: with the toolbox defaults (a_data = 0.45, a_smooth =
+    # 0.5) a 1e-13 perturbation of the moving image moves the CPU's own field by up to
+    # 5.8e-4 px (mean 8e-6 px).  torch vs CPU measured max 1.7e-3 px, mean 3.2e-5 px:
+    # allowed 1e-2 px max, 2e-4 px mean.  With a_data = a_smooth = 1 (psi constant:
+    # far less amplification) measured max 4.2e-5 px, mean 5.4e-7 px: allowed 5e-4 px
+    # max, 5e-6 px mean.  In every case far below the fields' error (0.077 px).
+    f1, f2, truth = _pair_case()
+    for kw, max_tol, mean_tol in [({}, 1e-2, 2e-4), ({"a_data": 1.0, "a_smooth": 1.0}, 5e-4, 5e-6)]:
+        p = fs._displacement_params(f1.shape, **kw)
+        cpu = fs.FlowregBackend({"sor_order": "red_black"}).pair(p, f1, f2)
+        gpu_order = fs.make_backend("flowreg_torch", {"device": "cpu"}).pair(p, f1, f2)
+        d = np.hypot(*(gpu_order - cpu).transpose(2, 0, 1))
+        assert d.max() < max_tol and d.mean() < mean_tol, (kw, d.max(), d.mean())
+        if not kw:
+            assert _core_epe(cpu, truth) < 0.1
+
+
+@pytest.mark.torch
+def test_torch_pair_two_channels_init_and_options_equal_the_cpu_backend():
+    # Channel weights, an initial field, matlab_quirks = False and min_level > 0 take the
+    # same paths as on the CPU (measured max 3.6e-4 px without quirks, <= 1e-5 px for
+    # the others; allowed 5e-3 px: rounding amplified as above).
+    f1, f2, _ = _pair_case()
+    fa, fb = np.concatenate([f1, f1 ** 2 / 400], -1), np.concatenate([f2, f2 ** 2 / 400], -1)
+    init = np.random.default_rng(1).normal(0, 0.3, fa.shape[:2] + (2,))
+    torch_backend = fs.make_backend("flowreg_torch", {"device": "cpu"})
+    for kw in [{"weight": [0.2, 0.8]}, {"matlab_quirks": False}, {"min_level": 2}]:
+        p = fs._displacement_params(fa.shape, **kw)
+        cpu = fs.FlowregBackend({"sor_order": "red_black"}).pair(p, fa, fb, init)
+        assert np.abs(torch_backend.pair(p, fa, fb, init) - cpu).max() < 5e-3, kw
+
+
+@pytest.mark.torch
+def test_torch_float32_is_as_accurate_as_float64():
+    # float32 rounding (1e-7) is amplified like any perturbation (see above) into
+    # fields that differ from float64 by 0.08 px on average, yet recover the known
+    # motion as well: measured EPE 0.073 (float32) and 0.077 px (float64).  Allowed:
+    # float32 EPE within 0.02 px of float64's, mean difference < 0.15 px.
+    f1, f2, truth = _pair_case()
+    p = fs._displacement_params(f1.shape)
+    w64 = fs.make_backend("flowreg_torch", {"device": "cpu"}).pair(p, f1, f2)
+    w32 = fs.make_backend("flowreg_torch", {"device": "cpu", "dtype": "float32"}).pair(p, f1, f2)
+    assert w32.dtype == np.float64
+    assert _core_epe(w32, truth) < _core_epe(w64, truth) + 0.02
+    assert np.hypot(*(w32 - w64).transpose(2, 0, 1)).mean() < 0.15
+
+
+def _known_motion_epe(tmp_path, backend, backend_params, name):
+    """Stage 1 of one synthetic recording with known motion (40 frames, 64x64, preset
+    balanced, the recording of test_stage1_recovers_known_motion) on ``backend``:
+    returns the fields and their endpoint error against the truth."""
+    frames, w_true = fs.synthetic_recording(40, (64, 64), 1, seed=5)
+    (tmp_path / name).mkdir()
+    cfg = _stage1_config(tmp_path / name, {"rec.h5": frames}, save_w=True,
+                         quality_setting="balanced")
+    cfg = dataclasses.replace(cfg, flow_backend=backend, backend_params=backend_params)
+    w = _read_w(fs.run_stage1(cfg)[0])
+    err = (w - w_true)[:, 8:-8, 8:-8]
+    err -= err.mean(axis=0)
+    return w, np.hypot(err[..., 0], err[..., 1]).mean()
+
+
+@pytest.mark.torch
+def test_torch_stage1_recovers_known_motion_like_the_cpu_red_black_order(tmp_path):
+    # Measured on this recording: flowreg 0.246 px (toolbox order), 0.2466 px (red-black),
+    # flowreg_torch 0.2466 px; no correction ~1.3 px.  The fields of the two red-black
+    # implementations agree to rounding amplified as in the pair test.
+    _need("torch")
+    w_cpu, epe_cpu = _known_motion_epe(tmp_path, "flowreg", {"sor_order": "red_black"}, "cpu")
+    w_t, epe_t = _known_motion_epe(tmp_path, "flowreg_torch", {"device": "cpu"}, "torch")
+    assert epe_t < 0.3 and abs(epe_t - epe_cpu) < 0.005
+    assert np.abs(w_t - w_cpu).mean() < 1e-3
+
+
+@pytest.mark.diso
+def test_diso_flow_follows_the_flowsession_sign_convention():
+    # OpenCV's calc(prev, next) gives prev(x) ~ next(x + flow(x)), ours fixed(x) ~
+    # moving(x + w(x)): the same field.  On the synthetic pair (normalised to [0, 1]):
+    # mean field measured (2.60, -1.87) for the true (2.6, -1.7), EPE 0.096 px (medium),
+    # 0.31 (ultrafast), 0.38 px (fast); the variational solver gets 0.077 px.
+    _need("cv2")
+    f1, f2, truth = _pair_case()
+    lo, hi = min(f1.min(), f2.min()), max(f1.max(), f2.max())
+    f1, f2 = (f1 - lo) / (hi - lo), (f2 - lo) / (hi - lo)
+    p = fs._displacement_params(1)
+    w = fs.make_backend("diso").pair(p, f1, f2)
+    assert w.shape == truth.shape and w.dtype == np.float64
+    np.testing.assert_allclose(w[10:-10, 10:-10].reshape(-1, 2).mean(axis=0), [2.6, -1.7],
+                               atol=0.25)
+    assert _core_epe(w, truth) < 0.15
+    for preset in ("ultrafast", "fast"):
+        assert _core_epe(fs.make_backend("diso", {"preset": preset}).pair(p, f1, f2), truth) < 0.5
+
+
+@pytest.mark.diso
+def test_diso_stage1_recovers_known_motion(tmp_path):
+    # Measured on this recording: diso 0.171 px (medium), 0.212 (fast), 0.281 px
+    # (ultrafast); flowreg 0.246 px (test above).  On these small, smooth frames DIS is
+    # not worse than the variational solver; bound 0.3 px (no correction ~1.3 px).
+    _need("cv2")
+    _, epe = _known_motion_epe(tmp_path, "diso", {}, "medium")
+    assert epe < 0.3
+    _, epe = _known_motion_epe(tmp_path, "diso", {"preset": "ultrafast", "patch_stride": 3},
+                               "ultrafast")
+    assert epe < 0.4
+
+
+@pytest.mark.diso
+def test_diso_reduces_channels_by_their_weights():
+    _need("cv2")
+    img = np.stack([np.full((4, 5), 0.2), np.full((4, 5), 1.6)], axis=-1)
+    p = fs._displacement_params(2, weight=[3.0, 1.0])
+    np.testing.assert_array_equal(fs._dis_grey(img, p), np.full((4, 5), round(0.55 * 255)))
+    p = fs._displacement_params(2, weight=[0.0, 1.0])
+    np.testing.assert_array_equal(fs._dis_grey(img, p), 255)  # clipped at 1
+
+
+@pytest.mark.diso
+@pytest.mark.parametrize("params, match", [
+    ({"preset": "slow"}, "preset 'slow' is not supported"),
+    ({"patch_size": 0}, "patch_size must be an integer >= 1"),
+    ({"patch_size": 6, "patch_stride": 8}, r"patch_stride \(8\) must not exceed patch_size \(6\)"),
+    ({"use_spatial_propagation": 1}, "use_spatial_propagation must be true or false"),
+    ({"patch_szie": 8}, "unknown key 'patch_szie'; did you mean 'patch_size'"),
+])
+def test_diso_backend_params_are_checked(params, match):
+    _need("cv2")
+    with pytest.raises(fs.ConfigError, match=match):
+        fs.make_backend("diso", params)
+
+
+@pytest.mark.diso
+def test_diso_refuses_other_data_terms_before_any_work(tmp_path):
+    _need("cv2")
+    frames, _ = fs.synthetic_recording(4, (24, 24), 1, seed=1)
+    cfg = _stage1_config(tmp_path, {"rec.h5": frames}, constancy_assumption="gray")
+    cfg = dataclasses.replace(cfg, flow_backend="diso")
+    with pytest.raises(fs.ConfigError, match="flow_options.constancy_assumption = 'gray' cannot "
+                       "be used with flow_backend 'diso'"):
+        fs.run_stage1(cfg)
+    cfg = dataclasses.replace(cfg, flow_options={}, stage2_constancy_assumption="gray")
+    for run in (fs.run_stage1, fs.run_stage2):
+        with pytest.raises(fs.ConfigError, match="stage2_constancy_assumption = 'gray' cannot"):
+            run(cfg)
+    assert not cfg.output_root_path.exists()

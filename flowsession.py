@@ -4651,7 +4651,7 @@ class CudaBackend:
     def flows(self, state, frames, init, pool=None):
         return self._run(state, frames, None, init, 2)[0].astype(np.float64)
 
-    def register(self, state, frames, raw, init, method, pool=None):
+    def register(self, state, frames, raw, init, method, pool=None, with_stats=True):
         w, reg, valid, sums = self._run(state, frames, raw, init, method)
         npx = w.shape[1] * w.shape[2]
         stats = np.stack([sums[:, 0] / npx, sums[:, 1], sums[:, 2] / npx,
@@ -5304,7 +5304,7 @@ class TorchBackend:
                 out[k0:k1] = self._field(u, v)
         return out
 
-    def register(self, state, frames, raw, init, method, pool):
+    def register(self, state, frames, raw, init, method, pool, with_stats=True):
         n, H, W, C = frames.shape
         w = np.empty((n, H, W, 2))
         reg = np.empty((n, H, W, C))
@@ -5315,8 +5315,11 @@ class TorchBackend:
                 w[k0:k1] = self._field(u, v)
                 reg[k0:k1] = out.permute(0, 3, 2, 1).cpu().numpy()
                 valid[k0:k1] = ok.transpose(1, 2).cpu().numpy()
-        stats = np.array([_frame_statistics(w[k, ..., 0], w[k, ..., 1]) for k in range(n)]).T
-        return w, reg, valid, stats.reshape(4, n)
+        stats = np.empty((4, n))
+        if with_stats:
+            for k in range(n):
+                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+        return w, reg, valid, stats
 
     def pair(self, params, fixed, moving, init=None):
         H, W = fixed.shape[:2]
@@ -5464,7 +5467,7 @@ class DisBackend:
         list(pool.map(one, range(len(frames))))
         return out
 
-    def register(self, state, frames, raw, init, method, pool):
+    def register(self, state, frames, raw, init, method, pool, with_stats=True):
         n, H, W, C = frames.shape
         w = np.empty((n, H, W, 2))
         reg = np.empty((n, H, W, C))
@@ -5478,7 +5481,8 @@ class DisBackend:
                                   state.fill, method)
             reg[k] = out.transpose(2, 1, 0)
             valid[k] = ok.T
-            stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+            if with_stats:
+                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
 
         list(pool.map(one, range(n)))
         return w, reg, valid, stats

@@ -7511,13 +7511,13 @@ def _cmd_demo(args):
     return 0 if epe.mean() < 0.5 * epe0.mean() else 1
 
 
-def _parse_of_params(items):
+def _parse_of_params(items, option="--of-params", example="alpha=2 or quality_setting=fast"):
     """``KEY=VALUE`` strings -> dict; values are JSON (numbers, lists, true/false) or text."""
     out = {}
     for item in items or []:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
-            msg = f"--of-params: '{item}' is not KEY=VALUE (e.g. alpha=2 or quality_setting=fast)"
+            msg = f"{option}: '{item}' is not KEY=VALUE (e.g. {example})"
             raise ConfigError(msg)
         low = val.strip().lower()
         if low in ("true", "false"):
@@ -7749,7 +7749,10 @@ def _cmd_bench(args):
                 f[f"ch{c + 1}"] = frames[..., c]
         cfg = SessionConfig(root=tmp, pattern="*.h5", n_workers=args.workers, resume=False,
                             flow_options={"quality_setting": args.preset, "save_w": True,
-                                          "reference_frames": list(range(min(50, args.frames)))})
+                                          "reference_frames": list(range(min(50, args.frames)))},
+                            flow_backend=args.backend,
+                            backend_params=_parse_of_params(args.backend_param, "--backend-param",
+                                                            "device=0"))
         workers = cfg.n_workers_effective()
         t0 = time.perf_counter()
         out = run_stage1(cfg)[0]
@@ -7767,7 +7770,8 @@ def _cmd_bench(args):
     epe0 = np.hypot(moved[..., 0], moved[..., 1]).mean()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(f"flowsession {__version__} Stage 1 bench: {args.size}x{args.size}, {args.frames} frames, "
-          f"{args.channels} channel(s), preset {args.preset}, {workers} worker thread(s)")
+          f"{args.channels} channel(s), preset {args.preset}, {workers} worker thread(s), "
+          f"flow_backend {args.backend}")
     print(f"  frames/s              {args.frames / dt:10.2f}   (whole stage: reference, flow, warp, "
           "writing; first run includes compilation)")
     print(f"  s per frame per core  {dt * workers / args.frames:10.4f}")
@@ -7836,6 +7840,10 @@ def _build_parser():
     m.add_argument("--channels", type=int, default=1, choices=[1, 2, 3, 4])
     m.add_argument("--preset", default="balanced", choices=["quality", "balanced", "fast"])
     m.add_argument("--workers", type=int, default=-1, help="threads (default -1: all CPUs)")
+    m.add_argument("--backend", default="flowreg", choices=FLOW_BACKENDS,
+                   help="flow_backend to time (default flowreg)")
+    m.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
+                   help="backend_params entry, e.g. device=0 (repeatable)")
     m.add_argument("--profile", action="store_true",
                    help="also time one frame's flow step by step on every pyramid level and "
                         "compare it with this machine's memory-bandwidth bound")

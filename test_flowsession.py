@@ -3287,6 +3287,16 @@ def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
     assert "--stage 2" in s23 and "--stage 3" in s23 and "--array" not in s23
 
 
+def test_bench_command_times_another_backend():
+    pytest.importorskip("cv2", reason="OpenCV (opencv-python-headless) is not installed")
+    r = _cli(["bench", "--size", "48", "--frames", "16", "--preset", "fast", "--backend", "diso",
+              "--backend-param", "preset=ultrafast"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "flow_backend diso" in r.stdout and "endpoint error" in r.stdout
+    r = _cli(["bench", "--size", "48", "--frames", "16", "--backend-param", "device"])
+    assert r.returncode != 0 and "--backend-param: 'device' is not KEY=VALUE" in r.stderr
+
+
 def test_bench_command_reports_speed_accuracy_and_memory():
     r = _cli(["bench", "--size", "64", "--frames", "24", "--preset", "fast", "--workers", "2",
               "--profile"])

@@ -1318,26 +1318,47 @@ class TiffReader(VideoReader):
                 msg = (f'{path}: corrupt or truncated TIFF '
                        f'({_why(handler.messages[0])}); re-export or re-copy it')
                 raise InputError(msg)
-            self._layout(path, series, interleave, channels is not None)
+            self._layout(path, series, interleave, channels is not None, tif.is_shaped)
             self._check_size(path, series)
             self._tif, self._series = tif, series
             stack.pop_all()
         if len(tif.series) > 1:
             log.warning('%s: %d image series, reading the first %s',
                         path, len(tif.series), series.shape)
+        if self._rows_per_frame:
+            # (T, H, W, C) numpy array saved by tifffile: a page is one row (W, C)
+            self._set_shape(self._table.shape[0], self._rows_per_frame, self._page_shape[0],
+                            self._page_shape[1], series.dtype.newbyteorder('='))
+            return
         self._set_shape(self._table.shape[0],
                         self._page_shape[self._page_axes.index('Y')],
                         self._page_shape[self._page_axes.index('X')],
                         self._table.shape[1] * self._samples,
                         series.dtype.newbyteorder('='))
 
-    def _layout(self, path, series, interleave, declared):
+    def _layout(self, path, series, interleave, declared, shaped=False):
         """Map (frame, channel) to series page indices in ``self._table``."""
         page = series.keyframe
         page_axes, page_shape = page.axes, tuple(page.shape)
         axes, shape = series.get_axes(True), series.get_shape(True)
         grid_axes = axes[:-len(page_axes)]
         grid_shape = shape[:len(grid_axes)]
+        self._rows_per_frame = None
+        if (shaped and not interleave and page_axes == 'YX' and len(grid_axes) == 2
+                and set(grid_axes) <= set('QI') and page_shape[1] <= 4
+                and min(page_shape[0], grid_shape[1]) > 4 and not series.is_truncated):
+            # tifffile.imwrite of a (T, H, W, C) array with a few channels and no
+            # metadata stores every row as a (W, C) page; read it back as such.
+            log.warning('%s: a %s array of unnamed axes, read as frames x rows x columns x '
+                        'channels (T, H, W, C); save with ImageJ metadata to avoid the guess',
+                        path, 'x'.join(map(str, shape)))
+            self._rows_per_frame = grid_shape[1]
+            self._n_pages = n_pages = len(series)
+            self._table = np.arange(n_pages).reshape(grid_shape[0], grid_shape[1])
+            self._page_axes, self._page_shape = page_axes, page_shape
+            self._samples = 1
+            self._perm = [0, 1, 2]
+            return
         # a truncated series (ImageJ > 4 GB) holds its first page only; the
         # ScanImage series shape can disagree with the pages (split files)
         n_pages = math.prod(grid_shape) if series.is_truncated else len(series)
@@ -1412,6 +1433,9 @@ class TiffReader(VideoReader):
             msg = (f'{self.path}: cannot read frames {start}..{stop - 1} '
                    f'({_why(exc)}); the file may be corrupt')
             raise InputError(msg) from exc
+        if self._rows_per_frame:
+            return np.ascontiguousarray(data.reshape(
+                len(rows), self.height, self.width, self.n_channels))
         data = data.transpose(self._perm).reshape(
             len(rows), rows.shape[1], self.height, self.width, self._samples)
         return np.ascontiguousarray(data.transpose(0, 2, 3, 1, 4).reshape(

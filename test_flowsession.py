@@ -1118,6 +1118,22 @@ def test_hdf5_writer_names_and_options(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+
+@pytest.mark.parametrize("shape", [(5, 24, 18, 2), (3, 12, 40, 3), (4, 20, 16)])
+def test_tiff_of_a_plain_numpy_video_with_channels(tmp_path, shape, caplog):
+    # tifffile.imwrite of a (T, H, W, C) array without axis metadata stores one
+    # (W, C) page per row; it is read back as T frames of H x W with C channels.
+    a = np.random.default_rng(1).integers(0, 4000, shape, dtype=np.uint16)
+    path = tmp_path / "v.tif"
+    tifffile.imwrite(path, a, photometric="minisblack")
+    with fs.open_video(path) as r:
+        assert (len(r), r.height, r.width, r.n_channels) == (shape[0], shape[1], shape[2],
+                                                              shape[3] if len(shape) == 4 else 1)
+        got = np.concatenate([b for _, b in r.iter_batches(2)])
+        np.testing.assert_array_equal(got, a.reshape(got.shape))
+        np.testing.assert_array_equal(r.read_frames([2, 0]), a.reshape(got.shape)[[2, 0]])
+    assert ("(T, H, W, C)" in caplog.text) == (len(shape) == 4)
+
 @pytest.mark.parametrize('t, c', [(1, 1), (1, 2), (T, 1), (T, 2), (4, 3)])
 def test_tiff_writer_round_trip(tmp_path, t, c):
     frames = RNG.normal(0, 3000, size=(t, H, W, c)).astype(np.float32)

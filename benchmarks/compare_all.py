@@ -5,10 +5,14 @@ recording with known motion, both tools as separate processes through their publ
 APIs, whole-process frames/s, peak memory, endpoint error of the saved fields) once per size and
 channel count, one after the other, and prints every table.
 
-One addition: pyflowreg (0.1.0a9) writes its fields of a two-channel recording with a broken
-shape (``u`` is ``(T*H, W, 2)`` and the file says ``original_shape_THWC = (T*H, W, 2, 2)``), which
-the shared script cannot read.  The reader below undoes that layout when it finds it and reads
-every other file as the shared script does.
+Two-channel recordings: the generator saves a ``(T, H, W, 2)`` array with no axis metadata,
+so TIFF stores one ``(W, 2)`` page per row; pyflowreg (0.1.0a9) reads that as T*H frames of
+W x 2 pixels (flowsession guesses (T, H, W, C), with a warning).  For two channels this script
+therefore generates the recording itself (same generator, same arguments and seeds as the shared
+script) and rewrites the same pixels as one page per frame with two samples per pixel, which both
+tools read as (T, H, W, 2); the shared script then finds the data and uses it.  The reader of
+the fields also undoes pyflowreg's two-channel field layout (``u`` stored as ``(T*H, W, 2)``)
+should it meet one.
 
     python benchmarks/compare_all.py --configs 256:200:1 256:200:2 512:60:1 512:60:2
 """
@@ -54,6 +58,25 @@ def read_w(folder):
     raise SystemExit(f"no displacement file (w.hdf5 / w.h5) in {folder}")
 
 
+def prepare_two_channel(shared_dir, work, size, frames, seed=1):
+    """Generate the recordings the shared script would, stored as (T, H, W) pages of 2 samples."""
+    import subprocess
+
+    import tifffile
+
+    gen = [sys.executable, os.path.join(shared_dir, "make_synth.py")]
+    for sub, sz, fr, sd in (("data", size, frames, seed), ("tiny", "64", "8", "0")):
+        out = os.path.join(work, sub)
+        subprocess.check_call(gen + ["--out", out, "--size", str(sz), "--frames", str(fr),
+                                     "--channels", "2", "--seed", str(sd)],
+                              stdout=subprocess.DEVNULL)
+        path = os.path.join(out, "rec_00.tif")
+        movie = tifffile.imread(path)
+        assert movie.ndim == 4 and movie.shape[-1] == 2, movie.shape
+        tifffile.imwrite(path, movie, photometric="minisblack", planarconfig="contig",
+                         metadata={"axes": "TYXS"})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +98,12 @@ def main():
                 "--presets", *a.presets]
         if a.json_prefix:
             argv += ["--json", f"{a.json_prefix}_{size}_{channels}.json"]
+        if channels == "2":
+            import tempfile
+
+            work = tempfile.mkdtemp(prefix="fs-bench-2ch-")
+            prepare_two_channel(os.path.dirname(os.path.abspath(a.shared)), work, size, frames)
+            argv += ["--workdir", work]
         sys.argv = argv
         mod.main()
         sys.stdout.flush()

@@ -3334,6 +3334,20 @@ def _cuda_kernels(precision):
 
     # ---- motion tensors -----------------------------------------------------
 
+    @dev
+    def zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        """Zero the six tensor planes at ``(q, a, b)`` if it lies on the halo ring;
+        True when it does."""
+        if a == 0 or b == 0 or a == J11.shape[1] - 1 or b == J11.shape[2] - 1:
+            J11[q, a, b] = ZERO
+            J22[q, a, b] = ZERO
+            J33[q, a, b] = ZERO
+            J12[q, a, b] = ZERO
+            J13[q, a, b] = ZERO
+            J23[q, a, b] = ZERO
+            return True
+        return False
+
     @cuda.jit
     def tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
         """``_nb_tensor_gc`` of every plane: ``f1 (C, nx, ny)`` reference, ``f2 (n * C, nx, ny)``
@@ -3343,13 +3357,7 @@ def _cuda_kernels(precision):
         NY = J11.shape[2]
         if q >= J11.shape[0] or a >= NX or b >= NY:
             return
-        if a == 0 or b == 0 or a == NX - 1 or b == NY - 1:
-            J11[q, a, b] = ZERO
-            J22[q, a, b] = ZERO
-            J33[q, a, b] = ZERO
-            J12[q, a, b] = ZERO
-            J13[q, a, b] = ZERO
-            J23[q, a, b] = ZERO
+        if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
         hx2 = hx * hx
@@ -3392,13 +3400,7 @@ def _cuda_kernels(precision):
         NY = J11.shape[2]
         if q >= J11.shape[0] or a >= NX or b >= NY:
             return
-        if a == 0 or b == 0 or a == NX - 1 or b == NY - 1:
-            J11[q, a, b] = ZERO
-            J22[q, a, b] = ZERO
-            J33[q, a, b] = ZERO
-            J12[q, a, b] = ZERO
-            J13[q, a, b] = ZERO
-            J23[q, a, b] = ZERO
+        if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
         fx = HALF * ((padded(f1, c, a + 1, b) - padded(f1, c, a - 1, b)) / (TWO * hx)

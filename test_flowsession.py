@@ -1732,6 +1732,46 @@ def test_medfilt_matches_brute_force():
     np.testing.assert_array_equal(fs.medfilt2_symmetric(a), brute)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 2 ** 32 - 1), st.integers(1, 6))
+def test_medfilt_selection_network_is_exact(n0, n1, seed, levels):
+    # The branch-free selection must pick exactly np.median's value, ties included
+    # (few distinct levels make many ties), for any shape (also narrower than 5).
+    a = np.random.default_rng(seed).integers(0, levels, (n0, n1)).astype(np.float64)
+    a += np.random.default_rng(seed + 1).random((n0, n1)) * (levels > 5)
+    pad = np.pad(a, 2, mode="symmetric")
+    brute = np.array([[np.median(pad[i:i + 5, j:j + 5]) for j in range(n1)] for i in range(n0)])
+    np.testing.assert_array_equal(fs.medfilt2_symmetric(a), brute)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 30), st.integers(1, 30), st.integers(1, 3),
+       st.sampled_from([np.uint16, np.int16, np.float32]), st.integers(0, 1000),
+       st.lists(st.sampled_from([0.0, 0.1, 0.6, 1.0, 2.5]), min_size=3, max_size=3))
+def test_gaussian_filter_video_equals_scipy_separable_filter(T, H, W, C, dtype, seed, sig):
+    # Independent reference: scipy's correlate1d along rows, columns and time with
+    # replicated edges and the imgaussfilt3 kernels; the fused kernel sums in another
+    # order, so agreement is to rounding (1e-13 of the range).
+    from scipy.ndimage import correlate1d
+    v = (np.random.default_rng(seed).random((T, H, W, C)) * 2000 - 500).astype(dtype)
+    if dtype == np.uint16:
+        v = np.abs(v.astype(np.int64)).astype(dtype)
+    sigma = [sig, [s * 0.5 for s in sig]][:C] if C > 1 else [sig]
+    got = fs.gaussian_filter_video(v, sigma)
+    want = np.empty(v.shape)
+    for c in range(C):
+        x = v[..., c].astype(np.float64)
+        s = sigma[c] if c < len(sigma) else sigma[0]
+        for axis, sd in ((1, s[0]), (2, s[1]), (0, s[2])):
+            x = correlate1d(x, fs._gauss_kernel(sd), axis=axis, mode="nearest")
+        want[..., c] = x
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= 1e-13 * scale
+    # A piece of frames equals the same frames of the whole video (the batch chunks).
+    i0, i1 = T // 3, max(T // 3 + 1, 2 * T // 3)
+    np.testing.assert_array_equal(fs._smooth(v, i0, i1, sigma), got[i0:i1])
+
+
 ###############################################################################
 ### Bad input
 ###############################################################################

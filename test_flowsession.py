@@ -1732,6 +1732,29 @@ def test_medfilt_matches_brute_force():
     np.testing.assert_array_equal(fs.medfilt2_symmetric(a), brute)
 
 
+def test_vectorisable_power_matches_math_pow():
+    # The refresh's x ** e (x = E + eps >= 1e-5, e = a_data - 1) by exp(e log x) in
+    # registers, over 13 decades of x and the exponents a_data in (0, 2.5] gives.
+    # Tolerance: rounding y = e*log(x) to a double costs |y|*eps/2 relative after exp,
+    # and the few roundings of the split and the series a handful of eps more; so
+    # (|y| + 8) * eps per element (libm's pow itself is within 1 ulp).
+    import numba
+
+    @numba.njit(error_model="numpy")
+    def power(x, e, out):
+        for i in range(x.size):
+            out[i] = fs._nb_pow_positive(x[i], e)
+
+    x = 10.0 ** np.random.default_rng(3).uniform(-5, 8, 20000)
+    x[:4] = [1e-5, 1.0, 2.0, 1.4142135623730951]
+    for e in (-0.999, -0.55, -0.1, 0.0, 0.3, 1.5):
+        out = np.empty_like(x)
+        power(x, e, out)
+        want = np.array([math.pow(v, e) for v in x])
+        bound = (np.abs(e * np.log(x)) + 8.0) * np.finfo(float).eps
+        assert np.all(np.abs(out / want - 1.0) <= bound), e
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 2 ** 32 - 1), st.integers(1, 6))
 def test_medfilt_selection_network_is_exact(n0, n1, seed, levels):

@@ -2032,6 +2032,27 @@ def open_writer(path, fmt, **kw):
 
 
 @_njit
+def _nb_copy_flat(dst, src):
+    """``dst[...] = src`` for C-contiguous arrays of the same size (shapes may differ).
+
+    A slice assignment from an array makes Numba compile its shape-mismatch
+    message (string formatting: about 2 s on a fresh installation); a loop does not.
+    """
+    d = dst.reshape(dst.size)
+    s = src.reshape(src.size)
+    for i in range(d.size):
+        d[i] = s[i]
+
+
+@_njit
+def _nb_copy2(dst, src):
+    """``dst[:, :] = src`` for 2-D arrays of the same shape, any strides (see above)."""
+    for i in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[i, j] = src[i, j]
+
+
+@_njit
 def _nb_round(x):
     """MATLAB ``round``: half away from zero."""
     r = math.floor(abs(x) + 0.5)
@@ -2136,7 +2157,7 @@ def _nb_resize_stack(src, nx_out, ny_out):
     """Resize every plane of a ``(C, nx, ny)`` stack."""
     out = np.empty((src.shape[0], nx_out, ny_out))
     for c in range(src.shape[0]):
-        out[c] = _nb_resize(src[c], nx_out, ny_out)
+        _nb_copy_flat(out[c], _nb_resize(src[c], nx_out, ny_out))
     return out
 
 
@@ -2760,14 +2781,16 @@ def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x,
     wxe[:, :] = alpha_x / (hx * hx)
     wye[:, :] = alpha_y / (hy * hy)
     uniform = a_smooth == 1.0
-    _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, True,
-                psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
-    for it in range(1, iterations + 1):
-        if it % update_lag == 0:
-            if not uniform:
+    # One call site with a run-time ``first`` (literal True/False arguments would
+    # compile the refresh twice).
+    for it in range(iterations + 1):
+        if it == 0 or it % update_lag == 0:
+            if it > 0 and not uniform:
                 _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wye)
-            _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, False,
+            _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, it == 0,
                         psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
+        if it == 0:
+            continue
         _nb_set_boundary(du)
         _nb_set_boundary(dv)
         if red_black:
@@ -2936,7 +2959,8 @@ def _nb_medfilt5(src, out):
             med[b] = _nb_median13(cand[0, b], cand[1, b], cand[2, b], cand[3, b], cand[4, b],
                                   cand[5, b], cand[6, b], cand[7, b], cand[8, b], cand[9, b],
                                   cand[10, b], cand[11, b], cand[12, b])
-        out[a, :] = med
+        for b in range(n1):
+            out[a, b] = med[b]
 
 
 @_njit
@@ -3016,7 +3040,7 @@ def _nb_reference_pyramid(f1, eta, levels, min_level):
     pos = 0
     for i in range(top, min_level - 1, -1):
         lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
-        out[pos:pos + C * lx * ly] = _nb_resize_stack(f1, lx, ly).ravel()
+        _nb_copy_flat(out[pos:pos + C * lx * ly], _nb_resize_stack(f1, lx, ly))
         pos += C * lx * ly
     return out
 
@@ -3063,7 +3087,8 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
             tmp = np.empty_like(F2)
             valid = np.empty((lx, ly), np.bool_)
             for c in range(C):
-                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], 2, tmp[c], valid)
+                # np.int64: a literal 2 would compile a second specialisation
+                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], np.int64(2), tmp[c], valid)
         u = _nb_pad_edge(ui)
         v = _nb_pad_edge(vi)
         NX = lx + 2
@@ -3086,7 +3111,7 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
                 _nb_tensor_gray(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c],
                                 J12[c], J13[c], J23[c])
             if local_weight:
-                weight[c, 1:-1, 1:-1] = _nb_resize(wmap[c], lx, ly)
+                _nb_copy2(weight[c, 1:-1, 1:-1], _nb_resize(wmap[c], lx, ly))
             else:
                 weight[c, 0, 0] = wvec[c]
         scale = 1.0 if i == min_level else eta ** (-0.5 * i)
@@ -3105,8 +3130,8 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
     if wu.shape[0] != n or wu.shape[1] != m:
         wu = _nb_resize(wu, n, m)
         wv = _nb_resize(wv, n, m)
-    out_u[:, :] = wu
-    out_v[:, :] = wv
+    _nb_copy2(out_u, wu)
+    _nb_copy2(out_v, wv)
 
 
 ###############################################################################

@@ -6134,7 +6134,9 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     """
     backend = backend if backend is not None else FlowregBackend()
     idx = _reference_indices(opts, len(reader), name)
-    tmp = reader.read_frames(idx).astype(np.float64)
+    # Kept in the reader's type (up to 451 frames: this stack and the smoothed one
+    # set Stage 1's peak memory); every use reads it as float64, exactly.
+    tmp = reader.read_frames(idx)
     _check_finite(tmp, name, None)
     if tmp.max() == tmp.min():
         msg = (f"{name}: the reference frames ({len(idx)} frames from {idx[0]}) are constant "
@@ -6142,7 +6144,7 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
                "check the recording or choose other reference_frames")
         raise InputError(msg)
     if len(tmp) == 1:
-        return tmp[0]
+        return tmp[0].astype(np.float64)
     sigma = np.atleast_2d(opts.sigma)
     sep = opts.channel_normalization == "separate"
     halo = max(_gauss_kernel(s[2] + 0.5).size // 2 for s in sigma)
@@ -6151,10 +6153,19 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     del g
     C = tmp.shape[3]
     params = _flow_params(opts, C, alpha_offset=2.0)
-    state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0))
-    H, W = tmp.shape[1:3]
-    reg = backend.register(state, c1, tmp, np.zeros((H, W, 2)), 2, pool, with_stats=False)[1]
-    return reg.mean(axis=0, dtype=np.float64)
+    state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0, dtype=np.float64))
+    n, H, W = tmp.shape[:3]
+    # The frames are registered independently (same zero initialisation), so in
+    # chunks: no stack of fields and warped frames.  The sum runs frame after frame,
+    # in the order of numpy's reduction over axis 0, so the mean is the same.
+    step = max(64, getattr(backend, "chunk_frames", None) or 0)
+    total = np.zeros((H, W, C))
+    for i0 in range(0, n, step):
+        reg = backend.register(state, c1[i0:i0 + step], tmp[i0:i0 + step], np.zeros((H, W, 2)),
+                               2, pool, with_stats=False)[1]
+        for frame in reg:
+            total += frame
+    return total / n
 
 
 class _Phases:

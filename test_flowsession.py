@@ -4120,3 +4120,29 @@ def test_diso_refuses_other_data_terms_before_any_work(tmp_path):
         with pytest.raises(fs.ConfigError, match="stage2_constancy_assumption = 'gray' cannot"):
             run(cfg)
     assert not cfg.output_root_path.exists()
+
+
+def test_reference_preregistration_in_chunks_equals_one_call(tmp_path):
+    # The reference frames are registered in chunks of at least 64 frames and the
+    # warped frames summed as they come; 150 frames (three chunks) must give exactly
+    # the reference of one call over all of them (a backend whose chunk is larger
+    # than the stack), also with the frames kept in the reader's integer type.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:24, 0:28]
+    frames = []
+    for t in range(150):
+        dy, dx = rng.normal(0, 0.8, 2)
+        img = 1000 + 800 * np.sin((xx + dx) / 3.0) * np.cos((yy + dy) / 4.0)
+        frames.append(img + rng.normal(0, 30, img.shape))
+    path = tmp_path / "rec.tif"
+    tifffile.imwrite(path, np.clip(frames, 0, 65535).astype(np.uint16))
+    opts = fs.FlowOptions(quality_setting="fast", reference_frames=list(range(150)))
+    one_call = fs.FlowregBackend()
+    one_call.chunk_frames = 1000
+    with ThreadPoolExecutor(2) as pool:
+        chunked = fs.compute_reference(fs.open_video(str(path)), opts, pool)
+        whole = fs.compute_reference(fs.open_video(str(path)), opts, pool, backend=one_call)
+    assert chunked.shape == (24, 28, 1) and chunked.dtype == np.float64
+    np.testing.assert_array_equal(chunked, whole)

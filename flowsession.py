@@ -2486,18 +2486,10 @@ def _ln2_split():
     with decimal.localcontext() as ctx:
         ctx.prec = 40
         ln2 = decimal.Decimal(2).ln()
-        hi = float(ln2)
-        hi = _bits_to_float(_float_to_bits(hi) & ~((1 << 11) - 1))
+        bits = np.float64(ln2).view(np.int64) & np.int64(~((1 << 11) - 1))
+        hi = float(bits.view(np.float64))
         lo = float(ln2 - decimal.Decimal(hi))
     return hi, lo
-
-
-def _float_to_bits(x):
-    return int(np.float64(x).view(np.int64))
-
-
-def _bits_to_float(b):
-    return float(np.int64(b).view(np.float64))
 
 
 _LN2_HI, _LN2_LO = _ln2_split()
@@ -2920,7 +2912,6 @@ def _nb_medfilt5(src, out):
     r3 = np.empty(n1 + 4)
     r4 = np.empty(n1 + 4)
     cand = np.empty((13, n1))
-    med = np.empty(n1)  # a contiguous row: ``out`` may be a strided view
     for a in range(n0):
         for j in range(n1 + 4):
             c0, c1, c2, c3, c4 = _nb_sort5(pad[a, j], pad[a + 1, j], pad[a + 2, j],
@@ -2932,35 +2923,25 @@ def _nb_medfilt5(src, out):
             r4[j] = c4
         # Rank row i of the block keeps ranks max(0, 3 - i) .. min(4, 5 - i); one loop
         # per row and one for the selection, each short enough to run vectorised.
+        _nb_keep_ranks(r0, 3, 4, cand, 0, n1)
+        _nb_keep_ranks(r1, 2, 4, cand, 2, n1)
+        _nb_keep_ranks(r2, 1, 3, cand, 5, n1)
+        _nb_keep_ranks(r3, 0, 2, cand, 8, n1)
+        _nb_keep_ranks(r4, 0, 1, cand, 11, n1)
         for b in range(n1):
-            s = _nb_sort5(r0[b], r0[b + 1], r0[b + 2], r0[b + 3], r0[b + 4])
-            cand[0, b] = s[3]
-            cand[1, b] = s[4]
-        for b in range(n1):
-            s = _nb_sort5(r1[b], r1[b + 1], r1[b + 2], r1[b + 3], r1[b + 4])
-            cand[2, b] = s[2]
-            cand[3, b] = s[3]
-            cand[4, b] = s[4]
-        for b in range(n1):
-            s = _nb_sort5(r2[b], r2[b + 1], r2[b + 2], r2[b + 3], r2[b + 4])
-            cand[5, b] = s[1]
-            cand[6, b] = s[2]
-            cand[7, b] = s[3]
-        for b in range(n1):
-            s = _nb_sort5(r3[b], r3[b + 1], r3[b + 2], r3[b + 3], r3[b + 4])
-            cand[8, b] = s[0]
-            cand[9, b] = s[1]
-            cand[10, b] = s[2]
-        for b in range(n1):
-            s = _nb_sort5(r4[b], r4[b + 1], r4[b + 2], r4[b + 3], r4[b + 4])
-            cand[11, b] = s[0]
-            cand[12, b] = s[1]
-        for b in range(n1):
-            med[b] = _nb_median13(cand[0, b], cand[1, b], cand[2, b], cand[3, b], cand[4, b],
-                                  cand[5, b], cand[6, b], cand[7, b], cand[8, b], cand[9, b],
-                                  cand[10, b], cand[11, b], cand[12, b])
-        for b in range(n1):
-            out[a, b] = med[b]
+            out[a, b] = _nb_median13(cand[0, b], cand[1, b], cand[2, b], cand[3, b], cand[4, b],
+                                     cand[5, b], cand[6, b], cand[7, b], cand[8, b], cand[9, b],
+                                     cand[10, b], cand[11, b], cand[12, b])
+
+
+@numba.njit(inline="always")
+def _nb_keep_ranks(r, lo, hi, cand, k0, n1):
+    """Sort each 5-window of the column-sorted row ``r`` and keep ranks ``lo..hi`` as
+    candidate rows ``k0, k0 + 1, ...`` (see `_nb_medfilt5`)."""
+    for b in range(n1):
+        s = _nb_sort5(r[b], r[b + 1], r[b + 2], r[b + 3], r[b + 4])
+        for q in range(lo, hi + 1):
+            cand[k0 + q - lo, b] = s[q]
 
 
 @_njit

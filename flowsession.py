@@ -190,8 +190,14 @@ MIN_LEVEL_SIZE = 10
 
 #: Defaults of MATLAB ``get_displacement.m``.
 GET_DISPLACEMENT_DEFAULTS = dict(
-    alpha=(2.0, 2.0), update_lag=10, iterations=20, min_level=0, levels=50,
-    eta=0.75, a_smooth=0.5, a_data=0.45,
+    alpha=(2.0, 2.0),
+    update_lag=10,
+    iterations=20,
+    min_level=0,
+    levels=50,
+    eta=0.75,
+    a_smooth=0.5,
+    a_data=0.45,
 )
 
 _TENSOR_KINDS = {"gc": 0, "gray": 1}
@@ -229,8 +235,10 @@ _STOP = {"signal": None}
 def _check_stop(where):
     """Raise `Interrupted` at a safe point if a stop was requested."""
     if _STOP["signal"] is not None:
-        msg = (f"stopped by {_STOP['signal']} {where}; finished work is kept, rerun with "
-               "resume = true to continue")
+        msg = (
+            f"stopped by {_STOP['signal']} {where}; finished work is kept, rerun with "
+            "resume = true to continue"
+        )
         raise Interrupted(msg)
 
 
@@ -312,15 +320,37 @@ _CFG_QUALITY_MIN_LEVEL = {"quality": 0, "balanced": 4, "fast": 6, "custom": 0}
 _CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray"}
 _CFG_TYPENAMES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "single", "double")
 #: Keys that MATLAB / pyflowreg option files carry and flowsession does not use.
-_CFG_FOREIGN_FLOW_KEYS = frozenset({
-    "backend_params", "cc_hw", "cc_up", "channel_idx", "datatype", "flow_backend",
-    "gnc_schedule", "input_file", "min_frames_per_reference", "n_references",
-    "naming_convention", "normalize_ref", "output_file_name", "output_file_writer",
-    "output_path", "preproc_funct", "save_valid_mask", "use_gpu", "verbose", "warping_steps",
-})
+_CFG_FOREIGN_FLOW_KEYS = frozenset(
+    {
+        "backend_params",
+        "cc_hw",
+        "cc_up",
+        "channel_idx",
+        "datatype",
+        "flow_backend",
+        "gnc_schedule",
+        "input_file",
+        "min_frames_per_reference",
+        "n_references",
+        "naming_convention",
+        "normalize_ref",
+        "output_file_name",
+        "output_file_writer",
+        "output_path",
+        "preproc_funct",
+        "save_valid_mask",
+        "use_gpu",
+        "verbose",
+        "warping_steps",
+    }
+)
 #: Array-task variables in order of precedence, with the submit option that sets the range.
-_CFG_ARRAY_VARS = {"SLURM_ARRAY_TASK_ID": "--array=", "SGE_TASK_ID": "-t ",
-                   "PBS_ARRAY_INDEX": "-J ", "PBS_ARRAYID": "-t "}
+_CFG_ARRAY_VARS = {
+    "SLURM_ARRAY_TASK_ID": "--array=",
+    "SGE_TASK_ID": "-t ",
+    "PBS_ARRAY_INDEX": "-J ",
+    "PBS_ARRAYID": "-t ",
+}
 
 
 def _cfg_check_keys(mapping, valid, source):
@@ -337,8 +367,11 @@ def _cfg_check_keys(mapping, valid, source):
 
 
 def _cfg_is_number(value):
-    return (isinstance(value, (int, float, np.integer, np.floating))
-            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
 
 
 def _cfg_error(source, key, allowed, value):
@@ -374,8 +407,10 @@ def _cfg_choice(value, key, source, choices, aliases=None):
     if name in canonical:
         return canonical[name]
     also = "".join(f", '{a}' (= '{c}')" for a, c in (aliases or {}).items())
-    msg = (f"{source}: {key} {value!r} is not supported; use one of "
-           f"{', '.join(repr(c) for c in choices)}{also}")
+    msg = (
+        f"{source}: {key} {value!r} is not supported; use one of "
+        f"{', '.join(repr(c) for c in choices)}{also}"
+    )
     raise ConfigError(msg)
 
 
@@ -406,9 +441,11 @@ def _cfg_blank_to_none(value):
 
 def _cfg_optional(check, *args):
     """Rule that passes None (or an empty string) as None and checks anything else."""
+
     def optional(value, key, source):
         value = _cfg_blank_to_none(value)
         return None if value is None else check(value, key, source, *args)
+
     return optional
 
 
@@ -423,8 +460,10 @@ def _cfg_alpha(value, key, source):
 
 def _cfg_weight(value, key, source):
     allowed = "a list of per-channel weights >= 0, not all 0"
-    weight = [_cfg_float(w, key, source, allowed, lambda x: x >= 0)
-              for w in _cfg_list(value, key, source, allowed)]
+    weight = [
+        _cfg_float(w, key, source, allowed, lambda x: x >= 0)
+        for w in _cfg_list(value, key, source, allowed)
+    ]
     if sum(weight) <= 0:
         raise _cfg_error(source, key, allowed, value)
     return tuple(w / sum(weight) for w in weight)
@@ -434,8 +473,10 @@ def _cfg_a_data(value, key, source):
     allowed = "a number in (0, 1] or a list of them (one per channel)"
     if _cfg_is_number(value):
         return _cfg_float(value, key, source, allowed, lambda x: 0 < x <= 1)
-    return tuple(_cfg_float(a, key, source, allowed, lambda x: 0 < x <= 1)
-                 for a in _cfg_list(value, key, source, allowed))
+    return tuple(
+        _cfg_float(a, key, source, allowed, lambda x: 0 < x <= 1)
+        for a in _cfg_list(value, key, source, allowed)
+    )
 
 
 def _cfg_sigma(value, key, source):
@@ -445,8 +486,9 @@ def _cfg_sigma(value, key, source):
     rows = [_cfg_list(row, key, source, allowed) for row in rows]
     if any(len(row) != 3 for row in rows):
         raise _cfg_error(source, key, allowed, value)
-    return tuple(tuple(_cfg_float(x, key, source, allowed, lambda x: x >= 0) for x in row)
-                 for row in rows)
+    return tuple(
+        tuple(_cfg_float(x, key, source, allowed, lambda x: x >= 0) for x in row) for row in rows
+    )
 
 
 def _cfg_reference_frames(value, key, source):
@@ -456,8 +498,13 @@ def _cfg_reference_frames(value, key, source):
     if isinstance(value, dict):
         _cfg_check_keys(value, ("start", "stop"), f"{source}: {key}")
         start = _cfg_int(value.get("start", 0), f"{key}.start", source, *index)
-        stop = _cfg_int(value.get("stop"), f"{key}.stop", source,
-                        f"an integer > start ({start})", lambda x: x > start)
+        stop = _cfg_int(
+            value.get("stop"),
+            f"{key}.stop",
+            source,
+            f"an integer > start ({start})",
+            lambda x: x > start,
+        )
         return tuple(range(start, stop))
     allowed = "None, a non-empty list of 0-based frame indices or {start, stop}"
     return tuple(_cfg_int(i, key, source, *index) for i in _cfg_list(value, key, source, allowed))
@@ -589,13 +636,17 @@ def _cfg_session_flow(mapping, source):
     """Like ``_cfg_flow_subset`` but refuse overrides that would break Stage 1 of a session."""
     fmt = mapping.get("output_format", "HDF5") if isinstance(mapping, dict) else "HDF5"
     if not (isinstance(fmt, str) and fmt.strip().upper() == "HDF5"):
-        msg = (f"{source}: output_format = {fmt!r} cannot be used: Stage 1 of a session "
-               "writes HDF5 (compensated.hdf5) and valid masks; remove this key")
+        msg = (
+            f"{source}: output_format = {fmt!r} cannot be used: Stage 1 of a session "
+            "writes HDF5 (compensated.hdf5) and valid masks; remove this key"
+        )
         raise ConfigError(msg)
     named = _cfg_flow_subset(mapping, source)
     if named.get("save_valid_idx") is False:
-        msg = (f"{source}: save_valid_idx = false cannot be used: Stage 1 of a session "
-               "writes valid masks (idx.hdf) for Stage 3; remove this key")
+        msg = (
+            f"{source}: save_valid_idx = false cannot be used: Stage 1 of a session "
+            "writes valid masks (idx.hdf) for Stage 3; remove this key"
+        )
         raise ConfigError(msg)
     return named
 
@@ -897,8 +948,7 @@ class SessionConfig:
             where = f" at line {mark.line + 1}" if mark is not None else ""
             msg = f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', None) or exc}"
             raise ConfigError(msg) from None
-        return cls.from_dict({} if data is None else data, base_dir=path.parent,
-                             source=str(path))
+        return cls.from_dict({} if data is None else data, base_dir=path.parent, source=str(path))
 
     @classmethod
     def from_file(cls, path):
@@ -931,17 +981,22 @@ class SessionConfig:
             ``output_root/<stem>`` would collide).
         """
         outputs = (self.output_root_path, self.final_results_path)
-        files = sorted(p for p in self.root.glob(self.pattern)
-                       if p.is_file() and not any(p.is_relative_to(o) for o in outputs))
+        files = sorted(
+            p
+            for p in self.root.glob(self.pattern)
+            if p.is_file() and not any(p.is_relative_to(o) for o in outputs)
+        )
         if not files:
             msg = f"no files match pattern {self.pattern!r} in {self.root}"
             raise ConfigError(msg)
         seen = {}
         for p in files:
             if p.stem in seen:
-                msg = (f"{seen[p.stem].relative_to(self.root)} and {p.relative_to(self.root)} "
-                       f"share the stem '{p.stem}', so their output folders would collide; "
-                       "narrow the pattern or rename one")
+                msg = (
+                    f"{seen[p.stem].relative_to(self.root)} and {p.relative_to(self.root)} "
+                    f"share the stem '{p.stem}', so their output folders would collide; "
+                    "narrow the pattern or rename one"
+                )
                 raise ConfigError(msg)
             seen[p.stem] = p
         return files
@@ -965,13 +1020,17 @@ class SessionConfig:
         target = pathlib.Path(os.path.abspath(self.root / pathlib.Path(self.center).expanduser()))
         if target in files:
             return files.index(target), target
-        names = [f.relative_to(self.root).as_posix() if f.is_relative_to(self.root) else str(f)
-                 for f in files]
+        names = [
+            f.relative_to(self.root).as_posix() if f.is_relative_to(self.root) else str(f)
+            for f in files
+        ]
         close = difflib.get_close_matches(self.center, names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         more = ", ..." if len(names) > 5 else ""
-        msg = (f"center: '{self.center}' is not one of the {len(files)} recordings matching "
-               f"{self.pattern!r} in {self.root}; {hint}available: {', '.join(names[:5])}{more}")
+        msg = (
+            f"center: '{self.center}' is not one of the {len(files)} recordings matching "
+            f"{self.pattern!r} in {self.root}; {hint}available: {', '.join(names[:5])}{more}"
+        )
         raise ConfigError(msg)
 
     def n_workers_effective(self):
@@ -1052,18 +1111,24 @@ def array_task_to_index(task_id, n_files, environ=None):
         base = 0
     elif task_id == 0:
         base = 0
-        log.warning("%s=0 and the array's first task id is unknown: taking task 0 as recording 0 "
-                    "and other task ids as 1-based; submit 1-based arrays", name or "task id")
+        log.warning(
+            "%s=0 and the array's first task id is unknown: taking task 0 as recording 0 "
+            "and other task ids as 1-based; submit 1-based arrays",
+            name or "task id",
+        )
     else:
         base = 1
-        log.info("%s=%d: array start unknown, assuming 1-based task ids", name or "task id",
-                 task_id)
+        log.info(
+            "%s=%d: array start unknown, assuming 1-based task ids", name or "task id", task_id
+        )
     index = task_id - base
     if not 0 <= index < n_files:
         option = _CFG_ARRAY_VARS.get(name, "--array=")
-        msg = (f"{name or 'array task id'}={task_id} is out of range for {n_files} recordings: "
-               f"valid task ids are {base}-{n_files - 1 + base} "
-               f"(e.g. {option}{base}-{n_files - 1 + base} for {n_files} recordings)")
+        msg = (
+            f"{name or 'array task id'}={task_id} is out of range for {n_files} recordings: "
+            f"valid task ids are {base}-{n_files - 1 + base} "
+            f"(e.g. {option}{base}-{n_files - 1 + base} for {n_files} recordings)"
+        )
         raise ConfigError(msg)
     return index
 
@@ -1072,32 +1137,44 @@ def array_task_to_index(task_id, n_files, environ=None):
 ### I/O: video readers and writers
 ###############################################################################
 
-_TIFF_SUFFIXES = ('.tif', '.tiff')
-_HDF5_SUFFIXES = ('.h5', '.hdf5', '.hdf')
-_HDF5_NAMES = ('mov', 'data', 'dataset')
-_MAT_NAMES = ('mov', 'data', 'Y', 'video')
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_HDF5_NAMES = ("mov", "data", "dataset")
+_MAT_NAMES = ("mov", "data", "Y", "video")
 _MAT_NUMERIC = frozenset(
-    ('double', 'single', 'logical', 'int8', 'uint8', 'int16', 'uint16',
-     'int32', 'uint32', 'int64', 'uint64'))
-_CHANNEL_RE = re.compile(r'^(ch|chan|channel)_?(\d+)$', re.IGNORECASE)
-_HDF5_FORMAT = 'flowsession_hdf5_v1'
-_WRITER_FORMATS = ('HDF5', 'TIFF')
+    (
+        "double",
+        "single",
+        "logical",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+    )
+)
+_CHANNEL_RE = re.compile(r"^(ch|chan|channel)_?(\d+)$", re.IGNORECASE)
+_HDF5_FORMAT = "flowsession_hdf5_v1"
+_WRITER_FORMATS = ("HDF5", "TIFF")
 # tifffile logs, rather than raises, when the IFD chain of a file is broken
 _TIFF_CORRUPT_RE = re.compile(
-    r'corrupt|page offset|offset to page|next page|circular', re.IGNORECASE)
+    r"corrupt|page offset|offset to page|next page|circular", re.IGNORECASE
+)
 
 
 def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or value < 1:
-        msg = f'{name} must be an integer >= 1, got {value!r}'
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        msg = f"{name} must be an integer >= 1, got {value!r}"
         raise ConfigError(msg)
     return int(value)
 
 
 def _why(exc, limit=300):
     """An exception or message as one short line, for error messages."""
-    return ' '.join(str(exc).split())[:limit]
+    return " ".join(str(exc).split())[:limit]
 
 
 def _runs(values):
@@ -1111,8 +1188,7 @@ def _runs(values):
     breaks = np.flatnonzero(np.diff(values) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [values.size]))
-    return [(int(s), int(values[s]), int(e - s))
-            for s, e in zip(starts, ends, strict=True)]
+    return [(int(s), int(values[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
 class VideoReader:
@@ -1139,13 +1215,14 @@ class VideoReader:
 
     def __init__(self, path, bin_size):
         self.path = os.fspath(path)
-        self.bin_size = _positive_int('bin_size', bin_size)
+        self.bin_size = _positive_int("bin_size", bin_size)
         self._closed = False
 
     def _set_shape(self, n_frames, height, width, n_channels, dtype):
         """Record the raw video geometry (subclasses, once the file is open)."""
         self.n_frames, self.height, self.width, self.n_channels = map(
-            int, (n_frames, height, width, n_channels))
+            int, (n_frames, height, width, n_channels)
+        )
         self.dtype = np.dtype(dtype)
 
     def __len__(self):
@@ -1157,8 +1234,10 @@ class VideoReader:
         return (len(self), self.height, self.width, self.n_channels)
 
     def __repr__(self):
-        return (f'<{type(self).__name__} {os.path.basename(self.path)!r} '
-                f'shape={self.shape} dtype={self.dtype} bin={self.bin_size}>')
+        return (
+            f"<{type(self).__name__} {os.path.basename(self.path)!r} "
+            f"shape={self.shape} dtype={self.dtype} bin={self.bin_size}>"
+        )
 
     def __enter__(self):
         return self
@@ -1197,10 +1276,10 @@ class VideoReader:
             Native dtype when ``bin_size == 1``, else float64 means.
         """
         if self._closed:
-            msg = f'{self.path}: reader is closed'
+            msg = f"{self.path}: reader is closed"
             raise FlowSessionError(msg)
         if start < 0:
-            msg = f'start must be >= 0, got {start}'
+            msg = f"start must be >= 0, got {start}"
             raise IndexError(msg)
         stop = min(int(stop), len(self))
         start = min(int(start), stop)
@@ -1232,13 +1311,12 @@ class VideoReader:
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            msg = (f'frame indices must lie in [0, {len(self)}), '
-                   f'got {idx.min()}..{idx.max()}')
+            msg = f"frame indices must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}"
             raise IndexError(msg)
         unique, inverse = np.unique(idx, return_inverse=True)
         out = self._empty(unique.size)
         for pos, first, n in _runs(unique):
-            out[pos:pos + n] = self.read(first, first + n)
+            out[pos : pos + n] = self.read(first, first + n)
         return out[inverse.reshape(-1)]
 
     def iter_batches(self, batch_size, start=0):
@@ -1251,7 +1329,7 @@ class VideoReader:
         start : int
             First binned frame.
         """
-        batch_size = _positive_int('batch_size', batch_size)
+        batch_size = _positive_int("batch_size", batch_size)
         for first in range(start, len(self), batch_size):
             yield first, self.read(first, first + batch_size)
 
@@ -1272,13 +1350,15 @@ class _CorruptionLog(logging.Handler):
 def _scanimage_channels(tif):
     """Saved channel count of a ScanImage TIFF, or None if not stated."""
     meta = tif.scanimage_metadata or {}
-    value = meta.get('FrameData', {}).get('SI.hChannels.channelSave')
+    value = meta.get("FrameData", {}).get("SI.hChannels.channelSave")
     if value is None:
         page = tif.pages.first
-        found = re.search(r'SI\d*\.hChannels\.channelSave\s*=\s*(\[[^\]]*\]|\S+)',
-                          f'{page.software}\n{page.description}')
+        found = re.search(
+            r"SI\d*\.hChannels\.channelSave\s*=\s*(\[[^\]]*\]|\S+)",
+            f"{page.software}\n{page.description}",
+        )
         value = found and found.group(1)
-    n = len(re.findall(r'\d+', str(value))) if value else 0
+    n = len(re.findall(r"\d+", str(value))) if value else 0
     return n or None
 
 
@@ -1299,9 +1379,9 @@ class TiffReader(VideoReader):
         super().__init__(path, bin_size)
         path = self.path
         if channels is not None:
-            channels = _positive_int('channels', channels)
+            channels = _positive_int("channels", channels)
         handler = _CorruptionLog()
-        tiff_log = logging.getLogger('tifffile')
+        tiff_log = logging.getLogger("tifffile")
         tiff_log.addHandler(handler)
         propagate, tiff_log.propagate = tiff_log.propagate, False  # one error line, ours
         with contextlib.ExitStack() as stack:
@@ -1309,53 +1389,74 @@ class TiffReader(VideoReader):
                 tif = stack.enter_context(tifffile.TiffFile(path))
                 len(tif.pages)  # walks the IFD chain
                 series = tif.series[0]
-                interleave = channels or (
-                    _scanimage_channels(tif) if tif.is_scanimage else None)
+                interleave = channels or (_scanimage_channels(tif) if tif.is_scanimage else None)
             except (OSError, ValueError, IndexError, KeyError) as exc:
-                msg = (f'{path}: cannot read as TIFF ({_why(exc)}); the file '
-                       f'may be truncated or corrupt, re-export or re-copy it')
+                msg = (
+                    f"{path}: cannot read as TIFF ({_why(exc)}); the file "
+                    f"may be truncated or corrupt, re-export or re-copy it"
+                )
                 raise InputError(msg) from exc
             finally:
                 tiff_log.removeHandler(handler)
                 tiff_log.propagate = propagate
             if handler.messages:
-                msg = (f'{path}: corrupt or truncated TIFF '
-                       f'({_why(handler.messages[0])}); re-export or re-copy it')
+                msg = (
+                    f"{path}: corrupt or truncated TIFF "
+                    f"({_why(handler.messages[0])}); re-export or re-copy it"
+                )
                 raise InputError(msg)
             self._layout(path, series, interleave, channels is not None, tif.is_shaped)
             self._check_size(path, series)
             self._tif, self._series = tif, series
             stack.pop_all()
         if len(tif.series) > 1:
-            log.warning('%s: %d image series, reading the first %s',
-                        path, len(tif.series), series.shape)
+            log.warning(
+                "%s: %d image series, reading the first %s", path, len(tif.series), series.shape
+            )
         if self._rows_per_frame:
             # (T, H, W, C) numpy array saved by tifffile: a page is one row (W, C)
-            self._set_shape(self._table.shape[0], self._rows_per_frame, self._page_shape[0],
-                            self._page_shape[1], series.dtype.newbyteorder('='))
+            self._set_shape(
+                self._table.shape[0],
+                self._rows_per_frame,
+                self._page_shape[0],
+                self._page_shape[1],
+                series.dtype.newbyteorder("="),
+            )
             return
-        self._set_shape(self._table.shape[0],
-                        self._page_shape[self._page_axes.index('Y')],
-                        self._page_shape[self._page_axes.index('X')],
-                        self._table.shape[1] * self._samples,
-                        series.dtype.newbyteorder('='))
+        self._set_shape(
+            self._table.shape[0],
+            self._page_shape[self._page_axes.index("Y")],
+            self._page_shape[self._page_axes.index("X")],
+            self._table.shape[1] * self._samples,
+            series.dtype.newbyteorder("="),
+        )
 
     def _layout(self, path, series, interleave, declared, shaped=False):
         """Map (frame, channel) to series page indices in ``self._table``."""
         page = series.keyframe
         page_axes, page_shape = page.axes, tuple(page.shape)
         axes, shape = series.get_axes(True), series.get_shape(True)
-        grid_axes = axes[:-len(page_axes)]
-        grid_shape = shape[:len(grid_axes)]
+        grid_axes = axes[: -len(page_axes)]
+        grid_shape = shape[: len(grid_axes)]
         self._rows_per_frame = None
-        if (shaped and not interleave and page_axes == 'YX' and len(grid_axes) == 2
-                and set(grid_axes) <= set('QI') and page_shape[1] <= 4
-                and min(page_shape[0], grid_shape[1]) > 4 and not series.is_truncated):
+        if (
+            shaped
+            and not interleave
+            and page_axes == "YX"
+            and len(grid_axes) == 2
+            and set(grid_axes) <= set("QI")
+            and page_shape[1] <= 4
+            and min(page_shape[0], grid_shape[1]) > 4
+            and not series.is_truncated
+        ):
             # tifffile.imwrite of a (T, H, W, C) array with a few channels and no
             # metadata stores every row as a (W, C) page; read it back as such.
-            log.warning('%s: a %s array of unnamed axes, read as frames x rows x columns x '
-                        'channels (T, H, W, C); save with ImageJ metadata to avoid the guess',
-                        path, 'x'.join(map(str, shape)))
+            log.warning(
+                "%s: a %s array of unnamed axes, read as frames x rows x columns x "
+                "channels (T, H, W, C); save with ImageJ metadata to avoid the guess",
+                path,
+                "x".join(map(str, shape)),
+            )
             self._rows_per_frame = grid_shape[1]
             self._n_pages = n_pages = len(series)
             self._table = np.arange(n_pages).reshape(grid_shape[0], grid_shape[1])
@@ -1366,37 +1467,42 @@ class TiffReader(VideoReader):
         # a truncated series (ImageJ > 4 GB) holds its first page only; the
         # ScanImage series shape can disagree with the pages (split files)
         n_pages = math.prod(grid_shape) if series.is_truncated else len(series)
-        if (set(page_axes) - set('YXS') or not axes.endswith(page_axes)
-                or series.is_truncated and series.dataoffset is None
-                or not interleave and math.prod(grid_shape) != n_pages):
-            msg = (f'{path}: unsupported TIFF layout (axes {axes}, page axes '
-                   f'{page_axes}); export it as a T,(C,)Y,X stack')
+        if (
+            set(page_axes) - set("YXS")
+            or not axes.endswith(page_axes)
+            or series.is_truncated
+            and series.dataoffset is None
+            or not interleave
+            and math.prod(grid_shape) != n_pages
+        ):
+            msg = (
+                f"{path}: unsupported TIFF layout (axes {axes}, page axes "
+                f"{page_axes}); export it as a T,(C,)Y,X stack"
+            )
             raise InputError(msg)
         if interleave:
             if n_pages % interleave:
-                msg = (f'{path}: {n_pages} pages is not a multiple of '
-                       f'{interleave} channels')
+                msg = f"{path}: {n_pages} pages is not a multiple of {interleave} channels"
                 if declared:
-                    msg += '; check `channels=`'
+                    msg += "; check `channels=`"
                     raise InputError(msg)
-                log.warning('%s; dropping the incomplete last frame', msg)
+                log.warning("%s; dropping the incomplete last frame", msg)
             table = np.arange(n_pages // interleave * interleave)
             table = table.reshape(-1, interleave)
         else:
             grid = np.arange(n_pages).reshape(grid_shape)
-            if 'C' in grid_axes:
-                grid = np.moveaxis(grid, grid_axes.index('C'), -1)
+            if "C" in grid_axes:
+                grid = np.moveaxis(grid, grid_axes.index("C"), -1)
             else:
                 grid = grid[..., None]
             table = grid.reshape(-1, grid.shape[-1])
-            if len(grid_axes.replace('C', '')) > 1:
-                log.warning('%s: axes %s are folded into time',
-                            path, grid_axes.replace('C', ''))
+            if len(grid_axes.replace("C", "")) > 1:
+                log.warning("%s: axes %s are folded into time", path, grid_axes.replace("C", ""))
         self._table, self._n_pages = table, n_pages
         self._page_axes, self._page_shape = page_axes, page_shape
-        self._samples = page_shape[page_axes.index('S')] if 'S' in page_axes else 1
+        self._samples = page_shape[page_axes.index("S")] if "S" in page_axes else 1
         # (page, *page axes) -> (page, Y, X[, S])
-        self._perm = [0] + [1 + page_axes.index(a) for a in 'YXS' if a in page_axes]
+        self._perm = [0] + [1 + page_axes.index(a) for a in "YXS" if a in page_axes]
 
     def _check_size(self, path, series):
         """Raise InputError if the image data run past the end of the file."""
@@ -1407,26 +1513,27 @@ class TiffReader(VideoReader):
             end = self._offset + self._n_pages * nbytes
         else:
             last = series[self._n_pages - 1]
-            end = max(o + n for o, n in zip(
-                last.dataoffsets, last.databytecounts, strict=True))
+            end = max(o + n for o, n in zip(last.dataoffsets, last.databytecounts, strict=True))
         if end > size:
-            msg = (f'{path}: truncated TIFF (image data end at byte {end}, '
-                   f'file has {size}); re-export or re-copy it')
+            msg = (
+                f"{path}: truncated TIFF (image data end at byte {end}, "
+                f"file has {size}); re-export or re-copy it"
+            )
             raise InputError(msg)
 
     def _read_pages(self, pages):
         """Read series pages, shape ``(len(pages), *page_shape)``."""
         out = np.empty((len(pages), *self._page_shape), self.dtype)
         if self._offset is None:
-            out[:] = self._tif.asarray(key=pages.tolist(), series=self._series
-                                       ).reshape(out.shape)
+            out[:] = self._tif.asarray(key=pages.tolist(), series=self._series).reshape(out.shape)
             return out
         typecode = self._tif.byteorder + self.dtype.char
         per_page = math.prod(self._page_shape)
         for pos, first, n in _runs(pages):
             offset = self._offset + first * per_page * self.dtype.itemsize
             self._tif.filehandle.read_array(
-                typecode, n * per_page, offset, out=out[pos:pos + n].reshape(-1))
+                typecode, n * per_page, offset, out=out[pos : pos + n].reshape(-1)
+            )
         return out
 
     def _read_raw(self, start, stop):
@@ -1434,24 +1541,31 @@ class TiffReader(VideoReader):
         try:
             data = self._read_pages(rows.reshape(-1))
         except (OSError, ValueError, IndexError) as exc:
-            msg = (f'{self.path}: cannot read frames {start}..{stop - 1} '
-                   f'({_why(exc)}); the file may be corrupt')
+            msg = (
+                f"{self.path}: cannot read frames {start}..{stop - 1} "
+                f"({_why(exc)}); the file may be corrupt"
+            )
             raise InputError(msg) from exc
         if self._rows_per_frame:
-            return np.ascontiguousarray(data.reshape(
-                len(rows), self.height, self.width, self.n_channels))
+            return np.ascontiguousarray(
+                data.reshape(len(rows), self.height, self.width, self.n_channels)
+            )
         data = data.transpose(self._perm).reshape(
-            len(rows), rows.shape[1], self.height, self.width, self._samples)
-        return np.ascontiguousarray(data.transpose(0, 2, 3, 1, 4).reshape(
-            len(rows), self.height, self.width, self.n_channels))
+            len(rows), rows.shape[1], self.height, self.width, self._samples
+        )
+        return np.ascontiguousarray(
+            data.transpose(0, 2, 3, 1, 4).reshape(
+                len(rows), self.height, self.width, self.n_channels
+            )
+        )
 
     def _close(self):
         self._tif.close()
 
 
 def _is_mat73(path):
-    with open(path, 'rb') as fh:
-        return fh.read(128).startswith(b'MATLAB 7.3 MAT-file')
+    with open(path, "rb") as fh:
+        return fh.read(128).startswith(b"MATLAB 7.3 MAT-file")
 
 
 def _list_datasets(f):
@@ -1459,22 +1573,23 @@ def _list_datasets(f):
     found = []
 
     def visit(name, link):  # every link, so hard-linked aliases are listed
-        if isinstance(link, h5py.HardLink) and not name.startswith('#'):
+        if isinstance(link, h5py.HardLink) and not name.startswith("#"):
             obj = f[name]
             if isinstance(obj, h5py.Dataset):
                 found.append((name, obj))
+
     f.visititems_links(visit)
     return found
 
 
 def _is_video(dset):
-    return dset.ndim in (3, 4) and dset.dtype.kind in 'biuf'
+    return dset.ndim in (3, 4) and dset.dtype.kind in "biuf"
 
 
 def _describe(datasets):
-    names = [f'{name} {d.shape}' for name, d in datasets[:12]]
-    more = ', ...' if len(datasets) > 12 else ''
-    return ', '.join(names) + more if names else 'none'
+    names = [f"{name} {d.shape}" for name, d in datasets[:12]]
+    more = ", ..." if len(datasets) > 12 else ""
+    return ", ".join(names) + more if names else "none"
 
 
 def _find_datasets(f, path, names):
@@ -1482,43 +1597,49 @@ def _find_datasets(f, path, names):
     datasets = _list_datasets(f)
     groups = {}
     for name, d in datasets:
-        parent, _, base = name.rpartition('/')
+        parent, _, base = name.rpartition("/")
         match = _CHANNEL_RE.match(base)
-        if match and parent.count('/') == 0:
+        if match and parent.count("/") == 0:
             groups.setdefault(parent, []).append((int(match.group(2)), name, d))
-    for parent, members in sorted(groups.items(),
-                                  key=lambda g: (-len(g[1]), g[0] != '')):
+    for parent, members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0] != "")):
         members.sort(key=lambda m: m[:2])
         shapes = {m[2].shape for m in members}
-        if len(shapes) == 1 and all(m[2].ndim == 3 and _is_video(m[2])
-                                    for m in members):
+        if len(shapes) == 1 and all(m[2].ndim == 3 and _is_video(m[2]) for m in members):
             return [m[2] for m in members]
-        log.warning('%s: channel datasets in /%s differ in shape or are not '
-                    '3-D (%s); ignoring them', path, parent,
-                    _describe([m[1:] for m in members]))
+        log.warning(
+            "%s: channel datasets in /%s differ in shape or are not 3-D (%s); ignoring them",
+            path,
+            parent,
+            _describe([m[1:] for m in members]),
+        )
     for wanted in names:
-        hits = [(name.count('/'), d) for name, d in datasets
-                if name.rpartition('/')[2] == wanted and _is_video(d)]
+        hits = [
+            (name.count("/"), d)
+            for name, d in datasets
+            if name.rpartition("/")[2] == wanted and _is_video(d)
+        ]
         if hits:
             return [min(hits, key=lambda h: h[0])[1]]
     videos = [d for _, d in datasets if _is_video(d)]
     if videos:
         return [max(videos, key=lambda d: d.size)]
-    msg = (f'{path}: no 3-D or 4-D numeric dataset found (datasets: '
-           f'{_describe(datasets)}); name the dataset with `dataset=`')
+    msg = (
+        f"{path}: no 3-D or 4-D numeric dataset found (datasets: "
+        f"{_describe(datasets)}); name the dataset with `dataset=`"
+    )
     raise InputError(msg)
 
 
 def _says_matlab(dset):
     """True if a dataset carries MATLAB's column-major axis order."""
-    if 'MATLAB_class' in dset.attrs:
+    if "MATLAB_class" in dset.attrs:
         return True
-    order = dset.attrs.get('dimension_ordering')
+    order = dset.attrs.get("dimension_ordering")
     if isinstance(order, bytes):
-        order = order.decode(errors='replace')
+        order = order.decode(errors="replace")
     return isinstance(order, str) and bool(
-        re.search(r'matlab|fortran|column', order, re.IGNORECASE)
-        or order.strip().lower() == 'f')
+        re.search(r"matlab|fortran|column", order, re.IGNORECASE) or order.strip().lower() == "f"
+    )
 
 
 class Hdf5Reader(VideoReader):
@@ -1535,16 +1656,17 @@ class Hdf5Reader(VideoReader):
     ``matlab_order=True``) they are ``(T, W, H)`` and ``(T, C, W, H)``.
     """
 
-    def __init__(self, path, *, dataset=None, bin_size=1, matlab_order=None,
-                 names=_HDF5_NAMES):
+    def __init__(self, path, *, dataset=None, bin_size=1, matlab_order=None, names=_HDF5_NAMES):
         super().__init__(path, bin_size)
         path = self.path
         with contextlib.ExitStack() as stack:
             try:
-                f = stack.enter_context(h5py.File(path, 'r'))
+                f = stack.enter_context(h5py.File(path, "r"))
             except OSError as exc:
-                msg = (f'{path}: cannot open as HDF5 ({_why(exc)}); the file '
-                       f'may be truncated or corrupt, re-copy it')
+                msg = (
+                    f"{path}: cannot open as HDF5 ({_why(exc)}); the file "
+                    f"may be truncated or corrupt, re-copy it"
+                )
                 raise InputError(msg) from exc
             if dataset is None:
                 dsets = _find_datasets(f, path, names)
@@ -1557,13 +1679,12 @@ class Hdf5Reader(VideoReader):
         self._matlab = bool(matlab_order)
         shape = dsets[0].shape
         if self._matlab:
-            shape = (shape[0], shape[-1], shape[-2]) + (
-                (shape[1],) if len(shape) == 4 else ())
+            shape = (shape[0], shape[-1], shape[-2]) + ((shape[1],) if len(shape) == 4 else ())
         n_channels = shape[3] if len(shape) == 4 else len(dsets)
-        log.debug('%s: datasets %s, matlab_order=%s', path,
-                  [d.name for d in dsets], self._matlab)
-        self._set_shape(shape[0], shape[1], shape[2], n_channels,
-                        np.result_type(*[d.dtype for d in dsets]))
+        log.debug("%s: datasets %s, matlab_order=%s", path, [d.name for d in dsets], self._matlab)
+        self._set_shape(
+            shape[0], shape[1], shape[2], n_channels, np.result_type(*[d.dtype for d in dsets])
+        )
 
     @staticmethod
     def _named(f, path, dataset):
@@ -1572,21 +1693,23 @@ class Hdf5Reader(VideoReader):
         for name in names:
             d = f.get(name)
             if not isinstance(d, h5py.Dataset) or not _is_video(d):
-                msg = (f'{path}: {name!r} is not a 3-D or 4-D numeric dataset '
-                       f'(datasets: {_describe(_list_datasets(f))}); '
-                       f'fix `dataset=`')
+                msg = (
+                    f"{path}: {name!r} is not a 3-D or 4-D numeric dataset "
+                    f"(datasets: {_describe(_list_datasets(f))}); "
+                    f"fix `dataset=`"
+                )
                 raise InputError(msg)
             dsets.append(d)
-        if len(dsets) > 1 and (len({d.shape for d in dsets}) > 1
-                               or dsets[0].ndim != 3):
-            msg = (f'{path}: datasets {names} must all be 3-D with one shape '
-                   f'(one per channel), got {[d.shape for d in dsets]}')
+        if len(dsets) > 1 and (len({d.shape for d in dsets}) > 1 or dsets[0].ndim != 3):
+            msg = (
+                f"{path}: datasets {names} must all be 3-D with one shape "
+                f"(one per channel), got {[d.shape for d in dsets]}"
+            )
             raise InputError(msg)
         return dsets
 
     def _read_raw(self, start, stop):
-        out = np.empty((stop - start, self.height, self.width, self.n_channels),
-                       self.dtype)
+        out = np.empty((stop - start, self.height, self.width, self.n_channels), self.dtype)
         try:
             for c, d in enumerate(self._dsets):
                 block = d[start:stop]
@@ -1597,8 +1720,10 @@ class Hdf5Reader(VideoReader):
                 else:
                     out[..., c] = block
         except OSError as exc:
-            msg = (f'{self.path}: cannot read frames {start}..{stop - 1} '
-                   f'({_why(exc)}); the file may be corrupt')
+            msg = (
+                f"{self.path}: cannot read frames {start}..{stop - 1} "
+                f"({_why(exc)}); the file may be corrupt"
+            )
             raise InputError(msg) from exc
         return out
 
@@ -1620,28 +1745,36 @@ class MatReader(VideoReader):
 
     def __init__(self, path, *, dataset=None, bin_size=1, matlab_order=None):
         import scipy.io
+
         super().__init__(path, bin_size)
         path = self.path
         if dataset is not None and not isinstance(dataset, str):
-            msg = f'{path}: `dataset=` must be one variable name for MAT files'
+            msg = f"{path}: `dataset=` must be one variable name for MAT files"
             raise ConfigError(msg)
         errors = (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError)
         try:
             info = scipy.io.whosmat(path)
         except errors as exc:
-            msg = (f'{path}: cannot read as a MAT file ({_why(exc)}); the file may '
-                   f'be truncated or corrupt')
+            msg = (
+                f"{path}: cannot read as a MAT file ({_why(exc)}); the file may "
+                f"be truncated or corrupt"
+            )
             raise InputError(msg) from exc
-        videos = {name: shape for name, shape, cls in info
-                  if cls in _MAT_NUMERIC and len(shape) in (3, 4)}
-        listing = ', '.join(f'{n} {s} {c}' for n, s, c in info) or 'none'
+        videos = {
+            name: shape for name, shape, cls in info if cls in _MAT_NUMERIC and len(shape) in (3, 4)
+        }
+        listing = ", ".join(f"{n} {s} {c}" for n, s, c in info) or "none"
         if dataset is not None and dataset not in videos:
-            msg = (f'{path}: variable {dataset!r} is not a 3-D or 4-D numeric '
-                   f'array (variables: {listing}); fix `dataset=`')
+            msg = (
+                f"{path}: variable {dataset!r} is not a 3-D or 4-D numeric "
+                f"array (variables: {listing}); fix `dataset=`"
+            )
             raise InputError(msg)
         if not videos:
-            msg = (f'{path}: no 3-D or 4-D numeric variable found (variables: '
-                   f'{listing}); save the video as a numeric array')
+            msg = (
+                f"{path}: no 3-D or 4-D numeric variable found (variables: "
+                f"{listing}); save the video as a numeric array"
+            )
             raise InputError(msg)
         name = dataset or next((n for n in _MAT_NAMES if n in videos), None)
         if name is None:
@@ -1649,12 +1782,12 @@ class MatReader(VideoReader):
         try:
             array = scipy.io.loadmat(path, variable_names=[name])[name]
         except errors as exc:
-            msg = f'{path}: cannot load variable {name!r} ({_why(exc)})'
+            msg = f"{path}: cannot load variable {name!r} ({_why(exc)})"
             raise InputError(msg) from exc
         if matlab_order is not False:
             array = np.moveaxis(array, -1, 0)
         self._array = array if array.ndim == 4 else array[..., None]
-        log.debug('%s: variable %r loaded, shape %s', path, name, array.shape)
+        log.debug("%s: variable %r loaded, shape %s", path, name, array.shape)
         self._set_shape(*self._array.shape, array.dtype)
 
     def _read_raw(self, start, stop):
@@ -1664,8 +1797,7 @@ class MatReader(VideoReader):
         self._array = None
 
 
-def open_video(path, *, dataset=None, bin_size=1, channels=None,
-               matlab_order=None):
+def open_video(path, *, dataset=None, bin_size=1, channels=None, matlab_order=None):
     """Open a video file for batch reading, choosing the reader by suffix.
 
     Parameters
@@ -1695,27 +1827,27 @@ def open_video(path, *, dataset=None, bin_size=1, channels=None,
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        msg = f'{path}: file not found; check the path'
+        msg = f"{path}: file not found; check the path"
         raise InputError(msg)
     suffix = os.path.splitext(path)[1].lower()
     if suffix in _TIFF_SUFFIXES:
         if dataset is not None or matlab_order is not None:
-            log.warning('%s: `dataset` and `matlab_order` do not apply to '
-                        'TIFF files; ignored', path)
+            log.warning(
+                "%s: `dataset` and `matlab_order` do not apply to TIFF files; ignored", path
+            )
         return TiffReader(path, bin_size=bin_size, channels=channels)
     if channels is not None:
-        msg = f'{path}: `channels=` applies to TIFF files only'
+        msg = f"{path}: `channels=` applies to TIFF files only"
         raise ConfigError(msg)
-    if suffix == '.mat' and not h5py.is_hdf5(path):
-        return MatReader(path, dataset=dataset, bin_size=bin_size,
-                         matlab_order=matlab_order)
-    if suffix in _HDF5_SUFFIXES + ('.mat',) or h5py.is_hdf5(path):
-        names = _MAT_NAMES if suffix == '.mat' else _HDF5_NAMES
-        return Hdf5Reader(path, dataset=dataset, bin_size=bin_size,
-                          matlab_order=matlab_order, names=names)
-    supported = ', '.join(_TIFF_SUFFIXES + _HDF5_SUFFIXES + ('.mat',))
-    msg = (f'{path}: unsupported file type {suffix!r} and not HDF5; '
-           f'supported suffixes: {supported}')
+    if suffix == ".mat" and not h5py.is_hdf5(path):
+        return MatReader(path, dataset=dataset, bin_size=bin_size, matlab_order=matlab_order)
+    if suffix in _HDF5_SUFFIXES + (".mat",) or h5py.is_hdf5(path):
+        names = _MAT_NAMES if suffix == ".mat" else _HDF5_NAMES
+        return Hdf5Reader(
+            path, dataset=dataset, bin_size=bin_size, matlab_order=matlab_order, names=names
+        )
+    supported = ", ".join(_TIFF_SUFFIXES + _HDF5_SUFFIXES + (".mat",))
+    msg = f"{path}: unsupported file type {suffix!r} and not HDF5; supported suffixes: {supported}"
     raise InputError(msg)
 
 
@@ -1741,18 +1873,17 @@ def cast_to_dtype(frames, dtype):
     a = np.asarray(frames)
     if a.dtype == dtype:
         return a
-    if dtype.kind == 'f':
+    if dtype.kind == "f":
         return a.astype(dtype)
-    if dtype.kind not in 'iu' or a.dtype.kind not in 'biuf':
-        msg = f'cannot cast {a.dtype} frames to {dtype}'
+    if dtype.kind not in "iu" or a.dtype.kind not in "biuf":
+        msg = f"cannot cast {a.dtype} frames to {dtype}"
         raise ConfigError(msg)
     info = np.iinfo(dtype)
-    if a.dtype.kind in 'biu':
+    if a.dtype.kind in "biu":
         if np.can_cast(a.dtype, dtype):
             return a.astype(dtype)
         src = np.iinfo(a.dtype)
-        return np.clip(a, max(info.min, src.min), min(info.max, src.max)
-                       ).astype(dtype)
+        return np.clip(a, max(info.min, src.min), min(info.max, src.max)).astype(dtype)
     x = np.nan_to_num(a.astype(np.float64), nan=0.0, copy=False)
     rounded = np.trunc(x)
     rounded += np.sign(x) * (np.abs(x - rounded) >= 0.5)
@@ -1790,16 +1921,16 @@ class _AtomicVideoWriter:
 
     def __init__(self, path, *, height, width, n_channels, dtype):
         self.path = os.fspath(path)
-        self.height = _positive_int('height', height)
-        self.width = _positive_int('width', width)
-        self.n_channels = _positive_int('n_channels', n_channels)
+        self.height = _positive_int("height", height)
+        self.width = _positive_int("width", width)
+        self.n_channels = _positive_int("n_channels", n_channels)
         self.dtype = np.dtype(dtype)
-        if self.dtype.kind not in 'iuf':
-            msg = f'output dtype must be integer or float, got {self.dtype}'
+        if self.dtype.kind not in "iuf":
+            msg = f"output dtype must be integer or float, got {self.dtype}"
             raise ConfigError(msg)
         folder, name = os.path.split(os.path.abspath(self.path))
         self._folder = folder
-        self._tmp = os.path.join(folder, f'.{name}.partial-{os.getpid()}')
+        self._tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
         self._frames = 0
         self._open = True
 
@@ -1826,13 +1957,15 @@ class _AtomicVideoWriter:
             Always 4-D; any real dtype.
         """
         if not self._open:
-            msg = f'{self.path}: writer is closed'
+            msg = f"{self.path}: writer is closed"
             raise FlowSessionError(msg)
         frames = np.asarray(frames)
         expected = (self.height, self.width, self.n_channels)
         if frames.ndim != 4 or frames.shape[1:] != expected:
-            msg = (f'{self.path}: frames must have shape (n, {expected[0]}, '
-                   f'{expected[1]}, {expected[2]}), got {frames.shape}')
+            msg = (
+                f"{self.path}: frames must have shape (n, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}), got {frames.shape}"
+            )
             raise ValueError(msg)
         self._write(cast_to_dtype(frames, self.dtype))
         self._frames += frames.shape[0]
@@ -1850,7 +1983,7 @@ class _AtomicVideoWriter:
             raise
         self._open = False
         _fsync_path(self._folder, folder=True)
-        log.debug('%s: %d frames written', self.path, self._frames)
+        log.debug("%s: %d frames written", self.path, self._frames)
 
     def abort(self):
         """Discard the temporary file; the final name is left untouched."""
@@ -1890,54 +2023,75 @@ class Hdf5VideoWriter(_AtomicVideoWriter):
     ``dataset_names``; dataset attribute ``original_shape_THWC``.
     """
 
-    def __init__(self, path, *, height, width, n_channels, dtype,
-                 dataset_names=None, chunk_frames=None, compression=None,
-                 attrs=None):
-        super().__init__(path, height=height, width=width,
-                         n_channels=n_channels, dtype=dtype)
-        names = list(dataset_names or
-                     [f'ch{c + 1}' for c in range(self.n_channels)])
+    def __init__(
+        self,
+        path,
+        *,
+        height,
+        width,
+        n_channels,
+        dtype,
+        dataset_names=None,
+        chunk_frames=None,
+        compression=None,
+        attrs=None,
+    ):
+        super().__init__(path, height=height, width=width, n_channels=n_channels, dtype=dtype)
+        names = list(dataset_names or [f"ch{c + 1}" for c in range(self.n_channels)])
         if len(names) != self.n_channels or len(set(names)) != len(names):
-            msg = (f'dataset_names must be {self.n_channels} distinct names, '
-                   f'got {names}')
+            msg = f"dataset_names must be {self.n_channels} distinct names, got {names}"
             raise ConfigError(msg)
-        if compression not in (None, 'gzip', 'lzf'):
+        if compression not in (None, "gzip", "lzf"):
             msg = f"compression must be None, 'gzip' or 'lzf', got {compression!r}"
             raise ConfigError(msg)
         attrs = dict(attrs or {})
-        reserved = {'n_channels', 'frame_count', 'height', 'width', 'format',
-                    'dataset_names'} & set(attrs)
+        reserved = {
+            "n_channels",
+            "frame_count",
+            "height",
+            "width",
+            "format",
+            "dataset_names",
+        } & set(attrs)
         if reserved:
-            msg = f'attrs may not set reserved attributes {sorted(reserved)}'
+            msg = f"attrs may not set reserved attributes {sorted(reserved)}"
             raise ConfigError(msg)
         if chunk_frames is None:
             frame_bytes = self.height * self.width * self.dtype.itemsize
             chunk_frames = min(64, max(1, 2**20 // frame_bytes))
-        chunk_frames = _positive_int('chunk_frames', chunk_frames)
-        self._file = h5py.File(self._tmp, 'w')
+        chunk_frames = _positive_int("chunk_frames", chunk_frames)
+        self._file = h5py.File(self._tmp, "w")
         try:
             self._dsets = [
                 self._file.create_dataset(
-                    name, shape=(0, self.height, self.width), dtype=self.dtype,
+                    name,
+                    shape=(0, self.height, self.width),
+                    dtype=self.dtype,
                     maxshape=(None, self.height, self.width),
                     chunks=(chunk_frames, self.height, self.width),
-                    compression=compression)
-                for name in names]
+                    compression=compression,
+                )
+                for name in names
+            ]
             self._file.attrs.update(attrs)
             self._file.attrs.update(
-                n_channels=self.n_channels, frame_count=0, height=self.height,
-                width=self.width, format=_HDF5_FORMAT, dataset_names=names)
+                n_channels=self.n_channels,
+                frame_count=0,
+                height=self.height,
+                width=self.width,
+                format=_HDF5_FORMAT,
+                dataset_names=names,
+            )
             self._set_shape_attrs(0)
         except (OSError, ValueError, TypeError) as exc:
             self.abort()
-            msg = f'{self.path}: cannot create HDF5 output ({_why(exc)})'
+            msg = f"{self.path}: cannot create HDF5 output ({_why(exc)})"
             raise ConfigError(msg) from exc
 
     def _set_shape_attrs(self, n_frames):
-        self._file.attrs['frame_count'] = n_frames
+        self._file.attrs["frame_count"] = n_frames
         for d in self._dsets:
-            d.attrs['original_shape_THWC'] = (
-                n_frames, self.height, self.width, self.n_channels)
+            d.attrs["original_shape_THWC"] = (n_frames, self.height, self.width, self.n_channels)
 
     def _write(self, data):
         first, total = self._frames, self._frames + data.shape[0]
@@ -1949,8 +2103,9 @@ class Hdf5VideoWriter(_AtomicVideoWriter):
     def add_alias(self, alias, target):
         """Give dataset `target` a second name `alias` (an HDF5 hard link)."""
         if target not in self._file or alias in self._file:
-            msg = (f'{self.path}: cannot link {alias!r} to {target!r} (target '
-                   f'missing or alias taken)')
+            msg = (
+                f"{self.path}: cannot link {alias!r} to {target!r} (target missing or alias taken)"
+            )
             raise ConfigError(msg)
         self._file[alias] = self._file[target]
 
@@ -1975,23 +2130,24 @@ class TiffVideoWriter(_AtomicVideoWriter):
     """
 
     def __init__(self, path, *, height, width, n_channels, dtype):
-        super().__init__(path, height=height, width=width,
-                         n_channels=n_channels, dtype=dtype)
-        self._fh = open(self._tmp, 'wb')
+        super().__init__(path, height=height, width=width, n_channels=n_channels, dtype=dtype)
+        self._fh = open(self._tmp, "wb")
         self._tw = tifffile.TiffWriter(self._fh, bigtiff=True)
 
     def _write(self, data):
         for frame in data:
-            self._tw.write(np.ascontiguousarray(np.moveaxis(frame, -1, 0)),
-                           contiguous=True, photometric='minisblack')
+            self._tw.write(
+                np.ascontiguousarray(np.moveaxis(frame, -1, 0)),
+                contiguous=True,
+                photometric="minisblack",
+            )
 
     def _finish(self):
         if self._frames == 0:
-            msg = f'{self.path}: no frames were written; TIFF output not created'
+            msg = f"{self.path}: no frames were written; TIFF output not created"
             raise FlowSessionError(msg)
         shape = [self._frames, self.n_channels, self.height, self.width]
-        self._tw.overwrite_description(json.dumps({'shape': shape,
-                                                   'axes': 'TCYX'}))
+        self._tw.overwrite_description(json.dumps({"shape": shape, "axes": "TCYX"}))
         self._tw.close()
         self._fh.flush()
         self._fh.close()
@@ -2015,9 +2171,9 @@ def open_writer(path, fmt, **kw):
     """
     kind = str(fmt).upper()
     if kind not in _WRITER_FORMATS:
-        msg = f'output format must be one of {_WRITER_FORMATS}, got {fmt!r}'
+        msg = f"output format must be one of {_WRITER_FORMATS}, got {fmt!r}"
         raise ConfigError(msg)
-    return (Hdf5VideoWriter if kind == 'HDF5' else TiffVideoWriter)(path, **kw)
+    return (Hdf5VideoWriter if kind == "HDF5" else TiffVideoWriter)(path, **kw)
 
 
 ###############################################################################
@@ -2242,8 +2398,9 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                     iy, ty = _nb_cell(py, ny)
                 ix1 = min(ix + 1, nx - 1)
                 iy1 = min(iy + 1, ny - 1)
-                out[x, y] = ((1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1])
-                             + tx * ((1.0 - ty) * src[ix1, iy] + ty * src[ix1, iy1]))
+                out[x, y] = (1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1]) + tx * (
+                    (1.0 - ty) * src[ix1, iy] + ty * src[ix1, iy1]
+                )
             else:
                 if nx == 1:
                     ix, tx = 0, 0.0
@@ -2264,8 +2421,12 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                     if wx == 0.0:
                         continue
                     xi = min(ix + p, nx + 1)
-                    acc += wx * (wy0 * ext[xi, iy] + wy1 * ext[xi, iy + 1]
-                                 + wy2 * ext[xi, iy + 2] + wy3 * ext[xi, y3])
+                    acc += wx * (
+                        wy0 * ext[xi, iy]
+                        + wy1 * ext[xi, iy + 1]
+                        + wy2 * ext[xi, iy + 2]
+                        + wy3 * ext[xi, y3]
+                    )
                 out[x, y] = acc
 
 
@@ -2381,10 +2542,14 @@ def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
                 J13[a, b] = 0.0
                 J23[a, b] = 0.0
                 continue
-            fxx = 0.5 * ((F1[a - 1, b] - 2.0 * F1[a, b] + F1[a + 1, b]) / hx2
-                         + (F2[a - 1, b] - 2.0 * F2[a, b] + F2[a + 1, b]) / hx2)
-            fyy = 0.5 * ((F1[a, b - 1] - 2.0 * F1[a, b] + F1[a, b + 1]) / hy2
-                         + (F2[a, b - 1] - 2.0 * F2[a, b] + F2[a, b + 1]) / hy2)
+            fxx = 0.5 * (
+                (F1[a - 1, b] - 2.0 * F1[a, b] + F1[a + 1, b]) / hx2
+                + (F2[a - 1, b] - 2.0 * F2[a, b] + F2[a + 1, b]) / hx2
+            )
+            fyy = 0.5 * (
+                (F1[a, b - 1] - 2.0 * F1[a, b] + F1[a, b + 1]) / hy2
+                + (F2[a, b - 1] - 2.0 * F2[a, b] + F2[a, b + 1]) / hy2
+            )
             cxy = fxy[a, b]
             cxt = fxt[a, b]
             cyt = fyt[a, b]
@@ -2551,8 +2716,32 @@ def _nb_pow_positive(x, e):
 
 
 @_njit_loops
-def _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, first,
-                psi_all_ones, u, v, wxe, wye, omega, A12, Du, Dv, cu, cv, uniform=False):
+def _nb_refresh(
+    J11,
+    J22,
+    J33,
+    J12,
+    J13,
+    J23,
+    weight,
+    local,
+    a_data,
+    du,
+    dv,
+    first,
+    psi_all_ones,
+    u,
+    v,
+    wxe,
+    wye,
+    omega,
+    A12,
+    Du,
+    Dv,
+    cu,
+    cv,
+    uniform=False,
+):
     """Refresh the per-pixel constants of the sweep (interior pixels).
 
     The lagged data term enters through the channel sums
@@ -2585,9 +2774,15 @@ def _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, fir
                 for b in range(1, NY - 1):
                     d = du[a, b]
                     e = dv[a, b]
-                    en = (J11[k, a, b] * d * d + J22[k, a, b] * e * e + J23[k, a, b] * e
-                          + 2.0 * J12[k, a, b] * d * e + 2.0 * J13[k, a, b] * d
-                          + J23[k, a, b] * e + J33[k, a, b])
+                    en = (
+                        J11[k, a, b] * d * d
+                        + J22[k, a, b] * e * e
+                        + J23[k, a, b] * e
+                        + 2.0 * J12[k, a, b] * d * e
+                        + 2.0 * J13[k, a, b] * d
+                        + J23[k, a, b] * e
+                        + J33[k, a, b]
+                    )
                     if en < 0.0:
                         en = 0.0
                     psi[k, b] = ak * _nb_pow_positive(en + PSI_EPS, expo)
@@ -2620,10 +2815,18 @@ def _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, fir
                 wu = wye[a, b - 1]
             uc = u[a, b]
             vc = v[a, b]
-            cu[a, b] = (wl * (u[a - 1, b] - uc) + wr * (u[a + 1, b] - uc)
-                        + wd * (u[a, b + 1] - uc) + wu * (u[a, b - 1] - uc)) - s13
-            cv[a, b] = (wl * (v[a - 1, b] - vc) + wr * (v[a + 1, b] - vc)
-                        + wd * (v[a, b + 1] - vc) + wu * (v[a, b - 1] - vc)) - s23
+            cu[a, b] = (
+                wl * (u[a - 1, b] - uc)
+                + wr * (u[a + 1, b] - uc)
+                + wd * (u[a, b + 1] - uc)
+                + wu * (u[a, b - 1] - uc)
+            ) - s13
+            cv[a, b] = (
+                wl * (v[a - 1, b] - vc)
+                + wr * (v[a + 1, b] - vc)
+                + wd * (v[a, b + 1] - vc)
+                + wu * (v[a, b - 1] - vc)
+            ) - s23
             sw = wl + wr + wd + wu
             den = sw + s11
             Du[a, b] = omega / den if den != 0.0 else 0.0
@@ -2662,8 +2865,12 @@ def _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wy
     psi = ux
     for a in range(NX):
         for b in range(NY):
-            s = (ux[a, b] * ux[a, b] + uy[a, b] * uy[a, b]
-                 + vx[a, b] * vx[a, b] + vy[a, b] * vy[a, b])
+            s = (
+                ux[a, b] * ux[a, b]
+                + uy[a, b] * uy[a, b]
+                + vx[a, b] * vx[a, b]
+                + vy[a, b] * vy[a, b]
+            )
             psi[a, b] = a_smooth * (s + PSI_EPS) ** (a_smooth - 1.0)
     for a in range(NX):
         for b in range(NY):
@@ -2686,12 +2893,20 @@ def _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
         cy = wye[0, 0]
         for a in range(1, NX - 1):
             for b in range(1, NY - 1):
-                pu = (cx * (du[a - 1, b] + du[a + 1, b]) + cy * du[a, b + 1]
-                      + cu[a, b] - A12[a, b] * dv[a, b])
+                pu = (
+                    cx * (du[a - 1, b] + du[a + 1, b])
+                    + cy * du[a, b + 1]
+                    + cu[a, b]
+                    - A12[a, b] * dv[a, b]
+                )
                 duc = om1 * du[a, b] + Du[a, b] * (pu + cy * du[a, b - 1])
                 du[a, b] = duc
-                pv = (cx * (dv[a - 1, b] + dv[a + 1, b]) + cy * dv[a, b + 1]
-                      + cv[a, b] - A12[a, b] * duc)
+                pv = (
+                    cx * (dv[a - 1, b] + dv[a + 1, b])
+                    + cy * dv[a, b + 1]
+                    + cv[a, b]
+                    - A12[a, b] * duc
+                )
                 dv[a, b] = om1 * dv[a, b] + Dv[a, b] * (pv + cy * dv[a, b - 1])
         return
     for a in range(1, NX - 1):
@@ -2700,12 +2915,22 @@ def _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
             wr = wxe[a, b]
             wd = wye[a, b]
             wu = wye[a, b - 1]
-            pu = (wl * du[a - 1, b] + wr * du[a + 1, b] + wd * du[a, b + 1]
-                  + cu[a, b] - A12[a, b] * dv[a, b])
+            pu = (
+                wl * du[a - 1, b]
+                + wr * du[a + 1, b]
+                + wd * du[a, b + 1]
+                + cu[a, b]
+                - A12[a, b] * dv[a, b]
+            )
             duc = om1 * du[a, b] + Du[a, b] * (pu + wu * du[a, b - 1])
             du[a, b] = duc
-            pv = (wl * dv[a - 1, b] + wr * dv[a + 1, b] + wd * dv[a, b + 1]
-                  + cv[a, b] - A12[a, b] * duc)
+            pv = (
+                wl * dv[a - 1, b]
+                + wr * dv[a + 1, b]
+                + wd * dv[a, b + 1]
+                + cv[a, b]
+                - A12[a, b] * duc
+            )
             dv[a, b] = om1 * dv[a, b] + Dv[a, b] * (pv + wu * dv[a, b - 1])
 
 
@@ -2737,19 +2962,52 @@ def _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
                     wr = wxe[a, b]
                     wd = wye[a, b]
                     wu = wye[a, b - 1]
-                pu = (wl * du[a - 1, b] + wr * du[a + 1, b] + wd * du[a, b + 1]
-                      + wu * du[a, b - 1] + cu[a, b] - A12[a, b] * dv[a, b])
+                pu = (
+                    wl * du[a - 1, b]
+                    + wr * du[a + 1, b]
+                    + wd * du[a, b + 1]
+                    + wu * du[a, b - 1]
+                    + cu[a, b]
+                    - A12[a, b] * dv[a, b]
+                )
                 duc = om1 * du[a, b] + Du[a, b] * pu
                 du[a, b] = duc
-                pv = (wl * dv[a - 1, b] + wr * dv[a + 1, b] + wd * dv[a, b + 1]
-                      + wu * dv[a, b - 1] + cv[a, b] - A12[a, b] * duc)
+                pv = (
+                    wl * dv[a - 1, b]
+                    + wr * dv[a + 1, b]
+                    + wd * dv[a, b + 1]
+                    + wu * dv[a, b - 1]
+                    + cv[a, b]
+                    - A12[a, b] * duc
+                )
                 dv[a, b] = om1 * dv[a, b] + Dv[a, b] * pv
 
 
 @_njit
-def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x, alpha_y,
-                     iterations, update_lag, a_data, a_smooth, hx, hy, psi_all_ones,
-                     du, dv, red_black=False):
+def _nb_level_solver(
+    J11,
+    J22,
+    J33,
+    J12,
+    J13,
+    J23,
+    weight,
+    local,
+    u,
+    v,
+    alpha_x,
+    alpha_y,
+    iterations,
+    update_lag,
+    a_data,
+    a_smooth,
+    hx,
+    hy,
+    psi_all_ones,
+    du,
+    dv,
+    red_black=False,
+):
     """Nonlinear SOR for the flow increment on one pyramid level.
 
     Tensors are ``(C, NX, NY)`` (haloed, transposed); ``weight`` is
@@ -2779,8 +3037,32 @@ def _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local, u, v, alpha_x,
         if it == 0 or it % update_lag == 0:
             if it > 0 and not uniform:
                 _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wye)
-            _nb_refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, it == 0,
-                        psi_all_ones, u, v, wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
+            _nb_refresh(
+                J11,
+                J22,
+                J33,
+                J12,
+                J13,
+                J23,
+                weight,
+                local,
+                a_data,
+                du,
+                dv,
+                it == 0,
+                psi_all_ones,
+                u,
+                v,
+                wxe,
+                wye,
+                SOR_OMEGA,
+                A12,
+                Du,
+                Dv,
+                cu,
+                cv,
+                uniform,
+            )
         if it == 0:
             continue
         _nb_set_boundary(du)
@@ -2914,8 +3196,9 @@ def _nb_medfilt5(src, out):
     cand = np.empty((13, n1))
     for a in range(n0):
         for j in range(n1 + 4):
-            c0, c1, c2, c3, c4 = _nb_sort5(pad[a, j], pad[a + 1, j], pad[a + 2, j],
-                                           pad[a + 3, j], pad[a + 4, j])
+            c0, c1, c2, c3, c4 = _nb_sort5(
+                pad[a, j], pad[a + 1, j], pad[a + 2, j], pad[a + 3, j], pad[a + 4, j]
+            )
             r0[j] = c0
             r1[j] = c1
             r2[j] = c2
@@ -2929,9 +3212,21 @@ def _nb_medfilt5(src, out):
         _nb_keep_ranks(r3, 0, 2, cand, 8, n1)
         _nb_keep_ranks(r4, 0, 1, cand, 11, n1)
         for b in range(n1):
-            out[a, b] = _nb_median13(cand[0, b], cand[1, b], cand[2, b], cand[3, b], cand[4, b],
-                                     cand[5, b], cand[6, b], cand[7, b], cand[8, b], cand[9, b],
-                                     cand[10, b], cand[11, b], cand[12, b])
+            out[a, b] = _nb_median13(
+                cand[0, b],
+                cand[1, b],
+                cand[2, b],
+                cand[3, b],
+                cand[4, b],
+                cand[5, b],
+                cand[6, b],
+                cand[7, b],
+                cand[8, b],
+                cand[9, b],
+                cand[10, b],
+                cand[11, b],
+                cand[12, b],
+            )
 
 
 @numba.njit(inline="always")
@@ -2948,8 +3243,8 @@ def _nb_keep_ranks(r, lo, hi, cand, k0, n1):
 def _nb_medfilt5_interior(f):
     """Median-filter the interior of a haloed array in place."""
     n0, n1 = f.shape
-    inner = f[1:n0 - 1, 1:n1 - 1].copy()
-    _nb_medfilt5(inner, f[1:n0 - 1, 1:n1 - 1])
+    inner = f[1 : n0 - 1, 1 : n1 - 1].copy()
+    _nb_medfilt5(inner, f[1 : n0 - 1, 1 : n1 - 1])
 
 
 ###############################################################################
@@ -3021,16 +3316,37 @@ def _nb_reference_pyramid(f1, eta, levels, min_level):
     pos = 0
     for i in range(top, min_level - 1, -1):
         lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
-        _nb_copy_flat(out[pos:pos + C * lx * ly], _nb_resize_stack(f1, lx, ly))
+        _nb_copy_flat(out[pos : pos + C * lx * ly], _nb_resize_stack(f1, lx, ly))
         pos += C * lx * ly
     return out
 
 
 @_njit
-def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
-                         alpha_x, alpha_y, iterations, update_lag, a_data, a_smooth,
-                         levels, eta, min_level, tensor_kind, quirks, pyramid, use_pyramid,
-                         out_u, out_v, red_black=False):
+def _nb_get_displacement(
+    f1,
+    f2,
+    wvec,
+    wmap,
+    local_weight,
+    u_init,
+    v_init,
+    alpha_x,
+    alpha_y,
+    iterations,
+    update_lag,
+    a_data,
+    a_smooth,
+    levels,
+    eta,
+    min_level,
+    tensor_kind,
+    quirks,
+    pyramid,
+    use_pyramid,
+    out_u,
+    out_v,
+    red_black=False,
+):
     """Coarse-to-fine variational optical flow of one frame pair.
 
     ``f1`` (reference) and ``f2`` (moving) are ``(C, nx, ny)`` transposed stacks;
@@ -3047,7 +3363,7 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
     for i in range(top, min_level - 1, -1):
         lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
         if use_pyramid:
-            F1 = pyramid[pos:pos + C * lx * ly].reshape((C, lx, ly))
+            F1 = pyramid[pos : pos + C * lx * ly].reshape((C, lx, ly))
             pos += C * lx * ly
         else:
             F1 = _nb_resize_stack(f1, lx, ly)
@@ -3086,11 +3402,11 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
             weight = np.empty((C, 1, 1))
         for c in range(C):
             if tensor_kind == 0:
-                _nb_tensor_gc(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c],
-                              J12[c], J13[c], J23[c])
+                _nb_tensor_gc(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c])
             else:
-                _nb_tensor_gray(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c],
-                                J12[c], J13[c], J23[c])
+                _nb_tensor_gray(
+                    F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c]
+                )
             if local_weight:
                 _nb_copy2(weight[c, 1:-1, 1:-1], _nb_resize(wmap[c], lx, ly))
             else:
@@ -3098,9 +3414,30 @@ def _nb_get_displacement(f1, f2, wvec, wmap, local_weight, u_init, v_init,
         scale = 1.0 if i == min_level else eta ** (-0.5 * i)
         du = np.empty((NX, NY))
         dv = np.empty((NX, NY))
-        _nb_level_solver(J11, J22, J33, J12, J13, J23, weight, local_weight, u, v,
-                         alpha_x * scale, alpha_y * scale, iterations, update_lag,
-                         a_data, a_smooth, hx, hy, not quirks, du, dv, red_black)
+        _nb_level_solver(
+            J11,
+            J22,
+            J33,
+            J12,
+            J13,
+            J23,
+            weight,
+            local_weight,
+            u,
+            v,
+            alpha_x * scale,
+            alpha_y * scale,
+            iterations,
+            update_lag,
+            a_data,
+            a_smooth,
+            hx,
+            hy,
+            not quirks,
+            du,
+            dv,
+            red_black,
+        )
         if min(lx, ly) > 5:
             _nb_medfilt5_interior(du)
             _nb_medfilt5_interior(dv)
@@ -3200,7 +3537,7 @@ _CUDA_BLOCK = (32, 8)
 _CUDA_SIM_BLOCK = (1, 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_kernels(precision):
     """The CUDA kernels for ``precision`` ("float32" or "float64"), compiled on use.
 
@@ -3278,13 +3615,19 @@ def _cuda_kernels(precision):
         """``_nb_extrapolated(src[p])[i, j]`` without building the padded plane."""
         if i == 0:
             if nx >= 3:
-                return (THREE * ecol(src, p, 0, j, ny) - THREE * ecol(src, p, 1, j, ny)
-                        + ecol(src, p, 2, j, ny))
+                return (
+                    THREE * ecol(src, p, 0, j, ny)
+                    - THREE * ecol(src, p, 1, j, ny)
+                    + ecol(src, p, 2, j, ny)
+                )
             return ecol(src, p, 0, j, ny)
         if i == nx + 1:
             if nx >= 3:
-                return (THREE * ecol(src, p, nx - 1, j, ny) - THREE * ecol(src, p, nx - 2, j, ny)
-                        + ecol(src, p, nx - 3, j, ny))
+                return (
+                    THREE * ecol(src, p, nx - 1, j, ny)
+                    - THREE * ecol(src, p, nx - 2, j, ny)
+                    + ecol(src, p, nx - 3, j, ny)
+                )
             return ecol(src, p, nx - 1, j, ny)
         return ecol(src, p, i - 1, j, ny)
 
@@ -3488,8 +3831,9 @@ def _cuda_kernels(precision):
             iy1 = lesser(iy + 1, ny - 1)
             for c in range(C):
                 q = k * C + c
-                out[q, x, y] = ((ONE - tx) * ((ONE - ty) * src[q, ix, iy] + ty * src[q, ix, iy1])
-                                + tx * ((ONE - ty) * src[q, ix1, iy] + ty * src[q, ix1, iy1]))
+                out[q, x, y] = (ONE - tx) * (
+                    (ONE - ty) * src[q, ix, iy] + ty * src[q, ix, iy1]
+                ) + tx * ((ONE - ty) * src[q, ix1, iy] + ty * src[q, ix1, iy1])
             return
         wy0 = keys(ty + ONE)
         wy1 = keys(ty)
@@ -3504,9 +3848,12 @@ def _cuda_kernels(precision):
                 if wx == ZERO:
                     continue
                 xi = lesser(ix + p, nx + 1)
-                acc += wx * (wy0 * ext(src, q, xi, iy, nx, ny) + wy1 * ext(src, q, xi, iy + 1, nx, ny)
-                             + wy2 * ext(src, q, xi, iy + 2, nx, ny)
-                             + wy3 * ext(src, q, xi, y3, nx, ny))
+                acc += wx * (
+                    wy0 * ext(src, q, xi, iy, nx, ny)
+                    + wy1 * ext(src, q, xi, iy + 1, nx, ny)
+                    + wy2 * ext(src, q, xi, iy + 2, nx, ny)
+                    + wy3 * ext(src, q, xi, y3, nx, ny)
+                )
             out[q, x, y] = acc
 
     # ---- motion tensors -----------------------------------------------------
@@ -3541,25 +3888,37 @@ def _cuda_kernels(precision):
         hy2 = hy * hy
         p1 = padded(f1, c, a, b)
         p2 = padded(f2, q, a, b)
-        fxx = HALF * ((padded(f1, c, a - 1, b) - TWO * p1 + padded(f1, c, a + 1, b)) / hx2
-                      + (padded(f2, q, a - 1, b) - TWO * p2 + padded(f2, q, a + 1, b)) / hx2)
-        fyy = HALF * ((padded(f1, c, a, b - 1) - TWO * p1 + padded(f1, c, a, b + 1)) / hy2
-                      + (padded(f2, q, a, b - 1) - TWO * p2 + padded(f2, q, a, b + 1)) / hy2)
+        fxx = HALF * (
+            (padded(f1, c, a - 1, b) - TWO * p1 + padded(f1, c, a + 1, b)) / hx2
+            + (padded(f2, q, a - 1, b) - TWO * p2 + padded(f2, q, a + 1, b)) / hx2
+        )
+        fyy = HALF * (
+            (padded(f1, c, a, b - 1) - TWO * p1 + padded(f1, c, a, b + 1)) / hy2
+            + (padded(f2, q, a, b - 1) - TWO * p2 + padded(f2, q, a, b + 1)) / hy2
+        )
         # fx (frame-averaged central x-derivative) at the re-padded columns b -/+ 1
         bl = greater(b - 1, 1)
         br = lesser(b + 1, NY - 2)
-        fx_l = HALF * ((padded(f1, c, a + 1, bl) - padded(f1, c, a - 1, bl)) / (TWO * hx)
-                       + (padded(f2, q, a + 1, bl) - padded(f2, q, a - 1, bl)) / (TWO * hx))
-        fx_r = HALF * ((padded(f1, c, a + 1, br) - padded(f1, c, a - 1, br)) / (TWO * hx)
-                       + (padded(f2, q, a + 1, br) - padded(f2, q, a - 1, br)) / (TWO * hx))
+        fx_l = HALF * (
+            (padded(f1, c, a + 1, bl) - padded(f1, c, a - 1, bl)) / (TWO * hx)
+            + (padded(f2, q, a + 1, bl) - padded(f2, q, a - 1, bl)) / (TWO * hx)
+        )
+        fx_r = HALF * (
+            (padded(f1, c, a + 1, br) - padded(f1, c, a - 1, br)) / (TWO * hx)
+            + (padded(f2, q, a + 1, br) - padded(f2, q, a - 1, br)) / (TWO * hx)
+        )
         cxy = (fx_r - fx_l) / (TWO * hy)
         # ft = F2 - F1 re-padded: the padded planes at clamped interior indices
         al = greater(a - 1, 1)
         ar = lesser(a + 1, NX - 2)
-        cxt = ((padded(f2, q, ar, b) - padded(f1, c, ar, b))
-               - (padded(f2, q, al, b) - padded(f1, c, al, b))) / (TWO * hx)
-        cyt = ((padded(f2, q, a, br) - padded(f1, c, a, br))
-               - (padded(f2, q, a, bl) - padded(f1, c, a, bl))) / (TWO * hy)
+        cxt = (
+            (padded(f2, q, ar, b) - padded(f1, c, ar, b))
+            - (padded(f2, q, al, b) - padded(f1, c, al, b))
+        ) / (TWO * hx)
+        cyt = (
+            (padded(f2, q, a, br) - padded(f1, c, a, br))
+            - (padded(f2, q, a, bl) - padded(f1, c, a, bl))
+        ) / (TWO * hy)
         rx = ONE / (fxx * fxx + cxy * cxy + EPS_ZIM)
         ry = ONE / (cxy * cxy + fyy * fyy + EPS_ZIM)
         J11[q, a, b] = rx * fxx * fxx + ry * cxy * cxy
@@ -3580,10 +3939,14 @@ def _cuda_kernels(precision):
         if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
-        fx = HALF * ((padded(f1, c, a + 1, b) - padded(f1, c, a - 1, b)) / (TWO * hx)
-                     + (padded(f2, q, a + 1, b) - padded(f2, q, a - 1, b)) / (TWO * hx))
-        fy = HALF * ((padded(f1, c, a, b + 1) - padded(f1, c, a, b - 1)) / (TWO * hy)
-                     + (padded(f2, q, a, b + 1) - padded(f2, q, a, b - 1)) / (TWO * hy))
+        fx = HALF * (
+            (padded(f1, c, a + 1, b) - padded(f1, c, a - 1, b)) / (TWO * hx)
+            + (padded(f2, q, a + 1, b) - padded(f2, q, a - 1, b)) / (TWO * hx)
+        )
+        fy = HALF * (
+            (padded(f1, c, a, b + 1) - padded(f1, c, a, b - 1)) / (TWO * hy)
+            + (padded(f2, q, a, b + 1) - padded(f2, q, a, b - 1)) / (TWO * hy)
+        )
         ft = padded(f2, q, a, b) - padded(f1, c, a, b)
         J11[q, a, b] = fx * fx
         J22[q, a, b] = fy * fy
@@ -3595,8 +3958,31 @@ def _cuda_kernels(precision):
     # ---- level solver -------------------------------------------------------
 
     @cuda.jit
-    def refresh(J11, J22, J33, J12, J13, J23, weight, local, a_data, du, dv, first,
-                psi_all_ones, u, v, wxe, wye, omega, A12, Du, Dv, cu, cv):
+    def refresh(
+        J11,
+        J22,
+        J33,
+        J12,
+        J13,
+        J23,
+        weight,
+        local,
+        a_data,
+        du,
+        dv,
+        first,
+        psi_all_ones,
+        u,
+        v,
+        wxe,
+        wye,
+        omega,
+        A12,
+        Du,
+        Dv,
+        cu,
+        cv,
+    ):
         """``_nb_refresh`` of every frame: tensors ``(n * C, NX, NY)``, ``weight (C, NX, NY)``
         when ``local`` else ``(C, 1, 1)``, ``a_data (C,)``, the rest ``(n, NX, NY)``."""
         b, a, k = _cuda.grid(3)
@@ -3617,9 +4003,15 @@ def _cuda_kernels(precision):
             if first:
                 psi = ONE if (c == 0 or psi_all_ones) else ZERO
             else:
-                en = (J11[q, a, b] * d * d + J22[q, a, b] * e * e + J23[q, a, b] * e
-                      + TWO * J12[q, a, b] * d * e + TWO * J13[q, a, b] * d
-                      + J23[q, a, b] * e + J33[q, a, b])
+                en = (
+                    J11[q, a, b] * d * d
+                    + J22[q, a, b] * e * e
+                    + J23[q, a, b] * e
+                    + TWO * J12[q, a, b] * d * e
+                    + TWO * J13[q, a, b] * d
+                    + J23[q, a, b] * e
+                    + J33[q, a, b]
+                )
                 if en < ZERO:
                     en = ZERO
                 psi = a_data[c] * math.pow(en + EPS_PSI, a_data[c] - ONE)
@@ -3635,10 +4027,18 @@ def _cuda_kernels(precision):
         wu = wye[k, a, b - 1]
         uc = u[k, a, b]
         vc = v[k, a, b]
-        cu[k, a, b] = (wl * (u[k, a - 1, b] - uc) + wr * (u[k, a + 1, b] - uc)
-                       + wd * (u[k, a, b + 1] - uc) + wu * (u[k, a, b - 1] - uc)) - s13
-        cv[k, a, b] = (wl * (v[k, a - 1, b] - vc) + wr * (v[k, a + 1, b] - vc)
-                       + wd * (v[k, a, b + 1] - vc) + wu * (v[k, a, b - 1] - vc)) - s23
+        cu[k, a, b] = (
+            wl * (u[k, a - 1, b] - uc)
+            + wr * (u[k, a + 1, b] - uc)
+            + wd * (u[k, a, b + 1] - uc)
+            + wu * (u[k, a, b - 1] - uc)
+        ) - s13
+        cv[k, a, b] = (
+            wl * (v[k, a - 1, b] - vc)
+            + wr * (v[k, a + 1, b] - vc)
+            + wd * (v[k, a, b + 1] - vc)
+            + wu * (v[k, a, b - 1] - vc)
+        ) - s23
         sw = wl + wr + wd + wu
         den = sw + s11
         Du[k, a, b] = omega / den if den != ZERO else ZERO
@@ -3693,12 +4093,24 @@ def _cuda_kernels(precision):
             wd = wye[k, a, b]
             wu = wye[k, a, b - 1]
         om1 = ONE - omega
-        pu = (wl * du[k, a - 1, b] + wr * du[k, a + 1, b] + wd * du[k, a, b + 1]
-              + wu * du[k, a, b - 1] + cu[k, a, b] - A12[k, a, b] * dv[k, a, b])
+        pu = (
+            wl * du[k, a - 1, b]
+            + wr * du[k, a + 1, b]
+            + wd * du[k, a, b + 1]
+            + wu * du[k, a, b - 1]
+            + cu[k, a, b]
+            - A12[k, a, b] * dv[k, a, b]
+        )
         duc = om1 * du[k, a, b] + Du[k, a, b] * pu
         du[k, a, b] = duc
-        pv = (wl * dv[k, a - 1, b] + wr * dv[k, a + 1, b] + wd * dv[k, a, b + 1]
-              + wu * dv[k, a, b - 1] + cv[k, a, b] - A12[k, a, b] * duc)
+        pv = (
+            wl * dv[k, a - 1, b]
+            + wr * dv[k, a + 1, b]
+            + wd * dv[k, a, b + 1]
+            + wu * dv[k, a, b - 1]
+            + cv[k, a, b]
+            - A12[k, a, b] * duc
+        )
         dv[k, a, b] = om1 * dv[k, a, b] + Dv[k, a, b] * pv
 
     @cuda.jit
@@ -3715,7 +4127,6 @@ def _cuda_kernels(precision):
         else:
             u[k, a, b] += du[k, a, b]
             v[k, a, b] += dv[k, a, b]
-
 
     # ---- per-frame statistics ------------------------------------------------
 
@@ -3748,12 +4159,16 @@ def _cuda_kernels(precision):
             xr = lesser(x + 1, nx - 1)
             yu = greater(y - 1, 0)
             yd = lesser(y + 1, ny - 1)
-            gx = ((np.float64(u[k, xr, yu]) - u[k, xl, yu])
-                  + 2.0 * (np.float64(u[k, xr, y]) - u[k, xl, y])
-                  + (np.float64(u[k, xr, yd]) - u[k, xl, yd]))
-            gy = ((np.float64(v[k, xl, yd]) - v[k, xl, yu])
-                  + 2.0 * (np.float64(v[k, x, yd]) - v[k, x, yu])
-                  + (np.float64(v[k, xr, yd]) - v[k, xr, yu]))
+            gx = (
+                (np.float64(u[k, xr, yu]) - u[k, xl, yu])
+                + 2.0 * (np.float64(u[k, xr, y]) - u[k, xl, y])
+                + (np.float64(u[k, xr, yd]) - u[k, xl, yd])
+            )
+            gy = (
+                (np.float64(v[k, xl, yd]) - v[k, xl, yu])
+                + 2.0 * (np.float64(v[k, x, yd]) - v[k, x, yu])
+                + (np.float64(v[k, xr, yd]) - v[k, xr, yu])
+            )
             s_div += gx + gy
         sums[0, t] = s_mag
         sums[1, t] = m_mag
@@ -3790,6 +4205,7 @@ def _cuda_simulated():
     from numba import config
 
     return bool(config.ENABLE_CUDASIM)
+
 
 ###############################################################################
 ### Optical-flow driver: input checks and public wrappers
@@ -3853,8 +4269,11 @@ def _positive(name, value, *, allow_zero=False):
 
 def _count(name, value, minimum):
     try:
-        ok = (not isinstance(value, (bool, np.bool_)) and float(value).is_integer()
-              and value >= minimum)
+        ok = (
+            not isinstance(value, (bool, np.bool_))
+            and float(value).is_integer()
+            and value >= minimum
+        )
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
@@ -3946,9 +4365,27 @@ def get_motion_tensor(f1, f2, hx=1.0, hy=1.0, const_assumption="gc"):
     return tuple(np.ascontiguousarray(J.T) for J in out)
 
 
-def level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha, iterations,
-                 update_lag, a_data, a_smooth, hx, hy, *, matlab_quirks=True,
-                 sor_order="lexicographic"):
+def level_solver(
+    J11,
+    J22,
+    J33,
+    J12,
+    J13,
+    J23,
+    weight,
+    u,
+    v,
+    alpha,
+    iterations,
+    update_lag,
+    a_data,
+    a_smooth,
+    hx,
+    hy,
+    *,
+    matlab_quirks=True,
+    sor_order="lexicographic",
+):
     """Solve for the flow increment on one pyramid level, as ``level_solver.cpp``.
 
     Parameters
@@ -3995,11 +4432,25 @@ def level_solver(J11, J22, J33, J12, J13, J23, weight, u, v, alpha, iterations,
     ax, ay = (al[0], al[0]) if al.size == 1 else (al[0], al[1])
     du = np.empty((N, M))
     dv = np.empty((N, M))
-    _nb_level_solver(*[np.ascontiguousarray(np.transpose(J, (2, 1, 0))) for J in Js], wint, local,
-                     _field_to_internal(u, (M, N), "u"), _field_to_internal(v, (M, N), "v"),
-                     float(ax), float(ay), int(iterations), int(update_lag),
-                     _channel_vector("a_data", a_data, C), float(a_smooth),
-                     float(hx), float(hy), not matlab_quirks, du, dv, sor_order == "red_black")
+    _nb_level_solver(
+        *[np.ascontiguousarray(np.transpose(J, (2, 1, 0))) for J in Js],
+        wint,
+        local,
+        _field_to_internal(u, (M, N), "u"),
+        _field_to_internal(v, (M, N), "v"),
+        float(ax),
+        float(ay),
+        int(iterations),
+        int(update_lag),
+        _channel_vector("a_data", a_data, C),
+        float(a_smooth),
+        float(hx),
+        float(hy),
+        not matlab_quirks,
+        du,
+        dv,
+        sor_order == "red_black",
+    )
     return np.ascontiguousarray(du.T), np.ascontiguousarray(dv.T)
 
 
@@ -4018,19 +4469,25 @@ def _tensor_kind(name):
     try:
         return _TENSOR_KINDS[name]
     except (KeyError, TypeError):
-        msg = (f"const_assumption must be one of {sorted(_TENSOR_KINDS)}, got {name!r}")
+        msg = f"const_assumption must be one of {sorted(_TENSOR_KINDS)}, got {name!r}"
         raise ConfigError(msg) from None
 
 
-def _displacement_params(shape, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
-                         update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
-                         iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
-                         min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
-                         levels=GET_DISPLACEMENT_DEFAULTS["levels"],
-                         eta=GET_DISPLACEMENT_DEFAULTS["eta"],
-                         a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
-                         a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
-                         weight=None, const_assumption="gc", matlab_quirks=True):
+def _displacement_params(
+    shape,
+    *,
+    alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
+    update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
+    iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
+    min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
+    levels=GET_DISPLACEMENT_DEFAULTS["levels"],
+    eta=GET_DISPLACEMENT_DEFAULTS["eta"],
+    a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
+    a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
+    weight=None,
+    const_assumption="gc",
+    matlab_quirks=True,
+):
     """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
     (int C is enough unless ``weight`` is a spatial map)."""
     if isinstance(shape, (int, np.integer)):
@@ -4078,20 +4535,42 @@ def _displacement_params(shape, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
             wvec = np.zeros(C)
         else:
             wvec = _channel_vector("weight", w, C, normalise=True, fill=1.0 / C)
-    params = _FlowParams(ax, ay, iterations, update_lag, ad, a_smooth, levels, eta, min_level,
-                         kind, bool(matlab_quirks), wvec, wmap, local)
+    params = _FlowParams(
+        ax,
+        ay,
+        iterations,
+        update_lag,
+        ad,
+        a_smooth,
+        levels,
+        eta,
+        min_level,
+        kind,
+        bool(matlab_quirks),
+        wvec,
+        wmap,
+        local,
+    )
     return params
 
 
-def get_displacement(fixed, moving, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
-                     update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
-                     iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
-                     min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
-                     levels=GET_DISPLACEMENT_DEFAULTS["levels"],
-                     eta=GET_DISPLACEMENT_DEFAULTS["eta"],
-                     a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
-                     a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
-                     weight=None, uv=None, const_assumption="gc", matlab_quirks=True):
+def get_displacement(
+    fixed,
+    moving,
+    *,
+    alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
+    update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
+    iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
+    min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
+    levels=GET_DISPLACEMENT_DEFAULTS["levels"],
+    eta=GET_DISPLACEMENT_DEFAULTS["eta"],
+    a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
+    a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
+    weight=None,
+    uv=None,
+    const_assumption="gc",
+    matlab_quirks=True,
+):
     """Dense displacement field registering ``moving`` onto ``fixed``.
 
     Variational optical flow (gradient constancy with Zimmer normalisation,
@@ -4144,10 +4623,20 @@ def get_displacement(fixed, moving, *, alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
         msg = f"fixed and moving must have the same shape, got {f1.shape} and {f2.shape}"
         raise InputError(msg)
     H, W, C = f1.shape
-    params = _displacement_params(f1.shape, alpha=alpha, update_lag=update_lag,
-                                  iterations=iterations, min_level=min_level, levels=levels,
-                                  eta=eta, a_smooth=a_smooth, a_data=a_data, weight=weight,
-                                  const_assumption=const_assumption, matlab_quirks=matlab_quirks)
+    params = _displacement_params(
+        f1.shape,
+        alpha=alpha,
+        update_lag=update_lag,
+        iterations=iterations,
+        min_level=min_level,
+        levels=levels,
+        eta=eta,
+        a_smooth=a_smooth,
+        a_data=a_data,
+        weight=weight,
+        const_assumption=const_assumption,
+        matlab_quirks=matlab_quirks,
+    )
     if uv is None:
         ui = np.zeros((W, H))
         vi = np.zeros((W, H))
@@ -4191,10 +4680,31 @@ def _flow_internal(p, f1, f2, ui, vi, pyramid=None):
     out_u = np.empty(ui.shape)
     out_v = np.empty(ui.shape)
     use = pyramid is not None
-    _nb_get_displacement(f1, f2, p.wvec, p.wmap, p.local, ui, vi, p.alpha_x, p.alpha_y,
-                         p.iterations, p.update_lag, p.a_data, p.a_smooth, p.levels, p.eta,
-                         p.min_level, p.kind, p.quirks, pyramid if use else _empty_pyramid(),
-                         use, out_u, out_v, p.red_black)
+    _nb_get_displacement(
+        f1,
+        f2,
+        p.wvec,
+        p.wmap,
+        p.local,
+        ui,
+        vi,
+        p.alpha_x,
+        p.alpha_y,
+        p.iterations,
+        p.update_lag,
+        p.a_data,
+        p.a_smooth,
+        p.levels,
+        p.eta,
+        p.min_level,
+        p.kind,
+        p.quirks,
+        pyramid if use else _empty_pyramid(),
+        use,
+        out_u,
+        out_v,
+        p.red_black,
+    )
     return out_u, out_v
 
 
@@ -4260,8 +4770,27 @@ def _profile_flow(p, f1, f2, ui0, vi0):
         sweep = _nb_sor_sweep_rb if p.red_black else _nb_sor_sweep
         spent = {"refresh": 0.0, "weights": 0.0, "sweeps": 0.0}
         t0 = clock()
-        _nb_refresh(*J, weight, p.local, p.a_data, du, dv, True, not p.quirks, u, v, wxe, wye,
-                    SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
+        _nb_refresh(
+            *J,
+            weight,
+            p.local,
+            p.a_data,
+            du,
+            dv,
+            True,
+            not p.quirks,
+            u,
+            v,
+            wxe,
+            wye,
+            SOR_OMEGA,
+            A12,
+            Du,
+            Dv,
+            cu,
+            cv,
+            uniform,
+        )
         spent["refresh"] += clock() - t0
         for it in range(1, p.iterations + 1):
             if it % p.update_lag == 0:
@@ -4269,8 +4798,27 @@ def _profile_flow(p, f1, f2, ui0, vi0):
                 if not uniform:
                     _nb_smooth_weights(u, v, du, dv, p.a_smooth, ax, ay, hx, hy, wxe, wye)
                 t1 = clock()
-                _nb_refresh(*J, weight, p.local, p.a_data, du, dv, False, not p.quirks, u, v,
-                            wxe, wye, SOR_OMEGA, A12, Du, Dv, cu, cv, uniform)
+                _nb_refresh(
+                    *J,
+                    weight,
+                    p.local,
+                    p.a_data,
+                    du,
+                    dv,
+                    False,
+                    not p.quirks,
+                    u,
+                    v,
+                    wxe,
+                    wye,
+                    SOR_OMEGA,
+                    A12,
+                    Du,
+                    Dv,
+                    cu,
+                    cv,
+                    uniform,
+                )
                 spent["weights"] += t1 - t0
                 spent["refresh"] += clock() - t1
             t0 = clock()
@@ -4315,7 +4863,7 @@ def _pyramid_levels(p, f1, flat=None):
     pos = 0
     for i in range(top, lo - 1, -1):
         lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
-        out.append(flat[pos:pos + C * lx * ly].reshape(C, lx, ly))
+        out.append(flat[pos : pos + C * lx * ly].reshape(C, lx, ly))
         pos += C * lx * ly
     return out
 
@@ -4329,8 +4877,10 @@ def _method_code(interpolation_method):
     try:
         return _INTERPOLATION[interpolation_method]
     except (KeyError, TypeError):
-        msg = (f"interpolation_method must be one of {sorted(_INTERPOLATION)}, "
-               f"got {interpolation_method!r}")
+        msg = (
+            f"interpolation_method must be one of {sorted(_INTERPOLATION)}, "
+            f"got {interpolation_method!r}"
+        )
         raise ConfigError(msg) from None
 
 
@@ -4458,9 +5008,9 @@ def compute_batch_valid_masks(w):
 
 class _CpuState(NamedTuple):
     params: _FlowParams
-    ref: np.ndarray      # (C, W, H) preprocessed reference
-    pyramid: object      # its levels (numba typed list)
-    fill: np.ndarray     # (C, W, H) raw fill image, or None
+    ref: np.ndarray  # (C, W, H) preprocessed reference
+    pyramid: object  # its levels (numba typed list)
+    fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
 class FlowregBackend:
@@ -4479,8 +5029,7 @@ class FlowregBackend:
         _cfg_check_keys(bp, self.keys, f"backend_params of flow_backend '{self.name}'")
         order = bp.get("sor_order", "lexicographic")
         if order not in ("lexicographic", "red_black"):
-            msg = (f"backend_params.sor_order must be 'lexicographic' or 'red_black', "
-                   f"got {order!r}")
+            msg = f"backend_params.sor_order must be 'lexicographic' or 'red_black', got {order!r}"
             raise ConfigError(msg)
         self.red_black = order == "red_black"
 
@@ -4499,8 +5048,9 @@ class FlowregBackend:
         out = np.empty((n, H, W, 2))
 
         def one(k):
-            u, v = _flow_internal(state.params, state.ref, _to_internal(frames[k]), ui, vi,
-                                  state.pyramid)
+            u, v = _flow_internal(
+                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid
+            )
             out[k, ..., 0] = u.T
             out[k, ..., 1] = v.T
 
@@ -4516,10 +5066,12 @@ class FlowregBackend:
         stats = np.empty((4, n))
 
         def one(k):
-            u, v = _flow_internal(state.params, state.ref, _to_internal(frames[k]), ui, vi,
-                                  state.pyramid)
-            out, ok = _warp_stack(_to_internal(np.asarray(raw[k], dtype=np.float64)), u, v,
-                                  state.fill, method)
+            u, v = _flow_internal(
+                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid
+            )
+            out, ok = _warp_stack(
+                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
+            )
             w[k, ..., 0] = u.T
             w[k, ..., 1] = v.T
             reg[k] = out.transpose(2, 1, 0)
@@ -4534,25 +5086,31 @@ class FlowregBackend:
         p = params._replace(red_black=self.red_black)
         H, W = fixed.shape[:2]
         ui, vi = _field_internal(np.zeros((H, W, 2)) if init is None else init)
-        u, v = _flow_internal(p, _to_internal(np.asarray(fixed, dtype=np.float64)),
-                              _to_internal(np.asarray(moving, dtype=np.float64)), ui, vi)
+        u, v = _flow_internal(
+            p,
+            _to_internal(np.asarray(fixed, dtype=np.float64)),
+            _to_internal(np.asarray(moving, dtype=np.float64)),
+            ui,
+            vi,
+        )
         return np.stack([u.T, v.T], axis=-1)
 
 
 class _CudaState(NamedTuple):
     params: _FlowParams
-    shape: tuple         # (C, W, H) of the frames
-    pyramid: list        # device (C, lx, ly) reference levels, coarsest first
-    weights: list        # device (C, NX, NY) (local) or (C, 1, 1) channel weights per level
-    a_data: object       # device (C,)
-    fill: object         # device (C, W, H) raw fill image, or None
+    shape: tuple  # (C, W, H) of the frames
+    pyramid: list  # device (C, lx, ly) reference levels, coarsest first
+    weights: list  # device (C, NX, NY) (local) or (C, 1, 1) channel weights per level
+    a_data: object  # device (C,)
+    fill: object  # device (C, W, H) raw fill image, or None
 
 
 def _cuda_batch_frames(free_bytes, C, W, H, itemsize):
     """Frames per batch that fit in half of ``free_bytes`` of GPU memory (1 .. 4096)."""
     halo = (W + 2) * (H + 2)
-    per_frame = (itemsize * (halo * (6 * C + 16) + W * H * (6 * C + 4))
-                 + W * H * (8 * C + 32))  # inputs as float64, masks, fields out
+    per_frame = itemsize * (halo * (6 * C + 16) + W * H * (6 * C + 4)) + W * H * (
+        8 * C + 32
+    )  # inputs as float64, masks, fields out
     if not math.isfinite(free_bytes):
         return 4096
     return int(min(4096, max(1, 0.5 * free_bytes // per_frame)))
@@ -4584,23 +5142,33 @@ class CudaBackend:
             msg = f"{source}: precision must be 'float32' or 'float64', got {precision!r}"
             raise ConfigError(msg)
         batch = bp.get("batch_frames")
-        if batch is not None and (not isinstance(batch, (int, np.integer))
-                                  or isinstance(batch, bool) or batch < 1):
+        if batch is not None and (
+            not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1
+        ):
             msg = f"{source}: batch_frames must be an integer >= 1, got {batch!r}"
             raise ConfigError(msg)
         try:
             from numba import cuda
         except ImportError as exc:  # pragma: no cover (numba always has it)
-            raise _unavailable(self.name, f"numba.cuda cannot be imported ({exc})",
-                               "install numba with CUDA support") from None
+            raise _unavailable(
+                self.name,
+                f"numba.cuda cannot be imported ({exc})",
+                "install numba with CUDA support",
+            ) from None
         if not cuda.is_available():
-            raise _unavailable(self.name, "no CUDA GPU with a working driver was found",
-                               "run on a machine with an NVIDIA GPU, its driver and the CUDA "
-                               "runtime (pip install numba-cuda[cu12])")
+            raise _unavailable(
+                self.name,
+                "no CUDA GPU with a working driver was found",
+                "run on a machine with an NVIDIA GPU, its driver and the CUDA "
+                "runtime (pip install numba-cuda[cu12])",
+            )
         count = len(cuda.gpus)
         if device >= count:
-            raise _unavailable(self.name, f"backend_params.device = {device} but this machine "
-                               f"has {count} GPU(s)", f"choose device 0..{count - 1}")
+            raise _unavailable(
+                self.name,
+                f"backend_params.device = {device} but this machine has {count} GPU(s)",
+                f"choose device 0..{count - 1}",
+            )
         self.device = int(device)
         self.precision = precision
         self.batch_frames = None if batch is None else int(batch)
@@ -4611,8 +5179,10 @@ class CudaBackend:
         self._tables = {}
 
     def __repr__(self):
-        return (f"{type(self).__name__}(device={self.device}, precision={self.precision!r}, "
-                f"batch_frames={self.batch_frames})")
+        return (
+            f"{type(self).__name__}(device={self.device}, precision={self.precision!r}, "
+            f"batch_frames={self.batch_frames})"
+        )
 
     #: Stage 1 hands this many frames at a time to ``register``.
     chunk_frames = 128
@@ -4637,8 +5207,10 @@ class CudaBackend:
         key = (in_len, out_len)
         if key not in self._tables:
             wts, idx = _nb_resize_weights(in_len, out_len)
-            self._tables[key] = (self._cuda.to_device(wts.astype(self.dtype)),
-                                 self._cuda.to_device(idx.astype(np.int32)))
+            self._tables[key] = (
+                self._cuda.to_device(wts.astype(self.dtype)),
+                self._cuda.to_device(idx.astype(np.int32)),
+            )
         return self._tables[key]
 
     def _batch(self, n, C, W, H):
@@ -4688,16 +5260,34 @@ class CudaBackend:
         n, NX, NY = f.shape
         k.launch(k.halo, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
 
-    def _level_solver(self, J, weight, local, a_data, u, v, alpha_x, alpha_y, iterations,
-                      update_lag, a_smooth, hx, hy, psi_all_ones, du, dv):
+    def _level_solver(
+        self,
+        J,
+        weight,
+        local,
+        a_data,
+        u,
+        v,
+        alpha_x,
+        alpha_y,
+        iterations,
+        update_lag,
+        a_smooth,
+        hx,
+        hy,
+        psi_all_ones,
+        du,
+        dv,
+    ):
         """``_nb_level_solver(..., red_black=True)`` of a batch: tensors ``J`` (six
         ``(n * C, NX, NY)``), ``u, v, du, dv (n, NX, NY)``; writes du, dv (with halo)."""
         k = self._k
         F = self.dtype.type
         shape = u.shape
         n, NX, NY = shape
-        A12, Du, Dv, cu, cv, wxe, wye = (self._work(s, shape) for s in
-                                         ("A12", "Du", "Dv", "cu", "cv", "wxe", "wye"))
+        A12, Du, Dv, cu, cv, wxe, wye = (
+            self._work(s, shape) for s in ("A12", "Du", "Dv", "cu", "cv", "wxe", "wye")
+        )
         k.launch(k.fill, shape, du, F(0.0))
         k.launch(k.fill, shape, dv, F(0.0))
         cx = F(alpha_x / (hx * hx))
@@ -4707,22 +5297,77 @@ class CudaBackend:
         uniform = a_smooth == 1.0
         omega = F(SOR_OMEGA)
         common = (weight, bool(local), a_data, du, dv)
-        k.launch(k.refresh, shape, *J, *common, True, bool(psi_all_ones), u, v, wxe, wye, omega,
-                 A12, Du, Dv, cu, cv)
+        k.launch(
+            k.refresh,
+            shape,
+            *J,
+            *common,
+            True,
+            bool(psi_all_ones),
+            u,
+            v,
+            wxe,
+            wye,
+            omega,
+            A12,
+            Du,
+            Dv,
+            cu,
+            cv,
+        )
         half = (n, NX - 2, (NY - 1) // 2)
         for it in range(1, iterations + 1):
             if it % update_lag == 0:
                 if not uniform:
                     psi = self._work("psi", shape)
                     k.launch(k.smooth_psi, shape, u, v, du, dv, F(a_smooth), F(hx), F(hy), psi)
-                    k.launch(k.smooth_edges, shape, psi, F(alpha_x / (hx * hx)),
-                             F(alpha_y / (hy * hy)), wxe, wye)
-                k.launch(k.refresh, shape, *J, *common, False, bool(psi_all_ones), u, v, wxe,
-                         wye, omega, A12, Du, Dv, cu, cv)
+                    k.launch(
+                        k.smooth_edges,
+                        shape,
+                        psi,
+                        F(alpha_x / (hx * hx)),
+                        F(alpha_y / (hy * hy)),
+                        wxe,
+                        wye,
+                    )
+                k.launch(
+                    k.refresh,
+                    shape,
+                    *J,
+                    *common,
+                    False,
+                    bool(psi_all_ones),
+                    u,
+                    v,
+                    wxe,
+                    wye,
+                    omega,
+                    A12,
+                    Du,
+                    Dv,
+                    cu,
+                    cv,
+                )
             self._halo(du, dv)
             for colour in (0, 1):
-                k.launch(k.sweep, half, du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv,
-                         omega, colour)
+                k.launch(
+                    k.sweep,
+                    half,
+                    du,
+                    dv,
+                    wxe,
+                    wye,
+                    uniform,
+                    cx,
+                    cy,
+                    A12,
+                    Du,
+                    Dv,
+                    cu,
+                    cv,
+                    omega,
+                    colour,
+                )
 
     def _displacement(self, st, f2, ui0, vi0):
         """``_nb_get_displacement`` of a batch: ``f2 (n * C, W, H)`` device planes of the
@@ -4756,17 +5401,43 @@ class CudaBackend:
                 self._halo(un, vn)
                 moved = self._work("F2warped", (n * C, lx, ly))
                 scratch = self._work("valid_level", (n, lx, ly), np.uint8)
-                k.launch(k.warp, (n, lx, ly), F2, un[:, 1:-1, 1:-1], vn[:, 1:-1, 1:-1], F(hx),
-                         F(hy), F1, 2, moved, scratch)
+                k.launch(
+                    k.warp,
+                    (n, lx, ly),
+                    F2,
+                    un[:, 1:-1, 1:-1],
+                    vn[:, 1:-1, 1:-1],
+                    F(hx),
+                    F(hy),
+                    F1,
+                    2,
+                    moved,
+                    scratch,
+                )
             J = [self._work(s, (n * C, NX, NY)) for s in ("J11", "J22", "J33", "J12", "J13", "J23")]
             tensor = k.tensor_gc if p.kind == 0 else k.tensor_gray
             k.launch(tensor, J[0].shape, F1, moved, F(hx), F(hy), *J)
             scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
             du = self._work("du", (n, NX, NY))
             dv = self._work("dv", (n, NX, NY))
-            self._level_solver(J, st.weights[top - i], p.local, st.a_data, un, vn,
-                               p.alpha_x * scale, p.alpha_y * scale, p.iterations, p.update_lag,
-                               p.a_smooth, hx, hy, not p.quirks, du, dv)
+            self._level_solver(
+                J,
+                st.weights[top - i],
+                p.local,
+                st.a_data,
+                un,
+                vn,
+                p.alpha_x * scale,
+                p.alpha_y * scale,
+                p.iterations,
+                p.update_lag,
+                p.a_smooth,
+                hx,
+                hy,
+                not p.quirks,
+                du,
+                dv,
+            )
             k.launch(k.median_add, (n, NX, NY), du, dv, un, vn, min(lx, ly) > 5)
             u, v = un, vn
         out_u = self._work("u_out", (n, nw, mh))
@@ -4803,8 +5474,11 @@ class CudaBackend:
                 else:
                     wmap = np.asarray(p.wvec, dtype=np.float64).reshape(C, 1, 1)
                 weights.append(to(wmap.astype(self.dtype)))
-            fill_dev = None if fill is None else to(
-                _to_internal(np.asarray(fill, dtype=np.float64)).astype(self.dtype))
+            fill_dev = (
+                None
+                if fill is None
+                else to(_to_internal(np.asarray(fill, dtype=np.float64)).astype(self.dtype))
+            )
             a_data = to(np.asarray(p.a_data, dtype=self.dtype))
         return _CudaState(p, (C, nw, mh), pyramid, weights, a_data, fill_dev)
 
@@ -4831,8 +5505,19 @@ class CudaBackend:
                 if raw is not None:
                     planes = self._upload_planes(raw[i0:i1], "raw")
                     out = self._work("registered", planes.shape)
-                    k.launch(k.warp, (m, W, H), planes, u, v, self.dtype.type(1.0),
-                             self.dtype.type(1.0), state.fill, int(method), out, ok)
+                    k.launch(
+                        k.warp,
+                        (m, W, H),
+                        planes,
+                        u,
+                        v,
+                        self.dtype.type(1.0),
+                        self.dtype.type(1.0),
+                        state.fill,
+                        int(method),
+                        out,
+                        ok,
+                    )
                     reg_dev = self._work("registered_out", (m, H, W, C))
                     k.launch(k.from_planes, out.shape, out, reg_dev)
                     reg[i0:i1] = reg_dev.copy_to_host()
@@ -4851,8 +5536,14 @@ class CudaBackend:
     def register(self, state, frames, raw, init, method, pool=None, with_stats=True):
         w, reg, valid, sums = self._run(state, frames, raw, init, method)
         npx = w.shape[1] * w.shape[2]
-        stats = np.stack([sums[:, 0] / npx, sums[:, 1], sums[:, 2] / npx,
-                          np.hypot(sums[:, 3] / npx, sums[:, 4] / npx)])
+        stats = np.stack(
+            [
+                sums[:, 0] / npx,
+                sums[:, 1],
+                sums[:, 2] / npx,
+                np.hypot(sums[:, 3] / npx, sums[:, 4] / npx),
+            ]
+        )
         return w.astype(np.float64), reg, valid, stats
 
     def pair(self, params, fixed, moving, init=None):
@@ -4880,8 +5571,7 @@ def _check_backend(name):
     if name not in _BACKENDS:
         close = difflib.get_close_matches(str(name), FLOW_BACKENDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        msg = (f"flow_backend '{name}' is not known{hint} "
-               f"(known: {', '.join(FLOW_BACKENDS)})")
+        msg = f"flow_backend '{name}' is not known{hint} (known: {', '.join(FLOW_BACKENDS)})"
         raise ConfigError(msg)
 
 
@@ -4907,17 +5597,21 @@ def _check_data_term(backend, assumption, key):
     """ConfigError when ``backend`` cannot use the data term ``assumption`` set by ``key``."""
     allowed = getattr(backend, "constancy_assumptions", None)
     if allowed is not None and assumption not in allowed:
-        msg = (f"{key} = '{assumption}' cannot be used with flow_backend '{backend.name}', "
-               f"which supports only {', '.join(repr(a) for a in allowed)}; set {key} = "
-               f"'{allowed[0]}' or choose flow_backend 'flowreg'")
+        msg = (
+            f"{key} = '{assumption}' cannot be used with flow_backend '{backend.name}', "
+            f"which supports only {', '.join(repr(a) for a in allowed)}; set {key} = "
+            f"'{allowed[0]}' or choose flow_backend 'flowreg'"
+        )
         raise ConfigError(msg)
 
 
 def _unavailable(name, why, install):
     """ConfigError for a backend that cannot run here, naming the fix and the alternatives."""
     others = [b for b in FLOW_BACKENDS if b != name]
-    msg = (f"flow_backend '{name}' cannot run here: {why}; {install} "
-           f"(other backends: {', '.join(others)}; 'flowreg' runs on any CPU)")
+    msg = (
+        f"flow_backend '{name}' cannot run here: {why}; {install} "
+        f"(other backends: {', '.join(others)}; 'flowreg' runs on any CPU)"
+    )
     return ConfigError(msg)
 
 
@@ -4987,8 +5681,9 @@ def _tc_extrapolated(src):
     e = F.pad(src, (1, 1, 1, 1))
     if ny >= 3:
         e[..., 1:-1, 0] = 3.0 * e[..., 1:-1, 1] - 3.0 * e[..., 1:-1, 2] + e[..., 1:-1, 3]
-        e[..., 1:-1, ny + 1] = (3.0 * e[..., 1:-1, ny] - 3.0 * e[..., 1:-1, ny - 1]
-                                + e[..., 1:-1, ny - 2])
+        e[..., 1:-1, ny + 1] = (
+            3.0 * e[..., 1:-1, ny] - 3.0 * e[..., 1:-1, ny - 1] + e[..., 1:-1, ny - 2]
+        )
     else:
         e[..., 1:-1, 0] = e[..., 1:-1, 1]
         e[..., 1:-1, ny + 1] = e[..., 1:-1, ny]
@@ -5036,8 +5731,9 @@ def _tc_warp(src, u, v, hu, hv, fill, method):
     px = torch.where(valid, px, torch.zeros_like(px))
     py = torch.where(valid, py, torch.zeros_like(py))
     if method == 0:
-        out = _tc_gather(src, torch.floor(px + 0.5).to(torch.int64),
-                         torch.floor(py + 0.5).to(torch.int64))
+        out = _tc_gather(
+            src, torch.floor(px + 0.5).to(torch.int64), torch.floor(py + 0.5).to(torch.int64)
+        )
     else:
         ix, tx = _tc_cell(px, nx)
         iy, ty = _tc_cell(py, ny)
@@ -5046,8 +5742,9 @@ def _tc_warp(src, u, v, hu, hv, fill, method):
         if method == 1:
             ix1 = (ix + 1).clamp(max=nx - 1)
             iy1 = (iy + 1).clamp(max=ny - 1)
-            out = ((1.0 - tx) * ((1.0 - ty) * _tc_gather(src, ix, iy) + ty * _tc_gather(src, ix, iy1))
-                   + tx * ((1.0 - ty) * _tc_gather(src, ix1, iy) + ty * _tc_gather(src, ix1, iy1)))
+            out = (1.0 - tx) * (
+                (1.0 - ty) * _tc_gather(src, ix, iy) + ty * _tc_gather(src, ix, iy1)
+            ) + tx * ((1.0 - ty) * _tc_gather(src, ix1, iy) + ty * _tc_gather(src, ix1, iy1))
         else:
             ext = _tc_extrapolated(src)
             wy0 = _tc_keys(ty + 1.0)
@@ -5059,8 +5756,11 @@ def _tc_warp(src, u, v, hu, hv, fill, method):
             for p in range(4):
                 xi = (ix + p).clamp(max=nx + 1)
                 out = out + _tc_keys(tx + (1.0 - p)) * (
-                    wy0 * _tc_gather(ext, xi, iy) + wy1 * _tc_gather(ext, xi, iy + 1)
-                    + wy2 * _tc_gather(ext, xi, iy + 2) + wy3 * _tc_gather(ext, xi, y3))
+                    wy0 * _tc_gather(ext, xi, iy)
+                    + wy1 * _tc_gather(ext, xi, iy + 1)
+                    + wy2 * _tc_gather(ext, xi, iy + 2)
+                    + wy3 * _tc_gather(ext, xi, y3)
+                )
     return torch.where(valid[:, None], out, fill.expand_as(out)), valid
 
 
@@ -5088,7 +5788,8 @@ def _tc_pad_edge(f):
 
     shape = f.shape
     return F.pad(f.reshape(-1, *shape[-2:]), (1, 1, 1, 1), mode="replicate").reshape(
-        *shape[:-2], shape[-2] + 2, shape[-1] + 2)
+        *shape[:-2], shape[-2] + 2, shape[-1] + 2
+    )
 
 
 def _tc_tensor(f1, f2, hx, hy, kind):
@@ -5113,10 +5814,14 @@ def _tc_tensor(f1, f2, hx, hy, kind):
         cyt = _tc_grad1(ft, hy)[I]
         hx2 = hx * hx
         hy2 = hy * hy
-        fxx = 0.5 * ((F1[..., :-2, 1:-1] - 2.0 * F1[I] + F1[..., 2:, 1:-1]) / hx2
-                     + (F2[..., :-2, 1:-1] - 2.0 * F2[I] + F2[..., 2:, 1:-1]) / hx2)
-        fyy = 0.5 * ((F1[..., 1:-1, :-2] - 2.0 * F1[I] + F1[..., 1:-1, 2:]) / hy2
-                     + (F2[..., 1:-1, :-2] - 2.0 * F2[I] + F2[..., 1:-1, 2:]) / hy2)
+        fxx = 0.5 * (
+            (F1[..., :-2, 1:-1] - 2.0 * F1[I] + F1[..., 2:, 1:-1]) / hx2
+            + (F2[..., :-2, 1:-1] - 2.0 * F2[I] + F2[..., 2:, 1:-1]) / hx2
+        )
+        fyy = 0.5 * (
+            (F1[..., 1:-1, :-2] - 2.0 * F1[I] + F1[..., 1:-1, 2:]) / hy2
+            + (F2[..., 1:-1, :-2] - 2.0 * F2[I] + F2[..., 1:-1, 2:]) / hy2
+        )
         rx = 1.0 / (fxx * fxx + cxy * cxy + ZIMMER_EPS)
         ry = 1.0 / (cxy * cxy + fyy * fyy + ZIMMER_EPS)
         J[0][I] = rx * fxx * fxx + ry * cxy * cxy
@@ -5172,9 +5877,15 @@ def _tc_refresh(J, weight, a_data, du, dv, first, psi_all_ones, u, v, wxe, wye, 
         if first:
             wp = weight[k] * (1.0 if (k == 0 or psi_all_ones) else 0.0)
         else:
-            en = (J11[:, k] * d * d + J22[:, k] * e * e + J23[:, k] * e
-                  + 2.0 * J12[:, k] * d * e + 2.0 * J13[:, k] * d
-                  + J23[:, k] * e + J33[:, k]).clamp(min=0.0)
+            en = (
+                J11[:, k] * d * d
+                + J22[:, k] * e * e
+                + J23[:, k] * e
+                + 2.0 * J12[:, k] * d * e
+                + 2.0 * J13[:, k] * d
+                + J23[:, k] * e
+                + J33[:, k]
+            ).clamp(min=0.0)
             wp = weight[k] * (a_data[k] * (en + PSI_EPS) ** (a_data[k] - 1.0))
         for s, Jc in enumerate((J11, J12, J22, J13, J23)):
             term = wp * Jc[:, k]
@@ -5183,10 +5894,18 @@ def _tc_refresh(J, weight, a_data, du, dv, first, psi_all_ones, u, v, wxe, wye, 
     wl, wr, wd, wu = _tc_edge_weights(wxe, wye)
     uc = u[:, 1:-1, 1:-1]
     vc = v[:, 1:-1, 1:-1]
-    cu = (wl * (u[:, :-2, 1:-1] - uc) + wr * (u[:, 2:, 1:-1] - uc)
-          + wd * (u[:, 1:-1, 2:] - uc) + wu * (u[:, 1:-1, :-2] - uc)) - s13
-    cv = (wl * (v[:, :-2, 1:-1] - vc) + wr * (v[:, 2:, 1:-1] - vc)
-          + wd * (v[:, 1:-1, 2:] - vc) + wu * (v[:, 1:-1, :-2] - vc)) - s23
+    cu = (
+        wl * (u[:, :-2, 1:-1] - uc)
+        + wr * (u[:, 2:, 1:-1] - uc)
+        + wd * (u[:, 1:-1, 2:] - uc)
+        + wu * (u[:, 1:-1, :-2] - uc)
+    ) - s13
+    cv = (
+        wl * (v[:, :-2, 1:-1] - vc)
+        + wr * (v[:, 2:, 1:-1] - vc)
+        + wd * (v[:, 1:-1, 2:] - vc)
+        + wu * (v[:, 1:-1, :-2] - vc)
+    ) - s23
     sw = wl + wr + wd + wu
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
     den = sw + s11
@@ -5245,14 +5964,21 @@ def _tc_sweep_plan(D, wxe, wye, consts, lattices):
         for ra, rb in parts:
             ia, ib = _tc_shift(ra, -1), _tc_shift(rb, -1)  # the same pixels, interior arrays
             if hasattr(wxe, "shape"):
-                w = (wxe[:, _tc_shift(ra, -1), rb], wxe[:, ra, rb], wye[:, ra, rb],
-                     wye[:, ra, _tc_shift(rb, -1)])
+                w = (
+                    wxe[:, _tc_shift(ra, -1), rb],
+                    wxe[:, ra, rb],
+                    wye[:, ra, rb],
+                    wye[:, ra, _tc_shift(rb, -1)],
+                )
             else:
                 w = (wxe, wxe, wye, wye)
-            nbs = (D[:, :, _tc_shift(ra, -1), rb], D[:, :, _tc_shift(ra, 1), rb],
-                   D[:, :, ra, _tc_shift(rb, 1)], D[:, :, ra, _tc_shift(rb, -1)])
-            plan.append((D[0, :, ra, rb], D[1, :, ra, rb], nbs, w,
-                         *(c[:, ia, ib] for c in consts)))
+            nbs = (
+                D[:, :, _tc_shift(ra, -1), rb],
+                D[:, :, _tc_shift(ra, 1), rb],
+                D[:, :, ra, _tc_shift(rb, 1)],
+                D[:, :, ra, _tc_shift(rb, -1)],
+            )
+            plan.append((D[0, :, ra, rb], D[1, :, ra, rb], nbs, w, *(c[:, ia, ib] for c in consts)))
     return plan
 
 
@@ -5269,8 +5995,21 @@ def _tc_sor_sweep_rb(plan, omega):
         dv.copy_(om1 * dv + Dv * (nb[1] + cv - A12 * duc))
 
 
-def _tc_level_solver(J, weight, u, v, alpha_x, alpha_y, iterations, update_lag, a_data,
-                     a_smooth, hx, hy, psi_all_ones):
+def _tc_level_solver(
+    J,
+    weight,
+    u,
+    v,
+    alpha_x,
+    alpha_y,
+    iterations,
+    update_lag,
+    a_data,
+    a_smooth,
+    hx,
+    hy,
+    psi_all_ones,
+):
     """``_nb_level_solver(..., red_black=True)`` of a batch.
 
     ``J (6, n, C, NX, NY)``, ``u, v (n, NX, NY)``, ``weight`` as ``_tc_refresh``.
@@ -5286,15 +6025,15 @@ def _tc_level_solver(J, weight, u, v, alpha_x, alpha_y, iterations, update_lag, 
     wxe, wye = cx, cy
     uniform = a_smooth == 1.0
     lattices = _tc_sublattices(NX, NY)
-    consts = _tc_refresh(J, weight, a_data, du, dv, True, psi_all_ones, u, v, wxe, wye,
-                         SOR_OMEGA)
+    consts = _tc_refresh(J, weight, a_data, du, dv, True, psi_all_ones, u, v, wxe, wye, SOR_OMEGA)
     plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
     for it in range(1, iterations + 1):
         if it % update_lag == 0:
             if not uniform:
                 wxe, wye = _tc_smooth_weights(u, v, du, dv, a_smooth, cx, cy, hx, hy)
-            consts = _tc_refresh(J, weight, a_data, du, dv, False, psi_all_ones, u, v, wxe,
-                                 wye, SOR_OMEGA)
+            consts = _tc_refresh(
+                J, weight, a_data, du, dv, False, psi_all_ones, u, v, wxe, wye, SOR_OMEGA
+            )
             plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
         _tc_set_boundary(D)
         _tc_sor_sweep_rb(plan, SOR_OMEGA)
@@ -5336,10 +6075,10 @@ def _tc_medfilt5(src):
     ia = torch.as_tensor(_tc_symmetric_index(n0, 2), device=src.device)
     ib = torch.as_tensor(_tc_symmetric_index(n1, 2), device=src.device)
     pad = src[:, ia][:, :, ib]
-    cols = _tc_sort5(*(pad[:, a:a + n0] for a in range(5)))
+    cols = _tc_sort5(*(pad[:, a : a + n0] for a in range(5)))
     cand = []
     for rank, keep in enumerate(((3, 4), (2, 3, 4), (1, 2, 3), (0, 1, 2), (0, 1))):
-        row = _tc_sort5(*(cols[rank][..., b:b + n1] for b in range(5)))
+        row = _tc_sort5(*(cols[rank][..., b : b + n1] for b in range(5)))
         cand.extend(row[k] for k in keep)
     return torch.stack(cand, dim=-1).median(dim=-1).values
 
@@ -5348,8 +6087,10 @@ def _tc_reference_pyramid(p, f1):
     """``_nb_reference_pyramid`` of ``f1 (1, C, nx, ny)``: its levels, coarsest first."""
     C, n, m = f1.shape[1:]
     top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
-    return [_tc_resize(f1, *_nb_level_size(m, n, p.eta, i, max_x, max_y))
-            for i in range(top, min_level - 1, -1)]
+    return [
+        _tc_resize(f1, *_nb_level_size(m, n, p.eta, i, max_x, max_y))
+        for i in range(top, min_level - 1, -1)
+    ]
 
 
 def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
@@ -5386,9 +6127,21 @@ def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
         J = _tc_tensor(F1, tmp, hx, hy, p.kind)
         weight = _tc_resize(wmap, lx, ly) if p.local else wvec
         scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
-        du, dv = _tc_level_solver(J, weight, u, v, p.alpha_x * scale, p.alpha_y * scale,
-                                  p.iterations, p.update_lag, a_data, p.a_smooth, hx, hy,
-                                  not p.quirks)
+        du, dv = _tc_level_solver(
+            J,
+            weight,
+            u,
+            v,
+            p.alpha_x * scale,
+            p.alpha_y * scale,
+            p.iterations,
+            p.update_lag,
+            a_data,
+            p.a_smooth,
+            hx,
+            hy,
+            not p.quirks,
+        )
         if min(lx, ly) > 5:
             du[:, 1:-1, 1:-1] = _tc_medfilt5(du[:, 1:-1, 1:-1])
             dv[:, 1:-1, 1:-1] = _tc_medfilt5(dv[:, 1:-1, 1:-1])
@@ -5404,9 +6157,9 @@ def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
 
 class _TorchState(NamedTuple):
     params: _FlowParams
-    pyramid: list        # reference levels, (1, C, nx, ny) tensors, coarsest first
-    wmap: object         # (C, W, H) spatial weights tensor, or None
-    fill: object         # (1, C, W, H) raw fill image tensor, or None
+    pyramid: list  # reference levels, (1, C, nx, ny) tensors, coarsest first
+    wmap: object  # (C, W, H) spatial weights tensor, or None
+    fill: object  # (1, C, W, H) raw fill image tensor, or None
 
 
 class TorchBackend:
@@ -5432,35 +6185,45 @@ class TorchBackend:
         try:
             import torch
         except ImportError as exc:
-            raise _unavailable(self.name, f"PyTorch cannot be imported ({exc})",
-                               "install it with `pip install torch` (the CPU-only wheel is "
-                               "enough for device 'cpu')") from None
+            raise _unavailable(
+                self.name,
+                f"PyTorch cannot be imported ({exc})",
+                "install it with `pip install torch` (the CPU-only wheel is "
+                "enough for device 'cpu')",
+            ) from None
         device = bp.get("device", "cuda" if torch.cuda.is_available() else "cpu")
         if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
             raise _cfg_error(source, "device", "'cpu', 'cuda' or 'cuda:N'", device)
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise _unavailable(self.name, "PyTorch sees no CUDA device "
-                                   "(torch.cuda.is_available() is False)",
-                                   "set backend_params.device = 'cpu', or install a CUDA "
-                                   "build of PyTorch on a machine with an NVIDIA GPU")
+                raise _unavailable(
+                    self.name,
+                    "PyTorch sees no CUDA device (torch.cuda.is_available() is False)",
+                    "set backend_params.device = 'cpu', or install a CUDA "
+                    "build of PyTorch on a machine with an NVIDIA GPU",
+                )
             index = int(device.partition(":")[2] or 0)
             if index >= torch.cuda.device_count():
-                msg = (f"backend_params.device = {device!r}, but PyTorch sees "
-                       f"{torch.cuda.device_count()} CUDA device(s)")
+                msg = (
+                    f"backend_params.device = {device!r}, but PyTorch sees "
+                    f"{torch.cuda.device_count()} CUDA device(s)"
+                )
                 raise ConfigError(msg)
         dtype = _cfg_choice(bp.get("dtype", "float64"), "dtype", source, ("float64", "float32"))
-        self.batch_frames = _cfg_int(bp.get("batch_frames", 32), "batch_frames", source,
-                                     "an integer >= 1", lambda x: x >= 1)
+        self.batch_frames = _cfg_int(
+            bp.get("batch_frames", 32), "batch_frames", source, "an integer >= 1", lambda x: x >= 1
+        )
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.np_dtype = np.dtype(dtype)
 
     def __repr__(self):
-        return (f"{type(self).__name__}(device={str(self.device)!r}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')!r}, "
-                f"batch_frames={self.batch_frames})")
+        return (
+            f"{type(self).__name__}(device={str(self.device)!r}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')!r}, "
+            f"batch_frames={self.batch_frames})"
+        )
 
     def _tensor(self, a):
         """A numpy ``(n, H, W, C)`` (or ``(H, W, C)``) array as a ``(n, C, W, H)`` tensor."""
@@ -5475,18 +6238,27 @@ class TorchBackend:
             wmap = None
             if params.local:
                 wmap = self.torch.as_tensor(params.wmap, dtype=self.dtype, device=self.device)
-            return _TorchState(params, _tc_reference_pyramid(params, f1), wmap,
-                               None if fill is None else self._tensor(fill))
+            return _TorchState(
+                params,
+                _tc_reference_pyramid(params, f1),
+                wmap,
+                None if fill is None else self._tensor(fill),
+            )
 
     def _batches(self, state, frames, init):
         """Per batch of frames: ``(k0, k1, u, v)`` with u, v ``(n, W, H)`` tensors."""
         torch = self.torch
-        ui, vi = (torch.as_tensor(np.ascontiguousarray(init[..., c].T), dtype=self.dtype,
-                                  device=self.device) for c in (0, 1))
+        ui, vi = (
+            torch.as_tensor(
+                np.ascontiguousarray(init[..., c].T), dtype=self.dtype, device=self.device
+            )
+            for c in (0, 1)
+        )
         for k0 in range(0, len(frames), self.batch_frames):
             k1 = min(k0 + self.batch_frames, len(frames))
-            u, v = _tc_get_displacement(state.params, state.pyramid,
-                                        self._tensor(frames[k0:k1]), ui, vi, state.wmap)
+            u, v = _tc_get_displacement(
+                state.params, state.pyramid, self._tensor(frames[k0:k1]), ui, vi, state.wmap
+            )
             yield k0, k1, u, v
 
     @staticmethod
@@ -5543,16 +6315,36 @@ _DIS_SETTINGS = {
     "patch_size": ("setPatchSize", "an integer >= 1", int, lambda x: x >= 1),
     "patch_stride": ("setPatchStride", "an integer >= 1", int, lambda x: x >= 1),
     "finest_scale": ("setFinestScale", "an integer >= 0", int, lambda x: x >= 0),
-    "gradient_descent_iterations": ("setGradientDescentIterations", "an integer >= 1", int,
-                                    lambda x: x >= 1),
-    "variational_refinement_iterations": ("setVariationalRefinementIterations",
-                                          "an integer >= 0", int, lambda x: x >= 0),
-    "variational_refinement_alpha": ("setVariationalRefinementAlpha", "a number >= 0", float,
-                                     lambda x: x >= 0),
-    "variational_refinement_delta": ("setVariationalRefinementDelta", "a number >= 0", float,
-                                     lambda x: x >= 0),
-    "variational_refinement_gamma": ("setVariationalRefinementGamma", "a number >= 0", float,
-                                     lambda x: x >= 0),
+    "gradient_descent_iterations": (
+        "setGradientDescentIterations",
+        "an integer >= 1",
+        int,
+        lambda x: x >= 1,
+    ),
+    "variational_refinement_iterations": (
+        "setVariationalRefinementIterations",
+        "an integer >= 0",
+        int,
+        lambda x: x >= 0,
+    ),
+    "variational_refinement_alpha": (
+        "setVariationalRefinementAlpha",
+        "a number >= 0",
+        float,
+        lambda x: x >= 0,
+    ),
+    "variational_refinement_delta": (
+        "setVariationalRefinementDelta",
+        "a number >= 0",
+        float,
+        lambda x: x >= 0,
+    ),
+    "variational_refinement_gamma": (
+        "setVariationalRefinementGamma",
+        "a number >= 0",
+        float,
+        lambda x: x >= 0,
+    ),
     "use_mean_normalization": ("setUseMeanNormalization", None, bool, None),
     "use_spatial_propagation": ("setUseSpatialPropagation", None, bool, None),
 }
@@ -5578,8 +6370,8 @@ def _dis_grey(img, p):
 
 class _DisState(NamedTuple):
     params: _FlowParams
-    ref: np.ndarray      # (H, W) uint8 grey reference
-    fill: np.ndarray     # (C, W, H) raw fill image, or None
+    ref: np.ndarray  # (H, W) uint8 grey reference
+    fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
 class DisBackend:
@@ -5608,8 +6400,11 @@ class DisBackend:
         try:
             import cv2
         except ImportError as exc:
-            raise _unavailable(self.name, f"OpenCV cannot be imported ({exc})",
-                               "install it with `pip install opencv-python-headless`") from None
+            raise _unavailable(
+                self.name,
+                f"OpenCV cannot be imported ({exc})",
+                "install it with `pip install opencv-python-headless`",
+            ) from None
         self.cv2 = cv2
         self.preset = _cfg_choice(bp.get("preset", "medium"), "preset", source, _DIS_PRESETS)
         self.settings = {}
@@ -5626,13 +6421,16 @@ class DisBackend:
         size = self.settings.get("setPatchSize", 8 if "setPatchStride" in self.settings else None)
         stride = self.settings.get("setPatchStride")
         if stride is not None and size is not None and stride > size:
-            msg = (f"{source}: patch_stride ({stride}) must not exceed patch_size ({size})")
+            msg = f"{source}: patch_stride ({stride}) must not exceed patch_size ({size})"
             raise ConfigError(msg)
         self._local = threading.local()
 
     def __repr__(self):
-        extra = "".join(f", {k}={self.settings[s]!r}" for k, (s, *_) in _DIS_SETTINGS.items()
-                        if s in self.settings)
+        extra = "".join(
+            f", {k}={self.settings[s]!r}"
+            for k, (s, *_) in _DIS_SETTINGS.items()
+            if s in self.settings
+        )
         return f"{type(self).__name__}(preset={self.preset!r}{extra})"
 
     def _dis(self):
@@ -5641,7 +6439,8 @@ class DisBackend:
         if dis is None:
             cv2 = self.cv2
             dis = cv2.DISOpticalFlow.create(
-                getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{self.preset.upper()}"))
+                getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{self.preset.upper()}")
+            )
             for setter, value in self.settings.items():
                 getattr(dis, setter)(value)
             self._local.dis = dis
@@ -5675,8 +6474,9 @@ class DisBackend:
         def one(k):
             w[k] = self._flow(state.ref, frames[k], state.params)
             u, v = _field_internal(w[k])
-            out, ok = _warp_stack(_to_internal(np.asarray(raw[k], dtype=np.float64)), u, v,
-                                  state.fill, method)
+            out, ok = _warp_stack(
+                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
+            )
             reg[k] = out.transpose(2, 1, 0)
             valid[k] = ok.T
             if with_stats:
@@ -5703,8 +6503,9 @@ def _atomic_write(path, write):
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-",
-                               suffix="")
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", suffix=""
+    )
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -5755,7 +6556,7 @@ def _gauss_kernel(sigma):
     h = h / h.sum()
     nz = np.flatnonzero(h)
     half = max(r - nz[0], nz[-1] - r)
-    return h[r - half:r + half + 1]
+    return h[r - half : r + half + 1]
 
 
 def _gauss_kernels(sigma, n_channels, offset=(0.0, 0.0, 0.0)):
@@ -5764,12 +6565,14 @@ def _gauss_kernels(sigma, n_channels, offset=(0.0, 0.0, 0.0)):
     sig = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
     out = []
     for axis in range(3):
-        ks = [_gauss_kernel((sig[c] if c < len(sig) else sig[0])[axis] + offset[axis])
-              for c in range(n_channels)]
+        ks = [
+            _gauss_kernel((sig[c] if c < len(sig) else sig[0])[axis] + offset[axis])
+            for c in range(n_channels)
+        ]
         r = max(k.size for k in ks) // 2
         table = np.zeros((n_channels, 2 * r + 1))
         for c, k in enumerate(ks):
-            table[c, r - k.size // 2:r + k.size // 2 + 1] = k
+            table[c, r - k.size // 2 : r + k.size // 2 + 1] = k
         out.append(table)
     return out
 
@@ -5899,8 +6702,21 @@ def _smooth_frames(raw, sigma, halo, i0, i1, pool, lo=None, hi=None, offset=(0.0
     kernel releases the GIL); identical to one call."""
     out = np.empty((i1 - i0, *raw.shape[1:]))
     steps = range(i0, i1, _SMOOTH_STEP)
-    list(pool.map(lambda a: _smooth(raw, a, min(a + _SMOOTH_STEP, i1), sigma, lo, hi, offset,
-                                    out=out[a - i0:min(a + _SMOOTH_STEP, i1) - i0]), steps))
+    list(
+        pool.map(
+            lambda a: _smooth(
+                raw,
+                a,
+                min(a + _SMOOTH_STEP, i1),
+                sigma,
+                lo,
+                hi,
+                offset,
+                out=out[a - i0 : min(a + _SMOOTH_STEP, i1) - i0],
+            ),
+            steps,
+        )
+    )
     return out
 
 
@@ -5947,8 +6763,9 @@ class _Preprocessed:
         self.pool = pool
         self.halo = _temporal_halo(sigma)
         self.lo0, self.hi0 = _minmax(raw, False)
-        self.lo, self.hi, total = _smoothed_range(raw, sigma, self.halo, separate, pool,
-                                                  self.lo0, self.hi0)
+        self.lo, self.hi, total = _smoothed_range(
+            raw, sigma, self.halo, separate, pool, self.lo0, self.hi0
+        )
         self.mean = _normalise(total / len(raw), self.lo, self.hi)
 
     def frames(self, i0, i1):
@@ -5972,17 +6789,30 @@ def _weight_vector(weight, n_channels):
 def _flow_params(opts, n_channels, *, alpha_offset=0.0):
     al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
     ax, ay = (al[0], al[-1])
-    ad = np.broadcast_to(np.atleast_1d(np.asarray(opts.a_data, dtype=np.float64)),
-                         (n_channels,)) if np.size(opts.a_data) in (1, n_channels) else None
+    ad = (
+        np.broadcast_to(np.atleast_1d(np.asarray(opts.a_data, dtype=np.float64)), (n_channels,))
+        if np.size(opts.a_data) in (1, n_channels)
+        else None
+    )
     if ad is None:
         msg = f"flow_options.a_data has {np.size(opts.a_data)} entries for {n_channels} channels"
         raise ConfigError(msg)
-    return _FlowParams(float(ax + alpha_offset), float(ay + alpha_offset), int(opts.iterations),
-                       int(opts.update_lag), np.ascontiguousarray(ad, dtype=np.float64),
-                       float(opts.a_smooth), int(opts.levels), float(opts.eta),
-                       int(opts.effective_min_level), _tensor_kind(opts.constancy_assumption),
-                       bool(opts.matlab_quirks), _weight_vector(opts.weight, n_channels),
-                       np.zeros((n_channels, 1, 1)), False)
+    return _FlowParams(
+        float(ax + alpha_offset),
+        float(ay + alpha_offset),
+        int(opts.iterations),
+        int(opts.update_lag),
+        np.ascontiguousarray(ad, dtype=np.float64),
+        float(opts.a_smooth),
+        int(opts.levels),
+        float(opts.eta),
+        int(opts.effective_min_level),
+        _tensor_kind(opts.constancy_assumption),
+        bool(opts.matlab_quirks),
+        _weight_vector(opts.weight, n_channels),
+        np.zeros((n_channels, 1, 1)),
+        False,
+    )
 
 
 def _frame_statistics(u, v):
@@ -6015,8 +6845,8 @@ def _nb_frame_statistics(u, v):
             s_mag += mag
             if mag > m_mag or (y == 0 and x == 0):
                 m_mag = mag
-            gx = ((u[y0, x1] - u[y0, x0]) + 2.0 * (u[y, x1] - u[y, x0]) + (u[y1, x1] - u[y1, x0]))
-            gy = ((v[y1, x0] - v[y0, x0]) + 2.0 * (v[y1, x] - v[y0, x]) + (v[y1, x1] - v[y0, x1]))
+            gx = (u[y0, x1] - u[y0, x0]) + 2.0 * (u[y, x1] - u[y, x0]) + (u[y1, x1] - u[y1, x0])
+            gy = (v[y1, x0] - v[y0, x0]) + 2.0 * (v[y1, x] - v[y0, x]) + (v[y1, x1] - v[y0, x1])
             s_div += gx + gy
             s_u += uu
             s_v += vv
@@ -6042,15 +6872,21 @@ def _reference_indices(opts, n_frames, name):
     if opts.reference_frames is None:
         idx = [i for i in range(49, 500) if i < n_frames]  # MATLAB 50:500, 1-based
         if not idx:
-            log.info("%s: %d frames, fewer than the default reference range (frames 50-500); "
-                     "using all frames for the reference", name, n_frames)
+            log.info(
+                "%s: %d frames, fewer than the default reference range (frames 50-500); "
+                "using all frames for the reference",
+                name,
+                n_frames,
+            )
             idx = list(range(n_frames))
         return idx
     idx = [int(i) for i in opts.reference_frames]
     bad = [i for i in idx if i >= n_frames]
     if bad:
-        msg = (f"flow_options.reference_frames: frame {bad[0]} does not exist in {name} "
-               f"({n_frames} frames after binning); choose indices below {n_frames}")
+        msg = (
+            f"flow_options.reference_frames: frame {bad[0]} does not exist in {name} "
+            f"({n_frames} frames after binning); choose indices below {n_frames}"
+        )
         raise ConfigError(msg)
     return idx
 
@@ -6062,8 +6898,11 @@ def _check_finite(frames, name, first):
     bad = ~np.isfinite(frames).reshape(len(frames), -1).all(axis=1)
     if bad.any():
         where = np.flatnonzero(bad)
-        which = (f"frames {where[0] + first}..{where[-1] + first}" if first is not None
-                 else f"{len(where)} of the reference frames")
+        which = (
+            f"frames {where[0] + first}..{where[-1] + first}"
+            if first is not None
+            else f"{len(where)} of the reference frames"
+        )
         msg = f"{name}: {which} contain NaN or Inf values; fix or drop them before registration"
         raise InputError(msg)
 
@@ -6075,16 +6914,20 @@ def _check_writable(path, key):
         with tempfile.NamedTemporaryFile(dir=path, prefix=".flowsession-probe-"):
             pass
     except OSError as exc:
-        msg = (f"{key}: cannot write to {path} ({exc.strerror or exc}); choose a folder you can "
-               "write to")
+        msg = (
+            f"{key}: cannot write to {path} ({exc.strerror or exc}); choose a folder you can "
+            "write to"
+        )
         raise ConfigError(msg) from None
 
 
 def _check_supported(opts):
     """Refuse options this version accepts for compatibility but does not implement."""
     if opts.cc_initialization:
-        msg = ("flow_options.cc_initialization = true is not supported by this version "
-               "(per-frame rigid pre-alignment); remove it or set it to false")
+        msg = (
+            "flow_options.cc_initialization = true is not supported by this version "
+            "(per-frame rigid pre-alignment); remove it or set it to false"
+        )
         raise ConfigError(msg)
 
 
@@ -6100,8 +6943,10 @@ def _check_recordings(files, opts):
             shapes[f.name] = (r.height, r.width, r.n_channels)
     if len(set(shapes.values())) > 1:
         detail = ", ".join(f"{k} {v[0]}x{v[1]}x{v[2]}" for k, v in shapes.items())
-        msg = (f"the recordings of a session must share frame size and channel count "
-               f"(H x W x C): {detail}; split them into separate sessions")
+        msg = (
+            f"the recordings of a session must share frame size and channel count "
+            f"(H x W x C): {detail}; split them into separate sessions"
+        )
         raise InputError(msg)
 
 
@@ -6120,9 +6965,11 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     tmp = reader.read_frames(idx)
     _check_finite(tmp, name, None)
     if tmp.max() == tmp.min():
-        msg = (f"{name}: the reference frames ({len(idx)} frames from {idx[0]}) are constant "
-               f"(every pixel {tmp.flat[0]:g}); there is no image to register against: "
-               "check the recording or choose other reference_frames")
+        msg = (
+            f"{name}: the reference frames ({len(idx)} frames from {idx[0]}) are constant "
+            f"(every pixel {tmp.flat[0]:g}); there is no image to register against: "
+            "check the recording or choose other reference_frames"
+        )
         raise InputError(msg)
     if len(tmp) == 1:
         return tmp[0].astype(np.float64)
@@ -6142,8 +6989,15 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     step = max(64, getattr(backend, "chunk_frames", None) or 0)
     total = np.zeros((H, W, C))
     for i0 in range(0, n, step):
-        reg = backend.register(state, c1[i0:i0 + step], tmp[i0:i0 + step], np.zeros((H, W, 2)),
-                               2, pool, with_stats=False)[1]
+        reg = backend.register(
+            state,
+            c1[i0 : i0 + step],
+            tmp[i0 : i0 + step],
+            np.zeros((H, W, 2)),
+            2,
+            pool,
+            with_stats=False,
+        )[1]
         for frame in reg:
             total += frame
     return total / n
@@ -6182,8 +7036,14 @@ class _Progress:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d frames, %.1f frames/s, %s left", self.name, self.done,
-                     self.total, rate, _fmt_seconds(left))
+            log.info(
+                "%s: %d/%d frames, %.1f frames/s, %s left",
+                self.name,
+                self.done,
+                self.total,
+                rate,
+                _fmt_seconds(left),
+            )
 
 
 def _fmt_seconds(s):
@@ -6208,8 +7068,11 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     if T == 0:
         msg = f"{name}: the recording has no frames"
         raise InputError(msg)
-    out_dtype = np.dtype(opts.output_typename) if opts.output_typename else (
-        reader.dtype if reader.bin_size == 1 else np.dtype(np.float64))
+    out_dtype = (
+        np.dtype(opts.output_typename)
+        if opts.output_typename
+        else (reader.dtype if reader.bin_size == 1 else np.dtype(np.float64))
+    )
     if out_dtype.kind not in "uif":
         msg = f"{name}: cannot write data of type {out_dtype}"
         raise InputError(msg)
@@ -6237,21 +7100,41 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         while pending:
             pending.pop().result()
 
-    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer") as writer:
+    with (
+        ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer") as writer,
+    ):
         with phases("reference"):
             ref_raw = compute_reference(reader, opts, pool, name, backend)
         try:
-            comp = open_writer(os.path.join(folder, f"compensated.{ext}"), opts.output_format,
-                               height=H, width=W, n_channels=C, dtype=out_dtype)
+            comp = open_writer(
+                os.path.join(folder, f"compensated.{ext}"),
+                opts.output_format,
+                height=H,
+                width=W,
+                n_channels=C,
+                dtype=out_dtype,
+            )
             writers.append(comp)
-            idxw = Hdf5VideoWriter(os.path.join(folder, "idx.hdf"), height=H, width=W,
-                                   n_channels=1, dtype=np.uint8, dataset_names=["idx"])
+            idxw = Hdf5VideoWriter(
+                os.path.join(folder, "idx.hdf"),
+                height=H,
+                width=W,
+                n_channels=1,
+                dtype=np.uint8,
+                dataset_names=["idx"],
+            )
             writers.append(idxw)
             wwr = None
             if opts.save_w:
-                wwr = Hdf5VideoWriter(os.path.join(folder, "w.hdf5"), height=H, width=W,
-                                      n_channels=2, dtype=np.float32, dataset_names=["u", "v"])
+                wwr = Hdf5VideoWriter(
+                    os.path.join(folder, "w.hdf5"),
+                    height=H,
+                    width=W,
+                    n_channels=2,
+                    dtype=np.float32,
+                    dataset_names=["u", "v"],
+                )
                 writers.append(wwr)
             state = w_init = None
             batches = reader.iter_batches(opts.buffer_size)
@@ -6271,12 +7154,14 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     # first 22 frames.
                     with phases("initial flows"):
                         lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
-                        c_ref = _normalise(gaussian_filter_video(ref_raw[None], sigma)[0], lo,
-                                           hi, clip=sep)
+                        c_ref = _normalise(
+                            gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi, clip=sep
+                        )
                         state = backend.reference(params, c_ref, ref_raw)
-                        first = _Preprocessed(raw[:min(22, n)], sigma, sep, pool)
-                        w_init = backend.flows(state, first.frames(0, len(first.raw)),
-                                               np.zeros((H, W, 2)), pool).mean(axis=0)
+                        first = _Preprocessed(raw[: min(22, n)], sigma, sep, pool)
+                        w_init = backend.flows(
+                            state, first.frames(0, len(first.raw)), np.zeros((H, W, 2)), pool
+                        ).mean(axis=0)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
                 n_ref = min(100, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
@@ -6284,16 +7169,17 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 w_tail = []
                 for i0 in range(0, n, chunk):
                     i1 = min(i0 + chunk, n)
-                    w, reg, valid, c1, st = _registered_frames(pre, raw, i0, i1, backend, state,
-                                                               init, method, pool, phases)
-                    stats[:, b0 + i0:b0 + i1] = st
+                    w, reg, valid, c1, st = _registered_frames(
+                        pre, raw, i0, i1, backend, state, init, method, pool, phases
+                    )
+                    stats[:, b0 + i0 : b0 + i1] = st
                     # The writer thread casts and writes this chunk while the pool
                     # computes the next one; "write" is the time spent waiting for it.
                     with phases("write"):
                         wait_for_writer()
                     pending.append(writer.submit(write_chunk, reg, valid, w))
                     w_sum += w.sum(axis=0)
-                    w_tail.extend(w[max(0, n - 21 - i0):])
+                    w_tail.extend(w[max(0, n - 21 - i0) :])
                     w_tail = w_tail[-21:]
                     if ref_sum is not None:
                         _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
@@ -6320,11 +7206,21 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
     atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
     if opts.save_meta_info:
-        atomic_save_npz(os.path.join(folder, "statistics.npz"), mean_disp=stats[0],
-                        max_disp=stats[1], mean_div=stats[2], mean_translation=stats[3])
-    return {"frames": T, "shape": [H, W, C], "dtype": str(out_dtype),
-            "compensated": f"compensated.{ext}", "backend": backend.name,
-            "phase_seconds": phases.rounded()}
+        atomic_save_npz(
+            os.path.join(folder, "statistics.npz"),
+            mean_disp=stats[0],
+            max_disp=stats[1],
+            mean_div=stats[2],
+            mean_translation=stats[3],
+        )
+    return {
+        "frames": T,
+        "shape": [H, W, C],
+        "dtype": str(out_dtype),
+        "compensated": f"compensated.{ext}",
+        "backend": backend.name,
+        "phase_seconds": phases.rounded(),
+    }
 
 
 def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
@@ -6370,9 +7266,11 @@ def _load_status(folder):
 
 
 def _stage1_expected(input_file, opts, config):
-    return {"input": _input_fingerprint(input_file),
-            "options": _digest([opts.to_dict(), config.flow_backend, config.backend_params]),
-            "version": __version__}
+    return {
+        "input": _input_fingerprint(input_file),
+        "options": _digest([opts.to_dict(), config.flow_backend, config.backend_params]),
+        "version": __version__,
+    }
 
 
 def _verify_stage1(folder, status, expected, opts):
@@ -6404,8 +7302,10 @@ def _verify_stage1(folder, status, expected, opts):
             return "reference_frame.npy is damaged"
         if opts.save_meta_info:
             with np.load(os.path.join(folder, "statistics.npz")) as st:
-                if any(st[k].shape != (T,) for k in ("mean_disp", "max_disp", "mean_div",
-                                                      "mean_translation")):
+                if any(
+                    st[k].shape != (T,)
+                    for k in ("mean_disp", "max_disp", "mean_div", "mean_translation")
+                ):
                     return "statistics.npz is damaged"
     except Exception as exc:  # any unreadable output means: recompute
         return f"an output is missing or unreadable ({type(exc).__name__}: {exc})"
@@ -6446,15 +7346,19 @@ def _compensate_locked(input_file, name, folder, config, opts):
     backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
     with open_video(input_file, bin_size=opts.bin_size) as reader:
-        info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name,
-                                  backend)
+        info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name, backend)
     opts.save_json(os.path.join(folder, "options.json"))
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
     _kill_point("stage1.status")
     _atomic_save_json(os.path.join(folder, STATUS_FILE), {"stage1": info})
-    log.info("%s: Stage 1 done, %d frames in %s (%.1f frames/s)", name, info["frames"],
-             _fmt_seconds(dt), info["frames"] / max(dt, 1e-9))
+    log.info(
+        "%s: Stage 1 done, %d frames in %s (%.1f frames/s)",
+        name,
+        info["frames"],
+        _fmt_seconds(dt),
+        info["frames"] / max(dt, 1e-9),
+    )
     return folder
 
 
@@ -6472,12 +7376,16 @@ def run_stage1(config, of_options_override=None, task_index=None):
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
     if task_index is not None:
         if not 0 <= int(task_index) < len(files):
-            msg = (f"task index {task_index} is out of range: the session has {len(files)} "
-                   f"recordings (valid 0..{len(files) - 1})")
+            msg = (
+                f"task index {task_index} is out of range: the session has {len(files)} "
+                f"recordings (valid 0..{len(files) - 1})"
+            )
             raise ConfigError(msg)
         files = [files[int(task_index)]]
     if config.center:
-        config.resolve_center(config.discover_inputs())  # a wrong center fails now, not after Stage 1
+        config.resolve_center(
+            config.discover_inputs()
+        )  # a wrong center fails now, not after Stage 1
     _check_supported(opts)
     _check_recordings(files, opts)
     _check_writable(config.output_root_path, "output_root")
@@ -6498,8 +7406,10 @@ def run_stage1_array(config, of_options_override=None):
     """
     task_id = get_array_task_id()
     if task_id is None:
-        msg = ("no array task id: none of SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAY_INDEX "
-               "is set; submit as an array job or use --index N")
+        msg = (
+            "no array task id: none of SLURM_ARRAY_TASK_ID, SGE_TASK_ID, PBS_ARRAY_INDEX "
+            "is set; submit as an array job or use --index N"
+        )
         raise ConfigError(msg)
     files = config.discover_inputs()
     return run_stage1(config, of_options_override, array_task_to_index(task_id, len(files)))
@@ -6516,7 +7426,9 @@ def _xc_as_float(a, name, ndims=(2, 3)):
     if a.dtype.kind not in "biuf":
         raise InputError(f"{name}: expected a real numeric array, got dtype {a.dtype}")
     if a.ndim not in ndims:
-        raise InputError(f"{name}: expected {' or '.join(f'{d}-D' for d in ndims)}, got shape {a.shape}")
+        raise InputError(
+            f"{name}: expected {' or '.join(f'{d}-D' for d in ndims)}, got shape {a.shape}"
+        )
     if a.size == 0:
         raise InputError(f"{name}: empty array of shape {a.shape}")
     a = a.astype(np.float64)
@@ -6542,8 +7454,8 @@ def _xc_local_sum(a, m, n):
     Running sums along each axis as in MATLAB's ``normxcorr2``; output ``(M + m - 1, N + n - 1)``.
     """
     s = np.cumsum(np.pad(a, ((m, m), (n, n))), axis=0)
-    s = np.cumsum(s[m:-1] - s[:-m - 1], axis=1)
-    return s[:, n:-1] - s[:, :-n - 1]
+    s = np.cumsum(s[m:-1] - s[: -m - 1], axis=1)
+    return s[:, n:-1] - s[:, : -n - 1]
 
 
 def normxcorr2(template, image):
@@ -6633,7 +7545,7 @@ def get_displacement_cc(fixed, moving):
         if np.ptp(moving[..., k]) == 0:
             raise InputError(f"moving channel {k} is constant: cross-correlation needs variance")
         c = np.abs(normxcorr2(fixed[..., k], moving[..., k]))
-        col, row = divmod(int(np.argmax(c.T)), c.shape[0])   # column-major first maximum
+        col, row = divmod(int(np.argmax(c.T)), c.shape[0])  # column-major first maximum
         offsets[k] = (col + 1 - n, row + 1 - m)
     w = np.empty((m, n, 2))
     w[...] = offsets.mean(axis=0)
@@ -6690,8 +7602,10 @@ def _xc_overlap_hann(length, shift):
     """
     lo, hi = max(0.0, -shift), min(length - 1.0, length - 1.0 - shift)
     x = np.arange(length, dtype=np.float64)
-    return [np.where((t >= lo) & (t <= hi), np.sin(np.pi * (t - lo) / (hi - lo)) ** 2, 0.0)
-            for t in (x, x - shift)]
+    return [
+        np.where((t >= lo) & (t <= hi), np.sin(np.pi * (t - lo) / (hi - lo)) ** 2, 0.0)
+        for t in (x, x - shift)
+    ]
 
 
 def _xc_cross_power(fixed, moving, weight, shift, window, phase):
@@ -6713,9 +7627,11 @@ def _xc_cross_power(fixed, moving, weight, shift, window, phase):
         tapers = (np.ones((h, w)), np.ones((h, w)))
     cross = np.zeros((h, w), dtype=np.complex128)
     for k in np.flatnonzero(weight):
-        fa, fb = (t * (img[..., k] - np.sum(img[..., k] * t) / np.sum(t))
-                  for img, t in zip((fixed, moving), tapers))
-        r = np.conj(np.fft.fft2(fa)) * np.fft.fft2(fb)   # peaks at +d for moving = fixed moved by +d
+        fa, fb = (
+            t * (img[..., k] - np.sum(img[..., k] * t) / np.sum(t))
+            for img, t in zip((fixed, moving), tapers)
+        )
+        r = np.conj(np.fft.fft2(fa)) * np.fft.fft2(fb)  # peaks at +d for moving = fixed moved by +d
         scale = np.abs(r) if phase else math.sqrt(np.sum(fa * fa) * np.sum(fb * fb))
         cross += weight[k] * r / np.maximum(scale, 1e-6 * np.max(scale) + np.finfo(np.float64).tiny)
     return cross
@@ -6728,13 +7644,15 @@ def _xc_peak(cross, upsample):
     peak = np.array(np.unravel_index(int(np.argmax(corr)), corr.shape), dtype=np.float64)
     peak[peak > size / 2] -= size[peak > size / 2]
     if upsample > 1:
-        half = math.ceil(0.75 * upsample)   # grid of 2 * half + 1 points covers >= 1.5 px
+        half = math.ceil(0.75 * upsample)  # grid of 2 * half + 1 points covers >= 1.5 px
         fine = _xc_upsampled_dft(cross, 2 * half + 1, upsample, peak - half / upsample).real
         peak += (np.array(np.unravel_index(int(np.argmax(fine)), fine.shape)) - half) / upsample
     return peak
 
 
-def estimate_rigid_shift(fixed, moving, *, upsample=4, weight=None, window=True, normalization=None):
+def estimate_rigid_shift(
+    fixed, moving, *, upsample=4, weight=None, window=True, normalization=None
+):
     """Sub-pixel rigid shift by (phase) cross-correlation, refined with an upsampled DFT.
 
     Each channel is tapered by a separable Hann window (if `window`) and made
@@ -6791,7 +7709,9 @@ def estimate_rigid_shift(fixed, moving, *, upsample=4, weight=None, window=True,
     fixed, moving = _xc_pair(fixed, moving)
     h, w, nc = fixed.shape
     if min(h, w) < 8:
-        raise InputError(f"images of shape {fixed.shape[:2]} are too small for cross-correlation (< 8 px)")
+        raise InputError(
+            f"images of shape {fixed.shape[:2]} are too small for cross-correlation (< 8 px)"
+        )
     if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or upsample < 1:
         raise InputError(f"upsample must be an integer >= 1, got {upsample!r}")
     if normalization not in (None, "phase"):
@@ -6852,8 +7772,9 @@ def _session_averages(config, files, stage):
     shapes = {a.shape for a in avgs}
     if len(shapes) > 1:
         detail = ", ".join(f"{f.name} {a.shape}" for f, a in zip(files, avgs))
-        msg = (f"the recordings of a session must have one frame size and channel count; "
-               f"got {detail}")
+        msg = (
+            f"the recordings of a session must have one frame size and channel count; got {detail}"
+        )
         raise InputError(msg)
     return avgs
 
@@ -6885,10 +7806,12 @@ def compute_between_displacement(reference_average, average, config, backend=Non
     img2 = _smooth_normalise(average, config.sigma_smooth)
     H, W = img1.shape[:2]
     img2 = imregister_wrapper(img2, np.full((H, W), dx), np.full((H, W), dy), img1, "cubic")
-    params = _displacement_params(img1.shape[2], alpha=(config.alpha_between,
-                                                        config.alpha_between),
-                                  iterations=config.iterations_between,
-                                  const_assumption=config.stage2_constancy_assumption)
+    params = _displacement_params(
+        img1.shape[2],
+        alpha=(config.alpha_between, config.alpha_between),
+        iterations=config.iterations_between,
+        const_assumption=config.stage2_constancy_assumption,
+    )
     w = backend.pair(params, img1, img2)
     w[..., 0] += dx
     w[..., 1] += dy
@@ -6896,9 +7819,18 @@ def compute_between_displacement(reference_average, average, config, backend=Non
 
 
 def _stage2_params(config):
-    return {k: getattr(config, k) for k in ("cc_upsample", "sigma_smooth", "alpha_between",
-                                             "iterations_between", "stage2_constancy_assumption",
-                                             "flow_backend", "backend_params")}
+    return {
+        k: getattr(config, k)
+        for k in (
+            "cc_upsample",
+            "sigma_smooth",
+            "alpha_between",
+            "iterations_between",
+            "stage2_constancy_assumption",
+            "flow_backend",
+            "backend_params",
+        )
+    }
 
 
 def _array_digest(a):
@@ -6927,11 +7859,26 @@ def run_stage2(config):
     for i, f in enumerate(files):
         _check_stop(f"in Stage 2 before {f.name}")
         folder = _recording_folder(config, f)
-        expected = {"center": pathlib.Path(center_file).name, "center_average": ref_digest,
-                    "average": _array_digest(avgs[i]), "params": _digest(params)}
+        expected = {
+            "center": pathlib.Path(center_file).name,
+            "center_average": ref_digest,
+            "average": _array_digest(avgs[i]),
+            "params": _digest(params),
+        }
         with _folder_lock(folder, f.name):
-            fields.append(_stage2_one(config, folder, f.name, expected, i == middle_idx, ref,
-                                      avgs[i], pathlib.Path(center_file).name, backend))
+            fields.append(
+                _stage2_one(
+                    config,
+                    folder,
+                    f.name,
+                    expected,
+                    i == middle_idx,
+                    ref,
+                    avgs[i],
+                    pathlib.Path(center_file).name,
+                    backend,
+                )
+            )
     return middle_idx, center_file, fields
 
 
@@ -6946,8 +7893,14 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
     else:
         t0 = time.monotonic()
         w = compute_between_displacement(ref, avg, config, backend)
-        log.info("Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s", name, center_name,
-                 w[..., 0].mean(), w[..., 1].mean(), time.monotonic() - t0)
+        log.info(
+            "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s",
+            name,
+            center_name,
+            w[..., 0].mean(),
+            w[..., 1].mean(),
+            time.monotonic() - t0,
+        )
     _kill_point("stage2.save")
     atomic_save_npz(path, u=w[..., 0], v=w[..., 1])
     _kill_point("stage2.status")
@@ -6990,7 +7943,7 @@ def _mask_over_time(path, name, n_frames=None, chunk=256):
                 raise InputError(msg)
             mask = np.ones(d.shape[1:], dtype=bool)
             for t in range(0, d.shape[0], chunk):
-                mask &= np.all(d[t:t + chunk] > 0, axis=0)
+                mask &= np.all(d[t : t + chunk] > 0, axis=0)
     except FileNotFoundError:
         msg = f"{name}: {path} is missing; run Stage 1 first"
         raise InputError(msg) from None
@@ -7014,8 +7967,10 @@ def align_sequence(batch, displacement, reference, interpolation="cubic"):
     refimg = refimg[..., None] if refimg.ndim == 2 else refimg
     w = np.asarray(displacement, dtype=np.float64)
     if frames.ndim != 4 or w.shape != frames.shape[1:3] + (2,) or refimg.shape != frames.shape[1:]:
-        msg = (f"align_sequence: batch {arr.shape}, displacement {w.shape} and reference "
-               f"{np.shape(reference)} do not fit together")
+        msg = (
+            f"align_sequence: batch {arr.shape}, displacement {w.shape} and reference "
+            f"{np.shape(reference)} do not fit together"
+        )
         raise InputError(msg)
     u, v = _field_internal(w)
     fill = _to_internal(refimg)
@@ -7036,12 +7991,14 @@ def _align_video(src, dst, fmt, w, reference, chunk, pool):
         H, W, C = reader.height, reader.width, reader.n_channels
         with open_writer(dst, fmt, height=H, width=W, n_channels=C, dtype=reader.dtype) as wr:
             for _, frames in reader.iter_batches(chunk):
+
                 def one(t, frames=frames):
                     reg, _ = _warp_stack(_to_internal(frames[t].astype(np.float64)), u, v, fill, 2)
                     return reg.transpose(2, 1, 0)
 
-                wr.append(cast_to_dtype(np.stack(list(pool.map(one, range(len(frames))))),
-                                        reader.dtype))
+                wr.append(
+                    cast_to_dtype(np.stack(list(pool.map(one, range(len(frames))))), reader.dtype)
+                )
                 _kill_point("stage3.chunk")
                 _check_stop(f"in Stage 3 while writing {os.path.basename(dst)}")
         return len(reader)
@@ -7081,8 +8038,7 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     out_dir = config.final_results_path
     _check_writable(out_dir, "final_results")
     with _folder_lock(out_dir, "final_results"):
-        return _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
-                              out_dir)
+        return _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir)
 
 
 def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir):
@@ -7100,27 +8056,41 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     done = status.get("aligned", {}) if isinstance(status.get("aligned"), dict) else {}
     with ThreadPoolExecutor(max_workers=config.n_workers_effective()) as pool:
         for name, src, dst, w in zip(names, comp_paths, video_paths, fields):
-            expected = {"field": _array_digest(w), "reference": _array_digest(ref),
-                        "source": _input_fingerprint(src) if os.path.exists(src) else None}
-            if config.resume and done.get(name, {}).get("key") == expected \
-                    and _video_frames(dst) == done[name].get("frames"):
+            expected = {
+                "field": _array_digest(w),
+                "reference": _array_digest(ref),
+                "source": _input_fingerprint(src) if os.path.exists(src) else None,
+            }
+            if (
+                config.resume
+                and done.get(name, {}).get("key") == expected
+                and _video_frames(dst) == done[name].get("frames")
+            ):
                 log.info("Stage 3: %s already complete, skipping", os.path.basename(dst))
                 continue
-            n = _align_video(src, dst, config.align_output_format, w, ref,
-                             config.align_chunk_size, pool)
+            n = _align_video(
+                src, dst, config.align_output_format, w, ref, config.align_chunk_size, pool
+            )
             _kill_point("stage3.video")
             done[name] = {"key": expected, "frames": n}
             status["aligned"] = done
             _atomic_save_json(status_path, status)
     averages_after = [align_sequence(a[None], w, ref)[0] for a, w in zip(avgs, fields)]
     _kill_point("stage3.bundle")
-    save_final_results(out_dir, final_valid=final, aligned_valid_masks=np.stack(aligned),
-                       per_seq_valid_masks=np.stack(per_seq),
-                       displacement_fields_u=np.stack([w[..., 0] for w in fields]),
-                       displacement_fields_v=np.stack([w[..., 1] for w in fields]),
-                       temporal_averages=np.stack(avgs), compensated_h5_paths=comp_paths,
-                       reference_average=ref, middle_idx=middle_idx,
-                       aligned_video_paths=video_paths, names=names)
+    save_final_results(
+        out_dir,
+        final_valid=final,
+        aligned_valid_masks=np.stack(aligned),
+        per_seq_valid_masks=np.stack(per_seq),
+        displacement_fields_u=np.stack([w[..., 0] for w in fields]),
+        displacement_fields_v=np.stack([w[..., 1] for w in fields]),
+        temporal_averages=np.stack(avgs),
+        compensated_h5_paths=comp_paths,
+        reference_average=ref,
+        middle_idx=middle_idx,
+        aligned_video_paths=video_paths,
+        names=names,
+    )
     traces = []
     for d in folders:
         try:
@@ -7128,11 +8098,20 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
                 traces.append(st["mean_disp"])
         except OSError:
             traces.append(np.zeros(0))
-    save_qc_figure(os.path.join(out_dir, "qc_session.png"), names=names, center_index=middle_idx,
-                   averages_before=avgs, averages_after=averages_after, final_valid=final,
-                   displacement_traces=traces)
-    status["stage3"] = {"state": "done", "middle_idx": int(middle_idx),
-                        "valid_fraction": float(final.mean())}
+    save_qc_figure(
+        os.path.join(out_dir, "qc_session.png"),
+        names=names,
+        center_index=middle_idx,
+        averages_before=avgs,
+        averages_after=averages_after,
+        final_valid=final,
+        displacement_traces=traces,
+    )
+    status["stage3"] = {
+        "state": "done",
+        "middle_idx": int(middle_idx),
+        "valid_fraction": float(final.mean()),
+    }
     _kill_point("stage3.status")
     _atomic_save_json(status_path, status)
     return final
@@ -7157,7 +8136,7 @@ def run_all_stages(config, of_options_override=None):
 ### Stage 3 outputs: masks, result bundle, QC figure
 ###############################################################################
 
-_FINAL_STEM = 'final_valid_idx'
+_FINAL_STEM = "final_valid_idx"
 _QC_MAX_COLUMNS = 6  # recordings per thumbnail block in the QC figure
 _QC_MAX_WIDTH_IN = 16.0
 
@@ -7192,21 +8171,23 @@ def save_mask_png(path, mask):
     try:
         from PIL import Image
     except ImportError:
-        msg = 'PNG output needs Pillow: pip install pillow'
+        msg = "PNG output needs Pillow: pip install pillow"
         raise FlowSessionError(msg) from None
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
-        msg = f'mask must be a non-empty 2-D (H, W) array, got shape {mask.shape}'
+        msg = f"mask must be a non-empty 2-D (H, W) array, got shape {mask.shape}"
         raise InputError(msg)
     image = Image.fromarray(np.ascontiguousarray(np.where(mask != 0, 255, 0).astype(np.uint8)))
-    _atomic_write(path, lambda fh: image.save(fh, format='PNG'))
+    _atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def _qc_as_array(name, value, dtype):
     try:
         return np.asarray(value, dtype=dtype)
     except (TypeError, ValueError) as exc:
-        msg = f'{name} cannot be read as a {np.dtype(dtype).name} array: {" ".join(str(exc).split())}'
+        msg = (
+            f"{name} cannot be read as a {np.dtype(dtype).name} array: {' '.join(str(exc).split())}"
+        )
         raise InputError(msg) from None
 
 
@@ -7216,13 +8197,13 @@ def _qc_check_axes(name, arr, axes, dims):
     The first array that names an axis fixes its length in `dims`.
     """
     if arr.ndim != len(axes):
-        msg = f'{name} must be {len(axes)}-D ({", ".join(axes)}), got shape {arr.shape}'
+        msg = f"{name} must be {len(axes)}-D ({', '.join(axes)}), got shape {arr.shape}"
         raise InputError(msg)
     for ax, n in zip(axes, arr.shape):
         want = dims.setdefault(ax, n)
         if n == 0 or n != want:
-            expect = ', '.join(f'{a}={dims[a]}' for a in axes if a in dims)
-            msg = f'{name} has shape {arr.shape}, expected ({", ".join(axes)}) with {expect}'
+            expect = ", ".join(f"{a}={dims[a]}" for a in axes if a in dims)
+            msg = f"{name} has shape {arr.shape}, expected ({', '.join(axes)}) with {expect}"
             raise InputError(msg)
     return arr
 
@@ -7237,41 +8218,55 @@ def _qc_as_paths(name, value, n):
     try:
         paths = [os.fsdecode(p) for p in value]
     except TypeError:
-        msg = f'{name} must be a list of {n} paths'
+        msg = f"{name} must be a list of {n} paths"
         raise InputError(msg) from None
     if len(paths) != n or not all(paths):
-        msg = f'{name} must hold {n} non-empty paths (N), got {len(paths)}'
+        msg = f"{name} must hold {n} non-empty paths (N), got {len(paths)}"
         raise InputError(msg)
     return np.array(paths, dtype=str)
 
 
 def _qc_check_names(names, n):
     if isinstance(names, str) or len(names) != n:
-        msg = f'names must be a list of {n} recording names (N), got {names!r:.80}'
+        msg = f"names must be a list of {n} recording names (N), got {names!r:.80}"
         raise InputError(msg)
     names = [str(s) for s in names]
     for s in names:
-        if s in ('', '.', '..') or '/' in s or (os.sep in s) or (os.altsep and os.altsep in s):
-            msg = f'names must be plain file stems, got {s!r}'
+        if s in ("", ".", "..") or "/" in s or (os.sep in s) or (os.altsep and os.altsep in s):
+            msg = f"names must be plain file stems, got {s!r}"
             raise InputError(msg)
     if len(set(names)) != n:
-        msg = f'names must be unique, got {names!r:.200}'
+        msg = f"names must be unique, got {names!r:.200}"
         raise InputError(msg)
     return names
 
 
 def _qc_check_index(name, value, n):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or not 0 <= value < n:
-        msg = f'{name} must be an integer in [0, {n - 1}] (0-based), got {value!r}'
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or not 0 <= value < n
+    ):
+        msg = f"{name} must be an integer in [0, {n - 1}] (0-based), got {value!r}"
         raise InputError(msg)
     return int(value)
 
 
-def save_final_results(folder, *, final_valid, aligned_valid_masks, per_seq_valid_masks,
-                       displacement_fields_u, displacement_fields_v, temporal_averages,
-                       compensated_h5_paths, reference_average, middle_idx,
-                       aligned_video_paths=None, names=None):
+def save_final_results(
+    folder,
+    *,
+    final_valid,
+    aligned_valid_masks,
+    per_seq_valid_masks,
+    displacement_fields_u,
+    displacement_fields_v,
+    temporal_averages,
+    compensated_h5_paths,
+    reference_average,
+    middle_idx,
+    aligned_video_paths=None,
+    names=None,
+):
     """Write the Stage 3 result bundle into `folder`, every file atomically.
 
     Writes ``final_valid_idx.npz`` (all keys below, loadable without
@@ -7318,57 +8313,92 @@ def save_final_results(folder, *, final_valid, aligned_valid_masks, per_seq_vali
         If shapes disagree on N, H, W, C, or an index, path or name is invalid.
     """
     dims = {}
-    final_valid = _qc_as_masks('final_valid', final_valid, 'HW', dims)
-    aligned = _qc_as_masks('aligned_valid_masks', aligned_valid_masks, 'NHW', dims)
-    per_seq = _qc_as_masks('per_seq_valid_masks', per_seq_valid_masks, 'NHW', dims)
+    final_valid = _qc_as_masks("final_valid", final_valid, "HW", dims)
+    aligned = _qc_as_masks("aligned_valid_masks", aligned_valid_masks, "NHW", dims)
+    per_seq = _qc_as_masks("per_seq_valid_masks", per_seq_valid_masks, "NHW", dims)
     fields = {}
-    for key, value in (('displacement_fields_u', displacement_fields_u),
-                       ('displacement_fields_v', displacement_fields_v)):
-        fields[key] = _qc_check_axes(key, _qc_as_array(key, value, np.float64), 'NHW', dims)
-    averages = _qc_check_axes('temporal_averages',
-                           _qc_as_array('temporal_averages', temporal_averages, np.float64),
-                           'NHWC', dims)
-    reference = _qc_check_axes('reference_average',
-                            _qc_as_array('reference_average', reference_average, np.float64),
-                            'HWC', dims)
-    n = dims['N']
-    h5_paths = _qc_as_paths('compensated_h5_paths', compensated_h5_paths, n)
-    middle = _qc_check_index('middle_idx', middle_idx, n)
+    for key, value in (
+        ("displacement_fields_u", displacement_fields_u),
+        ("displacement_fields_v", displacement_fields_v),
+    ):
+        fields[key] = _qc_check_axes(key, _qc_as_array(key, value, np.float64), "NHW", dims)
+    averages = _qc_check_axes(
+        "temporal_averages",
+        _qc_as_array("temporal_averages", temporal_averages, np.float64),
+        "NHWC",
+        dims,
+    )
+    reference = _qc_check_axes(
+        "reference_average",
+        _qc_as_array("reference_average", reference_average, np.float64),
+        "HWC",
+        dims,
+    )
+    n = dims["N"]
+    h5_paths = _qc_as_paths("compensated_h5_paths", compensated_h5_paths, n)
+    middle = _qc_check_index("middle_idx", middle_idx, n)
     if names is not None:
         names = _qc_check_names(names, n)
 
-    bundle = dict(final_valid=final_valid, aligned_valid_masks=aligned,
-                  per_seq_valid_masks=per_seq, **fields, temporal_averages=averages,
-                  compensated_h5_paths=h5_paths, reference_average=reference,
-                  middle_idx=np.int64(middle))
+    bundle = dict(
+        final_valid=final_valid,
+        aligned_valid_masks=aligned,
+        per_seq_valid_masks=per_seq,
+        **fields,
+        temporal_averages=averages,
+        compensated_h5_paths=h5_paths,
+        reference_average=reference,
+        middle_idx=np.int64(middle),
+    )
     if aligned_video_paths is not None:
-        bundle['aligned_video_paths'] = _qc_as_paths('aligned_video_paths', aligned_video_paths, n)
+        bundle["aligned_video_paths"] = _qc_as_paths("aligned_video_paths", aligned_video_paths, n)
 
     import scipy.io
+
     cell = np.empty((n, 1), dtype=object)
     cell[:, 0] = list(h5_paths)
-    matvars = {k: (v.astype(np.uint8) if v.dtype == bool else v)
-               for k, v in bundle.items() if k != 'aligned_video_paths'}
-    matvars.update(compensated_h5_paths=cell, middle_idx=np.array([[middle + 1.0]]),
-                   n_recordings=np.array([[float(n)]]))
+    matvars = {
+        k: (v.astype(np.uint8) if v.dtype == bool else v)
+        for k, v in bundle.items()
+        if k != "aligned_video_paths"
+    }
+    matvars.update(
+        compensated_h5_paths=cell,
+        middle_idx=np.array([[middle + 1.0]]),
+        n_recordings=np.array([[float(n)]]),
+    )
 
     folder = os.fspath(folder)
-    written = [os.path.join(folder, _FINAL_STEM + '.npz'), os.path.join(folder, _FINAL_STEM + '.mat')]
+    written = [
+        os.path.join(folder, _FINAL_STEM + ".npz"),
+        os.path.join(folder, _FINAL_STEM + ".mat"),
+    ]
     _atomic_write(written[0], lambda fh: np.savez(fh, **bundle))
-    _atomic_write(written[1], lambda fh: scipy.io.savemat(
-        fh, matvars, format='5', do_compression=True, oned_as='column'))
+    _atomic_write(
+        written[1],
+        lambda fh: scipy.io.savemat(fh, matvars, format="5", do_compression=True, oned_as="column"),
+    )
     if not _png_available():
-        log.warning('valid-mask PNGs skipped in %s: pip install pillow', folder)
+        log.warning("valid-mask PNGs skipped in %s: pip install pillow", folder)
     else:
         for i, stem in enumerate(names or ()):
-            for suffix, mask in (('_valid_idx.png', per_seq[i]),
-                                 ('_valid_idx_aligned.png', aligned[i])):
+            for suffix, mask in (
+                ("_valid_idx.png", per_seq[i]),
+                ("_valid_idx_aligned.png", aligned[i]),
+            ):
                 written.append(os.path.join(folder, stem + suffix))
                 save_mask_png(written[-1], mask)
-        written.append(os.path.join(folder, _FINAL_STEM + '.png'))
+        written.append(os.path.join(folder, _FINAL_STEM + ".png"))
         save_mask_png(written[-1], final_valid)
-    log.info('final valid mask: %.1f%% of %dx%d pixels valid across %d recordings; wrote %d files to %s',
-             100.0 * final_valid.mean(), dims['H'], dims['W'], n, len(written), folder)
+    log.info(
+        "final valid mask: %.1f%% of %dx%d pixels valid across %d recordings; wrote %d files to %s",
+        100.0 * final_valid.mean(),
+        dims["H"],
+        dims["W"],
+        n,
+        len(written),
+        folder,
+    )
     return written
 
 
@@ -7388,12 +8418,21 @@ def _qc_normalise(image):
 def _qc_correlation(a, b, where):
     a, b = a[where], b[where]
     if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return float('nan')
+        return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def save_qc_figure(path, *, names, center_index, averages_before, averages_after,
-                   final_valid, displacement_traces, title=None):
+def save_qc_figure(
+    path,
+    *,
+    names,
+    center_index,
+    averages_before,
+    averages_after,
+    final_valid,
+    displacement_traces,
+    title=None,
+):
     """Write a PNG that shows at a glance whether the session alignment worked.
 
     Per recording, two overlays against the center's temporal average
@@ -7432,77 +8471,95 @@ def save_qc_figure(path, *, names, center_index, averages_before, averages_after
     """
     n = len(names)
     if isinstance(names, str) or n == 0:
-        msg = f'names must be a non-empty list of recording names, got {names!r:.80}'
+        msg = f"names must be a non-empty list of recording names, got {names!r:.80}"
         raise InputError(msg)
     names = [str(s) for s in names]
-    center = _qc_check_index('center_index', center_index, n)
-    dims = {'N': n}
+    center = _qc_check_index("center_index", center_index, n)
+    dims = {"N": n}
     before, after = [], []
-    for key, images, out in (('averages_before', averages_before, before),
-                             ('averages_after', averages_after, after)):
+    for key, images, out in (
+        ("averages_before", averages_before, before),
+        ("averages_after", averages_after, after),
+    ):
         if len(images) != n:
-            msg = f'{key} must hold {n} images (N), got {len(images)}'
+            msg = f"{key} must hold {n} images (N), got {len(images)}"
             raise InputError(msg)
         for i, img in enumerate(images):
-            out.append(_qc_check_axes(f'{key}[{i}]', _qc_as_array(key, img, np.float64), 'HWC', dims))
-    valid = _qc_as_masks('final_valid', final_valid, 'HW', dims)
+            out.append(
+                _qc_check_axes(f"{key}[{i}]", _qc_as_array(key, img, np.float64), "HWC", dims)
+            )
+    valid = _qc_as_masks("final_valid", final_valid, "HW", dims)
     if len(displacement_traces) != n:
-        msg = f'displacement_traces must hold {n} traces (N), got {len(displacement_traces)}'
+        msg = f"displacement_traces must hold {n} traces (N), got {len(displacement_traces)}"
         raise InputError(msg)
-    traces = [_qc_as_array(f'displacement_traces[{i}]', t, np.float64).ravel()
-              for i, t in enumerate(displacement_traces)]
+    traces = [
+        _qc_as_array(f"displacement_traces[{i}]", t, np.float64).ravel()
+        for i, t in enumerate(displacement_traces)
+    ]
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        log.warning('QC figure skipped: pip install matplotlib')
+        log.warning("QC figure skipped: pip install matplotlib")
         return None
 
     ncols = max(3, min(n, _QC_MAX_COLUMNS))
     blocks = -(-n // ncols) if n > ncols else 1
     thumb_w = min(2.8, (_QC_MAX_WIDTH_IN - 0.5) / ncols)
-    thumb_h = thumb_w * float(np.clip(dims['H'] / dims['W'], 1 / 3, 3))
-    fig = Figure(figsize=(ncols * thumb_w + 0.5, 2 * blocks * (thumb_h + 0.45) + 3.4),
-                 dpi=100, layout='constrained')
+    thumb_h = thumb_w * float(np.clip(dims["H"] / dims["W"], 1 / 3, 3))
+    fig = Figure(
+        figsize=(ncols * thumb_w + 0.5, 2 * blocks * (thumb_h + 0.45) + 3.4),
+        dpi=100,
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2 * blocks + 1, ncols,
-                            height_ratios=[thumb_h + 0.45] * (2 * blocks) + [3.0])
+    grid = fig.add_gridspec(
+        2 * blocks + 1, ncols, height_ratios=[thumb_h + 0.45] * (2 * blocks) + [3.0]
+    )
     where = valid if valid.any() else np.ones_like(valid)
-    ref = {'before': _qc_normalise(before[center][..., 0]), 'after': _qc_normalise(after[center][..., 0])}
+    ref = {
+        "before": _qc_normalise(before[center][..., 0]),
+        "after": _qc_normalise(after[center][..., 0]),
+    }
     for i in range(n):
         block, col = divmod(i, ncols)
-        for row, (stage, images) in enumerate((('before', before), ('after', after))):
+        for row, (stage, images) in enumerate((("before", before), ("after", after))):
             ax = fig.add_subplot(grid[2 * block + row, col])
             img = _qc_normalise(images[i][..., 0])
-            ax.imshow(np.stack([ref[stage], img, ref[stage]], axis=-1), interpolation='nearest')
+            ax.imshow(np.stack([ref[stage], img, ref[stage]], axis=-1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             r = _qc_correlation(ref[stage], img, where)
-            label = f'{names[i]} (center)' if i == center else names[i]
-            ax.set_title(f'{label}\n{stage}, r = {r:.3f}', fontsize='small')
+            label = f"{names[i]} (center)" if i == center else names[i]
+            ax.set_title(f"{label}\n{stage}, r = {r:.3f}", fontsize="small")
             if col == 0:
-                ax.set_ylabel(f'{stage} alignment', fontsize='small')
+                ax.set_ylabel(f"{stage} alignment", fontsize="small")
     bottom = grid[-1, :].subgridspec(1, 2, width_ratios=[1, ncols - 1])
     ax = fig.add_subplot(bottom[0])
-    ax.imshow(valid, cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+    ax.imshow(valid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f'final valid mask\n{valid.mean():.1%} valid', fontsize='small')
+    ax.set_title(f"final valid mask\n{valid.mean():.1%} valid", fontsize="small")
     ax = fig.add_subplot(bottom[1])
-    colors = matplotlib.colormaps['tab10' if n <= 10 else 'tab20'].colors
+    colors = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
     for i, trace in enumerate(traces):
-        ax.plot(np.arange(trace.size), trace, lw=0.8, color=colors[i % len(colors)],
-                label=f'{names[i]} (center)' if i == center else names[i])
-    ax.set_xlabel('frame')
-    ax.set_ylabel('displacement (px)')
-    ax.set_title('per-frame displacement within each recording (Stage 1)', fontsize='small')
-    ax.legend(fontsize='x-small', ncol=-(-n // 8), loc='upper left', bbox_to_anchor=(1.0, 1.0))
+        ax.plot(
+            np.arange(trace.size),
+            trace,
+            lw=0.8,
+            color=colors[i % len(colors)],
+            label=f"{names[i]} (center)" if i == center else names[i],
+        )
+    ax.set_xlabel("frame")
+    ax.set_ylabel("displacement (px)")
+    ax.set_title("per-frame displacement within each recording (Stage 1)", fontsize="small")
+    ax.legend(fontsize="x-small", ncol=-(-n // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title is None:
-        title = f'flowsession QC: {n} recording{"s" * (n != 1)}, center {names[center]}'
-    fig.suptitle(f'{title}\noverlays: magenta = center, green = recording, white = both')
-    _atomic_write(path, lambda fh: fig.savefig(fh, format='png', dpi=100))
-    log.info('QC figure written to %s', os.fspath(path))
+        title = f"flowsession QC: {n} recording{'s' * (n != 1)}, center {names[center]}"
+    fig.suptitle(f"{title}\noverlays: magenta = center, green = recording, white = both")
+    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    log.info("QC figure written to %s", os.fspath(path))
     return os.fspath(path)
 
 
@@ -7512,14 +8569,37 @@ def save_qc_figure(path, *, names, center_index, averages_before, averages_after
 
 #: Environment of every batch task: one BLAS/OpenMP thread (frames run on our own
 #: threads, sized to the task's CPUs), and one Numba cache shared by all tasks.
-_TASK_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+_TASK_ENV = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
 
 
-def _sbatch_script(name, config_path, stages, *, array=None, cpus, mem, time_limit,
-                   partition, account, log_dir, cache_dir, python):
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --cpus-per-task={cpus}",
-             f"#SBATCH --time={time_limit}", f"#SBATCH --output={log_dir}/{name}_%A_%a.log"]
+def _sbatch_script(
+    name,
+    config_path,
+    stages,
+    *,
+    array=None,
+    cpus,
+    mem,
+    time_limit,
+    partition,
+    account,
+    log_dir,
+    cache_dir,
+    python,
+):
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --time={time_limit}",
+        f"#SBATCH --output={log_dir}/{name}_%A_%a.log",
+    ]
     if array:
         lines.append(f"#SBATCH --array=1-{array}")
     if mem:
@@ -7528,9 +8608,11 @@ def _sbatch_script(name, config_path, stages, *, array=None, cpus, mem, time_lim
         lines.append(f"#SBATCH --partition={partition}")
     if account:
         lines.append(f"#SBATCH --account={account}")
-    lines += ["set -euo pipefail",
-              f'export NUMBA_CACHE_DIR="${{NUMBA_CACHE_DIR:-{cache_dir}}}"',
-              "export " + " ".join(f"{v}=1" for v in _TASK_ENV)]
+    lines += [
+        "set -euo pipefail",
+        f'export NUMBA_CACHE_DIR="${{NUMBA_CACHE_DIR:-{cache_dir}}}"',
+        "export " + " ".join(f"{v}=1" for v in _TASK_ENV),
+    ]
     script = os.path.abspath(__file__)
     for stage in stages:
         extra = " --array" if array else ""
@@ -7538,8 +8620,17 @@ def _sbatch_script(name, config_path, stages, *, array=None, cpus, mem, time_lim
     return "\n".join(lines) + "\n"
 
 
-def submit_session(config_path, *, cpus=4, mem="8G", time_limit="04:00:00", partition=None,
-                   account=None, python=None, dry_run=False):
+def submit_session(
+    config_path,
+    *,
+    cpus=4,
+    mem="8G",
+    time_limit="04:00:00",
+    partition=None,
+    account=None,
+    python=None,
+    dry_run=False,
+):
     """Submit a session to SLURM: Stage 1 as an array (one task per recording), then
     Stages 2 and 3 as one job that runs only if every array task succeeded.
 
@@ -7560,22 +8651,36 @@ def submit_session(config_path, *, cpus=4, mem="8G", time_limit="04:00:00", part
     _check_recordings(files, opts)
     slurm_dir = os.path.join(config.output_root_path, "slurm")
     _check_writable(slurm_dir, "output_root")
-    common = dict(cpus=cpus, mem=mem, time_limit=time_limit, partition=partition, account=account,
-                  log_dir=slurm_dir, cache_dir=os.path.join(config.output_root_path, ".numba_cache"),
-                  python=python or sys.executable)
+    common = dict(
+        cpus=cpus,
+        mem=mem,
+        time_limit=time_limit,
+        partition=partition,
+        account=account,
+        log_dir=slurm_dir,
+        cache_dir=os.path.join(config.output_root_path, ".numba_cache"),
+        python=python or sys.executable,
+    )
     s1 = os.path.join(slurm_dir, "stage1.sbatch")
     s23 = os.path.join(slurm_dir, "stage23.sbatch")
-    _atomic_write_text(s1, _sbatch_script("flowsession-stage1", config_path, [1],
-                                          array=len(files), **common))
+    _atomic_write_text(
+        s1, _sbatch_script("flowsession-stage1", config_path, [1], array=len(files), **common)
+    )
     _atomic_write_text(s23, _sbatch_script("flowsession-stage23", config_path, [2, 3], **common))
     if dry_run:
-        log.info("dry run: scripts written to %s; submit with: sbatch %s, then "
-                 "sbatch --dependency=afterok:<array id> --kill-on-invalid-dep=yes %s",
-                 slurm_dir, s1, s23)
+        log.info(
+            "dry run: scripts written to %s; submit with: sbatch %s, then "
+            "sbatch --dependency=afterok:<array id> --kill-on-invalid-dep=yes %s",
+            slurm_dir,
+            s1,
+            s23,
+        )
         return None, None
     if shutil.which("sbatch") is None:
-        msg = (f"submit: sbatch not found (no SLURM here); the scripts are in {slurm_dir}, "
-               "use --dry-run to only write them")
+        msg = (
+            f"submit: sbatch not found (no SLURM here); the scripts are in {slurm_dir}, "
+            "use --dry-run to only write them"
+        )
         raise ConfigError(msg)
 
     def sbatch(*args):
@@ -7589,11 +8694,22 @@ def submit_session(config_path, *, cpus=4, mem="8G", time_limit="04:00:00", part
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 60))
     array_id = sbatch(s1)
     dep_id = sbatch(f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes", s23)
-    _atomic_save_json(os.path.join(slurm_dir, "jobs.json"),
-                      {"stage1_array": array_id, "stage23": dep_id, "submitted": submitted,
-                       "recordings": [f.name for f in files]})
-    log.info("submitted Stage 1 as array job %s (%d tasks) and Stages 2-3 as job %s "
-             "(runs only if every task succeeds)", array_id, len(files), dep_id)
+    _atomic_save_json(
+        os.path.join(slurm_dir, "jobs.json"),
+        {
+            "stage1_array": array_id,
+            "stage23": dep_id,
+            "submitted": submitted,
+            "recordings": [f.name for f in files],
+        },
+    )
+    log.info(
+        "submitted Stage 1 as array job %s (%d tasks) and Stages 2-3 as job %s "
+        "(runs only if every task succeeds)",
+        array_id,
+        len(files),
+        dep_id,
+    )
     return array_id, dep_id
 
 
@@ -7634,23 +8750,38 @@ def session_status(config):
     for k, f in enumerate(files):
         st = _load_status(_recording_folder(config, f))
         task = f"{jobs.get('stage1_array')}_{k + 1}" if jobs else None
-        row = {"recording": f.name,
-               "stage1": "done" if st.get("stage1", {}).get("state") == "done" else "-",
-               "stage2": "done" if st.get("stage2", {}).get("state") == "done" else "-",
-               "task_state": states.get(task, "") if task else "", "error": ""}
+        row = {
+            "recording": f.name,
+            "stage1": "done" if st.get("stage1", {}).get("state") == "done" else "-",
+            "stage2": "done" if st.get("stage2", {}).get("state") == "done" else "-",
+            "task_state": states.get(task, "") if task else "",
+            "error": "",
+        }
         if task:
-            logf = os.path.join(config.output_root_path, "slurm",
-                                f"flowsession-stage1_{jobs['stage1_array']}_{k + 1}.log")
+            logf = os.path.join(
+                config.output_root_path,
+                "slurm",
+                f"flowsession-stage1_{jobs['stage1_array']}_{k + 1}.log",
+            )
             with contextlib.suppress(OSError):
-                errors = [ln for ln in open(logf, encoding="utf-8", errors="replace")
-                          if " ERROR " in ln]
+                errors = [
+                    ln for ln in open(logf, encoding="utf-8", errors="replace") if " ERROR " in ln
+                ]
                 row["error"] = errors[-1].split(" ERROR ", 1)[1].strip() if errors else ""
         rows.append(row)
     if jobs:
         dep = _sacct_states(jobs.get("stage23"), jobs.get("submitted")).get(
-            str(jobs.get("stage23")), "")
-        rows.append({"recording": "(stages 2-3)", "stage1": "", "stage2": "",
-                     "task_state": dep, "error": ""})
+            str(jobs.get("stage23")), ""
+        )
+        rows.append(
+            {
+                "recording": "(stages 2-3)",
+                "stage1": "",
+                "stage2": "",
+                "task_state": dep,
+                "error": "",
+            }
+        )
     return rows
 
 
@@ -7700,8 +8831,18 @@ def synthetic_pair(size=(128, 128), shift=(2.6, -1.7), seed=7):
     return fixed, moving, np.stack([wu, wv], axis=-1)
 
 
-def synthetic_recording(n_frames=60, size=(64, 64), n_channels=1, *, seed=0, scene_seed=None,
-                        offset=(0.0, 0.0), jitter=1.0, wobble=0.5, photons=20.0):
+def synthetic_recording(
+    n_frames=60,
+    size=(64, 64),
+    n_channels=1,
+    *,
+    seed=0,
+    scene_seed=None,
+    offset=(0.0, 0.0),
+    jitter=1.0,
+    wobble=0.5,
+    photons=20.0,
+):
     """A recording with known motion: frames ``(T, H, W, C)`` uint16 and fields ``(T, H, W, 2)``.
 
     The recording sees the analytic scene moved by the static ``offset``
@@ -7725,8 +8866,10 @@ def synthetic_recording(n_frames=60, size=(64, 64), n_channels=1, *, seed=0, sce
         ph = rng.uniform(0, 2 * np.pi, 2)
 
         def field(px, py):
-            return (sx + wobble * np.sin(2 * np.pi * py / H + ph[0]),
-                    sy + wobble * np.cos(2 * np.pi * px / W + ph[1]))
+            return (
+                sx + wobble * np.sin(2 * np.pi * py / H + ph[0]),
+                sy + wobble * np.cos(2 * np.pi * px / W + ph[1]),
+            )
 
         wu, wv = field(xx, yy)
         w[t, ..., 0], w[t, ..., 1] = wu, wv
@@ -7735,14 +8878,16 @@ def synthetic_recording(n_frames=60, size=(64, 64), n_channels=1, *, seed=0, sce
             fu, fv = field(px, py)
             px, py = xx - fu, yy - fv
         for c in range(n_channels):
-            img = _synthetic_scene(px - offset[0], py - offset[1], seed=1000 * scene_seed + c,
-                                   n_cells=cells, size=size)
+            img = _synthetic_scene(
+                px - offset[0], py - offset[1], seed=1000 * scene_seed + c, n_cells=cells, size=size
+            )
             frames[t, ..., c] = np.minimum(rng.poisson(img * photons / 50.0), 65535)
     return frames, w
 
 
-def synthetic_session(n_recordings=3, n_frames=40, size=(64, 64), n_channels=1, *, seed=0,
-                      offsets=None, **kw):
+def synthetic_session(
+    n_recordings=3, n_frames=40, size=(64, 64), n_channels=1, *, seed=0, offsets=None, **kw
+):
     """Recordings of one scene, each placed at its own offset, with the truth of both stages.
 
     Returns ``(recordings, stage1_fields, stage2_fields, center)``: lists of
@@ -7757,8 +8902,9 @@ def synthetic_session(n_recordings=3, n_frames=40, size=(64, 64), n_channels=1, 
     center = (n_recordings + 1) // 2 - 1
     recs, w1, w2 = [], [], []
     for r, off in enumerate(offsets):
-        frames, w = synthetic_recording(n_frames, size, n_channels, seed=seed * 100 + r + 1,
-                                        scene_seed=seed, offset=off, **kw)
+        frames, w = synthetic_recording(
+            n_frames, size, n_channels, seed=seed * 100 + r + 1, scene_seed=seed, offset=off, **kw
+        )
         recs.append(frames)
         w1.append(w)
         # view_r(p) = scene(p - o_r): view_r(p + (o_r - o_c)) = view_c(p)
@@ -7778,13 +8924,19 @@ def _write_example_session(folder, n_recordings=3, n_frames=60, size=(64, 64), n
     for r, frames in enumerate(recs):
         name = f"rec_{r + 1:02d}.tif"
         data = frames[..., 0] if n_channels == 1 else np.moveaxis(frames, -1, 1)
-        tifffile.imwrite(os.path.join(folder, name), data, imagej=True,
-                         metadata={"axes": "TYX" if n_channels == 1 else "TCYX"})
+        tifffile.imwrite(
+            os.path.join(folder, name),
+            data,
+            imagej=True,
+            metadata={"axes": "TYX" if n_channels == 1 else "TCYX"},
+        )
         truth[name] = (w1[r], w2[r])
-    text = (f'# flowsession example session ({n_recordings} synthetic recordings)\n'
-            f'root = "."\npattern = "rec_*.tif"\nn_workers = -1\nsigma_smooth = 2.0\n\n'
-            f'[flow_options]\nquality_setting = "balanced"\nreference_frames = '
-            f'{list(range(min(20, n_frames)))}\nsave_w = true\n')
+    text = (
+        f"# flowsession example session ({n_recordings} synthetic recordings)\n"
+        f'root = "."\npattern = "rec_*.tif"\nn_workers = -1\nsigma_smooth = 2.0\n\n'
+        f'[flow_options]\nquality_setting = "balanced"\nreference_frames = '
+        f"{list(range(min(20, n_frames)))}\nsave_w = true\n"
+    )
     with open(os.path.join(folder, "session.toml"), "w", encoding="utf-8") as fh:
         fh.write(text)
     return os.path.join(folder, "session.toml"), truth
@@ -7799,21 +8951,34 @@ def _cmd_demo(args):
     size = (args.size, args.size)
     fixed, moving, w_true = synthetic_pair(size=size)
     t0 = time.perf_counter()
-    w = get_displacement(fixed / fixed.max(), moving / fixed.max(), alpha=args.alpha,
-                         iterations=args.iterations, update_lag=5, eta=0.8, levels=100,
-                         a_smooth=1.0)
+    w = get_displacement(
+        fixed / fixed.max(),
+        moving / fixed.max(),
+        alpha=args.alpha,
+        iterations=args.iterations,
+        update_lag=5,
+        eta=0.8,
+        levels=100,
+        a_smooth=1.0,
+    )
     dt = time.perf_counter() - t0
     b = 8
     inner = (slice(b, -b), slice(b, -b))
     epe = np.hypot(*(w[inner] - w_true[inner]).transpose(2, 0, 1))
     epe0 = np.hypot(*w_true[inner].transpose(2, 0, 1))
     print(f"synthetic {size[0]}x{size[1]} pair, known motion: translation + smooth wobble")
-    print(f"true mean displacement      u = {w_true[..., 0].mean():+.3f} px, "
-          f"v = {w_true[..., 1].mean():+.3f} px")
-    print(f"recovered mean displacement u = {w[..., 0].mean():+.3f} px, "
-          f"v = {w[..., 1].mean():+.3f} px")
-    print(f"mean endpoint error {epe.mean():.3f} px (no correction: {epe0.mean():.3f} px), "
-          f"interior, {b}-px border excluded")
+    print(
+        f"true mean displacement      u = {w_true[..., 0].mean():+.3f} px, "
+        f"v = {w_true[..., 1].mean():+.3f} px"
+    )
+    print(
+        f"recovered mean displacement u = {w[..., 0].mean():+.3f} px, "
+        f"v = {w[..., 1].mean():+.3f} px"
+    )
+    print(
+        f"mean endpoint error {epe.mean():.3f} px (no correction: {epe0.mean():.3f} px), "
+        f"interior, {b}-px border excluded"
+    )
     print(f"time {dt:.2f} s (first call includes compilation)")
     return 0 if epe.mean() < 0.5 * epe0.mean() else 1
 
@@ -7850,13 +9015,18 @@ def _cmd_run(args):
         raise ConfigError(msg)
     if array:
         if args.stage in (2, 3):
-            msg = (f"run: Stage {args.stage} runs once for the whole session; run it without "
-                   "--array (and with scheduler = \"local\") after the array job has finished")
+            msg = (
+                f"run: Stage {args.stage} runs once for the whole session; run it without "
+                '--array (and with scheduler = "local") after the array job has finished'
+            )
             raise ConfigError(msg)
         run_stage1_array(config, overrides)
         if args.stage is None:
-            log.info("array task done; once every task has finished run: "
-                     "flowsession run %s --stage 2, then --stage 3", path)
+            log.info(
+                "array task done; once every task has finished run: "
+                "flowsession run %s --stage 2, then --stage 3",
+                path,
+            )
         return 0
     if args.stage == 1 or args.index is not None:
         run_stage1(config, overrides, task_index=args.index)
@@ -7871,18 +9041,23 @@ def _cmd_run(args):
 
 def _cmd_example(args):
     folder = os.path.abspath(args.out)
-    cfg_path, truth = _write_example_session(folder, n_recordings=args.recordings,
-                                             n_frames=args.frames, size=(args.size, args.size))
+    cfg_path, truth = _write_example_session(
+        folder, n_recordings=args.recordings, n_frames=args.frames, size=(args.size, args.size)
+    )
     log.info("example session written to %s", folder)
     config = SessionConfig.from_file(cfg_path)
     final = run_all_stages(config)
     files = config.discover_inputs()
     center, _ = config.resolve_center(files)
     b = 8
-    print(f"\n{len(files)} synthetic recordings ({args.frames} frames, {args.size}x{args.size}, "
-          f"known motion) in {folder}; center: {files[center].name}")
-    print("Stage 1: endpoint error of the frame fields against the truth, relative to each "
-          f"recording's own reference ({b}-px border excluded)")
+    print(
+        f"\n{len(files)} synthetic recordings ({args.frames} frames, {args.size}x{args.size}, "
+        f"known motion) in {folder}; center: {files[center].name}"
+    )
+    print(
+        "Stage 1: endpoint error of the frame fields against the truth, relative to each "
+        f"recording's own reference ({b}-px border excluded)"
+    )
     delta = []
     ok = True
     for f in files:
@@ -7906,8 +9081,10 @@ def _cmd_example(args):
         off = np.hypot(*truth[f.name][1][b:-b, b:-b].transpose(2, 0, 1)).mean()
         ok &= err < 0.5 or off == 0
         print(f"  {f.name:12s} {err:6.3f} px   (offset {off:.2f} px)")
-    print(f"Stage 3: final mask keeps {100 * final.mean():.1f} % of the center grid; results in "
-          f"{config.final_results_path}")
+    print(
+        f"Stage 3: final mask keeps {100 * final.mean():.1f} % of the center grid; results in "
+        f"{config.final_results_path}"
+    )
     return 0 if ok else 1
 
 
@@ -7927,8 +9104,12 @@ def _bench_recording(n_frames, size, n_channels, seed=1, photons=10.0):
     scenes = []
     for c in range(n_channels):
         img = 20.0 + 5.0 * np.sin(xx / 37.0 + c) * np.cos(yy / 29.0)
-        for cy, cx, rad, amp in zip(rng.uniform(0, H, H * W // 300), rng.uniform(0, W, H * W // 300),
-                                    rng.uniform(3, 6, H * W // 300), rng.uniform(30, 90, H * W // 300)):
+        for cy, cx, rad, amp in zip(
+            rng.uniform(0, H, H * W // 300),
+            rng.uniform(0, W, H * W // 300),
+            rng.uniform(3, 6, H * W // 300),
+            rng.uniform(30, 90, H * W // 300),
+        ):
             y0, y1 = max(0, int(cy) - 9), min(H, int(cy) + 10)
             x0, x1 = max(0, int(cx) - 9), min(W, int(cx) + 10)
             r = np.hypot(yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx)
@@ -7948,8 +9129,9 @@ def _bench_recording(n_frames, size, n_channels, seed=1, photons=10.0):
             py = yy - (sy + 0.7 * np.cos(2 * np.pi * px / W + ph[1]))
         for c in range(n_channels):
             clean = map_coordinates(scenes[c], [py, px], order=3, mode="nearest")
-            frames[t, ..., c] = np.minimum(rng.poisson(np.maximum(clean, 0) * photons / 20.0),
-                                           65535)
+            frames[t, ..., c] = np.minimum(
+                rng.poisson(np.maximum(clean, 0) * photons / 20.0), 65535
+            )
     return frames, w
 
 
@@ -7958,7 +9140,7 @@ def _memory_bandwidth(n_threads, mib, reps=4):
     array of ``mib`` MiB into another (numpy releases the GIL while copying)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    n = int(mib * 2 ** 20) // 8
+    n = int(mib * 2**20) // 8
     bufs = [(np.ones(n), np.zeros(n)) for _ in range(n_threads)]
 
     def copy(b):
@@ -7990,8 +9172,13 @@ def _flow_bytes(p, H, W, C):
         N = (lx + 2) * (ly + 2)
         sweep = 72 + (0 if p.a_smooth == 1.0 else 16)
         refresh = (6 * C + 9 + (C if p.local else 0)) * 8
-        total += N * (p.iterations * sweep + (p.iterations // p.update_lag + 1) * refresh
-                      + 8 * C * 8 + 2 * C * 8 + 3 * 2 * 8)
+        total += N * (
+            p.iterations * sweep
+            + (p.iterations // p.update_lag + 1) * refresh
+            + 8 * C * 8
+            + 2 * C * 8
+            + 3 * 2 * 8
+        )
     return total
 
 
@@ -8012,8 +9199,10 @@ def _print_profile(frames, opts, workers):
         for lev, lx, ly, step, sec in rows:
             table.setdefault((lev, lx, ly), {}).setdefault(step, []).append(sec)
     steps = ["resize", "warp", "tensors", "refresh", "sweeps", "median", "final"]
-    print(f"\nFlow of one frame, step by step (one thread, median of 3 runs, ms; "
-          f"{p.iterations} SOR sweeps per level, refresh every {p.update_lag}):")
+    print(
+        f"\nFlow of one frame, step by step (one thread, median of 3 runs, ms; "
+        f"{p.iterations} SOR sweeps per level, refresh every {p.update_lag}):"
+    )
     print("  level      size  " + "".join(f"{s:>9s}" for s in steps) + "    total")
     totals = dict.fromkeys(steps, 0.0)
     for (lev, lx, ly), d in table.items():
@@ -8022,25 +9211,37 @@ def _print_profile(frames, opts, workers):
         for s in steps:
             totals[s] += vals[s]
         name = "final" if lev < 0 else f"{lev:5d}"
-        print(f"  {name:>5s} {ly:4d}x{lx:<4d} " + "".join(f"{vals[s]:9.2f}" for s in steps)
-              + f"{sum(vals.values()):9.2f}")
+        print(
+            f"  {name:>5s} {ly:4d}x{lx:<4d} "
+            + "".join(f"{vals[s]:9.2f}" for s in steps)
+            + f"{sum(vals.values()):9.2f}"
+        )
     whole = sum(totals.values())
-    print("  share          " + "".join(f"{100 * totals[s] / whole:8.1f}%" for s in steps)
-          + f"{whole:9.2f}")
+    print(
+        "  share          "
+        + "".join(f"{100 * totals[s] / whole:8.1f}%" for s in steps)
+        + f"{whole:9.2f}"
+    )
     nbytes = _flow_bytes(p, H, W, C)
     top, lo, mx, my = _nb_levels(H, W, p.eta, p.levels, p.min_level)
     lx, ly = _nb_level_size(H, W, p.eta, lo, mx, my)
     big = (lx + 2) * (ly + 2) * 8 * (6 * C + 11)  # the finest level's planes
-    print(f"\nBytes one frame's flow must move (lower bound, model in _flow_bytes): "
-          f"{nbytes / 1e6:.1f} MB; the finest level's arrays: {big / 2 ** 20:.1f} MiB")
-    for label, mib in (("cache-resident (like one level's arrays)", max(1.0, big / 2 ** 20)),
-                       ("main memory (1 GiB arrays)", 1024)):
+    print(
+        f"\nBytes one frame's flow must move (lower bound, model in _flow_bytes): "
+        f"{nbytes / 1e6:.1f} MB; the finest level's arrays: {big / 2**20:.1f} MiB"
+    )
+    for label, mib in (
+        ("cache-resident (like one level's arrays)", max(1.0, big / 2**20)),
+        ("main memory (1 GiB arrays)", 1024),
+    ):
         bw1 = _memory_bandwidth(1, mib)
         bwn = _memory_bandwidth(workers, mib) if workers > 1 else bw1
-        print(f"  {label}: copy bandwidth {bw1 / 1e9:.1f} GB/s on one thread, {bwn / 1e9:.1f} "
-              f"GB/s on {workers}; bound {nbytes / bw1 * 1e3:.1f} ms per frame per core, "
-              f"{bwn / nbytes:.0f} frames/s on {workers} threads; measured {whole:.1f} ms "
-              f"per frame per core = {whole / (nbytes / bw1 * 1e3):.1f}x the bound")
+        print(
+            f"  {label}: copy bandwidth {bw1 / 1e9:.1f} GB/s on one thread, {bwn / 1e9:.1f} "
+            f"GB/s on {workers}; bound {nbytes / bw1 * 1e3:.1f} ms per frame per core, "
+            f"{bwn / nbytes:.0f} frames/s on {workers} threads; measured {whole:.1f} ms "
+            f"per frame per core = {whole / (nbytes / bw1 * 1e3):.1f}x the bound"
+        )
 
 
 def _cmd_bench(args):
@@ -8054,12 +9255,19 @@ def _cmd_bench(args):
         with h5py.File(os.path.join(tmp, "bench.h5"), "w") as f:
             for c in range(args.channels):
                 f[f"ch{c + 1}"] = frames[..., c]
-        cfg = SessionConfig(root=tmp, pattern="*.h5", n_workers=args.workers, resume=False,
-                            flow_options={"quality_setting": args.preset, "save_w": True,
-                                          "reference_frames": list(range(min(50, args.frames)))},
-                            flow_backend=args.backend,
-                            backend_params=_parse_of_params(args.backend_param, "--backend-param",
-                                                            "device=0"))
+        cfg = SessionConfig(
+            root=tmp,
+            pattern="*.h5",
+            n_workers=args.workers,
+            resume=False,
+            flow_options={
+                "quality_setting": args.preset,
+                "save_w": True,
+                "reference_frames": list(range(min(50, args.frames))),
+            },
+            flow_backend=args.backend,
+            backend_params=_parse_of_params(args.backend_param, "--backend-param", "device=0"),
+        )
         workers = cfg.n_workers_effective()
         t0 = time.perf_counter()
         out = run_stage1(cfg)[0]
@@ -8076,14 +9284,20 @@ def _cmd_bench(args):
     epe = np.hypot(err[..., 0], err[..., 1]).mean()
     epe0 = np.hypot(moved[..., 0], moved[..., 1]).mean()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(f"flowsession {__version__} Stage 1 bench: {args.size}x{args.size}, {args.frames} frames, "
-          f"{args.channels} channel(s), preset {args.preset}, {workers} worker thread(s), "
-          f"flow_backend {args.backend}")
-    print(f"  frames/s              {args.frames / dt:10.2f}   (whole stage: reference, flow, warp, "
-          "writing; first run includes compilation)")
+    print(
+        f"flowsession {__version__} Stage 1 bench: {args.size}x{args.size}, {args.frames} frames, "
+        f"{args.channels} channel(s), preset {args.preset}, {workers} worker thread(s), "
+        f"flow_backend {args.backend}"
+    )
+    print(
+        f"  frames/s              {args.frames / dt:10.2f}   (whole stage: reference, flow, warp, "
+        "writing; first run includes compilation)"
+    )
     print(f"  s per frame per core  {dt * workers / args.frames:10.4f}")
-    print(f"  endpoint error        {epe:10.3f} px (without correction {epe0:.3f} px; "
-          f"{b}-px border excluded)")
+    print(
+        f"  endpoint error        {epe:10.3f} px (without correction {epe0:.3f} px; "
+        f"{b}-px border excluded)"
+    )
     print(f"  peak memory           {peak:10.1f} MiB (this process)")
     print("  wall time by phase    " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     if args.profile:
@@ -8092,9 +9306,16 @@ def _cmd_bench(args):
 
 
 def _cmd_submit(args):
-    submit_session(args.config_file, cpus=args.cpus_per_task, mem=args.mem,
-                   time_limit=args.time, partition=args.partition, account=args.account,
-                   python=args.python, dry_run=args.dry_run)
+    submit_session(
+        args.config_file,
+        cpus=args.cpus_per_task,
+        mem=args.mem,
+        time_limit=args.time,
+        partition=args.partition,
+        account=args.account,
+        python=args.python,
+        dry_run=args.dry_run,
+    )
     return 0
 
 
@@ -8102,10 +9323,14 @@ def _cmd_status(args):
     rows = session_status(SessionConfig.from_file(args.config_file))
     print(f"{'recording':24} {'stage 1':8} {'stage 2':8} {'task':12} error")
     for r in rows:
-        print(f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['task_state']:12} "
-              f"{r['error']}")
-    failed = [r for r in rows if r["task_state"] in ("FAILED", "CANCELLED", "TIMEOUT",
-                                                       "OUT_OF_MEMORY", "NODE_FAIL")]
+        print(
+            f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['task_state']:12} {r['error']}"
+        )
+    failed = [
+        r
+        for r in rows
+        if r["task_state"] in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+    ]
     return 1 if failed else 0
 
 
@@ -8117,16 +9342,31 @@ def _build_parser():
     r = sub.add_parser("run", help="run a session from a config file (TOML or YAML)")
     r.add_argument("config_file", nargs="?", help="session config (session.toml)")
     r.add_argument("-c", "--config", help="session config (alternative to the positional)")
-    r.add_argument("-s", "--stage", type=int, choices=[1, 2, 3],
-                   help="run only this stage (default: 1, 2 and 3 in order)")
-    r.add_argument("--array", action="store_true",
-                   help="HPC array mode: process the recording of this array task")
+    r.add_argument(
+        "-s",
+        "--stage",
+        type=int,
+        choices=[1, 2, 3],
+        help="run only this stage (default: 1, 2 and 3 in order)",
+    )
+    r.add_argument(
+        "--array",
+        action="store_true",
+        help="HPC array mode: process the recording of this array task",
+    )
     r.add_argument("-i", "--index", type=int, help="process only recording N (0-based)")
-    r.add_argument("--of-params", nargs="*", metavar="KEY=VALUE",
-                   help="override flow options, e.g. quality_setting=fast alpha=2")
+    r.add_argument(
+        "--of-params",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override flow options, e.g. quality_setting=fast alpha=2",
+    )
     r.set_defaults(func=_cmd_run)
-    b = sub.add_parser("submit", help="submit the session to SLURM: Stage 1 as an array job, "
-                       "Stages 2-3 as a job that runs after every task succeeded")
+    b = sub.add_parser(
+        "submit",
+        help="submit the session to SLURM: Stage 1 as an array job, "
+        "Stages 2-3 as a job that runs after every task succeeded",
+    )
     b.add_argument("config_file", help="session config (session.toml)")
     b.add_argument("--cpus-per-task", type=int, default=4, help="CPUs per array task (default 4)")
     b.add_argument("--mem", default="8G", help="memory per task (default 8G)")
@@ -8134,29 +9374,47 @@ def _build_parser():
     b.add_argument("--partition", help="SLURM partition")
     b.add_argument("--account", help="SLURM account")
     b.add_argument("--python", help="Python interpreter on the nodes (default: this one)")
-    b.add_argument("--dry-run", action="store_true",
-                   help="only write the sbatch scripts (output_root/slurm/)")
+    b.add_argument(
+        "--dry-run", action="store_true", help="only write the sbatch scripts (output_root/slurm/)"
+    )
     b.set_defaults(func=_cmd_submit)
     t = sub.add_parser("status", help="per-recording state of a session (and its SLURM tasks)")
     t.add_argument("config_file", help="session config (session.toml)")
     t.set_defaults(func=_cmd_status)
-    m = sub.add_parser("bench", help="time Stage 1 on a synthetic recording with known motion "
-                       "(frames/s, s/frame/core, endpoint error, peak memory)")
+    m = sub.add_parser(
+        "bench",
+        help="time Stage 1 on a synthetic recording with known motion "
+        "(frames/s, s/frame/core, endpoint error, peak memory)",
+    )
     m.add_argument("--size", type=int, default=256, help="frame size in pixels (default 256)")
     m.add_argument("--frames", type=int, default=200, help="frames (default 200)")
     m.add_argument("--channels", type=int, default=1, choices=[1, 2, 3, 4])
     m.add_argument("--preset", default="balanced", choices=["quality", "balanced", "fast"])
     m.add_argument("--workers", type=int, default=-1, help="threads (default -1: all CPUs)")
-    m.add_argument("--backend", default="flowreg", choices=FLOW_BACKENDS,
-                   help="flow_backend to time (default flowreg)")
-    m.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
-                   help="backend_params entry, e.g. device=0 (repeatable)")
-    m.add_argument("--profile", action="store_true",
-                   help="also time one frame's flow step by step on every pyramid level and "
-                        "compare it with this machine's memory-bandwidth bound")
+    m.add_argument(
+        "--backend",
+        default="flowreg",
+        choices=FLOW_BACKENDS,
+        help="flow_backend to time (default flowreg)",
+    )
+    m.add_argument(
+        "--backend-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="backend_params entry, e.g. device=0 (repeatable)",
+    )
+    m.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time one frame's flow step by step on every pyramid level and "
+        "compare it with this machine's memory-bandwidth bound",
+    )
     m.set_defaults(func=_cmd_bench)
-    e = sub.add_parser("example", help="make a small synthetic session with known motion, run "
-                       "all stages and compare with the truth")
+    e = sub.add_parser(
+        "example",
+        help="make a small synthetic session with known motion, run "
+        "all stages and compare with the truth",
+    )
     e.add_argument("--out", default="flowsession_example", help="folder to create")
     e.add_argument("--recordings", type=int, default=3)
     e.add_argument("--frames", type=int, default=60)
@@ -8174,8 +9432,10 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     previous = _install_stop_handlers()
     try:
         return int(args.func(args))

@@ -33,8 +33,7 @@ from flowsession import InputError, estimate_rigid_shift, get_displacement_cc, n
 
 HERE = Path(__file__).resolve().parent
 REF = HERE / "matlab_ref"
-SETTINGS = settings(deadline=None, max_examples=15,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
 
 
 def ref(name):
@@ -68,8 +67,12 @@ def scene(x, y, seed=3, n=25, size=48):
     """Smooth analytic test image (blobs on a gradient), exact at any point."""
     rng = np.random.default_rng(seed)
     img = 0.2 + 0.002 * x + 0.001 * y
-    for cx, cy, s, a in zip(rng.uniform(0, size, n), rng.uniform(0, size, n),
-                            rng.uniform(2.0, 4.0, n), rng.uniform(0.3, 1.0, n)):
+    for cx, cy, s, a in zip(
+        rng.uniform(0, size, n),
+        rng.uniform(0, size, n),
+        rng.uniform(2.0, 4.0, n),
+        rng.uniform(0.3, 1.0, n),
+    ):
         img = img + a * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
     return img
 
@@ -107,23 +110,51 @@ def write(path, text):
 def test_flow_defaults():
     o = fs.FlowOptions()
     expected = dict(
-        quality_setting="quality", alpha=(1.5, 1.5), weight=(0.5, 0.5), levels=100, min_level=-1,
-        eta=0.8, update_lag=5, iterations=50, a_smooth=1.0, a_data=0.45,
-        sigma=((1.0, 1.0, 0.1), (1.0, 1.0, 0.1)), bin_size=1, buffer_size=400,
-        reference_frames=None, update_reference=False, update_initialization_w=True,
-        channel_normalization="joint", interpolation_method="cubic", cc_initialization=False,
-        save_w=False, save_valid_idx=True, save_meta_info=True, output_format="HDF5",
-        output_typename=None, constancy_assumption="gc", matlab_quirks=True)
+        quality_setting="quality",
+        alpha=(1.5, 1.5),
+        weight=(0.5, 0.5),
+        levels=100,
+        min_level=-1,
+        eta=0.8,
+        update_lag=5,
+        iterations=50,
+        a_smooth=1.0,
+        a_data=0.45,
+        sigma=((1.0, 1.0, 0.1), (1.0, 1.0, 0.1)),
+        bin_size=1,
+        buffer_size=400,
+        reference_frames=None,
+        update_reference=False,
+        update_initialization_w=True,
+        channel_normalization="joint",
+        interpolation_method="cubic",
+        cc_initialization=False,
+        save_w=False,
+        save_valid_idx=True,
+        save_meta_info=True,
+        output_format="HDF5",
+        output_typename=None,
+        constancy_assumption="gc",
+        matlab_quirks=True,
+    )
     assert {k: getattr(o, k) for k in expected} == expected
     assert set(o.to_dict()) == set(expected)
     assert o.effective_min_level == 0
 
 
 def test_flow_normalisation():
-    o = fs.FlowOptions(alpha=3, weight=[1, 3], sigma=[2, 2, 0.5], a_data=[0.5, 1],
-                       levels=10.0, quality_setting=" Fast ", output_format="tiff",
-                       constancy_assumption="Brightness", output_typename="UINT16",
-                       reference_frames={"start": 2, "stop": 5})
+    o = fs.FlowOptions(
+        alpha=3,
+        weight=[1, 3],
+        sigma=[2, 2, 0.5],
+        a_data=[0.5, 1],
+        levels=10.0,
+        quality_setting=" Fast ",
+        output_format="tiff",
+        constancy_assumption="Brightness",
+        output_typename="UINT16",
+        reference_frames={"start": 2, "stop": 5},
+    )
     assert o.alpha == (3.0, 3.0) and isinstance(o.alpha[0], float)
     assert o.weight == (0.25, 0.75)
     assert o.sigma == ((2.0, 2.0, 0.5),)
@@ -146,38 +177,41 @@ def test_weight_normalised(w):
     assert np.allclose(again.weight, o.weight, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("alpha", -1, "alpha must be"),
-    ("alpha", [1, 2, 3], "alpha must be"),
-    ("alpha", "30", "alpha must be"),
-    ("eta", 1.5, "eta must be a number in (0, 1]"),
-    ("eta", 0, "eta must be"),
-    ("eta", float("nan"), "eta must be"),
-    ("levels", 0, "levels must be an integer >= 1"),
-    ("levels", 2.5, "levels must be"),
-    ("levels", True, "levels must be"),
-    ("min_level", -2, "min_level must be an integer >= -1"),
-    ("weight", [0, 0], "weight must be"),
-    ("weight", [0.5, -0.1], "weight must be"),
-    ("weight", 0.5, "weight must be"),
-    ("a_data", 0, "a_data must be"),
-    ("a_data", [0.5, 1.2], "a_data must be"),
-    ("a_smooth", 0, "a_smooth must be"),
-    ("sigma", [1, 1], "sigma must be"),
-    ("sigma", [[1, 1, -0.1]], "sigma must be"),
-    ("reference_frames", [], "reference_frames must be"),
-    ("reference_frames", [3, -1], "reference_frames must be"),
-    ("reference_frames", "ref.tif", "reference_frames must be"),
-    ("reference_frames", {"start": 5, "stop": 5}, "reference_frames.stop must be"),
-    ("reference_frames", {"start": 0, "stp": 5}, "did you mean 'stop'"),
-    ("reference_frames", {"begin": 0}, "unknown key 'begin'; valid keys: start, stop"),
-    ("save_w", "yes", "save_w must be true or false"),
-    ("quality_setting", "best", "quality_setting 'best' is not supported"),
-    ("output_format", "MAT", "output_format 'MAT' is not supported"),
-    ("output_typename", "int64", "output_typename 'int64' is not supported"),
-    ("interpolation_method", "spline", "interpolation_method"),
-    ("channel_normalization", "both", "channel_normalization"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("alpha", -1, "alpha must be"),
+        ("alpha", [1, 2, 3], "alpha must be"),
+        ("alpha", "30", "alpha must be"),
+        ("eta", 1.5, "eta must be a number in (0, 1]"),
+        ("eta", 0, "eta must be"),
+        ("eta", float("nan"), "eta must be"),
+        ("levels", 0, "levels must be an integer >= 1"),
+        ("levels", 2.5, "levels must be"),
+        ("levels", True, "levels must be"),
+        ("min_level", -2, "min_level must be an integer >= -1"),
+        ("weight", [0, 0], "weight must be"),
+        ("weight", [0.5, -0.1], "weight must be"),
+        ("weight", 0.5, "weight must be"),
+        ("a_data", 0, "a_data must be"),
+        ("a_data", [0.5, 1.2], "a_data must be"),
+        ("a_smooth", 0, "a_smooth must be"),
+        ("sigma", [1, 1], "sigma must be"),
+        ("sigma", [[1, 1, -0.1]], "sigma must be"),
+        ("reference_frames", [], "reference_frames must be"),
+        ("reference_frames", [3, -1], "reference_frames must be"),
+        ("reference_frames", "ref.tif", "reference_frames must be"),
+        ("reference_frames", {"start": 5, "stop": 5}, "reference_frames.stop must be"),
+        ("reference_frames", {"start": 0, "stp": 5}, "did you mean 'stop'"),
+        ("reference_frames", {"begin": 0}, "unknown key 'begin'; valid keys: start, stop"),
+        ("save_w", "yes", "save_w must be true or false"),
+        ("quality_setting", "best", "quality_setting 'best' is not supported"),
+        ("output_format", "MAT", "output_format 'MAT' is not supported"),
+        ("output_typename", "int64", "output_typename 'int64' is not supported"),
+        ("interpolation_method", "spline", "interpolation_method"),
+        ("channel_normalization", "both", "channel_normalization"),
+    ],
+)
 def test_flow_bad_values(key, value, fragment):
     with pytest.raises(fs.ConfigError) as info:
         fs.FlowOptions.from_mapping({key: value}, source="opts")
@@ -203,14 +237,16 @@ def test_replace_changes_only_named():
     r = o.replace(eta=0.5)
     assert r.eta == 0.5 and r.alpha == (4.0, 4.0) and r.levels == 20
     assert o.eta == 0.8
-    assert {k: v for k, v in r.to_dict().items() if k != "eta"} == \
-        {k: v for k, v in o.to_dict().items() if k != "eta"}
+    assert {k: v for k, v in r.to_dict().items() if k != "eta"} == {
+        k: v for k, v in o.to_dict().items() if k != "eta"
+    }
     with pytest.raises(fs.ConfigError, match="eta"):
         o.replace(eta=2)
 
 
-@pytest.mark.parametrize("quality, expected", [
-    ("quality", 0), ("balanced", 4), ("fast", 6), ("custom", 0)])
+@pytest.mark.parametrize(
+    "quality, expected", [("quality", 0), ("balanced", 4), ("fast", 6), ("custom", 0)]
+)
 def test_effective_min_level(quality, expected):
     assert fs.FlowOptions(quality_setting=quality).effective_min_level == expected
     explicit = fs.FlowOptions(quality_setting=quality, min_level=2)
@@ -224,8 +260,13 @@ def test_every_field_has_a_rule():
 
 
 def test_save_load_json_roundtrip(tmp_path):
-    o = fs.FlowOptions(alpha=(2, 3), weight=[1, 1, 2], sigma=[[1, 1, 0.5]] * 3,
-                       reference_frames=[1, 2, 3], quality_setting="fast")
+    o = fs.FlowOptions(
+        alpha=(2, 3),
+        weight=[1, 1, 2],
+        sigma=[[1, 1, 0.5]] * 3,
+        reference_frames=[1, 2, 3],
+        quality_setting="fast",
+    )
     path = tmp_path / "options.json"
     o.save_json(path)
     lines = path.read_text().splitlines()
@@ -238,16 +279,27 @@ def test_save_load_json_roundtrip(tmp_path):
 
 
 def test_load_json_foreign_header_and_keys(tmp_path, caplog):
-    path = write(tmp_path / "opts.json", "Compensation options 2024-01-01\n\n" + json.dumps(
-        {"alpha": 8, "input_file": "x.tif", "verbose": True, "flow_backend": "flowreg",
-         "n_references": 1}, indent=2))
+    path = write(
+        tmp_path / "opts.json",
+        "Compensation options 2024-01-01\n\n"
+        + json.dumps(
+            {
+                "alpha": 8,
+                "input_file": "x.tif",
+                "verbose": True,
+                "flow_backend": "flowreg",
+                "n_references": 1,
+            },
+            indent=2,
+        ),
+    )
     with caplog.at_level(logging.DEBUG, logger="flowsession"):
         assert fs.FlowOptions.load_json(path) == {"alpha": [8.0, 8.0]}
     assert "input_file" in caplog.text
 
 
 def test_load_json_errors(tmp_path):
-    bad = write(tmp_path / "bad.json", "header\n\n{\n  \"alpha\": 2,\n  oops\n}\n")
+    bad = write(tmp_path / "bad.json", 'header\n\n{\n  "alpha": 2,\n  oops\n}\n')
     with pytest.raises(fs.ConfigError, match=r"bad\.json: invalid JSON at line 5"):
         fs.FlowOptions.load_json(bad)
     unknown = write(tmp_path / "unknown.json", '{"etta": 0.5}')
@@ -267,13 +319,26 @@ def test_load_json_errors(tmp_path):
 def test_session_defaults(root):
     c = fs.SessionConfig(root=str(root))
     assert c.root == root and c.root.is_absolute()
-    expected = dict(pattern="*.tif", center=None, output_root=pathlib.Path("compensated_outputs"),
-                    final_results=pathlib.Path("final_results"), resume=True, scheduler="local",
-                    n_workers=-1, flow_backend="flowreg", backend_params={}, flow_options=None,
-                    stage1_quality_setting=None, cc_upsample=4, sigma_smooth=6.0,
-                    alpha_between=25.0, iterations_between=100,
-                    stage2_constancy_assumption="gc", align_chunk_size=64,
-                    align_output_format="TIFF")
+    expected = dict(
+        pattern="*.tif",
+        center=None,
+        output_root=pathlib.Path("compensated_outputs"),
+        final_results=pathlib.Path("final_results"),
+        resume=True,
+        scheduler="local",
+        n_workers=-1,
+        flow_backend="flowreg",
+        backend_params={},
+        flow_options=None,
+        stage1_quality_setting=None,
+        cc_upsample=4,
+        sigma_smooth=6.0,
+        alpha_between=25.0,
+        iterations_between=100,
+        stage2_constancy_assumption="gc",
+        align_chunk_size=64,
+        align_output_format="TIFF",
+    )
     assert {k: getattr(c, k) for k in expected} == expected
     assert c.output_root_path == root / "compensated_outputs"
     assert c.final_results_path == root / "final_results"
@@ -314,9 +379,11 @@ def test_from_toml(root, tmp_path, monkeypatch):
 
 
 def test_from_yaml(root, tmp_path, monkeypatch):
-    cfg_file = write(tmp_path / "configs" / "session.YML",
-                     "root: ../data\nresume: false\nflow_options:\n  eta: 0.5\n"
-                     "backend_params:\n  tile: [64, 64]\n")
+    cfg_file = write(
+        tmp_path / "configs" / "session.YML",
+        "root: ../data\nresume: false\nflow_options:\n  eta: 0.5\n"
+        "backend_params:\n  tile: [64, 64]\n",
+    )
     monkeypatch.chdir(root)
     c = fs.SessionConfig.from_file(cfg_file)
     assert c.root == root and c.resume is False
@@ -349,38 +416,44 @@ def test_unknown_keys(root, tmp_path):
         fs.SessionConfig.from_toml(cfg)
     assert str(info.value) == f"{cfg}: unknown key 'n_wrkers'; did you mean 'n_workers'?"
     cfg = write(tmp_path / "s2.toml", f'root = "{root}"\n[flow_options]\niteratons = 3\n')
-    with pytest.raises(fs.ConfigError, match=r"s2\.toml \[flow_options\]: unknown key "
-                                             "'iteratons'; did you mean 'iterations'"):
+    with pytest.raises(
+        fs.ConfigError,
+        match=r"s2\.toml \[flow_options\]: unknown key "
+        "'iteratons'; did you mean 'iterations'",
+    ):
         fs.SessionConfig.from_toml(cfg)
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("n_workers", "four", "n_workers must be -1 (all CPUs) or an integer >= 1, got 'four'"),
-    ("n_workers", 0, "n_workers must be"),
-    ("n_workers", -2, "n_workers must be"),
-    ("n_workers", 2.5, "n_workers must be"),
-    ("alpha_between", "30", "alpha_between must be a number > 0, got '30'"),
-    ("alpha_between", -1, "alpha_between must be"),
-    ("cc_upsample", 0, "cc_upsample must be an integer >= 1"),
-    ("iterations_between", True, "iterations_between must be"),
-    ("sigma_smooth", -0.5, "sigma_smooth must be"),
-    ("align_chunk_size", 0, "align_chunk_size must be"),
-    ("resume", "no", "resume must be true or false"),
-    ("scheduler", "dask", "scheduler 'dask' is not supported"),
-    ("stage2_constancy_assumption", "cs", "'cs' is not supported; use one of 'gc', 'gray'"),
-    ("align_output_format", "MAT", "align_output_format 'MAT' is not supported"),
-    ("flow_backend", "", "flow_backend must be"),
-    ("backend_params", {"f": object()}, "backend_params must be"),
-    ("pattern", "/abs/*.tif", "pattern must be a glob relative to root"),
-    ("stage1_quality_setting", "max", "stage1_quality_setting 'max' is not supported"),
-    ("flow_options", {"eta": 1.5}, "cfg.toml [flow_options]: eta must be a number in (0, 1]"),
-    ("flow_options", {"eta": 0}, "eta must be"),
-    ("flow_options", {"alpha": -1}, "alpha must be"),
-    ("flow_options", {"output_format": "TIFF"}, "Stage 1 of a session writes HDF5"),
-    ("flow_options", {"save_valid_idx": False}, "remove this key"),
-    ("flow_options", 5, "flow_options must be a non-empty string"),
-    ("flow_options", "missing.json", "options file"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("n_workers", "four", "n_workers must be -1 (all CPUs) or an integer >= 1, got 'four'"),
+        ("n_workers", 0, "n_workers must be"),
+        ("n_workers", -2, "n_workers must be"),
+        ("n_workers", 2.5, "n_workers must be"),
+        ("alpha_between", "30", "alpha_between must be a number > 0, got '30'"),
+        ("alpha_between", -1, "alpha_between must be"),
+        ("cc_upsample", 0, "cc_upsample must be an integer >= 1"),
+        ("iterations_between", True, "iterations_between must be"),
+        ("sigma_smooth", -0.5, "sigma_smooth must be"),
+        ("align_chunk_size", 0, "align_chunk_size must be"),
+        ("resume", "no", "resume must be true or false"),
+        ("scheduler", "dask", "scheduler 'dask' is not supported"),
+        ("stage2_constancy_assumption", "cs", "'cs' is not supported; use one of 'gc', 'gray'"),
+        ("align_output_format", "MAT", "align_output_format 'MAT' is not supported"),
+        ("flow_backend", "", "flow_backend must be"),
+        ("backend_params", {"f": object()}, "backend_params must be"),
+        ("pattern", "/abs/*.tif", "pattern must be a glob relative to root"),
+        ("stage1_quality_setting", "max", "stage1_quality_setting 'max' is not supported"),
+        ("flow_options", {"eta": 1.5}, "cfg.toml [flow_options]: eta must be a number in (0, 1]"),
+        ("flow_options", {"eta": 0}, "eta must be"),
+        ("flow_options", {"alpha": -1}, "alpha must be"),
+        ("flow_options", {"output_format": "TIFF"}, "Stage 1 of a session writes HDF5"),
+        ("flow_options", {"save_valid_idx": False}, "remove this key"),
+        ("flow_options", 5, "flow_options must be a non-empty string"),
+        ("flow_options", "missing.json", "options file"),
+    ],
+)
 def test_session_bad_values(root, key, value, fragment):
     with pytest.raises(fs.ConfigError) as info:
         fs.SessionConfig.from_dict({"root": str(root), key: value}, source="cfg.toml")
@@ -437,8 +510,11 @@ def test_n_workers_effective(root):
 
 
 def test_json_options_override_only_what_they_name(root):
-    write(root / "opts.json", "Compensation options 2024-01-01\n\n"
-          '{\n  "iterations": 20,\n  "input_file": "a.tif",\n  "output_path": "results"\n}\n')
+    write(
+        root / "opts.json",
+        "Compensation options 2024-01-01\n\n"
+        '{\n  "iterations": 20,\n  "input_file": "a.tif",\n  "output_path": "results"\n}\n',
+    )
     c = fs.SessionConfig(root=root, flow_options="opts.json", stage1_quality_setting="fast")
     o = fs.resolve_flow_options(c, {"alpha": 5})
     assert o.iterations == 20 and o.alpha == (5.0, 5.0) and o.quality_setting == "fast"
@@ -446,10 +522,13 @@ def test_json_options_override_only_what_they_name(root):
     assert o.save_valid_idx is True and o.output_format == "HDF5"
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ('{"output_format": "MAT"}', "output_format = 'MAT' cannot be used"),
-    ('{"save_valid_idx": false}', "save_valid_idx = false cannot be used"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ('{"output_format": "MAT"}', "output_format = 'MAT' cannot be used"),
+        ('{"save_valid_idx": false}', "save_valid_idx = false cannot be used"),
+    ],
+)
 def test_json_options_that_break_stage1(root, content, fragment):
     write(root / "opts.json", "Compensation options 2024-01-01\n\n" + content)
     with pytest.raises(fs.ConfigError, match=fragment):
@@ -511,8 +590,9 @@ def test_center_default_is_matlab_ceil(tmp_path, n):
 ###############################################################################
 
 
-@pytest.mark.parametrize("name", ["SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "PBS_ARRAY_INDEX",
-                                  "PBS_ARRAYID"])
+@pytest.mark.parametrize(
+    "name", ["SLURM_ARRAY_TASK_ID", "SGE_TASK_ID", "PBS_ARRAY_INDEX", "PBS_ARRAYID"]
+)
 def test_array_task_id_each_variable(name):
     assert fs.get_array_task_id({name: " 7 "}) == 7
 
@@ -535,18 +615,21 @@ def test_array_task_id_default_environ(monkeypatch):
     assert fs.get_array_task_id() == 5
 
 
-@pytest.mark.parametrize("env, task, index", [
-    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0"}, 0, 0),
-    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0"}, 2, 2),
-    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1"}, 1, 0),
-    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}, 3, 2),
-    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "2"}, 3, 2),
-    ({"SGE_TASK_ID": "1"}, 1, 0),
-    ({"SGE_TASK_ID": "3"}, 3, 2),
-    ({"PBS_ARRAY_INDEX": "2"}, 2, 1),
-    ({"SLURM_ARRAY_TASK_ID": "2"}, 2, 1),
-    ({}, 3, 2),
-])
+@pytest.mark.parametrize(
+    "env, task, index",
+    [
+        ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0"}, 0, 0),
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0"}, 2, 2),
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1"}, 1, 0),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}, 3, 2),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "2"}, 3, 2),
+        ({"SGE_TASK_ID": "1"}, 1, 0),
+        ({"SGE_TASK_ID": "3"}, 3, 2),
+        ({"PBS_ARRAY_INDEX": "2"}, 2, 1),
+        ({"SLURM_ARRAY_TASK_ID": "2"}, 2, 1),
+        ({}, 3, 2),
+    ],
+)
 def test_array_task_to_index(env, task, index):
     assert fs.array_task_to_index(task, 3, env) == index
 
@@ -557,17 +640,29 @@ def test_array_task_unknown_start_zero(caplog):
     assert "1-based" in caplog.text and "PBS_ARRAY_INDEX=0" in caplog.text
 
 
-@pytest.mark.parametrize("env, task, fragment", [
-    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1"}, 4, "--array=1-3 for 3 recordings"),
-    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0"}, 3, "--array=0-2 for 3 recordings"),
-    ({"SGE_TASK_ID": "4"}, 4, "SGE_TASK_ID=4 is out of range for 3 recordings"),
-    ({"SGE_TASK_ID": "0"}, 0, "-t 1-3"),
-    ({"PBS_ARRAY_INDEX": "9"}, 9, "-J 1-3"),
-])
+@pytest.mark.parametrize(
+    "env, task, fragment",
+    [
+        (
+            {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1"},
+            4,
+            "--array=1-3 for 3 recordings",
+        ),
+        (
+            {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0"},
+            3,
+            "--array=0-2 for 3 recordings",
+        ),
+        ({"SGE_TASK_ID": "4"}, 4, "SGE_TASK_ID=4 is out of range for 3 recordings"),
+        ({"SGE_TASK_ID": "0"}, 0, "-t 1-3"),
+        ({"PBS_ARRAY_INDEX": "9"}, 9, "-J 1-3"),
+    ],
+)
 def test_array_task_out_of_range(env, task, fragment):
     with pytest.raises(fs.ConfigError, match="valid task ids") as info:
         fs.array_task_to_index(task, 3, env)
     assert fragment in str(info.value)
+
 
 ###############################################################################
 ### I/O: readers and writers
@@ -585,202 +680,225 @@ def _video(c=1, dtype=np.uint16, t=T, lo=0, hi=4000):
 ### source files written by tifffile / h5py / scipy
 ###############################################################################
 
+
 def tiff_plain(p):
     v = _video()
-    tifffile.imwrite(p / 'plain.tif', v[..., 0])
-    return p / 'plain.tif', v, {}
+    tifffile.imwrite(p / "plain.tif", v[..., 0])
+    return p / "plain.tif", v, {}
 
 
 def tiff_bigtiff(p):
     v = _video()
-    tifffile.imwrite(p / 'big.tiff', v[..., 0], bigtiff=True)
-    return p / 'big.tiff', v, {}
+    tifffile.imwrite(p / "big.tiff", v[..., 0], bigtiff=True)
+    return p / "big.tiff", v, {}
 
 
 def tiff_imagej_2ch(p):
     v = _video(2)
-    tifffile.imwrite(p / 'ij.tif', np.moveaxis(v, -1, 1), imagej=True,
-                     metadata={'axes': 'TCYX'})
-    return p / 'ij.tif', v, {}
+    tifffile.imwrite(p / "ij.tif", np.moveaxis(v, -1, 1), imagej=True, metadata={"axes": "TCYX"})
+    return p / "ij.tif", v, {}
 
 
 def tiff_imagej_virtual(p):
     # one IFD, frame count in the ImageJ header only, like ImageJ stacks > 4 GB
     v = _video(2)
-    tifffile.imwrite(p / 'virtual.tif', np.moveaxis(v, -1, 1), imagej=True,
-                     truncate=True, metadata={'axes': 'TCYX'})
-    return p / 'virtual.tif', v, {}
+    tifffile.imwrite(
+        p / "virtual.tif",
+        np.moveaxis(v, -1, 1),
+        imagej=True,
+        truncate=True,
+        metadata={"axes": "TCYX"},
+    )
+    return p / "virtual.tif", v, {}
 
 
 def tiff_int16_negative(p):
     v = _video(dtype=np.int16, lo=-3000, hi=3000)
-    tifffile.imwrite(p / 'neg.tif', v[..., 0], bigtiff=True)
-    return p / 'neg.tif', v, {}
+    tifffile.imwrite(p / "neg.tif", v[..., 0], bigtiff=True)
+    return p / "neg.tif", v, {}
 
 
 def tiff_big_endian(p):
     v = _video()
-    tifffile.imwrite(p / 'be.tif', v[..., 0], byteorder='>')
-    return p / 'be.tif', v, {}
+    tifffile.imwrite(p / "be.tif", v[..., 0], byteorder=">")
+    return p / "be.tif", v, {}
 
 
 def tiff_samples(p):
     v = _video(2)
-    tifffile.imwrite(p / 'samples.tif', v, photometric='minisblack',
-                     planarconfig='contig')
-    return p / 'samples.tif', v, {}
+    tifffile.imwrite(p / "samples.tif", v, photometric="minisblack", planarconfig="contig")
+    return p / "samples.tif", v, {}
 
 
 def tiff_planar_samples(p):
     v = _video(2)
-    tifffile.imwrite(p / 'planar.tif', np.moveaxis(v, -1, 1),
-                     photometric='minisblack', planarconfig='separate',
-                     metadata=None)
-    return p / 'planar.tif', v, {}
+    tifffile.imwrite(
+        p / "planar.tif",
+        np.moveaxis(v, -1, 1),
+        photometric="minisblack",
+        planarconfig="separate",
+        metadata=None,
+    )
+    return p / "planar.tif", v, {}
 
 
 def tiff_interleaved_pages(p):
     # written page by page: not contiguous, read through tifffile pages
     v = _video(2)
-    with tifffile.TiffWriter(p / 'inter.tif') as tw:
+    with tifffile.TiffWriter(p / "inter.tif") as tw:
         for page in np.moveaxis(v, -1, 1).reshape(-1, H, W):
             tw.write(page, metadata=None)
-    return p / 'inter.tif', v, {'channels': 2}
+    return p / "inter.tif", v, {"channels": 2}
 
 
 def tiff_interleaved_contiguous(p):
     v = _video(2)
-    tifffile.imwrite(p / 'inter2.tif', np.moveaxis(v, -1, 1).reshape(-1, H, W),
-                     metadata=None)
-    return p / 'inter2.tif', v, {'channels': 2}
+    tifffile.imwrite(p / "inter2.tif", np.moveaxis(v, -1, 1).reshape(-1, H, W), metadata=None)
+    return p / "inter2.tif", v, {"channels": 2}
 
 
 def tiff_scanimage(p):
     # ScanImage 2016+ also stores its frame data in every page's Software tag
     v = _video(2, dtype=np.int16, lo=-500, hi=500)
-    info = 'SI.hChannels.channelSave = [1;2]\nSI.hStackManager.framesPerSlice = 1000'
-    with tifffile.TiffWriter(p / 'si.tif', bigtiff=True) as tw:
+    info = "SI.hChannels.channelSave = [1;2]\nSI.hStackManager.framesPerSlice = 1000"
+    with tifffile.TiffWriter(p / "si.tif", bigtiff=True) as tw:
         for page in np.moveaxis(v, -1, 1).reshape(-1, H, W):
             tw.write(page, metadata=None, software=info)
-    return p / 'si.tif', v, {}
+    return p / "si.tif", v, {}
 
 
 def h5_channels(p):
     v = _video(2)
-    with h5py.File(p / 'ch.h5', 'w') as f:
-        f['ch2'] = v[..., 1]
-        f['ch1'] = v[..., 0]
-        f['other'] = np.zeros((50, 50, 50))  # larger, but the channels win
-    return p / 'ch.h5', v, {}
+    with h5py.File(p / "ch.h5", "w") as f:
+        f["ch2"] = v[..., 1]
+        f["ch1"] = v[..., 0]
+        f["other"] = np.zeros((50, 50, 50))  # larger, but the channels win
+    return p / "ch.h5", v, {}
 
 
 def h5_channels_in_group(p):
     v = _video(2)
-    with h5py.File(p / 'grp.hdf5', 'w') as f:
-        f['rec/Channel_1'] = v[..., 0]
-        f['rec/channel_2'] = v[..., 1]
-    return p / 'grp.hdf5', v, {}
+    with h5py.File(p / "grp.hdf5", "w") as f:
+        f["rec/Channel_1"] = v[..., 0]
+        f["rec/channel_2"] = v[..., 1]
+    return p / "grp.hdf5", v, {}
 
 
 def h5_mov(p):
     v = _video(dtype=np.float32)
-    with h5py.File(p / 'mov.h5', 'w') as f:
-        f['mov'] = v[..., 0]
-        f['small'] = np.zeros((3, 4, 5))
-    return p / 'mov.h5', v, {}
+    with h5py.File(p / "mov.h5", "w") as f:
+        f["mov"] = v[..., 0]
+        f["small"] = np.zeros((3, 4, 5))
+    return p / "mov.h5", v, {}
 
 
 def h5_data_4d(p):
     v = _video(3, dtype=np.int16, lo=-100, hi=100)
-    with h5py.File(p / 'data.hdf', 'w') as f:
-        f.create_dataset('data', data=v, chunks=(2, H, W, 3))
-    return p / 'data.hdf', v, {}
+    with h5py.File(p / "data.hdf", "w") as f:
+        f.create_dataset("data", data=v, chunks=(2, H, W, 3))
+    return p / "data.hdf", v, {}
 
 
 def h5_largest(p):
     v = _video()
-    with h5py.File(p / 'big.h5', 'w') as f:
-        f['a/b/video'] = v[..., 0]
-        f['tiny'] = np.zeros((2, 2, 2))
-    return p / 'big.h5', v, {}
+    with h5py.File(p / "big.h5", "w") as f:
+        f["a/b/video"] = v[..., 0]
+        f["tiny"] = np.zeros((2, 2, 2))
+    return p / "big.h5", v, {}
 
 
 def h5_matlab_attr(p):
     v = _video(dtype=np.uint8, hi=255)
-    with h5py.File(p / 'mat_attr.h5', 'w') as f:
-        f['mov'] = v[..., 0].transpose(0, 2, 1)  # MATLAB (H, W, T) seen by h5py
-        f['mov'].attrs['MATLAB_class'] = np.bytes_('uint8')
-    return p / 'mat_attr.h5', v, {}
+    with h5py.File(p / "mat_attr.h5", "w") as f:
+        f["mov"] = v[..., 0].transpose(0, 2, 1)  # MATLAB (H, W, T) seen by h5py
+        f["mov"].attrs["MATLAB_class"] = np.bytes_("uint8")
+    return p / "mat_attr.h5", v, {}
 
 
 def h5_matlab_ordering_attr(p):
     v = _video()
-    with h5py.File(p / 'mat_ord.h5', 'w') as f:
-        f['data'] = v[..., 0].transpose(0, 2, 1)
-        f['data'].attrs['dimension_ordering'] = 'MATLAB'
-    return p / 'mat_ord.h5', v, {}
+    with h5py.File(p / "mat_ord.h5", "w") as f:
+        f["data"] = v[..., 0].transpose(0, 2, 1)
+        f["data"].attrs["dimension_ordering"] = "MATLAB"
+    return p / "mat_ord.h5", v, {}
 
 
 def h5_matlab_forced_4d(p):
     v = _video(2)
-    with h5py.File(p / 'forced.h5', 'w') as f:
-        f['video'] = v.transpose(0, 3, 2, 1)  # MATLAB (H, W, C, T)
-    return p / 'forced.h5', v, {'matlab_order': True, 'dataset': 'video'}
+    with h5py.File(p / "forced.h5", "w") as f:
+        f["video"] = v.transpose(0, 3, 2, 1)  # MATLAB (H, W, C, T)
+    return p / "forced.h5", v, {"matlab_order": True, "dataset": "video"}
 
 
 def h5_named_list(p):
     v = _video(2)
-    with h5py.File(p / 'named.h5', 'w') as f:
-        f['green'] = v[..., 0]
-        f['red'] = v[..., 1]
-    return p / 'named.h5', v, {'dataset': ['green', 'red']}
+    with h5py.File(p / "named.h5", "w") as f:
+        f["green"] = v[..., 0]
+        f["red"] = v[..., 1]
+    return p / "named.h5", v, {"dataset": ["green", "red"]}
 
 
 def mat_v5(p):
     v = _video(dtype=np.int16, lo=-50, hi=50)
-    scipy.io.savemat(p / 'v5.mat', {'mov': np.moveaxis(v[..., 0], 0, -1),
-                                    'fs': 30.0})
-    return p / 'v5.mat', v, {}
+    scipy.io.savemat(p / "v5.mat", {"mov": np.moveaxis(v[..., 0], 0, -1), "fs": 30.0})
+    return p / "v5.mat", v, {}
 
 
 def mat_v5_4d_largest(p):
     v = _video(2, dtype=np.float64)
-    scipy.io.savemat(p / 'v5b.mat', {'stack': np.moveaxis(v, 0, -1),
-                                     'other': np.zeros((2, 2, 2))})
-    return p / 'v5b.mat', v, {}
+    scipy.io.savemat(p / "v5b.mat", {"stack": np.moveaxis(v, 0, -1), "other": np.zeros((2, 2, 2))})
+    return p / "v5b.mat", v, {}
 
 
 def _write_mat73(path, variables):
-    with h5py.File(path, 'w', userblock_size=512) as f:
+    with h5py.File(path, "w", userblock_size=512) as f:
         for name, value in variables.items():
             f[name] = value.T  # MATLAB's column-major order, as h5py sees it
-            f[name].attrs['MATLAB_class'] = np.bytes_(value.dtype.name)
-    header = (b'MATLAB 7.3 MAT-file, Platform: GLNXA64, '
-              b'Created on: test HDF5 schema 1.00 .')
-    with open(path, 'r+b') as fh:
-        fh.write(header.ljust(128, b' '))
+            f[name].attrs["MATLAB_class"] = np.bytes_(value.dtype.name)
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: test HDF5 schema 1.00 ."
+    with open(path, "r+b") as fh:
+        fh.write(header.ljust(128, b" "))
 
 
 def mat_v73(p):
     v = _video()
-    _write_mat73(p / 'v73.mat', {'Y': np.moveaxis(v[..., 0], 0, -1)})
-    return p / 'v73.mat', v, {}
+    _write_mat73(p / "v73.mat", {"Y": np.moveaxis(v[..., 0], 0, -1)})
+    return p / "v73.mat", v, {}
 
 
-SOURCES = [tiff_plain, tiff_bigtiff, tiff_imagej_2ch, tiff_imagej_virtual,
-           tiff_int16_negative, tiff_big_endian,
-           tiff_samples, tiff_planar_samples, tiff_interleaved_pages,
-           tiff_interleaved_contiguous, tiff_scanimage, h5_channels,
-           h5_channels_in_group, h5_mov, h5_data_4d, h5_largest, h5_matlab_attr,
-           h5_matlab_ordering_attr, h5_matlab_forced_4d, h5_named_list, mat_v5,
-           mat_v5_4d_largest, mat_v73]
+SOURCES = [
+    tiff_plain,
+    tiff_bigtiff,
+    tiff_imagej_2ch,
+    tiff_imagej_virtual,
+    tiff_int16_negative,
+    tiff_big_endian,
+    tiff_samples,
+    tiff_planar_samples,
+    tiff_interleaved_pages,
+    tiff_interleaved_contiguous,
+    tiff_scanimage,
+    h5_channels,
+    h5_channels_in_group,
+    h5_mov,
+    h5_data_4d,
+    h5_largest,
+    h5_matlab_attr,
+    h5_matlab_ordering_attr,
+    h5_matlab_forced_4d,
+    h5_named_list,
+    mat_v5,
+    mat_v5_4d_largest,
+    mat_v73,
+]
 
 
 ###############################################################################
 ### readers
 ###############################################################################
 
-@pytest.mark.parametrize('make', SOURCES, ids=lambda f: f.__name__)
+
+@pytest.mark.parametrize("make", SOURCES, ids=lambda f: f.__name__)
 def test_reader_values(tmp_path, make):
     path, v, kw = make(tmp_path)
     with fs.open_video(path, **kw) as r:
@@ -801,11 +919,10 @@ def test_reader_values(tmp_path, make):
             assert r.read(0, T).min() < 0
 
 
-@pytest.mark.parametrize('make', SOURCES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make", SOURCES, ids=lambda f: f.__name__)
 def test_reader_binning(tmp_path, make):
     path, v, kw = make(tmp_path)
-    expected = np.stack([v[i:i + 3].mean(axis=0, dtype=np.float64)
-                         for i in range(0, T, 3)])
+    expected = np.stack([v[i : i + 3].mean(axis=0, dtype=np.float64) for i in range(0, T, 3)])
     with fs.open_video(path, bin_size=3, **kw) as r:
         assert len(r) == 4 and r.shape == (4, *v.shape[1:]) and r.n_frames == T
         got = r.read(0, 4)
@@ -814,14 +931,14 @@ def test_reader_binning(tmp_path, make):
         np.testing.assert_allclose(got[3], v[9].astype(np.float64))
         np.testing.assert_allclose(r.read_frames([3, 1, 3]), expected[[3, 1, 3]])
         np.testing.assert_allclose(
-            np.concatenate([a for _, a in r.iter_batches(3, start=1)]),
-            expected[1:])
+            np.concatenate([a for _, a in r.iter_batches(3, start=1)]), expected[1:]
+        )
 
 
 def test_reader_lifecycle(tmp_path):
     path, v, _ = tiff_plain(tmp_path)
     r = fs.open_video(path)
-    assert 'plain.tif' in repr(r)
+    assert "plain.tif" in repr(r)
     r.close()
     r.close()
     with pytest.raises(fs.FlowSessionError):
@@ -835,10 +952,9 @@ def test_reader_lifecycle(tmp_path):
 
 
 def test_hdf5_zero_frames(tmp_path):
-    p = tmp_path / 'empty.h5'
-    with h5py.File(p, 'w') as f:
-        f.create_dataset('mov', shape=(0, H, W), maxshape=(None, H, W),
-                         dtype=np.uint16)
+    p = tmp_path / "empty.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("mov", shape=(0, H, W), maxshape=(None, H, W), dtype=np.uint16)
     with fs.open_video(p) as r:
         assert len(r) == 0 and r.shape == (0, H, W, 1)
         assert r.read(0, 5).shape == (0, H, W, 1)
@@ -847,7 +963,7 @@ def test_hdf5_zero_frames(tmp_path):
 
 def test_unknown_suffix_probed_as_hdf5(tmp_path):
     path, v, _ = h5_mov(tmp_path)
-    other = tmp_path / 'mov.bin'
+    other = tmp_path / "mov.bin"
     os.rename(path, other)
     with fs.open_video(other) as r:
         np.testing.assert_array_equal(r.read(0, T), v)
@@ -869,13 +985,16 @@ def test_scanimage_channel_count(tmp_path):
 def test_scanimage_header_metadata(tmp_path, monkeypatch):
     # as in a real ScanImage BigTIFF header; framesPerSlice (1000) exceeds the
     # frames in this file, so tifffile's series shape disagrees with the pages
-    meta = {'FrameData': {'SI.hChannels.channelSave': [[1], [2]],
-                          'SI.hStackManager.framesPerSlice': 1000}}
-    monkeypatch.setattr(tifffile.TiffFile, 'scanimage_metadata',
-                        property(lambda self: meta))
+    meta = {
+        "FrameData": {
+            "SI.hChannels.channelSave": [[1], [2]],
+            "SI.hStackManager.framesPerSlice": 1000,
+        }
+    }
+    monkeypatch.setattr(tifffile.TiffFile, "scanimage_metadata", property(lambda self: meta))
     path, v, _ = tiff_scanimage(tmp_path)
     with tifffile.TiffFile(path) as tif:
-        assert tif.series[0].kind == 'scanimage'
+        assert tif.series[0].kind == "scanimage"
         assert tif.series[0].size != v.size
     with fs.open_video(path) as r:
         assert r.shape == v.shape
@@ -899,21 +1018,20 @@ class _CountingDataset:
 
 def test_hdf5_reads_only_requested_frames(tmp_path):
     v = RNG.integers(0, 60000, size=(500, 64, 48), dtype=np.uint16)
-    with h5py.File(tmp_path / 'long.h5', 'w') as f:
-        f.create_dataset('mov', data=v, chunks=(1, 64, 48))
-    with fs.open_video(tmp_path / 'long.h5') as r:
+    with h5py.File(tmp_path / "long.h5", "w") as f:
+        f.create_dataset("mov", data=v, chunks=(1, 64, 48))
+    with fs.open_video(tmp_path / "long.h5") as r:
         read = []
         r._dsets = [_CountingDataset(r._dsets[0], read)]
         np.testing.assert_array_equal(r.read(10, 13)[..., 0], v[10:13])
-        np.testing.assert_array_equal(r.read_frames([300, 12, 11])[..., 0],
-                                      v[[300, 12, 11]])
+        np.testing.assert_array_equal(r.read_frames([300, 12, 11])[..., 0], v[[300, 12, 11]])
         assert read == [3, 2, 1]  # 10-12, then runs 11-12 and 300
 
 
-@pytest.mark.parametrize('contiguous', [True, False])
+@pytest.mark.parametrize("contiguous", [True, False])
 def test_tiff_reads_only_requested_frames(tmp_path, monkeypatch, contiguous):
     v = RNG.integers(0, 60000, size=(500, 64, 48), dtype=np.uint16)
-    p = tmp_path / 'long.tif'
+    p = tmp_path / "long.tif"
     if contiguous:
         tifffile.imwrite(p, v, bigtiff=True)
     else:
@@ -929,7 +1047,7 @@ def test_tiff_reads_only_requested_frames(tmp_path, monkeypatch, contiguous):
         return out
 
     with fs.open_video(p) as r:
-        monkeypatch.setattr(tifffile.FileHandle, 'read_array', count_read_array)
+        monkeypatch.setattr(tifffile.FileHandle, "read_array", count_read_array)
         np.testing.assert_array_equal(r.read(10, 13)[..., 0], v[10:13])
         assert sum(items) == 3 * 64 * 48
 
@@ -938,41 +1056,50 @@ def test_tiff_reads_only_requested_frames(tmp_path, monkeypatch, contiguous):
 ### bad input files
 ###############################################################################
 
+
 def _expect_input_error(path, **kw):
     with pytest.raises(fs.InputError) as info:
         fs.open_video(path, **kw)
     message = str(info.value)
-    assert os.path.basename(path) in message and '\n' not in message
+    assert os.path.basename(path) in message and "\n" not in message
     return message
 
 
 def test_missing_file(tmp_path):
-    assert 'not found' in _expect_input_error(tmp_path / 'nope.tif')
+    assert "not found" in _expect_input_error(tmp_path / "nope.tif")
 
 
-@pytest.mark.parametrize('kw', [{}, {'bigtiff': True}, {'imagej': True},
-                                {'metadata': None}, {'compression': 'zlib'},
-                                {'truncate': True},
-                                {'imagej': True, 'truncate': True}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"bigtiff": True},
+        {"imagej": True},
+        {"metadata": None},
+        {"compression": "zlib"},
+        {"truncate": True},
+        {"imagej": True, "truncate": True},
+    ],
+)
 def test_truncated_tiff(tmp_path, kw):
-    p = tmp_path / 'cut.tif'
+    p = tmp_path / "cut.tif"
     tifffile.imwrite(p, _video()[..., 0], **kw)
-    with open(p, 'r+b') as fh:
+    with open(p, "r+b") as fh:
         fh.truncate(os.path.getsize(p) // 2)
     _expect_input_error(p)
 
 
-@pytest.mark.parametrize('cut', [2, 50])
+@pytest.mark.parametrize("cut", [2, 50])
 def test_truncated_page_by_page_tiff(tmp_path, cut):
     # cut / 2: the IFD chain breaks; cut 50 bytes: the last page's data
     path, _, kw = tiff_interleaved_pages(tmp_path)
     size = os.path.getsize(path)
-    with open(path, 'r+b') as fh:
+    with open(path, "r+b") as fh:
         fh.truncate(size // 2 if cut == 2 else size - cut)
     _expect_input_error(path, **kw)
 
 
-@pytest.mark.parametrize('name', ['junk.h5', 'junk.tif', 'junk.mat', 'junk.hdf5'])
+@pytest.mark.parametrize("name", ["junk.h5", "junk.tif", "junk.mat", "junk.hdf5"])
 def test_corrupt_files(tmp_path, name):
     p = tmp_path / name
     p.write_bytes(RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -981,42 +1108,42 @@ def test_corrupt_files(tmp_path, name):
 
 def test_truncated_hdf5(tmp_path):
     path, _, _ = h5_channels(tmp_path)
-    with open(path, 'r+b') as fh:
+    with open(path, "r+b") as fh:
         fh.truncate(os.path.getsize(path) // 2)
     _expect_input_error(path)
 
 
 def test_hdf5_without_video(tmp_path):
-    p = tmp_path / 'novideo.h5'
-    with h5py.File(p, 'w') as f:
-        f['a'] = np.zeros(10)
-        f['b'] = np.zeros((3, 4))
+    p = tmp_path / "novideo.h5"
+    with h5py.File(p, "w") as f:
+        f["a"] = np.zeros(10)
+        f["b"] = np.zeros((3, 4))
     message = _expect_input_error(p)
-    assert 'a (10,)' in message and 'b (3, 4)' in message and 'dataset=' in message
-    _expect_input_error(p, dataset='missing')
+    assert "a (10,)" in message and "b (3, 4)" in message and "dataset=" in message
+    _expect_input_error(p, dataset="missing")
 
 
 def test_hdf5_bad_channel_list(tmp_path):
-    p = tmp_path / 'mixed.h5'
-    with h5py.File(p, 'w') as f:
-        f['x'] = np.zeros((4, 5, 6))
-        f['y'] = np.zeros((4, 5, 7))
-    _expect_input_error(p, dataset=['x', 'y'])
+    p = tmp_path / "mixed.h5"
+    with h5py.File(p, "w") as f:
+        f["x"] = np.zeros((4, 5, 6))
+        f["y"] = np.zeros((4, 5, 7))
+    _expect_input_error(p, dataset=["x", "y"])
 
 
 def test_mat_without_video(tmp_path):
-    p = tmp_path / 'novideo.mat'
-    scipy.io.savemat(p, {'fs': 30.0, 'image': np.zeros((4, 5))})
+    p = tmp_path / "novideo.mat"
+    scipy.io.savemat(p, {"fs": 30.0, "image": np.zeros((4, 5))})
     message = _expect_input_error(p)
-    assert 'fs' in message and 'image' in message
-    _expect_input_error(tmp_path / 'novideo.mat', dataset='fs')
+    assert "fs" in message and "image" in message
+    _expect_input_error(tmp_path / "novideo.mat", dataset="fs")
 
 
 def test_unsupported_suffix(tmp_path):
-    p = tmp_path / 'movie.avi'
-    p.write_bytes(b'RIFF....AVI ')
+    p = tmp_path / "movie.avi"
+    p.write_bytes(b"RIFF....AVI ")
     message = _expect_input_error(p)
-    assert '.tif' in message and '.h5' in message and '.mat' in message
+    assert ".tif" in message and ".h5" in message and ".mat" in message
 
 
 def test_channels_option_only_for_tiff(tmp_path):
@@ -1031,10 +1158,10 @@ def test_channels_option_only_for_tiff(tmp_path):
 ### casting
 ###############################################################################
 
+
 def test_cast_rounds_half_away_and_clips():
     x = np.array([2.5, -0.5, -2.5, 1.5, 0.49999999999999994, -1.4, np.nan])
-    np.testing.assert_array_equal(fs.cast_to_dtype(x, np.int16),
-                                  [3, -1, -3, 2, 0, -1, 0])
+    np.testing.assert_array_equal(fs.cast_to_dtype(x, np.int16), [3, -1, -3, 2, 0, -1, 0])
     y = np.array([-3.7, 70000.0, np.nan, np.inf, -np.inf, 65534.5])
     got = fs.cast_to_dtype(y, np.uint16)
     assert got.dtype == np.uint16
@@ -1046,9 +1173,11 @@ def test_cast_rounds_half_away_and_clips():
 
 def test_cast_integers_clip():
     np.testing.assert_array_equal(
-        fs.cast_to_dtype(np.array([-5, 70000], np.int32), np.uint16), [0, 65535])
+        fs.cast_to_dtype(np.array([-5, 70000], np.int32), np.uint16), [0, 65535]
+    )
     np.testing.assert_array_equal(
-        fs.cast_to_dtype(np.array([0, 300], np.uint16), np.int8), [0, 127])
+        fs.cast_to_dtype(np.array([0, 300], np.uint16), np.int8), [0, 127]
+    )
     a = np.arange(5, dtype=np.uint8)
     assert fs.cast_to_dtype(a, np.uint8) is a
     assert fs.cast_to_dtype(a, np.int16).dtype == np.int16
@@ -1060,63 +1189,69 @@ def test_cast_integers_clip():
 ### writers
 ###############################################################################
 
+
 def _leftovers(folder):
-    return [n for n in os.listdir(folder) if '.partial-' in n]
+    return [n for n in os.listdir(folder) if ".partial-" in n]
 
 
 def test_hdf5_writer_round_trip(tmp_path):
     frames = RNG.normal(1000, 400, size=(T, H, W, 2))
     frames[0, 0, 0] = [-7.5, 70000]
-    p = tmp_path / 'out' / 'compensated.HDF5'
+    p = tmp_path / "out" / "compensated.HDF5"
     p.parent.mkdir()
-    with fs.open_writer(p, 'hdf5', height=H, width=W, n_channels=2,
-                        dtype=np.uint16, attrs={'source': 'test'}) as w:
+    with fs.open_writer(
+        p, "hdf5", height=H, width=W, n_channels=2, dtype=np.uint16, attrs={"source": "test"}
+    ) as w:
         w.append(frames[:0])
         for a, b in [(0, 4), (4, 5), (5, T)]:
             w.append(frames[a:b])
             assert not p.exists() and len(_leftovers(p.parent)) == 1
         assert w.frames_written == T
-        w.add_alias('idx', 'ch1')
+        w.add_alias("idx", "ch1")
     assert _leftovers(p.parent) == []
     expected = fs.cast_to_dtype(frames, np.uint16)
     assert list(expected[0, 0, 0]) == [0, 65535]
-    with h5py.File(p, 'r') as f:
-        assert f.attrs['format'] == 'flowsession_hdf5_v1'
-        assert f.attrs['frame_count'] == T and f.attrs['n_channels'] == 2
-        assert (f.attrs['height'], f.attrs['width']) == (H, W)
-        assert list(f.attrs['dataset_names']) == ['ch1', 'ch2']
-        assert f.attrs['source'] == 'test'
-        d = f['ch2']
+    with h5py.File(p, "r") as f:
+        assert f.attrs["format"] == "flowsession_hdf5_v1"
+        assert f.attrs["frame_count"] == T and f.attrs["n_channels"] == 2
+        assert (f.attrs["height"], f.attrs["width"]) == (H, W)
+        assert list(f.attrs["dataset_names"]) == ["ch1", "ch2"]
+        assert f.attrs["source"] == "test"
+        d = f["ch2"]
         assert d.shape == (T, H, W) and d.dtype == np.uint16
         assert d.maxshape == (None, H, W) and d.chunks[1:] == (H, W)
-        assert list(d.attrs['original_shape_THWC']) == [T, H, W, 2]
-        np.testing.assert_array_equal(f['idx'][()], f['ch1'][()])
+        assert list(d.attrs["original_shape_THWC"]) == [T, H, W, 2]
+        np.testing.assert_array_equal(f["idx"][()], f["ch1"][()])
     with fs.open_video(p) as r:
         assert r.shape == (T, H, W, 2) and r.dtype == np.uint16
         np.testing.assert_array_equal(r.read(0, T), expected)
-    with fs.open_video(p, dataset='idx') as r:
+    with fs.open_video(p, dataset="idx") as r:
         np.testing.assert_array_equal(r.read(0, T), expected[..., :1])
 
 
 def test_hdf5_writer_names_and_options(tmp_path):
-    p = tmp_path / 'idx.hdf'
+    p = tmp_path / "idx.hdf"
     masks = (RNG.random((5, H, W, 1)) > 0.5).astype(np.uint8) * 255
-    with fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=1, dtype=np.uint8,
-                            dataset_names=['idx'], chunk_frames=4,
-                            compression='gzip') as w:
+    with fs.Hdf5VideoWriter(
+        p,
+        height=H,
+        width=W,
+        n_channels=1,
+        dtype=np.uint8,
+        dataset_names=["idx"],
+        chunk_frames=4,
+        compression="gzip",
+    ) as w:
         w.append(masks)
-    with h5py.File(p, 'r') as f:
-        assert f['idx'].chunks == (4, H, W) and f['idx'].compression == 'gzip'
+    with h5py.File(p, "r") as f:
+        assert f["idx"].chunks == (4, H, W) and f["idx"].compression == "gzip"
     with fs.open_video(p) as r:
         np.testing.assert_array_equal(r.read(0, 5), masks)
     with pytest.raises(fs.ConfigError):
-        fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=2, dtype=np.uint8,
-                           dataset_names=['a'])
+        fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=2, dtype=np.uint8, dataset_names=["a"])
     with pytest.raises(fs.ConfigError):
-        fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=1, dtype=np.uint8,
-                           compression='zstd')
+        fs.Hdf5VideoWriter(p, height=H, width=W, n_channels=1, dtype=np.uint8, compression="zstd")
     assert _leftovers(tmp_path) == []
-
 
 
 @pytest.mark.parametrize("shape", [(5, 24, 18, 2), (3, 12, 40, 3), (4, 20, 16)])
@@ -1127,22 +1262,26 @@ def test_tiff_of_a_plain_numpy_video_with_channels(tmp_path, shape, caplog):
     path = tmp_path / "v.tif"
     tifffile.imwrite(path, a, photometric="minisblack")
     with fs.open_video(path) as r:
-        assert (len(r), r.height, r.width, r.n_channels) == (shape[0], shape[1], shape[2],
-                                                              shape[3] if len(shape) == 4 else 1)
+        assert (len(r), r.height, r.width, r.n_channels) == (
+            shape[0],
+            shape[1],
+            shape[2],
+            shape[3] if len(shape) == 4 else 1,
+        )
         got = np.concatenate([b for _, b in r.iter_batches(2)])
         np.testing.assert_array_equal(got, a.reshape(got.shape))
         np.testing.assert_array_equal(r.read_frames([2, 0]), a.reshape(got.shape)[[2, 0]])
     assert ("(T, H, W, C)" in caplog.text) == (len(shape) == 4)
 
-@pytest.mark.parametrize('t, c', [(1, 1), (1, 2), (T, 1), (T, 2), (4, 3)])
+
+@pytest.mark.parametrize("t, c", [(1, 1), (1, 2), (T, 1), (T, 2), (4, 3)])
 def test_tiff_writer_round_trip(tmp_path, t, c):
     frames = RNG.normal(0, 3000, size=(t, H, W, c)).astype(np.float32)
-    p = tmp_path / 'compensated.TIFF'
-    with fs.open_writer(p, 'TIFF', height=H, width=W, n_channels=c,
-                        dtype=np.int16) as w:
+    p = tmp_path / "compensated.TIFF"
+    with fs.open_writer(p, "TIFF", height=H, width=W, n_channels=c, dtype=np.int16) as w:
         w.append(frames[:0])
         for a in range(0, t, 3):
-            w.append(frames[a:a + 3])
+            w.append(frames[a : a + 3])
         assert not p.exists()
     assert _leftovers(tmp_path) == []
     expected = fs.cast_to_dtype(frames, np.int16)
@@ -1151,27 +1290,28 @@ def test_tiff_writer_round_trip(tmp_path, t, c):
         assert tif.pages[0].compression == 1  # none
         pages = np.stack([page.asarray() for page in tif.pages])
         np.testing.assert_array_equal(  # frame-major: f0-c0, f0-c1, f1-c0 ...
-            pages, np.moveaxis(expected, -1, 1).reshape(-1, H, W))
+            pages, np.moveaxis(expected, -1, 1).reshape(-1, H, W)
+        )
         np.testing.assert_array_equal(tif.asarray(), np.moveaxis(expected, -1, 1))
     with fs.open_video(p) as r:
         assert r.shape == (t, H, W, c) and r.dtype == np.int16
         np.testing.assert_array_equal(r.read(0, t), expected)
 
 
-@pytest.mark.parametrize('fmt', ['HDF5', 'TIFF'])
+@pytest.mark.parametrize("fmt", ["HDF5", "TIFF"])
 def test_writer_abort_and_exception(tmp_path, fmt):
-    p = tmp_path / f'out.{fmt}'
+    p = tmp_path / f"out.{fmt}"
     kw = dict(height=H, width=W, n_channels=1, dtype=np.uint16)
     w = fs.open_writer(p, fmt, **kw)
     w.append(np.zeros((2, H, W, 1)))
     w.abort()
     w.abort()
     assert not p.exists() and _leftovers(tmp_path) == []
-    p.write_bytes(b'previous result')
+    p.write_bytes(b"previous result")
     with pytest.raises(RuntimeError), fs.open_writer(p, fmt, **kw) as w:
         w.append(np.zeros((2, H, W, 1)))
-        raise RuntimeError('boom')
-    assert p.read_bytes() == b'previous result' and _leftovers(tmp_path) == []
+        raise RuntimeError("boom")
+    assert p.read_bytes() == b"previous result" and _leftovers(tmp_path) == []
     with fs.open_writer(p, fmt, **kw) as w:
         w.append(np.ones((2, H, W, 1)))
     w.close()  # second close does nothing
@@ -1182,24 +1322,22 @@ def test_writer_abort_and_exception(tmp_path, fmt):
 
 
 def test_writer_rejects_wrong_shapes(tmp_path):
-    with fs.open_writer(tmp_path / 'x.h5', 'HDF5', height=H, width=W,
-                        n_channels=1, dtype=np.float32) as w:
+    with fs.open_writer(
+        tmp_path / "x.h5", "HDF5", height=H, width=W, n_channels=1, dtype=np.float32
+    ) as w:
         with pytest.raises(ValueError):
             w.append(np.zeros((H, H, W)))  # 3-D is never guessed
         with pytest.raises(ValueError):
             w.append(np.zeros((1, H, W, 2)))
     with pytest.raises(fs.ConfigError):
-        fs.open_writer(tmp_path / 'x.avi', 'AVI', height=H, width=W,
-                       n_channels=1, dtype=np.uint8)
+        fs.open_writer(tmp_path / "x.avi", "AVI", height=H, width=W, n_channels=1, dtype=np.uint8)
     with pytest.raises(fs.ConfigError):
-        fs.open_writer(tmp_path / 'x.h5', 'HDF5', height=0, width=W,
-                       n_channels=1, dtype=np.uint8)
+        fs.open_writer(tmp_path / "x.h5", "HDF5", height=0, width=W, n_channels=1, dtype=np.uint8)
 
 
 def test_tiff_writer_without_frames(tmp_path):
-    p = tmp_path / 'empty.tif'
-    writer = fs.open_writer(p, 'tiff', height=H, width=W, n_channels=1,
-                            dtype=np.uint8)
+    p = tmp_path / "empty.tif"
+    writer = fs.open_writer(p, "tiff", height=H, width=W, n_channels=1, dtype=np.uint8)
     with pytest.raises(fs.FlowSessionError), writer:
         pass
     assert not p.exists() and _leftovers(tmp_path) == []
@@ -1213,8 +1351,10 @@ def test_tiff_writer_without_frames(tmp_path):
 def test_warping_depth_matches_matlab():
     # Integer output of a closed-form count: must be identical.
     d = ref("warpingDepth")
-    got = [fs.warping_depth(e, int(lv), int(m), int(n))
-           for e, lv, m, n in zip(d["eta"], d["levels"], d["m"], d["n"])]
+    got = [
+        fs.warping_depth(e, int(lv), int(m), int(n))
+        for e, lv, m, n in zip(d["eta"], d["levels"], d["m"], d["n"])
+    ]
     assert got == [int(x) for x in d["depth"]]
 
 
@@ -1227,22 +1367,40 @@ def test_motion_tensor_gc_matches_matlab(name):
     for key, J in zip(["J11", "J22", "J33", "J12", "J13", "J23"], got):
         expected = d[key]
         assert J.shape == expected.shape
-        np.testing.assert_allclose(J, expected, rtol=0, atol=1e-12 * np.abs(expected).max(),
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            J, expected, rtol=0, atol=1e-12 * np.abs(expected).max(), err_msg=key
+        )
 
 
-@pytest.mark.parametrize("name", ["level_solver_1ch_asmooth0p5", "level_solver_1ch_asmooth1",
-                                  "level_solver_2ch_asmooth0p5", "level_solver_2ch_asmooth1",
-                                  "level_solver_2ch_spatialweight_asmooth0p5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "level_solver_1ch_asmooth0p5",
+        "level_solver_1ch_asmooth1",
+        "level_solver_2ch_asmooth0p5",
+        "level_solver_2ch_asmooth1",
+        "level_solver_2ch_spatialweight_asmooth0p5",
+    ],
+)
 def test_level_solver_matches_matlab(name):
     # The reference README measures the solver's conditioning: a 1e-12 relative
     # perturbation of J33 moves du/dv by at most 2e-10; we sum in another order
     # (rounding ~1e-16), so 1e-9 absolute is a safe bound (values ~1).
     d = ref(name)
     J = [d[k] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
-    du, dv = fs.level_solver(*J, d["weight"], d["u"], d["v"], d["alpha"],
-                             int(d["iterations"]), int(d["update_lag"]), d["a_data"],
-                             float(d["a_smooth"]), float(d["hx"]), float(d["hy"]))
+    du, dv = fs.level_solver(
+        *J,
+        d["weight"],
+        d["u"],
+        d["v"],
+        d["alpha"],
+        int(d["iterations"]),
+        int(d["update_lag"]),
+        d["a_data"],
+        float(d["a_smooth"]),
+        float(d["hx"]),
+        float(d["hy"]),
+    )
     np.testing.assert_allclose(du, d["du"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(dv, d["dv"], rtol=0, atol=1e-9)
 
@@ -1255,8 +1413,18 @@ def test_level_solver_second_channel_quirk():
     J1 = [j.copy() for j in J]
     for j in J1:
         j[:, :, 1] *= 3.0  # change channel 2 only
-    args = (d["weight"], d["u"], d["v"], d["alpha"], 4, 5, d["a_data"], 1.0,
-            float(d["hx"]), float(d["hy"]))
+    args = (
+        d["weight"],
+        d["u"],
+        d["v"],
+        d["alpha"],
+        4,
+        5,
+        d["a_data"],
+        1.0,
+        float(d["hx"]),
+        float(d["hy"]),
+    )
     a = fs.level_solver(*J, *args)
     b = fs.level_solver(*J1, *args)
     np.testing.assert_array_equal(a[0], b[0])
@@ -1272,14 +1440,14 @@ def _rb_sweep_numpy(J, weight, u, v, alpha, hx, hy):
     J11, J22, J33, J12, J13, J23 = [np.asarray(j, float).reshape(u.shape) * weight for j in J]
     M, N = u.shape
     omega = fs.SOR_OMEGA
-    cx, cy = alpha / hx ** 2, alpha / hy ** 2  # x: along columns, y: along rows
+    cx, cy = alpha / hx**2, alpha / hy**2  # x: along columns, y: along rows
     du = np.zeros((M, N))
     dv = np.zeros((M, N))
-    r, c = np.mgrid[1:M - 1, 1:N - 1]
+    r, c = np.mgrid[1 : M - 1, 1 : N - 1]
     I = (slice(1, M - 1), slice(1, N - 1))
 
     def nb(f):  # weighted sum of the four neighbours and of their differences
-        return (cx * (f[1:-1, :-2] + f[1:-1, 2:]) + cy * (f[:-2, 1:-1] + f[2:, 1:-1]))
+        return cx * (f[1:-1, :-2] + f[1:-1, 2:]) + cy * (f[:-2, 1:-1] + f[2:, 1:-1])
 
     lap_u = nb(u) - 2 * (cx + cy) * u[I]
     lap_v = nb(v) - 2 * (cx + cy) * v[I]
@@ -1301,16 +1469,29 @@ def test_red_black_sweep_matches_its_equations():
     J = [d[k] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
     w = float(np.ravel(d["weight"])[0])
     alpha = float(np.ravel(d["alpha"])[0])
-    du, dv = fs.level_solver(*J, w, d["u"], d["v"], alpha, 1, 10, 1.0, 1.0, float(d["hx"]),
-                             float(d["hy"]), sor_order="red_black")
+    du, dv = fs.level_solver(
+        *J,
+        w,
+        d["u"],
+        d["v"],
+        alpha,
+        1,
+        10,
+        1.0,
+        1.0,
+        float(d["hx"]),
+        float(d["hy"]),
+        sor_order="red_black",
+    )
     eu, ev = _rb_sweep_numpy(J, w, d["u"], d["v"], alpha, float(d["hx"]), float(d["hy"]))
     scale = np.abs(eu).max() + np.abs(ev).max()
     assert scale > 0
     np.testing.assert_allclose(du[1:-1, 1:-1], eu[1:-1, 1:-1], rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(dv[1:-1, 1:-1], ev[1:-1, 1:-1], rtol=0, atol=1e-12 * scale)
     # and it is not the lexicographic sweep
-    lu, _ = fs.level_solver(*J, w, d["u"], d["v"], alpha, 1, 10, 1.0, 1.0, float(d["hx"]),
-                            float(d["hy"]))
+    lu, _ = fs.level_solver(
+        *J, w, d["u"], d["v"], alpha, 1, 10, 1.0, 1.0, float(d["hx"]), float(d["hy"])
+    )
     assert np.abs(lu - du).max() > 1e-3 * scale
 
 
@@ -1321,8 +1502,18 @@ def test_red_black_converges_to_the_lexicographic_solution():
     d = ref("level_solver_1ch_asmooth1")
     J = [d[k][8:40, 4:30] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
     u, v = d["u"][8:40, 4:30], d["v"][8:40, 4:30]
-    args = (float(np.ravel(d["weight"])[0]), u, v, float(np.ravel(d["alpha"])[0]), 1500, 5,
-            1.0, 1.0, float(d["hx"]), float(d["hy"]))
+    args = (
+        float(np.ravel(d["weight"])[0]),
+        u,
+        v,
+        float(np.ravel(d["alpha"])[0]),
+        1500,
+        5,
+        1.0,
+        1.0,
+        float(d["hx"]),
+        float(d["hy"]),
+    )
     lex = fs.level_solver(*J, *args)
     rb = fs.level_solver(*J, *args, sor_order="red_black")
     lex2 = fs.level_solver(*J, *args[:4], 1600, *args[5:])
@@ -1376,24 +1567,31 @@ def test_profile_driver_computes_what_the_solver_computes(red_black, local, a_sm
     np.testing.assert_array_equal(u, u0)
     np.testing.assert_array_equal(v, v0)
     steps = {r[3] for r in rows}
-    assert steps == {"resize", "warp", "tensors", "refresh", "weights", "sweeps", "median",
-                     "final"}
+    assert steps == {"resize", "warp", "tensors", "refresh", "weights", "sweeps", "median", "final"}
     assert all(r[4] >= 0 for r in rows)
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"sor_oder": "red_black"}, "unknown key 'sor_oder'; did you mean 'sor_order'"),
-    ({"sor_order": "zigzag"}, "sor_order must be 'lexicographic' or 'red_black'"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"sor_oder": "red_black"}, "unknown key 'sor_oder'; did you mean 'sor_order'"),
+        ({"sor_order": "zigzag"}, "sor_order must be 'lexicographic' or 'red_black'"),
+    ],
+)
 def test_flowreg_backend_params_are_checked(params, match):
     with pytest.raises(fs.ConfigError, match=match):
         fs.make_backend("flowreg", params)
 
 
-@pytest.mark.parametrize("name", ["imregister_wrapper_w_64x64_1ch_cubic",
-                                  "imregister_wrapper_w_64x64_2ch_cubic",
-                                  "imregister_wrapper_w_96x128_1ch_cubic",
-                                  "imregister_wrapper_w_96x128_1ch_linear"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "imregister_wrapper_w_64x64_1ch_cubic",
+        "imregister_wrapper_w_64x64_2ch_cubic",
+        "imregister_wrapper_w_96x128_1ch_cubic",
+        "imregister_wrapper_w_96x128_1ch_linear",
+    ],
+)
 def test_imregister_wrapper_w_matches_matlab(name):
     # Same interpolation rule (Keys a = -0.5 with interp2's extrapolated edge
     # samples, or bilinear): rounding only, 1e-12 relative to the image range.
@@ -1435,9 +1633,11 @@ def test_compensated_frames_are_the_warp_of_matlab_fields():
 ### MATLAB references: per-level traces of get_displacement
 ###############################################################################
 
-TRACES = ["get_displacement_trace_64x64_1ch_default",
-          "get_displacement_trace_64x64_1ch_recording_params",
-          "get_displacement_trace_96x128_2ch_weight_asmooth0p5"]
+TRACES = [
+    "get_displacement_trace_64x64_1ch_default",
+    "get_displacement_trace_64x64_1ch_recording_params",
+    "get_displacement_trace_96x128_2ch_weight_asmooth0p5",
+]
 
 
 def _trace_inputs(name):
@@ -1465,26 +1665,44 @@ def test_trace_levels_match_matlab(name):
         p = f"level{k:02d}_"
         size = tuple(int(s) for s in d[p + "level_size"])
         f1 = fs.imresize(fixed, size)
-        np.testing.assert_allclose(f1, d[p + "f1_level"], rtol=0, atol=1e-12 * scale,
-                                   err_msg=f"{name} level {k} imresize")
+        np.testing.assert_allclose(
+            f1, d[p + "f1_level"], rtol=0, atol=1e-12 * scale, err_msg=f"{name} level {k} imresize"
+        )
         hx, hy = float(d[p + "hx"]), float(d[p + "hy"])
         ui = as_float(d[p + "u_init"])
         vi = as_float(d[p + "v_init"])
         if k > 0:
             f2 = fs.imresize(as_float(src["moving"]), size)
-            warped = fs.imregister_wrapper(f2, ui[1:-1, 1:-1] / hx, vi[1:-1, 1:-1] / hy,
-                                           d[p + "f1_level"])
-            np.testing.assert_allclose(warped, d[p + "f2_warped"], rtol=0, atol=1e-12 * scale,
-                                       err_msg=f"{name} level {k} warp")
+            warped = fs.imregister_wrapper(
+                f2, ui[1:-1, 1:-1] / hx, vi[1:-1, 1:-1] / hy, d[p + "f1_level"]
+            )
+            np.testing.assert_allclose(
+                warped,
+                d[p + "f2_warped"],
+                rtol=0,
+                atol=1e-12 * scale,
+                err_msg=f"{name} level {k} warp",
+            )
         f1l = as_float(d[p + "f1_level"]).reshape(size + (C,))
         f2w = as_float(d[p + "f2_warped"]).reshape(size + (C,))
         tensors = [fs.get_motion_tensor(f1l[..., c], f2w[..., c], hx=hx, hy=hy) for c in range(C)]
         J = [np.stack([t[j] for t in tensors], axis=-1) for j in range(6)]
-        du, dv = fs.level_solver(*J, weight, ui, vi, d[p + "alpha_level"],
-                                 kw.get("iterations", 20), kw.get("update_lag", 10),
-                                 a_data, kw.get("a_smooth", 0.5), hx, hy)
-        np.testing.assert_allclose(du, d[p + "du_solver"], rtol=0, atol=1e-9,
-                                   err_msg=f"{name} level {k} solver")
+        du, dv = fs.level_solver(
+            *J,
+            weight,
+            ui,
+            vi,
+            d[p + "alpha_level"],
+            kw.get("iterations", 20),
+            kw.get("update_lag", 10),
+            a_data,
+            kw.get("a_smooth", 0.5),
+            hx,
+            hy,
+        )
+        np.testing.assert_allclose(
+            du, d[p + "du_solver"], rtol=0, atol=1e-9, err_msg=f"{name} level {k} solver"
+        )
         np.testing.assert_allclose(dv, d[p + "dv_solver"], rtol=0, atol=1e-9)
         if min(size) > 5:
             filt = as_float(d[p + "du_solver"]).copy()
@@ -1496,18 +1714,20 @@ def test_trace_levels_match_matlab(name):
 ### MATLAB references: end-to-end get_displacement
 ###############################################################################
 
-END_TO_END = ["get_displacement_64x64_1ch_alpha8_it100",
-              "get_displacement_64x64_1ch_clean_alpha2",
-              "get_displacement_64x64_1ch_default",
-              "get_displacement_64x64_1ch_recording_params",
-              "get_displacement_64x64_1ch_uvinit",
-              "get_displacement_64x64_2ch_default",
-              "get_displacement_96x128_1ch_default",
-              "get_displacement_96x128_1ch_minlevel2",
-              "get_displacement_96x128_1ch_smoothed_default",
-              "get_displacement_96x128_1ch_smoothed_minlevel3_eta0p6",
-              "get_displacement_96x128_2ch_spatialweight",
-              "get_displacement_96x128_2ch_weight_asmooth0p5"]
+END_TO_END = [
+    "get_displacement_64x64_1ch_alpha8_it100",
+    "get_displacement_64x64_1ch_clean_alpha2",
+    "get_displacement_64x64_1ch_default",
+    "get_displacement_64x64_1ch_recording_params",
+    "get_displacement_64x64_1ch_uvinit",
+    "get_displacement_64x64_2ch_default",
+    "get_displacement_96x128_1ch_default",
+    "get_displacement_96x128_1ch_minlevel2",
+    "get_displacement_96x128_1ch_smoothed_default",
+    "get_displacement_96x128_1ch_smoothed_minlevel3_eta0p6",
+    "get_displacement_96x128_2ch_spatialweight",
+    "get_displacement_96x128_2ch_weight_asmooth0p5",
+]
 
 
 def _epe(w, w_gt):
@@ -1557,8 +1777,13 @@ def test_stage2_recipe_flow_matches_matlab(name):
     # initialised with MATLAB's cross-correlation field) on MATLAB's smoothed
     # inputs; well conditioned (sensitivity ~1e-11 px).
     d = ref(name)
-    w = fs.get_displacement(d["img1"], d["img2"], alpha=float(d["alpha"]),
-                            iterations=int(d["iterations"]), uv=d["w_init"])
+    w = fs.get_displacement(
+        d["img1"],
+        d["img2"],
+        alpha=float(d["alpha"]),
+        iterations=int(d["iterations"]),
+        uv=d["w_init"],
+    )
     _check_against_reference(w, d)
 
 
@@ -1616,8 +1841,17 @@ def test_gray_recovers_translation():
     yy, xx = np.mgrid[0:48, 0:48].astype(float)
     fixed = scene(xx, yy)
     moving = scene(xx - 1.3, yy + 0.6)
-    w = fs.get_displacement(fixed, moving, const_assumption="gray", alpha=2, iterations=50,
-                            update_lag=5, eta=0.8, levels=100, a_smooth=1.0)
+    w = fs.get_displacement(
+        fixed,
+        moving,
+        const_assumption="gray",
+        alpha=2,
+        iterations=50,
+        update_lag=5,
+        eta=0.8,
+        levels=100,
+        a_smooth=1.0,
+    )
     inner = w[8:-8, 8:-8]
     assert abs(inner[..., 0].mean() - 1.3) < 0.1
     assert abs(inner[..., 1].mean() + 0.6) < 0.1
@@ -1646,16 +1880,22 @@ def test_translation_is_recovered(dx, dy, seed):
     yy, xx = np.mgrid[0:48, 0:48].astype(float)
     fixed = scene(xx, yy, seed=seed)
     moving = scene(xx - dx, yy - dy, seed=seed)
-    flow = fs.get_displacement(fixed, moving, alpha=1.5, iterations=50, update_lag=5,
-                               eta=0.8, levels=100, a_smooth=1.0)
+    flow = fs.get_displacement(
+        fixed, moving, alpha=1.5, iterations=50, update_lag=5, eta=0.8, levels=100, a_smooth=1.0
+    )
     inner = flow[8:-8, 8:-8]
     assert abs(inner[..., 0].mean() - dx) < 0.1
     assert abs(inner[..., 1].mean() - dy) < 0.1
 
 
 @SETTINGS
-@given(h=st.integers(1, 30), w=st.integers(1, 30), c=st.integers(1, 3),
-       method=st.sampled_from(["cubic", "linear", "nearest"]), seed=st.integers(0, 10**6))
+@given(
+    h=st.integers(1, 30),
+    w=st.integers(1, 30),
+    c=st.integers(1, 3),
+    method=st.sampled_from(["cubic", "linear", "nearest"]),
+    seed=st.integers(0, 10**6),
+)
 def test_zero_field_is_identity(h, w, c, method, seed):
     img = np.random.default_rng(seed).random((h, w, c))
     zero = np.zeros((h, w))
@@ -1664,8 +1904,9 @@ def test_zero_field_is_identity(h, w, c, method, seed):
 
 
 @SETTINGS
-@given(h=st.integers(2, 30), w=st.integers(2, 30), seed=st.integers(0, 10**6),
-       amp=st.floats(0.0, 6.0))
+@given(
+    h=st.integers(2, 30), w=st.integers(2, 30), seed=st.integers(0, 10**6), amp=st.floats(0.0, 6.0)
+)
 def test_valid_mask_is_the_in_grid_set(h, w, seed, amp):
     rng = np.random.default_rng(seed)
     u = rng.uniform(-amp, amp, (h, w))
@@ -1728,7 +1969,7 @@ def test_medfilt_matches_brute_force():
     # A median selects one of its 25 inputs: exact equality.
     a = np.random.default_rng(2).random((9, 12))
     pad = np.pad(a, 2, mode="symmetric")
-    brute = np.array([[np.median(pad[i:i + 5, j:j + 5]) for j in range(12)] for i in range(9)])
+    brute = np.array([[np.median(pad[i : i + 5, j : j + 5]) for j in range(12)] for i in range(9)])
     np.testing.assert_array_equal(fs.medfilt2_symmetric(a), brute)
 
 
@@ -1756,26 +1997,33 @@ def test_vectorisable_power_matches_math_pow():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 2 ** 32 - 1), st.integers(1, 6))
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 2**32 - 1), st.integers(1, 6))
 def test_medfilt_selection_network_is_exact(n0, n1, seed, levels):
     # The branch-free selection must pick exactly np.median's value, ties included
     # (few distinct levels make many ties), for any shape (also narrower than 5).
     a = np.random.default_rng(seed).integers(0, levels, (n0, n1)).astype(np.float64)
     a += np.random.default_rng(seed + 1).random((n0, n1)) * (levels > 5)
     pad = np.pad(a, 2, mode="symmetric")
-    brute = np.array([[np.median(pad[i:i + 5, j:j + 5]) for j in range(n1)] for i in range(n0)])
+    brute = np.array([[np.median(pad[i : i + 5, j : j + 5]) for j in range(n1)] for i in range(n0)])
     np.testing.assert_array_equal(fs.medfilt2_symmetric(a), brute)
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 9), st.integers(1, 30), st.integers(1, 30), st.integers(1, 3),
-       st.sampled_from([np.uint16, np.int16, np.float32]), st.integers(0, 1000),
-       st.lists(st.sampled_from([0.0, 0.1, 0.6, 1.0, 2.5]), min_size=3, max_size=3))
+@given(
+    st.integers(1, 9),
+    st.integers(1, 30),
+    st.integers(1, 30),
+    st.integers(1, 3),
+    st.sampled_from([np.uint16, np.int16, np.float32]),
+    st.integers(0, 1000),
+    st.lists(st.sampled_from([0.0, 0.1, 0.6, 1.0, 2.5]), min_size=3, max_size=3),
+)
 def test_gaussian_filter_video_equals_scipy_separable_filter(T, H, W, C, dtype, seed, sig):
     # Independent reference: scipy's correlate1d along rows, columns and time with
     # replicated edges and the imgaussfilt3 kernels; the fused kernel sums in another
     # order, so agreement is to rounding (1e-13 of the range).
     from scipy.ndimage import correlate1d
+
     v = (np.random.default_rng(seed).random((T, H, W, C)) * 2000 - 500).astype(dtype)
     if dtype == np.uint16:
         v = np.abs(v.astype(np.int64)).astype(dtype)
@@ -1802,24 +2050,27 @@ def test_gaussian_filter_video_equals_scipy_separable_filter(T, H, W, C, dtype, 
 IMG = np.random.default_rng(5).random((20, 24))
 
 
-@pytest.mark.parametrize("fixed, moving, kwargs, match", [
-    (IMG, IMG[:, :20], {}, "same shape"),
-    (IMG[0], IMG[0], {}, r"\(H, W\) or \(H, W, C\)"),
-    (IMG[None, None], IMG[None, None], {}, r"\(H, W\) or \(H, W, C\)"),
-    (np.where(np.arange(24) == 3, np.nan, IMG), IMG, {}, "NaN"),
-    (IMG, np.where(np.arange(24) == 3, np.inf, IMG), {}, "NaN or infinite"),
-    (np.zeros((0, 5)), np.zeros((0, 5)), {}, "empty"),
-    (IMG, IMG, {"alpha": -1.0}, "alpha must be > 0"),
-    (IMG, IMG, {"alpha": (1, 2, 3)}, "alpha"),
-    (IMG, IMG, {"eta": 1.5}, "eta"),
-    (IMG, IMG, {"iterations": "four"}, "iterations must be an integer"),
-    (IMG, IMG, {"update_lag": 0}, "update_lag"),
-    (IMG, IMG, {"const_assumption": "census"}, "const_assumption"),
-    (IMG, IMG, {"uv": np.zeros((20, 24))}, "uv must have shape"),
-    (IMG, IMG, {"weight": np.ones((5, 5))}, "spatial weight"),
-    (IMG, IMG, {"a_data": 0.0}, "a_data"),
-    (np.array([["a"]]), np.array([["a"]]), {}, "numeric"),
-])
+@pytest.mark.parametrize(
+    "fixed, moving, kwargs, match",
+    [
+        (IMG, IMG[:, :20], {}, "same shape"),
+        (IMG[0], IMG[0], {}, r"\(H, W\) or \(H, W, C\)"),
+        (IMG[None, None], IMG[None, None], {}, r"\(H, W\) or \(H, W, C\)"),
+        (np.where(np.arange(24) == 3, np.nan, IMG), IMG, {}, "NaN"),
+        (IMG, np.where(np.arange(24) == 3, np.inf, IMG), {}, "NaN or infinite"),
+        (np.zeros((0, 5)), np.zeros((0, 5)), {}, "empty"),
+        (IMG, IMG, {"alpha": -1.0}, "alpha must be > 0"),
+        (IMG, IMG, {"alpha": (1, 2, 3)}, "alpha"),
+        (IMG, IMG, {"eta": 1.5}, "eta"),
+        (IMG, IMG, {"iterations": "four"}, "iterations must be an integer"),
+        (IMG, IMG, {"update_lag": 0}, "update_lag"),
+        (IMG, IMG, {"const_assumption": "census"}, "const_assumption"),
+        (IMG, IMG, {"uv": np.zeros((20, 24))}, "uv must have shape"),
+        (IMG, IMG, {"weight": np.ones((5, 5))}, "spatial weight"),
+        (IMG, IMG, {"a_data": 0.0}, "a_data"),
+        (np.array([["a"]]), np.array([["a"]]), {}, "numeric"),
+    ],
+)
 def test_bad_input_raises_clear_error(fixed, moving, kwargs, match):
     with pytest.raises(fs.FlowSessionError, match=match):
         fs.get_displacement(fixed, moving, **kwargs)
@@ -1848,8 +2099,13 @@ def test_errors_are_value_errors():
 
 def test_demo_command_recovers_known_motion():
     env = dict(os.environ, PYTHONPATH=str(HERE))
-    out = subprocess.run([sys.executable, str(HERE / "flowsession.py"), "demo", "--size", "64"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(HERE / "flowsession.py"), "demo", "--size", "64"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert "mean endpoint error" in out.stdout
 
@@ -1922,9 +2178,12 @@ def test_stage1_matches_matlab_compensate_recording(tmp_path):
         np.testing.assert_array_equal(f["ch1"][:], idx)  # pyflowreg's name, same data
     idx_ref = np.moveaxis(d["idx"][:, :, 0, :], -1, 0)
     assert idx.dtype == np.uint8 and (idx == idx_ref).mean() >= 0.999
-    np.testing.assert_allclose(np.load(os.path.join(out, "reference_frame.npy"))[..., 0],
-                               d["reference_frame"], rtol=0,
-                               atol=1e-9 * np.abs(d["reference_frame"]).max())
+    np.testing.assert_allclose(
+        np.load(os.path.join(out, "reference_frame.npy"))[..., 0],
+        d["reference_frame"],
+        rtol=0,
+        atol=1e-9 * np.abs(d["reference_frame"]).max(),
+    )
     with np.load(os.path.join(out, "statistics.npz")) as st:
         for key in ("mean_disp", "max_disp", "mean_div", "mean_translation"):
             # statistics are 1-Lipschitz-like in w (Sobel sums 8 differences): 8 x max dw
@@ -1932,9 +2191,16 @@ def test_stage1_matches_matlab_compensate_recording(tmp_path):
     avg = np.load(os.path.join(out, "temporal_average.npy"))
     assert avg.shape == (64, 64, 1) and avg.dtype == np.float64
     np.testing.assert_allclose(avg, comp.mean(axis=0), rtol=1e-12)
-    assert _listing(out) == ["compensated.hdf5", "idx.hdf", "options.json",
-                                       "reference_frame.npy", "statistics.npz", "status.json",
-                                       "temporal_average.npy", "w.hdf5"]
+    assert _listing(out) == [
+        "compensated.hdf5",
+        "idx.hdf",
+        "options.json",
+        "reference_frame.npy",
+        "statistics.npz",
+        "status.json",
+        "temporal_average.npy",
+        "w.hdf5",
+    ]
 
 
 @pytest.mark.parametrize("quality", ["quality", "balanced"])
@@ -1944,8 +2210,9 @@ def test_stage1_recovers_known_motion(tmp_path, quality):
     # of (w - truth) is removed.  0.35 px: the toolbox gets 0.26 px on its own
     # comparable synthetic recording (matlab_ref README); no correction ~1.3 px.
     frames, w_true = fs.synthetic_recording(40, (64, 64), 1, seed=5)
-    out = fs.run_stage1(_stage1_config(tmp_path, {"rec.h5": frames}, save_w=True,
-                                       quality_setting=quality))[0]
+    out = fs.run_stage1(
+        _stage1_config(tmp_path, {"rec.h5": frames}, save_w=True, quality_setting=quality)
+    )[0]
     err = (_read_w(out) - w_true)[:, 8:-8, 8:-8]
     err -= err.mean(axis=0)
     moved = w_true[:, 8:-8, 8:-8] - w_true[:, 8:-8, 8:-8].mean(axis=0)
@@ -1959,10 +2226,14 @@ def test_stage1_two_channel_tiff_keeps_dtype_and_never_wraps(tmp_path):
     frames[:, 20:24, 20:24, 1] = 0
     root = tmp_path / "data"
     root.mkdir()
-    tifffile.imwrite(root / "two.tif", np.moveaxis(frames, -1, 1), imagej=True,
-                     metadata={"axes": "TCYX"})
-    cfg = fs.SessionConfig(root=root, n_workers=2,
-                           flow_options={"quality_setting": "fast", "reference_frames": [0, 1, 2]})
+    tifffile.imwrite(
+        root / "two.tif", np.moveaxis(frames, -1, 1), imagej=True, metadata={"axes": "TCYX"}
+    )
+    cfg = fs.SessionConfig(
+        root=root,
+        n_workers=2,
+        flow_options={"quality_setting": "fast", "reference_frames": [0, 1, 2]},
+    )
     out = fs.run_stage1(cfg)[0]
     comp = _read_comp(out)
     assert comp.shape == frames.shape and comp.dtype == np.uint16
@@ -1983,8 +2254,9 @@ def _output_state(folder):
 
 def test_stage1_resume_skips_complete_and_recomputes_damaged(tmp_path, caplog):
     frames, _ = fs.synthetic_recording(24, (32, 40), 1, seed=2)
-    cfg = _stage1_config(tmp_path, {"a.h5": frames, "b.h5": frames[::-1].copy()},
-                         quality_setting="fast", save_w=True)
+    cfg = _stage1_config(
+        tmp_path, {"a.h5": frames, "b.h5": frames[::-1].copy()}, quality_setting="fast", save_w=True
+    )
     fa, fb = fs.run_stage1(cfg)
     first = {k: _read_comp(f) for k, f in (("a", fa), ("b", fb))}
     state = _output_state(fa)
@@ -2064,9 +2336,13 @@ print(tracemalloc.get_traced_memory()[1])
 def _stage1_peak_mib(tmp_path, n, buffer):
     root = tmp_path / f"{n}_{buffer}"
     root.mkdir()
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(n), str(buffer)],
-                         capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, PYTHONPATH=str(HERE)))
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(root), str(n), str(buffer)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1]) / 2**20
 
@@ -2078,8 +2354,10 @@ def test_stage1_memory_does_not_grow_with_recording_length(tmp_path):
     short = _stage1_peak_mib(tmp_path, 200, 100)
     long = _stage1_peak_mib(tmp_path, 2000, 100)
     big_batch = _stage1_peak_mib(tmp_path, 2000, 400)
-    print(f"Stage 1 peak memory (96x96, batch 100): 200 frames {short:.1f} MiB, "
-          f"2000 frames {long:.1f} MiB; batch 400: {big_batch:.1f} MiB")
+    print(
+        f"Stage 1 peak memory (96x96, batch 100): 200 frames {short:.1f} MiB, "
+        f"2000 frames {long:.1f} MiB; batch 400: {big_batch:.1f} MiB"
+    )
     assert big_batch > 1.5 * long
     assert long - short <= 0.25 * (big_batch - long)
 
@@ -2091,8 +2369,14 @@ def test_stage1_memory_does_not_grow_with_recording_length(tmp_path):
 
 def _cli(args, cwd=None, env=None):
     e = dict(os.environ, PYTHONPATH=str(HERE), **(env or {}))
-    return subprocess.run([sys.executable, str(HERE / "flowsession.py"), *args],
-                          capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(HERE / "flowsession.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=e,
+        timeout=600,
+    )
 
 
 def test_cli_run_stage1_with_overrides_index_and_array(tmp_path):
@@ -2101,30 +2385,56 @@ def test_cli_run_stage1_with_overrides_index_and_array(tmp_path):
     root.mkdir()
     for name in ("a.h5", "b.h5", "c.h5"):
         _write_h5(root / name, frames)
-    (root / "session.toml").write_text('root = "."\npattern = "*.h5"\nn_workers = 2\n'
-                                       '[flow_options]\nreference_frames = [0, 1, 2]\n')
-    r = _cli(["run", str(root / "session.toml"), "--stage", "1", "--index", "1",
-              "--of-params", "quality_setting=fast", "alpha=[2, 3]"])
+    (root / "session.toml").write_text(
+        'root = "."\npattern = "*.h5"\nn_workers = 2\n'
+        "[flow_options]\nreference_frames = [0, 1, 2]\n"
+    )
+    r = _cli(
+        [
+            "run",
+            str(root / "session.toml"),
+            "--stage",
+            "1",
+            "--index",
+            "1",
+            "--of-params",
+            "quality_setting=fast",
+            "alpha=[2, 3]",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     outs = root / "compensated_outputs"
     assert sorted(p.name for p in outs.iterdir() if p.is_dir()) == ["b"]
     opts = (outs / "b" / "options.json").read_text()
     assert '"quality_setting": "fast"' in opts and "3.0" in opts
     # array task 3 of a 1-based SLURM array is the third recording
-    r = _cli(["run", "--config", str(root / "session.toml"), "--stage", "1", "--array",
-              "--of-params", "quality_setting=fast"],
-             env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"})
+    r = _cli(
+        [
+            "run",
+            "--config",
+            str(root / "session.toml"),
+            "--stage",
+            "1",
+            "--array",
+            "--of-params",
+            "quality_setting=fast",
+        ],
+        env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert (outs / "c" / "status.json").exists() and not (outs / "a").exists()
 
 
-@pytest.mark.parametrize("text, expect", [
-    ('root = "."\nn_wrkers = 2\n', "did you mean 'n_workers'"),
-    ('root = "."\nn_workers = "four"\n', "n_workers"),
-    ('root = "nowhere"\n', "does not exist"),
-    ('root = "."\npattern = "*.xyz"\n', "no files match"),
-    ('root = "."\n[flow_options]\nalpha = -1\n', "alpha"),
-])
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('root = "."\nn_wrkers = 2\n', "did you mean 'n_workers'"),
+        ('root = "."\nn_workers = "four"\n', "n_workers"),
+        ('root = "nowhere"\n', "does not exist"),
+        ('root = "."\npattern = "*.xyz"\n', "no files match"),
+        ('root = "."\n[flow_options]\nalpha = -1\n', "alpha"),
+    ],
+)
 def test_cli_bad_config_fails_in_one_line(tmp_path, text, expect):
     (tmp_path / "x.tif").write_bytes(b"")
     cfg = tmp_path / "session.toml"
@@ -2138,8 +2448,19 @@ def test_cli_bad_config_fails_in_one_line(tmp_path, text, expect):
 
 
 def test_cli_example_runs_the_session(tmp_path):
-    r = _cli(["example", "--out", str(tmp_path / "ex"), "--recordings", "2", "--frames", "24",
-              "--size", "48"])
+    r = _cli(
+        [
+            "example",
+            "--out",
+            str(tmp_path / "ex"),
+            "--recordings",
+            "2",
+            "--frames",
+            "24",
+            "--size",
+            "48",
+        ]
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert "Stage 2: endpoint error" in r.stdout and "final mask keeps" in r.stdout
     assert (tmp_path / "ex" / "compensated_outputs" / "rec_01" / "w_to_reference.npz").exists()
@@ -2154,7 +2475,7 @@ RECIPES = ["stage2_recipe_64x64.npz", "stage2_recipe_96x128.npz"]
 
 
 def _recipe(name):
-    return ref(name[:-len(".npz")])
+    return ref(name[: -len(".npz")])
 
 
 def blobs(shape, seed, shift=(0.0, 0.0), density=0.02, margin=16):
@@ -2169,8 +2490,8 @@ def blobs(shape, seed, shift=(0.0, 0.0), density=0.02, margin=16):
     n = int(density * (h + 2 * margin) * (w + 2 * margin))
     cy, cx = rng.uniform(-margin, h + margin, n), rng.uniform(-margin, w + margin, n)
     s, amp = rng.uniform(1.5, 4.0, n)[:, None], rng.uniform(0.3, 1.0, n)[:, None]
-    gy = np.exp(-((np.arange(h) - shift[1]) - cy[:, None]) ** 2 / (2 * s**2))
-    gx = np.exp(-((np.arange(w) - shift[0]) - cx[:, None]) ** 2 / (2 * s**2))
+    gy = np.exp(-(((np.arange(h) - shift[1]) - cy[:, None]) ** 2) / (2 * s**2))
+    gx = np.exp(-(((np.arange(w) - shift[0]) - cx[:, None]) ** 2) / (2 * s**2))
     return (amp * gy).T @ gx
 
 
@@ -2199,14 +2520,14 @@ def test_normxcorr2_equals_lewis_definition_brute_force():
     rng = np.random.default_rng(5)
     t = rng.integers(0, 50, (4, 3)).astype(float)
     a = rng.integers(0, 50, (9, 11)).astype(float)
-    a[:6, :7] = 7.0                                   # windows on constant content must give 0
+    a[:6, :7] = 7.0  # windows on constant content must give 0
     m, n = t.shape
     ap = np.pad(a, ((m - 1, m - 1), (n - 1, n - 1)))
     num = np.empty((a.shape[0] + m - 1, a.shape[1] + n - 1))
     den = np.empty_like(num)
     for r in range(num.shape[0]):
         for s in range(num.shape[1]):
-            win = ap[r:r + m, s:s + n]
+            win = ap[r : r + m, s : s + n]
             num[r, s] = np.sum((t - t.mean()) * win)
             var = max(np.sum(win**2) - np.sum(win) ** 2 / t.size, 0.0)
             den[r, s] = np.sqrt(t.size - 1) * t.std(ddof=1) * np.sqrt(var)
@@ -2214,7 +2535,7 @@ def test_normxcorr2_equals_lewis_definition_brute_force():
     expected = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
     c = normxcorr2(t, a)
     np.testing.assert_allclose(c, expected, rtol=0, atol=1e-12)
-    assert np.all(c[m - 1:6, n - 1:7] == 0.0)
+    assert np.all(c[m - 1 : 6, n - 1 : 7] == 0.0)
 
 
 def test_normxcorr2_finds_template_cut_from_image():
@@ -2227,14 +2548,17 @@ def test_normxcorr2_finds_template_cut_from_image():
     assert np.all(np.abs(c) <= 1 + 1e-12)
 
 
-@pytest.mark.parametrize("template, image", [
-    (np.full((5, 7), 0.1), np.eye(8)),                  # constant (its float mean is not 0.1)
-    (np.eye(6), np.eye(5)),                             # template larger than image
-    (np.ones((1, 1)), np.eye(5)),                       # fewer than 2 elements
-    (np.eye(3), np.ones((5, 5, 2))),                    # not 2-D
-    (np.eye(3), np.full((5, 5), np.nan)),               # NaN
-    (np.eye(3), np.zeros((0, 5))),                      # empty
-])
+@pytest.mark.parametrize(
+    "template, image",
+    [
+        (np.full((5, 7), 0.1), np.eye(8)),  # constant (its float mean is not 0.1)
+        (np.eye(6), np.eye(5)),  # template larger than image
+        (np.ones((1, 1)), np.eye(5)),  # fewer than 2 elements
+        (np.eye(3), np.ones((5, 5, 2))),  # not 2-D
+        (np.eye(3), np.full((5, 5), np.nan)),  # NaN
+        (np.eye(3), np.zeros((0, 5))),  # empty
+    ],
+)
 def test_normxcorr2_bad_input(template, image):
     with pytest.raises(InputError):
         normxcorr2(template, image)
@@ -2250,14 +2574,14 @@ def test_get_displacement_cc_matches_matlab_w_init(name):
     d = _recipe(name)
     w = get_displacement_cc(d["fixed"], d["moving"])
     assert w.shape == d["fixed"].shape + (2,) and w.dtype == np.float64
-    assert np.array_equal(w, d["w_init"])            # (+1, -2) and (+5, -4)
+    assert np.array_equal(w, d["w_init"])  # (+1, -2) and (+5, -4)
 
 
 def test_get_displacement_cc_integer_shifts_and_channel_mean():
-    big = np.random.default_rng(8).random((2, 68, 84))           # white noise: one sharp peak
+    big = np.random.default_rng(8).random((2, 68, 84))  # white noise: one sharp peak
 
-    def crop(k, dx, dy):                                          # content moved by (dx, dy)
-        return big[k, 10 - dy:58 - dy, 10 - dx:74 - dx]
+    def crop(k, dx, dy):  # content moved by (dx, dy)
+        return big[k, 10 - dy : 58 - dy, 10 - dx : 74 - dx]
 
     assert np.all(get_displacement_cc(crop(0, 0, 0), crop(0, 3, -2)) == [3, -2])
     fixed = np.stack([crop(0, 0, 0), crop(1, 0, 0)], -1)
@@ -2268,8 +2592,8 @@ def test_get_displacement_cc_integer_shifts_and_channel_mean():
 
 def test_get_displacement_cc_ties_follow_matlab_column_major_order(monkeypatch):
     c = np.zeros((9, 11))
-    c[0, 5] = 0.8                       # first in row-major order
-    c[3, 1] = -0.8                      # first in column-major order (MATLAB), |c| ties
+    c[0, 5] = 0.8  # first in row-major order
+    c[3, 1] = -0.8  # first in column-major order (MATLAB), |c| ties
     monkeypatch.setattr(fs, "normxcorr2", lambda t, a: c)
     w = get_displacement_cc(np.eye(5, 6), np.eye(5, 6))
     assert w[0, 0].tolist() == [1 + 1 - 6, 3 + 1 - 5]
@@ -2294,8 +2618,12 @@ def test_upsampled_dft_equals_inverse_fft_and_direct_sum():
     np.testing.assert_allclose(full / data.size, np.fft.ifft2(data), atol=1e-12)
     ky, kx = np.fft.fftfreq(6, 1 / 6), np.fft.fftfreq(10, 1 / 10)
     y, x = -1.3 + np.arange(4) / 3, 2.1 + np.arange(4) / 3
-    direct = np.einsum("ab,ia,jb->ij", data, np.exp(2j * np.pi * np.outer(y, ky) / 6),
-                       np.exp(2j * np.pi * np.outer(x, kx) / 10))
+    direct = np.einsum(
+        "ab,ia,jb->ij",
+        data,
+        np.exp(2j * np.pi * np.outer(y, ky) / 6),
+        np.exp(2j * np.pi * np.outer(x, kx) / 10),
+    )
     np.testing.assert_allclose(fs._xc_upsampled_dft(data, 4, 3, (-1.3, 2.1)), direct, atol=1e-10)
 
 
@@ -2309,11 +2637,15 @@ def test_overlap_hann_is_numpy_hann_at_zero_and_moves_with_the_shift():
 
 
 @settings(deadline=None, max_examples=40)
-@given(shape=st.sampled_from([(64, 64), (48, 100), (100, 48), (96, 200)]),
-       upsample=st.sampled_from([1, 4, 10, 20]),
-       dx=st.floats(-8, 8), dy=st.floats(-8, 8),
-       channels=st.sampled_from([1, 2]), seed=st.integers(0, 10**6),
-       normalization=st.sampled_from([None, "phase"]))
+@given(
+    shape=st.sampled_from([(64, 64), (48, 100), (100, 48), (96, 200)]),
+    upsample=st.sampled_from([1, 4, 10, 20]),
+    dx=st.floats(-8, 8),
+    dy=st.floats(-8, 8),
+    channels=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10**6),
+    normalization=st.sampled_from([None, "phase"]),
+)
 def test_recovers_translation(shape, upsample, dx, dy, channels, seed, normalization):
     fixed, moving = pair(shape, seed, (dx, dy), channels)
     est = estimate_rigid_shift(fixed, moving, upsample=upsample, normalization=normalization)
@@ -2330,11 +2662,11 @@ def test_non_square_is_not_transposed(shape, shift):
 
 
 def test_sign_convention():
-    fixed, moving = pair((64, 80), 9, (3.0, 0.0))               # content moved right by 3 px
+    fixed, moving = pair((64, 80), 9, (3.0, 0.0))  # content moved right by 3 px
     dx, dy = estimate_rigid_shift(fixed, moving, upsample=20)
     assert dx == pytest.approx(3.0, abs=0.1) and dy == pytest.approx(0.0, abs=0.1)
     fixed = blobs((64, 80), 9)
-    moving = np.roll(fixed, (2, -5), axis=(0, 1))                # down 2, left 5, periodic
+    moving = np.roll(fixed, (2, -5), axis=(0, 1))  # down 2, left 5, periodic
     assert estimate_rigid_shift(fixed, moving, window=False, upsample=10) == (-5.0, 2.0)
     # backward warp: fixed(x, y) == moving(x + dx, y + dy)
     np.testing.assert_array_equal(fixed[10:50, 10:70], moving[12:52, 5:65])
@@ -2344,10 +2676,12 @@ def test_weights_select_channels_and_constant_channels_are_ignored(caplog):
     f0, m0 = pair((64, 64), 21, (2.5, -1.5))
     f1, m1 = pair((64, 64), 22, (-4.0, 3.0))
     fixed, moving = np.concatenate([f0, f1], -1), np.concatenate([m0, m1], -1)
-    np.testing.assert_allclose(estimate_rigid_shift(fixed, moving, upsample=10, weight=[1, 0]),
-                               (2.5, -1.5), atol=0.1)
-    np.testing.assert_allclose(estimate_rigid_shift(fixed, moving, upsample=10, weight=[0, 1]),
-                               (-4.0, 3.0), atol=0.1)
+    np.testing.assert_allclose(
+        estimate_rigid_shift(fixed, moving, upsample=10, weight=[1, 0]), (2.5, -1.5), atol=0.1
+    )
+    np.testing.assert_allclose(
+        estimate_rigid_shift(fixed, moving, upsample=10, weight=[0, 1]), (-4.0, 3.0), atol=0.1
+    )
     fixed[..., 1] = moving[..., 1] = 3.0
     with caplog.at_level(logging.WARNING, logger="flowsession"):
         est = estimate_rigid_shift(fixed, moving, upsample=10)
@@ -2359,7 +2693,9 @@ def test_illumination_change():
     yy, xx = np.mgrid[:64, :96]
     for seed, shift in enumerate([(3.3, -2.1), (-6.7, 5.2), (0.4, 7.9)]):
         fixed, moving = (img[..., 0] for img in pair((64, 96), seed, shift))
-        moving = 0.6 * moving + 0.5 * xx / 96 + 0.3 * np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 450)
+        moving = (
+            0.6 * moving + 0.5 * xx / 96 + 0.3 * np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 450)
+        )
         for normalization, tol in [(None, 0.2), ("phase", 0.1)]:
             est = estimate_rigid_shift(fixed, moving, upsample=10, normalization=normalization)
             np.testing.assert_allclose(est, shift, atol=tol)
@@ -2372,8 +2708,9 @@ def test_poisson_noise(shape, seed):
     # within 0.25 px; phase correlation errs by ~0.6 px on average here (see docstring)
     rng = np.random.default_rng(seed)
     shift = tuple(rng.uniform(-6, 6, 2))
-    fixed, moving = (rng.poisson(20 + 100 * img).astype(np.uint16)
-                     for img in pair(shape, seed, shift))
+    fixed, moving = (
+        rng.poisson(20 + 100 * img).astype(np.uint16) for img in pair(shape, seed, shift)
+    )
     est = estimate_rigid_shift(fixed, moving, upsample=10)
     assert np.max(np.abs(np.subtract(est, shift))) < 0.25
 
@@ -2390,28 +2727,32 @@ def test_agrees_with_get_displacement_cc_on_matlab_pairs(name):
 _IMG = blobs((16, 16), 0)
 
 
-@pytest.mark.parametrize("fixed, moving, kwargs, match", [
-    (_IMG, _IMG[:, :15], {}, "shape"),
-    (_IMG, np.where(_IMG > 0.5, np.nan, _IMG), {}, "NaN"),
-    (_IMG, np.where(_IMG > 0.5, np.inf, _IMG), {}, "NaN or Inf"),
-    (np.zeros((0, 16)), np.zeros((0, 16)), {}, "empty"),
-    (_IMG, np.full_like(_IMG, 4.0), {}, "variance"),
-    (_IMG[0], _IMG[0], {}, "2-D"),
-    (_IMG[..., None, None], _IMG[..., None, None], {}, "2-D"),
-    (_IMG + 0j, _IMG, {}, "dtype"),
-    (_IMG[:6], _IMG[:6], {}, "too small"),
-    (_IMG, _IMG, {"upsample": 0}, "upsample"),
-    (_IMG, _IMG, {"upsample": 2.5}, "upsample"),
-    (_IMG, _IMG, {"normalization": "Phase"}, "normalization"),
-    (_IMG, _IMG, {"weight": [1, 1]}, "weight"),
-    (_IMG, _IMG, {"weight": [-1]}, "weight"),
-    (_IMG, _IMG, {"weight": [np.nan]}, "weight"),
-    (_IMG, _IMG, {"weight": ["one"]}, "weight"),
-    (_IMG, _IMG, {"weight": [0]}, "variance"),
-])
+@pytest.mark.parametrize(
+    "fixed, moving, kwargs, match",
+    [
+        (_IMG, _IMG[:, :15], {}, "shape"),
+        (_IMG, np.where(_IMG > 0.5, np.nan, _IMG), {}, "NaN"),
+        (_IMG, np.where(_IMG > 0.5, np.inf, _IMG), {}, "NaN or Inf"),
+        (np.zeros((0, 16)), np.zeros((0, 16)), {}, "empty"),
+        (_IMG, np.full_like(_IMG, 4.0), {}, "variance"),
+        (_IMG[0], _IMG[0], {}, "2-D"),
+        (_IMG[..., None, None], _IMG[..., None, None], {}, "2-D"),
+        (_IMG + 0j, _IMG, {}, "dtype"),
+        (_IMG[:6], _IMG[:6], {}, "too small"),
+        (_IMG, _IMG, {"upsample": 0}, "upsample"),
+        (_IMG, _IMG, {"upsample": 2.5}, "upsample"),
+        (_IMG, _IMG, {"normalization": "Phase"}, "normalization"),
+        (_IMG, _IMG, {"weight": [1, 1]}, "weight"),
+        (_IMG, _IMG, {"weight": [-1]}, "weight"),
+        (_IMG, _IMG, {"weight": [np.nan]}, "weight"),
+        (_IMG, _IMG, {"weight": ["one"]}, "weight"),
+        (_IMG, _IMG, {"weight": [0]}, "variance"),
+    ],
+)
 def test_estimate_rigid_shift_bad_input(fixed, moving, kwargs, match):
     with pytest.raises(InputError, match=match):
         estimate_rigid_shift(fixed, moving, **kwargs)
+
 
 ###############################################################################
 ### Stage 3 outputs: masks, result bundle, QC figure
@@ -2420,18 +2761,20 @@ def test_estimate_rigid_shift_bad_input(fixed, moving, kwargs, match):
 OUT_RNG = np.random.default_rng(20240607)
 OUT_H, OUT_W = 24, 32
 
-needs_pil = pytest.mark.skipif(not fs._png_available(), reason='Pillow not installed')
+needs_pil = pytest.mark.skipif(not fs._png_available(), reason="Pillow not installed")
 try:
     import matplotlib  # noqa: F401
+
     HAVE_MPL = True
 except ImportError:
     HAVE_MPL = False
-needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason='matplotlib not installed')
+needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed")
 
 
 ###############################################################################
 ### Fixtures
 ###############################################################################
+
 
 def make_session(n=3, c=1, h=OUT_H, w=OUT_W):
     per_seq = OUT_RNG.random((n, h, w)) > 0.2
@@ -2443,7 +2786,7 @@ def make_session(n=3, c=1, h=OUT_H, w=OUT_W):
         displacement_fields_u=OUT_RNG.normal(size=(n, h, w)).astype(np.float32),
         displacement_fields_v=OUT_RNG.normal(size=(n, h, w)),
         temporal_averages=OUT_RNG.random((n, h, w, c)) * 1000,
-        compensated_h5_paths=[f'/data/rec_{i}/compensated.HDF5' for i in range(n)],
+        compensated_h5_paths=[f"/data/rec_{i}/compensated.HDF5" for i in range(n)],
         reference_average=OUT_RNG.random((h, w, c)),
         middle_idx=(n + 1) // 2 - 1,
     )
@@ -2454,191 +2797,218 @@ def listing(folder):
 
 
 def no_partials(folder):
-    return not [f for f in os.listdir(folder) if f.endswith('.partial')]
+    return not [f for f in os.listdir(folder) if f.endswith(".partial")]
 
 
 ###############################################################################
 ### save_mask_png
 ###############################################################################
 
+
 @needs_pil
 def test_mask_png_roundtrip(tmp_path):
     from PIL import Image
+
     mask = OUT_RNG.random((OUT_H, OUT_W)) > 0.5
-    path = tmp_path / 'm.png'
+    path = tmp_path / "m.png"
     fs.save_mask_png(path, mask)
     with Image.open(path) as im:
-        assert im.format == 'PNG' and im.mode == 'L' and im.size == (OUT_W, OUT_H)
+        assert im.format == "PNG" and im.mode == "L" and im.size == (OUT_W, OUT_H)
         data = np.asarray(im)
     assert set(np.unique(data)) == {0, 255}
     np.testing.assert_array_equal(data == 255, mask)
-    assert listing(tmp_path) == ['m.png']
+    assert listing(tmp_path) == ["m.png"]
 
 
 def test_mask_png_without_pillow(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'PIL', None)
-    monkeypatch.setitem(sys.modules, 'PIL.Image', None)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
     assert not fs._png_available()
-    with pytest.raises(fs.FlowSessionError, match='pip install pillow'):
-        fs.save_mask_png(tmp_path / 'm.png', np.ones((4, 4), bool))
+    with pytest.raises(fs.FlowSessionError, match="pip install pillow"):
+        fs.save_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
     assert listing(tmp_path) == []
 
 
 @needs_pil
 def test_mask_png_rejects_3d(tmp_path):
     with pytest.raises(fs.InputError):
-        fs.save_mask_png(tmp_path / 'm.png', np.ones((2, 4, 4), bool))
+        fs.save_mask_png(tmp_path / "m.png", np.ones((2, 4, 4), bool))
 
 
 ###############################################################################
 ### save_final_results
 ###############################################################################
 
-@pytest.mark.parametrize('n,c', [(1, 1), (3, 2)])
+
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 2)])
 def test_npz_roundtrip(tmp_path, n, c):
     s = make_session(n, c)
-    videos = [tmp_path / f'aligned_rec_{i}.tif' for i in range(n)]
+    videos = [tmp_path / f"aligned_rec_{i}.tif" for i in range(n)]
     fs.save_final_results(tmp_path, **s, aligned_video_paths=videos)
-    with np.load(tmp_path / 'final_valid_idx.npz') as z:  # allow_pickle=False
+    with np.load(tmp_path / "final_valid_idx.npz") as z:  # allow_pickle=False
         expect = {
-            'final_valid': (bool, (OUT_H, OUT_W)),
-            'aligned_valid_masks': (bool, (n, OUT_H, OUT_W)),
-            'per_seq_valid_masks': (bool, (n, OUT_H, OUT_W)),
-            'displacement_fields_u': (np.float64, (n, OUT_H, OUT_W)),
-            'displacement_fields_v': (np.float64, (n, OUT_H, OUT_W)),
-            'temporal_averages': (np.float64, (n, OUT_H, OUT_W, c)),
-            'reference_average': (np.float64, (OUT_H, OUT_W, c)),
-            'middle_idx': (np.int64, ()),
+            "final_valid": (bool, (OUT_H, OUT_W)),
+            "aligned_valid_masks": (bool, (n, OUT_H, OUT_W)),
+            "per_seq_valid_masks": (bool, (n, OUT_H, OUT_W)),
+            "displacement_fields_u": (np.float64, (n, OUT_H, OUT_W)),
+            "displacement_fields_v": (np.float64, (n, OUT_H, OUT_W)),
+            "temporal_averages": (np.float64, (n, OUT_H, OUT_W, c)),
+            "reference_average": (np.float64, (OUT_H, OUT_W, c)),
+            "middle_idx": (np.int64, ()),
         }
-        assert sorted(z.files) == sorted([*expect, 'compensated_h5_paths', 'aligned_video_paths'])
+        assert sorted(z.files) == sorted([*expect, "compensated_h5_paths", "aligned_video_paths"])
         for key, (dtype, shape) in expect.items():
             assert z[key].dtype == dtype and z[key].shape == shape, key
             np.testing.assert_array_equal(z[key], np.asarray(s[key]).astype(dtype), err_msg=key)
-        assert z['middle_idx'] == s['middle_idx']
-        for key, want in (('compensated_h5_paths', s['compensated_h5_paths']),
-                          ('aligned_video_paths', [str(p) for p in videos])):
-            assert z[key].dtype.kind == 'U' and z[key].shape == (n,)
+        assert z["middle_idx"] == s["middle_idx"]
+        for key, want in (
+            ("compensated_h5_paths", s["compensated_h5_paths"]),
+            ("aligned_video_paths", [str(p) for p in videos]),
+        ):
+            assert z[key].dtype.kind == "U" and z[key].shape == (n,)
             assert z[key].tolist() == want
 
 
 def test_npz_without_aligned_video_paths(tmp_path):
     fs.save_final_results(tmp_path, **make_session())
-    with np.load(tmp_path / 'final_valid_idx.npz') as z:
-        assert 'aligned_video_paths' not in z.files and len(z.files) == 9
+    with np.load(tmp_path / "final_valid_idx.npz") as z:
+        assert "aligned_video_paths" not in z.files and len(z.files) == 9
 
 
 def test_mat_roundtrip(tmp_path):
     s = make_session(n=4, c=2)
-    s['compensated_h5_paths'] = ['/data/ä/rec 0.h5', '/x/rec_1.hdf5', 'r2.h5', '/long/' * 20 + 'r3.h5']
-    fs.save_final_results(tmp_path, **s, aligned_video_paths=['a'] * 4)
-    assert scipy.io.whosmat(tmp_path / 'final_valid_idx.mat')  # MAT v5 (v7.3 would raise)
-    m = scipy.io.loadmat(tmp_path / 'final_valid_idx.mat')
-    keys = {k for k in m if not k.startswith('__')}
-    assert keys == {'final_valid', 'aligned_valid_masks', 'per_seq_valid_masks',
-                    'displacement_fields_u', 'displacement_fields_v', 'temporal_averages',
-                    'compensated_h5_paths', 'reference_average', 'middle_idx', 'n_recordings'}
-    assert m['middle_idx'].shape == (1, 1) and m['middle_idx'].dtype == np.float64
-    assert m['middle_idx'][0, 0] == s['middle_idx'] + 1 == 2
-    assert m['n_recordings'][0, 0] == 4
-    for key in ('final_valid', 'aligned_valid_masks', 'per_seq_valid_masks'):
+    s["compensated_h5_paths"] = [
+        "/data/ä/rec 0.h5",
+        "/x/rec_1.hdf5",
+        "r2.h5",
+        "/long/" * 20 + "r3.h5",
+    ]
+    fs.save_final_results(tmp_path, **s, aligned_video_paths=["a"] * 4)
+    assert scipy.io.whosmat(tmp_path / "final_valid_idx.mat")  # MAT v5 (v7.3 would raise)
+    m = scipy.io.loadmat(tmp_path / "final_valid_idx.mat")
+    keys = {k for k in m if not k.startswith("__")}
+    assert keys == {
+        "final_valid",
+        "aligned_valid_masks",
+        "per_seq_valid_masks",
+        "displacement_fields_u",
+        "displacement_fields_v",
+        "temporal_averages",
+        "compensated_h5_paths",
+        "reference_average",
+        "middle_idx",
+        "n_recordings",
+    }
+    assert m["middle_idx"].shape == (1, 1) and m["middle_idx"].dtype == np.float64
+    assert m["middle_idx"][0, 0] == s["middle_idx"] + 1 == 2
+    assert m["n_recordings"][0, 0] == 4
+    for key in ("final_valid", "aligned_valid_masks", "per_seq_valid_masks"):
         assert m[key].dtype == np.uint8 and set(np.unique(m[key])) <= {0, 1}, key
         np.testing.assert_array_equal(m[key], s[key].astype(np.uint8))
-    for key in ('displacement_fields_u', 'displacement_fields_v', 'temporal_averages'):
+    for key in ("displacement_fields_u", "displacement_fields_v", "temporal_averages"):
         np.testing.assert_array_equal(m[key], np.asarray(s[key], np.float64))
-    np.testing.assert_array_equal(m['reference_average'], s['reference_average'])
+    np.testing.assert_array_equal(m["reference_average"], s["reference_average"])
     # an N x 1 cell of char in MATLAB; loadmat: object array of 1-element str arrays
-    cell = m['compensated_h5_paths']
+    cell = m["compensated_h5_paths"]
     assert cell.dtype == object and cell.shape == (4, 1)
-    assert [str(x[0]) for x in cell[:, 0]] == s['compensated_h5_paths']
-    simple = scipy.io.loadmat(tmp_path / 'final_valid_idx.mat', simplify_cells=True)
-    assert list(simple['compensated_h5_paths']) == s['compensated_h5_paths']
-    assert simple['middle_idx'] == 2
+    assert [str(x[0]) for x in cell[:, 0]] == s["compensated_h5_paths"]
+    simple = scipy.io.loadmat(tmp_path / "final_valid_idx.mat", simplify_cells=True)
+    assert list(simple["compensated_h5_paths"]) == s["compensated_h5_paths"]
+    assert simple["middle_idx"] == 2
 
 
 @needs_pil
 def test_pngs_written_and_equal_masks(tmp_path):
     from PIL import Image
+
     s = make_session(n=3)
-    names = ['rec_a', 'rec_b', 'rec_c']
+    names = ["rec_a", "rec_b", "rec_c"]
     written = fs.save_final_results(tmp_path, **s, names=names)
-    expect = {'final_valid_idx.png': s['final_valid']}
+    expect = {"final_valid_idx.png": s["final_valid"]}
     for i, name in enumerate(names):
-        expect[f'{name}_valid_idx.png'] = s['per_seq_valid_masks'][i]
-        expect[f'{name}_valid_idx_aligned.png'] = s['aligned_valid_masks'][i]
-    assert listing(tmp_path) == sorted([*expect, 'final_valid_idx.npz', 'final_valid_idx.mat'])
+        expect[f"{name}_valid_idx.png"] = s["per_seq_valid_masks"][i]
+        expect[f"{name}_valid_idx_aligned.png"] = s["aligned_valid_masks"][i]
+    assert listing(tmp_path) == sorted([*expect, "final_valid_idx.npz", "final_valid_idx.mat"])
     assert sorted(os.path.basename(p) for p in written) == listing(tmp_path)
     for fname, mask in expect.items():
         with Image.open(tmp_path / fname) as im:
-            assert im.mode == 'L'
+            assert im.mode == "L"
             data = np.asarray(im)
         assert set(np.unique(data)) <= {0, 255}
         np.testing.assert_array_equal(data == 255, mask, err_msg=fname)
 
 
 def test_pngs_skipped_without_pillow(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, 'PIL', None)
-    monkeypatch.setitem(sys.modules, 'PIL.Image', None)
-    with caplog.at_level(logging.WARNING, logger='flowsession'):
-        fs.save_final_results(tmp_path, **make_session(), names=['a', 'b', 'c'])
-    assert listing(tmp_path) == ['final_valid_idx.mat', 'final_valid_idx.npz']
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        fs.save_final_results(tmp_path, **make_session(), names=["a", "b", "c"])
+    assert listing(tmp_path) == ["final_valid_idx.mat", "final_valid_idx.npz"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and 'pip install pillow' in warnings[0].getMessage()
+    assert len(warnings) == 1 and "pip install pillow" in warnings[0].getMessage()
 
 
 def test_integer_masks_accepted(tmp_path):
     s = make_session(n=2)
-    s['per_seq_valid_masks'] = s['per_seq_valid_masks'].astype(np.uint8) * 255
+    s["per_seq_valid_masks"] = s["per_seq_valid_masks"].astype(np.uint8) * 255
     fs.save_final_results(tmp_path, **s)
-    with np.load(tmp_path / 'final_valid_idx.npz') as z:
-        assert z['per_seq_valid_masks'].dtype == bool
-        np.testing.assert_array_equal(z['per_seq_valid_masks'], s['per_seq_valid_masks'] > 0)
+    with np.load(tmp_path / "final_valid_idx.npz") as z:
+        assert z["per_seq_valid_masks"].dtype == bool
+        np.testing.assert_array_equal(z["per_seq_valid_masks"], s["per_seq_valid_masks"] > 0)
 
 
-@pytest.mark.parametrize('key,value', [
-    ('final_valid', np.ones((OUT_H, OUT_W + 1), bool)),
-    ('final_valid', np.ones((1, OUT_H, OUT_W), bool)),
-    ('aligned_valid_masks', np.ones((2, OUT_H, OUT_W), bool)),
-    ('per_seq_valid_masks', np.ones((3, OUT_H + 1, OUT_W), bool)),
-    ('displacement_fields_u', np.zeros((3, OUT_W, OUT_H))),
-    ('displacement_fields_v', np.zeros((3, OUT_H, OUT_W, 2))),
-    ('temporal_averages', np.zeros((3, OUT_H, OUT_W))),
-    ('temporal_averages', np.zeros((4, OUT_H, OUT_W, 1))),
-    ('reference_average', np.zeros((OUT_H, OUT_W, 2))),
-    ('reference_average', np.zeros((OUT_H, OUT_W))),
-    ('compensated_h5_paths', ['a', 'b']),
-    ('compensated_h5_paths', 'a'),
-    ('middle_idx', 3),
-    ('middle_idx', -1),
-    ('middle_idx', 1.0),
-    ('middle_idx', True),
-    ('aligned_video_paths', ['a'] * 4),
-    ('names', ['a', 'b']),
-    ('names', ['a', 'a', 'b']),
-    ('names', ['a', 'sub/b', 'c']),
-    ('names', ['a', '', 'c']),
-    ('displacement_fields_u', [np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, 3))]),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("final_valid", np.ones((OUT_H, OUT_W + 1), bool)),
+        ("final_valid", np.ones((1, OUT_H, OUT_W), bool)),
+        ("aligned_valid_masks", np.ones((2, OUT_H, OUT_W), bool)),
+        ("per_seq_valid_masks", np.ones((3, OUT_H + 1, OUT_W), bool)),
+        ("displacement_fields_u", np.zeros((3, OUT_W, OUT_H))),
+        ("displacement_fields_v", np.zeros((3, OUT_H, OUT_W, 2))),
+        ("temporal_averages", np.zeros((3, OUT_H, OUT_W))),
+        ("temporal_averages", np.zeros((4, OUT_H, OUT_W, 1))),
+        ("reference_average", np.zeros((OUT_H, OUT_W, 2))),
+        ("reference_average", np.zeros((OUT_H, OUT_W))),
+        ("compensated_h5_paths", ["a", "b"]),
+        ("compensated_h5_paths", "a"),
+        ("middle_idx", 3),
+        ("middle_idx", -1),
+        ("middle_idx", 1.0),
+        ("middle_idx", True),
+        ("aligned_video_paths", ["a"] * 4),
+        ("names", ["a", "b"]),
+        ("names", ["a", "a", "b"]),
+        ("names", ["a", "sub/b", "c"]),
+        ("names", ["a", "", "c"]),
+        (
+            "displacement_fields_u",
+            [np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, 3))],
+        ),
+    ],
+)
 def test_shape_mismatch_raises(tmp_path, key, value):
     s = make_session(n=3)
     s[key] = value
     with pytest.raises(fs.InputError) as info:
         fs.save_final_results(tmp_path, **s)
-    assert '\n' not in str(info.value)
+    assert "\n" not in str(info.value)
     assert listing(tmp_path) == []
 
 
 def test_mismatch_message_names_the_array(tmp_path):
     s = make_session(n=3)
-    s['temporal_averages'] = np.zeros((3, OUT_H, OUT_W + 1, 1))
-    with pytest.raises(fs.InputError, match=r'temporal_averages has shape \(3, 24, 33, 1\).*W=32'):
+    s["temporal_averages"] = np.zeros((3, OUT_H, OUT_W + 1, 1))
+    with pytest.raises(fs.InputError, match=r"temporal_averages has shape \(3, 24, 33, 1\).*W=32"):
         fs.save_final_results(tmp_path, **s)
 
 
 def test_no_partial_files_after_write_error(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
-        raise OSError('disk full')
-    monkeypatch.setattr(np, 'savez', boom)
-    with pytest.raises(OSError, match='disk full'):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError, match="disk full"):
         fs.save_final_results(tmp_path, **make_session())
     assert listing(tmp_path) == []
 
@@ -2648,13 +3018,14 @@ def test_overwrite_is_clean(tmp_path):
     s = make_session(n=3)
     fs.save_final_results(tmp_path, **s)
     assert no_partials(tmp_path)
-    with np.load(tmp_path / 'final_valid_idx.npz') as z:
-        assert z['aligned_valid_masks'].shape[0] == 3
+    with np.load(tmp_path / "final_valid_idx.npz") as z:
+        assert z["aligned_valid_masks"].shape[0] == 3
 
 
 ###############################################################################
 ### save_qc_figure
 ###############################################################################
+
 
 def make_qc(n, c, h=OUT_H * 4, w=OUT_W * 4):
     yy, xx = np.mgrid[0:h, 0:w]
@@ -2670,20 +3041,26 @@ def make_qc(n, c, h=OUT_H * 4, w=OUT_W * 4):
         traces.append(np.abs(OUT_RNG.normal(1.0, 0.3, 50 + 10 * i)))
     valid = np.zeros((h, w), bool)
     valid[5:-7, 4:-9] = True
-    return dict(names=[f'rec_{i:02d}' for i in range(n)], center_index=center,
-                averages_before=before, averages_after=after, final_valid=valid,
-                displacement_traces=traces)
+    return dict(
+        names=[f"rec_{i:02d}" for i in range(n)],
+        center_index=center,
+        averages_before=before,
+        averages_after=after,
+        final_valid=valid,
+        displacement_traces=traces,
+    )
 
 
 @needs_mpl
 @needs_pil
-@pytest.mark.parametrize('n,c', [(1, 1), (3, 1), (3, 2), (12, 2)])
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 1), (3, 2), (12, 2)])
 def test_qc_figure(tmp_path, n, c):
     from PIL import Image
-    path = tmp_path / f'qc_{n}_{c}.png'
+
+    path = tmp_path / f"qc_{n}_{c}.png"
     assert fs.save_qc_figure(path, **make_qc(n, c)) == str(path)
     with Image.open(path) as im:
-        assert im.format == 'PNG'
+        assert im.format == "PNG"
         width, height = im.size
     assert 600 <= width <= 1700 and 300 <= height <= 2500
     assert listing(tmp_path) == [path.name]
@@ -2692,30 +3069,34 @@ def test_qc_figure(tmp_path, n, c):
 @needs_mpl
 def test_qc_figure_does_not_touch_pyplot(tmp_path):
     import matplotlib
-    backend = matplotlib.get_backend() if 'matplotlib.pyplot' in sys.modules else None
-    fs.save_qc_figure(tmp_path / 'qc.png', **make_qc(2, 1), title='custom')
+
+    backend = matplotlib.get_backend() if "matplotlib.pyplot" in sys.modules else None
+    fs.save_qc_figure(tmp_path / "qc.png", **make_qc(2, 1), title="custom")
     if backend is None:
-        assert 'matplotlib.pyplot' not in sys.modules
+        assert "matplotlib.pyplot" not in sys.modules
     else:
         assert matplotlib.get_backend() == backend
 
 
 def test_qc_figure_without_matplotlib(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, 'matplotlib', None)
-    with caplog.at_level(logging.WARNING, logger='flowsession'):
-        assert fs.save_qc_figure(tmp_path / 'qc.png', **make_qc(3, 1)) is None
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        assert fs.save_qc_figure(tmp_path / "qc.png", **make_qc(3, 1)) is None
     assert listing(tmp_path) == []
-    assert [r.getMessage() for r in caplog.records] == ['QC figure skipped: pip install matplotlib']
+    assert [r.getMessage() for r in caplog.records] == ["QC figure skipped: pip install matplotlib"]
 
 
-@pytest.mark.parametrize('key,value', [
-    ('names', []),
-    ('center_index', 3),
-    ('averages_before', None),
-    ('averages_after', 'shape'),
-    ('final_valid', np.ones((5, 5), bool)),
-    ('displacement_traces', [np.zeros(3)] * 2),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("names", []),
+        ("center_index", 3),
+        ("averages_before", None),
+        ("averages_after", "shape"),
+        ("final_valid", np.ones((5, 5), bool)),
+        ("displacement_traces", [np.zeros(3)] * 2),
+    ],
+)
 def test_qc_figure_bad_input(tmp_path, key, value):
     kwargs = make_qc(3, 1)
     if value is None:
@@ -2725,7 +3106,7 @@ def test_qc_figure_bad_input(tmp_path, key, value):
     else:
         kwargs[key] = value
     with pytest.raises(fs.InputError):
-        fs.save_qc_figure(tmp_path / 'qc.png', **kwargs)
+        fs.save_qc_figure(tmp_path / "qc.png", **kwargs)
     assert listing(tmp_path) == []
 
 
@@ -2752,12 +3133,22 @@ def _session_files(tmp_path, recs, fmt="h5", **cfg):
         if fmt == "h5":
             _write_h5(root / f"rec_{r + 1:02d}.h5", frames)
         else:
-            tifffile.imwrite(root / f"rec_{r + 1:02d}.tif", np.moveaxis(frames, -1, 1),
-                             imagej=True, metadata={"axes": "TCYX"})
+            tifffile.imwrite(
+                root / f"rec_{r + 1:02d}.tif",
+                np.moveaxis(frames, -1, 1),
+                imagej=True,
+                metadata={"axes": "TCYX"},
+            )
     flow = {"quality_setting": "balanced", "reference_frames": list(range(15)), "save_w": True}
     flow.update(cfg.pop("flow_options", {}))
-    return fs.SessionConfig(root=root, pattern=f"rec_*.{'h5' if fmt == 'h5' else 'tif'}",
-                            n_workers=2, sigma_smooth=2.0, flow_options=flow, **cfg)
+    return fs.SessionConfig(
+        root=root,
+        pattern=f"rec_*.{'h5' if fmt == 'h5' else 'tif'}",
+        n_workers=2,
+        sigma_smooth=2.0,
+        flow_options=flow,
+        **cfg,
+    )
 
 
 def _reference_offsets(cfg, files, w1, b=8):
@@ -2812,8 +3203,9 @@ def _mask_bounds(w1, w2, deltas, center, margin):
 
 def test_session_recovers_known_offsets_and_the_expected_mask(tmp_path):
     offsets = [(2.6, -1.8), (0.0, 0.0), (-3.1, 2.4), (1.2, 3.3)]
-    recs, w1, w2, center = fs.synthetic_session(4, 30, (64, 64), 1, seed=3, offsets=offsets,
-                                                photons=60.0)
+    recs, w1, w2, center = fs.synthetic_session(
+        4, 30, (64, 64), 1, seed=3, offsets=offsets, photons=60.0
+    )
     cfg = _session_files(tmp_path, recs)
     final = fs.run_all_stages(cfg)
     files = cfg.discover_inputs()
@@ -2926,9 +3318,11 @@ def test_align_sequence_rounds_and_clips_integers():
 ### Crash safety: kills, competing processes, SIGTERM
 ###############################################################################
 
-CRASH_TOML = ('root = "."\npattern = "rec_*.h5"\nn_workers = 2\nsigma_smooth = 2.0\n'
-              'align_output_format = "TIFF"\n\n[flow_options]\nquality_setting = "fast"\n'
-              'buffer_size = 8\nreference_frames = [0, 1, 2, 3, 4, 5]\nsave_w = true\n')
+CRASH_TOML = (
+    'root = "."\npattern = "rec_*.h5"\nn_workers = 2\nsigma_smooth = 2.0\n'
+    'align_output_format = "TIFF"\n\n[flow_options]\nquality_setting = "fast"\n'
+    "buffer_size = 8\nreference_frames = [0, 1, 2, 3, 4, 5]\nsave_w = true\n"
+)
 
 
 def _crash_session(folder, n_frames=20):
@@ -2967,10 +3361,22 @@ def _partials(folder):
 
 # Named kill points (see flowsession._kill_point): every stage, mid-batch, between
 # the publication of two outputs, before the completion records, mid-export.
-KILL_POINTS = ["stage1.batch:2", "stage1.chunk:2", "stage1.chunk:5", "stage1.publish:1",
-               "stage1.publish:2", "stage1.average:2", "stage1.status:1", "stage1.status:3",
-               "stage2.save:2", "stage2.status:1", "stage3.chunk:2", "stage3.video:2",
-               "stage3.bundle:1", "stage3.status:1"]
+KILL_POINTS = [
+    "stage1.batch:2",
+    "stage1.chunk:2",
+    "stage1.chunk:5",
+    "stage1.publish:1",
+    "stage1.publish:2",
+    "stage1.average:2",
+    "stage1.status:1",
+    "stage1.status:3",
+    "stage2.save:2",
+    "stage2.status:1",
+    "stage3.chunk:2",
+    "stage3.video:2",
+    "stage3.bundle:1",
+    "stage3.status:1",
+]
 
 
 def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
@@ -2990,9 +3396,12 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     for k, point in enumerate(KILL_POINTS + ["timed:0.9", "timed:1.6", "timed:2.4"]):
         cfg = _crash_session(tmp_path / f"k{k}")
         if point.startswith("timed:"):
-            p = subprocess.Popen([sys.executable, str(HERE / "flowsession.py"), "run", str(cfg)],
-                                 env=dict(os.environ, PYTHONPATH=str(HERE)),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p = subprocess.Popen(
+                [sys.executable, str(HERE / "flowsession.py"), "run", str(cfg)],
+                env=dict(os.environ, PYTHONPATH=str(HERE)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 p.wait(timeout=float(point[6:]))
             except subprocess.TimeoutExpired:
@@ -3012,8 +3421,9 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{point}: {key}")
         for name, mtime in finished.items():  # finished work is never redone
-            assert (cfg.parent / "compensated_outputs" / name / "compensated.hdf5"
-                    ).stat().st_mtime_ns == mtime, (point, name)
+            assert (
+                cfg.parent / "compensated_outputs" / name / "compensated.hdf5"
+            ).stat().st_mtime_ns == mtime, (point, name)
         survived += 1
     print(f"crash harness: {survived} kill points survived, 0 outputs lost")
 
@@ -3021,10 +3431,20 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
 def test_two_processes_on_one_recording_do_not_collide(tmp_path):
     cfg = _crash_session(tmp_path / "s", n_frames=60)
     env = dict(os.environ, PYTHONPATH=str(HERE))
-    cmd = [sys.executable, str(HERE / "flowsession.py"), "run", str(cfg), "--stage", "1",
-           "--index", "0"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        str(HERE / "flowsession.py"),
+        "run",
+        str(cfg),
+        "--stage",
+        "1",
+        "--index",
+        "0",
+    ]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     logs = outs[0][1] + outs[1][1]
@@ -3033,16 +3453,31 @@ def test_two_processes_on_one_recording_do_not_collide(tmp_path):
     assert not _partials(cfg.parent)
     solo = _crash_session(tmp_path / "solo", n_frames=60)
     assert _cli(["run", str(solo), "--stage", "1", "--index", "0"]).returncode == 0
-    np.testing.assert_array_equal(_read_comp(folder),
-                                  _read_comp(solo.parent / "compensated_outputs" / "rec_01"))
+    np.testing.assert_array_equal(
+        _read_comp(folder), _read_comp(solo.parent / "compensated_outputs" / "rec_01")
+    )
 
 
 def test_sigterm_stops_cleanly_and_resumes(tmp_path):
     cfg = _crash_session(tmp_path / "s", n_frames=200)
-    p = subprocess.Popen([sys.executable, str(HERE / "flowsession.py"), "run", str(cfg),
-                          "--stage", "1", "--index", "0", "--of-params", "quality_setting=quality"],
-                         env=dict(os.environ, PYTHONPATH=str(HERE)), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "flowsession.py"),
+            "run",
+            str(cfg),
+            "--stage",
+            "1",
+            "--index",
+            "0",
+            "--of-params",
+            "quality_setting=quality",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     folder = cfg.parent / "compensated_outputs" / "rec_01"
     deadline = time.monotonic() + 300
     while not list(folder.glob(".compensated.hdf5.partial-*")) and time.monotonic() < deadline:
@@ -3109,7 +3544,7 @@ def _bad_session(tmp_path, case):
         (root / "b.h5").unlink()
         tifffile.imwrite(root / "t.tif", frames[..., 0])
         data = (root / "t.tif").read_bytes()
-        (root / "t.tif").write_bytes(data[:len(data) // 2])
+        (root / "t.tif").write_bytes(data[: len(data) // 2])
         toml = toml.replace("*.h5", "*.tif")
         expect = "t.tif"
     elif case == "HDF5 without a usable dataset":
@@ -3204,18 +3639,42 @@ def _write_toml(root, top, flow):
     return path
 
 
-BAD_INPUTS = ["missing root", "root is a file", "no files match", "center not among the inputs",
-              "different frame sizes", "different channel counts", "zero frames",
-              "fewer frames than reference_frames", "truncated TIFF",
-              "HDF5 without a usable dataset", "corrupt HDF5", "MAT file without a video",
-              "NaN frames", "Inf frames", "constant recording", "unknown config key",
-              "unknown flow option", "wrong type", "negative alpha", "cc_upsample = 0",
-              "eta > 1", "unknown backend", "unsupported stage-2 data term",
-              "unknown aligned-video format", "output folder without write permission",
-              "Stage 2 before Stage 1", "Stage 3 before Stage 2",
-              "options JSON changes the output format", "TOML syntax error",
-              "missing config file", "index out of range", "malformed --of-params",
-              "unsupported cc_initialization", "YAML config without pyyaml"]
+BAD_INPUTS = [
+    "missing root",
+    "root is a file",
+    "no files match",
+    "center not among the inputs",
+    "different frame sizes",
+    "different channel counts",
+    "zero frames",
+    "fewer frames than reference_frames",
+    "truncated TIFF",
+    "HDF5 without a usable dataset",
+    "corrupt HDF5",
+    "MAT file without a video",
+    "NaN frames",
+    "Inf frames",
+    "constant recording",
+    "unknown config key",
+    "unknown flow option",
+    "wrong type",
+    "negative alpha",
+    "cc_upsample = 0",
+    "eta > 1",
+    "unknown backend",
+    "unsupported stage-2 data term",
+    "unknown aligned-video format",
+    "output folder without write permission",
+    "Stage 2 before Stage 1",
+    "Stage 3 before Stage 2",
+    "options JSON changes the output format",
+    "TOML syntax error",
+    "missing config file",
+    "index out of range",
+    "malformed --of-params",
+    "unsupported cc_initialization",
+    "YAML config without pyyaml",
+]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -3247,8 +3706,11 @@ def test_int16_with_negative_values_is_valid_input(tmp_path):
     root = tmp_path / "s"
     root.mkdir()
     tifffile.imwrite(root / "neg.tif", data[..., 0])
-    cfg = _write_toml(root, 'root = "."\nn_workers = 1\n',
-                      '[flow_options]\nquality_setting = "fast"\nreference_frames = [0, 1, 2]\n')
+    cfg = _write_toml(
+        root,
+        'root = "."\nn_workers = 1\n',
+        '[flow_options]\nquality_setting = "fast"\nreference_frames = [0, 1, 2]\n',
+    )
     assert fs.main(["run", str(cfg), "--stage", "1"]) == 0
     comp = _read_comp(root / "compensated_outputs" / "neg")
     assert comp.dtype == np.int16 and comp.min() < 0
@@ -3273,8 +3735,7 @@ def _slurm_missing():
     return None
 
 
-needs_slurm = pytest.mark.skipif(_slurm_missing() is not None,
-                                 reason=str(_slurm_missing()))
+needs_slurm = pytest.mark.skipif(_slurm_missing() is not None, reason=str(_slurm_missing()))
 
 
 def _submit(cfg):
@@ -3287,8 +3748,11 @@ def _submit(cfg):
 def _wait_for_jobs(job_ids, timeout=900):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
+            capture_output=True,
+            text=True,
+        )
         if not r.stdout.strip():
             return
         time.sleep(1.0)
@@ -3346,7 +3810,9 @@ def test_slurm_failed_task_stops_the_dependent_job(tmp_path):
     assert tasks[f"{jobs['stage1_array']}_1"] == tasks[f"{jobs['stage1_array']}_3"] == "COMPLETED"
     assert dep[jobs["stage23"]] == "CANCELLED"  # never ran
     assert not (cfg.parent / "final_results").exists()
-    assert not list((cfg.parent / "compensated_outputs" / "slurm").glob("flowsession-stage23_*.log"))
+    assert not list(
+        (cfg.parent / "compensated_outputs" / "slurm").glob("flowsession-stage23_*.log")
+    )
     r = _cli(["status", str(cfg)])
     assert r.returncode == 1
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("rec_02.h5"))
@@ -3368,8 +3834,21 @@ def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
 
 def test_bench_command_times_another_backend():
     pytest.importorskip("cv2", reason="OpenCV (opencv-python-headless) is not installed")
-    r = _cli(["bench", "--size", "48", "--frames", "16", "--preset", "fast", "--backend", "diso",
-              "--backend-param", "preset=ultrafast"])
+    r = _cli(
+        [
+            "bench",
+            "--size",
+            "48",
+            "--frames",
+            "16",
+            "--preset",
+            "fast",
+            "--backend",
+            "diso",
+            "--backend-param",
+            "preset=ultrafast",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "flow_backend diso" in r.stdout and "endpoint error" in r.stdout
     r = _cli(["bench", "--size", "48", "--frames", "16", "--backend-param", "device"])
@@ -3377,12 +3856,34 @@ def test_bench_command_times_another_backend():
 
 
 def test_bench_command_reports_speed_accuracy_and_memory():
-    r = _cli(["bench", "--size", "64", "--frames", "24", "--preset", "fast", "--workers", "2",
-              "--profile"])
+    r = _cli(
+        [
+            "bench",
+            "--size",
+            "64",
+            "--frames",
+            "24",
+            "--preset",
+            "fast",
+            "--workers",
+            "2",
+            "--profile",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    for label in ("frames/s", "s per frame per core", "endpoint error", "peak memory",
-                  "wall time by phase", "reference", "flow and warp", "sweeps", "share",
-                  "main memory", "x the bound"):
+    for label in (
+        "frames/s",
+        "s per frame per core",
+        "endpoint error",
+        "peak memory",
+        "wall time by phase",
+        "reference",
+        "flow and warp",
+        "sweeps",
+        "share",
+        "main memory",
+        "x the bound",
+    ):
         assert label in r.stdout, r.stdout
     epe = float(r.stdout.split("endpoint error")[1].split()[0])
     moved = float(r.stdout.split("without correction")[1].split()[0])
@@ -3446,8 +3947,9 @@ def test_cuda_warp_matches_cpu(method, monkeypatch):
     k = fs._cuda_kernels("float64")
     out = _dev(np.zeros_like(src))
     valid = _dev(np.zeros((n, nx, ny), np.uint8))
-    k.launch(k.warp, (n, nx, ny), _dev(src), _dev(u), _dev(v), hu, hv, _dev(fill), method, out,
-             valid)
+    k.launch(
+        k.warp, (n, nx, ny), _dev(src), _dev(u), _dev(v), hu, hv, _dev(fill), method, out, valid
+    )
     got = out.copy_to_host()
     ok = valid.copy_to_host().astype(bool)
     for f in range(n):
@@ -3470,8 +3972,9 @@ def test_cuda_tensors_match_cpu(kind):
     hx, hy = 1.25, 0.9
     k = fs._cuda_kernels("float64")
     J = [_dev(np.full((n * C, nx + 2, ny + 2), np.nan)) for _ in range(6)]
-    k.launch(k.tensor_gc if kind == "gc" else k.tensor_gray, J[0].shape, _dev(f1), _dev(f2), hx,
-             hy, *J)
+    k.launch(
+        k.tensor_gc if kind == "gc" else k.tensor_gray, J[0].shape, _dev(f1), _dev(f2), hx, hy, *J
+    )
     cpu = fs._nb_tensor_gc if kind == "gc" else fs._nb_tensor_gray
     for q in range(n * C):
         want = [np.empty((nx + 2, ny + 2)) for _ in range(6)]
@@ -3504,12 +4007,42 @@ def test_cuda_refresh_matches_cpu(first, local):
     wye = rng.random((n, NX, NY)) + 0.5
     k = fs._cuda_kernels("float64")
     outs = [_dev(np.zeros((n, NX, NY))) for _ in range(5)]
-    k.launch(k.refresh, (n, NX, NY), *map(_dev, J), _dev(weight), local, _dev(a_data), _dev(du),
-             _dev(dv), first, False, _dev(u), _dev(v), _dev(wxe), _dev(wye), fs.SOR_OMEGA, *outs)
+    k.launch(
+        k.refresh,
+        (n, NX, NY),
+        *map(_dev, J),
+        _dev(weight),
+        local,
+        _dev(a_data),
+        _dev(du),
+        _dev(dv),
+        first,
+        False,
+        _dev(u),
+        _dev(v),
+        _dev(wxe),
+        _dev(wye),
+        fs.SOR_OMEGA,
+        *outs,
+    )
     for f in range(n):
         want = [np.zeros((NX, NY)) for _ in range(5)]
-        fs._nb_refresh(*(j[f * C:(f + 1) * C] for j in J), weight, local, a_data, du[f], dv[f],
-                       first, False, u[f], v[f], wxe[f], wye[f], fs.SOR_OMEGA, *want)
+        fs._nb_refresh(
+            *(j[f * C : (f + 1) * C] for j in J),
+            weight,
+            local,
+            a_data,
+            du[f],
+            dv[f],
+            first,
+            False,
+            u[f],
+            v[f],
+            wxe[f],
+            wye[f],
+            fs.SOR_OMEGA,
+            *want,
+        )
         for g, w in zip(outs, want):
             _close(g.copy_to_host()[f][1:-1, 1:-1], w[1:-1, 1:-1])
 
@@ -3524,7 +4057,7 @@ def test_cuda_smoothness_weights_match_cpu():
     wxe = _dev(np.zeros((n, NX, NY)))
     wye = _dev(np.zeros((n, NX, NY)))
     k.launch(k.smooth_psi, (n, NX, NY), _dev(u), _dev(v), _dev(du), _dev(dv), 0.5, hx, hy, psi)
-    k.launch(k.smooth_edges, (n, NX, NY), psi, ax / hx ** 2, ay / hy ** 2, wxe, wye)
+    k.launch(k.smooth_edges, (n, NX, NY), psi, ax / hx**2, ay / hy**2, wxe, wye)
     for f in range(n):
         wx = np.empty((NX, NY))
         wy = np.empty((NX, NY))
@@ -3551,14 +4084,31 @@ def test_cuda_red_black_sweep_matches_cpu(uniform):
     du, dv = _dev(arr[0]), _dev(arr[1])
     be._halo(du, dv)
     for colour in (0, 1):
-        k.launch(k.sweep, (n, NX - 2, (NY - 1) // 2), du, dv, _dev(wxe), _dev(wye), uniform, 0.7,
-                 1.3, _dev(A12), _dev(Du), _dev(Dv), _dev(cu), _dev(cv), fs.SOR_OMEGA, colour)
+        k.launch(
+            k.sweep,
+            (n, NX - 2, (NY - 1) // 2),
+            du,
+            dv,
+            _dev(wxe),
+            _dev(wye),
+            uniform,
+            0.7,
+            1.3,
+            _dev(A12),
+            _dev(Du),
+            _dev(Dv),
+            _dev(cu),
+            _dev(cv),
+            fs.SOR_OMEGA,
+            colour,
+        )
     for f in range(n):
         a, b = arr[0][f].copy(), arr[1][f].copy()
         fs._nb_set_boundary(a)
         fs._nb_set_boundary(b)
-        fs._nb_sor_sweep_rb(a, b, wxe[f], wye[f], uniform, A12[f], Du[f], Dv[f], cu[f], cv[f],
-                            fs.SOR_OMEGA)
+        fs._nb_sor_sweep_rb(
+            a, b, wxe[f], wye[f], uniform, A12[f], Du[f], Dv[f], cu[f], cv[f], fs.SOR_OMEGA
+        )
         _close(du.copy_to_host()[f], a)
         _close(dv.copy_to_host()[f], b)
         assert np.abs(du.copy_to_host()[f] - arr[0][f]).max() > 1e-3  # it did update
@@ -3576,12 +4126,39 @@ def test_cuda_level_solver_matches_cpu_red_black(a_smooth, quirks):
     args = (2.0, 1.5, 6, 2)
     be = _cuda_ns()
     du, dv = be._work("test_du", (n, NX, NY)), be._work("test_dv", (n, NX, NY))
-    be._level_solver([_dev(j) for j in J], _dev(weight), False, _dev(a_data), _dev(u), _dev(v),
-                     *args, a_smooth, 1.1, 0.9, not quirks, du, dv)
+    be._level_solver(
+        [_dev(j) for j in J],
+        _dev(weight),
+        False,
+        _dev(a_data),
+        _dev(u),
+        _dev(v),
+        *args,
+        a_smooth,
+        1.1,
+        0.9,
+        not quirks,
+        du,
+        dv,
+    )
     for f in range(n):
         a, b = np.empty((NX, NY)), np.empty((NX, NY))
-        fs._nb_level_solver(*(j[f * C:(f + 1) * C] for j in J), weight, False, u[f], v[f], *args,
-                            a_data, a_smooth, 1.1, 0.9, not quirks, a, b, True)
+        fs._nb_level_solver(
+            *(j[f * C : (f + 1) * C] for j in J),
+            weight,
+            False,
+            u[f],
+            v[f],
+            *args,
+            a_data,
+            a_smooth,
+            1.1,
+            0.9,
+            not quirks,
+            a,
+            b,
+            True,
+        )
         _close(du.copy_to_host()[f][1:-1, 1:-1], a[1:-1, 1:-1], 1e-11)
         _close(dv.copy_to_host()[f][1:-1, 1:-1], b[1:-1, 1:-1], 1e-11)
 
@@ -3663,11 +4240,20 @@ def test_cuda_register_matches_cpu_red_black(precision, tol):
 def test_cuda_flows_two_channels_gray_local_weights_match_cpu():
     # Two channels, brightness constancy, a spatial weight map, no MATLAB quirks,
     # a batch split in two (batch_frames = 1), a_smooth = 1 (uniform weights path).
-    p, ref, frames, init = _cuda_case(C=2, const_assumption="gray", matlab_quirks=False,
-                                      a_smooth=1.0)
+    p, ref, frames, init = _cuda_case(
+        C=2, const_assumption="gray", matlab_quirks=False, a_smooth=1.0
+    )
     wmap = np.random.default_rng(1).random(ref.shape) + 0.2
-    p = fs._displacement_params(ref.shape, iterations=4, update_lag=2, a_smooth=1.0, eta=0.8,
-                                const_assumption="gray", matlab_quirks=False, weight=wmap)
+    p = fs._displacement_params(
+        ref.shape,
+        iterations=4,
+        update_lag=2,
+        a_smooth=1.0,
+        eta=0.8,
+        const_assumption="gray",
+        matlab_quirks=False,
+        weight=wmap,
+    )
     assert p.local
     cpu = fs.FlowregBackend({"sor_order": "red_black"})
     gpu = fs.CudaBackend({"precision": "float64", "batch_frames": 1})
@@ -3693,8 +4279,11 @@ def test_cuda_backend_without_gpu_names_the_cpu_backend(monkeypatch):
     from numba import cuda
 
     monkeypatch.setattr(cuda, "is_available", lambda: False)
-    with pytest.raises(fs.ConfigError, match=r"'flowreg_cuda' cannot run here: no CUDA GPU.*"
-                                             r"'flowreg' runs on any CPU"):
+    with pytest.raises(
+        fs.ConfigError,
+        match=r"'flowreg_cuda' cannot run here: no CUDA GPU.*"
+        r"'flowreg' runs on any CPU",
+    ):
         fs.make_backend("flowreg_cuda")
     monkeypatch.undo()
     with pytest.raises(fs.ConfigError, match=r"device = 7 but this machine has 1 GPU.*'flowreg'"):
@@ -3702,12 +4291,15 @@ def test_cuda_backend_without_gpu_names_the_cpu_backend(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("params, match", [
-    ({"devcie": 0}, "unknown key 'devcie'; did you mean 'device'"),
-    ({"precision": "float16"}, "precision must be 'float32' or 'float64'"),
-    ({"batch_frames": 0}, "batch_frames must be an integer >= 1"),
-    ({"device": -1}, "device must be a GPU index >= 0"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"devcie": 0}, "unknown key 'devcie'; did you mean 'device'"),
+        ({"precision": "float16"}, "precision must be 'float32' or 'float64'"),
+        ({"batch_frames": 0}, "batch_frames must be an integer >= 1"),
+        ({"device": -1}, "device must be a GPU index >= 0"),
+    ],
+)
 def test_cuda_backend_params_are_checked(params, match):
     with pytest.raises(fs.ConfigError, match=match):
         fs.make_backend("flowreg_cuda", params)
@@ -3715,11 +4307,19 @@ def test_cuda_backend_params_are_checked(params, match):
 
 @pytest.mark.cuda
 def test_importing_flowsession_does_not_import_numba_cuda():
-    code = ("import sys, flowsession; a = 'numba.cuda' in sys.modules; "
-            "flowsession.make_backend('flowreg'); b = 'numba.cuda' in sys.modules; "
-            "flowsession.make_backend('flowreg_cuda'); print(a, b, 'numba.cuda' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
-                       env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"), timeout=300)
+    code = (
+        "import sys, flowsession; a = 'numba.cuda' in sys.modules; "
+        "flowsession.make_backend('flowreg'); b = 'numba.cuda' in sys.modules; "
+        "flowsession.make_backend('flowreg_cuda'); print(a, b, 'numba.cuda' in sys.modules)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False", "True"]
 
@@ -3775,12 +4375,23 @@ def test_cuda_kernels_compile_for_the_gpu_and_float32_stays_single():
     # H100 (needs libNVVM, not a GPU) and checks that the float32 kernels do no
     # double-precision arithmetic (frame_sums accumulates in float64 on purpose).
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    probe = subprocess.run([sys.executable, "-c", "from numba.cuda.cudadrv.nvvm import NVVM; NVVM()"],
-                           capture_output=True, text=True, env=env, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from numba.cuda.cudadrv.nvvm import NVVM; NVVM()"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     if probe.returncode != 0:
         pytest.skip("libNVVM (CUDA toolkit) not found: cannot compile CUDA kernels here")
-    r = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True,
-                       cwd=HERE, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _PTX_CHECK],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines()]
     assert len(rows) == 2 * 18
@@ -3799,9 +4410,10 @@ def test_cuda_kernels_compile_for_the_gpu_and_float32_stays_single():
 
 
 def _need(module):
-    reason = {"torch": "PyTorch is not installed (pip install torch): flowreg_torch untested",
-              "cv2": "OpenCV is not installed (pip install opencv-python-headless): "
-                     "diso untested"}[module]
+    reason = {
+        "torch": "PyTorch is not installed (pip install torch): flowreg_torch untested",
+        "cv2": "OpenCV is not installed (pip install opencv-python-headless): diso untested",
+    }[module]
     return pytest.importorskip(module, reason=reason)
 
 
@@ -3817,18 +4429,28 @@ def _rel(a, b):
 
 def test_importing_flowsession_imports_neither_torch_nor_cv2():
     code = "import sys, flowsession; print(sorted({'torch', 'cv2'} & set(sys.modules)))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
-                       env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("name, module, install", [
-    ("flowreg_torch", "torch", "pip install torch"),
-    ("diso", "cv2", "pip install opencv-python-headless"),
-])
-def test_unavailable_backend_names_the_package_and_the_alternatives(monkeypatch, name, module,
-                                                                    install):
+@pytest.mark.parametrize(
+    "name, module, install",
+    [
+        ("flowreg_torch", "torch", "pip install torch"),
+        ("diso", "cv2", "pip install opencv-python-headless"),
+    ],
+)
+def test_unavailable_backend_names_the_package_and_the_alternatives(
+    monkeypatch, name, module, install
+):
     monkeypatch.setitem(sys.modules, module, None)  # "import module" now raises ImportError
     with pytest.raises(fs.ConfigError) as exc:
         fs.make_backend(name)
@@ -3841,12 +4463,15 @@ def test_unavailable_backend_names_the_package_and_the_alternatives(monkeypatch,
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("params, match", [
-    ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
-    ({"dtype": "float16"}, "dtype 'float16' is not supported"),
-    ({"batch_frames": 0}, "batch_frames must be an integer >= 1"),
-    ({"devcie": "cpu"}, "unknown key 'devcie'; did you mean 'device'"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+        ({"dtype": "float16"}, "dtype 'float16' is not supported"),
+        ({"batch_frames": 0}, "batch_frames must be an integer >= 1"),
+        ({"devcie": "cpu"}, "unknown key 'devcie'; did you mean 'device'"),
+    ],
+)
 def test_torch_backend_params_are_checked(params, match):
     _need("torch")
     with pytest.raises(fs.ConfigError, match=match):
@@ -3869,6 +4494,7 @@ def test_torch_cuda_device_without_gpu_is_a_clear_error():
 # (measured <= 1e-14) is rounding only.  Warps, tensors and the median compute the
 # same operations in the same order: measured exactly equal, allowed 1e-14.
 
+
 @pytest.mark.torch
 @pytest.mark.parametrize("size", [(37, 29), (20, 15), (50, 40), (37, 10), (11, 29), (5, 60)])
 def test_torch_resize_matches_the_cpu_kernel(size):
@@ -3889,8 +4515,9 @@ def test_torch_warp_matches_the_cpu_kernel(method):
     valid = np.empty((nx, ny), bool)
     for c in range(2):
         fs._nb_warp_plane(src[c], u, v, 1.3, 0.7, fill[c], method, out[c], valid)
-    got, ok = fs._tc_warp(_tt(src)[None], _tt(u)[None], _tt(v)[None], 1.3, 0.7, _tt(fill)[None],
-                          method)
+    got, ok = fs._tc_warp(
+        _tt(src)[None], _tt(u)[None], _tt(v)[None], 1.3, 0.7, _tt(fill)[None], method
+    )
     np.testing.assert_array_equal(ok[0].numpy(), valid)
     assert 0 < valid.mean() < 1
     assert _rel(got[0].numpy(), out) < 1e-14
@@ -3923,8 +4550,9 @@ def _solver_case(C=2, nx=31, ny=23, local=False, seed=4):
     rng = np.random.default_rng(seed)
     J = np.zeros((6, C, nx + 2, ny + 2))
     for c in range(C):
-        fs._nb_tensor_gc(rng.random((nx, ny)), rng.random((nx, ny)), 1.1, 0.9,
-                         *[J[k, c] for k in range(6)])
+        fs._nb_tensor_gc(
+            rng.random((nx, ny)), rng.random((nx, ny)), 1.1, 0.9, *[J[k, c] for k in range(6)]
+        )
     u = fs._nb_pad_symmetric1(rng.normal(0, 1, (nx, ny)))
     v = fs._nb_pad_symmetric1(rng.normal(0, 1, (nx, ny)))
     if local:
@@ -3936,30 +4564,78 @@ def _solver_case(C=2, nx=31, ny=23, local=False, seed=4):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("iterations, a_smooth, local, quirks", [
-    (1, 1.0, False, True),    # one red-black sweep
-    (1, 0.5, True, False),
-    (30, 1.0, False, True),   # refreshes at 7, 14, 21, 28
-    (30, 0.5, False, True),
-    (30, 0.5, True, False),
-    (30, 1.0, True, False),
-])
+@pytest.mark.parametrize(
+    "iterations, a_smooth, local, quirks",
+    [
+        (1, 1.0, False, True),  # one red-black sweep
+        (1, 0.5, True, False),
+        (30, 1.0, False, True),  # refreshes at 7, 14, 21, 28
+        (30, 0.5, False, True),
+        (30, 0.5, True, False),
+        (30, 1.0, True, False),
+    ],
+)
 def test_torch_level_solver_matches_the_cpu_red_black_solver(iterations, a_smooth, local, quirks):
     J, weight, u, v = _solver_case(local=local)
     NX, NY = u.shape
     du, dv = np.empty((NX, NY)), np.empty((NX, NY))
     a_data = np.array([0.45, 0.6])
-    fs._nb_level_solver(*[np.ascontiguousarray(J[k]) for k in range(6)], weight, local, u, v,
-                        2.0, 1.5, iterations, 7, a_data, a_smooth, 1.1, 0.9, not quirks, du, dv,
-                        True)
+    fs._nb_level_solver(
+        *[np.ascontiguousarray(J[k]) for k in range(6)],
+        weight,
+        local,
+        u,
+        v,
+        2.0,
+        1.5,
+        iterations,
+        7,
+        a_data,
+        a_smooth,
+        1.1,
+        0.9,
+        not quirks,
+        du,
+        dv,
+        True,
+    )
     w = _tt(weight[:, 1:-1, 1:-1] if local else weight)
-    tu, tv = fs._tc_level_solver(_tt(J)[:, None], w, _tt(u)[None], _tt(v)[None], 2.0, 1.5,
-                                 iterations, 7, list(a_data), a_smooth, 1.1, 0.9, not quirks)
+    tu, tv = fs._tc_level_solver(
+        _tt(J)[:, None],
+        w,
+        _tt(u)[None],
+        _tt(v)[None],
+        2.0,
+        1.5,
+        iterations,
+        7,
+        list(a_data),
+        a_smooth,
+        1.1,
+        0.9,
+        not quirks,
+    )
     assert _rel(tu[0].numpy(), du) < 1e-12 and _rel(tv[0].numpy(), dv) < 1e-12
     if iterations == 1:  # and it is not the toolbox's lexicographic sweep
-        fs._nb_level_solver(*[np.ascontiguousarray(J[k]) for k in range(6)], weight, local, u,
-                            v, 2.0, 1.5, 1, 7, a_data, a_smooth, 1.1, 0.9, not quirks, du, dv,
-                            False)
+        fs._nb_level_solver(
+            *[np.ascontiguousarray(J[k]) for k in range(6)],
+            weight,
+            local,
+            u,
+            v,
+            2.0,
+            1.5,
+            1,
+            7,
+            a_data,
+            a_smooth,
+            1.1,
+            0.9,
+            not quirks,
+            du,
+            dv,
+            False,
+        )
         assert _rel(tu[0].numpy(), du) > 1e-3
 
 
@@ -3998,7 +4674,7 @@ def test_torch_pair_two_channels_init_and_options_equal_the_cpu_backend():
     # same paths as on the CPU (measured max 3.6e-4 px without quirks, <= 1e-5 px for
     # the others; allowed 5e-3 px: rounding amplified as above).
     f1, f2, _ = _pair_case()
-    fa, fb = np.concatenate([f1, f1 ** 2 / 400], -1), np.concatenate([f2, f2 ** 2 / 400], -1)
+    fa, fb = np.concatenate([f1, f1**2 / 400], -1), np.concatenate([f2, f2**2 / 400], -1)
     init = np.random.default_rng(1).normal(0, 0.3, fa.shape[:2] + (2,))
     torch_backend = fs.make_backend("flowreg_torch", {"device": "cpu"})
     for kw in [{"weight": [0.2, 0.8]}, {"matlab_quirks": False}, {"min_level": 2}]:
@@ -4028,8 +4704,9 @@ def _known_motion_epe(tmp_path, backend, backend_params, name):
     returns the fields and their endpoint error against the truth."""
     frames, w_true = fs.synthetic_recording(40, (64, 64), 1, seed=5)
     (tmp_path / name).mkdir()
-    cfg = _stage1_config(tmp_path / name, {"rec.h5": frames}, save_w=True,
-                         quality_setting="balanced")
+    cfg = _stage1_config(
+        tmp_path / name, {"rec.h5": frames}, save_w=True, quality_setting="balanced"
+    )
     cfg = dataclasses.replace(cfg, flow_backend=backend, backend_params=backend_params)
     w = _read_w(fs.run_stage1(cfg)[0])
     err = (w - w_true)[:, 8:-8, 8:-8]
@@ -4062,8 +4739,9 @@ def test_diso_flow_follows_the_flowsession_sign_convention():
     p = fs._displacement_params(1)
     w = fs.make_backend("diso").pair(p, f1, f2)
     assert w.shape == truth.shape and w.dtype == np.float64
-    np.testing.assert_allclose(w[10:-10, 10:-10].reshape(-1, 2).mean(axis=0), [2.6, -1.7],
-                               atol=0.25)
+    np.testing.assert_allclose(
+        w[10:-10, 10:-10].reshape(-1, 2).mean(axis=0), [2.6, -1.7], atol=0.25
+    )
     assert _core_epe(w, truth) < 0.15
     for preset in ("ultrafast", "fast"):
         assert _core_epe(fs.make_backend("diso", {"preset": preset}).pair(p, f1, f2), truth) < 0.5
@@ -4077,8 +4755,9 @@ def test_diso_stage1_recovers_known_motion(tmp_path):
     _need("cv2")
     _, epe = _known_motion_epe(tmp_path, "diso", {}, "medium")
     assert epe < 0.3
-    _, epe = _known_motion_epe(tmp_path, "diso", {"preset": "ultrafast", "patch_stride": 3},
-                               "ultrafast")
+    _, epe = _known_motion_epe(
+        tmp_path, "diso", {"preset": "ultrafast", "patch_stride": 3}, "ultrafast"
+    )
     assert epe < 0.4
 
 
@@ -4093,13 +4772,19 @@ def test_diso_reduces_channels_by_their_weights():
 
 
 @pytest.mark.diso
-@pytest.mark.parametrize("params, match", [
-    ({"preset": "slow"}, "preset 'slow' is not supported"),
-    ({"patch_size": 0}, "patch_size must be an integer >= 1"),
-    ({"patch_size": 6, "patch_stride": 8}, r"patch_stride \(8\) must not exceed patch_size \(6\)"),
-    ({"use_spatial_propagation": 1}, "use_spatial_propagation must be true or false"),
-    ({"patch_szie": 8}, "unknown key 'patch_szie'; did you mean 'patch_size'"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"preset": "slow"}, "preset 'slow' is not supported"),
+        ({"patch_size": 0}, "patch_size must be an integer >= 1"),
+        (
+            {"patch_size": 6, "patch_stride": 8},
+            r"patch_stride \(8\) must not exceed patch_size \(6\)",
+        ),
+        ({"use_spatial_propagation": 1}, "use_spatial_propagation must be true or false"),
+        ({"patch_szie": 8}, "unknown key 'patch_szie'; did you mean 'patch_size'"),
+    ],
+)
 def test_diso_backend_params_are_checked(params, match):
     _need("cv2")
     with pytest.raises(fs.ConfigError, match=match):
@@ -4112,8 +4797,10 @@ def test_diso_refuses_other_data_terms_before_any_work(tmp_path):
     frames, _ = fs.synthetic_recording(4, (24, 24), 1, seed=1)
     cfg = _stage1_config(tmp_path, {"rec.h5": frames}, constancy_assumption="gray")
     cfg = dataclasses.replace(cfg, flow_backend="diso")
-    with pytest.raises(fs.ConfigError, match="flow_options.constancy_assumption = 'gray' cannot "
-                       "be used with flow_backend 'diso'"):
+    with pytest.raises(
+        fs.ConfigError,
+        match="flow_options.constancy_assumption = 'gray' cannot be used with flow_backend 'diso'",
+    ):
         fs.run_stage1(cfg)
     cfg = dataclasses.replace(cfg, flow_options={}, stage2_constancy_assumption="gray")
     for run in (fs.run_stage1, fs.run_stage2):

@@ -16,6 +16,7 @@ is timed (the first includes Numba compilation and torch start-up).
 
     python benchmarks/backends.py --size 256 --frames 50
 """
+
 import argparse
 import os
 import shutil
@@ -45,10 +46,19 @@ def endpoint_error(w, w_true, border):
 
 
 def stage1(root, backend, backend_params, quality, workers, n_frames):
-    cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=workers, resume=False,
-                           flow_backend=backend, backend_params=backend_params,
-                           flow_options={"quality_setting": quality, "save_w": True,
-                                         "reference_frames": list(range(min(50, n_frames)))})
+    cfg = fs.SessionConfig(
+        root=root,
+        pattern="*.h5",
+        n_workers=workers,
+        resume=False,
+        flow_backend=backend,
+        backend_params=backend_params,
+        flow_options={
+            "quality_setting": quality,
+            "save_w": True,
+            "reference_frames": list(range(min(50, n_frames))),
+        },
+    )
     t0 = time.perf_counter()
     out = fs.run_stage1(cfg)[0]
     dt = time.perf_counter() - t0
@@ -88,9 +98,11 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     workers = fs.SessionConfig(root=".", n_workers=args.workers).n_workers_effective()
-    print(f"Stage 1, {args.size}x{args.size}, {args.frames} frames, 1 channel, {workers} worker "
-          f"thread(s); endpoint error without correction {epe0:.3f} px ({border}-px border "
-          "excluded)")
+    print(
+        f"Stage 1, {args.size}x{args.size}, {args.frames} frames, 1 channel, {workers} worker "
+        f"thread(s); endpoint error without correction {epe0:.3f} px ({border}-px border "
+        "excluded)"
+    )
     print(f"| {'backend':13} | {'preset':9} | {'frames/s':>8} | {'EPE (px)':>8} |")
     print(f"|{'-' * 15}|{'-' * 11}|{'-' * 10}|{'-' * 10}|")
     for backend, preset, fps, epe in rows:

@@ -16,6 +16,7 @@ should it meet one.
 
     python benchmarks/compare_all.py --configs 256:200:1 256:200:2 512:60:1 512:60:2
 """
+
 import argparse
 import importlib.util
 import os
@@ -67,25 +68,44 @@ def prepare_two_channel(shared_dir, work, size, frames, seed=1):
     gen = [sys.executable, os.path.join(shared_dir, "make_synth.py")]
     for sub, sz, fr, sd in (("data", size, frames, seed), ("tiny", "64", "8", "0")):
         out = os.path.join(work, sub)
-        subprocess.check_call(gen + ["--out", out, "--size", str(sz), "--frames", str(fr),
-                                     "--channels", "2", "--seed", str(sd)],
-                              stdout=subprocess.DEVNULL)
+        subprocess.check_call(
+            gen
+            + [
+                "--out",
+                out,
+                "--size",
+                str(sz),
+                "--frames",
+                str(fr),
+                "--channels",
+                "2",
+                "--seed",
+                str(sd),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         path = os.path.join(out, "rec_00.tif")
         movie = tifffile.imread(path)
         assert movie.ndim == 4 and movie.shape[-1] == 2, movie.shape
-        tifffile.imwrite(path, movie, photometric="minisblack", planarconfig="contig",
-                         metadata={"axes": "TYXS"})
+        tifffile.imwrite(
+            path, movie, photometric="minisblack", planarconfig="contig", metadata={"axes": "TYXS"}
+        )
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["256:200:1", "256:200:2", "512:60:1",
-                                                     "512:60:2"],
-                    help="size:frames:channels for each comparison")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["256:200:1", "256:200:2", "512:60:1", "512:60:2"],
+        help="size:frames:channels for each comparison",
+    )
     ap.add_argument("--presets", nargs="+", default=["fast", "balanced", "quality"])
-    ap.add_argument("--shared", default=os.path.join(HERE, "..", "..", "shared", "bench",
-                                                     "compare_stage1.py"))
+    ap.add_argument(
+        "--shared", default=os.path.join(HERE, "..", "..", "shared", "bench", "compare_stage1.py")
+    )
     ap.add_argument("--json-prefix", default=None, help="write <prefix>_<size>_<channels>.json")
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args()
@@ -93,9 +113,21 @@ def main():
     mod.read_w = read_w
     for cfg in a.configs:
         size, frames, channels = cfg.split(":")
-        argv = ["compare_stage1.py", "--project", os.path.join(HERE, ".."), "--size", size,
-                "--frames", frames, "--channels", channels, "--repeats", str(a.repeats),
-                "--presets", *a.presets]
+        argv = [
+            "compare_stage1.py",
+            "--project",
+            os.path.join(HERE, ".."),
+            "--size",
+            size,
+            "--frames",
+            frames,
+            "--channels",
+            channels,
+            "--repeats",
+            str(a.repeats),
+            "--presets",
+            *a.presets,
+        ]
         if a.json_prefix:
             argv += ["--json", f"{a.json_prefix}_{size}_{channels}.json"]
         if channels == "2":

@@ -12,6 +12,7 @@ call (median), the ratio, and each tool's mean endpoint error against the truth.
     python benchmarks/core_vs_pyflowreg.py --size 256 --rounds 3 \
         --pyflowreg-python ~/.cache/flowsession-bench/pfr-venv/bin/python
 """
+
 import argparse
 import json
 import os
@@ -24,8 +25,16 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PARAMS = dict(alpha=(1.5, 1.5), levels=100, eta=0.8, iterations=50, update_lag=5,
-              a_smooth=1.0, a_data=0.45, min_level=0)
+PARAMS = dict(
+    alpha=(1.5, 1.5),
+    levels=100,
+    eta=0.8,
+    iterations=50,
+    update_lag=5,
+    a_smooth=1.0,
+    a_data=0.45,
+    min_level=0,
+)
 
 WORKER = r"""
 import json, sys, time
@@ -50,11 +59,21 @@ print(json.dumps({"times": times, "epe": float(epe)}))
 
 
 def run(python, tool, path, repeats):
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([python, "-c", WORKER, tool, path, str(repeats), json.dumps(PARAMS)],
-                         capture_output=True, text=True, env=env, check=True)
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    out = subprocess.run(
+        [python, "-c", WORKER, tool, path, str(repeats), json.dumps(PARAMS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -63,8 +82,10 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per process")
-    ap.add_argument("--pyflowreg-python", default=os.path.expanduser(
-        "~/.cache/flowsession-bench/pfr-venv/bin/python"))
+    ap.add_argument(
+        "--pyflowreg-python",
+        default=os.path.expanduser("~/.cache/flowsession-bench/pfr-venv/bin/python"),
+    )
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
     import flowsession as fs
@@ -73,8 +94,9 @@ def main():
     lo, hi = min(fixed.min(), moving.min()), max(fixed.max(), moving.max())
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pair.npz")
-        np.savez(path, fixed=(fixed - lo) / (hi - lo), moving=(moving - lo) / (hi - lo),
-                 w_true=w_true)
+        np.savez(
+            path, fixed=(fixed - lo) / (hi - lo), moving=(moving - lo) / (hi - lo), w_true=w_true
+        )
         res = {"flowsession": [], "pyflowreg": []}
         epe = {}
         for _ in range(a.rounds):
@@ -83,11 +105,15 @@ def main():
                 res[tool] += r["times"]
                 epe[tool] = r["epe"]
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"get_displacement, {a.size}x{a.size}, 1 channel, quality parameters, one thread, "
-          f"median of {a.rounds * a.repeats} calls")
+    print(
+        f"get_displacement, {a.size}x{a.size}, 1 channel, quality parameters, one thread, "
+        f"median of {a.rounds * a.repeats} calls"
+    )
     for tool in ("flowsession", "pyflowreg"):
-        print(f"  {tool:12s} {med[tool]:7.3f} s/call   EPE {epe[tool]:.3f} px   "
-              f"(min {min(res[tool]):.3f}, max {max(res[tool]):.3f})")
+        print(
+            f"  {tool:12s} {med[tool]:7.3f} s/call   EPE {epe[tool]:.3f} px   "
+            f"(min {min(res[tool]):.3f}, max {max(res[tool]):.3f})"
+        )
     print(f"  speed-up     {med['pyflowreg'] / med['flowsession']:.2f}x")
 
 

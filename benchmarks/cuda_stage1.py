@@ -12,6 +12,7 @@ mean endpoint error against the truth for both, and their fields' difference.
     python benchmarks/cuda_stage1.py --size 512 --frames 2000 --preset balanced \
         --precision float32 --cpu-frames 100
 """
+
 import argparse
 import os
 import shutil
@@ -33,10 +34,19 @@ def stage1(frames, backend, backend_params, preset, workers):
         with h5py.File(os.path.join(tmp, "rec.h5"), "w") as f:
             for c in range(frames.shape[3]):
                 f[f"ch{c + 1}"] = frames[..., c]
-        cfg = fs.SessionConfig(root=tmp, pattern="*.h5", n_workers=workers, resume=False,
-                               flow_backend=backend, backend_params=backend_params,
-                               flow_options={"quality_setting": preset, "save_w": True,
-                                             "reference_frames": list(range(min(50, len(frames))))})
+        cfg = fs.SessionConfig(
+            root=tmp,
+            pattern="*.h5",
+            n_workers=workers,
+            resume=False,
+            flow_backend=backend,
+            backend_params=backend_params,
+            flow_options={
+                "quality_setting": preset,
+                "save_w": True,
+                "reference_frames": list(range(min(50, len(frames)))),
+            },
+        )
         t0 = time.perf_counter()
         out = fs.run_stage1(cfg)[0]
         dt = time.perf_counter() - t0
@@ -58,8 +68,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--frames", type=int, default=1000)
-    p.add_argument("--cpu-frames", type=int, default=None,
-                   help="frames for the CPU run (default: --frames; the CPU is much slower)")
+    p.add_argument(
+        "--cpu-frames",
+        type=int,
+        default=None,
+        help="frames for the CPU run (default: --frames; the CPU is much slower)",
+    )
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--preset", default="quality", choices=["quality", "balanced", "fast"])
     p.add_argument("--precision", default="float32", choices=["float32", "float64"])
@@ -80,12 +94,16 @@ def main(argv=None):
         stage1(warm, name, params, a.preset, a.workers)  # compilation
         dt, w = stage1(frames[:n], name, params, a.preset, a.workers)
         results[name] = w
-        print(f"  {name:13s} {n / dt:9.1f} frames/s  ({n} frames, {dt:.1f} s)   "
-              f"endpoint error {epe(w, truth[:n], a.size):.3f} px")
+        print(
+            f"  {name:13s} {n / dt:9.1f} frames/s  ({n} frames, {dt:.1f} s)   "
+            f"endpoint error {epe(w, truth[:n], a.size):.3f} px"
+        )
     n = min(a.frames, n_cpu)
     diff = np.abs(results["flowreg_cuda"][:n] - results["flowreg"][:n]).max()
-    print(f"  largest field difference between the backends: {diff:.3g} px "
-          "(red-black vs the toolbox's SOR order; see flowsession's CUDA section)")
+    print(
+        f"  largest field difference between the backends: {diff:.3g} px "
+        "(red-black vs the toolbox's SOR order; see flowsession's CUDA section)"
+    )
     return 0
 
 

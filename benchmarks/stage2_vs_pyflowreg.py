@@ -14,6 +14,7 @@
 
     python benchmarks/stage2_vs_pyflowreg.py --size 256 --frames 60 --session 4
 """
+
 import argparse
 import json
 import os
@@ -51,29 +52,54 @@ def main():
     ap.add_argument("--preset", default="balanced")
     ap.add_argument("--border", type=int, default=20)
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--pyflowreg-python", default=os.path.expanduser(
-        "~/.cache/flowsession-bench/pfr-venv/bin/python"))
+    ap.add_argument(
+        "--pyflowreg-python",
+        default=os.path.expanduser("~/.cache/flowsession-bench/pfr-venv/bin/python"),
+    )
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="fs-stage2-")
     data = os.path.join(work, "data")
-    subprocess.check_call([sys.executable, os.path.join(ROOT, "..", "shared", "bench",
-                                                        "make_synth.py"),
-                           "--out", data, "--size", str(a.size), "--frames", str(a.frames),
-                           "--session", str(a.session), "--seed", str(a.seed)],
-                          stdout=subprocess.DEVNULL)
+    subprocess.check_call(
+        [
+            sys.executable,
+            os.path.join(ROOT, "..", "shared", "bench", "make_synth.py"),
+            "--out",
+            data,
+            "--size",
+            str(a.size),
+            "--frames",
+            str(a.frames),
+            "--session",
+            str(a.session),
+            "--seed",
+            str(a.seed),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     sys.path.insert(0, ROOT)
     import flowsession as fs
 
     fs_out = os.path.join(work, "out_flowsession")
-    cfg = fs.SessionConfig(root=data, pattern="rec_*.tif", output_root=fs_out, center="rec_00.tif",
-                           flow_options={"quality_setting": a.preset, "save_w": True,
-                                         "reference_frames": list(range(min(50, a.frames)))})
+    cfg = fs.SessionConfig(
+        root=data,
+        pattern="rec_*.tif",
+        output_root=fs_out,
+        center="rec_00.tif",
+        flow_options={
+            "quality_setting": a.preset,
+            "save_w": True,
+            "reference_frames": list(range(min(50, a.frames))),
+        },
+    )
     fs.run_stage1(cfg)
     pfr_out = os.path.join(work, "out_pyflowreg")
     shutil.copytree(fs_out, pfr_out)
     fs.run_stage2(cfg)
-    subprocess.check_call([a.pyflowreg_python, "-c", PFR, data, pfr_out],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.check_call(
+        [a.pyflowreg_python, "-c", PFR, data, pfr_out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     G = np.load(os.path.join(data, "session_gt.npz"))["G"].astype(np.float64)
     b = a.border
     files = sorted(f for f in os.listdir(data) if f.startswith("rec_") and f.endswith(".tif"))
@@ -85,9 +111,13 @@ def main():
             w = np.stack([h["u"][:], h["v"][:]], axis=-1)
         delta.append((w - truth)[:, b:-b, b:-b].mean(axis=(0, 1, 2)))
     rows = []
-    print(f"Stage 2, {a.session} recordings {a.size}x{a.size}, center rec_00, inputs: the same "
-          f"temporal averages (flowsession Stage 1, {a.preset}); EPE px, {b}-px border excluded")
-    print(f"{'recording':10} {'offset px':>9} {'rigid only':>10} {'flowsession':>11} {'pyflowreg':>9}")
+    print(
+        f"Stage 2, {a.session} recordings {a.size}x{a.size}, center rec_00, inputs: the same "
+        f"temporal averages (flowsession Stage 1, {a.preset}); EPE px, {b}-px border excluded"
+    )
+    print(
+        f"{'recording':10} {'offset px':>9} {'rigid only':>10} {'flowsession':>11} {'pyflowreg':>9}"
+    )
     for k, f in enumerate(files[1:], start=1):
         stem = f[:-4]
         expected = G[k] + (delta[0] - delta[k])
@@ -97,15 +127,25 @@ def main():
             return float(np.hypot(*(w - expected)[inner].transpose(2, 0, 1)).mean())
 
         rigid = np.broadcast_to(expected[inner].reshape(-1, 2).mean(axis=0), expected.shape)
-        row = dict(recording=stem, offset=float(np.hypot(*G[k][inner].reshape(-1, 2).mean(0))),
-                   rigid_only=epe(rigid), flowsession=epe(read_field(os.path.join(fs_out, stem))),
-                   pyflowreg=epe(read_field(os.path.join(pfr_out, stem))))
+        row = dict(
+            recording=stem,
+            offset=float(np.hypot(*G[k][inner].reshape(-1, 2).mean(0))),
+            rigid_only=epe(rigid),
+            flowsession=epe(read_field(os.path.join(fs_out, stem))),
+            pyflowreg=epe(read_field(os.path.join(pfr_out, stem))),
+        )
         rows.append(row)
-        print(f"{stem:10} {row['offset']:9.2f} {row['rigid_only']:10.3f} {row['flowsession']:11.3f} "
-              f"{row['pyflowreg']:9.3f}")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("rigid_only", "flowsession", "pyflowreg")}
-    print(f"{'mean':10} {'':9} {mean['rigid_only']:10.3f} {mean['flowsession']:11.3f} "
-          f"{mean['pyflowreg']:9.3f}")
+        print(
+            f"{stem:10} {row['offset']:9.2f} {row['rigid_only']:10.3f} {row['flowsession']:11.3f} "
+            f"{row['pyflowreg']:9.3f}"
+        )
+    mean = {
+        k: float(np.mean([r[k] for r in rows])) for k in ("rigid_only", "flowsession", "pyflowreg")
+    }
+    print(
+        f"{'mean':10} {'':9} {mean['rigid_only']:10.3f} {mean['flowsession']:11.3f} "
+        f"{mean['pyflowreg']:9.3f}"
+    )
     print("(rigid only: the best constant field, for scale)")
     print(json.dumps({"rows": rows, "mean": mean}))
 

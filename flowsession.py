@@ -224,6 +224,10 @@ class Interrupted(FlowSessionError):
     """The run was asked to stop (SIGTERM, SIGINT) and stopped at a safe point."""
 
 
+class OutputError(FlowSessionError):
+    """An output file cannot be written (a full disk, a lost folder); exit code 1."""
+
+
 ###############################################################################
 ### Run control: stop requests, test kill points, locks, stale temporary files
 ###############################################################################
@@ -241,6 +245,35 @@ def _check_stop(where):
             "resume = true to continue"
         )
         raise Interrupted(msg)
+
+
+def _interruptible(fn, where):
+    """``fn()``, with a stop request acted on while it computes.
+
+    A long computation (a Stage 2 flow with many iterations and pyramid levels) runs in
+    Numba or on a device without coming back to Python, where the stop flag is read.
+    In the main thread it therefore runs in a daemon thread while this thread checks
+    the flag every 0.1 s; after a stop `Interrupted` is raised at once and the abandoned
+    computation ends with the process (nothing of it is saved).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="flowsession-interruptible", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+        _check_stop(where)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _kill_point(name):
@@ -768,9 +801,8 @@ class FlowOptions:
         return {f.name: _cfg_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def save_json(self, path):
-        """Write the options atomically as ``Flow options YYYY-MM-DD``, a blank line, JSON."""
-        header = f"Flow options {time.strftime('%Y-%m-%d')}"
-        _atomic_write_text(path, f"{header}\n\n{json.dumps(self.to_dict(), indent=2)}\n")
+        """Write the options atomically as a JSON object (every field, see :meth:`to_dict`)."""
+        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load_json(cls, path):
@@ -931,6 +963,7 @@ class SessionConfig:
         except tomllib.TOMLDecodeError as exc:
             msg = f"{path}: TOML syntax error: {exc}"
             raise ConfigError(msg) from None
+        _cfg_check_toml_tables(data, [f.name for f in dataclasses.fields(cls)], path)
         return cls.from_dict(data, base_dir=path.parent, source=str(path))
 
     @classmethod
@@ -986,8 +1019,20 @@ class SessionConfig:
         files = sorted(
             p
             for p in self.root.glob(self.pattern)
-            if p.is_file() and not any(p.is_relative_to(o) for o in outputs)
+            if not p.is_dir() and not _cfg_is_output(p, self.root, outputs)
         )
+        for p in files:
+            if not p.is_file() or not os.access(p, os.R_OK):
+                what = (
+                    "a link to a missing file"
+                    if p.is_symlink() and not p.exists()
+                    else "not a readable file"
+                )
+                msg = (
+                    f"{p}: matches pattern {self.pattern!r} but is {what}; restore it, "
+                    "remove it or narrow the pattern (a session never drops a recording)"
+                )
+                raise InputError(msg)
         if not files:
             msg = f"no files match pattern {self.pattern!r} in {self.root}"
             raise ConfigError(msg)
@@ -1035,6 +1080,16 @@ class SessionConfig:
         )
         raise ConfigError(msg)
 
+    def checked(self, where):
+        """A validated copy: settings changed after construction are checked again.
+
+        Parameters
+        ----------
+        where : str
+            Named in error messages (e.g. ``"Stage 1"``).
+        """
+        return dataclasses.replace(self, source=f"session config at the start of {where}")
+
     def n_workers_effective(self):
         """int: ``n_workers``, or for -1 the CPUs this process may use (job allocation)."""
         if self.n_workers != -1:
@@ -1051,6 +1106,41 @@ class SessionConfig:
     def save_resolved(self, path):
         """Write :meth:`to_dict` atomically as JSON (e.g. next to the outputs)."""
         _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _cfg_check_toml_tables(data, session_keys, path):
+    """Refuse session keys that TOML put inside a table because they follow its header."""
+    flow_keys = {f.name for f in dataclasses.fields(FlowOptions)}
+    for table in ("flow_options", "backend_params"):
+        if not isinstance(data.get(table), dict):
+            continue
+        own = flow_keys if table == "flow_options" else set()
+        stray = [k for k in data[table] if k in session_keys and k not in own]
+        if stray:
+            keys = ", ".join(stray)
+            msg = (
+                f"{path}: {keys} is read as part of [{table}]: in TOML every key after a "
+                f"[table] header belongs to that table; move {keys} above the [{table}] line"
+            )
+            raise ConfigError(msg)
+
+
+def _cfg_is_output(path, root, outputs):
+    """True if ``path`` lies in one of the ``outputs`` folders, comparing real paths (a
+    symlinked root or output folder is the same folder).  An output folder that is root
+    itself or holds it (``output_root = "."``) holds the recordings too: there only
+    flowsession's own folders (those with a lock file, and ``slurm/``) count as outputs."""
+    real = pathlib.Path(os.path.realpath(path.parent)) / path.name
+    real_root = pathlib.Path(os.path.realpath(root))
+    for folder in outputs:
+        folder = pathlib.Path(os.path.realpath(folder))
+        if not real.is_relative_to(folder):
+            continue
+        if not real_root.is_relative_to(folder):
+            return True
+        if (real.parent / ".flowsession.lock").exists() or real.parent == folder / "slurm":
+            return True
+    return False
 
 
 def _cfg_array_var(environ):
@@ -1140,23 +1230,88 @@ def array_task_to_index(task_id, n_files, environ=None):
 ###############################################################################
 
 
+def _umask():
+    """The process's umask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _is_disk_full(exc):
+    """True for ENOSPC/EDQUOT, also when HDF5 reports it only in its message."""
+    import errno
+
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    short_write = re.search(r"\d+ requested and \d+ written", text)  # numpy's tofile
+    return bool(short_write) or any(s in text for s in ("No space left", "errno = 28", "quota"))
+
+
+def _write_error(path, exc, written=None, needed=None):
+    """`OutputError` naming ``path`` for a failed write: for a full disk with the free space
+    left and the space needed (``needed`` bytes, else more than the ``written`` bytes)."""
+    import shutil
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not _is_disk_full(exc):
+        msg = f"{path}: cannot write ({_why(exc)})"
+        return OutputError(msg)
+    try:
+        free = _mib(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    if needed:
+        need = f"about {_mib(needed)} are needed"
+    elif written is not None:
+        need = f"more than the {_mib(written)} written are needed"
+    else:
+        need = "more is needed"
+    msg = (
+        f"{path}: no space left on the device ({free} free in {folder}, {need}); "
+        "free space there or choose another output folder, then rerun"
+    )
+    return OutputError(msg)
+
+
 def _atomic_write(path, write):
     """Write ``path`` through ``write(fileobj)`` into a temporary file, then rename.
 
     The temporary file lives in the same folder (so the rename is atomic), is
     flushed and fsynced before ``os.replace``; on any error it is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was.  The file gets the permissions ``open`` would give
+    (0666 less the umask), not the 0600 of a temporary file.  A failed write
+    (full disk) raises `OutputError` naming ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", suffix=""
-    )
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd, tmp = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", suffix=""
+        )
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            written = os.stat(tmp).st_size if os.path.exists(tmp) else None
+            raise _write_error(path, exc, written) from None
+        _kill_point("atomic:" + os.path.basename(path))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -1987,6 +2142,8 @@ class _AtomicVideoWriter:
         self._tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
         self._frames = 0
         self._open = True
+        #: Bytes the caller expects to need in this folder (named when the disk is full).
+        self.needed = None
 
     @property
     def frames_written(self):
@@ -2021,8 +2178,17 @@ class _AtomicVideoWriter:
                 f"{expected[1]}, {expected[2]}), got {frames.shape}"
             )
             raise ValueError(msg)
-        self._write(cast_to_dtype(frames, self.dtype))
+        try:
+            self._write(cast_to_dtype(frames, self.dtype))
+        except (OSError, RuntimeError) as exc:  # h5py reports some write errors as RuntimeError
+            raise self._failed(exc) from None
         self._frames += frames.shape[0]
+
+    def _failed(self, exc):
+        """Abort (removing the temporary file) and return the `OutputError` to raise."""
+        written = os.path.getsize(self._tmp) if os.path.exists(self._tmp) else None
+        self.abort()
+        return _write_error(self.path, exc, written, self.needed)
 
     def close(self):
         """Finish the file and publish it under its final name."""
@@ -2032,6 +2198,8 @@ class _AtomicVideoWriter:
             self._finish()
             _fsync_path(self._tmp)
             os.replace(self._tmp, self.path)
+        except (OSError, RuntimeError) as exc:
+            raise self._failed(exc) from None
         except BaseException:
             self.abort()
             raise
@@ -2044,10 +2212,71 @@ class _AtomicVideoWriter:
         if not self._open:
             return
         self._open = False
-        with contextlib.suppress(OSError, ValueError):
+        # Emptied first: a full disk is freed, so closing (which flushes) cannot fail there.
+        with contextlib.suppress(OSError):
+            os.truncate(self._tmp, 0)
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
             self._discard()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self._tmp)
+
+
+class _GuardedFile:
+    """Unbuffered file for h5py's file-object driver that never lets HDF5 see a failed write.
+
+    HDF5 cannot recover from a failed write (a full disk): every later flush fails, and
+    the process crashes when its objects are freed.  Here the first failure is kept in
+    `error`, the file emptied (freeing the space), and every later write discarded as if
+    it had succeeded, so HDF5 stays consistent; the writer checks `error` and raises.
+    """
+
+    def __init__(self, path):
+        self._fh = open(path, "w+b", buffering=0)
+        self.error = None
+
+    def discard(self, exc=None):
+        """Drop the content and every later write (``exc``: the failure that caused it)."""
+        if self.error is None:
+            self.error = exc if exc is not None else OSError("output discarded")
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fh.fileno(), 0)
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self._fh.write(view[done:])
+            except OSError as exc:
+                self.discard(exc)
+        return len(view)
+
+    def readinto(self, buffer):
+        return self._fh.readinto(buffer)
+
+    def read(self, n=-1):
+        return self._fh.read(n)
+
+    def seek(self, pos, whence=0):
+        return self._fh.seek(pos, whence)
+
+    def tell(self):
+        return self._fh.tell()
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self._fh.truncate(size)
+            except OSError as exc:
+                self.discard(exc)
+        return size
+
+    def flush(self):
+        pass  # unbuffered
+
+    def close(self):
+        self._fh.close()
 
 
 class Hdf5VideoWriter(_AtomicVideoWriter):
@@ -2114,7 +2343,13 @@ class Hdf5VideoWriter(_AtomicVideoWriter):
             frame_bytes = self.height * self.width * self.dtype.itemsize
             chunk_frames = min(64, max(1, 2**20 // frame_bytes))
         chunk_frames = _positive_int("chunk_frames", chunk_frames)
-        self._file = h5py.File(self._tmp, "w")
+        try:
+            self._fh = _GuardedFile(self._tmp)
+            self._file = h5py.File(self._fh, "w")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(self._tmp)
+            raise _write_error(self.path, exc) from None
         try:
             self._dsets = [
                 self._file.create_dataset(
@@ -2153,6 +2388,8 @@ class Hdf5VideoWriter(_AtomicVideoWriter):
             d.resize(total, axis=0)
             d[first:] = data[..., c]
         self._set_shape_attrs(total)
+        if self._fh.error is not None:
+            raise self._fh.error
 
     def add_alias(self, alias, target):
         """Give dataset `target` a second name `alias` (an HDF5 hard link)."""
@@ -2166,9 +2403,16 @@ class Hdf5VideoWriter(_AtomicVideoWriter):
     def _finish(self):
         self._file.flush()
         self._file.close()
+        self._fh.close()
+        if self._fh.error is not None:
+            raise self._fh.error
 
     def _discard(self):
-        self._file.close()
+        self._fh.discard()
+        try:
+            self._file.close()
+        finally:
+            self._fh.close()
 
 
 class TiffVideoWriter(_AtomicVideoWriter):
@@ -7213,18 +7457,20 @@ def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, pha
     return w, reg, valid, c1, stats
 
 
-def _reference_indices(opts, n_frames, name):
-    """0-based reference frame indices of a recording with ``n_frames`` (binned) frames."""
+def _reference_indices(opts, n_frames, name, quiet=False):
+    """0-based reference frame indices of a recording with ``n_frames`` (binned) frames.
+
+    ``quiet``: no note about a short recording (the checks before Stage 1 run)."""
     if opts.reference_frames is None:
         idx = [i for i in range(49, 500) if i < n_frames]  # MATLAB 50:500, 1-based
-        if not idx:
+        if not idx and not quiet:
             log.info(
                 "%s: %d frames, fewer than the default reference range (frames 50-500); "
                 "using all frames for the reference",
                 name,
                 n_frames,
             )
-            idx = list(range(n_frames))
+        idx = idx or list(range(n_frames))
         return idx
     idx = [int(i) for i in opts.reference_frames]
     bad = [i for i in idx if i >= n_frames]
@@ -7285,7 +7531,7 @@ def _check_recordings(files, opts):
             if len(r) == 0:
                 msg = f"{f.name}: the recording has no frames"
                 raise InputError(msg)
-            _reference_indices(opts, len(r), f.name)
+            _reference_indices(opts, len(r), f.name, quiet=True)
             shapes[f.name] = (r.height, r.width, r.n_channels)
     if len(set(shapes.values())) > 1:
         detail = ", ".join(f"{k} {v[0]}x{v[1]}x{v[2]}" for k, v in shapes.items())
@@ -7482,6 +7728,9 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     dataset_names=["u", "v"],
                 )
                 writers.append(wwr)
+            # Named if the disk fills up: the space this recording's videos need in all.
+            for wr in writers:
+                wr.needed = T * H * W * (C * out_dtype.itemsize + 1 + 8 * bool(opts.save_w))
             state = w_init = None
             batches = reader.iter_batches(opts.buffer_size)
             while True:
@@ -7681,6 +7930,7 @@ def _compensate_locked(input_file, name, folder, config, opts):
     if config.resume:
         why = _verify_stage1(folder, status, expected, opts)
         if why is None:
+            _restore_options_json(folder, opts)
             log.info("%s: Stage 1 already complete, skipping", name)
             return folder
         if status:
@@ -7709,12 +7959,27 @@ def _compensate_locked(input_file, name, folder, config, opts):
     return folder
 
 
+def _restore_options_json(folder, opts):
+    """Rewrite ``options.json`` of a finished recording when it is missing or not the
+    options its completion record was made with (they match: the record's digest does)."""
+    path = os.path.join(folder, "options.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if json.load(fh) == opts.to_dict():
+                return
+    except (OSError, ValueError):
+        pass
+    log.info("%s: missing or out of date; rewriting it", path)
+    opts.save_json(path)
+
+
 def run_stage1(config, of_options_override=None, task_index=None):
     """Stage 1 for every recording of the session (or only ``task_index``, 0-based).
 
     Returns the list of output folders.  The options are resolved and checked
     before any recording is touched.
     """
+    config = config.checked("Stage 1")
     backend = make_backend(config.flow_backend, config.backend_params)  # fails now if it cannot run
     files = config.discover_inputs()
     opts = resolve_flow_options(config, of_options_override)
@@ -7872,26 +8137,29 @@ def run_stage2(config):
     ``u``, ``v``).  A saved field is reused only when it was computed for the
     same center, the same two averages and the same parameters.
     """
+    config = config.checked("Stage 2")
     backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
     files = config.discover_inputs()
     middle_idx, center_file = config.resolve_center(files)
     _check_writable(config.output_root_path, "output_root")
     avgs = _session_averages(config, files, "Stage 2")
-    ref = avgs[middle_idx]
-    params = _stage2_params(config)
-    ref_digest = _array_digest(ref)
+    # Each average is read again under its folder's lock: a Stage 1 rerun that held the
+    # lock has finished by then, so no field is computed from, or recorded for, an
+    # average that has since been replaced.
+    center_folder = _recording_folder(config, center_file)
+    with _folder_lock(center_folder, center_file.name):
+        ref = _load_average(center_folder, center_file.name, "Stage 2")
     fields = []
     for i, f in enumerate(files):
         _check_stop(f"in Stage 2 before {f.name}")
         folder = _recording_folder(config, f)
-        expected = {
-            "center": pathlib.Path(center_file).name,
-            "center_average": ref_digest,
-            "average": _array_digest(avgs[i]),
-            "params": _digest(params),
-        }
         with _folder_lock(folder, f.name):
+            avg = _load_average(folder, f.name, "Stage 2")
+            if avg.shape != avgs[i].shape:
+                msg = f"{f.name}: its temporal average changed shape while Stage 2 ran; rerun it"
+                raise InputError(msg)
+            expected = _stage2_expected(config, center_file, ref, avg)
             fields.append(
                 _stage2_one(
                     config,
@@ -7900,12 +8168,31 @@ def run_stage2(config):
                     expected,
                     i == middle_idx,
                     ref,
-                    avgs[i],
+                    avg,
                     pathlib.Path(center_file).name,
                     backend,
                 )
             )
+    with _folder_lock(center_folder, center_file.name):
+        if _array_digest(_load_average(center_folder, center_file.name, "Stage 2")) != (
+            _array_digest(ref)
+        ):
+            msg = (
+                f"{center_file.name}: the center's temporal average changed while Stage 2 ran "
+                "(Stage 1 was rerun); run Stage 2 again"
+            )
+            raise InputError(msg)
     return middle_idx, center_file, fields
+
+
+def _stage2_expected(config, center_file, ref, avg):
+    """The Stage-2 record a field must carry to be current: center, both averages, parameters."""
+    return {
+        "center": pathlib.Path(center_file).name,
+        "center_average": _array_digest(ref),
+        "average": _array_digest(avg),
+        "params": _digest(_stage2_params(config)),
+    }
 
 
 def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name, backend):
@@ -7918,7 +8205,10 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
         w = np.zeros(ref.shape[:2] + (2,))
     else:
         t0 = time.monotonic()
-        w = compute_between_displacement(ref, avg, config, backend)
+        w = _interruptible(
+            lambda: compute_between_displacement(ref, avg, config, backend),
+            f"in Stage 2 while aligning {name}",
+        )
         log.info(
             "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s",
             name,
@@ -8039,6 +8329,7 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     ``aligned_<recording>.<tif|hdf5>`` and ``qc_session.png``.  Returns the final
     mask ``(H, W)`` bool.
     """
+    config = config.checked("Stage 3")
     files = config.discover_inputs()
     if middle_idx is None:
         middle_idx, _ = config.resolve_center(files)
@@ -8048,15 +8339,11 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     names = [f.stem for f in files]
     folders = [_recording_folder(config, f) for f in files]
     if displacement_fields is None:
-        displacement_fields = []
-        for f, folder in zip(files, folders):
-            path = os.path.join(folder, "w_to_reference.npz")
-            try:
-                with np.load(path) as d:
-                    displacement_fields.append(np.stack([d["u"], d["v"]], -1).astype(np.float64))
-            except FileNotFoundError:
-                msg = f"{f.name}: {path} is missing; run Stage 2 first"
-                raise InputError(msg) from None
+        center_file = files[middle_idx]
+        displacement_fields = [
+            _load_current_field(config, f, folder, center_file, ref, avg)
+            for f, folder, avg in zip(files, folders, avgs)
+        ]
     fields = [np.asarray(w, dtype=np.float64) for w in displacement_fields]
     if len(fields) != len(files) or any(w.shape != (H, W, 2) for w in fields):
         msg = f"Stage 3 needs one (H, W, 2) = ({H}, {W}, 2) field per recording; rerun Stage 2"
@@ -8065,6 +8352,38 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     _check_writable(out_dir, "final_results")
     with _folder_lock(out_dir, "final_results"):
         return _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir)
+
+
+def _load_current_field(config, f, folder, center_file, ref, avg):
+    """A recording's saved Stage-2 field, refused unless its record matches the current
+    center, both current averages and the Stage 2 parameters."""
+    path = os.path.join(folder, "w_to_reference.npz")
+    rerun = "run Stage 2 (flowsession run <config> --stage 2) before Stage 3"
+    rec = _load_status(folder).get("stage2")
+    if not os.path.exists(path):
+        msg = f"{f.name}: {path} is missing; {rerun}"
+        raise InputError(msg)
+    if not isinstance(rec, dict) or rec.get("state") != "done":
+        msg = f"{f.name}: {path} has no Stage-2 record (Stage 1 was rerun since); {rerun}"
+        raise InputError(msg)
+    expected = _stage2_expected(config, center_file, ref, avg)
+    changed = [k for k in expected if rec.get(k) != expected[k]]
+    if changed:
+        what = {
+            "center": "the center recording",
+            "center_average": "the center's temporal average",
+            "average": "this recording's temporal average",
+            "params": "the Stage 2 parameters",
+        }
+        detail = ", ".join(what.get(k, k) for k in changed)
+        msg = f"{f.name}: {path} is out of date ({detail} changed since); {rerun}"
+        raise InputError(msg)
+    try:
+        with np.load(path) as d:
+            return np.stack([d["u"], d["v"]], -1).astype(np.float64)
+    except Exception as exc:  # truncated or damaged: name the file
+        msg = f"{f.name}: {path} is unreadable ({type(exc).__name__}: {_why(exc)}); {rerun}"
+        raise InputError(msg) from None
 
 
 def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir):
@@ -8079,7 +8398,12 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     video_paths = [os.path.join(out_dir, f"aligned_{n}.{ext}") for n in names]
     status_path = os.path.join(out_dir, STATUS_FILE)
     status = _load_status(out_dir)
-    done = status.get("aligned", {}) if isinstance(status.get("aligned"), dict) else {}
+    done = _valid_entries(status, "aligned", status_path)
+    if "stage3" in status:
+        # The set is about to change: from here until the new record is written last,
+        # nothing in final_results claims to be a finished, consistent set.
+        del status["stage3"]
+        _atomic_save_json(status_path, status)
     with ThreadPoolExecutor(max_workers=config.n_workers_effective()) as pool:
         for name, src, dst, w in zip(names, comp_paths, video_paths, fields):
             expected = {
@@ -8103,7 +8427,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
             _atomic_save_json(status_path, status)
     averages_after = [align_sequence(a[None], w, ref)[0] for a, w in zip(avgs, fields)]
     _kill_point("stage3.bundle")
-    save_final_results(
+    written = save_final_results(
         out_dir,
         final_valid=final,
         aligned_valid_masks=np.stack(aligned),
@@ -8124,7 +8448,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
                 traces.append(st["mean_disp"])
         except OSError:
             traces.append(np.zeros(0))
-    save_qc_figure(
+    qc = save_qc_figure(
         os.path.join(out_dir, "qc_session.png"),
         names=names,
         center_index=middle_idx,
@@ -8133,14 +8457,60 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         final_valid=final,
         displacement_traces=traces,
     )
+    members = list(written) + ([qc] if qc else []) + video_paths
     status["stage3"] = {
         "state": "done",
         "middle_idx": int(middle_idx),
         "valid_fraction": float(final.mean()),
+        "members": {os.path.basename(m): _file_digest(m) for m in members},
     }
     _kill_point("stage3.status")
     _atomic_save_json(status_path, status)
     return final
+
+
+def _file_digest(path):
+    """Size and SHA-256 (16 hex digits) of a file's content; above 64 MiB (videos) size and
+    modification time, which every rewrite (a rename onto the name) changes."""
+    st = os.stat(path)
+    if st.st_size > 2**26:
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()[:16]}
+
+
+def _valid_entries(status, key, path):
+    """``status[key]`` as a dict of dict records; anything else is damaged and dropped."""
+    section = status.get(key, {})
+    if not isinstance(section, dict):
+        log.warning("%s: '%s' is damaged; its results will be recomputed", path, key)
+        return {}
+    good = {k: v for k, v in section.items() if isinstance(v, dict)}
+    if len(good) != len(section):
+        bad = sorted(set(section) - set(good))
+        log.warning("%s: damaged records for %s; recomputing them", path, ", ".join(bad))
+    return good
+
+
+def _verify_stage3(out_dir):
+    """None when ``final_results`` holds a finished Stage 3 whose files are all the ones
+    its record lists (same size and content), else why not."""
+    rec = _load_status(out_dir).get("stage3")
+    if not isinstance(rec, dict) or rec.get("state") != "done":
+        return "no completion record"
+    members = rec.get("members")
+    if not isinstance(members, dict) or not members:
+        return "the record lists no files"
+    for name, want in members.items():
+        try:
+            if _file_digest(os.path.join(out_dir, name)) != want:
+                return f"{name} differs from the one recorded"
+        except OSError:
+            return f"{name} is missing"
+    return None
 
 
 def _video_frames(path):
@@ -8774,6 +9144,9 @@ def session_status(config):
         with open(os.path.join(config.output_root_path, "slurm", "jobs.json")) as fh:
             jobs = json.load(fh)
     states = _sacct_states(jobs.get("stage1_array"), jobs.get("submitted"))
+    final = config.final_results_path
+    stage3_ok = _verify_stage3(final) is None
+    aligned = _valid_entries(_load_status(final), "aligned", final / STATUS_FILE)
     rows = []
     for k, f in enumerate(files):
         st = _load_status(_recording_folder(config, f))
@@ -8782,6 +9155,7 @@ def session_status(config):
             "recording": f.name,
             "stage1": "done" if st.get("stage1", {}).get("state") == "done" else "-",
             "stage2": "done" if st.get("stage2", {}).get("state") == "done" else "-",
+            "stage3": "done" if stage3_ok and f.stem in aligned else "-",
             "task_state": states.get(task, "") if task else "",
             "error": "",
         }
@@ -8806,6 +9180,7 @@ def session_status(config):
                 "recording": "(stages 2-3)",
                 "stage1": "",
                 "stage2": "",
+                "stage3": "",
                 "task_state": dep,
                 "error": "",
             }
@@ -9167,6 +9542,9 @@ def _cmd_demo(args):
     return 0 if epe.mean() < 0.5 * epe0.mean() else 1
 
 
+_CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
 def _parse_of_params(items, option="--of-params", example="alpha=2 or quality_setting=fast"):
     """``KEY=VALUE`` strings -> dict; values are JSON (numbers, lists, true/false) or text."""
     out = {}
@@ -9188,8 +9566,22 @@ def _parse_of_params(items, option="--of-params", example="alpha=2 or quality_se
 
 def _cmd_run(args):
     path = args.config or args.config_file
+    if not path and args.of_params:
+        # --of-params takes every word after it; a config file among them is the config.
+        configs = [
+            p for p in args.of_params if "=" not in p and p.lower().endswith(_CONFIG_SUFFIXES)
+        ]
+        if configs:
+            path = configs[-1]
+            args.of_params = [p for p in args.of_params if p != path]
     if not path:
         msg = "run: name the session config, e.g. 'flowsession run session.toml --stage 1'"
+        raise ConfigError(msg)
+    if args.of_params and args.stage in (2, 3):
+        msg = (
+            f"run: --of-params overrides Stage 1's flow options; Stage {args.stage} does not "
+            "use them: drop --of-params, or rerun Stage 1 with them first"
+        )
         raise ConfigError(msg)
     config = SessionConfig.from_file(path)
     overrides = _parse_of_params(args.of_params)
@@ -9349,10 +9741,11 @@ def _cmd_submit(args):
 
 def _cmd_status(args):
     rows = session_status(SessionConfig.from_file(args.config_file))
-    print(f"{'recording':24} {'stage 1':8} {'stage 2':8} {'task':12} error")
+    print(f"{'recording':24} {'stage 1':8} {'stage 2':8} {'stage 3':8} {'task':12} error")
     for r in rows:
         print(
-            f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['task_state']:12} {r['error']}"
+            f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['stage3']:8} "
+            f"{r['task_state']:12} {r['error']}"
         )
     failed = [
         r
@@ -9453,6 +9846,10 @@ def _build_parser():
     d.add_argument("--alpha", type=float, default=1.5)
     d.add_argument("--iterations", type=int, default=50)
     d.set_defaults(func=_cmd_demo)
+    for command in sub.choices.values():  # -v also after the command (run session.toml -v)
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
     return p
 
 
@@ -9470,6 +9867,9 @@ def main(argv=None) -> int:
     except Interrupted as exc:
         log.error("%s", exc)
         return 143 if _STOP["signal"] == "SIGTERM" else 130
+    except OutputError as exc:
+        log.error("%s", exc)
+        return 1
     except FlowSessionError as exc:
         log.error("%s", exc)
         return 2

@@ -5,14 +5,17 @@ Sections mirror the module.  MATLAB reference fixtures live in ``matlab_ref/``
 written next to the comparison with its reason.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -269,9 +272,7 @@ def test_save_load_json_roundtrip(tmp_path):
     )
     path = tmp_path / "options.json"
     o.save_json(path)
-    lines = path.read_text().splitlines()
-    assert lines[0].startswith("Flow options ") and len(lines[0]) == len("Flow options 2024-01-01")
-    assert lines[1] == ""
+    assert json.loads(path.read_text()) == o.to_dict()  # the file is JSON, nothing else
     loaded = fs.FlowOptions.load_json(path)
     assert loaded == o.to_dict()
     assert fs.FlowOptions.from_mapping(loaded) == o
@@ -3732,6 +3733,14 @@ def _slurm_missing():
         return "no SLURM controller answers (sinfo timed out)"
     if r.returncode != 0 or not r.stdout.strip():
         return f"no SLURM controller reachable (sinfo: {(r.stderr or r.stdout).strip()[:200]})"
+    # The tests read job states from sacct: without accounting they cannot pass.
+    try:
+        r = subprocess.run(["sacct", "-n", "-X"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sacct does not answer ({exc}); the SLURM tests need job accounting"
+    said = (r.stderr + r.stdout).strip()
+    if r.returncode != 0 or "accounting storage is disabled" in said.lower():
+        return f"SLURM job accounting is not available (sacct: {said[:200]})"
     return None
 
 
@@ -4657,6 +4666,7 @@ def test_torch_pair_equals_the_cpu_red_black_backend_in_float64():
     # allowed 1e-2 px max, 2e-4 px mean.  With a_data = a_smooth = 1 (psi constant:
     # far less amplification) measured max 4.2e-5 px, mean 5.4e-7 px: allowed 5e-4 px
     # max, 5e-6 px mean.  In every case far below the fields' error (0.077 px).
+    _need("torch")
     f1, f2, truth = _pair_case()
     for kw, max_tol, mean_tol in [({}, 1e-2, 2e-4), ({"a_data": 1.0, "a_smooth": 1.0}, 5e-4, 5e-6)]:
         p = fs._displacement_params(f1.shape, **kw)
@@ -4673,6 +4683,7 @@ def test_torch_pair_two_channels_init_and_options_equal_the_cpu_backend():
     # Channel weights, an initial field, matlab_quirks = False and min_level > 0 take the
     # same paths as on the CPU (measured max 3.6e-4 px without quirks, <= 1e-5 px for
     # the others; allowed 5e-3 px: rounding amplified as above).
+    _need("torch")
     f1, f2, _ = _pair_case()
     fa, fb = np.concatenate([f1, f1**2 / 400], -1), np.concatenate([f2, f2**2 / 400], -1)
     init = np.random.default_rng(1).normal(0, 0.3, fa.shape[:2] + (2,))
@@ -4689,6 +4700,7 @@ def test_torch_float32_is_as_accurate_as_float64():
     # fields that differ from float64 by 0.08 px on average, yet recover the known
     # motion as well: measured EPE 0.073 (float32) and 0.077 px (float64).  Allowed:
     # float32 EPE within 0.02 px of float64's, mean difference < 0.15 px.
+    _need("torch")
     f1, f2, truth = _pair_case()
     p = fs._displacement_params(f1.shape)
     w64 = fs.make_backend("flowreg_torch", {"device": "cpu"}).pair(p, f1, f2)
@@ -4833,3 +4845,395 @@ def test_reference_preregistration_in_chunks_equals_one_call(tmp_path):
         whole = fs.compute_reference(fs.open_video(str(path)), opts, pool, backend=one_call)
     assert chunked.shape == (24, 28, 1) and chunked.dtype == np.float64
     np.testing.assert_array_equal(chunked, whole)
+
+
+###############################################################################
+### Reliability: stale results, lost inputs, full disks
+###############################################################################
+
+
+def _finished_session(folder, n_frames=20, stages=3, **overrides):
+    """The crash-test session (3 recordings, 40x48) run through ``stages`` in-process."""
+    cfg_path = _crash_session(folder, n_frames)
+    cfg = dataclasses.replace(fs.SessionConfig.from_file(cfg_path), **overrides)
+    fs.run_stage1(cfg)
+    if stages >= 2:
+        middle, _, fields = fs.run_stage2(cfg)
+        if stages >= 3:
+            fs.run_stage3(cfg, middle, fields)
+    return cfg
+
+
+def test_stage3_refuses_fields_made_for_another_center_or_other_averages(tmp_path):
+    cfg = _finished_session(tmp_path / "s", stages=2)
+    fs.run_stage3(cfg)  # current fields: accepted
+    # A new center after Stage 2: the saved fields register onto the old one.
+    moved = dataclasses.replace(cfg, center="rec_01.h5")
+    fs.run_stage1(moved)  # nothing to redo
+    with pytest.raises(
+        fs.InputError,
+        match=r"rec_\d+\.h5: .*w_to_reference\.npz is out of date "
+        r"\(the center recording.*changed since\); run Stage 2",
+    ):
+        fs.run_stage3(moved)
+    # New Stage 1 options: new averages, the Stage-2 records are gone with the old status.
+    redone = dataclasses.replace(cfg, flow_options={**cfg.flow_options, "buffer_size": 5})
+    fs.run_stage1(redone)
+    with pytest.raises(fs.InputError, match="has no Stage-2 record.*run Stage 2"):
+        fs.run_stage3(redone)
+    fs.run_stage2(redone)
+    fs.run_stage3(redone)  # after Stage 2 everything is current again
+    # A truncated field is named, not an "unexpected error".
+    npz = redone.output_root_path / "rec_03" / "w_to_reference.npz"
+    npz.write_bytes(npz.read_bytes()[:300])
+    with pytest.raises(fs.InputError, match=r"rec_03\.h5: .*w_to_reference\.npz is unreadable"):
+        fs.run_stage3(redone)
+
+
+def test_stage2_uses_the_average_that_is_current_once_it_holds_the_lock(tmp_path, monkeypatch):
+    # A Stage 1 rerun holds a recording's lock until its new average is saved; Stage 2
+    # waits for that lock.  Simulated: the average is replaced just as Stage 2 gets it.
+    cfg = _finished_session(tmp_path / "s", stages=2)
+    target = str(cfg.output_root_path / "rec_03")
+    avg_path = os.path.join(target, "temporal_average.npy")
+    new_avg = np.roll(np.load(avg_path), 2, axis=1)
+    original = fs._folder_lock
+    entered = []
+
+    @contextlib.contextmanager
+    def lock(folder, what):
+        entered.append(str(folder))
+        if str(folder) == target and entered.count(target) == 1:
+            np.save(avg_path, new_avg)  # what the finished rerun of Stage 1 leaves
+        with original(folder, what):
+            yield
+
+    monkeypatch.setattr(fs, "_folder_lock", lock)
+    fs.run_stage2(cfg)
+    record = json.loads((pathlib.Path(target) / "status.json").read_text())["stage2"]
+    assert record["average"] == fs._array_digest(new_avg.astype(np.float64))
+    fs.run_stage3(cfg)  # the records match the files: Stage 3 accepts them
+    # The center's average replaced while Stage 2 ran: refused, never recorded as current.
+    center = str(cfg.output_root_path / "rec_02")
+    entered.clear()
+
+    @contextlib.contextmanager
+    def lock_center(folder, what):
+        entered.append(str(folder))
+        if str(folder) == center and entered.count(center) == 2:
+            path = os.path.join(center, "temporal_average.npy")
+            np.save(path, np.load(path) * 1.01)
+        with original(folder, what):
+            yield
+
+    monkeypatch.setattr(fs, "_folder_lock", lock_center)
+    with pytest.raises(fs.InputError, match="center's temporal average changed while Stage 2"):
+        fs.run_stage2(dataclasses.replace(cfg, resume=False))
+
+
+def test_a_matched_name_that_cannot_be_read_is_an_error_naming_it(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "rec_00.tif").write_bytes(b"")
+    (root / "rec_02.tif").write_bytes(b"")
+    (root / "rec_01.tif").symlink_to("/nonexistent/rec_01.tif")
+    (root / "sub.tif").mkdir()  # a folder matching the pattern is not a recording
+    cfg = fs.SessionConfig(root=root)
+    with pytest.raises(
+        fs.InputError,
+        match=r"rec_01\.tif: matches pattern '\*\.tif' but is a "
+        "link to a missing file",
+    ):
+        cfg.discover_inputs()
+    (root / "rec_01.tif").unlink()
+    assert [p.name for p in cfg.discover_inputs()] == ["rec_00.tif", "rec_02.tif"]
+
+
+def test_outputs_are_not_read_back_as_inputs_under_a_symlinked_root(tmp_path):
+    real = tmp_path / "real"
+    (real / "day1").mkdir(parents=True)
+    (real / "day1" / "rec_00.tif").write_bytes(b"")
+    (tmp_path / "link").symlink_to(real)
+    final = real / "final_results"
+    final.mkdir()
+    (final / "aligned_rec_00.tif").write_bytes(b"")
+    outs = real / "out" / "rec_00"
+    outs.mkdir(parents=True)
+    (outs / "compensated.tif").write_bytes(b"")
+    cfg = fs.SessionConfig(
+        root=tmp_path / "link", pattern="**/*.tif", final_results=final, output_root=real / "out"
+    )
+    assert [p.name for p in cfg.discover_inputs()] == ["rec_00.tif"]
+
+
+def test_output_root_dot_keeps_the_recordings_and_skips_its_own_folders(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("rec_00.tif", "rec_01.tif"):
+        (root / name).write_bytes(b"")
+    (root / "rec_00").mkdir()  # a per-recording output folder of an earlier run
+    (root / "rec_00" / ".flowsession.lock").write_bytes(b"")
+    (root / "rec_00" / "compensated.tif").write_bytes(b"")
+    cfg = fs.SessionConfig(root=root, output_root=".", pattern="**/*.tif")
+    assert [p.name for p in cfg.discover_inputs()] == ["rec_00.tif", "rec_01.tif"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KiB tmpfs (needs root and mount), unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for a full disk: {(r.stderr or r.stdout).strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_during_an_hdf5_write_is_one_line_exit_1_and_leaves_nothing(tmp_path, small_disk):
+    # 40 frames of 64x64: compensated.hdf5 (0.3 MiB), idx.hdf and w.hdf5 (1.3 MiB) do not
+    # fit in 700 KiB.  Before: HDF5 errors, a segfault (exit 139) and temporary files.
+    folder = tmp_path / "s"
+    folder.mkdir()
+    recs, _, _, _ = fs.synthetic_session(1, 40, (64, 64), 1, seed=8)
+    _write_h5(folder / "rec_01.h5", recs[0])
+    toml = CRASH_TOML.replace('root = "."', f'root = "."\noutput_root = "{small_disk}"')
+    (folder / "session.toml").write_text(toml)
+    r = _cli(["run", str(folder / "session.toml"), "--stage", "1"])
+    errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{small_disk}/rec_01/" in errors[0] and "no space left on the device" in errors[0]
+    assert re.search(r"\d+\.\d MiB free in .*about \d+\.\d MiB are needed", errors[0]), errors[0]
+    assert not _partials(small_disk)
+    assert not (small_disk / "rec_01" / "status.json").exists()
+    # An atomic save onto the full disk: the file named, nothing left behind.
+    with pytest.raises(fs.OutputError, match=r"big\.npy: no space left on the device"):
+        fs.atomic_save_npy(small_disk / "big.npy", np.zeros(1_000_000))
+    assert not _partials(small_disk) and not (small_disk / "big.npy").exists()
+
+
+def test_stage3_never_shows_a_mixed_set_and_resume_verifies_every_member(tmp_path):
+    cfg_path = _crash_session(tmp_path / "s")
+    assert _cli(["run", str(cfg_path)]).returncode == 0
+    final = cfg_path.parent / "final_results"
+    assert fs._verify_stage3(final) is None
+    cfg_path.write_text('center = "rec_01.h5"\n' + cfg_path.read_text())
+    assert _cli(["run", str(cfg_path), "--stage", "2"]).returncode == 0
+    # Killed after the new npz, before the new mat: the status must not say done.
+    r = _cli(
+        ["run", str(cfg_path), "--stage", "3"],
+        env={"FLOWSESSION_KILL_AT": "atomic:final_valid_idx.mat:1"},
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    with np.load(final / "final_valid_idx.npz") as d:
+        assert int(d["middle_idx"]) == 0
+    assert float(scipy.io.loadmat(final / "final_valid_idx.mat")["middle_idx"][0, 0]) == 2.0
+    assert "stage3" not in json.loads((final / "status.json").read_text())
+    assert fs._verify_stage3(final) == "no completion record"
+    r = _cli(["status", str(cfg_path)])
+    assert "stage 3" in r.stdout.splitlines()[0]
+    assert all(ln.split()[3] == "-" for ln in r.stdout.splitlines()[1:]), r.stdout
+    assert _cli(["run", str(cfg_path), "--stage", "3"]).returncode == 0
+    with np.load(final / "final_valid_idx.npz") as d:
+        assert int(d["middle_idx"]) == 0
+    assert float(scipy.io.loadmat(final / "final_valid_idx.mat")["middle_idx"][0, 0]) == 1.0
+    assert fs._verify_stage3(final) is None
+    r = _cli(["status", str(cfg_path)])
+    assert all(ln.split()[3] == "done" for ln in r.stdout.splitlines()[1:]), r.stdout
+    (final / "qc_session.png").write_bytes(b"not the figure")
+    assert fs._verify_stage3(final) == "qc_session.png differs from the one recorded"
+
+
+def test_atomic_outputs_honour_the_umask(tmp_path):
+    pytest.importorskip("PIL")
+    previous = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+            os.umask(umask)
+            folder = tmp_path / f"u{umask:o}"
+            folder.mkdir()
+            fs.atomic_save_npy(folder / "a.npy", np.zeros(3))
+            fs.atomic_save_npz(folder / "b.npz", x=np.zeros(3))
+            fs._atomic_save_json(folder / "c.json", {"x": 1})
+            fs.save_mask_png(folder / "d.png", np.ones((4, 4), bool))
+            with fs.open_writer(
+                folder / "e.hdf5", "HDF5", height=2, width=2, n_channels=1, dtype=np.uint8
+            ) as w:
+                w.append(np.zeros((1, 2, 2, 1)))
+            got = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+            assert got == dict.fromkeys(["a.npy", "b.npz", "c.json", "d.png", "e.hdf5"], mode)
+    finally:
+        os.umask(previous)
+
+
+def test_options_json_is_json_and_a_deleted_one_is_restored_on_resume(tmp_path, caplog):
+    cfg = _finished_session(tmp_path / "s", stages=1)
+    path = cfg.output_root_path / "rec_01" / "options.json"
+    assert json.loads(path.read_text()) == fs.resolve_flow_options(cfg).to_dict()
+    path.unlink()
+    with caplog.at_level(logging.INFO, logger="flowsession"):
+        fs.run_stage1(cfg)
+    assert "rec_01.h5: Stage 1 already complete" in caplog.text  # not recomputed
+    assert json.loads(path.read_text()) == fs.resolve_flow_options(cfg).to_dict()
+
+
+def test_final_status_of_the_wrong_shape_is_treated_as_damaged(tmp_path, caplog):
+    cfg = _finished_session(tmp_path / "s")
+    status = cfg.final_results_path / "status.json"
+    for damaged in ({"aligned": {"rec_01": 5}}, {"aligned": [1, 2]}, {"stage3": 7}):
+        status.write_text(json.dumps(damaged))
+        with caplog.at_level(logging.WARNING, logger="flowsession"):
+            fs.run_stage3(cfg)
+        assert fs._verify_stage3(cfg.final_results_path) is None, damaged
+    assert "damaged" in caplog.text
+
+
+def test_settings_changed_after_construction_are_checked_at_each_stage(tmp_path):
+    (tmp_path / "rec.tif").write_bytes(b"")
+    for stage in (fs.run_stage1, fs.run_stage2, fs.run_stage3):
+        c = fs.SessionConfig(root=tmp_path)
+        c.n_workers = 0
+        with pytest.raises(fs.ConfigError, match="n_workers must be -1 .* got 0"):
+            stage(c)
+        c = fs.SessionConfig(root=tmp_path)
+        c.align_output_format = "AVI"
+        with pytest.raises(fs.ConfigError, match="align_output_format 'AVI' is not supported"):
+            stage(c)
+
+
+def test_a_stop_request_ends_a_long_stage2_flow_at_once(tmp_path):
+    # Stage 2 needs only the temporal averages: two 128x128 images, one shifted, and
+    # enough solver iterations that one flow takes seconds (measured 10 s on a shared core).
+    root = tmp_path / "s"
+    root.mkdir()
+    f1, f2, _ = fs.synthetic_pair(size=(128, 128), shift=(2.6, -1.7))
+    for name, img in (("rec_01", f2), ("rec_02", f1)):
+        (root / f"{name}.tif").write_bytes(b"")
+        (root / "compensated_outputs" / name).mkdir(parents=True)
+        np.save(root / "compensated_outputs" / name / "temporal_average.npy", img[..., None])
+    cfg = fs.SessionConfig(root=root, center="rec_02.tif", iterations_between=8000, resume=False)
+    stopped = {}
+
+    def request_stop():
+        stopped["at"] = time.monotonic()
+        fs._STOP["signal"] = "SIGTERM"
+
+    timer = threading.Timer(0.5, request_stop)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(fs.Interrupted, match="stopped by SIGTERM in Stage 2 while aligning"):
+            fs.run_stage2(cfg)
+        latency = time.monotonic() - stopped["at"]
+    finally:
+        timer.cancel()
+        fs._STOP["signal"] = None
+    print(f"Stage 2 stop: {latency:.2f} s after the request ({time.monotonic() - t0:.1f} s run)")
+    assert latency < 1.0
+    assert not (root / "compensated_outputs" / "rec_01" / "w_to_reference.npz").exists()
+
+
+def test_readme_test_command_skips_torch_tests_without_pytorch():
+    # PyTorch hidden (an import of it fails): every torch test must skip, none fail.
+    code = (
+        "import sys; sys.modules['torch'] = None; import pytest; "
+        "sys.exit(pytest.main(['-q', '-m', 'torch', '-p', 'no:cacheprovider', "
+        "'test_flowsession.py']))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        timeout=600,
+    )
+    assert r.returncode == 0 and "failed" not in r.stdout, r.stdout[-3000:]
+    assert "skipped" in r.stdout
+
+
+def test_slurm_tests_skip_when_accounting_is_disabled(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "sbatch": "exit 0",
+        "sinfo": "echo idle",
+        "sacct": 'echo "Slurm accounting storage is disabled" >&2; exit 1',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    reason = _slurm_missing()
+    assert reason is not None and "accounting" in reason
+
+
+def test_readme_states_python_time_and_memory_of_the_tests():
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    tests = text[text.index("## Tests") :]
+    assert re.search(r"Python (≥|>=) ?3\.11", text)
+    assert re.search(r"about \d+ minutes", tests) and re.search(r"\d+(\.\d+)? GB", tests)
+
+
+def test_toml_keys_after_a_table_header_are_explained(tmp_path):
+    (tmp_path / "rec.tif").write_bytes(b"")
+    path = write(
+        tmp_path / "s.toml",
+        'root = "."\nflow_backend = "flowreg"\n[backend_params]\nsor_order = "red_black"\n'
+        "cc_upsample = 8\nsigma_smooth = 3.0\n",
+    )
+    with pytest.raises(
+        fs.ConfigError,
+        match=r"cc_upsample, sigma_smooth is read as part of \[backend_params\]: in TOML every "
+        r"key after a \[table\] header belongs to that table; move cc_upsample, sigma_smooth "
+        r"above the \[backend_params\] line",
+    ):
+        fs.SessionConfig.from_file(path)
+    write(path, 'root = "."\n[flow_options]\nsave_w = true\nalpha_between = 10\n')
+    with pytest.raises(fs.ConfigError, match=r"alpha_between is read as part of \[flow_options\]"):
+        fs.SessionConfig.from_file(path)
+
+
+def test_cli_papercuts(tmp_path, caplog):
+    p = fs._build_parser()
+    assert p.parse_args(["run", "s.toml", "-v"]).verbose is True
+    assert p.parse_args(["-v", "run", "s.toml"]).verbose is True
+    assert p.parse_args(["run", "s.toml"]).verbose is False
+    (tmp_path / "empty").mkdir()
+    cfg = write(tmp_path / "s.toml", 'root = "empty"\n')
+    with caplog.at_level(logging.ERROR, logger="flowsession"):
+        # --of-params stops at the config file: the run gets as far as discovery.
+        assert fs.main(["run", "--of-params", "quality_setting=fast", str(cfg)]) == 2
+        assert "no files match pattern" in caplog.text
+        caplog.clear()
+        assert fs.main(["run", str(cfg), "--stage", "2", "--of-params", "alpha=3"]) == 2
+        assert "--of-params overrides Stage 1's flow options; Stage 2 does not use them" in (
+            caplog.text
+        )
+    ignored = (HERE / ".gitignore").read_text().split()
+    assert "/flowsession_example/" in ignored or "flowsession_example/" in ignored
+
+
+def test_short_recording_note_is_logged_once_and_not_for_skipped_recordings(tmp_path, caplog):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    recs, _, _, _ = fs.synthetic_session(2, 12, (32, 32), 1, seed=3)
+    for r, frames in enumerate(recs):
+        _write_h5(folder / f"rec_{r + 1:02d}.h5", frames)
+    cfg = fs.SessionConfig(
+        root=folder, pattern="*.h5", n_workers=1, flow_options={"quality_setting": "fast"}
+    )
+    note = "fewer than the default reference range"
+    with caplog.at_level(logging.INFO, logger="flowsession"):
+        fs.run_stage1(cfg)
+        assert caplog.text.count(note) == 2  # once per recording
+        caplog.clear()
+        fs.run_stage1(cfg)  # both skipped
+        assert caplog.text.count(note) == 0

@@ -224,7 +224,7 @@ class Interrupted(FlowSessionError):
     """The run was asked to stop (SIGTERM, SIGINT) and stopped at a safe point."""
 
 
-class OutputError(FlowSessionError):
+class OutputError(FlowSessionError, OSError):
     """An output file cannot be written (a full disk, a lost folder); exit code 1."""
 
 
@@ -8358,7 +8358,7 @@ def _load_current_field(config, f, folder, center_file, ref, avg):
     """A recording's saved Stage-2 field, refused unless its record matches the current
     center, both current averages and the Stage 2 parameters."""
     path = os.path.join(folder, "w_to_reference.npz")
-    rerun = "run Stage 2 (flowsession run <config> --stage 2) before Stage 3"
+    rerun = "run Stage 2 first (flowsession run <config> --stage 2)"
     rec = _load_status(folder).get("stage2")
     if not os.path.exists(path):
         msg = f"{f.name}: {path} is missing; {rerun}"
@@ -9149,7 +9149,11 @@ def session_status(config):
     aligned = _valid_entries(_load_status(final), "aligned", final / STATUS_FILE)
     rows = []
     for k, f in enumerate(files):
-        st = _load_status(_recording_folder(config, f))
+        st = {
+            k: v
+            for k, v in _load_status(_recording_folder(config, f)).items()
+            if isinstance(v, dict)
+        }
         task = f"{jobs.get('stage1_array')}_{k + 1}" if jobs else None
         row = {
             "recording": f.name,

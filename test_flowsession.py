@@ -4901,13 +4901,18 @@ def small_disk(tmp_path):
     """A 700 KiB tmpfs (needs root and mount), unmounted afterwards."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs for a full disk: {(r.stderr or r.stdout).strip()}")
+    try:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        why = (r.stderr or r.stdout).strip() if r.returncode != 0 else None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        why = str(exc)
+    if why is not None:
+        pytest.skip(f"cannot mount a small tmpfs for a full disk (needs root): {why}")
     try:
         yield mnt
     finally:

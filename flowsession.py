@@ -4355,25 +4355,135 @@ def get_displacement(
 ### Flow backends: protocol and the CPU backend
 ###############################################################################
 
-#
-# A backend computes the displacement fields of Stage 1 and Stage 2 and, in
-# Stage 1, warps the frames and their valid masks.  Every backend has the methods
-# of ``FlowregBackend``:
-#
-# * ``reference(params, ref, fill)``: state for one reference; ``ref`` is the
-#   preprocessed ``(H, W, C)`` image flows are computed against, ``fill`` the raw
-#   ``(H, W, C)`` image whose values out-of-grid pixels of warped frames take.
-# * ``flows(state, frames, init, pool)``: ``w (n, H, W, 2)`` of preprocessed
-#   frames ``(n, H, W, C)``, starting from ``init (H, W, 2)``.
-# * ``register(state, frames, raw, init, method, pool, with_stats=True)``: flows,
-#   the raw frames warped by them (float), valid masks ``(n, H, W)`` and
-#   statistics ``(4, n)`` (left unset without ``with_stats``).
-# * ``pair(params, fixed, moving, init)``: ``w (H, W, 2)`` of one pair (Stage 2).
-#
-# ``params`` is a ``_FlowParams``.  Backends that need packages import them in
-# ``__init__``; a missing package is a ConfigError naming it.  A backend that
-# stands for only some data terms lists them in ``constancy_assumptions``
-# (``_check_data_term`` refuses the others before any work).
+
+class FlowBackend:
+    """Base of the flow backends: computes the displacement fields of Stage 1 and
+    Stage 2 and, in Stage 1, warps the frames and their valid masks.
+
+    Shapes are those of the stages: images ``(H, W, C)``, frame batches
+    ``(n, H, W, C)`` (preprocessed or raw, any numeric dtype), fields ``(H, W, 2)``
+    float64 with ``w[..., 0] = u`` along columns and ``w[..., 1] = v`` along rows.
+    ``params`` is a ``_FlowParams``.  A subclass sets ``name`` and ``keys`` (its
+    ``backend_params``), reads them in ``_configure``, and provides ``reference``
+    and ``_flows``; the shared ``flows``, ``register`` and ``pair`` call them.
+    Batched backends set ``_batch_frames`` and may replace ``_register_batch``
+    (warping on their device).  A backend that needs a package imports it in
+    ``_configure`` and raises ``_unavailable`` when it is missing.  One that
+    stands for only some data terms lists them in ``constancy_assumptions``
+    (``_check_data_term`` refuses the others before any work).
+    """
+
+    name = ""
+    keys = ()
+    #: The data terms (``constancy_assumption``) this backend can stand for; None: all.
+    constancy_assumptions = None
+    #: dtype of the registered frames ``register`` returns.
+    _reg_dtype = np.float64
+
+    def __init__(self, backend_params=None):
+        bp = dict(backend_params or {})
+        self.source = f"backend_params of flow_backend '{self.name}'"
+        _cfg_check_keys(bp, self.keys, self.source)
+        self._configure(bp)
+
+    def _configure(self, bp):
+        """Check and keep the ``backend_params`` dict ``bp`` (its keys are known)."""
+
+    def reference(self, params, ref, fill=None):
+        """State for one reference: ``ref`` the preprocessed ``(H, W, C)`` image flows
+        are computed against, ``fill`` the raw ``(H, W, C)`` image whose values
+        out-of-grid pixels of warped frames take (None in Stage 2)."""
+        raise NotImplementedError
+
+    def _flows(self, state, frames, init):
+        """Fields ``(n, H, W, 2)`` float64 of a batch of preprocessed frames ``(n, H, W,
+        C)``, each started from ``init (H, W, 2)``."""
+        raise NotImplementedError
+
+    def _batch_frames(self, n):
+        """Frames per call of ``_flows`` and ``_register_batch``; 1 (the default): one
+        frame per call, calls spread over the threads of the stage's pool."""
+        return 1
+
+    def _register_batch(self, state, frames, raw, init, method):
+        """Fields of a batch, its raw frames ``(n, H, W, C)`` warped by them (float),
+        their valid masks ``(n, H, W)`` and the per-frame sums of ``frame_sums`` (``(n,
+        5)``, or None: ``register`` computes the statistics on the CPU).  This default
+        warps on the CPU (``_warp_stack``)."""
+        w = self._flows(state, frames, init)
+        n, H, W, C = raw.shape
+        reg = np.empty((n, H, W, C))
+        valid = np.empty((n, H, W), dtype=bool)
+        for k in range(n):
+            u, v = _field_internal(w[k])
+            out, ok = _warp_stack(
+                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
+            )
+            reg[k] = out.transpose(2, 1, 0)
+            valid[k] = ok.T
+        return w, reg, valid, None
+
+    def _each_batch(self, n, pool, work):
+        """``work(k0, k1)`` over the batches of n frames: one-frame batches in ``pool``'s
+        threads (when given), larger ones in turn."""
+        step = max(1, self._batch_frames(n))
+        starts = range(0, n, step)
+        if step == 1 and pool is not None:
+            list(pool.map(lambda k: work(k, k + 1), starts))
+        else:
+            for k0 in starts:
+                work(k0, min(n, k0 + step))
+
+    def flows(self, state, frames, init, pool=None):
+        """Fields ``w (n, H, W, 2)`` float64 of preprocessed frames ``(n, H, W, C)``,
+        starting from ``init (H, W, 2)``."""
+        out = np.empty((*frames.shape[:3], 2))
+
+        def work(k0, k1):
+            out[k0:k1] = self._flows(state, frames[k0:k1], init)
+
+        self._each_batch(len(frames), pool, work)
+        return out
+
+    def register(self, state, frames, raw, init, method, pool=None, with_stats=True):
+        """Stage 1 on a chunk: ``(w, reg, valid, stats)``: the fields of ``frames`` (as
+        ``flows``), the raw frames ``(n, H, W, C)`` warped by them (float, out-of-grid
+        pixels from the reference's fill image, interpolation ``method`` of
+        ``_INTERPOLATION``), valid masks ``(n, H, W)`` bool and the per-frame statistics
+        ``(4, n)`` of ``_frame_statistics`` (left unset without ``with_stats``)."""
+        n, H, W, C = frames.shape
+        w = np.empty((n, H, W, 2))
+        reg = np.empty((n, H, W, C), self._reg_dtype)
+        valid = np.empty((n, H, W), dtype=bool)
+        stats = np.empty((4, n))
+
+        def work(k0, k1):
+            wk, rk, vk, sums = self._register_batch(state, frames[k0:k1], raw[k0:k1], init, method)
+            w[k0:k1] = wk
+            reg[k0:k1] = rk
+            valid[k0:k1] = vk
+            if not with_stats:
+                return
+            if sums is None:
+                for k in range(k0, k1):
+                    stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+            else:
+                npx = H * W
+                stats[0, k0:k1] = sums[:, 0] / npx
+                stats[1, k0:k1] = sums[:, 1]
+                stats[2, k0:k1] = sums[:, 2] / npx
+                stats[3, k0:k1] = np.hypot(sums[:, 3] / npx, sums[:, 4] / npx)
+
+        self._each_batch(n, pool, work)
+        return w, reg, valid, stats
+
+    def pair(self, params, fixed, moving, init=None):
+        """``w (H, W, 2)`` of one pair (Stage 2): ``moving`` registered onto ``fixed``."""
+        fixed = np.asarray(fixed, dtype=np.float64)
+        H, W = fixed.shape[:2]
+        state = self.reference(params, fixed)
+        init = np.zeros((H, W, 2)) if init is None else init
+        return self._flows(state, np.asarray(moving, dtype=np.float64)[None], init)[0]
 
 
 class _CpuState(NamedTuple):
@@ -4384,7 +4494,7 @@ class _CpuState(NamedTuple):
     fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
-class FlowregBackend:
+class FlowregBackend(FlowBackend):
     """``flowreg``: the toolbox's solver on the CPU (Numba), one frame per thread.
 
     ``backend_params``: ``sor_order = "lexicographic"`` (default: the toolbox's
@@ -4395,9 +4505,7 @@ class FlowregBackend:
     name = "flowreg"
     keys = ("sor_order",)
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        _cfg_check_keys(bp, self.keys, f"backend_params of flow_backend '{self.name}'")
+    def _configure(self, bp):
         order = bp.get("sor_order", "lexicographic")
         if order not in ("lexicographic", "red_black"):
             msg = f"backend_params.sor_order must be 'lexicographic' or 'red_black', got {order!r}"
@@ -4414,58 +4522,17 @@ class FlowregBackend:
         plan = _pyramid_plan(p, ref_int.shape)
         return _CpuState(p, ref_int, plan, _reference_pyramid(p, ref_int, plan), fill_int)
 
-    def flows(self, state, frames, init, pool):
+    def _flows(self, state, frames, init):
         n, H, W = frames.shape[:3]
         ui, vi = _field_internal(init)
         out = np.empty((n, H, W, 2))
-
-        def one(k):
+        for k in range(n):
             u, v = _flow_internal(
                 state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
             )
             out[k, ..., 0] = u.T
             out[k, ..., 1] = v.T
-
-        list(pool.map(one, range(n)))
         return out
-
-    def register(self, state, frames, raw, init, method, pool, with_stats=True):
-        n, H, W, C = frames.shape
-        ui, vi = _field_internal(init)
-        w = np.empty((n, H, W, 2))
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
-        stats = np.empty((4, n))
-
-        def one(k):
-            u, v = _flow_internal(
-                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
-            )
-            out, ok = _warp_stack(
-                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
-            )
-            w[k, ..., 0] = u.T
-            w[k, ..., 1] = v.T
-            reg[k] = out.transpose(2, 1, 0)
-            valid[k] = ok.T
-            if with_stats:
-                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-
-        list(pool.map(one, range(n)))
-        return w, reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        p = params._replace(red_black=self.red_black)
-        H, W = fixed.shape[:2]
-        ui, vi = _field_internal(np.zeros((H, W, 2)) if init is None else init)
-        u, v = _flow_internal(
-            p,
-            _to_internal(np.asarray(fixed, dtype=np.float64)),
-            _to_internal(np.asarray(moving, dtype=np.float64)),
-            ui,
-            vi,
-        )
-        return np.stack([u.T, v.T], axis=-1)
 
 
 def _check_data_term(backend, assumption, key):
@@ -5247,7 +5314,7 @@ def _cuda_batch_frames(free_bytes, C, W, H, itemsize):
     return int(min(4096, max(1, 0.5 * free_bytes // per_frame)))
 
 
-class CudaBackend:
+class CudaBackend(FlowBackend):
     """``flowreg_cuda``: the whole flow computation on one NVIDIA GPU (Numba CUDA).
 
     Batches of frames go through every step at once; the SOR is red-black, equal
@@ -5260,10 +5327,8 @@ class CudaBackend:
     name = "flowreg_cuda"
     keys = ("device", "precision", "batch_frames")
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        source = f"backend_params of flow_backend '{self.name}'"
-        _cfg_check_keys(bp, self.keys, source)
+    def _configure(self, bp):
+        source = self.source
         device = bp.get("device", 0)
         if not isinstance(device, (int, np.integer)) or isinstance(device, bool) or device < 0:
             msg = f"{source}: device must be a GPU index >= 0, got {device!r}"
@@ -5304,6 +5369,7 @@ class CudaBackend:
         self.precision = precision
         self.batch_frames = None if batch is None else int(batch)
         self.dtype = np.dtype(precision)
+        self._reg_dtype = self.dtype
         self._cuda = cuda
         self._k = _cuda_kernels(precision)
         self._buffers = {}
@@ -5605,28 +5671,15 @@ class CudaBackend:
                     sums[i0:i1] = sums_dev.copy_to_host()
         return w, reg, valid, sums
 
-    def flows(self, state, frames, init, pool=None):
+    def _batch_frames(self, n):
+        return max(n, 1)  # _run splits into batches that fit the GPU's memory
+
+    def _flows(self, state, frames, init):
         return self._run(state, frames, None, init, 2)[0].astype(np.float64)
 
-    def register(self, state, frames, raw, init, method, pool=None, with_stats=True):
+    def _register_batch(self, state, frames, raw, init, method):
         w, reg, valid, sums = self._run(state, frames, raw, init, method)
-        npx = w.shape[1] * w.shape[2]
-        stats = np.stack(
-            [
-                sums[:, 0] / npx,
-                sums[:, 1],
-                sums[:, 2] / npx,
-                np.hypot(sums[:, 3] / npx, sums[:, 4] / npx),
-            ]
-        )
-        return w.astype(np.float64), reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        fixed = np.asarray(fixed, dtype=np.float64)
-        H, W = fixed.shape[:2]
-        state = self.reference(params, fixed)
-        mov = np.asarray(moving, dtype=np.float64)
-        return self.flows(state, mov[None], np.zeros((H, W, 2)) if init is None else init)[0]
+        return w.astype(np.float64), reg, valid, sums
 
 
 ###############################################################################
@@ -6145,7 +6198,7 @@ class _TorchState(NamedTuple):
     fill: object  # (1, C, W, H) raw fill image tensor, or None
 
 
-class TorchBackend:
+class TorchBackend(FlowBackend):
     """``flowreg_torch``: the solver on PyTorch (CPU or CUDA), a batch of frames at once.
 
     The SOR sweep uses the red-black ordering of the GPU backends, so the fields
@@ -6161,10 +6214,8 @@ class TorchBackend:
     name = "flowreg_torch"
     keys = ("device", "dtype", "batch_frames")
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        source = f"backend_params of flow_backend '{self.name}'"
-        _cfg_check_keys(bp, self.keys, source)
+    def _configure(self, bp):
+        source = self.source
         try:
             import torch
         except ImportError as exc:
@@ -6230,27 +6281,21 @@ class TorchBackend:
                 None if fill is None else self._tensor(fill),
             )
 
-    def _batches(self, state, frames, init):
-        """Per batch of frames: ``(k0, k1, u, v)`` with u, v ``(n, W, H)`` tensors."""
-        torch = self.torch
+    def _batch_frames(self, n):
+        return self.batch_frames
+
+    def _displacement(self, state, frames, init):
+        """``(u, v)``, each an ``(n, W, H)`` tensor, of frames ``(n, H, W, C)``."""
         ui, vi = (
-            torch.as_tensor(
+            self.torch.as_tensor(
                 np.ascontiguousarray(init[..., c].T), dtype=self.dtype, device=self.device
             )
             for c in (0, 1)
         )
-        for k0 in range(0, len(frames), self.batch_frames):
-            k1 = min(k0 + self.batch_frames, len(frames))
-            u, v = _tc_get_displacement(
-                state.params,
-                state.levels,
-                state.pyramid,
-                self._tensor(frames[k0:k1]),
-                ui,
-                vi,
-                state.wmap,
-            )
-            yield k0, k1, u, v
+        p = state.params
+        return _tc_get_displacement(
+            p, state.levels, state.pyramid, self._tensor(frames), ui, vi, state.wmap
+        )
 
     @staticmethod
     def _field(u, v):
@@ -6258,35 +6303,16 @@ class TorchBackend:
         w = np.stack([u.cpu().numpy(), v.cpu().numpy()], axis=-1)
         return w.transpose(0, 2, 1, 3).astype(np.float64)
 
-    def flows(self, state, frames, init, pool):
-        out = np.empty((*frames.shape[:3], 2))
+    def _flows(self, state, frames, init):
         with self.torch.inference_mode():
-            for k0, k1, u, v in self._batches(state, frames, init):
-                out[k0:k1] = self._field(u, v)
-        return out
+            return self._field(*self._displacement(state, frames, init))
 
-    def register(self, state, frames, raw, init, method, pool, with_stats=True):
-        n, H, W, C = frames.shape
-        w = np.empty((n, H, W, 2))
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
+    def _register_batch(self, state, frames, raw, init, method):
         with self.torch.inference_mode():
-            for k0, k1, u, v in self._batches(state, frames, init):
-                out, ok = _tc_warp(self._tensor(raw[k0:k1]), u, v, 1.0, 1.0, state.fill, method)
-                w[k0:k1] = self._field(u, v)
-                reg[k0:k1] = out.permute(0, 3, 2, 1).cpu().numpy()
-                valid[k0:k1] = ok.transpose(1, 2).cpu().numpy()
-        stats = np.empty((4, n))
-        if with_stats:
-            for k in range(n):
-                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-        return w, reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        H, W = fixed.shape[:2]
-        state = self.reference(params, fixed)
-        init = np.zeros((H, W, 2)) if init is None else init
-        return self.flows(state, np.asarray(moving)[None], init, None)[0]
+            u, v = self._displacement(state, frames, init)
+            out, ok = _tc_warp(self._tensor(raw), u, v, 1.0, 1.0, state.fill, method)
+            reg = out.permute(0, 3, 2, 1).cpu().numpy()
+            return self._field(u, v), reg, ok.transpose(1, 2).cpu().numpy(), None
 
 
 ###############################################################################
@@ -6367,7 +6393,7 @@ class _DisState(NamedTuple):
     fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
-class DisBackend:
+class DisBackend(FlowBackend):
     """``diso``: OpenCV DIS optical flow (``cv2.DISOpticalFlow``), one frame per thread.
 
     Fast and less accurate than the variational solver; the variational
@@ -6386,10 +6412,8 @@ class DisBackend:
     #: The data terms (``constancy_assumption``) this backend can stand for.
     constancy_assumptions = ("gc",)
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        source = f"backend_params of flow_backend '{self.name}'"
-        _cfg_check_keys(bp, self.keys, source)
+    def _configure(self, bp):
+        source = self.source
         try:
             import cv2
         except ImportError as exc:
@@ -6448,38 +6472,8 @@ class DisBackend:
         fill_int = None if fill is None else _to_internal(np.asarray(fill, dtype=np.float64))
         return _DisState(params, _dis_grey(ref, params), fill_int)
 
-    def flows(self, state, frames, init, pool):
-        out = np.empty((*frames.shape[:3], 2))
-
-        def one(k):
-            out[k] = self._flow(state.ref, frames[k], state.params)
-
-        list(pool.map(one, range(len(frames))))
-        return out
-
-    def register(self, state, frames, raw, init, method, pool, with_stats=True):
-        n, H, W, C = frames.shape
-        w = np.empty((n, H, W, 2))
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
-        stats = np.empty((4, n))
-
-        def one(k):
-            w[k] = self._flow(state.ref, frames[k], state.params)
-            u, v = _field_internal(w[k])
-            out, ok = _warp_stack(
-                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
-            )
-            reg[k] = out.transpose(2, 1, 0)
-            valid[k] = ok.T
-            if with_stats:
-                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-
-        list(pool.map(one, range(n)))
-        return w, reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        return self._flow(_dis_grey(fixed, params), moving, params)
+    def _flows(self, state, frames, init):
+        return np.stack([self._flow(state.ref, f, state.params) for f in frames])
 
 
 ###############################################################################
@@ -6487,12 +6481,12 @@ class DisBackend:
 ###############################################################################
 
 
-#: Flow backends by name: (class name in this module, what it needs).
+#: Flow backends by name (the pyflowreg API's names): their class and what it needs.
 _BACKENDS = {
-    "flowreg": ("FlowregBackend", "nothing beyond numba"),
-    "flowreg_cuda": ("CudaBackend", "an NVIDIA GPU with its driver and CUDA runtime"),
-    "flowreg_torch": ("TorchBackend", "PyTorch (pip install torch)"),
-    "diso": ("DisBackend", "OpenCV (pip install opencv-python-headless)"),
+    "flowreg": (FlowregBackend, "nothing beyond numba"),
+    "flowreg_cuda": (CudaBackend, "an NVIDIA GPU with its driver and CUDA runtime"),
+    "flowreg_torch": (TorchBackend, "PyTorch (pip install torch)"),
+    "diso": (DisBackend, "OpenCV (pip install opencv-python-headless)"),
 }
 
 #: The names ``flow_backend`` accepts (the pyflowreg API's names).
@@ -6523,7 +6517,7 @@ def available_backends():
 def make_backend(name, backend_params=None):
     """The backend ``name`` with its ``backend_params``; ConfigError when unknown or unusable."""
     _check_backend(name)
-    return globals()[_BACKENDS[name][0]](backend_params)
+    return _BACKENDS[name][0](backend_params)
 
 
 ###############################################################################

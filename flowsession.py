@@ -3999,6 +3999,14 @@ def _channel_vector(name, value, n_channels, *, normalise=False, fill=None):
     return np.ascontiguousarray(arr)
 
 
+def _channel_weights(weight, n_channels):
+    """Per-channel data-term weights ``(C,)``, the one rule of ``get_displacement`` and the
+    stages: a scalar or vector cut to C entries or padded with 1/C, then normalised to sum
+    1 (the toolbox's ``get_displacement``; its Stage 1 helper ``get_weight_at`` pads without
+    renormalising, so a short vector there weighs the data term by more than 1 in all)."""
+    return _channel_vector("weight", weight, n_channels, normalise=True, fill=1.0 / n_channels)
+
+
 def warping_depth(eta, levels, m, n):
     """Number of pyramid levels below full size, as MATLAB ``warpingDepth.m``.
 
@@ -4234,7 +4242,7 @@ def _displacement_params(
             wmap = _to_internal(w)
             wvec = np.zeros(C)
         else:
-            wvec = _channel_vector("weight", w, C, normalise=True, fill=1.0 / C)
+            wvec = _channel_weights(w, C)
     params = _FlowParams(
         ax,
         ay,
@@ -6960,19 +6968,6 @@ def estimate_rigid_shift(
 ###############################################################################
 
 
-def _weight_vector(weight, n_channels):
-    """Per-channel weights as the toolbox's ``get_weight_at``.
-
-    A longer vector is cut to the channel count and renormalised; channels
-    beyond its length get 1/C.
-    """
-    w = np.asarray(weight, dtype=np.float64).ravel()
-    if w.size >= n_channels:
-        w = w[:n_channels]
-        return w / w.sum() if w.sum() > 0 else np.full(n_channels, 1.0 / n_channels)
-    return np.concatenate([w, np.full(n_channels - w.size, 1.0 / n_channels)])
-
-
 def _flow_params(opts, n_channels, *, alpha_offset=0.0):
     al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
     ax, ay = (al[0], al[-1])
@@ -6996,7 +6991,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0):
         int(opts.effective_min_level),
         _tensor_kind(opts.constancy_assumption),
         bool(opts.matlab_quirks),
-        _weight_vector(opts.weight, n_channels),
+        _channel_weights(opts.weight, n_channels),
         np.zeros((n_channels, 1, 1)),
         False,
     )

@@ -4751,3 +4751,49 @@ def test_reference_preregistration_in_chunks_equals_one_call(tmp_path):
         whole = fs.compute_reference(fs.open_video(str(path)), opts, pool, backend=one_call)
     assert chunked.shape == (24, 28, 1) and chunked.dtype == np.float64
     np.testing.assert_array_equal(chunked, whole)
+
+
+###############################################################################
+### Solver layout: the pyramid plan, channel weights, backends
+###############################################################################
+
+
+@pytest.mark.parametrize(
+    "weight, C, want",
+    [
+        ((0.5, 0.5), 3, [0.375, 0.375, 0.25]),  # padded with 1/3, then sum 1: 4/3 -> 1
+        ((0.5, 0.5), 1, [1.0]),  # cut to C, then sum 1
+        ((0.375, 0.125, 0.0, 0.5), 2, [0.75, 0.25]),
+        ((2.0,), 2, [0.5, 0.5]),  # a scalar for every channel
+    ],
+)
+def test_channel_weights_follow_one_rule_in_get_displacement_and_the_stages(weight, C, want):
+    # get_displacement's parameters and Stage 1's (from FlowOptions) build the
+    # per-channel weights with the same function; the expected values are the rule
+    # worked by hand: cut to C or pad with 1/C, then divide by the sum.
+    direct = fs._displacement_params(C, weight=weight).wvec
+    staged = fs._flow_params(fs.FlowOptions(weight=weight), C).wvec
+    np.testing.assert_allclose(direct, want, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(staged, direct)
+
+
+@pytest.mark.parametrize("quirks", [True, False])
+def test_pyramid_plan_states_the_level_rules_of_get_displacement(quirks):
+    # 64 x 48 (W x H), eta 0.75: warpingDepth gives 6 levels below full size along
+    # x (64 * 0.75^6 = 11.4 -> 11 >= 10, 0.75^7 -> 8.5) and 5 along y (48 * 0.75^5
+    # = 11.4, 0.75^6 -> 8.5); each axis stops at its own depth.
+    p = fs._displacement_params(2, eta=0.75, alpha=(2.0, 3.0), matlab_quirks=quirks)
+    p = p._replace(min_level=1)
+    levels = fs._plan_levels(fs._pyramid_plan(p, (2, 64, 48)))
+    assert [lev.level for lev in levels] == [6, 5, 4, 3, 2, 1]
+    for lev in levels:
+        i = lev.level
+        assert lev.lx == round(64 * 0.75 ** min(i, 6)) and lev.ly == round(48 * 0.75 ** min(i, 5))
+        hx, hy = 64 / lev.lx, 48 / lev.ly
+        assert (lev.hx, lev.hy) == ((hy, hx) if quirks else (hx, hy))  # the toolbox swaps them
+        scale = 1.0 if i == 1 else 0.75 ** (-0.5 * i)  # the finest level solved: alpha itself
+        assert lev.alpha_x == pytest.approx(2.0 * scale, rel=1e-15)
+        assert lev.alpha_y == pytest.approx(3.0 * scale, rel=1e-15)
+        assert lev.median == (min(lev.lx, lev.ly) > 5)
+    offsets = [lev.offset for lev in levels]
+    assert offsets == list(np.cumsum([0] + [2 * lev.lx * lev.ly for lev in levels[:-1]]))

@@ -188,6 +188,18 @@ ZIMMER_EPS = 1e-6
 #: Pyramid levels stop once round(min_dim * eta^k) falls below this size.
 MIN_LEVEL_SIZE = 10
 
+# Constants of the toolbox's per-recording loop (MATLAB ``compensate_recording``):
+#: the first batch's flow initialisation is the mean flow of its first 22 frames;
+INIT_FLOW_FRAMES = 22
+#: after a batch, the mean of its last 21 fields (``w(:, :, :, end-20:end)``) when it has
+#: more than 100 frames, else of all its fields;
+INIT_TAIL_FRAMES = 21
+INIT_TAIL_MIN_FRAMES = 100
+#: the reference update averages its last min(100, n - 1) + 1 warped frames;
+REFERENCE_UPDATE_FRAMES = 100
+#: the default reference is the mean of frames 50:500 (1-based, both included).
+DEFAULT_REFERENCE_RANGE = (50, 500)
+
 #: Defaults of MATLAB ``get_displacement.m``.
 GET_DISPLACEMENT_DEFAULTS = dict(
     alpha=(2.0, 2.0),
@@ -2327,18 +2339,9 @@ def _normalise(x, lo, hi, clip=False, in_place=False):
 _SMOOTH_STEP = 4
 
 
-def _smooth_chunk(raw, sigma, halo, i0, i1, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
-    """Smoothed frames ``[i0, i1)`` of a batch (the same frames of the whole batch
-    filtered at once; ``halo`` is implied by the kernels and kept for the callers).
-
-    With ``lo, hi`` the raw frames are first normalised by them.
-    """
-    return _smooth(raw, i0, i1, sigma, lo, hi, offset)
-
-
-def _smooth_frames(raw, sigma, halo, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
-    """``_smooth_chunk`` of ``[i0, i1)`` computed in pieces on the thread pool (the
-    kernel releases the GIL); identical to one call."""
+def _smooth_frames(raw, sigma, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
+    """``_smooth`` of ``[i0, i1)`` computed in pieces on the thread pool (the kernel
+    releases the GIL); identical to one call."""
     out = np.empty((i1 - i0, *raw.shape[1:]))
     steps = range(i0, i1, _SMOOTH_STEP)
     list(
@@ -2359,7 +2362,7 @@ def _smooth_frames(raw, sigma, halo, i0, i1, pool, lo=None, hi=None, offset=(0.0
     return out
 
 
-def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
+def _smoothed_range(raw, sigma, per_channel, pool, lo=None, hi=None):
     """Range (and sum over frames) of the smoothed batch, computed in pieces in parallel.
 
     Integer data is rounded after smoothing, as MATLAB filters into an array of
@@ -2368,7 +2371,7 @@ def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
     as_int = lo is None and raw.dtype.kind in "iu"
 
     def piece(i0):
-        g = _smooth_chunk(raw, sigma, halo, i0, min(i0 + _SMOOTH_STEP, len(raw)), lo, hi)
+        g = _smooth(raw, i0, min(i0 + _SMOOTH_STEP, len(raw)), sigma, lo, hi)
         if as_int:
             g = np.sign(g) * np.floor(np.abs(g) + 0.5)
         return (*_minmax(g, per_channel), g.sum(axis=0))
@@ -2380,10 +2383,6 @@ def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
         a_hi = b if a_hi is None else np.maximum(a_hi, b)
         total = total + t
     return a_lo, a_hi, total
-
-
-def _temporal_halo(sigma):
-    return max(_gauss_kernel(s[2]).size // 2 for s in np.atleast_2d(sigma))
 
 
 class _Preprocessed:
@@ -2400,15 +2399,12 @@ class _Preprocessed:
         self.raw = raw
         self.sigma = sigma
         self.pool = pool
-        self.halo = _temporal_halo(sigma)
         self.lo0, self.hi0 = _minmax(raw, False)
-        self.lo, self.hi, total = _smoothed_range(
-            raw, sigma, self.halo, separate, pool, self.lo0, self.hi0
-        )
+        self.lo, self.hi, total = _smoothed_range(raw, sigma, separate, pool, self.lo0, self.hi0)
         self.mean = _normalise(total / len(raw), self.lo, self.hi)
 
     def frames(self, i0, i1):
-        g = _smooth_frames(self.raw, self.sigma, self.halo, i0, i1, self.pool, self.lo0, self.hi0)
+        g = _smooth_frames(self.raw, self.sigma, i0, i1, self.pool, self.lo0, self.hi0)
         return _normalise(g, self.lo, self.hi, in_place=True)
 
 
@@ -7023,7 +7019,8 @@ def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, pha
 def _reference_indices(opts, n_frames, name):
     """0-based reference frame indices of a recording with ``n_frames`` (binned) frames."""
     if opts.reference_frames is None:
-        idx = [i for i in range(49, 500) if i < n_frames]  # MATLAB 50:500, 1-based
+        first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
+        idx = [i for i in range(first - 1, last) if i < n_frames]
         if not idx:
             log.info(
                 "%s: %d frames, fewer than the default reference range (frames 50-500); "
@@ -7128,8 +7125,7 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
         return tmp[0].astype(np.float64)
     sigma = np.atleast_2d(opts.sigma)
     sep = opts.channel_normalization == "separate"
-    halo = max(_gauss_kernel(s[2] + 0.5).size // 2 for s in sigma)
-    g = _smooth_frames(tmp, sigma, halo, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
+    g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
     c1 = _normalise(g, *_minmax(g, sep), in_place=True)
     del g
     C = tmp.shape[3]
@@ -7306,17 +7302,17 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     # the smoothed raw batch's range) and the flow initialisation from the
                     # first 22 frames.
                     with phases("initial flows"):
-                        lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
+                        lo, hi, _ = _smoothed_range(raw, sigma, sep, pool)
                         c_ref = _normalise(
                             gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi, clip=sep
                         )
                         state = backend.reference(params, c_ref, ref_raw)
-                        first = _Preprocessed(raw[: min(22, n)], sigma, sep, pool)
+                        first = _Preprocessed(raw[: min(INIT_FLOW_FRAMES, n)], sigma, sep, pool)
                         w_init = backend.flows(
                             state, first.frames(0, len(first.raw)), np.zeros((H, W, 2)), pool
                         ).mean(axis=0)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
-                n_ref = min(100, n - 1)
+                n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
                 w_sum = np.zeros((H, W, 2))
                 w_tail = []
@@ -7332,8 +7328,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                         wait_for_writer()
                     pending.append(writer.submit(write_chunk, reg, valid, w))
                     w_sum += w.sum(axis=0)
-                    w_tail.extend(w[max(0, n - 21 - i0) :])
-                    w_tail = w_tail[-21:]
+                    w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
+                    w_tail = w_tail[-INIT_TAIL_FRAMES:]
                     if ref_sum is not None:
                         _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
                     progress.update(i1 - i0)
@@ -7341,7 +7337,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
                     state = backend.reference(params, ref_sum / (n_ref + 1), ref_raw)
-                w_init = np.mean(w_tail, axis=0) if n > 100 else w_sum / n
+                w_init = np.mean(w_tail, axis=0) if n > INIT_TAIL_MIN_FRAMES else w_sum / n
             with phases("write"):
                 wait_for_writer()
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses

@@ -4637,9 +4637,10 @@ def _unavailable(name, why, install):
 # measurement; ``benchmarks/cuda_stage1.py`` measures Stage 1 end to end.
 
 
-#: numba.cuda once a CUDA backend is built.  The kernels refer to it as a module
-#: global (not a closure variable) because Numba's simulator swaps the globals
-#: that hold numba.cuda for its own thread-level implementation.
+#: numba.cuda once a CUDA backend is built (set by ``_cuda_kernels``: importing it with
+#: this module would load the CUDA driver for every user).  The kernels refer to it as a
+#: module global, not a closure variable, because Numba's simulator runs a kernel with
+#: the globals that hold numba.cuda swapped for its own thread-level implementation.
 _cuda = None
 
 #: Threads per block (along axis 2 and axis 1 of a plane).  The simulator runs the
@@ -4676,7 +4677,8 @@ def _cuda_kernels(precision):
     # ---- helpers ---------------------------------------------------------
 
     @dev
-    def keys(x):
+    def _cu_keys(x):
+        """``_nb_keys``: the Keys cubic kernel (a = -0.5) at x."""
         ax = abs(x)
         ax2 = ax * ax
         ax3 = ax2 * ax
@@ -4689,19 +4691,20 @@ def _cuda_kernels(precision):
     # min and max written out: the built-in ones do not compile for CUDA in every
     # Numba version.
     @dev
-    def lesser(x, y):
+    def _cu_lesser(x, y):
         return x if x < y else y
 
     @dev
-    def greater(x, y):
+    def _cu_greater(x, y):
         return x if x > y else y
 
     @dev
-    def clamp(i, lo, hi):
-        return lesser(greater(i, lo), hi)
+    def _cu_clamp(i, lo, hi):
+        return _cu_lesser(_cu_greater(i, lo), hi)
 
     @dev
-    def cell(pos, n):
+    def _cu_cell(pos, n):
+        """``_nb_cell``: left sample index and fraction of ``pos >= 0``."""
         i = int(pos)
         if i > n - 2:
             i = n - 2
@@ -4710,7 +4713,7 @@ def _cuda_kernels(precision):
         return i, pos - F(i)
 
     @dev
-    def ecol(src, p, a, j, ny):
+    def _cu_extrapolated_row(src, p, a, j, ny):
         """Sample j (0 .. ny + 1) of row a of plane p with interp2's edge rule on axis 1."""
         if j == 0:
             if ny >= 3:
@@ -4723,33 +4726,33 @@ def _cuda_kernels(precision):
         return src[p, a, j - 1]
 
     @dev
-    def ext(src, p, i, j, nx, ny):
+    def _cu_extrapolated(src, p, i, j, nx, ny):
         """``_nb_extrapolated(src[p])[i, j]`` without building the padded plane."""
         if i == 0:
             if nx >= 3:
                 return (
-                    THREE * ecol(src, p, 0, j, ny)
-                    - THREE * ecol(src, p, 1, j, ny)
-                    + ecol(src, p, 2, j, ny)
+                    THREE * _cu_extrapolated_row(src, p, 0, j, ny)
+                    - THREE * _cu_extrapolated_row(src, p, 1, j, ny)
+                    + _cu_extrapolated_row(src, p, 2, j, ny)
                 )
-            return ecol(src, p, 0, j, ny)
+            return _cu_extrapolated_row(src, p, 0, j, ny)
         if i == nx + 1:
             if nx >= 3:
                 return (
-                    THREE * ecol(src, p, nx - 1, j, ny)
-                    - THREE * ecol(src, p, nx - 2, j, ny)
-                    + ecol(src, p, nx - 3, j, ny)
+                    THREE * _cu_extrapolated_row(src, p, nx - 1, j, ny)
+                    - THREE * _cu_extrapolated_row(src, p, nx - 2, j, ny)
+                    + _cu_extrapolated_row(src, p, nx - 3, j, ny)
                 )
-            return ecol(src, p, nx - 1, j, ny)
-        return ecol(src, p, i - 1, j, ny)
+            return _cu_extrapolated_row(src, p, nx - 1, j, ny)
+        return _cu_extrapolated_row(src, p, i - 1, j, ny)
 
     @dev
-    def padded(f, p, a, b):
+    def _cu_pad_edge(f, p, a, b):
         """``_nb_pad_edge(f[p])[a, b]``: the edge sample repeated."""
-        return f[p, clamp(a - 1, 0, f.shape[1] - 1), clamp(b - 1, 0, f.shape[2] - 1)]
+        return f[p, _cu_clamp(a - 1, 0, f.shape[1] - 1), _cu_clamp(b - 1, 0, f.shape[2] - 1)]
 
     @dev
-    def grad_sum0(f, g, k, a, b, h):
+    def _cu_grad0_sum(f, g, k, a, b, h):
         """``_nb_grad0(f[k] + g[k], h)[a, b]``."""
         n0 = f.shape[1]
         if n0 < 2:
@@ -4761,7 +4764,7 @@ def _cuda_kernels(precision):
         return ((f[k, a + 1, b] + g[k, a + 1, b]) - (f[k, a - 1, b] + g[k, a - 1, b])) / (TWO * h)
 
     @dev
-    def grad_sum1(f, g, k, a, b, h):
+    def _cu_grad1_sum(f, g, k, a, b, h):
         """``_nb_grad1(f[k] + g[k], h)[a, b]``."""
         n1 = f.shape[2]
         if n1 < 2:
@@ -4773,7 +4776,7 @@ def _cuda_kernels(precision):
         return ((f[k, a, b + 1] + g[k, a, b + 1]) - (f[k, a, b - 1] + g[k, a, b - 1])) / (TWO * h)
 
     @dev
-    def mirror(t, n):
+    def _cu_mirror(t, n):
         """Index t in [-2, n + 1] mirrored into [0, n - 1] (edge repeated; n >= 2)."""
         if t < 0:
             return -t - 1
@@ -4782,7 +4785,7 @@ def _cuda_kernels(precision):
         return t
 
     @dev
-    def median25(f, k, a, b):
+    def _cu_median25(f, k, a, b):
         """5x5 median at interior pixel (a, b) of haloed ``f[k]``, the interior padded
         symmetrically (``_nb_medfilt5_interior``); exact (selection of the 13th)."""
         buf = _cuda.local.array(25, F)
@@ -4790,9 +4793,9 @@ def _cuda_kernels(precision):
         ny = f.shape[2] - 2
         t = 0
         for i in range(-2, 3):
-            ia = mirror(a - 1 + i, nx) + 1
+            ia = _cu_mirror(a - 1 + i, nx) + 1
             for j in range(-2, 3):
-                buf[t] = f[k, ia, mirror(b - 1 + j, ny) + 1]
+                buf[t] = f[k, ia, _cu_mirror(b - 1 + j, ny) + 1]
                 t += 1
         for i in range(13):
             m = i
@@ -4807,34 +4810,37 @@ def _cuda_kernels(precision):
     # ---- elementwise and layout kernels ------------------------------------
 
     @cuda.jit
-    def fill(f, value):
+    def _cu_fill(f, value):
+        """``f[...] = value`` (numpy's ``fill``)."""
         b, a, k = _cuda.grid(3)
         if k < f.shape[0] and a < f.shape[1] and b < f.shape[2]:
             f[k, a, b] = value
 
     @cuda.jit
-    def copy(src, dst):
+    def _cu_copy(src, dst):
+        """``dst[...] = src`` (``_nb_copy2`` of every plane)."""
         b, a, k = _cuda.grid(3)
         if k < dst.shape[0] and a < dst.shape[1] and b < dst.shape[2]:
             dst[k, a, b] = src[k, a, b]
 
     @cuda.jit
-    def broadcast(src, dst):
+    def _cu_broadcast(src, dst):
         """``dst[k] = src`` for every plane k."""
         b, a, k = _cuda.grid(3)
         if k < dst.shape[0] and a < dst.shape[1] and b < dst.shape[2]:
             dst[k, a, b] = src[a, b]
 
     @cuda.jit
-    def to_planes(src, dst):
-        """Frames ``(n, H, W, C)`` of any numeric dtype -> planes ``(n * C, W, H)``."""
+    def _cu_to_planes(src, dst):
+        """``_to_internal`` of every frame: frames ``(n, H, W, C)`` of any numeric dtype ->
+        planes ``(n * C, W, H)``."""
         y, x, q = _cuda.grid(3)
         C = src.shape[3]
         if q < dst.shape[0] and x < dst.shape[1] and y < dst.shape[2]:
             dst[q, x, y] = F(src[q // C, y, x, q % C])
 
     @cuda.jit
-    def from_planes(src, dst):
+    def _cu_from_planes(src, dst):
         """Planes ``(n * C, W, H)`` -> frames ``(n, H, W, C)``."""
         y, x, q = _cuda.grid(3)
         C = dst.shape[3]
@@ -4842,7 +4848,7 @@ def _cuda_kernels(precision):
             dst[q // C, y, x, q % C] = src[q, x, y]
 
     @cuda.jit
-    def fields_out(u, v, valid, w, mask):
+    def _cu_fields_out(u, v, valid, w, mask):
         """``u, v (n, W, H)`` -> ``w (n, H, W, 2)``; ``valid (n, W, H)`` -> ``mask (n, H, W)``."""
         y, x, k = _cuda.grid(3)
         if k < u.shape[0] and x < u.shape[1] and y < u.shape[2]:
@@ -4851,7 +4857,7 @@ def _cuda_kernels(precision):
             mask[k, y, x] = valid[k, x, y]
 
     @cuda.jit
-    def halo(f, g):
+    def _cu_set_boundary(f, g):
         """Neumann halo of ``f`` and ``g`` (``_nb_set_boundary``, ``_nb_pad_edge``): every
         ring pixel takes the value of the nearest interior pixel.  One thread per ring
         pixel (index t along the ring), z over planes."""
@@ -4870,15 +4876,15 @@ def _cuda_kernels(precision):
             b = 0 if r % 2 == 0 else NY - 1
         else:
             return
-        sa = clamp(a, 1, NX - 2)
-        sb = clamp(b, 1, NY - 2)
+        sa = _cu_clamp(a, 1, NX - 2)
+        sb = _cu_clamp(b, 1, NY - 2)
         f[k, a, b] = f[k, sa, sb]
         g[k, a, b] = g[k, sa, sb]
 
     # ---- resize (imresize, one axis at a time) ----------------------------
 
     @cuda.jit
-    def resize0(src, wts, idx, out):
+    def _cu_resize_axis0(src, wts, idx, out):
         """Axis 0 of ``_nb_resize_axis0`` for every plane: taps with weight 0 skipped."""
         b, o, p = _cuda.grid(3)
         if p >= out.shape[0] or o >= out.shape[1] or b >= out.shape[2]:
@@ -4891,7 +4897,7 @@ def _cuda_kernels(precision):
         out[p, o, b] = acc
 
     @cuda.jit
-    def resize1(src, wts, idx, out):
+    def _cu_resize_axis1(src, wts, idx, out):
         """Axis 1 of ``_nb_resize_axis1`` for every plane."""
         o, a, p = _cuda.grid(3)
         if p >= out.shape[0] or a >= out.shape[1] or o >= out.shape[2]:
@@ -4904,7 +4910,7 @@ def _cuda_kernels(precision):
     # ---- warp (imwarp) ------------------------------------------------------
 
     @cuda.jit
-    def warp(src, u, v, hu, hv, fill_img, method, out, valid):
+    def _cu_warp_plane(src, u, v, hu, hv, fill_img, method, out, valid):
         """``_nb_warp_plane`` of every channel of every frame.
 
         ``src, out (n * C, nx, ny)``; ``u, v (n, nx, ny)``; ``fill_img (C, nx, ny)``;
@@ -4933,47 +4939,47 @@ def _cuda_kernels(precision):
         if nx == 1:
             ix, tx = 0, ZERO
         else:
-            ix, tx = cell(px, nx)
+            ix, tx = _cu_cell(px, nx)
         if ny == 1:
             iy, ty = 0, ZERO
         else:
-            iy, ty = cell(py, ny)
+            iy, ty = _cu_cell(py, ny)
         if method == 1:
-            ix1 = lesser(ix + 1, nx - 1)
-            iy1 = lesser(iy + 1, ny - 1)
+            ix1 = _cu_lesser(ix + 1, nx - 1)
+            iy1 = _cu_lesser(iy + 1, ny - 1)
             for c in range(C):
                 q = k * C + c
                 out[q, x, y] = (ONE - tx) * (
                     (ONE - ty) * src[q, ix, iy] + ty * src[q, ix, iy1]
                 ) + tx * ((ONE - ty) * src[q, ix1, iy] + ty * src[q, ix1, iy1])
             return
-        wy0 = keys(ty + ONE)
-        wy1 = keys(ty)
-        wy2 = keys(ONE - ty)
-        wy3 = keys(TWO - ty)
-        y3 = lesser(iy + 3, ny + 1)
+        wy0 = _cu_keys(ty + ONE)
+        wy1 = _cu_keys(ty)
+        wy2 = _cu_keys(ONE - ty)
+        wy3 = _cu_keys(TWO - ty)
+        y3 = _cu_lesser(iy + 3, ny + 1)
         for c in range(C):
             q = k * C + c
             acc = ZERO
             for p in range(4):
-                wx = keys(tx + ONE - F(p))
+                wx = _cu_keys(tx + ONE - F(p))
                 if wx == ZERO:
                     continue
-                xi = lesser(ix + p, nx + 1)
+                xi = _cu_lesser(ix + p, nx + 1)
                 acc += wx * (
-                    wy0 * ext(src, q, xi, iy, nx, ny)
-                    + wy1 * ext(src, q, xi, iy + 1, nx, ny)
-                    + wy2 * ext(src, q, xi, iy + 2, nx, ny)
-                    + wy3 * ext(src, q, xi, y3, nx, ny)
+                    wy0 * _cu_extrapolated(src, q, xi, iy, nx, ny)
+                    + wy1 * _cu_extrapolated(src, q, xi, iy + 1, nx, ny)
+                    + wy2 * _cu_extrapolated(src, q, xi, iy + 2, nx, ny)
+                    + wy3 * _cu_extrapolated(src, q, xi, y3, nx, ny)
                 )
             out[q, x, y] = acc
 
     # ---- motion tensors -----------------------------------------------------
 
     @dev
-    def zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
-        """Zero the six tensor planes at ``(q, a, b)`` if it lies on the halo ring;
-        True when it does."""
+    def _cu_zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        """``_nb_zero_ring`` of the six tensor planes at ``(q, a, b)`` if it lies on the
+        halo ring; True when it does."""
         if a == 0 or b == 0 or a == J11.shape[1] - 1 or b == J11.shape[2] - 1:
             J11[q, a, b] = ZERO
             J22[q, a, b] = ZERO
@@ -4985,7 +4991,7 @@ def _cuda_kernels(precision):
         return False
 
     @cuda.jit
-    def tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+    def _cu_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
         """``_nb_tensor_gc`` of every plane: ``f1 (C, nx, ny)`` reference, ``f2 (n * C, nx, ny)``
         warped moving, outputs ``(n * C, nx + 2, ny + 2)`` with a zero ring."""
         b, a, q = _cuda.grid(3)
@@ -4993,43 +4999,43 @@ def _cuda_kernels(precision):
         NY = J11.shape[2]
         if q >= J11.shape[0] or a >= NX or b >= NY:
             return
-        if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        if _cu_zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
         hx2 = hx * hx
         hy2 = hy * hy
-        p1 = padded(f1, c, a, b)
-        p2 = padded(f2, q, a, b)
+        p1 = _cu_pad_edge(f1, c, a, b)
+        p2 = _cu_pad_edge(f2, q, a, b)
         fxx = HALF * (
-            (padded(f1, c, a - 1, b) - TWO * p1 + padded(f1, c, a + 1, b)) / hx2
-            + (padded(f2, q, a - 1, b) - TWO * p2 + padded(f2, q, a + 1, b)) / hx2
+            (_cu_pad_edge(f1, c, a - 1, b) - TWO * p1 + _cu_pad_edge(f1, c, a + 1, b)) / hx2
+            + (_cu_pad_edge(f2, q, a - 1, b) - TWO * p2 + _cu_pad_edge(f2, q, a + 1, b)) / hx2
         )
         fyy = HALF * (
-            (padded(f1, c, a, b - 1) - TWO * p1 + padded(f1, c, a, b + 1)) / hy2
-            + (padded(f2, q, a, b - 1) - TWO * p2 + padded(f2, q, a, b + 1)) / hy2
+            (_cu_pad_edge(f1, c, a, b - 1) - TWO * p1 + _cu_pad_edge(f1, c, a, b + 1)) / hy2
+            + (_cu_pad_edge(f2, q, a, b - 1) - TWO * p2 + _cu_pad_edge(f2, q, a, b + 1)) / hy2
         )
         # fx (frame-averaged central x-derivative) at the re-padded columns b -/+ 1
-        bl = greater(b - 1, 1)
-        br = lesser(b + 1, NY - 2)
+        bl = _cu_greater(b - 1, 1)
+        br = _cu_lesser(b + 1, NY - 2)
         fx_l = HALF * (
-            (padded(f1, c, a + 1, bl) - padded(f1, c, a - 1, bl)) / (TWO * hx)
-            + (padded(f2, q, a + 1, bl) - padded(f2, q, a - 1, bl)) / (TWO * hx)
+            (_cu_pad_edge(f1, c, a + 1, bl) - _cu_pad_edge(f1, c, a - 1, bl)) / (TWO * hx)
+            + (_cu_pad_edge(f2, q, a + 1, bl) - _cu_pad_edge(f2, q, a - 1, bl)) / (TWO * hx)
         )
         fx_r = HALF * (
-            (padded(f1, c, a + 1, br) - padded(f1, c, a - 1, br)) / (TWO * hx)
-            + (padded(f2, q, a + 1, br) - padded(f2, q, a - 1, br)) / (TWO * hx)
+            (_cu_pad_edge(f1, c, a + 1, br) - _cu_pad_edge(f1, c, a - 1, br)) / (TWO * hx)
+            + (_cu_pad_edge(f2, q, a + 1, br) - _cu_pad_edge(f2, q, a - 1, br)) / (TWO * hx)
         )
         cxy = (fx_r - fx_l) / (TWO * hy)
         # ft = F2 - F1 re-padded: the padded planes at clamped interior indices
-        al = greater(a - 1, 1)
-        ar = lesser(a + 1, NX - 2)
+        al = _cu_greater(a - 1, 1)
+        ar = _cu_lesser(a + 1, NX - 2)
         cxt = (
-            (padded(f2, q, ar, b) - padded(f1, c, ar, b))
-            - (padded(f2, q, al, b) - padded(f1, c, al, b))
+            (_cu_pad_edge(f2, q, ar, b) - _cu_pad_edge(f1, c, ar, b))
+            - (_cu_pad_edge(f2, q, al, b) - _cu_pad_edge(f1, c, al, b))
         ) / (TWO * hx)
         cyt = (
-            (padded(f2, q, a, br) - padded(f1, c, a, br))
-            - (padded(f2, q, a, bl) - padded(f1, c, a, bl))
+            (_cu_pad_edge(f2, q, a, br) - _cu_pad_edge(f1, c, a, br))
+            - (_cu_pad_edge(f2, q, a, bl) - _cu_pad_edge(f1, c, a, bl))
         ) / (TWO * hy)
         rx = ONE / (fxx * fxx + cxy * cxy + EPS_ZIM)
         ry = ONE / (cxy * cxy + fyy * fyy + EPS_ZIM)
@@ -5041,25 +5047,25 @@ def _cuda_kernels(precision):
         J23[q, a, b] = rx * cxy * cxt + ry * fyy * cyt
 
     @cuda.jit
-    def tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
-        """``_nb_tensor_gray`` of every plane (shapes as ``tensor_gc``)."""
+    def _cu_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+        """``_nb_tensor_gray`` of every plane (shapes as ``_cu_tensor_gc``)."""
         b, a, q = _cuda.grid(3)
         NX = J11.shape[1]
         NY = J11.shape[2]
         if q >= J11.shape[0] or a >= NX or b >= NY:
             return
-        if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        if _cu_zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
         fx = HALF * (
-            (padded(f1, c, a + 1, b) - padded(f1, c, a - 1, b)) / (TWO * hx)
-            + (padded(f2, q, a + 1, b) - padded(f2, q, a - 1, b)) / (TWO * hx)
+            (_cu_pad_edge(f1, c, a + 1, b) - _cu_pad_edge(f1, c, a - 1, b)) / (TWO * hx)
+            + (_cu_pad_edge(f2, q, a + 1, b) - _cu_pad_edge(f2, q, a - 1, b)) / (TWO * hx)
         )
         fy = HALF * (
-            (padded(f1, c, a, b + 1) - padded(f1, c, a, b - 1)) / (TWO * hy)
-            + (padded(f2, q, a, b + 1) - padded(f2, q, a, b - 1)) / (TWO * hy)
+            (_cu_pad_edge(f1, c, a, b + 1) - _cu_pad_edge(f1, c, a, b - 1)) / (TWO * hy)
+            + (_cu_pad_edge(f2, q, a, b + 1) - _cu_pad_edge(f2, q, a, b - 1)) / (TWO * hy)
         )
-        ft = padded(f2, q, a, b) - padded(f1, c, a, b)
+        ft = _cu_pad_edge(f2, q, a, b) - _cu_pad_edge(f1, c, a, b)
         J11[q, a, b] = fx * fx
         J22[q, a, b] = fy * fy
         J33[q, a, b] = ft * ft
@@ -5070,7 +5076,7 @@ def _cuda_kernels(precision):
     # ---- level solver -------------------------------------------------------
 
     @cuda.jit
-    def refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv):
+    def _cu_refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv):
         """``_nb_refresh`` of every frame: ``J (6, n * C, NX, NY)``, ``weight (C, NX, NY)``
         when ``sp.local`` else ``(C, 1, 1)``, ``a_data (C,)``, ``sp`` a ``_SolverParams``
         of this precision, the rest ``(n, NX, NY)``."""
@@ -5137,20 +5143,20 @@ def _cuda_kernels(precision):
         A12[k, a, b] = s12
 
     @cuda.jit
-    def smooth_psi(u, v, du, dv, a_smooth, hx, hy, psi):
+    def _cu_smooth_psi(u, v, du, dv, a_smooth, hx, hy, psi):
         """The lagged diffusivity of ``_nb_smooth_weights`` at every pixel of the haloed grid."""
         b, a, k = _cuda.grid(3)
         if k >= u.shape[0] or a >= u.shape[1] or b >= u.shape[2]:
             return
-        ux = grad_sum0(u, du, k, a, b, hx)
-        uy = grad_sum1(u, du, k, a, b, hy)
-        vx = grad_sum0(v, dv, k, a, b, hx)
-        vy = grad_sum1(v, dv, k, a, b, hy)
+        ux = _cu_grad0_sum(u, du, k, a, b, hx)
+        uy = _cu_grad1_sum(u, du, k, a, b, hy)
+        vx = _cu_grad0_sum(v, dv, k, a, b, hx)
+        vy = _cu_grad1_sum(v, dv, k, a, b, hy)
         s = ux * ux + uy * uy + vx * vx + vy * vy
         psi[k, a, b] = a_smooth * math.pow(s + EPS_PSI, a_smooth - ONE)
 
     @cuda.jit
-    def smooth_edges(psi, cx, cy, wxe, wye):
+    def _cu_smooth_edges(psi, cx, cy, wxe, wye):
         """Edge weights of ``_nb_smooth_weights`` from ``psi``."""
         b, a, k = _cuda.grid(3)
         NX = psi.shape[1]
@@ -5161,7 +5167,7 @@ def _cuda_kernels(precision):
         wye[k, a, b] = HALF * (psi[k, a, b] + psi[k, a, b + 1]) * cy if b + 1 < NY else ZERO
 
     @cuda.jit
-    def sweep(du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv, omega, colour):
+    def _cu_sor_sweep_rb(du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv, omega, colour):
         """One colour of ``_nb_sor_sweep_rb``: thread (j, a - 1, k) updates interior pixel
         ``(a, b)`` with ``b = 1 + ((a + 1 + colour) & 1) + 2 j`` of frame k.  With
         ``uniform`` the edge weights are the constants ``cx, cy``."""
@@ -5204,16 +5210,17 @@ def _cuda_kernels(precision):
         dv[k, a, b] = om1 * dv[k, a, b] + Dv[k, a, b] * pv
 
     @cuda.jit
-    def median_add(du, dv, u, v, filt):
-        """``u += medfilt(du)``, ``v += medfilt(dv)`` on the interior (without ``filt``:
+    def _cu_medfilt5_add(du, dv, u, v, filt):
+        """``_nb_medfilt5_interior`` of du and dv added to u and v, as the driver does:
+        ``u += medfilt(du)``, ``v += medfilt(dv)`` on the interior (without ``filt``:
         ``u += du``, ``v += dv``).  The halo of u and v is left alone: the driver
         reads only their interior."""
         b, a, k = _cuda.grid(3)
         if k >= du.shape[0] or a < 1 or b < 1 or a >= du.shape[1] - 1 or b >= du.shape[2] - 1:
             return
         if filt:
-            u[k, a, b] += median25(du, k, a, b)
-            v[k, a, b] += median25(dv, k, a, b)
+            u[k, a, b] += _cu_median25(du, k, a, b)
+            v[k, a, b] += _cu_median25(dv, k, a, b)
         else:
             u[k, a, b] += du[k, a, b]
             v[k, a, b] += dv[k, a, b]
@@ -5221,10 +5228,11 @@ def _cuda_kernels(precision):
     # ---- per-frame statistics ------------------------------------------------
 
     @cuda.jit
-    def frame_sums(u, v, out):
+    def _cu_frame_sums(u, v, out):
         """Block k sums frame k of ``u, v (n, W, H)`` in float64: ``out[k] = (sum |w|,
         max |w|, sum of the divergence, sum u, sum v)``; the divergence is that of
-        ``_frame_statistics`` (Sobel, unnormalised, edges replicated)."""
+        ``_nb_frame_statistics`` (Sobel, unnormalised, edges replicated), which turns
+        the sums into the statistics."""
         k = _cuda.blockIdx.x
         t = _cuda.threadIdx.x
         nx = u.shape[1]
@@ -5242,13 +5250,13 @@ def _cuda_kernels(precision):
             vc = np.float64(v[k, x, y])
             mag = math.sqrt(uc * uc + vc * vc)
             s_mag += mag
-            m_mag = greater(m_mag, mag)
+            m_mag = _cu_greater(m_mag, mag)
             s_u += uc
             s_v += vc
-            xl = greater(x - 1, 0)
-            xr = lesser(x + 1, nx - 1)
-            yu = greater(y - 1, 0)
-            yd = lesser(y + 1, ny - 1)
+            xl = _cu_greater(x - 1, 0)
+            xr = _cu_lesser(x + 1, nx - 1)
+            yu = _cu_greater(y - 1, 0)
+            yd = _cu_lesser(y + 1, ny - 1)
             gx = (
                 (np.float64(u[k, xr, yu]) - u[k, xl, yu])
                 + 2.0 * (np.float64(u[k, xr, y]) - u[k, xl, y])
@@ -5270,7 +5278,7 @@ def _cuda_kernels(precision):
         while step > 0:
             if t < step:
                 sums[0, t] += sums[0, t + step]
-                sums[1, t] = greater(sums[1, t], sums[1, t + step])
+                sums[1, t] = _cu_greater(sums[1, t], sums[1, t + step])
                 sums[2, t] += sums[2, t + step]
                 sums[3, t] += sums[3, t + step]
                 sums[4, t] += sums[4, t + step]
@@ -5287,7 +5295,8 @@ def _cuda_kernels(precision):
         grid = ((shape[2] + bx - 1) // bx, (shape[1] + by - 1) // by, shape[0])
         kernel[grid, (bx, by, 1)](*args)
 
-    return types.SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
+    found = {k: v for k, v in locals().items() if k.startswith("_cu_")}
+    return types.SimpleNamespace(**found, launch=launch, STATS_THREADS=STATS_THREADS)
 
 
 def _cuda_simulated():
@@ -5427,16 +5436,16 @@ class CudaBackend(FlowBackend):
         k = self._k
         P, nx, ny = src.shape
         if nx_out == nx and ny_out == ny:
-            k.launch(k.copy, out.shape, src, out)
+            k.launch(k._cu_copy, out.shape, src, out)
             return
 
         def ax0(s, o):
             w, i = self._table(s.shape[1], o.shape[1])
-            k.launch(k.resize0, o.shape, s, w, i, o)
+            k.launch(k._cu_resize_axis0, o.shape, s, w, i, o)
 
         def ax1(s, o):
             w, i = self._table(s.shape[2], o.shape[2])
-            k.launch(k.resize1, o.shape, s, w, i, o)
+            k.launch(k._cu_resize_axis1, o.shape, s, w, i, o)
 
         if ny_out / ny <= nx_out / nx:
             if ny_out == ny:
@@ -5459,7 +5468,7 @@ class CudaBackend(FlowBackend):
     def _halo(self, f, g):
         k = self._k
         n, NX, NY = f.shape
-        k.launch(k.halo, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
+        k.launch(k._cu_set_boundary, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
 
     def _level_solver(self, J, weight, a_data, u, v, sp, du, dv):
         """``_nb_level_solver`` with ``sp.red_black`` of a batch: tensors ``J (6, n * C, NX,
@@ -5472,12 +5481,12 @@ class CudaBackend(FlowBackend):
         A12, Du, Dv, cu, cv, wxe, wye = (
             self._work(s, shape) for s in ("A12", "Du", "Dv", "cu", "cv", "wxe", "wye")
         )
-        k.launch(k.fill, shape, du, F(0.0))
-        k.launch(k.fill, shape, dv, F(0.0))
+        k.launch(k._cu_fill, shape, du, F(0.0))
+        k.launch(k._cu_fill, shape, dv, F(0.0))
         cx = F(sp.alpha_x / (sp.hx * sp.hx))
         cy = F(sp.alpha_y / (sp.hy * sp.hy))
-        k.launch(k.fill, shape, wxe, cx)
-        k.launch(k.fill, shape, wye, cy)
+        k.launch(k._cu_fill, shape, wxe, cx)
+        k.launch(k._cu_fill, shape, wye, cy)
         uniform = sp.a_smooth == 1.0
         omega = F(SOR_OMEGA)
         spf = sp._replace(
@@ -5488,10 +5497,12 @@ class CudaBackend(FlowBackend):
             if it == 0 or it % sp.update_lag == 0:
                 if it > 0 and not uniform:
                     psi = self._work("psi", shape)
-                    k.launch(k.smooth_psi, shape, u, v, du, dv, spf.a_smooth, spf.hx, spf.hy, psi)
-                    k.launch(k.smooth_edges, shape, psi, cx, cy, wxe, wye)
+                    k.launch(
+                        k._cu_smooth_psi, shape, u, v, du, dv, spf.a_smooth, spf.hx, spf.hy, psi
+                    )
+                    k.launch(k._cu_smooth_edges, shape, psi, cx, cy, wxe, wye)
                 k.launch(
-                    k.refresh,
+                    k._cu_refresh,
                     shape,
                     J,
                     weight,
@@ -5515,7 +5526,7 @@ class CudaBackend(FlowBackend):
             self._halo(du, dv)
             for colour in (0, 1):
                 k.launch(
-                    k.sweep,
+                    k._cu_sor_sweep_rb,
                     half,
                     du,
                     dv,
@@ -5555,7 +5566,7 @@ class CudaBackend(FlowBackend):
             if j == 0:
                 for src, dst in ((ui0, un), (vi0, vn)):
                     init = _nb_pad_edge(_nb_resize(src, lx, ly)).astype(self.dtype)
-                    k.launch(k.broadcast, dst.shape, self._cuda.to_device(init), dst)
+                    k.launch(k._cu_broadcast, dst.shape, self._cuda.to_device(init), dst)
                 moved = F2
             else:
                 self._resize(u[:, 1:-1, 1:-1], lx, ly, un[:, 1:-1, 1:-1], "field_tmp")
@@ -5564,7 +5575,7 @@ class CudaBackend(FlowBackend):
                 moved = self._work("F2warped", (n * C, lx, ly))
                 scratch = self._work("valid_level", (n, lx, ly), np.uint8)
                 k.launch(
-                    k.warp,
+                    k._cu_warp_plane,
                     (n, lx, ly),
                     F2,
                     un[:, 1:-1, 1:-1],
@@ -5577,13 +5588,13 @@ class CudaBackend(FlowBackend):
                     scratch,
                 )
             J = self._work("J", (6, n * C, NX, NY))
-            tensor = k.tensor_gc if p.kind == 0 else k.tensor_gray
+            tensor = k._cu_tensor_gc if p.kind == 0 else k._cu_tensor_gray
             k.launch(tensor, J.shape[1:], F1, moved, F(hx), F(hy), *(J[c] for c in range(6)))
             du = self._work("du", (n, NX, NY))
             dv = self._work("dv", (n, NX, NY))
             sp = _solver_params(p, lev)
             self._level_solver(J, st.weights[j], st.a_data, un, vn, sp, du, dv)
-            k.launch(k.median_add, (n, NX, NY), du, dv, un, vn, lev.median)
+            k.launch(k._cu_medfilt5_add, (n, NX, NY), du, dv, un, vn, lev.median)
             u, v = un, vn
         out_u = self._work("u_out", (n, nw, mh))
         out_v = self._work("v_out", (n, nw, mh))
@@ -5596,7 +5607,7 @@ class CudaBackend(FlowBackend):
         n, H, W, C = frames.shape
         src = self._cuda.to_device(np.ascontiguousarray(frames))
         out = self._work(name, (n * C, W, H))
-        self._k.launch(self._k.to_planes, out.shape, src, out)
+        self._k.launch(self._k._cu_to_planes, out.shape, src, out)
         return out
 
     # ---- interface ------------------------------------------------------------
@@ -5651,7 +5662,7 @@ class CudaBackend(FlowBackend):
                     planes = self._upload_planes(raw[i0:i1], "raw")
                     out = self._work("registered", planes.shape)
                     k.launch(
-                        k.warp,
+                        k._cu_warp_plane,
                         (m, W, H),
                         planes,
                         u,
@@ -5664,14 +5675,14 @@ class CudaBackend(FlowBackend):
                         ok,
                     )
                     reg_dev = self._work("registered_out", (m, H, W, C))
-                    k.launch(k.from_planes, out.shape, out, reg_dev)
+                    k.launch(k._cu_from_planes, out.shape, out, reg_dev)
                     reg[i0:i1] = reg_dev.copy_to_host()
-                k.launch(k.fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
+                k.launch(k._cu_fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
                 w[i0:i1] = w_dev.copy_to_host()
                 if raw is not None:
                     valid[i0:i1] = mask_dev.copy_to_host().view(bool)
                     sums_dev = self._work("frame_sums", (m, 5), np.float64)
-                    k.frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
+                    k._cu_frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
                     sums[i0:i1] = sums_dev.copy_to_host()
         return w, reg, valid, sums
 

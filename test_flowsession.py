@@ -3955,7 +3955,17 @@ def test_cuda_warp_matches_cpu(method, monkeypatch):
     out = _dev(np.zeros_like(src))
     valid = _dev(np.zeros((n, nx, ny), np.uint8))
     k.launch(
-        k.warp, (n, nx, ny), _dev(src), _dev(u), _dev(v), hu, hv, _dev(fill), method, out, valid
+        k._cu_warp_plane,
+        (n, nx, ny),
+        _dev(src),
+        _dev(u),
+        _dev(v),
+        hu,
+        hv,
+        _dev(fill),
+        method,
+        out,
+        valid,
     )
     got = out.copy_to_host()
     ok = valid.copy_to_host().astype(bool)
@@ -3980,7 +3990,13 @@ def test_cuda_tensors_match_cpu(kind):
     k = fs._cuda_kernels("float64")
     J = [_dev(np.full((n * C, nx + 2, ny + 2), np.nan)) for _ in range(6)]
     k.launch(
-        k.tensor_gc if kind == "gc" else k.tensor_gray, J[0].shape, _dev(f1), _dev(f2), hx, hy, *J
+        k._cu_tensor_gc if kind == "gc" else k._cu_tensor_gray,
+        J[0].shape,
+        _dev(f1),
+        _dev(f2),
+        hx,
+        hy,
+        *J,
     )
     cpu = fs._nb_tensor_gc if kind == "gc" else fs._nb_tensor_gray
     for q in range(n * C):
@@ -4016,7 +4032,9 @@ def test_cuda_refresh_matches_cpu(first, local):
     outs = [_dev(np.zeros((n, NX, NY))) for _ in range(5)]
     sp = fs._SolverParams(1.0, 1.0, 1.0, 1.0, 1, 1, 0.5, False, local, True)
     args = (sp, first, _dev(u), _dev(v), _dev(du), _dev(dv), _dev(wxe), _dev(wye))
-    k.launch(k.refresh, (n, NX, NY), _dev(np.stack(J)), _dev(weight), _dev(a_data), *args, *outs)
+    k.launch(
+        k._cu_refresh, (n, NX, NY), _dev(np.stack(J)), _dev(weight), _dev(a_data), *args, *outs
+    )
     for f in range(n):
         want = [np.zeros((NX, NY)) for _ in range(5)]
         fs._nb_refresh(
@@ -4046,8 +4064,8 @@ def test_cuda_smoothness_weights_match_cpu():
     psi = _dev(np.zeros((n, NX, NY)))
     wxe = _dev(np.zeros((n, NX, NY)))
     wye = _dev(np.zeros((n, NX, NY)))
-    k.launch(k.smooth_psi, (n, NX, NY), _dev(u), _dev(v), _dev(du), _dev(dv), 0.5, hx, hy, psi)
-    k.launch(k.smooth_edges, (n, NX, NY), psi, ax / hx**2, ay / hy**2, wxe, wye)
+    k.launch(k._cu_smooth_psi, (n, NX, NY), _dev(u), _dev(v), _dev(du), _dev(dv), 0.5, hx, hy, psi)
+    k.launch(k._cu_smooth_edges, (n, NX, NY), psi, ax / hx**2, ay / hy**2, wxe, wye)
     for f in range(n):
         wx = np.empty((NX, NY))
         wy = np.empty((NX, NY))
@@ -4075,7 +4093,7 @@ def test_cuda_red_black_sweep_matches_cpu(uniform):
     be._halo(du, dv)
     for colour in (0, 1):
         k.launch(
-            k.sweep,
+            k._cu_sor_sweep_rb,
             (n, NX - 2, (NY - 1) // 2),
             du,
             dv,
@@ -4134,7 +4152,7 @@ def test_cuda_median_matches_cpu(filt):
     d = rng.standard_normal((2, n, NX, NY))
     k = fs._cuda_kernels("float64")
     u, v = _dev(np.zeros((n, NX, NY))), _dev(np.ones((n, NX, NY)))
-    k.launch(k.median_add, (n, NX, NY), _dev(d[0]), _dev(d[1]), u, v, filt)
+    k.launch(k._cu_medfilt5_add, (n, NX, NY), _dev(d[0]), _dev(d[1]), u, v, filt)
     for f in range(n):
         a, b = d[0, f].copy(), d[1, f].copy()
         if filt:
@@ -4311,22 +4329,22 @@ for F in ("float32", "float64"):
     k = fs._cuda_kernels(F)
     A3, A2, A4, U3 = f"{F}[:, :, :]", f"{F}[:, :]", f"{F}[:, :, :, :]", "uint8[:, :, :]"
     sigs = {
-        "fill": f"({A3}, {F})", "copy": f"({A3}, {A3})", "broadcast": f"({A2}, {A3})",
-        "to_planes": f"(uint16[:, :, :, :], {A3})", "from_planes": f"({A3}, {A4})",
-        "fields_out": f"({A3}, {A3}, {U3}, {A4}, uint8[:, :, :])", "halo": f"({A3}, {A3})",
-        "resize0": f"({A3}, {A2}, int32[:, :], {A3})", "resize1": f"({A3}, {A2}, int32[:, :], {A3})",
-        "warp": f"({A3}, {A3}, {A3}, {F}, {F}, {A3}, int64, {A3}, {U3})",
-        "tensor_gc": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
-        "tensor_gray": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
-        "refresh": (getattr(nbt, F)[:, :, :, :], getattr(nbt, F)[:, :, :], getattr(nbt, F)[:],
+        "_cu_fill": f"({A3}, {F})", "_cu_copy": f"({A3}, {A3})", "_cu_broadcast": f"({A2}, {A3})",
+        "_cu_to_planes": f"(uint16[:, :, :, :], {A3})", "_cu_from_planes": f"({A3}, {A4})",
+        "_cu_fields_out": f"({A3}, {A3}, {U3}, {A4}, uint8[:, :, :])", "_cu_set_boundary": f"({A3}, {A3})",
+        "_cu_resize_axis0": f"({A3}, {A2}, int32[:, :], {A3})", "_cu_resize_axis1": f"({A3}, {A2}, int32[:, :], {A3})",
+        "_cu_warp_plane": f"({A3}, {A3}, {A3}, {F}, {F}, {A3}, int64, {A3}, {U3})",
+        "_cu_tensor_gc": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
+        "_cu_tensor_gray": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
+        "_cu_refresh": (getattr(nbt, F)[:, :, :, :], getattr(nbt, F)[:, :, :], getattr(nbt, F)[:],
                     numba.typeof(fs._SolverParams(*[np.dtype(F).type(1)] * 4, 2, 1,
                                                   np.dtype(F).type(1), False, False, True)),
                     nbt.boolean, *[getattr(nbt, F)[:, :, :]] * 11),
-        "smooth_psi": f"({A3}, {A3}, {A3}, {A3}, {F}, {F}, {F}, {A3})",
-        "smooth_edges": f"({A3}, {F}, {F}, {A3}, {A3})",
-        "sweep": f"({A3}, {A3}, {A3}, {A3}, boolean, {F}, {F}" + f", {A3}" * 5 + f", {F}, int64)",
-        "median_add": f"({A3}, {A3}, {A3}, {A3}, boolean)",
-        "frame_sums": f"({A3}, {A3}, float64[:, :])",
+        "_cu_smooth_psi": f"({A3}, {A3}, {A3}, {A3}, {F}, {F}, {F}, {A3})",
+        "_cu_smooth_edges": f"({A3}, {F}, {F}, {A3}, {A3})",
+        "_cu_sor_sweep_rb": f"({A3}, {A3}, {A3}, {A3}, boolean, {F}, {F}" + f", {A3}" * 5 + f", {F}, int64)",
+        "_cu_medfilt5_add": f"({A3}, {A3}, {A3}, {A3}, boolean)",
+        "_cu_frame_sums": f"({A3}, {A3}, float64[:, :])",
     }
     for name, sig in sigs.items():
         ptx, _ = cuda.compile_ptx(getattr(k, name).py_func, sig, cc=(9, 0))
@@ -4362,7 +4380,7 @@ def test_cuda_kernels_compile_for_the_gpu_and_float32_stays_single():
     rows = [line.split() for line in r.stdout.splitlines()]
     assert len(rows) == 2 * 18
     for prec, name, n64 in rows:
-        if prec == "float32" and name != "frame_sums":
+        if prec == "float32" and name != "_cu_frame_sums":
             assert n64 == "0", (name, n64)
     assert any(prec == "float64" and int(n64) > 0 for prec, _, n64 in rows)
 

@@ -2740,14 +2740,11 @@ def _nb_zero_ring(f):
 
 
 @_njit
-def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
-    """Gradient-constancy motion tensor with Zimmer normalisation.
-
-    ``f1`` (reference) and ``f2`` (warped moving) are ``(nx, ny)`` planes; the
-    outputs are ``(nx + 2, ny + 2)`` with a zero outer ring.  ``hx`` is the grid
-    spacing along x (columns), ``hy`` along y (rows).  Mirrors
-    ``get_motion_tensor_gc.m``.
-    """
+def _nb_tensor_start(f1, f2, hx):
+    """What every data term starts from: the planes padded by one sample (``_nb_pad_edge``)
+    ``F1, F2``, their x-derivatives ``g1, g2`` (``gradient``), the frame-averaged
+    ``fx = (g1 + g2) / 2`` and the difference ``ft = F2 - F1``; ``(nx + 2, ny + 2)``
+    float64 each, rings not yet re-padded.  ``g1, g2`` are free for reuse."""
     F1 = _nb_pad_edge(f1)
     F2 = _nb_pad_edge(f2)
     NX, NY = F1.shape
@@ -2757,6 +2754,20 @@ def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     _nb_grad0(F2, hx, g2)
     fx = 0.5 * (g1 + g2)
     ft = F2 - F1
+    return F1, F2, g1, g2, fx, ft
+
+
+@_njit
+def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+    """Gradient-constancy motion tensor with Zimmer normalisation.
+
+    ``f1`` (reference) and ``f2`` (warped moving) are ``(nx, ny)`` planes; the
+    outputs are ``(nx + 2, ny + 2)`` with a zero outer ring.  ``hx`` is the grid
+    spacing along x (columns), ``hy`` along y (rows).  Mirrors
+    ``get_motion_tensor_gc.m``.
+    """
+    F1, F2, g1, g2, fx, ft = _nb_tensor_start(f1, f2, hx)
+    NX, NY = F1.shape
     _nb_repad_ring(fx)
     _nb_repad_ring(ft)
     fxy = g1
@@ -2805,18 +2816,11 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     Frame-averaged first derivatives and the frame difference, on the
     symmetrically padded planes, ring re-padded; outputs with a zero ring.
     """
-    F1 = _nb_pad_edge(f1)
-    F2 = _nb_pad_edge(f2)
+    F1, F2, g1, g2, fx, ft = _nb_tensor_start(f1, f2, hx)
     NX, NY = F1.shape
-    g1 = np.empty((NX, NY))
-    g2 = np.empty((NX, NY))
-    _nb_grad0(F1, hx, g1)
-    _nb_grad0(F2, hx, g2)
-    fx = 0.5 * (g1 + g2)
     _nb_grad1(F1, hy, g1)
     _nb_grad1(F2, hy, g2)
     fy = 0.5 * (g1 + g2)
-    ft = F2 - F1
     _nb_repad_ring(fx)
     _nb_repad_ring(fy)
     _nb_repad_ring(ft)
@@ -3678,8 +3682,10 @@ def _plan_levels(plan):
     return [_Level._make(row) for row in plan.tolist()]
 
 
+@_njit
 def _solver_params(p, level):
-    """``_SolverParams`` of ``_FlowParams`` ``p`` on a plan row ``level``."""
+    """``_SolverParams`` of ``_FlowParams`` ``p`` on the plan row ``level`` (a record in the
+    CPU driver, a ``_Level`` in the others)."""
     return _SolverParams(
         level.alpha_x,
         level.alpha_y,
@@ -3780,18 +3786,7 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
             else:
                 weight[c, 0, 0] = p.wvec[c]
         t = _nb_lap(times, k, _STEP_TENSORS, t)
-        sp = _SolverParams(
-            lev.alpha_x,
-            lev.alpha_y,
-            hx,
-            hy,
-            p.iterations,
-            p.update_lag,
-            p.a_smooth,
-            not p.quirks,
-            p.local,
-            p.red_black,
-        )
+        sp = _solver_params(p, lev)
         du = np.empty((NX, NY))
         dv = np.empty((NX, NY))
         _nb_level_solver(J, weight, p.a_data, u, v, sp, du, dv, times, k)

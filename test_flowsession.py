@@ -4815,3 +4815,242 @@ def test_pyramid_plan_states_the_level_rules_of_get_displacement(quirks):
         assert lev.median == (min(lev.lx, lev.ly) > 5)
     offsets = [lev.offset for lev in levels]
     assert offsets == list(np.cumsum([0] + [2 * lev.lx * lev.ly for lev in levels[:-1]]))
+
+
+# Every step of the solver on every other backend against its CPU kernel, the
+# reference: the CUDA kernels (Numba's simulator without a GPU) and the torch
+# functions (CPU).  Inputs are tiny, two frames of two channels; the CPU results
+# are per frame.  Tolerances: rounding only, in float64 (1e-12 of the largest
+# value; 1e-11 for the level solver, a few hundred operations deep through pow);
+# the median selects a value, so it is exact.
+
+_STEPS = [
+    "resize",
+    "warp_nearest",
+    "warp_linear",
+    "warp_cubic",
+    "tensor_gc",
+    "tensor_gray",
+    "refresh_first",
+    "refresh",
+    "refresh_local",
+    "smooth_weights",
+    "sweep_uniform",
+    "sweep",
+    "level_solver",
+    "median",
+]
+
+
+def _step_case(step):
+    """Inputs of ``step`` (numpy, float64) and the CPU kernels' results, a list of
+    arrays with the frames ``(n, ...)`` or planes ``(n * C, ...)`` first."""
+    rng = np.random.default_rng(sum(map(ord, step)))
+    n, C, nx, ny = 2, 2, 7, 6
+    NX, NY = nx + 2, ny + 2
+    case = {"n": n, "C": C}
+    if step == "resize":
+        src = rng.random((n * C, 9, 7))
+        case.update(src=src, size=(6, 11))
+        return case, [np.stack([fs._nb_resize(s, 6, 11) for s in src])]
+    if step.startswith("warp"):
+        method = fs._INTERPOLATION[step.split("_")[1]]
+        src, fill = rng.random((n * C, nx, ny)), rng.random((C, nx, ny))
+        u, v = rng.uniform(-3, 3, (2, n, nx, ny))  # partly outside: fill and mask
+        case.update(src=src, fill=fill, u=u, v=v, h=(1.3, 0.8), method=method)
+        out, valid = np.empty((n * C, nx, ny)), np.empty((n, nx, ny), bool)
+        for q in range(n * C):
+            k = q // C
+            fs._nb_warp_plane(src[q], u[k], v[k], 1.3, 0.8, fill[q % C], method, out[q], valid[k])
+        return case, [out, valid]
+    if step.startswith("tensor"):
+        f1, f2 = rng.random((C, nx, ny)), rng.random((n * C, nx, ny))
+        case.update(f1=f1, f2=f2, h=(1.25, 0.9), kind=fs._TENSOR_KINDS[step.split("_")[1]])
+        J = np.empty((6, n * C, NX, NY))
+        kern = fs._nb_tensor_gc if step == "tensor_gc" else fs._nb_tensor_gray
+        for q in range(n * C):
+            kern(f1[q % C], f2[q], 1.25, 0.9, *J[:, q])
+        return case, list(J)
+    J = np.empty((6, n * C, NX, NY))
+    for q in range(n * C):
+        fs._nb_tensor_gc(rng.random((nx, ny)), rng.random((nx, ny)), 1.1, 0.9, *J[:, q])
+    u, v = (np.stack([fs._nb_pad_edge(rng.normal(0, 1, (nx, ny))) for _ in range(n)]) for _ in "uv")
+    du, dv = (rng.normal(0, 0.2, (n, NX, NY)) for _ in "uv")
+    wxe, wye = (rng.random((n, NX, NY)) + 0.5 for _ in "xy")
+    local = step == "refresh_local"
+    weight = rng.random((C, NX, NY)) if local else np.array([0.3, 0.7]).reshape(C, 1, 1)
+    a_smooth = 1.0 if step == "sweep_uniform" else 0.5
+    sp = fs._SolverParams(2.0, 1.5, 1.1, 0.9, 6, 2, a_smooth, False, local, True)
+    a_data = np.array([0.45, 0.6])
+    case.update(J=J, u=u, v=v, du=du, dv=dv, wxe=wxe, wye=wye, weight=weight, sp=sp, a_data=a_data)
+    frames = range(n)
+
+    def Jf(k):
+        return np.ascontiguousarray(J[:, k * C : (k + 1) * C])
+
+    if step.startswith("refresh"):
+        case["first"] = step == "refresh_first"
+        outs = np.zeros((5, n, NX, NY))
+        for k in frames:
+            args = (u[k], v[k], du[k], dv[k], wxe[k], wye[k])
+            fs._nb_refresh(Jf(k), weight, a_data, sp, case["first"], *args, *outs[:, k])
+        return case, list(outs[:, :, 1:-1, 1:-1])  # interior pixels
+    if step == "smooth_weights":
+        out = np.empty((2, n, NX, NY))
+        for k in frames:
+            fs._nb_smooth_weights(u[k], v[k], du[k], dv[k], 0.5, 2.0, 1.5, 1.1, 0.9, *out[:, k])
+        return case, list(out)
+    if step.startswith("sweep"):
+        if a_smooth == 1.0:
+            wxe[:], wye[:] = 0.7, 1.3
+        consts = [rng.normal(0, 0.2, (n, NX, NY)) for _ in range(3)]  # A12, cu, cv
+        consts[1:1] = [rng.random((n, NX, NY)) * 0.3 for _ in range(2)]  # Du, Dv
+        case["consts"] = consts  # A12, Du, Dv, cu, cv
+        a, b = du.copy(), dv.copy()
+        for k in frames:
+            fs._nb_set_boundary(a[k])
+            fs._nb_set_boundary(b[k])
+            c = [x[k] for x in consts]
+            fs._nb_sor_sweep_rb(a[k], b[k], wxe[k], wye[k], a_smooth == 1.0, *c, fs.SOR_OMEGA)
+        return case, [a, b]
+    if step == "level_solver":
+        out = np.empty((2, n, NX, NY))
+        for k in frames:
+            fs._nb_level_solver(Jf(k), weight, a_data, u[k], v[k], sp, *out[:, k], fs._NO_TIMES, 0)
+        return case, list(out[:, :, 1:-1, 1:-1])
+    assert step == "median"
+    want = [u.copy(), v.copy()]
+    for k in frames:
+        for d, w in ((du[k].copy(), want[0][k]), (dv[k].copy(), want[1][k])):
+            fs._nb_medfilt5_interior(d)
+            w[1:-1, 1:-1] += d[1:-1, 1:-1]
+    return case, [w[:, 1:-1, 1:-1] for w in want]
+
+
+def _cuda_step(step, c):
+    """``step`` on the CUDA kernels (float64)."""
+    from numba import cuda
+
+    dev = cuda.to_device
+    be = fs.CudaBackend({"precision": "float64"})
+    k = be._k
+    n = c["n"]
+    if step == "resize":
+        out = be._work("out", (len(c["src"]), *c["size"]))
+        be._resize(dev(c["src"]), *c["size"], out, "tmp")
+        return [out.copy_to_host()]
+    if step.startswith("warp"):
+        out, valid = dev(np.zeros_like(c["src"])), dev(np.zeros(c["u"].shape, np.uint8))
+        args = (dev(c["u"]), dev(c["v"]), *c["h"], dev(c["fill"]), c["method"], out, valid)
+        k.launch(k._cu_warp_plane, c["u"].shape, dev(c["src"]), *args)
+        return [out.copy_to_host(), valid.copy_to_host().astype(bool)]
+    if step.startswith("tensor"):
+        J = [dev(np.zeros((len(c["f2"]), *(s + 2 for s in c["f1"].shape[1:])))) for _ in range(6)]
+        kern = k._cu_tensor_gc if c["kind"] == 0 else k._cu_tensor_gray
+        k.launch(kern, J[0].shape, dev(c["f1"]), dev(c["f2"]), *c["h"], *J)
+        return [j.copy_to_host() for j in J]
+    fields = [dev(c[x]) for x in ("u", "v", "du", "dv")]
+    shape = c["u"].shape
+    if step.startswith("refresh"):
+        outs = [dev(np.zeros(shape)) for _ in range(5)]
+        args = (c["sp"], c["first"], *fields, dev(c["wxe"]), dev(c["wye"]), *outs)
+        k.launch(k._cu_refresh, shape, dev(c["J"]), dev(c["weight"]), dev(c["a_data"]), *args)
+        return [o.copy_to_host()[:, 1:-1, 1:-1] for o in outs]
+    if step == "smooth_weights":
+        psi, wxe, wye = (dev(np.zeros(shape)) for _ in range(3))
+        k.launch(k._cu_smooth_psi, shape, *fields, 0.5, 1.1, 0.9, psi)
+        k.launch(k._cu_smooth_edges, shape, psi, 2.0 / 1.1**2, 1.5 / 0.9**2, wxe, wye)
+        return [wxe.copy_to_host(), wye.copy_to_host()]
+    if step.startswith("sweep"):
+        du, dv = fields[2:]
+        be._halo(du, dv)
+        uniform = c["sp"].a_smooth == 1.0
+        consts = [dev(x) for x in c["consts"]]
+        for colour in (0, 1):
+            k.launch(
+                k._cu_sor_sweep_rb,
+                (n, shape[1] - 2, (shape[2] - 1) // 2),
+                du,
+                dv,
+                dev(c["wxe"]),
+                dev(c["wye"]),
+                uniform,
+                0.7,
+                1.3,
+                *consts,
+                fs.SOR_OMEGA,
+                colour,
+            )
+        return [du.copy_to_host(), dv.copy_to_host()]
+    if step == "level_solver":
+        du, dv = be._work("du", shape), be._work("dv", shape)
+        w, ad = dev(c["weight"]), dev(c["a_data"])
+        be._level_solver(dev(c["J"]), w, ad, fields[0], fields[1], c["sp"], du, dv)
+        return [du.copy_to_host()[:, 1:-1, 1:-1], dv.copy_to_host()[:, 1:-1, 1:-1]]
+    u, v, du, dv = fields
+    k.launch(k._cu_medfilt5_add, shape, du, dv, u, v, True)
+    return [u.copy_to_host()[:, 1:-1, 1:-1], v.copy_to_host()[:, 1:-1, 1:-1]]
+
+
+def _torch_step(step, c):
+    """``step`` on the torch functions (CPU, float64)."""
+    n, C = c["n"], c["C"]
+    if step == "resize":
+        return [fs._tc_resize(_tt(c["src"]), *c["size"]).numpy()]
+    if step.startswith("warp"):
+        nx, ny = c["src"].shape[1:]
+        src = _tt(c["src"]).reshape(n, C, nx, ny)
+        fill = _tt(c["fill"])[None]
+        out, ok = fs._tc_warp(src, _tt(c["u"]), _tt(c["v"]), *c["h"], fill, c["method"])
+        return [out.reshape(n * C, nx, ny).numpy(), ok.numpy()]
+    if step.startswith("tensor"):
+        nx, ny = c["f1"].shape[1:]
+        f2 = _tt(c["f2"]).reshape(n, C, nx, ny)
+        J = fs._tc_tensor(_tt(c["f1"])[None], f2, *c["h"], c["kind"])
+        return list(J.reshape(6, n * C, nx + 2, ny + 2).numpy())
+    NX, NY = c["u"].shape[1:]
+    J = _tt(c["J"]).reshape(6, n, C, NX, NY)
+    u, v, du, dv = (_tt(c[x]) for x in ("u", "v", "du", "dv"))
+    weight = _tt(c["weight"][:, 1:-1, 1:-1] if c["sp"].local else c["weight"])
+    a_data = list(c["a_data"])
+    if step.startswith("refresh"):
+        args = (u, v, du, dv, _tt(c["wxe"]), _tt(c["wye"]))
+        return [x.numpy() for x in fs._tc_refresh(J, weight, a_data, c["sp"], c["first"], *args)]
+    if step == "smooth_weights":
+        cx, cy = 2.0 / 1.1**2, 1.5 / 0.9**2
+        return [x.numpy() for x in fs._tc_smooth_weights(u, v, du, dv, 0.5, cx, cy, 1.1, 0.9)]
+    if step.startswith("sweep"):
+        D = _need("torch").stack([du, dv])
+        if c["sp"].a_smooth == 1.0:
+            wxe, wye = 0.7, 1.3
+        else:
+            wxe, wye = _tt(c["wxe"]), _tt(c["wye"])
+        consts = [_tt(x)[:, 1:-1, 1:-1] for x in c["consts"]]
+        plan = fs._tc_sweep_plan(D, wxe, wye, consts, fs._tc_sublattices(NX, NY))
+        fs._tc_set_boundary(D)
+        fs._tc_sor_sweep_rb(plan, fs.SOR_OMEGA)
+        return [D[0].numpy(), D[1].numpy()]
+    if step == "level_solver":
+        du, dv = fs._tc_level_solver(J, weight, a_data, u, v, c["sp"])
+        return [du.numpy()[:, 1:-1, 1:-1], dv.numpy()[:, 1:-1, 1:-1]]
+    return [
+        (w[:, 1:-1, 1:-1] + fs._tc_medfilt5(d[:, 1:-1, 1:-1])).numpy()
+        for w, d in ((u, du), (v, dv))
+    ]
+
+
+@pytest.mark.parametrize("step", _STEPS)
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("torch", marks=pytest.mark.torch)],
+)
+def test_every_step_of_every_backend_matches_its_cpu_kernel(backend, step):
+    case, want = _step_case(step)
+    got = _cuda_step(step, case) if backend == "cuda" else _torch_step(step, case)
+    assert len(got) == len(want)
+    rel = 0.0 if step == "median" else 1e-11 if step == "level_solver" else 1e-12
+    for g, w in zip(got, want):
+        g = np.asarray(g, dtype=w.dtype)
+        assert g.shape == w.shape
+        scale = max(np.abs(w).max(), 1e-300) if w.dtype != bool else 1
+        np.testing.assert_allclose(g, w, rtol=0, atol=rel * scale)

@@ -2520,7 +2520,9 @@ def _nb_resize_axis1(src, out_len):
 
 @_njit
 def _nb_resize(src, nx_out, ny_out):
-    """Resize a transposed plane ``(nx, ny)`` to ``(nx_out, ny_out)`` (MATLAB ``imresize``).
+    """Resize a transposed float64 plane ``(nx, ny)`` to ``(nx_out, ny_out)`` (MATLAB
+    ``imresize``, bicubic with antialiasing); the CPU reference of ``_cu_resize_axis0``/
+    ``_cu_resize_axis1`` (``CudaBackend._resize``) and ``_tc_resize``.
 
     The two axis passes are separable, so their order changes rounding only (a
     few 1e-16 relative); MATLAB takes the smaller scale first, we take the cheaper
@@ -2598,8 +2600,10 @@ def _nb_cell(pos, n):
 
 @_njit
 def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
-    """Backward warp of one transposed plane.
+    """Backward warp of one transposed plane (MATLAB ``imwarp``/``interp2`` with a
+    displacement field); the CPU reference of ``_cu_warp_plane`` and ``_tc_warp``.
 
+    ``src, fill, u, v, out`` are ``(nx, ny)`` float64, ``valid`` ``(nx, ny)`` bool.
     ``out[x, y] = src(x + u[x, y] / hu, y + v[x, y] / hv)``; points outside the
     sample grid (or NaN) take ``fill[x, y]`` and ``valid[x, y] = False``.
     ``method``: 0 nearest, 1 linear, 2 cubic.
@@ -2761,10 +2765,11 @@ def _nb_tensor_start(f1, f2, hx):
 def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     """Gradient-constancy motion tensor with Zimmer normalisation.
 
-    ``f1`` (reference) and ``f2`` (warped moving) are ``(nx, ny)`` planes; the
-    outputs are ``(nx + 2, ny + 2)`` with a zero outer ring.  ``hx`` is the grid
+    ``f1`` (reference) and ``f2`` (warped moving) are ``(nx, ny)`` float64 planes;
+    the outputs are ``(nx + 2, ny + 2)`` with a zero outer ring.  ``hx`` is the grid
     spacing along x (columns), ``hy`` along y (rows).  Mirrors
-    ``get_motion_tensor_gc.m``.
+    ``get_motion_tensor_gc.m``; the CPU reference of ``_cu_tensor_gc`` and
+    ``_tc_tensor`` (kind 0).
     """
     F1, F2, g1, g2, fx, ft = _nb_tensor_start(f1, f2, hx)
     NX, NY = F1.shape
@@ -2814,7 +2819,9 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     """Brightness-constancy motion tensor (no normalisation).
 
     Frame-averaged first derivatives and the frame difference, on the
-    symmetrically padded planes, ring re-padded; outputs with a zero ring.
+    symmetrically padded planes, ring re-padded; shapes as ``_nb_tensor_gc``,
+    outputs with a zero ring.  The toolbox's brightness-constancy tensor; the CPU
+    reference of ``_cu_tensor_gray`` and ``_tc_tensor`` (kind 1).
     """
     F1, F2, g1, g2, fx, ft = _nb_tensor_start(f1, f2, hx)
     NX, NY = F1.shape
@@ -2894,7 +2901,8 @@ def _nb_lap(times, row, step, t0):
 
 @_njit
 def _nb_set_boundary(f):
-    """Neumann halo: copy the adjacent interior values into the outer ring."""
+    """Neumann halo of an ``(NX, NY)`` array: copy the adjacent interior values into the
+    outer ring; the CPU reference of ``_cu_set_boundary`` and ``_tc_set_boundary``."""
     n0, n1 = f.shape
     for a in range(n0):
         f[a, 0] = f[a, 1]
@@ -3132,6 +3140,8 @@ def _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wy
     alpha/h^2; otherwise they carry the lagged diffusivity
     psi_s = a (|grad(u + du)|^2 + |grad(v + dv)|^2 + eps)^(a - 1), averaged over
     the two pixels, with MATLAB ``gradient`` over the whole haloed array.
+    All arrays ``(NX, NY)`` float64 (``level_solver.cpp``); the CPU reference of
+    ``_cu_smooth_psi`` + ``_cu_smooth_edges`` and ``_tc_smooth_weights``.
     """
     NX, NY = u.shape
     cx = alpha_x / (hx * hx)
@@ -3168,7 +3178,8 @@ def _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wy
 
 @_njit_contract
 def _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
-    """One lexicographic SOR sweep, column by column, du before dv at each pixel.
+    """One lexicographic SOR sweep, column by column, du before dv at each pixel: the
+    sweep of ``level_solver.cpp``.  All arrays ``(NX, NY)`` float64 with the halo.
 
     The update of a pixel depends on the pixel just updated before it (y - 1);
     that term is added last so the loop-carried chain is short.  With
@@ -3233,6 +3244,8 @@ def _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
     with it the CPU computes exactly what they compute (up to rounding).  Red
     pixels see the black values of the previous sweep, black pixels the red values
     of this one.  The halo is not touched (it is reset before every sweep).
+    Arrays as ``_nb_sor_sweep``; the CPU reference of ``_cu_sor_sweep_rb`` and
+    ``_tc_sor_sweep_rb``.
     """
     NX, NY = du.shape
     om1 = 1.0 - omega
@@ -3489,7 +3502,9 @@ def _nb_keep_ranks(r, lo, hi, cand, k0, n1):
 
 @_njit
 def _nb_medfilt5_interior(f):
-    """Median-filter the interior of a haloed array in place."""
+    """Median-filter the interior of a haloed ``(NX, NY)`` float64 array in place
+    (``_nb_medfilt5``: ``medfilt2(.., [5 5], 'symmetric')`` of the interior); the CPU
+    reference of ``_cu_median25`` (``_cu_medfilt5_add``) and ``_tc_medfilt5``."""
     n0, n1 = f.shape
     inner = f[1 : n0 - 1, 1 : n1 - 1].copy()
     _nb_medfilt5(inner, f[1 : n0 - 1, 1 : n1 - 1])

@@ -8199,13 +8199,16 @@ def _input_fingerprint(path):
 
 
 def _recording_fingerprint(path):
-    """Size and time stamp of every file of a recording stored in several files."""
+    """Names, sizes and time stamps of every file of a recording stored in several files
+    (as a digest: a Bruker series has one file per frame and channel)."""
     files, kind = recording_files(path)
-    stats = [(f, os.stat(f)) for f in files]
+    stats = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(f)]]
     return {
         "path": os.path.abspath(path),
         "layout": kind,
-        "files": [[f.name, st.st_size, st.st_mtime_ns] for f, st in stats],
+        "n_files": len(files),
+        "bytes": sum(s[1] for s in stats),
+        "files_digest": _digest(stats),
     }
 
 

@@ -5340,13 +5340,14 @@ def test_settings_changed_after_construction_are_checked_at_each_stage(tmp_path)
 
 
 def test_a_stop_request_ends_a_long_stage2_flow_at_once(tmp_path):
-    # Stage 2 needs only the temporal averages: two 128x128 images, one shifted, and
-    # enough solver iterations that one flow takes seconds (measured 10 s on a shared core).
+    # Stage 2 reads the temporal averages (two 128x128 images, one shifted; the recordings
+    # are placeholders) and needs
+    # enough solver iterations that one flow takes seconds (3000 took 3.7 s on a shared core).
     root = tmp_path / "s"
     root.mkdir()
     f1, f2, _ = fs.synthetic_pair(size=(128, 128), shift=(2.6, -1.7))
     for name, img in (("rec_01", f2), ("rec_02", f1)):
-        (root / f"{name}.tif").write_bytes(b"")
+        tifffile.imwrite(root / f"{name}.tif", np.zeros((2, 128, 128), np.uint16))
         (root / "compensated_outputs" / name).mkdir(parents=True)
         np.save(root / "compensated_outputs" / name / "temporal_average.npy", img[..., None])
     cfg = fs.SessionConfig(root=root, center="rec_02.tif", iterations_between=8000, resume=False)

@@ -5341,8 +5341,8 @@ def test_settings_changed_after_construction_are_checked_at_each_stage(tmp_path)
 
 def test_a_stop_request_ends_a_long_stage2_flow_at_once(tmp_path):
     # Stage 2 reads the temporal averages (two 128x128 images, one shifted; the recordings
-    # are placeholders) and needs
-    # enough solver iterations that one flow takes seconds (3000 took 3.7 s on a shared core).
+    # are placeholders); enough solver iterations that one flow takes seconds (3000
+    # took 3.7 s on a shared core).
     root = tmp_path / "s"
     root.mkdir()
     f1, f2, _ = fs.synthetic_pair(size=(128, 128), shift=(2.6, -1.7))

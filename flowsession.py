@@ -199,7 +199,9 @@ GET_DISPLACEMENT_DEFAULTS = dict(
     a_data=0.45,
 )
 
-_TENSOR_KINDS = {"gc": 0, "gray": 1}
+_TENSOR_KINDS = {"gc": 0, "gray": 1, "cs": 2}
+#: Softness of the census transform (``_nb_tensor_cs``), in units of the [0, 1] image range.
+CENSUS_EPS = 0.02
 _INTERPOLATION = {"nearest": 0, "linear": 1, "cubic": 2}
 
 
@@ -319,7 +321,7 @@ def _folder_lock(folder, what):
 #: Finest pyramid level solved by each quality preset (MATLAB ``OF_options``).
 _CFG_QUALITY_MIN_LEVEL = {"quality": 0, "balanced": 4, "fast": 6, "custom": 0}
 #: Data-term aliases accepted by the toolbox; census ('cs') is not implemented.
-_CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray"}
+_CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray", "census": "cs"}
 _CFG_TYPENAMES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "single", "double")
 #: Keys that MATLAB / pyflowreg option files carry and flowsession does not use.
 _CFG_FOREIGN_FLOW_KEYS = frozenset(
@@ -538,7 +540,7 @@ def _cfg_apply(obj, rules, source):
 
 _CFG_COUNT = ("an integer >= 1", lambda x: x >= 1)
 _CFG_POSITIVE = ("a number > 0", lambda x: x > 0)
-_CFG_CONSTANCY = (_cfg_choice, ("gc", "gray"), _CFG_CONSTANCY_ALIASES)
+_CFG_CONSTANCY = (_cfg_choice, ("gc", "gray", "cs"), _CFG_CONSTANCY_ALIASES)
 _CFG_QUALITY = (_cfg_choice, tuple(_CFG_QUALITY_MIN_LEVEL))
 
 #: Check of each FlowOptions field: (function, extra arguments...).
@@ -584,10 +586,12 @@ _CFG_SESSION_RULES = {
     "backend_params": (_cfg_plain_dict,),
     "stage1_quality_setting": (_cfg_optional(*_CFG_QUALITY),),
     "cc_upsample": (_cfg_int, *_CFG_COUNT),
-    "sigma_smooth": (_cfg_float, "a number >= 0", lambda x: x >= 0),
-    "alpha_between": (_cfg_float, *_CFG_POSITIVE),
+    "stage2_method": (_cfg_choice, ("flowsession", "matlab")),
+    "sigma_smooth": (_cfg_optional(_cfg_float, "a number >= 0", lambda x: x >= 0),),
+    "alpha_between": (_cfg_optional(_cfg_float, *_CFG_POSITIVE),),
     "iterations_between": (_cfg_int, *_CFG_COUNT),
     "stage2_constancy_assumption": _CFG_CONSTANCY,
+    "keep_unmatched": (_cfg_bool,),
     "align_chunk_size": (_cfg_int, *_CFG_COUNT),
     "align_output_format": (_cfg_choice, ("TIFF", "HDF5")),
 }
@@ -688,7 +692,7 @@ class FlowOptions:
     output_typename : None or str
         None keeps the input dtype; else uint8, uint16, int16, int32, float32, float64,
         single or double.
-    constancy_assumption : {'gc', 'gray'}
+    constancy_assumption : {'gc', 'gray', 'cs'}
         Gradient or brightness constancy (aliases 'gradient', 'brightness'); no census.
     update_reference, update_initialization_w, cc_initialization, save_w, save_valid_idx,
     save_meta_info, matlab_quirks : bool
@@ -851,9 +855,15 @@ class SessionConfig:
     cc_upsample, iterations_between, align_chunk_size : int
         Stage 2 phase-correlation upsampling and solver iterations per level; Stage 3
         frames per chunk; each >= 1.
-    sigma_smooth, alpha_between : float
-        Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0).
-    stage2_constancy_assumption : {'gc', 'gray'}
+    stage2_method : {'flowsession', 'matlab'}
+        Stage 2 recipe (:func:`compute_between_displacement`): this project's
+        (default) or the toolbox's.
+    sigma_smooth, alpha_between : float or None
+        Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0); None takes the
+        method's default (flowsession 1 and 5, matlab 6 and 25).
+    stage2_constancy_assumption : {'gc', 'gray', 'cs'}
+    keep_unmatched : bool
+        Keep recordings whose Stage 2 alignment is not credible in the session mask.
     align_output_format : {'TIFF', 'HDF5'}
     source : str, init only
         Label that starts error messages (the config file; default ``config``).
@@ -871,11 +881,13 @@ class SessionConfig:
     backend_params: dict = dataclasses.field(default_factory=dict)
     flow_options: dict | pathlib.Path | None = None
     stage1_quality_setting: str | None = None
+    stage2_method: str = "flowsession"
     cc_upsample: int = 4
-    sigma_smooth: float = 6.0
-    alpha_between: float = 25.0
+    sigma_smooth: float | None = None
+    alpha_between: float | None = None
     iterations_between: int = 100
     stage2_constancy_assumption: str = "gc"
+    keep_unmatched: bool = False
     align_chunk_size: int = 64
     align_output_format: str = "TIFF"
     source: dataclasses.InitVar[str] = "config"
@@ -2837,6 +2849,90 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     _nb_zero_ring(J23)
 
 
+@_njit
+def _nb_tensor_cs(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+    """Census motion tensor: the data term compares the census transforms of the frames.
+
+    Both planes are padded by one sample (edge repeated, as ``_nb_tensor_gray``),
+    ``F`` below.  For each of the eight neighbour offsets ``o_k`` of the 3x3
+    window, the soft census transform of a plane is (indices clamped to the
+    padded plane)::
+
+        c_k(p) = d / sqrt(d**2 + CENSUS_EPS**2),  d = F(p + o_k) - F(p)
+
+    a smooth sign of the difference, unchanged by adding a constant to the image
+    and nearly unchanged by scaling it.  With ``C1 = c_k[F1]`` and ``C2 = c_k[F2]``
+    (the warped moving frame), ``cx = (d/dx C1 + d/dx C2) / 2`` and
+    ``cy = (d/dy C1 + d/dy C2) / 2`` (``gradient`` with spacings hx, hy),
+    ``ct = C2 - C1``, the three re-padded on the outer ring, and the normalisation
+    ``r_k = 1 / (cx**2 + cy**2 + ZIMMER_EPS)``::
+
+        J11 = mean_k r_k cx cx    J22 = mean_k r_k cy cy    J33 = mean_k r_k ct ct
+        J12 = mean_k r_k cx cy    J13 = mean_k r_k cx ct    J23 = mean_k r_k cy ct
+
+    i.e. the linearised constancy ``cx du + cy dv + ct = 0`` of every census
+    channel, each normalised by its gradient as the Zimmer gc tensor; outputs
+    ``(nx + 2, ny + 2)`` with a zero outer ring.
+    """
+    F1 = _nb_pad_symmetric1(f1)
+    F2 = _nb_pad_symmetric1(f2)
+    NX, NY = F1.shape
+    for J in (J11, J22, J33, J12, J13, J23):
+        J[:, :] = 0.0
+    C1 = np.empty((NX, NY))
+    C2 = np.empty((NX, NY))
+    g1 = np.empty((NX, NY))
+    g2 = np.empty((NX, NY))
+    cx = np.empty((NX, NY))
+    cy = np.empty((NX, NY))
+    ct = np.empty((NX, NY))
+    e2 = CENSUS_EPS * CENSUS_EPS
+    for oa in range(-1, 2):
+        for ob in range(-1, 2):
+            if oa == 0 and ob == 0:
+                continue
+            for a in range(NX):
+                sa = min(max(a + oa, 0), NX - 1)
+                for b in range(NY):
+                    sb = min(max(b + ob, 0), NY - 1)
+                    d = F1[sa, sb] - F1[a, b]
+                    C1[a, b] = d / np.sqrt(d * d + e2)
+                    d = F2[sa, sb] - F2[a, b]
+                    C2[a, b] = d / np.sqrt(d * d + e2)
+            _nb_grad0(C1, hx, g1)
+            _nb_grad0(C2, hx, g2)
+            for a in range(NX):
+                for b in range(NY):
+                    cx[a, b] = 0.5 * (g1[a, b] + g2[a, b])
+                    ct[a, b] = C2[a, b] - C1[a, b]
+            _nb_grad1(C1, hy, g1)
+            _nb_grad1(C2, hy, g2)
+            for a in range(NX):
+                for b in range(NY):
+                    cy[a, b] = 0.5 * (g1[a, b] + g2[a, b])
+            _nb_repad_ring(cx)
+            _nb_repad_ring(cy)
+            _nb_repad_ring(ct)
+            for a in range(NX):
+                for b in range(NY):
+                    x = cx[a, b]
+                    y = cy[a, b]
+                    t = ct[a, b]
+                    r = 0.125 / (x * x + y * y + ZIMMER_EPS)
+                    J11[a, b] += r * x * x
+                    J22[a, b] += r * y * y
+                    J33[a, b] += r * t * t
+                    J12[a, b] += r * x * y
+                    J13[a, b] += r * x * t
+                    J23[a, b] += r * y * t
+    _nb_zero_ring(J11)
+    _nb_zero_ring(J22)
+    _nb_zero_ring(J33)
+    _nb_zero_ring(J12)
+    _nb_zero_ring(J13)
+    _nb_zero_ring(J23)
+
+
 ###############################################################################
 ### Numba CPU kernels: level solver (level_solver.cpp)
 ###############################################################################
@@ -3725,6 +3821,8 @@ def _nb_get_displacement(
         for c in range(C):
             if tensor_kind == 0:
                 _nb_tensor_gc(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c])
+            elif tensor_kind == 2:
+                _nb_tensor_cs(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c])
             else:
                 _nb_tensor_gray(
                     F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c]
@@ -3876,7 +3974,7 @@ def _profile_flow(p, f1, f2, ui0, vi0):
         J = [np.empty((C, NX, NY)) for _ in range(6)]
         weight = np.zeros((C, NX, NY)) if p.local else np.empty((C, 1, 1))
         for c in range(C):
-            tensor = _nb_tensor_gc if p.kind == 0 else _nb_tensor_gray
+            tensor = (_nb_tensor_gc, _nb_tensor_gray, _nb_tensor_cs)[p.kind]
             tensor(F1[c], tmp[c], hx, hy, *[j[c] for j in J])
             if p.local:
                 weight[c, 1:-1, 1:-1] = _nb_resize(p.wmap[c], lx, ly)
@@ -4130,8 +4228,9 @@ def get_motion_tensor(f1, f2, hx=1.0, hy=1.0, const_assumption="gc"):
         Reference and (warped) moving image.
     hx, hy : float
         Grid spacing along x (columns) and y (rows).
-    const_assumption : {"gc", "gray"}
-        Gradient constancy with Zimmer normalisation, or brightness constancy.
+    const_assumption : {"gc", "gray", "cs"}
+        Gradient constancy with Zimmer normalisation, brightness constancy, or
+        census (``_nb_tensor_cs``).
 
     Returns
     -------
@@ -4144,7 +4243,7 @@ def get_motion_tensor(f1, f2, hx=1.0, hy=1.0, const_assumption="gc"):
         msg = f"get_motion_tensor needs two 2-D images of one shape, got {a.shape} and {b.shape}"
         raise InputError(msg)
     out = [np.empty((a.shape[1] + 2, a.shape[0] + 2)) for _ in range(6)]
-    kern = _nb_tensor_gc if kind == 0 else _nb_tensor_gray
+    kern = (_nb_tensor_gc, _nb_tensor_gray, _nb_tensor_cs)[kind]
     kern(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), float(hx), float(hy), *out)
     return tuple(np.ascontiguousarray(J.T) for J in out)
 
@@ -4390,7 +4489,7 @@ def get_displacement(
     uv : None or (H, W, 2)
         Initial field (u, v); enters through the smoothness term of the
         coarsest level, as in the toolbox.
-    const_assumption : {"gc", "gray"}
+    const_assumption : {"gc", "gray", "cs"}
         Data term: gradient constancy (toolbox default) or brightness constancy.
     matlab_quirks : bool
         True reproduces the toolbox exactly (see the module docstring).
@@ -5361,6 +5460,8 @@ class CudaBackend:
 
     name = "flowreg_cuda"
     keys = ("device", "precision", "batch_frames")
+    #: The data terms (``constancy_assumption``) this backend implements.
+    constancy_assumptions = ("gc", "gray")
 
     def __init__(self, backend_params=None):
         bp = dict(backend_params or {})
@@ -6350,6 +6451,8 @@ class TorchBackend:
 
     name = "flowreg_torch"
     keys = ("device", "dtype", "batch_frames")
+    #: The data terms (``constancy_assumption``) this backend implements.
+    constancy_assumptions = ("gc", "gray")
 
     def __init__(self, backend_params=None):
         bp = dict(backend_params or {})
@@ -7812,42 +7915,198 @@ def _smooth_normalise(avg, sigma):
     return _normalise(g, *_minmax(g, True))
 
 
+#: Stage 2 methods (``stage2_method``).
+STAGE2_METHODS = ("flowsession", "matlab")
+#: Defaults of ``sigma_smooth`` and ``alpha_between`` per method when they are unset.
+STAGE2_DEFAULTS = {"flowsession": (1.0, 5.0), "matlab": (6.0, 25.0)}
+#: Light smoothing (px) of the averages for the rigid step and the quality figures.
+STAGE2_RIGID_SIGMA = 1.0
+#: Coarsest pyramid level (px, smaller side) of the "flowsession" flow, which starts
+#: from the rigid shift: coarser levels only blur the few pixels of residual motion
+#: and, on 64-128 px averages, lose the field (measured in benchmarks/stage2.py).
+STAGE2_COARSEST = 24
+#: Robustness exponents of the "flowsession" flow (``get_displacement``'s a_smooth, a_data).
+STAGE2_FLOW = {"a_smooth": 0.5, "a_data": 0.75}
+#: A recording whose aligned average correlates with the center's below this (or
+#: overlaps it on less than STAGE2_MIN_OVERLAP of the frame) is not credibly matched.
+#: Measured: unrelated fields of view reach 0.2-0.57 at their best shift (sparse
+#: 64-px frames highest), matched synthetic sessions 0.85-0.98 after alignment.
+STAGE2_MIN_CORRELATION = 0.6
+STAGE2_MIN_OVERLAP = 0.25
+
+
+def _stage2_sigma_alpha(config):
+    sigma0, alpha0 = STAGE2_DEFAULTS[config.stage2_method]
+    sigma = sigma0 if config.sigma_smooth is None else config.sigma_smooth
+    alpha = alpha0 if config.alpha_between is None else config.alpha_between
+    return sigma, alpha
+
+
+def _stage2_prepare(avg, sigma):
+    """``avg`` as float64 ``(H, W, C)``, smoothed with ``sigma`` and scaled to [0, 1]."""
+    a = np.asarray(avg, dtype=np.float64)
+    return _smooth_normalise(a[..., None] if a.ndim == 2 else a, sigma)
+
+
+def _masked_correlation(a, b, mask):
+    """Pearson correlation of two ``(H, W, C)`` images over ``mask`` (H, W); NaN if flat."""
+    x, y = a[mask].ravel(), b[mask].ravel()
+    if x.size < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
+    return float(np.dot(x, y) / den) if den > 0 else float("nan")
+
+
+def _shift_overlap_correlation(fixed, moving, dx, dy):
+    """(correlation, overlap fraction) of ``fixed`` and ``moving`` displaced by a constant shift."""
+    H, W = fixed.shape[:2]
+    reg, ok = imregister_wrapper_w(
+        moving, np.dstack([np.full((H, W), dx), np.full((H, W), dy)]), fixed, "linear"
+    )
+    return _masked_correlation(fixed, reg, ok), float(ok.mean())
+
+
+def _xc_candidate_peaks(fixed, moving, count=4):
+    """Integer shifts (dx, dy) of the ``count`` strongest local maxima of the plain,
+    unwindowed cross-correlation, wrapped into ``(-N/2, N/2]``."""
+    from scipy.ndimage import maximum_filter
+
+    nc = fixed.shape[2]
+    cross = _xc_cross_power(fixed, moving, np.ones(nc), np.zeros(2), False, False)
+    corr = np.fft.ifft2(cross).real
+    peaks = np.flatnonzero((corr == maximum_filter(corr, size=3, mode="wrap")).ravel())
+    best = peaks[np.argsort(corr.ravel()[peaks])[::-1][:count]]
+    out = []
+    for r, c in zip(*np.unravel_index(best, corr.shape)):
+        dy = r - corr.shape[0] if r > corr.shape[0] / 2 else r
+        dx = c - corr.shape[1] if c > corr.shape[1] / 2 else c
+        out.append((float(dx), float(dy)))
+    return out
+
+
+def stage2_rigid_shift(reference_average, average, upsample=4):
+    """Rigid step of the "flowsession" Stage 2: ``(dx, dy, correlation, overlap)``.
+
+    Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
+    [0, 1]. Candidates: the sub-pixel cross-correlation peak without a window and
+    with the overlap Hann window (``estimate_rigid_shift``), and the four strongest
+    integer peaks of the unwindowed correlation. Each candidate is scored by the
+    correlation of the two averages over their overlap after the shift; candidates
+    overlapping less than ``STAGE2_MIN_OVERLAP`` of the frame are skipped. On small
+    frames the window can hide the true peak (its taper leaves little content when
+    the shift is a third of the frame), and the highest correlation peak can be a
+    wrap-around one; the overlap score decides between them.
+    """
+    f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
+    cands = [estimate_rigid_shift(f, g, upsample=upsample, window=win) for win in (False, True)]
+    cands += _xc_candidate_peaks(f, g)
+    best = (0.0, 0.0, -np.inf, 0.0)
+    for dx, dy in cands:
+        corr, overlap = _shift_overlap_correlation(f, g, dx, dy)
+        if overlap >= STAGE2_MIN_OVERLAP and np.isfinite(corr) and corr > best[2]:
+            best = (dx, dy, corr, overlap)
+    if not np.isfinite(best[2]):
+        best = (0.0, 0.0, float("nan"), 1.0)
+    return best
+
+
+def stage2_alignment_quality(reference_average, average, w):
+    """How well a field aligns one average onto the center's.
+
+    Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
+    [0, 1]; the correlation (Pearson) with the center's is taken over the whole
+    frame before alignment and over the valid overlap (pixels whose source lies in
+    the frame) after warping by ``w``.
+
+    Returns
+    -------
+    dict
+        ``correlation_before``, ``correlation_after``, ``overlap`` (fraction of the
+        frame) and ``credible``: the aligned average correlates with the center's at
+        least ``STAGE2_MIN_CORRELATION`` over at least ``STAGE2_MIN_OVERLAP`` of the
+        frame (a recording of another field of view, or a lost match, fails it).
+    """
+    f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
+    reg, ok = imregister_wrapper_w(g, w, f, "linear")
+    before = _masked_correlation(f, g, np.ones(f.shape[:2], dtype=bool))
+    after = _masked_correlation(f, reg, ok)
+    overlap = float(ok.mean())
+    credible = bool(
+        np.isfinite(after) and after >= STAGE2_MIN_CORRELATION and overlap >= STAGE2_MIN_OVERLAP
+    )
+    return {
+        "correlation_before": before,
+        "correlation_after": after,
+        "overlap": overlap,
+        "credible": credible,
+    }
+
+
+def _stage2_levels(H, W, eta):
+    """Pyramid levels whose coarsest smaller side is still >= STAGE2_COARSEST px."""
+    side = min(H, W)
+    if side <= STAGE2_COARSEST:
+        return 1
+    return max(1, int(math.floor(math.log(STAGE2_COARSEST / side) / math.log(eta))) + 1)
+
+
 def compute_between_displacement(reference_average, average, config, backend=None):
     """Field ``(H, W, 2)`` registering one recording's temporal average onto the center's.
 
-    A rigid shift from sub-pixel phase correlation of the unsmoothed averages
-    (``cc_upsample``), then variational optical flow between the smoothed
-    (``sigma_smooth``), normalised averages with ``alpha_between``,
-    ``iterations_between`` and ``stage2_constancy_assumption`` (other
-    parameters: MATLAB ``get_displacement`` defaults), computed after warping
-    the moving average by the shift; the result is flow + shift, which for a
-    constant shift equals warping by the shift and then by the flow.  The flow
-    comes from ``backend`` (default: the session's ``flow_backend``).
+    ``config.stage2_method``:
+
+    * ``"flowsession"`` (default): the rigid step of ``stage2_rigid_shift``
+      (sub-pixel to ``1 / cc_upsample`` px, candidates checked by their overlap
+      correlation), then variational optical flow started from that shift between
+      the averages smoothed with ``sigma_smooth`` (default 1) and scaled to [0, 1],
+      with ``alpha_between`` (default 5), ``iterations_between``,
+      ``stage2_constancy_assumption``, the robust smoothness and data terms
+      (``a_smooth`` 0.5, ``a_data`` 1), true grid spacing (no MATLAB quirks), and a
+      pyramid that stops at ``STAGE2_COARSEST`` px.
+    * ``"matlab"``: the toolbox's recipe: integer shift of
+      ``get_displacement_cc`` (normalised cross-correlation, ``cc_upsample`` unused),
+      then ``get_displacement`` between ``mat2gray(imgaussfilt(., sigma_smooth))``
+      (default 6) of both averages with ``alpha_between`` (default 25),
+      ``iterations_between`` and ``stage2_constancy_assumption``, initialised with
+      the shift; other parameters at ``get_displacement``'s defaults.
+
+    The flow comes from ``backend`` (default: the session's ``flow_backend``).
     """
     if backend is None:
         backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
-    dx, dy = estimate_rigid_shift(reference_average, average, upsample=config.cc_upsample)
-    img1 = _smooth_normalise(reference_average, config.sigma_smooth)
-    img2 = _smooth_normalise(average, config.sigma_smooth)
-    H, W = img1.shape[:2]
-    img2 = imregister_wrapper(img2, np.full((H, W), dx), np.full((H, W), dy), img1, "cubic")
+    ref = np.asarray(reference_average, dtype=np.float64)
+    avg = np.asarray(average, dtype=np.float64)
+    ref, avg = (a[..., None] if a.ndim == 2 else a for a in (ref, avg))
+    sigma, alpha = _stage2_sigma_alpha(config)
+    H, W, C = ref.shape
+    init = np.empty((H, W, 2))
+    if config.stage2_method == "matlab":
+        init[...] = get_displacement_cc(ref, avg)
+        extra = {}
+    else:
+        dx, dy, _, _ = stage2_rigid_shift(ref, avg, config.cc_upsample)
+        init[..., 0], init[..., 1] = dx, dy
+        eta = GET_DISPLACEMENT_DEFAULTS["eta"]
+        extra = dict(STAGE2_FLOW, levels=_stage2_levels(H, W, eta), matlab_quirks=False)
+    img1 = _smooth_normalise(ref, sigma)
+    img2 = _smooth_normalise(avg, sigma)
     params = _displacement_params(
-        img1.shape[2],
-        alpha=(config.alpha_between, config.alpha_between),
+        C,
+        alpha=(alpha, alpha),
         iterations=config.iterations_between,
         const_assumption=config.stage2_constancy_assumption,
+        **extra,
     )
-    w = backend.pair(params, img1, img2)
-    w[..., 0] += dx
-    w[..., 1] += dy
-    return w
+    return backend.pair(params, img1, img2, init)
 
 
 def _stage2_params(config):
     return {
         k: getattr(config, k)
         for k in (
+            "stage2_method",
             "cc_upsample",
             "sigma_smooth",
             "alpha_between",

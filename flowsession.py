@@ -8137,6 +8137,9 @@ def run_stage2(config):
     middle_idx, center_file = config.resolve_center(files)
     _check_writable(config.output_root_path, "output_root")
     avgs = _session_averages(config, files, "Stage 2")
+    _check_averages_vary(files, avgs)
+    if len(files) == 1:
+        log.info("Stage 2: one recording (%s): it is the center; its field is zero", files[0].name)
     ref = avgs[middle_idx]
     params = _stage2_params(config)
     ref_digest = _array_digest(ref)
@@ -8167,6 +8170,20 @@ def run_stage2(config):
     return middle_idx, center_file, fields
 
 
+def _check_averages_vary(files, avgs):
+    """InputError naming a recording whose temporal average is constant (nothing to align)."""
+    for f, a in zip(files, avgs):
+        flat = np.ptp(a, axis=(0, 1)) == 0
+        if flat.all():
+            msg = (
+                f"{f.name}: its temporal average is constant ({a.flat[0]:g} everywhere), so "
+                "it cannot be aligned; check the recording or leave it out of the pattern"
+            )
+            raise InputError(msg)
+        for c in np.flatnonzero(flat):
+            log.warning("Stage 2: %s: channel %d of the temporal average is constant", f.name, c)
+
+
 def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name, backend):
     path = os.path.join(folder, "w_to_reference.npz")
     w = _load_stage2_field(folder, path, expected, ref.shape[:2]) if config.resume else None
@@ -8178,14 +8195,30 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
     else:
         t0 = time.monotonic()
         w = compute_between_displacement(ref, avg, config, backend)
+        q = stage2_alignment_quality(ref, avg, w)
         log.info(
-            "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s",
+            "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, correlation with the center "
+            "%.2f -> %.2f over %.0f %% of the frame, %.1f s",
             name,
             center_name,
             w[..., 0].mean(),
             w[..., 1].mean(),
+            q["correlation_before"],
+            q["correlation_after"],
+            100.0 * q["overlap"],
             time.monotonic() - t0,
         )
+        if not q["credible"]:
+            log.warning(
+                "Stage 2: %s -> %s: the alignment is not credible (correlation %.2f < %.2f, or "
+                "overlap %.0f %% < %.0f %%): another field of view or a failed match",
+                name,
+                center_name,
+                q["correlation_after"],
+                STAGE2_MIN_CORRELATION,
+                100.0 * q["overlap"],
+                100.0 * STAGE2_MIN_OVERLAP,
+            )
     _kill_point("stage2.save")
     atomic_save_npz(path, u=w[..., 0], v=w[..., 1])
     _kill_point("stage2.status")
@@ -8331,7 +8364,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
 
     per_seq = [_mask_over_time(os.path.join(d, "idx.hdf"), f.name) for d, f in zip(folders, files)]
     aligned = [imregister_binary(m, w[..., 0], w[..., 1]) for m, w in zip(per_seq, fields)]
-    final = np.logical_and.reduce(aligned)
+    quality, in_mask = _stage3_alignment(config, files, middle_idx, avgs, ref, fields)
+    final = np.logical_and.reduce([a for a, keep in zip(aligned, in_mask) if keep])
     log.info("Stage 3: final mask keeps %.1f %% of the center grid", 100.0 * final.mean())
     comp_paths = [os.path.join(d, "compensated.hdf5") for d in folders]
     ext = "tif" if config.align_output_format == "TIFF" else "hdf5"
@@ -8375,6 +8409,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         middle_idx=middle_idx,
         aligned_video_paths=video_paths,
         names=names,
+        alignment=quality,
+        in_session_mask=in_mask,
     )
     traces = []
     for d in folders:
@@ -8391,6 +8427,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         averages_after=averages_after,
         final_valid=final,
         displacement_traces=traces,
+        alignment=quality,
+        in_session_mask=in_mask,
     )
     status["stage3"] = {
         "state": "done",
@@ -8400,6 +8438,38 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     _kill_point("stage3.status")
     _atomic_save_json(status_path, status)
     return final
+
+
+def _stage3_alignment(config, files, middle_idx, avgs, ref, fields):
+    """Per recording, ``stage2_alignment_quality`` and whether it enters the session mask.
+
+    A recording whose alignment is not credible gets a WARNING naming it and is
+    left out of the mask unless ``keep_unmatched``; the center always counts.
+    """
+    quality, in_mask = [], []
+    for i, (f, avg, w) in enumerate(zip(files, avgs, fields)):
+        q = stage2_alignment_quality(ref, avg, w)
+        if i == middle_idx:
+            q["credible"] = True
+        elif not q["credible"]:
+            fate = (
+                "kept in the session mask (keep_unmatched = true)"
+                if config.keep_unmatched
+                else "left out of the session mask (set keep_unmatched = true to keep it)"
+            )
+            log.warning(
+                "Stage 3: %s does not credibly match the center: correlation %.2f after "
+                "alignment (%.2f before) over %.0f %% of the frame; another field of view or a "
+                "failed alignment; %s",
+                f.name,
+                q["correlation_after"],
+                q["correlation_before"],
+                100.0 * q["overlap"],
+                fate,
+            )
+        quality.append(q)
+        in_mask.append(bool(q["credible"] or config.keep_unmatched))
+    return quality, in_mask
 
 
 def _video_frames(path):
@@ -8552,6 +8622,8 @@ def save_final_results(
     middle_idx,
     aligned_video_paths=None,
     names=None,
+    alignment=None,
+    in_session_mask=None,
 ):
     """Write the Stage 3 result bundle into `folder`, every file atomically.
 
@@ -8587,6 +8659,12 @@ def save_final_results(
         Aligned videos; npz only.
     names : sequence of N str, optional
         Recording stems for the per-recording PNGs.
+    alignment : sequence of N dict, optional
+        ``stage2_alignment_quality`` per recording; stored as
+        ``alignment_correlation_before``, ``alignment_correlation_after``,
+        ``alignment_overlap`` (float64) and ``alignment_credible`` (bool), each (N,).
+    in_session_mask : sequence of N bool, optional
+        Whether each recording entered ``final_valid``; stored as ``in_session_mask``.
 
     Returns
     -------
@@ -8638,6 +8716,7 @@ def save_final_results(
     )
     if aligned_video_paths is not None:
         bundle["aligned_video_paths"] = _qc_as_paths("aligned_video_paths", aligned_video_paths, n)
+    bundle.update(_alignment_arrays(alignment, in_session_mask, n))
 
     import scipy.io
 
@@ -8688,6 +8767,38 @@ def save_final_results(
     return written
 
 
+def _alignment_arrays(alignment, in_session_mask, n):
+    """The Stage 2 alignment quality as (N,) arrays for the result bundle."""
+    out = {}
+    if alignment is not None:
+        if len(alignment) != n:
+            msg = f"alignment must hold {n} records (N), got {len(alignment)}"
+            raise InputError(msg)
+        for key in ("correlation_before", "correlation_after", "overlap"):
+            out[f"alignment_{key}"] = np.array([float(q[key]) for q in alignment])
+        out["alignment_credible"] = np.array([bool(q["credible"]) for q in alignment])
+    if in_session_mask is not None:
+        if len(in_session_mask) != n:
+            msg = f"in_session_mask must hold {n} flags (N), got {len(in_session_mask)}"
+            raise InputError(msg)
+        out["in_session_mask"] = np.array([bool(k) for k in in_session_mask])
+    return out
+
+
+def _qc_mark_alignment(ax, q, in_session_mask, i):
+    """Stage 2 quality under an "after" panel; red frame and label when not credible."""
+    text = f"overlap r {q['correlation_before']:.2f} -> {q['correlation_after']:.2f}"
+    color = "black"
+    if not q["credible"]:
+        left_out = in_session_mask is not None and not in_session_mask[i]
+        text += "\nNOT CREDIBLE" + (", not in mask" if left_out else "")
+        color = "red"
+        for spine in ax.spines.values():
+            spine.set_edgecolor("red")
+            spine.set_linewidth(3)
+    ax.set_xlabel(text, fontsize="x-small", color=color)
+
+
 def _qc_normalise(image):
     """Scale a 2-D image to [0, 1] by its 1st and 99th percentile; NaN -> 0."""
     finite = image[np.isfinite(image)]
@@ -8718,6 +8829,8 @@ def save_qc_figure(
     final_valid,
     displacement_traces,
     title=None,
+    alignment=None,
+    in_session_mask=None,
 ):
     """Write a PNG that shows at a glance whether the session alignment worked.
 
@@ -8749,6 +8862,12 @@ def save_qc_figure(
         ``mean_disp``); lengths may differ.
     title : str, optional
         Figure title; default names the session size and the center.
+    alignment : sequence of N dict, optional
+        ``stage2_alignment_quality`` per recording: its correlation with the
+        center in the valid overlap, before -> after, under the "after" panel; a
+        recording that is not credible is framed in red and labelled so.
+    in_session_mask : sequence of N bool, optional
+        Whether each recording entered the final mask (the label says if not).
 
     Returns
     -------
@@ -8819,6 +8938,8 @@ def save_qc_figure(
             r = _qc_correlation(ref[stage], img, where)
             label = f"{names[i]} (center)" if i == center else names[i]
             ax.set_title(f"{label}\n{stage}, r = {r:.3f}", fontsize="small")
+            if stage == "after" and alignment is not None:
+                _qc_mark_alignment(ax, alignment[i], in_session_mask, i)
             if col == 0:
                 ax.set_ylabel(f"{stage} alignment", fontsize="small")
     bottom = grid[-1, :].subgridspec(1, 2, width_ratios=[1, ncols - 1])

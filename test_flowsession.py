@@ -4960,3 +4960,56 @@ def test_stage2_quality_flags_another_field_of_view():
     w[..., 0], w[..., 1] = dx, dy
     q = fs.stage2_alignment_quality(fixed, other, w)
     assert not q["credible"] and q["correlation_after"] < fs.STAGE2_MIN_CORRELATION, q
+
+
+def _foreign_session(tmp_path, **cfg):
+    """Three recordings; the third shows another scene (another field of view)."""
+    recs, _, _, _ = fs.synthetic_session(3, 16, (64, 64), 1, seed=7)
+    other, _, _, _ = fs.synthetic_session(3, 16, (64, 64), 1, seed=31)
+    return _session_files(tmp_path, [recs[0], recs[1], other[2]], **cfg)
+
+
+def test_stage3_leaves_out_a_recording_of_another_field_of_view(tmp_path, caplog):
+    cfg = _foreign_session(tmp_path)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    final = fs.run_all_stages(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("rec_03.h5" in m and "not credible" in m for m in warnings), warnings
+    assert any("rec_03.h5" in m and "left out of the session mask" in m for m in warnings)
+    with np.load(cfg.final_results_path / "final_valid_idx.npz") as d:
+        np.testing.assert_array_equal(d["alignment_credible"], [True, True, False])
+        np.testing.assert_array_equal(d["in_session_mask"], [True, True, False])
+        after, before = d["alignment_correlation_after"], d["alignment_correlation_before"]
+        assert after[0] > 0.9 and after[1] == pytest.approx(1.0) and after[2] < 0.6
+        assert before.shape == (3,) and d["alignment_overlap"][2] <= 1.0
+        aligned = d["aligned_valid_masks"]
+        np.testing.assert_array_equal(final, aligned[0] & aligned[1])
+        np.testing.assert_array_equal(d["final_valid"], final)
+    assert "alignment_credible" in scipy.io.loadmat(cfg.final_results_path / "final_valid_idx.mat")
+    # keep_unmatched: the same fields (reused), every recording in the mask
+    kept = fs.run_stage3(dataclasses.replace(cfg, keep_unmatched=True))
+    with np.load(cfg.final_results_path / "final_valid_idx.npz") as d:
+        np.testing.assert_array_equal(d["in_session_mask"], [True, True, True])
+        np.testing.assert_array_equal(kept, np.logical_and.reduce(d["aligned_valid_masks"]))
+
+
+def test_stage2_one_recording_is_the_identity_and_says_so(tmp_path, caplog):
+    recs, _, _, _ = fs.synthetic_session(1, 16, (32, 32), 1, seed=2)
+    cfg = _session_files(tmp_path, recs)
+    fs.run_stage1(cfg)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    middle, _, fields = fs.run_stage2(cfg)
+    assert middle == 0 and len(fields) == 1
+    np.testing.assert_array_equal(fields[0], 0.0)
+    assert "one recording (rec_01.h5)" in caplog.text
+
+
+def test_stage2_constant_average_is_one_line_naming_the_recording(tmp_path):
+    recs, _, _, _ = fs.synthetic_session(2, 16, (32, 32), 1, seed=2)
+    cfg = _session_files(tmp_path, recs)
+    fs.run_stage1(cfg)
+    np.save(cfg.output_root_path / "rec_02" / "temporal_average.npy", np.full((32, 32, 1), 7.0))
+    with pytest.raises(fs.InputError) as info:
+        fs.run_stage2(cfg)
+    msg = str(info.value)
+    assert msg.startswith("rec_02.h5: its temporal average is constant") and "\n" not in msg

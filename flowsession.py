@@ -8081,17 +8081,24 @@ def compute_between_displacement(reference_average, average, config, backend=Non
     ref, avg = (a[..., None] if a.ndim == 2 else a for a in (ref, avg))
     sigma, alpha = _stage2_sigma_alpha(config)
     H, W, C = ref.shape
-    init = np.empty((H, W, 2))
-    if config.stage2_method == "matlab":
-        init[...] = get_displacement_cc(ref, avg)
-        extra = {}
-    else:
-        dx, dy, _, _ = stage2_rigid_shift(ref, avg, config.cc_upsample)
-        init[..., 0], init[..., 1] = dx, dy
-        eta = GET_DISPLACEMENT_DEFAULTS["eta"]
-        extra = dict(STAGE2_FLOW, levels=_stage2_levels(H, W, eta), matlab_quirks=False)
     img1 = _smooth_normalise(ref, sigma)
     img2 = _smooth_normalise(avg, sigma)
+    shift = np.zeros((H, W, 2))
+    if config.stage2_method == "matlab":
+        init = get_displacement_cc(ref, avg)
+        extra = {}
+    else:
+        # The flow starts from the moving average warped by the rigid shift (the
+        # shift added back: for a constant shift the same as composing the two):
+        # the solver linearises its coarsest level at zero motion and lets an
+        # initial field in only through the smoothness term, which a 10-20 px
+        # shift defeats with the census term.
+        init = None
+        dx, dy, _, _ = stage2_rigid_shift(ref, avg, config.cc_upsample)
+        shift[..., 0], shift[..., 1] = dx, dy
+        img2 = imregister_wrapper(img2, shift[..., 0], shift[..., 1], img1, "cubic")
+        eta = GET_DISPLACEMENT_DEFAULTS["eta"]
+        extra = dict(STAGE2_FLOW, levels=_stage2_levels(H, W, eta), matlab_quirks=False)
     params = _displacement_params(
         C,
         alpha=(alpha, alpha),
@@ -8099,7 +8106,7 @@ def compute_between_displacement(reference_average, average, config, backend=Non
         const_assumption=config.stage2_constancy_assumption,
         **extra,
     )
-    return backend.pair(params, img1, img2, init)
+    return backend.pair(params, img1, img2, init) + shift
 
 
 def _stage2_params(config):
@@ -8170,6 +8177,13 @@ def run_stage2(config):
     return middle_idx, center_file, fields
 
 
+def _stage2_doubt(q):
+    """Why ``stage2_alignment_quality`` found an alignment not credible, in words."""
+    if q["overlap"] < STAGE2_MIN_OVERLAP:
+        return f"overlap {q['overlap']:.0%} < {STAGE2_MIN_OVERLAP:.0%} of the frame"
+    return f"correlation with the center {q['correlation_after']:.2f} < {STAGE2_MIN_CORRELATION}"
+
+
 def _check_averages_vary(files, avgs):
     """InputError naming a recording whose temporal average is constant (nothing to align)."""
     for f, a in zip(files, avgs):
@@ -8210,14 +8224,11 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
         )
         if not q["credible"]:
             log.warning(
-                "Stage 2: %s -> %s: the alignment is not credible (correlation %.2f < %.2f, or "
-                "overlap %.0f %% < %.0f %%): another field of view or a failed match",
+                "Stage 2: %s -> %s: the alignment is not credible (%s): another field of "
+                "view or a failed match",
                 name,
                 center_name,
-                q["correlation_after"],
-                STAGE2_MIN_CORRELATION,
-                100.0 * q["overlap"],
-                100.0 * STAGE2_MIN_OVERLAP,
+                _stage2_doubt(q),
             )
     _kill_point("stage2.save")
     atomic_save_npz(path, u=w[..., 0], v=w[..., 1])

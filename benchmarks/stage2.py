@@ -18,9 +18,14 @@ printed per method.  pyflowreg's ``compute_between_displacement`` runs with its
     python benchmarks/stage2.py --sizes 64 128 256 --frames 30 --session 4
 """
 
+import argparse
+import dataclasses
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -97,3 +102,102 @@ def eval_mask(g, border):
 
 def epe(w, g, mask):
     return float(np.hypot(*(w - g).transpose(2, 0, 1))[mask].mean())
+
+
+METHODS = {
+    "rigid": None,  # the rigid step of the default method alone
+    "flowsession": {"stage2_method": "flowsession"},
+    "flowsession cs": {"stage2_method": "flowsession", "stage2_constancy_assumption": "cs"},
+    "matlab": {"stage2_method": "matlab"},
+}
+
+
+def run_methods(averages, cfg):
+    """Fields ``(N, H, W, 2)`` of every method, and whether each alignment is credible."""
+    out, credible = {}, {}
+    for name, over in METHODS.items():
+        fields, ok = [np.zeros(averages.shape[1:3] + (2,))], [True]
+        for avg in averages[1:]:
+            if over is None:
+                dx, dy, _, _ = fs.stage2_rigid_shift(averages[0], avg, cfg.cc_upsample)
+                w = np.empty(avg.shape[:2] + (2,))
+                w[..., 0], w[..., 1] = dx, dy
+            else:
+                w = fs.compute_between_displacement(
+                    averages[0], avg, dataclasses.replace(cfg, **over)
+                )
+            fields.append(w)
+            ok.append(fs.stage2_alignment_quality(averages[0], avg, w)["credible"])
+        out[name], credible[name] = np.stack(fields), ok
+    return out, credible
+
+
+def run_pyflowreg(python, averages, work):
+    if not python or not os.path.exists(python):
+        return None
+    src, dst = os.path.join(work, "pfr_in.npz"), os.path.join(work, "pfr_out.npy")
+    np.savez(src, averages=averages)
+    subprocess.check_call(
+        [python, "-c", PFR, src, dst, work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return np.load(dst)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--session", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--relit", type=int, default=2, help="recording whose light changes")
+    ap.add_argument("--make-synth", default=SYNTH)
+    ap.add_argument(
+        "--pyflowreg-python",
+        default=os.path.expanduser("~/.cache/flowsession-bench/pfr-venv/bin/python"),
+    )
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="fs-stage2-")
+    cfg = fs.SessionConfig(root=work, pattern="*.none")
+    names = list(METHODS) + ["pyflowreg"]
+    print(
+        f"Stage 2 endpoint error (px), {a.session} recordings of {a.frames} frames, center "
+        "rec_00; mean over the other recordings (+light: the relit recording alone); "
+        "* = alignment flagged not credible"
+    )
+    print(f"{'case':12}" + "".join(f"{n:>16}" for n in names))
+    rows = []
+    for size in a.sizes:
+        averages, G = make_session(work, size, a.frames, a.session, a.seed, a.make_synth)
+        relit = averages.copy()
+        relit[a.relit] = relight(relit[a.relit])
+        border = max(4, round(0.08 * size))
+        for case, avgs, which in (
+            (f"{size}", averages, range(1, a.session)),
+            (f"{size} +light", relit, [a.relit]),
+        ):
+            t0 = time.monotonic()
+            fields, credible = run_methods(avgs, cfg)
+            pfr = run_pyflowreg(a.pyflowreg_python, avgs, work)
+            if pfr is not None:
+                fields["pyflowreg"] = pfr
+                credible["pyflowreg"] = [
+                    fs.stage2_alignment_quality(avgs[0], avg, w)["credible"]
+                    for avg, w in zip(avgs, pfr)
+                ]
+            row = {"case": case}
+            cells = []
+            for n in names:
+                if n not in fields:
+                    cells.append(f"{'-':>16}")
+                    continue
+                errs = [epe(fields[n][k], G[k], eval_mask(G[k], border)) for k in which]
+                row[n] = float(np.mean(errs))
+                flag = "*" if not all(credible[n][k] for k in which) else " "
+                cells.append(f"{row[n]:>15.3f}{flag}")
+            rows.append(row)
+            print(f"{case:12}" + "".join(cells) + f"   ({time.monotonic() - t0:.0f} s)", flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -107,6 +107,8 @@ __all__ = [
     "save_final_results",
     "save_mask_png",
     "save_qc_figure",
+    "stage2_alignment_quality",
+    "stage2_rigid_shift",
     "synthetic_pair",
     "synthetic_recording",
     "synthetic_session",

@@ -9322,10 +9322,11 @@ def _restore_stop_handlers(previous):
 
 
 if __name__ == "__main__":
-    # ``python flowsession.py`` and ``import flowsession`` share one module object
-    # (one set of classes, one round of Numba compilation).
-    sys.modules.setdefault("flowsession", sys.modules["__main__"])
+    # ``python flowsession.py`` runs the module imported under its own name, so that
+    # the script and ``import flowsession`` share one module object (one set of
+    # classes, one round of Numba compilation), and Numba's on-disk cache serves the
+    # command line too: its keys name the classes of NamedTuple arguments, and a
+    # new process does not find ``__main__._FlowParams`` again.
+    import flowsession as _flowsession
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_flowsession.main())

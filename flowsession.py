@@ -135,6 +135,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -3478,29 +3479,22 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
             valid[x, y] = True
             if method == 0:
                 out[x, y] = src[int(_nb_round(px)), int(_nb_round(py))]
-            elif method == 1:
-                if nx == 1:
-                    ix, tx = 0, 0.0
-                else:
-                    ix, tx = _nb_cell(px, nx)
-                if ny == 1:
-                    iy, ty = 0, 0.0
-                else:
-                    iy, ty = _nb_cell(py, ny)
+                continue
+            if nx == 1:
+                ix, tx = 0, 0.0
+            else:
+                ix, tx = _nb_cell(px, nx)
+            if ny == 1:
+                iy, ty = 0, 0.0
+            else:
+                iy, ty = _nb_cell(py, ny)
+            if method == 1:
                 ix1 = min(ix + 1, nx - 1)
                 iy1 = min(iy + 1, ny - 1)
                 out[x, y] = (1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1]) + tx * (
                     (1.0 - ty) * src[ix1, iy] + ty * src[ix1, iy1]
                 )
             else:
-                if nx == 1:
-                    ix, tx = 0, 0.0
-                else:
-                    ix, tx = _nb_cell(px, nx)
-                if ny == 1:
-                    iy, ty = 0, 0.0
-                else:
-                    iy, ty = _nb_cell(py, ny)
                 wy0 = _nb_keys(ty + 1.0)
                 wy1 = _nb_keys(ty)
                 wy2 = _nb_keys(1.0 - ty)
@@ -5346,6 +5340,14 @@ class FlowBackend:
     def _configure(self, bp):
         """Check and keep the ``backend_params`` dict ``bp`` (its keys are known)."""
 
+    def _import(self, module, what, install):
+        """``module`` imported; when it cannot be, the ConfigError of ``_unavailable``
+        (``what`` names the package, ``install`` the fix)."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            raise _unavailable(self.name, f"{what} cannot be imported ({exc})", install) from None
+
     def reference(self, params, ref, fill=None):
         """State for one reference: ``ref`` the preprocessed ``(H, W, C)`` image flows
         are computed against, ``fill`` the raw ``(H, W, C)`` image whose values
@@ -6311,14 +6313,7 @@ class CudaBackend(FlowBackend):
         ):
             msg = f"{source}: batch_frames must be an integer >= 1, got {batch!r}"
             raise ConfigError(msg)
-        try:
-            from numba import cuda
-        except ImportError as exc:  # pragma: no cover (numba always has it)
-            raise _unavailable(
-                self.name,
-                f"numba.cuda cannot be imported ({exc})",
-                "install numba with CUDA support",
-            ) from None
+        cuda = self._import("numba.cuda", "numba.cuda", "install numba with CUDA support")
         if not cuda.is_available():
             raise _unavailable(
                 self.name,
@@ -7188,15 +7183,11 @@ class TorchBackend(FlowBackend):
 
     def _configure(self, bp):
         source = self.source
-        try:
-            import torch
-        except ImportError as exc:
-            raise _unavailable(
-                self.name,
-                f"PyTorch cannot be imported ({exc})",
-                "install it with `pip install torch` (the CPU-only wheel is "
-                "enough for device 'cpu')",
-            ) from None
+        torch = self._import(
+            "torch",
+            "PyTorch",
+            "install it with `pip install torch` (the CPU-only wheel is enough for device 'cpu')",
+        )
         device = bp.get("device", "cuda" if torch.cuda.is_available() else "cpu")
         if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
             raise _cfg_error(source, "device", "'cpu', 'cuda' or 'cuda:N'", device)
@@ -7386,14 +7377,7 @@ class DisBackend(FlowBackend):
 
     def _configure(self, bp):
         source = self.source
-        try:
-            import cv2
-        except ImportError as exc:
-            raise _unavailable(
-                self.name,
-                f"OpenCV cannot be imported ({exc})",
-                "install it with `pip install opencv-python-headless`",
-            ) from None
+        cv2 = self._import("cv2", "OpenCV", "install it with `pip install opencv-python-headless`")
         self.cv2 = cv2
         self.preset = _cfg_choice(bp.get("preset", "medium"), "preset", source, _DIS_PRESETS)
         self.settings = {}
@@ -11137,10 +11121,11 @@ def _restore_stop_handlers(previous):
 
 
 if __name__ == "__main__":
-    # ``python flowsession.py`` and ``import flowsession`` share one module object
-    # (one set of classes, one round of Numba compilation).
-    sys.modules.setdefault("flowsession", sys.modules["__main__"])
+    # ``python flowsession.py`` runs the module imported under its own name, so that
+    # the script and ``import flowsession`` share one module object (one set of
+    # classes, one round of Numba compilation), and Numba's on-disk cache serves the
+    # command line too: its keys name the classes of NamedTuple arguments, and a
+    # new process does not find ``__main__._FlowParams`` again.
+    import flowsession as _flowsession
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_flowsession.main())

@@ -4846,13 +4846,14 @@ def test_quality_correlation_and_crispness_against_their_definitions():
     frames = ref[None] + rng.normal(scale=0.5, size=(3, 12, 10, 2))
     frames[2, ..., 1] = 7.0  # a constant channel has no correlation
     valid = rng.random((3, 12, 10)) > 0.3
-    got = fs._pearson_valid(frames, ref, valid)
+    got, scaled = fs._pearson_valid(frames, 3.0 * frames + 5.0, ref, valid)
     for k in range(2):
         want = np.mean(
             [np.corrcoef(frames[k][..., c][valid[k]], ref[..., c][valid[k]])[0, 1] for c in (0, 1)]
         )
         assert got[k] == pytest.approx(want, rel=1e-12)
     assert np.isnan(got[2])
+    np.testing.assert_allclose(scaled, got, rtol=1e-12)  # r ignores gain and offset
     # Crispness (CaImAn): the Frobenius norm of the gradient magnitude of the mean image.
     img = rng.normal(size=(9, 11, 1))
     gy, gx = np.gradient(img[..., 0])
@@ -5133,3 +5134,37 @@ def test_nwb_output_without_pynwb_is_refused_before_any_work(tmp_path, monkeypat
     with pytest.raises(fs.ConfigError, match=r"needs pynwb: pip install"):
         fs.run_stage1(cfg)
     assert not cfg.output_root_path.exists() or not any(cfg.output_root_path.iterdir())
+
+
+###############################################################################
+### Progress for Python users
+###############################################################################
+
+
+def test_first_time_estimate_excludes_reference_and_compilation(monkeypatch, caplog):
+    clock = [0.0]
+    monkeypatch.setattr(fs.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="flowsession")
+    p = fs._Progress("rec", 100, every=10.0)
+    clock[0] = 200.0  # reference built and kernels compiled during the first chunk
+    p.update(10)
+    assert not caplog.records  # one chunk: no rate to estimate from yet
+    clock[0] = 201.0
+    p.update(10)  # 10 frames/s since the first chunk: 80 frames left take 8 s
+    assert caplog.records[-1].getMessage() == "rec: 20/100 frames, 10.0 frames/s, 0m08s left"
+    clock[0] = 209.0
+    p.update(80)
+    assert caplog.records[-1].getMessage().startswith("rec: 100/100 frames")
+
+
+def test_log_to_stderr_shows_progress_once(capsys):
+    handler = fs.log_to_stderr()
+    try:
+        assert fs.log_to_stderr("DEBUG") is handler
+        assert sum(getattr(h, "_flowsession_stderr", False) for h in fs.log.handlers) == 1
+        fs.log.info("hello from flowsession")
+        err = capsys.readouterr().err
+        assert err.count("INFO hello from flowsession") == 1
+    finally:
+        fs.log.removeHandler(handler)
+        fs.log.setLevel(logging.NOTSET)

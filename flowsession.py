@@ -10266,6 +10266,17 @@ def _cmd_example(args):
         f"Stage 3: final mask keeps {100 * final.mean():.1f} % of the center grid; results in "
         f"{config.final_results_path}"
     )
+    print(
+        "Quality (final_results/quality.json): mean correlation of the frames with the "
+        "reference, crispness of the mean image, before -> after correction"
+    )
+    for f in files:
+        q = recording_quality(_recording_folder(config, f)) or {}
+        print(
+            f"  {f.name:12s} r {_fmt_num(q.get('corr_before'))} -> {_fmt_num(q.get('corr_after'))}"
+            f"   crispness {_fmt_num(q.get('crispness_before'), '.1f')} -> "
+            f"{_fmt_num(q.get('crispness_after'), '.1f')}"
+        )
     return 0 if ok else 1
 
 

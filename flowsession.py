@@ -3106,8 +3106,10 @@ def _nb_grad1(f, h, out):
 
 
 @_njit
-def _nb_pad_symmetric1(f):
-    """Pad by one sample on every side, repeating the edge sample."""
+def _nb_pad_edge(f):
+    """Pad by one sample on every side, repeating the edge sample (the toolbox's
+    ``add_boundary``; ``padarray(f, [1 1], 'symmetric')`` is the same for one sample).
+    Corners take the diagonal corner sample."""
     nx, ny = f.shape
     out = np.empty((nx + 2, ny + 2))
     for a in range(nx + 2):
@@ -3151,8 +3153,8 @@ def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     spacing along x (columns), ``hy`` along y (rows).  Mirrors
     ``get_motion_tensor_gc.m``.
     """
-    F1 = _nb_pad_symmetric1(f1)
-    F2 = _nb_pad_symmetric1(f2)
+    F1 = _nb_pad_edge(f1)
+    F2 = _nb_pad_edge(f2)
     NX, NY = F1.shape
     g1 = np.empty((NX, NY))
     g2 = np.empty((NX, NY))
@@ -3208,8 +3210,8 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     Frame-averaged first derivatives and the frame difference, on the
     symmetrically padded planes, ring re-padded; outputs with a zero ring.
     """
-    F1 = _nb_pad_symmetric1(f1)
-    F2 = _nb_pad_symmetric1(f2)
+    F1 = _nb_pad_edge(f1)
+    F2 = _nb_pad_edge(f2)
     NX, NY = F1.shape
     g1 = np.empty((NX, NY))
     g2 = np.empty((NX, NY))
@@ -3242,6 +3244,53 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
 ###############################################################################
 ### Numba CPU kernels: level solver (level_solver.cpp)
 ###############################################################################
+
+
+#: The steps ``_nb_get_displacement`` times when profiling (``bench --profile``): the
+#: columns of its ``times`` array.
+_PROFILE_STEPS = ("resize", "warp", "tensors", "refresh", "weights", "sweeps", "median", "final")
+(
+    _STEP_RESIZE,
+    _STEP_WARP,
+    _STEP_TENSORS,
+    _STEP_REFRESH,
+    _STEP_WEIGHTS,
+    _STEP_SWEEPS,
+    _STEP_MEDIAN,
+    _STEP_FINAL,
+) = range(len(_PROFILE_STEPS))
+
+# The clock is read in object mode (Numba has no clock of its own); Numba warns that
+# such code holds the GIL, which it does only while profiling.
+warnings.filterwarnings(
+    "ignore", message=".*object mode won't allow parallel execution", category=numba.NumbaWarning
+)
+
+
+@_njit
+def _nb_clock():
+    """``time.perf_counter()`` from compiled code."""
+    with numba.objmode(t="float64"):
+        t = time.perf_counter()
+    return t
+
+
+@_njit
+def _nb_tick(times):
+    """The clock when profiling (``times`` has rows), else 0 without reading it."""
+    return _nb_clock() if times.shape[0] > 0 else 0.0
+
+
+@_njit
+def _nb_lap(times, row, step, t0):
+    """Timing hook of the driver and the level solver: when profiling (``times``, of
+    shape ``(levels + 1, len(_PROFILE_STEPS))``, has rows) add the seconds since
+    ``t0`` to ``times[row, step]`` and return the clock; else return 0 at no cost."""
+    if times.shape[0] == 0:
+        return 0.0
+    t = _nb_clock()
+    times[row, step] += t - t0
+    return t
 
 
 @_njit
@@ -3353,48 +3402,50 @@ def _nb_pow_positive(x, e):
     return q * _nb_bits_f8((int(j) + 1023) << 52)
 
 
-@_njit_loops
-def _nb_refresh(
-    J11,
-    J22,
-    J33,
-    J12,
-    J13,
-    J23,
-    weight,
-    local,
-    a_data,
-    du,
-    dv,
-    first,
-    psi_all_ones,
-    u,
-    v,
-    wxe,
-    wye,
-    omega,
-    A12,
-    Du,
-    Dv,
-    cu,
-    cv,
-    uniform=False,
-):
-    """Refresh the per-pixel constants of the sweep (interior pixels).
+class _SolverParams(NamedTuple):
+    """The scalars of one level's solve, one argument of ``_nb_level_solver`` and
+    ``_nb_refresh`` (and of their CUDA and torch counterparts) instead of ten."""
 
+    alpha_x: float  # smoothness weights of the level (alpha * eta^(-i/2), see _nb_pyramid_plan)
+    alpha_y: float
+    hx: float  # grid spacing along x (columns) and y (rows)
+    hy: float
+    iterations: int  # SOR sweeps
+    update_lag: int  # sweeps between refreshes of the lagged nonlinearities
+    a_smooth: float  # exponent of the smoothness penalty; 1: uniform edge weights alpha/h^2
+    psi_all_ones: bool  # first refresh: psi = 1 for every channel (else channel 0 only: MATLAB)
+    local: bool  # weight is a (C, NX, NY) map, else (C, 1, 1) per-channel weights
+    red_black: bool  # red-black SOR (the GPU order) instead of the toolbox's column-major
+
+
+@_njit_loops
+def _nb_refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv):
+    """Refresh the per-pixel constants of the sweep (interior pixels); the CPU reference
+    of ``_cu_refresh`` and ``_tc_refresh`` (``level_solver.cpp``, the loop before the
+    SOR sweeps).
+
+    ``J (6, C, NX, NY)`` float64: the motion tensor (J11, J22, J33, J12, J13, J23) of
+    the level with its halo; ``weight (C, NX, NY)`` when ``sp.local`` else
+    ``(C, 1, 1)``; ``a_data (C,)``; ``sp`` a ``_SolverParams``; ``u, v, du, dv, wxe,
+    wye`` and the outputs ``A12, Du, Dv, cu, cv`` are ``(NX, NY)`` float64.
     The lagged data term enters through the channel sums
     ``A.. = sum_k W_k psi_k J.._k``: with ``first`` psi is the initial value (1
-    for channel 0, and for every channel when ``psi_all_ones``; 0 otherwise,
+    for channel 0, and for every channel when ``sp.psi_all_ones``; 0 otherwise,
     the toolbox's zero-filled start), else psi_k = a_k (E_k + eps)^(a_k - 1)
     with E_k the linearised data energy of the current increment, clamped at 0.
     From them and the smoothness edge weights ``wxe, wye``:
     ``Du = omega / (sum_nb w_nb + A11)`` (0 where that is 0),
     ``cu = sum_nb w_nb (u_nb - u_c) - A13``, likewise for v, and ``A12``.
-    ``weight`` is ``(C, NX, NY)`` when ``local`` else ``(C, 1, 1)``; with
-    ``uniform`` the edge weights are the constants ``wxe[0, 0]``, ``wye[0, 0]``.
+    With ``sp.a_smooth == 1`` (uniform) the edge weights are the constants
+    ``wxe[0, 0]``, ``wye[0, 0]``.
     psi of a column is computed first in its own loop (the power dominates and
     the loop stays simple); the results do not depend on that order.
     """
+    J11, J22, J33, J12, J13, J23 = J[0], J[1], J[2], J[3], J[4], J[5]
+    local = sp.local
+    psi_all_ones = sp.psi_all_ones
+    uniform = sp.a_smooth == 1.0
+    omega = SOR_OMEGA
     C, NX, NY = J11.shape
     psi = np.empty((C, NY))
     S = np.empty((5, NY))
@@ -3622,39 +3673,18 @@ def _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
 
 
 @_njit
-def _nb_level_solver(
-    J11,
-    J22,
-    J33,
-    J12,
-    J13,
-    J23,
-    weight,
-    local,
-    u,
-    v,
-    alpha_x,
-    alpha_y,
-    iterations,
-    update_lag,
-    a_data,
-    a_smooth,
-    hx,
-    hy,
-    psi_all_ones,
-    du,
-    dv,
-    red_black=False,
-):
-    """Nonlinear SOR for the flow increment on one pyramid level.
+def _nb_level_solver(J, weight, a_data, u, v, sp, du, dv, times, row):
+    """Nonlinear SOR for the flow increment on one pyramid level (``level_solver.cpp``);
+    the CPU reference of ``CudaBackend._level_solver`` and ``_tc_level_solver``.
 
-    Tensors are ``(C, NX, NY)`` (haloed, transposed); ``weight`` is
-    ``(C, NX, NY)`` when ``local`` else ``(C, 1, 1)``; ``u, v, du, dv`` are
-    ``(NX, NY)``.  Iterations count from 1; the data and smoothness
-    nonlinearities are refreshed when ``it % update_lag == 0``; the Neumann halo
-    of the increments is reset before every sweep.  Writes ``du, dv`` (with halo).
-    ``red_black`` sweeps in red-black order (``_nb_sor_sweep_rb``) instead of the
-    toolbox's column-major order.
+    ``J (6, C, NX, NY)`` float64 (haloed, transposed); ``weight`` is
+    ``(C, NX, NY)`` when ``sp.local`` else ``(C, 1, 1)``; ``a_data (C,)``;
+    ``u, v, du, dv`` are ``(NX, NY)``; ``sp`` a ``_SolverParams``.  Iterations
+    count from 1; the data and smoothness nonlinearities are refreshed when
+    ``it % update_lag == 0``; the Neumann halo of the increments is reset before
+    every sweep.  Writes ``du, dv`` (with halo).  ``sp.red_black`` sweeps in
+    red-black order (``_nb_sor_sweep_rb``) instead of the toolbox's column-major
+    order.  ``times, row``: see ``_nb_lap`` (profiling).
     """
     NX, NY = u.shape
     du[:, :] = 0.0
@@ -3666,49 +3696,30 @@ def _nb_level_solver(
     cv = np.zeros((NX, NY))
     wxe = np.empty((NX, NY))
     wye = np.empty((NX, NY))
-    wxe[:, :] = alpha_x / (hx * hx)
-    wye[:, :] = alpha_y / (hy * hy)
-    uniform = a_smooth == 1.0
+    wxe[:, :] = sp.alpha_x / (sp.hx * sp.hx)
+    wye[:, :] = sp.alpha_y / (sp.hy * sp.hy)
+    uniform = sp.a_smooth == 1.0
+    t = _nb_tick(times)
     # One call site with a run-time ``first`` (literal True/False arguments would
     # compile the refresh twice).
-    for it in range(iterations + 1):
-        if it == 0 or it % update_lag == 0:
+    for it in range(sp.iterations + 1):
+        if it == 0 or it % sp.update_lag == 0:
             if it > 0 and not uniform:
-                _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wye)
-            _nb_refresh(
-                J11,
-                J22,
-                J33,
-                J12,
-                J13,
-                J23,
-                weight,
-                local,
-                a_data,
-                du,
-                dv,
-                it == 0,
-                psi_all_ones,
-                u,
-                v,
-                wxe,
-                wye,
-                SOR_OMEGA,
-                A12,
-                Du,
-                Dv,
-                cu,
-                cv,
-                uniform,
-            )
+                _nb_smooth_weights(
+                    u, v, du, dv, sp.a_smooth, sp.alpha_x, sp.alpha_y, sp.hx, sp.hy, wxe, wye
+                )
+                t = _nb_lap(times, row, _STEP_WEIGHTS, t)
+            _nb_refresh(J, weight, a_data, sp, it == 0, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv)
+            t = _nb_lap(times, row, _STEP_REFRESH, t)
         if it == 0:
             continue
         _nb_set_boundary(du)
         _nb_set_boundary(dv)
-        if red_black:
+        if sp.red_black:
             _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
         else:
             _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
+        t = _nb_lap(times, row, _STEP_SWEEPS, t)
 
 
 ###############################################################################
@@ -4048,12 +4059,6 @@ def _nb_warping_depth(eta, levels, m, n):
 
 
 @_njit
-def _nb_pad_edge(f):
-    """``add_boundary``: one-pixel halo replicating the edge (corners diagonal)."""
-    return _nb_pad_symmetric1(f)
-
-
-@_njit
 def _nb_levels(m, n, eta, levels, min_level):
     """Pyramid of ``get_displacement.m``: ``(top, min_level, max_x, max_y)``.
 
@@ -4073,158 +4078,194 @@ def _nb_levels(m, n, eta, levels, min_level):
     return top, min_level, max_x, max_y
 
 
-@_njit
-def _nb_level_size(m, n, eta, i, max_x, max_y):
-    """(cols, rows) of pyramid level i."""
-    return (int(_nb_round(n * eta ** min(i, max_x))), int(_nb_round(m * eta ** min(i, max_y))))
+class _Level(NamedTuple):
+    """One level of a pyramid plan (``_pyramid_plan``), coarsest first."""
+
+    level: int  # i: 0 is full size
+    lx: int  # size along axis 1 of the transposed stacks (columns, W)
+    ly: int  # size along axis 2 (rows, H)
+    offset: int  # where the level starts in the flat reference pyramid
+    hx: float  # grid spacing along x and y (swapped with matlab_quirks, as the toolbox)
+    hy: float
+    alpha_x: float  # alpha * eta^(-i/2), alpha itself on the finest level solved
+    alpha_y: float
+    median: bool  # the 5x5 median of the increments runs: min(lx, ly) > 5
+
+
+#: ``_Level`` as a record, the row of a plan array (what compiled code takes).
+_LEVEL_DTYPE = np.dtype(
+    [
+        (name, {int: np.int64, float: np.float64, bool: np.bool_}[kind])
+        for name, kind in _Level.__annotations__.items()
+    ]
+)
 
 
 @_njit
-def _nb_reference_pyramid(f1, eta, levels, min_level):
+def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks):
+    """The level rules of ``get_displacement.m``, written once: a record array of
+    ``_LEVEL_DTYPE`` with one row per level solved, coarsest first, for stacks of
+    ``C`` channels of ``(n, m)`` = (W, H) pixels.  Every driver (CPU, CUDA, torch)
+    and the benchmark's byte count walk this plan."""
+    top, lo, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
+    plan = np.empty(top - lo + 1, _LEVEL_DTYPE)
+    offset = 0
+    for k in range(top - lo + 1):
+        i = top - k
+        lx = int(_nb_round(n * eta ** min(i, max_x)))
+        ly = int(_nb_round(m * eta ** min(i, max_y)))
+        scale = 1.0 if i == lo else eta ** (-0.5 * i)
+        plan[k].level = i
+        plan[k].lx = lx
+        plan[k].ly = ly
+        plan[k].offset = offset
+        plan[k].hx = m / ly if quirks else n / lx
+        plan[k].hy = n / lx if quirks else m / ly
+        plan[k].alpha_x = alpha_x * scale
+        plan[k].alpha_y = alpha_y * scale
+        plan[k].median = min(lx, ly) > 5
+        offset += C * lx * ly
+    return plan
+
+
+def _pyramid_plan(p, shape):
+    """The plan (``_nb_pyramid_plan``) of ``_FlowParams`` ``p`` for transposed stacks of
+    ``shape = (C, W, H)``: a record array, one row per level, coarsest first."""
+    C, n, m = (int(s) for s in shape)
+    return _nb_pyramid_plan(C, n, m, p.eta, p.levels, p.min_level, p.alpha_x, p.alpha_y, p.quirks)
+
+
+def _plan_levels(plan):
+    """The rows of a plan as ``_Level`` tuples of Python numbers (for the drivers that run
+    from Python)."""
+    return [_Level._make(row) for row in plan.tolist()]
+
+
+def _solver_params(p, level):
+    """``_SolverParams`` of ``_FlowParams`` ``p`` on a plan row ``level``."""
+    return _SolverParams(
+        level.alpha_x,
+        level.alpha_y,
+        level.hx,
+        level.hy,
+        p.iterations,
+        p.update_lag,
+        p.a_smooth,
+        not p.quirks,
+        p.local,
+        p.red_black,
+    )
+
+
+@_njit
+def _nb_reference_pyramid(f1, plan):
     """Every level of a reference stack ``(C, nx, ny)``, coarsest first, one after the
-    other in one flat array (a level's place follows from the level sizes).
+    other in one flat array (a level starts at its ``offset`` in the plan).
 
     The reference of a recording is the same for all its frames, so its pyramid
     is resized once and passed to ``_nb_get_displacement``.  (A flat array rather
-    than a typed list: typed lists compile helper code on every new process.)
+    than a list of arrays: a typed list compiles helper code in every new process.)
     """
-    C, n, m = f1.shape
-    top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
-    total = 0
-    for i in range(top, min_level - 1, -1):
-        lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
-        total += C * lx * ly
-    out = np.empty(total)
-    pos = 0
-    for i in range(top, min_level - 1, -1):
-        lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
-        _nb_copy_flat(out[pos : pos + C * lx * ly], _nb_resize_stack(f1, lx, ly))
-        pos += C * lx * ly
+    C = f1.shape[0]
+    last = plan[plan.shape[0] - 1]
+    out = np.empty(last.offset + C * last.lx * last.ly)
+    for k in range(plan.shape[0]):
+        lev = plan[k]
+        size = C * lev.lx * lev.ly
+        _nb_copy_flat(out[lev.offset : lev.offset + size], _nb_resize_stack(f1, lev.lx, lev.ly))
     return out
 
 
 @_njit
-def _nb_get_displacement(
-    f1,
-    f2,
-    wvec,
-    wmap,
-    local_weight,
-    u_init,
-    v_init,
-    alpha_x,
-    alpha_y,
-    iterations,
-    update_lag,
-    a_data,
-    a_smooth,
-    levels,
-    eta,
-    min_level,
-    tensor_kind,
-    quirks,
-    pyramid,
-    use_pyramid,
-    out_u,
-    out_v,
-    red_black=False,
-):
-    """Coarse-to-fine variational optical flow of one frame pair.
+def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v, times):
+    """Coarse-to-fine variational optical flow of one frame pair (``get_displacement.m``);
+    the CPU reference of ``CudaBackend._displacement`` and ``_tc_get_displacement``.
 
-    ``f1`` (reference) and ``f2`` (moving) are ``(C, nx, ny)`` transposed stacks;
-    ``u_init, v_init, out_u, out_v`` are ``(nx, ny)``.  ``wvec`` holds per-channel
-    weights, ``wmap`` ``(C, nx, ny)`` spatial weights used when ``local_weight``.
-    With ``use_pyramid``, ``pyramid`` holds f1's levels (``_nb_reference_pyramid``).
-    ``red_black`` selects the SOR ordering of the GPU backends.
+    ``f1`` (reference) and ``f2`` (moving) are ``(C, nx, ny)`` float64 transposed
+    stacks; ``u_init, v_init, out_u, out_v`` are ``(nx, ny)``.  ``p`` is the
+    ``_FlowParams`` (its ``wvec`` per-channel weights, or its ``(C, nx, ny)`` ``wmap``
+    when ``local``), ``plan`` its ``_pyramid_plan``.  ``pyramid`` holds f1's levels
+    (``_nb_reference_pyramid``), or is empty: f1 is resized here.
+    ``times``: per level and step seconds when profiling (``_nb_lap``), else ``(0, 0)``.
     """
-    C, n, m = f1.shape
-    top, min_level, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
+    C = f1.shape[0]
+    n, m = out_u.shape
+    use_pyramid = pyramid.size > 0
     u = np.zeros((1, 1))
     v = np.zeros((1, 1))
-    pos = 0
-    for i in range(top, min_level - 1, -1):
-        lx, ly = _nb_level_size(m, n, eta, i, max_x, max_y)
+    for k in range(plan.shape[0]):
+        t = _nb_tick(times)
+        lev = plan[k]
+        lx = lev.lx
+        ly = lev.ly
+        hx = lev.hx
+        hy = lev.hy
         if use_pyramid:
-            F1 = pyramid[pos : pos + C * lx * ly].reshape((C, lx, ly))
-            pos += C * lx * ly
+            F1 = pyramid[lev.offset : lev.offset + C * lx * ly].reshape((C, lx, ly))
         else:
             F1 = _nb_resize_stack(f1, lx, ly)
         F2 = _nb_resize_stack(f2, lx, ly)
-        if quirks:
-            hx = m / ly
-            hy = n / lx
-        else:
-            hx = n / lx
-            hy = m / ly
-        if i == top:
+        if k == 0:
             ui = _nb_resize(u_init, lx, ly)
             vi = _nb_resize(v_init, lx, ly)
             tmp = F2
+            t = _nb_lap(times, k, _STEP_RESIZE, t)
         else:
             ui = _nb_resize(np.ascontiguousarray(u[1:-1, 1:-1]), lx, ly)
             vi = _nb_resize(np.ascontiguousarray(v[1:-1, 1:-1]), lx, ly)
+            t = _nb_lap(times, k, _STEP_RESIZE, t)
             tmp = np.empty_like(F2)
             valid = np.empty((lx, ly), np.bool_)
             for c in range(C):
                 # np.int64: a literal 2 would compile a second specialisation
                 _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], np.int64(2), tmp[c], valid)
+            t = _nb_lap(times, k, _STEP_WARP, t)
         u = _nb_pad_edge(ui)
         v = _nb_pad_edge(vi)
         NX = lx + 2
         NY = ly + 2
-        J11 = np.empty((C, NX, NY))
-        J22 = np.empty((C, NX, NY))
-        J33 = np.empty((C, NX, NY))
-        J12 = np.empty((C, NX, NY))
-        J13 = np.empty((C, NX, NY))
-        J23 = np.empty((C, NX, NY))
-        if local_weight:
+        J = np.empty((6, C, NX, NY))
+        if p.local:
             weight = np.zeros((C, NX, NY))
         else:
             weight = np.empty((C, 1, 1))
         for c in range(C):
-            if tensor_kind == 0:
-                _nb_tensor_gc(F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c])
+            if p.kind == 0:
+                _nb_tensor_gc(
+                    F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
+                )
             else:
                 _nb_tensor_gray(
-                    F1[c], tmp[c], hx, hy, J11[c], J22[c], J33[c], J12[c], J13[c], J23[c]
+                    F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
                 )
-            if local_weight:
-                _nb_copy2(weight[c, 1:-1, 1:-1], _nb_resize(wmap[c], lx, ly))
+            if p.local:
+                _nb_copy2(weight[c, 1:-1, 1:-1], _nb_resize(p.wmap[c], lx, ly))
             else:
-                weight[c, 0, 0] = wvec[c]
-        scale = 1.0 if i == min_level else eta ** (-0.5 * i)
-        du = np.empty((NX, NY))
-        dv = np.empty((NX, NY))
-        _nb_level_solver(
-            J11,
-            J22,
-            J33,
-            J12,
-            J13,
-            J23,
-            weight,
-            local_weight,
-            u,
-            v,
-            alpha_x * scale,
-            alpha_y * scale,
-            iterations,
-            update_lag,
-            a_data,
-            a_smooth,
+                weight[c, 0, 0] = p.wvec[c]
+        t = _nb_lap(times, k, _STEP_TENSORS, t)
+        sp = _SolverParams(
+            lev.alpha_x,
+            lev.alpha_y,
             hx,
             hy,
-            not quirks,
-            du,
-            dv,
-            red_black,
+            p.iterations,
+            p.update_lag,
+            p.a_smooth,
+            not p.quirks,
+            p.local,
+            p.red_black,
         )
-        if min(lx, ly) > 5:
+        du = np.empty((NX, NY))
+        dv = np.empty((NX, NY))
+        _nb_level_solver(J, weight, p.a_data, u, v, sp, du, dv, times, k)
+        t = _nb_tick(times)
+        if lev.median:
             _nb_medfilt5_interior(du)
             _nb_medfilt5_interior(dv)
         u += du
         v += dv
+        t = _nb_lap(times, k, _STEP_MEDIAN, t)
+    t = _nb_tick(times)
     wu = np.ascontiguousarray(u[1:-1, 1:-1])
     wv = np.ascontiguousarray(v[1:-1, 1:-1])
     if wu.shape[0] != n or wu.shape[1] != m:
@@ -4232,10 +4273,12 @@ def _nb_get_displacement(
         wv = _nb_resize(wv, n, m)
     _nb_copy2(out_u, wu)
     _nb_copy2(out_v, wv)
+    _nb_lap(times, plan.shape[0], _STEP_FINAL, t)
 
 
 class _FlowParams(NamedTuple):
-    """Checked parameters of ``_nb_get_displacement`` (see ``get_displacement``)."""
+    """Checked parameters of ``get_displacement`` (``_displacement_params``), passed
+    whole to ``_nb_get_displacement``."""
 
     alpha_x: float
     alpha_y: float
@@ -4254,201 +4297,68 @@ class _FlowParams(NamedTuple):
     red_black: bool = False
 
 
-def _flow_internal(p, f1, f2, ui, vi, pyramid=None):
+_NO_PYRAMID = np.empty(0)
+_NO_TIMES = np.empty((0, 0))
+
+
+def _flow_internal(p, f1, f2, ui, vi, pyramid=None, plan=None, times=None):
     """Flow of transposed ``(C, W, H)`` stacks; returns transposed ``(u, v)``, each ``(W, H)``.
 
-    ``pyramid``: ``_reference_pyramid(p, f1)``, to reuse f1's levels across frames.
-    Releases the GIL for the whole computation.
+    ``pyramid``: ``_reference_pyramid(p, f1)``, to reuse f1's levels across frames
+    (with its ``plan``).  ``times``: a ``_profile_times`` array the steps' seconds are
+    added to.  Releases the GIL for the whole computation (but the profiling clock).
     """
     out_u = np.empty(ui.shape)
     out_v = np.empty(ui.shape)
-    use = pyramid is not None
+    if plan is None:
+        plan = _pyramid_plan(p, f1.shape)
     _nb_get_displacement(
         f1,
         f2,
-        p.wvec,
-        p.wmap,
-        p.local,
         ui,
         vi,
-        p.alpha_x,
-        p.alpha_y,
-        p.iterations,
-        p.update_lag,
-        p.a_data,
-        p.a_smooth,
-        p.levels,
-        p.eta,
-        p.min_level,
-        p.kind,
-        p.quirks,
-        pyramid if use else _empty_pyramid(),
-        use,
+        p,
+        plan,
+        _NO_PYRAMID if pyramid is None else pyramid,
         out_u,
         out_v,
-        p.red_black,
+        _NO_TIMES if times is None else times,
     )
     return out_u, out_v
 
 
-def _profile_flow(p, f1, f2, ui0, vi0):
-    """``_flow_internal`` step by step from Python, timing every step on every level.
+def _profile_times(plan):
+    """A zeroed ``times`` array for ``_flow_internal``: one row per level of ``plan`` and
+    one for the final upsampling, one column per step of ``_PROFILE_STEPS``."""
+    return np.zeros((len(plan) + 1, len(_PROFILE_STEPS)))
 
-    Returns ``(u, v, rows)``; ``u, v`` are identical to ``_flow_internal``'s (a
-    test checks it), ``rows`` holds ``(level, cols, rows, step, seconds)`` with
-    steps resize, warp, tensors, refresh, weights, sweeps, median, final.  The
-    calls from Python add a few microseconds per step, which is noise on the
-    large levels and visible on the smallest ones.
-    """
-    clock = time.perf_counter
-    C, n, m = f1.shape
-    top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
-    pyramid = _pyramid_levels(p, f1)  # once per reference, as in Stage 1: not timed
+
+def _profile_rows(plan, times, shape):
+    """``times`` as rows ``(level, cols, rows, step, seconds)`` for stacks of ``shape =
+    (C, W, H)``; the final upsampling is level -1 at full size."""
     rows = []
-    u = v = None
-    for i in range(top, min_level - 1, -1):
-        lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
-
-        def row(step, t0, lx=lx, ly=ly, i=i):
-            rows.append((i, lx, ly, step, clock() - t0))
-
-        t0 = clock()
-        F1 = pyramid[top - i]
-        F2 = _nb_resize_stack(f2, lx, ly)
-        hx, hy = (m / ly, n / lx) if p.quirks else (n / lx, m / ly)
-        if i == top:
-            ui, vi = _nb_resize(ui0, lx, ly), _nb_resize(vi0, lx, ly)
-        else:
-            ui = _nb_resize(np.ascontiguousarray(u[1:-1, 1:-1]), lx, ly)
-            vi = _nb_resize(np.ascontiguousarray(v[1:-1, 1:-1]), lx, ly)
-        row("resize", t0)
-        t0 = clock()
-        tmp = F2
-        if i != top:
-            tmp = np.empty_like(F2)
-            valid = np.empty((lx, ly), np.bool_)
-            for c in range(C):
-                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], 2, tmp[c], valid)
-        row("warp", t0)
-        t0 = clock()
-        u, v = _nb_pad_edge(ui), _nb_pad_edge(vi)
-        NX, NY = lx + 2, ly + 2
-        J = [np.empty((C, NX, NY)) for _ in range(6)]
-        weight = np.zeros((C, NX, NY)) if p.local else np.empty((C, 1, 1))
-        for c in range(C):
-            tensor = _nb_tensor_gc if p.kind == 0 else _nb_tensor_gray
-            tensor(F1[c], tmp[c], hx, hy, *[j[c] for j in J])
-            if p.local:
-                weight[c, 1:-1, 1:-1] = _nb_resize(p.wmap[c], lx, ly)
-            else:
-                weight[c, 0, 0] = p.wvec[c]
-        row("tensors", t0)
-        scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
-        ax, ay = p.alpha_x * scale, p.alpha_y * scale
-        du, dv = np.zeros((NX, NY)), np.zeros((NX, NY))
-        A12, Du, Dv, cu, cv = (np.zeros((NX, NY)) for _ in range(5))
-        wxe = np.full((NX, NY), ax / (hx * hx))
-        wye = np.full((NX, NY), ay / (hy * hy))
-        uniform = p.a_smooth == 1.0
-        sweep = _nb_sor_sweep_rb if p.red_black else _nb_sor_sweep
-        spent = {"refresh": 0.0, "weights": 0.0, "sweeps": 0.0}
-        t0 = clock()
-        _nb_refresh(
-            *J,
-            weight,
-            p.local,
-            p.a_data,
-            du,
-            dv,
-            True,
-            not p.quirks,
-            u,
-            v,
-            wxe,
-            wye,
-            SOR_OMEGA,
-            A12,
-            Du,
-            Dv,
-            cu,
-            cv,
-            uniform,
-        )
-        spent["refresh"] += clock() - t0
-        for it in range(1, p.iterations + 1):
-            if it % p.update_lag == 0:
-                t0 = clock()
-                if not uniform:
-                    _nb_smooth_weights(u, v, du, dv, p.a_smooth, ax, ay, hx, hy, wxe, wye)
-                t1 = clock()
-                _nb_refresh(
-                    *J,
-                    weight,
-                    p.local,
-                    p.a_data,
-                    du,
-                    dv,
-                    False,
-                    not p.quirks,
-                    u,
-                    v,
-                    wxe,
-                    wye,
-                    SOR_OMEGA,
-                    A12,
-                    Du,
-                    Dv,
-                    cu,
-                    cv,
-                    uniform,
-                )
-                spent["weights"] += t1 - t0
-                spent["refresh"] += clock() - t1
-            t0 = clock()
-            _nb_set_boundary(du)
-            _nb_set_boundary(dv)
-            sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, SOR_OMEGA)
-            spent["sweeps"] += clock() - t0
-        for step, sec in spent.items():
-            rows.append((i, lx, ly, step, sec))
-        t0 = clock()
-        if min(lx, ly) > 5:
-            _nb_medfilt5_interior(du)
-            _nb_medfilt5_interior(dv)
-        u += du
-        v += dv
-        row("median", t0)
-    t0 = clock()
-    wu = np.ascontiguousarray(u[1:-1, 1:-1])
-    wv = np.ascontiguousarray(v[1:-1, 1:-1])
-    if wu.shape != (n, m):
-        wu, wv = _nb_resize(wu, n, m), _nb_resize(wv, n, m)
-    rows.append((-1, n, m, "final", clock() - t0))
-    return wu, wv, rows
+    for k, lev in enumerate(_plan_levels(plan)):
+        for s, step in enumerate(_PROFILE_STEPS[:-1]):
+            rows.append((lev.level, lev.lx, lev.ly, step, float(times[k, s])))
+    rows.append((-1, shape[1], shape[2], "final", float(times[-1, _STEP_FINAL])))
+    return rows
 
 
-def _empty_pyramid():
-    return np.empty(0)
-
-
-def _reference_pyramid(p, f1):
+def _reference_pyramid(p, f1, plan=None):
     """f1's pyramid levels for ``_flow_internal`` (identical to resizing per frame)."""
-    return _nb_reference_pyramid(f1, p.eta, p.levels, p.min_level)
+    return _nb_reference_pyramid(f1, _pyramid_plan(p, f1.shape) if plan is None else plan)
 
 
-def _pyramid_levels(p, f1, flat=None):
-    """The levels of ``_reference_pyramid(p, f1)`` (or of ``flat``) as a list of
-    ``(C, lx, ly)`` views, coarsest first."""
-    flat = _reference_pyramid(p, f1) if flat is None else flat
-    C, n, m = f1.shape
-    top, lo, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
-    out = []
-    pos = 0
-    for i in range(top, lo - 1, -1):
-        lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
-        out.append(flat[pos : pos + C * lx * ly].reshape(C, lx, ly))
-        pos += C * lx * ly
-    return out
+def _pyramid_levels(p, f1, plan=None):
+    """The levels of ``_reference_pyramid(p, f1)`` as a list of ``(C, lx, ly)`` views,
+    coarsest first."""
+    plan = _pyramid_plan(p, f1.shape) if plan is None else plan
+    flat = _reference_pyramid(p, f1, plan)
+    C = f1.shape[0]
+    return [
+        flat[lev.offset : lev.offset + C * lev.lx * lev.ly].reshape(C, lev.lx, lev.ly)
+        for lev in _plan_levels(plan)
+    ]
 
 
 ###############################################################################
@@ -4676,24 +4586,29 @@ def level_solver(
     ax, ay = (al[0], al[0]) if al.size == 1 else (al[0], al[1])
     du = np.empty((N, M))
     dv = np.empty((N, M))
-    _nb_level_solver(
-        *[np.ascontiguousarray(np.transpose(J, (2, 1, 0))) for J in Js],
-        wint,
-        local,
-        _field_to_internal(u, (M, N), "u"),
-        _field_to_internal(v, (M, N), "v"),
+    sp = _SolverParams(
         float(ax),
         float(ay),
-        int(iterations),
-        int(update_lag),
-        _channel_vector("a_data", a_data, C),
-        float(a_smooth),
         float(hx),
         float(hy),
+        int(iterations),
+        int(update_lag),
+        float(a_smooth),
         not matlab_quirks,
+        local,
+        sor_order == "red_black",
+    )
+    _nb_level_solver(
+        np.ascontiguousarray(np.stack([np.transpose(J, (2, 1, 0)) for J in Js])),
+        wint,
+        _channel_vector("a_data", a_data, C),
+        _field_to_internal(u, (M, N), "u"),
+        _field_to_internal(v, (M, N), "v"),
+        sp,
         du,
         dv,
-        sor_order == "red_black",
+        _NO_TIMES,
+        0,
     )
     return np.ascontiguousarray(du.T), np.ascontiguousarray(dv.T)
 
@@ -4923,7 +4838,8 @@ def get_displacement(
 class _CpuState(NamedTuple):
     params: _FlowParams
     ref: np.ndarray  # (C, W, H) preprocessed reference
-    pyramid: object  # its levels (numba typed list)
+    plan: np.ndarray  # its _pyramid_plan
+    pyramid: np.ndarray  # its levels, one flat array (_nb_reference_pyramid)
     fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
@@ -4954,7 +4870,8 @@ class FlowregBackend:
         p = params._replace(red_black=self.red_black)
         ref_int = _to_internal(np.asarray(ref, dtype=np.float64))
         fill_int = None if fill is None else _to_internal(np.asarray(fill, dtype=np.float64))
-        return _CpuState(p, ref_int, _reference_pyramid(p, ref_int), fill_int)
+        plan = _pyramid_plan(p, ref_int.shape)
+        return _CpuState(p, ref_int, plan, _reference_pyramid(p, ref_int, plan), fill_int)
 
     def flows(self, state, frames, init, pool):
         n, H, W = frames.shape[:3]
@@ -4963,7 +4880,7 @@ class FlowregBackend:
 
         def one(k):
             u, v = _flow_internal(
-                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid
+                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
             )
             out[k, ..., 0] = u.T
             out[k, ..., 1] = v.T
@@ -4981,7 +4898,7 @@ class FlowregBackend:
 
         def one(k):
             u, v = _flow_internal(
-                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid
+                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
             )
             out, ok = _warp_stack(
                 _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
@@ -5137,6 +5054,7 @@ def _cuda_kernels(precision):
     K15, K25, FOUR = F(1.5), F(2.5), F(4.0)
     EPS_PSI = F(PSI_EPS)
     EPS_ZIM = F(ZIMMER_EPS)
+    OMEGA = F(SOR_OMEGA)
     simulated = _cuda_simulated()
     # Under the simulator device functions are plain Python functions: the same code,
     # without the simulator's per-call wrapper (which dominates its run time).
@@ -5215,7 +5133,7 @@ def _cuda_kernels(precision):
 
     @dev
     def padded(f, p, a, b):
-        """``_nb_pad_symmetric1(f[p])[a, b]``: the edge sample repeated."""
+        """``_nb_pad_edge(f[p])[a, b]``: the edge sample repeated."""
         return f[p, clamp(a - 1, 0, f.shape[1] - 1), clamp(b - 1, 0, f.shape[2] - 1)]
 
     @dev
@@ -5540,39 +5458,17 @@ def _cuda_kernels(precision):
     # ---- level solver -------------------------------------------------------
 
     @cuda.jit
-    def refresh(
-        J11,
-        J22,
-        J33,
-        J12,
-        J13,
-        J23,
-        weight,
-        local,
-        a_data,
-        du,
-        dv,
-        first,
-        psi_all_ones,
-        u,
-        v,
-        wxe,
-        wye,
-        omega,
-        A12,
-        Du,
-        Dv,
-        cu,
-        cv,
-    ):
-        """``_nb_refresh`` of every frame: tensors ``(n * C, NX, NY)``, ``weight (C, NX, NY)``
-        when ``local`` else ``(C, 1, 1)``, ``a_data (C,)``, the rest ``(n, NX, NY)``."""
+    def refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv):
+        """``_nb_refresh`` of every frame: ``J (6, n * C, NX, NY)``, ``weight (C, NX, NY)``
+        when ``sp.local`` else ``(C, 1, 1)``, ``a_data (C,)``, ``sp`` a ``_SolverParams``
+        of this precision, the rest ``(n, NX, NY)``."""
         b, a, k = _cuda.grid(3)
         NX = du.shape[1]
         NY = du.shape[2]
         if k >= du.shape[0] or a < 1 or b < 1 or a >= NX - 1 or b >= NY - 1:
             return
         C = a_data.shape[0]
+        J11, J22, J33, J12, J13, J23 = J[0], J[1], J[2], J[3], J[4], J[5]
         d = du[k, a, b]
         e = dv[k, a, b]
         s11 = ZERO
@@ -5583,7 +5479,7 @@ def _cuda_kernels(precision):
         for c in range(C):
             q = k * C + c
             if first:
-                psi = ONE if (c == 0 or psi_all_ones) else ZERO
+                psi = ONE if (c == 0 or sp.psi_all_ones) else ZERO
             else:
                 en = (
                     J11[q, a, b] * d * d
@@ -5597,7 +5493,7 @@ def _cuda_kernels(precision):
                 if en < ZERO:
                     en = ZERO
                 psi = a_data[c] * math.pow(en + EPS_PSI, a_data[c] - ONE)
-            wp = (weight[c, a, b] if local else weight[c, 0, 0]) * psi
+            wp = (weight[c, a, b] if sp.local else weight[c, 0, 0]) * psi
             s11 += wp * J11[q, a, b]
             s12 += wp * J12[q, a, b]
             s22 += wp * J22[q, a, b]
@@ -5623,9 +5519,9 @@ def _cuda_kernels(precision):
         ) - s23
         sw = wl + wr + wd + wu
         den = sw + s11
-        Du[k, a, b] = omega / den if den != ZERO else ZERO
+        Du[k, a, b] = OMEGA / den if den != ZERO else ZERO
         den = sw + s22
-        Dv[k, a, b] = omega / den if den != ZERO else ZERO
+        Dv[k, a, b] = OMEGA / den if den != ZERO else ZERO
         A12[k, a, b] = s12
 
     @cuda.jit
@@ -5792,6 +5688,7 @@ def _cuda_simulated():
 class _CudaState(NamedTuple):
     params: _FlowParams
     shape: tuple  # (C, W, H) of the frames
+    levels: list  # the _Level rows of its _pyramid_plan
     pyramid: list  # device (C, lx, ly) reference levels, coarsest first
     weights: list  # device (C, NX, NY) (local) or (C, 1, 1) channel weights per level
     a_data: object  # device (C,)
@@ -5953,27 +5850,10 @@ class CudaBackend:
         n, NX, NY = f.shape
         k.launch(k.halo, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
 
-    def _level_solver(
-        self,
-        J,
-        weight,
-        local,
-        a_data,
-        u,
-        v,
-        alpha_x,
-        alpha_y,
-        iterations,
-        update_lag,
-        a_smooth,
-        hx,
-        hy,
-        psi_all_ones,
-        du,
-        dv,
-    ):
-        """``_nb_level_solver(..., red_black=True)`` of a batch: tensors ``J`` (six
-        ``(n * C, NX, NY)``), ``u, v, du, dv (n, NX, NY)``; writes du, dv (with halo)."""
+    def _level_solver(self, J, weight, a_data, u, v, sp, du, dv):
+        """``_nb_level_solver`` with ``sp.red_black`` of a batch: tensors ``J (6, n * C, NX,
+        NY)``, ``u, v, du, dv (n, NX, NY)``, ``sp`` a ``_SolverParams`` (float64);
+        writes du, dv (with halo)."""
         k = self._k
         F = self.dtype.type
         shape = u.shape
@@ -5983,64 +5863,44 @@ class CudaBackend:
         )
         k.launch(k.fill, shape, du, F(0.0))
         k.launch(k.fill, shape, dv, F(0.0))
-        cx = F(alpha_x / (hx * hx))
-        cy = F(alpha_y / (hy * hy))
+        cx = F(sp.alpha_x / (sp.hx * sp.hx))
+        cy = F(sp.alpha_y / (sp.hy * sp.hy))
         k.launch(k.fill, shape, wxe, cx)
         k.launch(k.fill, shape, wye, cy)
-        uniform = a_smooth == 1.0
+        uniform = sp.a_smooth == 1.0
         omega = F(SOR_OMEGA)
-        common = (weight, bool(local), a_data, du, dv)
-        k.launch(
-            k.refresh,
-            shape,
-            *J,
-            *common,
-            True,
-            bool(psi_all_ones),
-            u,
-            v,
-            wxe,
-            wye,
-            omega,
-            A12,
-            Du,
-            Dv,
-            cu,
-            cv,
+        spf = sp._replace(
+            **{f: F(getattr(sp, f)) for f in ("alpha_x", "alpha_y", "hx", "hy", "a_smooth")}
         )
         half = (n, NX - 2, (NY - 1) // 2)
-        for it in range(1, iterations + 1):
-            if it % update_lag == 0:
-                if not uniform:
+        for it in range(sp.iterations + 1):
+            if it == 0 or it % sp.update_lag == 0:
+                if it > 0 and not uniform:
                     psi = self._work("psi", shape)
-                    k.launch(k.smooth_psi, shape, u, v, du, dv, F(a_smooth), F(hx), F(hy), psi)
-                    k.launch(
-                        k.smooth_edges,
-                        shape,
-                        psi,
-                        F(alpha_x / (hx * hx)),
-                        F(alpha_y / (hy * hy)),
-                        wxe,
-                        wye,
-                    )
+                    k.launch(k.smooth_psi, shape, u, v, du, dv, spf.a_smooth, spf.hx, spf.hy, psi)
+                    k.launch(k.smooth_edges, shape, psi, cx, cy, wxe, wye)
                 k.launch(
                     k.refresh,
                     shape,
-                    *J,
-                    *common,
-                    False,
-                    bool(psi_all_ones),
+                    J,
+                    weight,
+                    a_data,
+                    spf,
+                    it == 0,
                     u,
                     v,
+                    du,
+                    dv,
                     wxe,
                     wye,
-                    omega,
                     A12,
                     Du,
                     Dv,
                     cu,
                     cv,
                 )
+            if it == 0:
+                continue
             self._halo(du, dv)
             for colour in (0, 1):
                 k.launch(
@@ -6071,19 +5931,17 @@ class CudaBackend:
         p = st.params
         C, nw, mh = st.shape
         n = f2.shape[0] // C
-        top, min_level, max_x, max_y = _nb_levels(mh, nw, p.eta, p.levels, p.min_level)
         u = v = None
-        for i in range(top, min_level - 1, -1):
-            lx, ly = _nb_level_size(mh, nw, p.eta, i, max_x, max_y)
+        for j, lev in enumerate(st.levels):
+            lx, ly, hx, hy = lev.lx, lev.ly, lev.hx, lev.hy
             NX, NY = lx + 2, ly + 2
-            F1 = st.pyramid[top - i]
+            F1 = st.pyramid[j]
             F2 = self._work("F2", (n * C, lx, ly))
             self._resize(f2, lx, ly, F2, "F2tmp")
-            hx, hy = (mh / ly, nw / lx) if p.quirks else (nw / lx, mh / ly)
-            side = "ab"[i % 2]
+            side = "ab"[lev.level % 2]
             un = self._work("u" + side, (n, NX, NY))
             vn = self._work("v" + side, (n, NX, NY))
-            if i == top:
+            if j == 0:
                 for src, dst in ((ui0, un), (vi0, vn)):
                     init = _nb_pad_edge(_nb_resize(src, lx, ly)).astype(self.dtype)
                     k.launch(k.broadcast, dst.shape, self._cuda.to_device(init), dst)
@@ -6107,31 +5965,14 @@ class CudaBackend:
                     moved,
                     scratch,
                 )
-            J = [self._work(s, (n * C, NX, NY)) for s in ("J11", "J22", "J33", "J12", "J13", "J23")]
+            J = self._work("J", (6, n * C, NX, NY))
             tensor = k.tensor_gc if p.kind == 0 else k.tensor_gray
-            k.launch(tensor, J[0].shape, F1, moved, F(hx), F(hy), *J)
-            scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
+            k.launch(tensor, J.shape[1:], F1, moved, F(hx), F(hy), *(J[c] for c in range(6)))
             du = self._work("du", (n, NX, NY))
             dv = self._work("dv", (n, NX, NY))
-            self._level_solver(
-                J,
-                st.weights[top - i],
-                p.local,
-                st.a_data,
-                un,
-                vn,
-                p.alpha_x * scale,
-                p.alpha_y * scale,
-                p.iterations,
-                p.update_lag,
-                p.a_smooth,
-                hx,
-                hy,
-                not p.quirks,
-                du,
-                dv,
-            )
-            k.launch(k.median_add, (n, NX, NY), du, dv, un, vn, min(lx, ly) > 5)
+            sp = _solver_params(p, lev)
+            self._level_solver(J, st.weights[j], st.a_data, un, vn, sp, du, dv)
+            k.launch(k.median_add, (n, NX, NY), du, dv, un, vn, lev.median)
             u, v = un, vn
         out_u = self._work("u_out", (n, nw, mh))
         out_v = self._work("v_out", (n, nw, mh))
@@ -6153,17 +5994,17 @@ class CudaBackend:
         p = params._replace(red_black=True)
         ref_int = _to_internal(np.asarray(ref, dtype=np.float64))
         C, nw, mh = ref_int.shape
-        top, min_level, max_x, max_y = _nb_levels(mh, nw, p.eta, p.levels, p.min_level)
+        plan = _pyramid_plan(p, ref_int.shape)
+        levels = _plan_levels(plan)
         to = self._cuda.to_device
         with self._gpu():
-            pyramid = [to(level.astype(self.dtype)) for level in _pyramid_levels(p, ref_int)]
+            pyramid = [to(lev.astype(self.dtype)) for lev in _pyramid_levels(p, ref_int, plan)]
             weights = []
-            for i in range(top, min_level - 1, -1):
-                lx, ly = _nb_level_size(mh, nw, p.eta, i, max_x, max_y)
+            for lev in levels:
                 if p.local:
-                    wmap = np.zeros((C, lx + 2, ly + 2))
+                    wmap = np.zeros((C, lev.lx + 2, lev.ly + 2))
                     for c in range(C):
-                        wmap[c, 1:-1, 1:-1] = _nb_resize(p.wmap[c], lx, ly)
+                        wmap[c, 1:-1, 1:-1] = _nb_resize(p.wmap[c], lev.lx, lev.ly)
                 else:
                     wmap = np.asarray(p.wvec, dtype=np.float64).reshape(C, 1, 1)
                 weights.append(to(wmap.astype(self.dtype)))
@@ -6173,7 +6014,7 @@ class CudaBackend:
                 else to(_to_internal(np.asarray(fill, dtype=np.float64)).astype(self.dtype))
             )
             a_data = to(np.asarray(p.a_data, dtype=self.dtype))
-        return _CudaState(p, (C, nw, mh), pyramid, weights, a_data, fill_dev)
+        return _CudaState(p, (C, nw, mh), levels, pyramid, weights, a_data, fill_dev)
 
     def _run(self, state, frames, raw, init, method):
         """Flows of ``frames`` and, with ``raw``, the warped raw frames, their masks and the
@@ -6416,7 +6257,7 @@ def _tc_grad1(f, h):
 
 
 def _tc_pad_edge(f):
-    """One-sample halo repeating the edge (``_nb_pad_symmetric1``) of ``f (..., nx, ny)``."""
+    """One-sample halo repeating the edge (``_nb_pad_edge``) of ``f (..., nx, ny)``."""
     import torch.nn.functional as F
 
     shape = f.shape
@@ -6491,12 +6332,14 @@ def _tc_edge_weights(wxe, wye):
     return (wxe[:, :-2, 1:-1], wxe[:, 1:-1, 1:-1], wye[:, 1:-1, 1:-1], wye[:, 1:-1, :-2])
 
 
-def _tc_refresh(J, weight, a_data, du, dv, first, psi_all_ones, u, v, wxe, wye, omega):
+def _tc_refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye):
     """``_nb_refresh`` of a batch: returns ``(A12, Du, Dv, cu, cv)``, each
     ``(n, NX - 2, NY - 2)`` (interior pixels).
 
     ``J (6, n, C, NX, NY)``; ``weight`` is ``(C, NX - 2, NY - 2)`` (interior of a
-    spatial map) or ``(C, 1, 1)``; ``a_data`` a sequence of C floats.
+    spatial map) or ``(C, 1, 1)``; ``a_data`` a sequence of C floats; ``sp`` a
+    ``_SolverParams``; ``u, v, du, dv (n, NX, NY)``; ``wxe, wye`` numbers (uniform)
+    or ``(n, NX, NY)``.
     """
     import torch
 
@@ -6508,7 +6351,7 @@ def _tc_refresh(J, weight, a_data, du, dv, first, psi_all_ones, u, v, wxe, wye, 
     sums = [None] * 5
     for k in range(C):
         if first:
-            wp = weight[k] * (1.0 if (k == 0 or psi_all_ones) else 0.0)
+            wp = weight[k] * (1.0 if (k == 0 or sp.psi_all_ones) else 0.0)
         else:
             en = (
                 J11[:, k] * d * d
@@ -6542,9 +6385,9 @@ def _tc_refresh(J, weight, a_data, du, dv, first, psi_all_ones, u, v, wxe, wye, 
     sw = wl + wr + wd + wu
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
     den = sw + s11
-    Du = torch.where(den != 0.0, omega / den, zero)
+    Du = torch.where(den != 0.0, SOR_OMEGA / den, zero)
     den = sw + s22
-    Dv = torch.where(den != 0.0, omega / den, zero)
+    Dv = torch.where(den != 0.0, SOR_OMEGA / den, zero)
     return s12.expand_as(cu), Du.expand_as(cu), Dv.expand_as(cu), cu, cv
 
 
@@ -6628,46 +6471,31 @@ def _tc_sor_sweep_rb(plan, omega):
         dv.copy_(om1 * dv + Dv * (nb[1] + cv - A12 * duc))
 
 
-def _tc_level_solver(
-    J,
-    weight,
-    u,
-    v,
-    alpha_x,
-    alpha_y,
-    iterations,
-    update_lag,
-    a_data,
-    a_smooth,
-    hx,
-    hy,
-    psi_all_ones,
-):
-    """``_nb_level_solver(..., red_black=True)`` of a batch.
+def _tc_level_solver(J, weight, a_data, u, v, sp):
+    """``_nb_level_solver`` with ``sp.red_black`` of a batch.
 
-    ``J (6, n, C, NX, NY)``, ``u, v (n, NX, NY)``, ``weight`` as ``_tc_refresh``.
-    Returns ``(du, dv)``, each ``(n, NX, NY)`` with halo.
+    ``J (6, n, C, NX, NY)``, ``u, v (n, NX, NY)``, ``weight`` and ``a_data`` as
+    ``_tc_refresh``, ``sp`` a ``_SolverParams``.  Returns ``(du, dv)``, each
+    ``(n, NX, NY)`` with halo.
     """
     import torch
 
     n, NX, NY = u.shape
     D = torch.zeros((2, n, NX, NY), dtype=u.dtype, device=u.device)
     du, dv = D[0], D[1]
-    cx = alpha_x / (hx * hx)
-    cy = alpha_y / (hy * hy)
+    cx = sp.alpha_x / (sp.hx * sp.hx)
+    cy = sp.alpha_y / (sp.hy * sp.hy)
     wxe, wye = cx, cy
-    uniform = a_smooth == 1.0
+    uniform = sp.a_smooth == 1.0
     lattices = _tc_sublattices(NX, NY)
-    consts = _tc_refresh(J, weight, a_data, du, dv, True, psi_all_ones, u, v, wxe, wye, SOR_OMEGA)
-    plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
-    for it in range(1, iterations + 1):
-        if it % update_lag == 0:
-            if not uniform:
-                wxe, wye = _tc_smooth_weights(u, v, du, dv, a_smooth, cx, cy, hx, hy)
-            consts = _tc_refresh(
-                J, weight, a_data, du, dv, False, psi_all_ones, u, v, wxe, wye, SOR_OMEGA
-            )
+    for it in range(sp.iterations + 1):
+        if it == 0 or it % sp.update_lag == 0:
+            if it > 0 and not uniform:
+                wxe, wye = _tc_smooth_weights(u, v, du, dv, sp.a_smooth, cx, cy, sp.hx, sp.hy)
+            consts = _tc_refresh(J, weight, a_data, sp, it == 0, u, v, du, dv, wxe, wye)
             plan = _tc_sweep_plan(D, wxe, wye, consts, lattices)
+        if it == 0:
+            continue
         _tc_set_boundary(D)
         _tc_sor_sweep_rb(plan, SOR_OMEGA)
     return du, dv
@@ -6716,20 +6544,17 @@ def _tc_medfilt5(src):
     return torch.stack(cand, dim=-1).median(dim=-1).values
 
 
-def _tc_reference_pyramid(p, f1):
-    """``_nb_reference_pyramid`` of ``f1 (1, C, nx, ny)``: its levels, coarsest first."""
-    C, n, m = f1.shape[1:]
-    top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
-    return [
-        _tc_resize(f1, *_nb_level_size(m, n, p.eta, i, max_x, max_y))
-        for i in range(top, min_level - 1, -1)
-    ]
+def _tc_reference_pyramid(levels, f1):
+    """``_nb_reference_pyramid`` of ``f1 (1, C, nx, ny)`` at the ``_Level`` rows ``levels``
+    of its plan: its levels, coarsest first."""
+    return [_tc_resize(f1, lev.lx, lev.ly) for lev in levels]
 
 
-def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
-    """``_nb_get_displacement(..., red_black=True)`` of a batch of frames.
+def _tc_get_displacement(p, levels, pyramid, f2, u_init, v_init, wmap=None):
+    """``_nb_get_displacement`` with ``red_black`` of a batch of frames.
 
-    ``pyramid``: ``_tc_reference_pyramid(p, f1)``; ``f2 (n, C, nx, ny)``;
+    ``levels``: the ``_Level`` rows of the plan; ``pyramid``:
+    ``_tc_reference_pyramid(levels, f1)``; ``f2 (n, C, nx, ny)``;
     ``u_init, v_init (nx, ny)`` (one initial field for all frames); ``wmap`` the
     ``(C, nx, ny)`` spatial weights as a tensor when ``p.local``.
     Returns ``(u, v)``, each ``(n, nx, ny)``.
@@ -6737,17 +6562,15 @@ def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
     import torch
 
     nb, C, n, m = f2.shape
-    top, min_level, max_x, max_y = _nb_levels(m, n, p.eta, p.levels, p.min_level)
     a_data = [float(a) for a in p.a_data]
     if not p.local:
         wvec = torch.as_tensor(p.wvec, dtype=f2.dtype, device=f2.device).view(C, 1, 1)
     u = v = None
-    for i in range(top, min_level - 1, -1):
-        lx, ly = _nb_level_size(m, n, p.eta, i, max_x, max_y)
-        F1 = pyramid[top - i]
+    for j, lev in enumerate(levels):
+        lx, ly, hx, hy = lev.lx, lev.ly, lev.hx, lev.hy
+        F1 = pyramid[j]
         F2 = _tc_resize(f2, lx, ly)
-        hx, hy = (m / ly, n / lx) if p.quirks else (n / lx, m / ly)
-        if i == top:
+        if j == 0:
             ui = _tc_resize(u_init, lx, ly).expand(nb, lx, ly)
             vi = _tc_resize(v_init, lx, ly).expand(nb, lx, ly)
             tmp = F2
@@ -6759,23 +6582,8 @@ def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
         v = _tc_pad_edge(vi)
         J = _tc_tensor(F1, tmp, hx, hy, p.kind)
         weight = _tc_resize(wmap, lx, ly) if p.local else wvec
-        scale = 1.0 if i == min_level else p.eta ** (-0.5 * i)
-        du, dv = _tc_level_solver(
-            J,
-            weight,
-            u,
-            v,
-            p.alpha_x * scale,
-            p.alpha_y * scale,
-            p.iterations,
-            p.update_lag,
-            a_data,
-            p.a_smooth,
-            hx,
-            hy,
-            not p.quirks,
-        )
-        if min(lx, ly) > 5:
+        du, dv = _tc_level_solver(J, weight, a_data, u, v, _solver_params(p, lev))
+        if lev.median:
             du[:, 1:-1, 1:-1] = _tc_medfilt5(du[:, 1:-1, 1:-1])
             dv[:, 1:-1, 1:-1] = _tc_medfilt5(dv[:, 1:-1, 1:-1])
         u = u + du
@@ -6790,6 +6598,7 @@ def _tc_get_displacement(p, pyramid, f2, u_init, v_init, wmap=None):
 
 class _TorchState(NamedTuple):
     params: _FlowParams
+    levels: list  # the _Level rows of the reference's _pyramid_plan
     pyramid: list  # reference levels, (1, C, nx, ny) tensors, coarsest first
     wmap: object  # (C, W, H) spatial weights tensor, or None
     fill: object  # (1, C, W, H) raw fill image tensor, or None
@@ -6871,9 +6680,11 @@ class TorchBackend:
             wmap = None
             if params.local:
                 wmap = self.torch.as_tensor(params.wmap, dtype=self.dtype, device=self.device)
+            levels = _plan_levels(_pyramid_plan(params, f1.shape[1:]))
             return _TorchState(
                 params,
-                _tc_reference_pyramid(params, f1),
+                levels,
+                _tc_reference_pyramid(levels, f1),
                 wmap,
                 None if fill is None else self._tensor(fill),
             )
@@ -6890,7 +6701,13 @@ class TorchBackend:
         for k0 in range(0, len(frames), self.batch_frames):
             k1 = min(k0 + self.batch_frames, len(frames))
             u, v = _tc_get_displacement(
-                state.params, state.pyramid, self._tensor(frames[k0:k1]), ui, vi, state.wmap
+                state.params,
+                state.levels,
+                state.pyramid,
+                self._tensor(frames[k0:k1]),
+                ui,
+                vi,
+                state.wmap,
             )
             yield k0, k1, u, v
 
@@ -10044,11 +9861,9 @@ def _flow_bytes(p, H, W, C):
     constants; tensors, warp and median read and write their planes once.  A lower
     bound: resizing, halos and temporaries are not counted.
     """
-    top, min_level, max_x, max_y = _nb_levels(H, W, p.eta, p.levels, p.min_level)
     total = 0
-    for i in range(top, min_level - 1, -1):
-        lx, ly = _nb_level_size(H, W, p.eta, i, max_x, max_y)
-        N = (lx + 2) * (ly + 2)
+    for lev in _plan_levels(_pyramid_plan(p, (C, W, H))):
+        N = (lev.lx + 2) * (lev.ly + 2)
         sweep = 72 + (0 if p.a_smooth == 1.0 else 16)
         refresh = (6 * C + 9 + (C if p.local else 0)) * 8
         total += N * (
@@ -10071,8 +9886,14 @@ def _print_profile(frames, opts, workers):
     f = (f - f.min()) / (f.max() - f.min())
     f1, f2 = _to_internal(f[0]), _to_internal(f[1])
     z = np.zeros((W, H))
-    _profile_flow(p, f1, f2, z, z)
-    runs = [_profile_flow(p, f1, f2, z, z)[2] for _ in range(3)]
+    plan = _pyramid_plan(p, f1.shape)
+    pyramid = _reference_pyramid(p, f1, plan)  # once per reference, as in Stage 1: not timed
+    runs = []
+    for _ in range(4):  # the first run compiles the profiling clock
+        times = _profile_times(plan)
+        _flow_internal(p, f1, f2, z, z, pyramid, plan, times)
+        runs.append(_profile_rows(plan, times, f1.shape))
+    runs = runs[1:]
     table = {}
     for rows in runs:
         for lev, lx, ly, step, sec in rows:
@@ -10102,8 +9923,7 @@ def _print_profile(frames, opts, workers):
         + f"{whole:9.2f}"
     )
     nbytes = _flow_bytes(p, H, W, C)
-    top, lo, mx, my = _nb_levels(H, W, p.eta, p.levels, p.min_level)
-    lx, ly = _nb_level_size(H, W, p.eta, lo, mx, my)
+    lx, ly = (int(x) for x in plan[-1][["lx", "ly"]].tolist())
     big = (lx + 2) * (ly + 2) * 8 * (6 * C + 11)  # the finest level's planes
     print(
         f"\nBytes one frame's flow must move (lower bound, model in _flow_bytes): "

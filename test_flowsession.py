@@ -1552,9 +1552,9 @@ def test_flow_bytes_counts_the_sweeps_and_refreshes():
 
 
 @pytest.mark.parametrize("red_black, local, a_smooth", [(False, False, 1.0), (True, True, 0.5)])
-def test_profile_driver_computes_what_the_solver_computes(red_black, local, a_smooth):
-    # bench --profile times the steps from Python; its figures describe the real
-    # computation only if it performs exactly the same one.
+def test_profiling_times_the_driver_without_changing_its_result(red_black, local, a_smooth):
+    # bench --profile times the one driver through its timing hook; the hook must not
+    # change what it computes, and every step of every level must be timed.
     f1, f2, _ = fs.synthetic_pair(size=(48, 40))
     img1 = np.stack([f1, 0.5 * f1], axis=-1)
     img2 = np.stack([f2, 0.5 * f2], axis=-1)
@@ -1562,13 +1562,20 @@ def test_profile_driver_computes_what_the_solver_computes(red_black, local, a_sm
     p = fs._displacement_params(img1.shape, weight=weight, a_smooth=a_smooth, iterations=12)
     p = p._replace(red_black=red_black)
     z = np.zeros((40, 48))
-    u0, v0 = fs._flow_internal(p, fs._to_internal(img1), fs._to_internal(img2), z, z)
-    u, v, rows = fs._profile_flow(p, fs._to_internal(img1), fs._to_internal(img2), z, z)
+    a, b = fs._to_internal(img1), fs._to_internal(img2)
+    u0, v0 = fs._flow_internal(p, a, b, z, z)
+    plan = fs._pyramid_plan(p, a.shape)
+    times = fs._profile_times(plan)
+    u, v = fs._flow_internal(p, a, b, z, z, fs._reference_pyramid(p, a, plan), plan, times)
     np.testing.assert_array_equal(u, u0)
     np.testing.assert_array_equal(v, v0)
-    steps = {r[3] for r in rows}
-    assert steps == {"resize", "warp", "tensors", "refresh", "weights", "sweeps", "median", "final"}
+    rows = fs._profile_rows(plan, times, a.shape)
+    assert {r[3] for r in rows} == set(fs._PROFILE_STEPS)
+    assert len(rows) == len(plan) * (len(fs._PROFILE_STEPS) - 1) + 1
     assert all(r[4] >= 0 for r in rows)
+    timed = {r[3] for r in rows if r[4] > 0}
+    assert timed >= {"resize", "tensors", "refresh", "sweeps", "median", "final"}
+    assert ("weights" in timed) == (a_smooth != 1.0)
 
 
 @pytest.mark.parametrize(
@@ -4007,40 +4014,23 @@ def test_cuda_refresh_matches_cpu(first, local):
     wye = rng.random((n, NX, NY)) + 0.5
     k = fs._cuda_kernels("float64")
     outs = [_dev(np.zeros((n, NX, NY))) for _ in range(5)]
-    k.launch(
-        k.refresh,
-        (n, NX, NY),
-        *map(_dev, J),
-        _dev(weight),
-        local,
-        _dev(a_data),
-        _dev(du),
-        _dev(dv),
-        first,
-        False,
-        _dev(u),
-        _dev(v),
-        _dev(wxe),
-        _dev(wye),
-        fs.SOR_OMEGA,
-        *outs,
-    )
+    sp = fs._SolverParams(1.0, 1.0, 1.0, 1.0, 1, 1, 0.5, False, local, True)
+    args = (sp, first, _dev(u), _dev(v), _dev(du), _dev(dv), _dev(wxe), _dev(wye))
+    k.launch(k.refresh, (n, NX, NY), _dev(np.stack(J)), _dev(weight), _dev(a_data), *args, *outs)
     for f in range(n):
         want = [np.zeros((NX, NY)) for _ in range(5)]
         fs._nb_refresh(
-            *(j[f * C : (f + 1) * C] for j in J),
+            np.ascontiguousarray(np.stack([j[f * C : (f + 1) * C] for j in J])),
             weight,
-            local,
             a_data,
-            du[f],
-            dv[f],
+            sp,
             first,
-            False,
             u[f],
             v[f],
+            du[f],
+            dv[f],
             wxe[f],
             wye[f],
-            fs.SOR_OMEGA,
             *want,
         )
         for g, w in zip(outs, want):
@@ -4123,42 +4113,14 @@ def test_cuda_level_solver_matches_cpu_red_black(a_smooth, quirks):
     J, (u, v, _, _) = _solver_inputs(8)
     weight = np.array([0.4, 0.6]).reshape(C, 1, 1)
     a_data = np.array([0.45, 0.45])
-    args = (2.0, 1.5, 6, 2)
+    sp = fs._SolverParams(2.0, 1.5, 1.1, 0.9, 6, 2, a_smooth, not quirks, False, True)
     be = _cuda_ns()
     du, dv = be._work("test_du", (n, NX, NY)), be._work("test_dv", (n, NX, NY))
-    be._level_solver(
-        [_dev(j) for j in J],
-        _dev(weight),
-        False,
-        _dev(a_data),
-        _dev(u),
-        _dev(v),
-        *args,
-        a_smooth,
-        1.1,
-        0.9,
-        not quirks,
-        du,
-        dv,
-    )
+    be._level_solver(_dev(np.stack(J)), _dev(weight), _dev(a_data), _dev(u), _dev(v), sp, du, dv)
     for f in range(n):
         a, b = np.empty((NX, NY)), np.empty((NX, NY))
-        fs._nb_level_solver(
-            *(j[f * C : (f + 1) * C] for j in J),
-            weight,
-            False,
-            u[f],
-            v[f],
-            *args,
-            a_data,
-            a_smooth,
-            1.1,
-            0.9,
-            not quirks,
-            a,
-            b,
-            True,
-        )
+        Jf = np.ascontiguousarray(np.stack([j[f * C : (f + 1) * C] for j in J]))
+        fs._nb_level_solver(Jf, weight, a_data, u[f], v[f], sp, a, b, fs._NO_TIMES, 0)
         _close(du.copy_to_host()[f][1:-1, 1:-1], a[1:-1, 1:-1], 1e-11)
         _close(dv.copy_to_host()[f][1:-1, 1:-1], b[1:-1, 1:-1], 1e-11)
 
@@ -4340,7 +4302,9 @@ import numba.cuda.dispatcher as dispatcher
 # Compiling device functions asks the current device for its compute capability;
 # there is none here, so answer for the H100 (sm_90).
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-from numba import cuda
+import numba
+import numpy as np
+from numba import cuda, types as nbt
 import flowsession as fs
 
 for F in ("float32", "float64"):
@@ -4354,8 +4318,10 @@ for F in ("float32", "float64"):
         "warp": f"({A3}, {A3}, {A3}, {F}, {F}, {A3}, int64, {A3}, {U3})",
         "tensor_gc": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
         "tensor_gray": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
-        "refresh": f"({A3}" + f", {A3}" * 5 + f", {A3}, boolean, {F}[:], {A3}, {A3}, boolean, "
-                   f"boolean, {A3}, {A3}, {A3}, {A3}, {F}" + f", {A3}" * 5 + ")",
+        "refresh": (getattr(nbt, F)[:, :, :, :], getattr(nbt, F)[:, :, :], getattr(nbt, F)[:],
+                    numba.typeof(fs._SolverParams(*[np.dtype(F).type(1)] * 4, 2, 1,
+                                                  np.dtype(F).type(1), False, False, True)),
+                    nbt.boolean, *[getattr(nbt, F)[:, :, :]] * 11),
         "smooth_psi": f"({A3}, {A3}, {A3}, {A3}, {F}, {F}, {F}, {A3})",
         "smooth_edges": f"({A3}, {F}, {F}, {A3}, {A3})",
         "sweep": f"({A3}, {A3}, {A3}, {A3}, boolean, {F}, {F}" + f", {A3}" * 5 + f", {F}, int64)",
@@ -4553,8 +4519,8 @@ def _solver_case(C=2, nx=31, ny=23, local=False, seed=4):
         fs._nb_tensor_gc(
             rng.random((nx, ny)), rng.random((nx, ny)), 1.1, 0.9, *[J[k, c] for k in range(6)]
         )
-    u = fs._nb_pad_symmetric1(rng.normal(0, 1, (nx, ny)))
-    v = fs._nb_pad_symmetric1(rng.normal(0, 1, (nx, ny)))
+    u = fs._nb_pad_edge(rng.normal(0, 1, (nx, ny)))
+    v = fs._nb_pad_edge(rng.normal(0, 1, (nx, ny)))
     if local:
         weight = np.zeros((C, nx + 2, ny + 2))
         weight[:, 1:-1, 1:-1] = rng.random((C, nx, ny))
@@ -4580,62 +4546,14 @@ def test_torch_level_solver_matches_the_cpu_red_black_solver(iterations, a_smoot
     NX, NY = u.shape
     du, dv = np.empty((NX, NY)), np.empty((NX, NY))
     a_data = np.array([0.45, 0.6])
-    fs._nb_level_solver(
-        *[np.ascontiguousarray(J[k]) for k in range(6)],
-        weight,
-        local,
-        u,
-        v,
-        2.0,
-        1.5,
-        iterations,
-        7,
-        a_data,
-        a_smooth,
-        1.1,
-        0.9,
-        not quirks,
-        du,
-        dv,
-        True,
-    )
+    sp = fs._SolverParams(2.0, 1.5, 1.1, 0.9, iterations, 7, a_smooth, not quirks, local, True)
+    fs._nb_level_solver(J, weight, a_data, u, v, sp, du, dv, fs._NO_TIMES, 0)
     w = _tt(weight[:, 1:-1, 1:-1] if local else weight)
-    tu, tv = fs._tc_level_solver(
-        _tt(J)[:, None],
-        w,
-        _tt(u)[None],
-        _tt(v)[None],
-        2.0,
-        1.5,
-        iterations,
-        7,
-        list(a_data),
-        a_smooth,
-        1.1,
-        0.9,
-        not quirks,
-    )
+    tu, tv = fs._tc_level_solver(_tt(J)[:, None], w, list(a_data), _tt(u)[None], _tt(v)[None], sp)
     assert _rel(tu[0].numpy(), du) < 1e-12 and _rel(tv[0].numpy(), dv) < 1e-12
     if iterations == 1:  # and it is not the toolbox's lexicographic sweep
-        fs._nb_level_solver(
-            *[np.ascontiguousarray(J[k]) for k in range(6)],
-            weight,
-            local,
-            u,
-            v,
-            2.0,
-            1.5,
-            1,
-            7,
-            a_data,
-            a_smooth,
-            1.1,
-            0.9,
-            not quirks,
-            du,
-            dv,
-            False,
-        )
+        lex = sp._replace(red_black=False)
+        fs._nb_level_solver(J, weight, a_data, u, v, lex, du, dv, fs._NO_TIMES, 0)
         assert _rel(tu[0].numpy(), du) > 1e-3
 
 

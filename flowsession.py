@@ -9109,7 +9109,7 @@ def save_qc_figure(
     if title is None:
         title = f"flowsession QC: {n} recording{'s' * (n != 1)}, center {names[center]}"
     fig.suptitle(
-        f"{title}\noverlays: magenta = center, green = recording, white = both; "
+        f"{title}\noverlays: magenta = center, green = recording, white = both\n"
         "Pearson r: correlation with the center's average over the final valid pixels"
     )
     _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))

@@ -210,6 +210,18 @@ ZIMMER_EPS = 1e-6
 #: Pyramid levels stop once round(min_dim * eta^k) falls below this size.
 MIN_LEVEL_SIZE = 10
 
+# Constants of the toolbox's per-recording loop (MATLAB ``compensate_recording``):
+#: the first batch's flow initialisation is the mean flow of its first 22 frames;
+INIT_FLOW_FRAMES = 22
+#: after a batch, the mean of its last 21 fields (``w(:, :, :, end-20:end)``) when it has
+#: more than 100 frames, else of all its fields;
+INIT_TAIL_FRAMES = 21
+INIT_TAIL_MIN_FRAMES = 100
+#: the reference update averages its last min(100, n - 1) + 1 warped frames;
+REFERENCE_UPDATE_FRAMES = 100
+#: the default reference is the mean of frames 50:500 (1-based, both included).
+DEFAULT_REFERENCE_RANGE = (50, 500)
+
 #: Defaults of MATLAB ``get_displacement.m``.
 GET_DISPLACEMENT_DEFAULTS = dict(
     alpha=(2.0, 2.0),
@@ -2728,18 +2740,9 @@ def _normalise(x, lo, hi, clip=False, in_place=False):
 _SMOOTH_STEP = 4
 
 
-def _smooth_chunk(raw, sigma, halo, i0, i1, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
-    """Smoothed frames ``[i0, i1)`` of a batch (the same frames of the whole batch
-    filtered at once; ``halo`` is implied by the kernels and kept for the callers).
-
-    With ``lo, hi`` the raw frames are first normalised by them.
-    """
-    return _smooth(raw, i0, i1, sigma, lo, hi, offset)
-
-
-def _smooth_frames(raw, sigma, halo, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
-    """``_smooth_chunk`` of ``[i0, i1)`` computed in pieces on the thread pool (the
-    kernel releases the GIL); identical to one call."""
+def _smooth_frames(raw, sigma, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
+    """``_smooth`` of ``[i0, i1)`` computed in pieces on the thread pool (the kernel
+    releases the GIL); identical to one call."""
     out = np.empty((i1 - i0, *raw.shape[1:]))
     steps = range(i0, i1, _SMOOTH_STEP)
     list(
@@ -2760,7 +2763,7 @@ def _smooth_frames(raw, sigma, halo, i0, i1, pool, lo=None, hi=None, offset=(0.0
     return out
 
 
-def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
+def _smoothed_range(raw, sigma, per_channel, pool, lo=None, hi=None):
     """Range (and sum over frames) of the smoothed batch, computed in pieces in parallel.
 
     Integer data is rounded after smoothing, as MATLAB filters into an array of
@@ -2769,7 +2772,7 @@ def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
     as_int = lo is None and raw.dtype.kind in "iu"
 
     def piece(i0):
-        g = _smooth_chunk(raw, sigma, halo, i0, min(i0 + _SMOOTH_STEP, len(raw)), lo, hi)
+        g = _smooth(raw, i0, min(i0 + _SMOOTH_STEP, len(raw)), sigma, lo, hi)
         if as_int:
             g = np.sign(g) * np.floor(np.abs(g) + 0.5)
         return (*_minmax(g, per_channel), g.sum(axis=0))
@@ -2781,10 +2784,6 @@ def _smoothed_range(raw, sigma, halo, per_channel, pool, lo=None, hi=None):
         a_hi = b if a_hi is None else np.maximum(a_hi, b)
         total = total + t
     return a_lo, a_hi, total
-
-
-def _temporal_halo(sigma):
-    return max(_gauss_kernel(s[2]).size // 2 for s in np.atleast_2d(sigma))
 
 
 class _Preprocessed:
@@ -2801,15 +2800,12 @@ class _Preprocessed:
         self.raw = raw
         self.sigma = sigma
         self.pool = pool
-        self.halo = _temporal_halo(sigma)
         self.lo0, self.hi0 = _minmax(raw, False)
-        self.lo, self.hi, total = _smoothed_range(
-            raw, sigma, self.halo, separate, pool, self.lo0, self.hi0
-        )
+        self.lo, self.hi, total = _smoothed_range(raw, sigma, separate, pool, self.lo0, self.hi0)
         self.mean = _normalise(total / len(raw), self.lo, self.hi)
 
     def frames(self, i0, i1):
-        g = _smooth_frames(self.raw, self.sigma, self.halo, i0, i1, self.pool, self.lo0, self.hi0)
+        g = _smooth_frames(self.raw, self.sigma, i0, i1, self.pool, self.lo0, self.hi0)
         return _normalise(g, self.lo, self.hi, in_place=True)
 
 
@@ -2925,7 +2921,9 @@ def _nb_resize_axis1(src, out_len):
 
 @_njit
 def _nb_resize(src, nx_out, ny_out):
-    """Resize a transposed plane ``(nx, ny)`` to ``(nx_out, ny_out)`` (MATLAB ``imresize``).
+    """Resize a transposed float64 plane ``(nx, ny)`` to ``(nx_out, ny_out)`` (MATLAB
+    ``imresize``, bicubic with antialiasing); the CPU reference of ``_cu_resize_axis0``/
+    ``_cu_resize_axis1`` (``CudaBackend._resize``) and ``_tc_resize``.
 
     The two axis passes are separable, so their order changes rounding only (a
     few 1e-16 relative); MATLAB takes the smaller scale first, we take the cheaper
@@ -3003,8 +3001,10 @@ def _nb_cell(pos, n):
 
 @_njit
 def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
-    """Backward warp of one transposed plane.
+    """Backward warp of one transposed plane (MATLAB ``imwarp``/``interp2`` with a
+    displacement field); the CPU reference of ``_cu_warp_plane`` and ``_tc_warp``.
 
+    ``src, fill, u, v, out`` are ``(nx, ny)`` float64, ``valid`` ``(nx, ny)`` bool.
     ``out[x, y] = src(x + u[x, y] / hu, y + v[x, y] / hv)``; points outside the
     sample grid (or NaN) take ``fill[x, y]`` and ``valid[x, y] = False``.
     ``method``: 0 nearest, 1 linear, 2 cubic.
@@ -3145,14 +3145,11 @@ def _nb_zero_ring(f):
 
 
 @_njit
-def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
-    """Gradient-constancy motion tensor with Zimmer normalisation.
-
-    ``f1`` (reference) and ``f2`` (warped moving) are ``(nx, ny)`` planes; the
-    outputs are ``(nx + 2, ny + 2)`` with a zero outer ring.  ``hx`` is the grid
-    spacing along x (columns), ``hy`` along y (rows).  Mirrors
-    ``get_motion_tensor_gc.m``.
-    """
+def _nb_tensor_start(f1, f2, hx):
+    """What every data term starts from: the planes padded by one sample (``_nb_pad_edge``)
+    ``F1, F2``, their x-derivatives ``g1, g2`` (``gradient``), the frame-averaged
+    ``fx = (g1 + g2) / 2`` and the difference ``ft = F2 - F1``; ``(nx + 2, ny + 2)``
+    float64 each, rings not yet re-padded.  ``g1, g2`` are free for reuse."""
     F1 = _nb_pad_edge(f1)
     F2 = _nb_pad_edge(f2)
     NX, NY = F1.shape
@@ -3162,6 +3159,21 @@ def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     _nb_grad0(F2, hx, g2)
     fx = 0.5 * (g1 + g2)
     ft = F2 - F1
+    return F1, F2, g1, g2, fx, ft
+
+
+@_njit
+def _nb_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+    """Gradient-constancy motion tensor with Zimmer normalisation.
+
+    ``f1`` (reference) and ``f2`` (warped moving) are ``(nx, ny)`` float64 planes;
+    the outputs are ``(nx + 2, ny + 2)`` with a zero outer ring.  ``hx`` is the grid
+    spacing along x (columns), ``hy`` along y (rows).  Mirrors
+    ``get_motion_tensor_gc.m``; the CPU reference of ``_cu_tensor_gc`` and
+    ``_tc_tensor`` (kind 0).
+    """
+    F1, F2, g1, g2, fx, ft = _nb_tensor_start(f1, f2, hx)
+    NX, NY = F1.shape
     _nb_repad_ring(fx)
     _nb_repad_ring(ft)
     fxy = g1
@@ -3208,20 +3220,15 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
     """Brightness-constancy motion tensor (no normalisation).
 
     Frame-averaged first derivatives and the frame difference, on the
-    symmetrically padded planes, ring re-padded; outputs with a zero ring.
+    symmetrically padded planes, ring re-padded; shapes as ``_nb_tensor_gc``,
+    outputs with a zero ring.  The toolbox's brightness-constancy tensor; the CPU
+    reference of ``_cu_tensor_gray`` and ``_tc_tensor`` (kind 1).
     """
-    F1 = _nb_pad_edge(f1)
-    F2 = _nb_pad_edge(f2)
+    F1, F2, g1, g2, fx, ft = _nb_tensor_start(f1, f2, hx)
     NX, NY = F1.shape
-    g1 = np.empty((NX, NY))
-    g2 = np.empty((NX, NY))
-    _nb_grad0(F1, hx, g1)
-    _nb_grad0(F2, hx, g2)
-    fx = 0.5 * (g1 + g2)
     _nb_grad1(F1, hy, g1)
     _nb_grad1(F2, hy, g2)
     fy = 0.5 * (g1 + g2)
-    ft = F2 - F1
     _nb_repad_ring(fx)
     _nb_repad_ring(fy)
     _nb_repad_ring(ft)
@@ -3295,7 +3302,8 @@ def _nb_lap(times, row, step, t0):
 
 @_njit
 def _nb_set_boundary(f):
-    """Neumann halo: copy the adjacent interior values into the outer ring."""
+    """Neumann halo of an ``(NX, NY)`` array: copy the adjacent interior values into the
+    outer ring; the CPU reference of ``_cu_set_boundary`` and ``_tc_set_boundary``."""
     n0, n1 = f.shape
     for a in range(n0):
         f[a, 0] = f[a, 1]
@@ -3533,6 +3541,8 @@ def _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wy
     alpha/h^2; otherwise they carry the lagged diffusivity
     psi_s = a (|grad(u + du)|^2 + |grad(v + dv)|^2 + eps)^(a - 1), averaged over
     the two pixels, with MATLAB ``gradient`` over the whole haloed array.
+    All arrays ``(NX, NY)`` float64 (``level_solver.cpp``); the CPU reference of
+    ``_cu_smooth_psi`` + ``_cu_smooth_edges`` and ``_tc_smooth_weights``.
     """
     NX, NY = u.shape
     cx = alpha_x / (hx * hx)
@@ -3569,7 +3579,8 @@ def _nb_smooth_weights(u, v, du, dv, a_smooth, alpha_x, alpha_y, hx, hy, wxe, wy
 
 @_njit_contract
 def _nb_sor_sweep(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
-    """One lexicographic SOR sweep, column by column, du before dv at each pixel.
+    """One lexicographic SOR sweep, column by column, du before dv at each pixel: the
+    sweep of ``level_solver.cpp``.  All arrays ``(NX, NY)`` float64 with the halo.
 
     The update of a pixel depends on the pixel just updated before it (y - 1);
     that term is added last so the loop-carried chain is short.  With
@@ -3634,6 +3645,8 @@ def _nb_sor_sweep_rb(du, dv, wxe, wye, uniform, A12, Du, Dv, cu, cv, omega):
     with it the CPU computes exactly what they compute (up to rounding).  Red
     pixels see the black values of the previous sweep, black pixels the red values
     of this one.  The halo is not touched (it is reset before every sweep).
+    Arrays as ``_nb_sor_sweep``; the CPU reference of ``_cu_sor_sweep_rb`` and
+    ``_tc_sor_sweep_rb``.
     """
     NX, NY = du.shape
     om1 = 1.0 - omega
@@ -3890,7 +3903,9 @@ def _nb_keep_ranks(r, lo, hi, cand, k0, n1):
 
 @_njit
 def _nb_medfilt5_interior(f):
-    """Median-filter the interior of a haloed array in place."""
+    """Median-filter the interior of a haloed ``(NX, NY)`` float64 array in place
+    (``_nb_medfilt5``: ``medfilt2(.., [5 5], 'symmetric')`` of the interior); the CPU
+    reference of ``_cu_median25`` (``_cu_medfilt5_add``) and ``_tc_medfilt5``."""
     n0, n1 = f.shape
     inner = f[1 : n0 - 1, 1 : n1 - 1].copy()
     _nb_medfilt5(inner, f[1 : n0 - 1, 1 : n1 - 1])
@@ -4141,8 +4156,10 @@ def _plan_levels(plan):
     return [_Level._make(row) for row in plan.tolist()]
 
 
+@_njit
 def _solver_params(p, level):
-    """``_SolverParams`` of ``_FlowParams`` ``p`` on a plan row ``level``."""
+    """``_SolverParams`` of ``_FlowParams`` ``p`` on the plan row ``level`` (a record in the
+    CPU driver, a ``_Level`` in the others)."""
     return _SolverParams(
         level.alpha_x,
         level.alpha_y,
@@ -4243,18 +4260,7 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
             else:
                 weight[c, 0, 0] = p.wvec[c]
         t = _nb_lap(times, k, _STEP_TENSORS, t)
-        sp = _SolverParams(
-            lev.alpha_x,
-            lev.alpha_y,
-            hx,
-            hy,
-            p.iterations,
-            p.update_lag,
-            p.a_smooth,
-            not p.quirks,
-            p.local,
-            p.red_black,
-        )
+        sp = _solver_params(p, lev)
         du = np.empty((NX, NY))
         dv = np.empty((NX, NY))
         _nb_level_solver(J, weight, p.a_data, u, v, sp, du, dv, times, k)
@@ -4456,6 +4462,14 @@ def _channel_vector(name, value, n_channels, *, normalise=False, fill=None):
             raise ConfigError(msg)
         arr = arr / total
     return np.ascontiguousarray(arr)
+
+
+def _channel_weights(weight, n_channels):
+    """Per-channel data-term weights ``(C,)``, the one rule of ``get_displacement`` and the
+    stages: a scalar or vector cut to C entries or padded with 1/C, then normalised to sum
+    1 (the toolbox's ``get_displacement``; its Stage 1 helper ``get_weight_at`` pads without
+    renormalising, so a short vector there weighs the data term by more than 1 in all)."""
+    return _channel_vector("weight", weight, n_channels, normalise=True, fill=1.0 / n_channels)
 
 
 def warping_depth(eta, levels, m, n):
@@ -4693,7 +4707,7 @@ def _displacement_params(
             wmap = _to_internal(w)
             wvec = np.zeros(C)
         else:
-            wvec = _channel_vector("weight", w, C, normalise=True, fill=1.0 / C)
+            wvec = _channel_weights(w, C)
     params = _FlowParams(
         ax,
         ay,
@@ -4814,25 +4828,135 @@ def get_displacement(
 ### Flow backends: protocol and the CPU backend
 ###############################################################################
 
-#
-# A backend computes the displacement fields of Stage 1 and Stage 2 and, in
-# Stage 1, warps the frames and their valid masks.  Every backend has the methods
-# of ``FlowregBackend``:
-#
-# * ``reference(params, ref, fill)``: state for one reference; ``ref`` is the
-#   preprocessed ``(H, W, C)`` image flows are computed against, ``fill`` the raw
-#   ``(H, W, C)`` image whose values out-of-grid pixels of warped frames take.
-# * ``flows(state, frames, init, pool)``: ``w (n, H, W, 2)`` of preprocessed
-#   frames ``(n, H, W, C)``, starting from ``init (H, W, 2)``.
-# * ``register(state, frames, raw, init, method, pool, with_stats=True)``: flows,
-#   the raw frames warped by them (float), valid masks ``(n, H, W)`` and
-#   statistics ``(4, n)`` (left unset without ``with_stats``).
-# * ``pair(params, fixed, moving, init)``: ``w (H, W, 2)`` of one pair (Stage 2).
-#
-# ``params`` is a ``_FlowParams``.  Backends that need packages import them in
-# ``__init__``; a missing package is a ConfigError naming it.  A backend that
-# stands for only some data terms lists them in ``constancy_assumptions``
-# (``_check_data_term`` refuses the others before any work).
+
+class FlowBackend:
+    """Base of the flow backends: computes the displacement fields of Stage 1 and
+    Stage 2 and, in Stage 1, warps the frames and their valid masks.
+
+    Shapes are those of the stages: images ``(H, W, C)``, frame batches
+    ``(n, H, W, C)`` (preprocessed or raw, any numeric dtype), fields ``(H, W, 2)``
+    float64 with ``w[..., 0] = u`` along columns and ``w[..., 1] = v`` along rows.
+    ``params`` is a ``_FlowParams``.  A subclass sets ``name`` and ``keys`` (its
+    ``backend_params``), reads them in ``_configure``, and provides ``reference``
+    and ``_flows``; the shared ``flows``, ``register`` and ``pair`` call them.
+    Batched backends set ``_batch_frames`` and may replace ``_register_batch``
+    (warping on their device).  A backend that needs a package imports it in
+    ``_configure`` and raises ``_unavailable`` when it is missing.  One that
+    stands for only some data terms lists them in ``constancy_assumptions``
+    (``_check_data_term`` refuses the others before any work).
+    """
+
+    name = ""
+    keys = ()
+    #: The data terms (``constancy_assumption``) this backend can stand for; None: all.
+    constancy_assumptions = None
+    #: dtype of the registered frames ``register`` returns.
+    _reg_dtype = np.float64
+
+    def __init__(self, backend_params=None):
+        bp = dict(backend_params or {})
+        self.source = f"backend_params of flow_backend '{self.name}'"
+        _cfg_check_keys(bp, self.keys, self.source)
+        self._configure(bp)
+
+    def _configure(self, bp):
+        """Check and keep the ``backend_params`` dict ``bp`` (its keys are known)."""
+
+    def reference(self, params, ref, fill=None):
+        """State for one reference: ``ref`` the preprocessed ``(H, W, C)`` image flows
+        are computed against, ``fill`` the raw ``(H, W, C)`` image whose values
+        out-of-grid pixels of warped frames take (None in Stage 2)."""
+        raise NotImplementedError
+
+    def _flows(self, state, frames, init):
+        """Fields ``(n, H, W, 2)`` float64 of a batch of preprocessed frames ``(n, H, W,
+        C)``, each started from ``init (H, W, 2)``."""
+        raise NotImplementedError
+
+    def _batch_frames(self, n):
+        """Frames per call of ``_flows`` and ``_register_batch``; 1 (the default): one
+        frame per call, calls spread over the threads of the stage's pool."""
+        return 1
+
+    def _register_batch(self, state, frames, raw, init, method):
+        """Fields of a batch, its raw frames ``(n, H, W, C)`` warped by them (float),
+        their valid masks ``(n, H, W)`` and the per-frame sums of ``frame_sums`` (``(n,
+        5)``, or None: ``register`` computes the statistics on the CPU).  This default
+        warps on the CPU (``_warp_stack``)."""
+        w = self._flows(state, frames, init)
+        n, H, W, C = raw.shape
+        reg = np.empty((n, H, W, C))
+        valid = np.empty((n, H, W), dtype=bool)
+        for k in range(n):
+            u, v = _field_internal(w[k])
+            out, ok = _warp_stack(
+                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
+            )
+            reg[k] = out.transpose(2, 1, 0)
+            valid[k] = ok.T
+        return w, reg, valid, None
+
+    def _each_batch(self, n, pool, work):
+        """``work(k0, k1)`` over the batches of n frames: one-frame batches in ``pool``'s
+        threads (when given), larger ones in turn."""
+        step = max(1, self._batch_frames(n))
+        starts = range(0, n, step)
+        if step == 1 and pool is not None:
+            list(pool.map(lambda k: work(k, k + 1), starts))
+        else:
+            for k0 in starts:
+                work(k0, min(n, k0 + step))
+
+    def flows(self, state, frames, init, pool=None):
+        """Fields ``w (n, H, W, 2)`` float64 of preprocessed frames ``(n, H, W, C)``,
+        starting from ``init (H, W, 2)``."""
+        out = np.empty((*frames.shape[:3], 2))
+
+        def work(k0, k1):
+            out[k0:k1] = self._flows(state, frames[k0:k1], init)
+
+        self._each_batch(len(frames), pool, work)
+        return out
+
+    def register(self, state, frames, raw, init, method, pool=None, with_stats=True):
+        """Stage 1 on a chunk: ``(w, reg, valid, stats)``: the fields of ``frames`` (as
+        ``flows``), the raw frames ``(n, H, W, C)`` warped by them (float, out-of-grid
+        pixels from the reference's fill image, interpolation ``method`` of
+        ``_INTERPOLATION``), valid masks ``(n, H, W)`` bool and the per-frame statistics
+        ``(4, n)`` of ``_frame_statistics`` (left unset without ``with_stats``)."""
+        n, H, W, C = frames.shape
+        w = np.empty((n, H, W, 2))
+        reg = np.empty((n, H, W, C), self._reg_dtype)
+        valid = np.empty((n, H, W), dtype=bool)
+        stats = np.empty((4, n))
+
+        def work(k0, k1):
+            wk, rk, vk, sums = self._register_batch(state, frames[k0:k1], raw[k0:k1], init, method)
+            w[k0:k1] = wk
+            reg[k0:k1] = rk
+            valid[k0:k1] = vk
+            if not with_stats:
+                return
+            if sums is None:
+                for k in range(k0, k1):
+                    stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
+            else:
+                npx = H * W
+                stats[0, k0:k1] = sums[:, 0] / npx
+                stats[1, k0:k1] = sums[:, 1]
+                stats[2, k0:k1] = sums[:, 2] / npx
+                stats[3, k0:k1] = np.hypot(sums[:, 3] / npx, sums[:, 4] / npx)
+
+        self._each_batch(n, pool, work)
+        return w, reg, valid, stats
+
+    def pair(self, params, fixed, moving, init=None):
+        """``w (H, W, 2)`` of one pair (Stage 2): ``moving`` registered onto ``fixed``."""
+        fixed = np.asarray(fixed, dtype=np.float64)
+        H, W = fixed.shape[:2]
+        state = self.reference(params, fixed)
+        init = np.zeros((H, W, 2)) if init is None else init
+        return self._flows(state, np.asarray(moving, dtype=np.float64)[None], init)[0]
 
 
 class _CpuState(NamedTuple):
@@ -4843,7 +4967,7 @@ class _CpuState(NamedTuple):
     fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
-class FlowregBackend:
+class FlowregBackend(FlowBackend):
     """``flowreg``: the toolbox's solver on the CPU (Numba), one frame per thread.
 
     ``backend_params``: ``sor_order = "lexicographic"`` (default: the toolbox's
@@ -4854,9 +4978,7 @@ class FlowregBackend:
     name = "flowreg"
     keys = ("sor_order",)
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        _cfg_check_keys(bp, self.keys, f"backend_params of flow_backend '{self.name}'")
+    def _configure(self, bp):
         order = bp.get("sor_order", "lexicographic")
         if order not in ("lexicographic", "red_black"):
             msg = f"backend_params.sor_order must be 'lexicographic' or 'red_black', got {order!r}"
@@ -4873,58 +4995,17 @@ class FlowregBackend:
         plan = _pyramid_plan(p, ref_int.shape)
         return _CpuState(p, ref_int, plan, _reference_pyramid(p, ref_int, plan), fill_int)
 
-    def flows(self, state, frames, init, pool):
+    def _flows(self, state, frames, init):
         n, H, W = frames.shape[:3]
         ui, vi = _field_internal(init)
         out = np.empty((n, H, W, 2))
-
-        def one(k):
+        for k in range(n):
             u, v = _flow_internal(
                 state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
             )
             out[k, ..., 0] = u.T
             out[k, ..., 1] = v.T
-
-        list(pool.map(one, range(n)))
         return out
-
-    def register(self, state, frames, raw, init, method, pool, with_stats=True):
-        n, H, W, C = frames.shape
-        ui, vi = _field_internal(init)
-        w = np.empty((n, H, W, 2))
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
-        stats = np.empty((4, n))
-
-        def one(k):
-            u, v = _flow_internal(
-                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
-            )
-            out, ok = _warp_stack(
-                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
-            )
-            w[k, ..., 0] = u.T
-            w[k, ..., 1] = v.T
-            reg[k] = out.transpose(2, 1, 0)
-            valid[k] = ok.T
-            if with_stats:
-                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-
-        list(pool.map(one, range(n)))
-        return w, reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        p = params._replace(red_black=self.red_black)
-        H, W = fixed.shape[:2]
-        ui, vi = _field_internal(np.zeros((H, W, 2)) if init is None else init)
-        u, v = _flow_internal(
-            p,
-            _to_internal(np.asarray(fixed, dtype=np.float64)),
-            _to_internal(np.asarray(moving, dtype=np.float64)),
-            ui,
-            vi,
-        )
-        return np.stack([u.T, v.T], axis=-1)
 
 
 def _check_data_term(backend, assumption, key):
@@ -5025,9 +5106,10 @@ def _unavailable(name, why, install):
 # measurement; ``benchmarks/cuda_stage1.py`` measures Stage 1 end to end.
 
 
-#: numba.cuda once a CUDA backend is built.  The kernels refer to it as a module
-#: global (not a closure variable) because Numba's simulator swaps the globals
-#: that hold numba.cuda for its own thread-level implementation.
+#: numba.cuda once a CUDA backend is built (set by ``_cuda_kernels``: importing it with
+#: this module would load the CUDA driver for every user).  The kernels refer to it as a
+#: module global, not a closure variable, because Numba's simulator runs a kernel with
+#: the globals that hold numba.cuda swapped for its own thread-level implementation.
 _cuda = None
 
 #: Threads per block (along axis 2 and axis 1 of a plane).  The simulator runs the
@@ -5064,7 +5146,8 @@ def _cuda_kernels(precision):
     # ---- helpers ---------------------------------------------------------
 
     @dev
-    def keys(x):
+    def _cu_keys(x):
+        """``_nb_keys``: the Keys cubic kernel (a = -0.5) at x."""
         ax = abs(x)
         ax2 = ax * ax
         ax3 = ax2 * ax
@@ -5077,19 +5160,20 @@ def _cuda_kernels(precision):
     # min and max written out: the built-in ones do not compile for CUDA in every
     # Numba version.
     @dev
-    def lesser(x, y):
+    def _cu_lesser(x, y):
         return x if x < y else y
 
     @dev
-    def greater(x, y):
+    def _cu_greater(x, y):
         return x if x > y else y
 
     @dev
-    def clamp(i, lo, hi):
-        return lesser(greater(i, lo), hi)
+    def _cu_clamp(i, lo, hi):
+        return _cu_lesser(_cu_greater(i, lo), hi)
 
     @dev
-    def cell(pos, n):
+    def _cu_cell(pos, n):
+        """``_nb_cell``: left sample index and fraction of ``pos >= 0``."""
         i = int(pos)
         if i > n - 2:
             i = n - 2
@@ -5098,7 +5182,7 @@ def _cuda_kernels(precision):
         return i, pos - F(i)
 
     @dev
-    def ecol(src, p, a, j, ny):
+    def _cu_extrapolated_row(src, p, a, j, ny):
         """Sample j (0 .. ny + 1) of row a of plane p with interp2's edge rule on axis 1."""
         if j == 0:
             if ny >= 3:
@@ -5111,33 +5195,33 @@ def _cuda_kernels(precision):
         return src[p, a, j - 1]
 
     @dev
-    def ext(src, p, i, j, nx, ny):
+    def _cu_extrapolated(src, p, i, j, nx, ny):
         """``_nb_extrapolated(src[p])[i, j]`` without building the padded plane."""
         if i == 0:
             if nx >= 3:
                 return (
-                    THREE * ecol(src, p, 0, j, ny)
-                    - THREE * ecol(src, p, 1, j, ny)
-                    + ecol(src, p, 2, j, ny)
+                    THREE * _cu_extrapolated_row(src, p, 0, j, ny)
+                    - THREE * _cu_extrapolated_row(src, p, 1, j, ny)
+                    + _cu_extrapolated_row(src, p, 2, j, ny)
                 )
-            return ecol(src, p, 0, j, ny)
+            return _cu_extrapolated_row(src, p, 0, j, ny)
         if i == nx + 1:
             if nx >= 3:
                 return (
-                    THREE * ecol(src, p, nx - 1, j, ny)
-                    - THREE * ecol(src, p, nx - 2, j, ny)
-                    + ecol(src, p, nx - 3, j, ny)
+                    THREE * _cu_extrapolated_row(src, p, nx - 1, j, ny)
+                    - THREE * _cu_extrapolated_row(src, p, nx - 2, j, ny)
+                    + _cu_extrapolated_row(src, p, nx - 3, j, ny)
                 )
-            return ecol(src, p, nx - 1, j, ny)
-        return ecol(src, p, i - 1, j, ny)
+            return _cu_extrapolated_row(src, p, nx - 1, j, ny)
+        return _cu_extrapolated_row(src, p, i - 1, j, ny)
 
     @dev
-    def padded(f, p, a, b):
+    def _cu_pad_edge(f, p, a, b):
         """``_nb_pad_edge(f[p])[a, b]``: the edge sample repeated."""
-        return f[p, clamp(a - 1, 0, f.shape[1] - 1), clamp(b - 1, 0, f.shape[2] - 1)]
+        return f[p, _cu_clamp(a - 1, 0, f.shape[1] - 1), _cu_clamp(b - 1, 0, f.shape[2] - 1)]
 
     @dev
-    def grad_sum0(f, g, k, a, b, h):
+    def _cu_grad0_sum(f, g, k, a, b, h):
         """``_nb_grad0(f[k] + g[k], h)[a, b]``."""
         n0 = f.shape[1]
         if n0 < 2:
@@ -5149,7 +5233,7 @@ def _cuda_kernels(precision):
         return ((f[k, a + 1, b] + g[k, a + 1, b]) - (f[k, a - 1, b] + g[k, a - 1, b])) / (TWO * h)
 
     @dev
-    def grad_sum1(f, g, k, a, b, h):
+    def _cu_grad1_sum(f, g, k, a, b, h):
         """``_nb_grad1(f[k] + g[k], h)[a, b]``."""
         n1 = f.shape[2]
         if n1 < 2:
@@ -5161,7 +5245,7 @@ def _cuda_kernels(precision):
         return ((f[k, a, b + 1] + g[k, a, b + 1]) - (f[k, a, b - 1] + g[k, a, b - 1])) / (TWO * h)
 
     @dev
-    def mirror(t, n):
+    def _cu_mirror(t, n):
         """Index t in [-2, n + 1] mirrored into [0, n - 1] (edge repeated; n >= 2)."""
         if t < 0:
             return -t - 1
@@ -5170,7 +5254,7 @@ def _cuda_kernels(precision):
         return t
 
     @dev
-    def median25(f, k, a, b):
+    def _cu_median25(f, k, a, b):
         """5x5 median at interior pixel (a, b) of haloed ``f[k]``, the interior padded
         symmetrically (``_nb_medfilt5_interior``); exact (selection of the 13th)."""
         buf = _cuda.local.array(25, F)
@@ -5178,9 +5262,9 @@ def _cuda_kernels(precision):
         ny = f.shape[2] - 2
         t = 0
         for i in range(-2, 3):
-            ia = mirror(a - 1 + i, nx) + 1
+            ia = _cu_mirror(a - 1 + i, nx) + 1
             for j in range(-2, 3):
-                buf[t] = f[k, ia, mirror(b - 1 + j, ny) + 1]
+                buf[t] = f[k, ia, _cu_mirror(b - 1 + j, ny) + 1]
                 t += 1
         for i in range(13):
             m = i
@@ -5195,34 +5279,37 @@ def _cuda_kernels(precision):
     # ---- elementwise and layout kernels ------------------------------------
 
     @cuda.jit
-    def fill(f, value):
+    def _cu_fill(f, value):
+        """``f[...] = value`` (numpy's ``fill``)."""
         b, a, k = _cuda.grid(3)
         if k < f.shape[0] and a < f.shape[1] and b < f.shape[2]:
             f[k, a, b] = value
 
     @cuda.jit
-    def copy(src, dst):
+    def _cu_copy(src, dst):
+        """``dst[...] = src`` (``_nb_copy2`` of every plane)."""
         b, a, k = _cuda.grid(3)
         if k < dst.shape[0] and a < dst.shape[1] and b < dst.shape[2]:
             dst[k, a, b] = src[k, a, b]
 
     @cuda.jit
-    def broadcast(src, dst):
+    def _cu_broadcast(src, dst):
         """``dst[k] = src`` for every plane k."""
         b, a, k = _cuda.grid(3)
         if k < dst.shape[0] and a < dst.shape[1] and b < dst.shape[2]:
             dst[k, a, b] = src[a, b]
 
     @cuda.jit
-    def to_planes(src, dst):
-        """Frames ``(n, H, W, C)`` of any numeric dtype -> planes ``(n * C, W, H)``."""
+    def _cu_to_planes(src, dst):
+        """``_to_internal`` of every frame: frames ``(n, H, W, C)`` of any numeric dtype ->
+        planes ``(n * C, W, H)``."""
         y, x, q = _cuda.grid(3)
         C = src.shape[3]
         if q < dst.shape[0] and x < dst.shape[1] and y < dst.shape[2]:
             dst[q, x, y] = F(src[q // C, y, x, q % C])
 
     @cuda.jit
-    def from_planes(src, dst):
+    def _cu_from_planes(src, dst):
         """Planes ``(n * C, W, H)`` -> frames ``(n, H, W, C)``."""
         y, x, q = _cuda.grid(3)
         C = dst.shape[3]
@@ -5230,7 +5317,7 @@ def _cuda_kernels(precision):
             dst[q // C, y, x, q % C] = src[q, x, y]
 
     @cuda.jit
-    def fields_out(u, v, valid, w, mask):
+    def _cu_fields_out(u, v, valid, w, mask):
         """``u, v (n, W, H)`` -> ``w (n, H, W, 2)``; ``valid (n, W, H)`` -> ``mask (n, H, W)``."""
         y, x, k = _cuda.grid(3)
         if k < u.shape[0] and x < u.shape[1] and y < u.shape[2]:
@@ -5239,7 +5326,7 @@ def _cuda_kernels(precision):
             mask[k, y, x] = valid[k, x, y]
 
     @cuda.jit
-    def halo(f, g):
+    def _cu_set_boundary(f, g):
         """Neumann halo of ``f`` and ``g`` (``_nb_set_boundary``, ``_nb_pad_edge``): every
         ring pixel takes the value of the nearest interior pixel.  One thread per ring
         pixel (index t along the ring), z over planes."""
@@ -5258,15 +5345,15 @@ def _cuda_kernels(precision):
             b = 0 if r % 2 == 0 else NY - 1
         else:
             return
-        sa = clamp(a, 1, NX - 2)
-        sb = clamp(b, 1, NY - 2)
+        sa = _cu_clamp(a, 1, NX - 2)
+        sb = _cu_clamp(b, 1, NY - 2)
         f[k, a, b] = f[k, sa, sb]
         g[k, a, b] = g[k, sa, sb]
 
     # ---- resize (imresize, one axis at a time) ----------------------------
 
     @cuda.jit
-    def resize0(src, wts, idx, out):
+    def _cu_resize_axis0(src, wts, idx, out):
         """Axis 0 of ``_nb_resize_axis0`` for every plane: taps with weight 0 skipped."""
         b, o, p = _cuda.grid(3)
         if p >= out.shape[0] or o >= out.shape[1] or b >= out.shape[2]:
@@ -5279,7 +5366,7 @@ def _cuda_kernels(precision):
         out[p, o, b] = acc
 
     @cuda.jit
-    def resize1(src, wts, idx, out):
+    def _cu_resize_axis1(src, wts, idx, out):
         """Axis 1 of ``_nb_resize_axis1`` for every plane."""
         o, a, p = _cuda.grid(3)
         if p >= out.shape[0] or a >= out.shape[1] or o >= out.shape[2]:
@@ -5292,7 +5379,7 @@ def _cuda_kernels(precision):
     # ---- warp (imwarp) ------------------------------------------------------
 
     @cuda.jit
-    def warp(src, u, v, hu, hv, fill_img, method, out, valid):
+    def _cu_warp_plane(src, u, v, hu, hv, fill_img, method, out, valid):
         """``_nb_warp_plane`` of every channel of every frame.
 
         ``src, out (n * C, nx, ny)``; ``u, v (n, nx, ny)``; ``fill_img (C, nx, ny)``;
@@ -5321,47 +5408,47 @@ def _cuda_kernels(precision):
         if nx == 1:
             ix, tx = 0, ZERO
         else:
-            ix, tx = cell(px, nx)
+            ix, tx = _cu_cell(px, nx)
         if ny == 1:
             iy, ty = 0, ZERO
         else:
-            iy, ty = cell(py, ny)
+            iy, ty = _cu_cell(py, ny)
         if method == 1:
-            ix1 = lesser(ix + 1, nx - 1)
-            iy1 = lesser(iy + 1, ny - 1)
+            ix1 = _cu_lesser(ix + 1, nx - 1)
+            iy1 = _cu_lesser(iy + 1, ny - 1)
             for c in range(C):
                 q = k * C + c
                 out[q, x, y] = (ONE - tx) * (
                     (ONE - ty) * src[q, ix, iy] + ty * src[q, ix, iy1]
                 ) + tx * ((ONE - ty) * src[q, ix1, iy] + ty * src[q, ix1, iy1])
             return
-        wy0 = keys(ty + ONE)
-        wy1 = keys(ty)
-        wy2 = keys(ONE - ty)
-        wy3 = keys(TWO - ty)
-        y3 = lesser(iy + 3, ny + 1)
+        wy0 = _cu_keys(ty + ONE)
+        wy1 = _cu_keys(ty)
+        wy2 = _cu_keys(ONE - ty)
+        wy3 = _cu_keys(TWO - ty)
+        y3 = _cu_lesser(iy + 3, ny + 1)
         for c in range(C):
             q = k * C + c
             acc = ZERO
             for p in range(4):
-                wx = keys(tx + ONE - F(p))
+                wx = _cu_keys(tx + ONE - F(p))
                 if wx == ZERO:
                     continue
-                xi = lesser(ix + p, nx + 1)
+                xi = _cu_lesser(ix + p, nx + 1)
                 acc += wx * (
-                    wy0 * ext(src, q, xi, iy, nx, ny)
-                    + wy1 * ext(src, q, xi, iy + 1, nx, ny)
-                    + wy2 * ext(src, q, xi, iy + 2, nx, ny)
-                    + wy3 * ext(src, q, xi, y3, nx, ny)
+                    wy0 * _cu_extrapolated(src, q, xi, iy, nx, ny)
+                    + wy1 * _cu_extrapolated(src, q, xi, iy + 1, nx, ny)
+                    + wy2 * _cu_extrapolated(src, q, xi, iy + 2, nx, ny)
+                    + wy3 * _cu_extrapolated(src, q, xi, y3, nx, ny)
                 )
             out[q, x, y] = acc
 
     # ---- motion tensors -----------------------------------------------------
 
     @dev
-    def zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
-        """Zero the six tensor planes at ``(q, a, b)`` if it lies on the halo ring;
-        True when it does."""
+    def _cu_zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        """``_nb_zero_ring`` of the six tensor planes at ``(q, a, b)`` if it lies on the
+        halo ring; True when it does."""
         if a == 0 or b == 0 or a == J11.shape[1] - 1 or b == J11.shape[2] - 1:
             J11[q, a, b] = ZERO
             J22[q, a, b] = ZERO
@@ -5373,7 +5460,7 @@ def _cuda_kernels(precision):
         return False
 
     @cuda.jit
-    def tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+    def _cu_tensor_gc(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
         """``_nb_tensor_gc`` of every plane: ``f1 (C, nx, ny)`` reference, ``f2 (n * C, nx, ny)``
         warped moving, outputs ``(n * C, nx + 2, ny + 2)`` with a zero ring."""
         b, a, q = _cuda.grid(3)
@@ -5381,43 +5468,43 @@ def _cuda_kernels(precision):
         NY = J11.shape[2]
         if q >= J11.shape[0] or a >= NX or b >= NY:
             return
-        if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        if _cu_zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
         hx2 = hx * hx
         hy2 = hy * hy
-        p1 = padded(f1, c, a, b)
-        p2 = padded(f2, q, a, b)
+        p1 = _cu_pad_edge(f1, c, a, b)
+        p2 = _cu_pad_edge(f2, q, a, b)
         fxx = HALF * (
-            (padded(f1, c, a - 1, b) - TWO * p1 + padded(f1, c, a + 1, b)) / hx2
-            + (padded(f2, q, a - 1, b) - TWO * p2 + padded(f2, q, a + 1, b)) / hx2
+            (_cu_pad_edge(f1, c, a - 1, b) - TWO * p1 + _cu_pad_edge(f1, c, a + 1, b)) / hx2
+            + (_cu_pad_edge(f2, q, a - 1, b) - TWO * p2 + _cu_pad_edge(f2, q, a + 1, b)) / hx2
         )
         fyy = HALF * (
-            (padded(f1, c, a, b - 1) - TWO * p1 + padded(f1, c, a, b + 1)) / hy2
-            + (padded(f2, q, a, b - 1) - TWO * p2 + padded(f2, q, a, b + 1)) / hy2
+            (_cu_pad_edge(f1, c, a, b - 1) - TWO * p1 + _cu_pad_edge(f1, c, a, b + 1)) / hy2
+            + (_cu_pad_edge(f2, q, a, b - 1) - TWO * p2 + _cu_pad_edge(f2, q, a, b + 1)) / hy2
         )
         # fx (frame-averaged central x-derivative) at the re-padded columns b -/+ 1
-        bl = greater(b - 1, 1)
-        br = lesser(b + 1, NY - 2)
+        bl = _cu_greater(b - 1, 1)
+        br = _cu_lesser(b + 1, NY - 2)
         fx_l = HALF * (
-            (padded(f1, c, a + 1, bl) - padded(f1, c, a - 1, bl)) / (TWO * hx)
-            + (padded(f2, q, a + 1, bl) - padded(f2, q, a - 1, bl)) / (TWO * hx)
+            (_cu_pad_edge(f1, c, a + 1, bl) - _cu_pad_edge(f1, c, a - 1, bl)) / (TWO * hx)
+            + (_cu_pad_edge(f2, q, a + 1, bl) - _cu_pad_edge(f2, q, a - 1, bl)) / (TWO * hx)
         )
         fx_r = HALF * (
-            (padded(f1, c, a + 1, br) - padded(f1, c, a - 1, br)) / (TWO * hx)
-            + (padded(f2, q, a + 1, br) - padded(f2, q, a - 1, br)) / (TWO * hx)
+            (_cu_pad_edge(f1, c, a + 1, br) - _cu_pad_edge(f1, c, a - 1, br)) / (TWO * hx)
+            + (_cu_pad_edge(f2, q, a + 1, br) - _cu_pad_edge(f2, q, a - 1, br)) / (TWO * hx)
         )
         cxy = (fx_r - fx_l) / (TWO * hy)
         # ft = F2 - F1 re-padded: the padded planes at clamped interior indices
-        al = greater(a - 1, 1)
-        ar = lesser(a + 1, NX - 2)
+        al = _cu_greater(a - 1, 1)
+        ar = _cu_lesser(a + 1, NX - 2)
         cxt = (
-            (padded(f2, q, ar, b) - padded(f1, c, ar, b))
-            - (padded(f2, q, al, b) - padded(f1, c, al, b))
+            (_cu_pad_edge(f2, q, ar, b) - _cu_pad_edge(f1, c, ar, b))
+            - (_cu_pad_edge(f2, q, al, b) - _cu_pad_edge(f1, c, al, b))
         ) / (TWO * hx)
         cyt = (
-            (padded(f2, q, a, br) - padded(f1, c, a, br))
-            - (padded(f2, q, a, bl) - padded(f1, c, a, bl))
+            (_cu_pad_edge(f2, q, a, br) - _cu_pad_edge(f1, c, a, br))
+            - (_cu_pad_edge(f2, q, a, bl) - _cu_pad_edge(f1, c, a, bl))
         ) / (TWO * hy)
         rx = ONE / (fxx * fxx + cxy * cxy + EPS_ZIM)
         ry = ONE / (cxy * cxy + fyy * fyy + EPS_ZIM)
@@ -5429,25 +5516,25 @@ def _cuda_kernels(precision):
         J23[q, a, b] = rx * cxy * cxt + ry * fyy * cyt
 
     @cuda.jit
-    def tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
-        """``_nb_tensor_gray`` of every plane (shapes as ``tensor_gc``)."""
+    def _cu_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+        """``_nb_tensor_gray`` of every plane (shapes as ``_cu_tensor_gc``)."""
         b, a, q = _cuda.grid(3)
         NX = J11.shape[1]
         NY = J11.shape[2]
         if q >= J11.shape[0] or a >= NX or b >= NY:
             return
-        if zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
+        if _cu_zero_ring(q, a, b, J11, J22, J33, J12, J13, J23):
             return
         c = q % f1.shape[0]
         fx = HALF * (
-            (padded(f1, c, a + 1, b) - padded(f1, c, a - 1, b)) / (TWO * hx)
-            + (padded(f2, q, a + 1, b) - padded(f2, q, a - 1, b)) / (TWO * hx)
+            (_cu_pad_edge(f1, c, a + 1, b) - _cu_pad_edge(f1, c, a - 1, b)) / (TWO * hx)
+            + (_cu_pad_edge(f2, q, a + 1, b) - _cu_pad_edge(f2, q, a - 1, b)) / (TWO * hx)
         )
         fy = HALF * (
-            (padded(f1, c, a, b + 1) - padded(f1, c, a, b - 1)) / (TWO * hy)
-            + (padded(f2, q, a, b + 1) - padded(f2, q, a, b - 1)) / (TWO * hy)
+            (_cu_pad_edge(f1, c, a, b + 1) - _cu_pad_edge(f1, c, a, b - 1)) / (TWO * hy)
+            + (_cu_pad_edge(f2, q, a, b + 1) - _cu_pad_edge(f2, q, a, b - 1)) / (TWO * hy)
         )
-        ft = padded(f2, q, a, b) - padded(f1, c, a, b)
+        ft = _cu_pad_edge(f2, q, a, b) - _cu_pad_edge(f1, c, a, b)
         J11[q, a, b] = fx * fx
         J22[q, a, b] = fy * fy
         J33[q, a, b] = ft * ft
@@ -5458,7 +5545,7 @@ def _cuda_kernels(precision):
     # ---- level solver -------------------------------------------------------
 
     @cuda.jit
-    def refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv):
+    def _cu_refresh(J, weight, a_data, sp, first, u, v, du, dv, wxe, wye, A12, Du, Dv, cu, cv):
         """``_nb_refresh`` of every frame: ``J (6, n * C, NX, NY)``, ``weight (C, NX, NY)``
         when ``sp.local`` else ``(C, 1, 1)``, ``a_data (C,)``, ``sp`` a ``_SolverParams``
         of this precision, the rest ``(n, NX, NY)``."""
@@ -5525,20 +5612,20 @@ def _cuda_kernels(precision):
         A12[k, a, b] = s12
 
     @cuda.jit
-    def smooth_psi(u, v, du, dv, a_smooth, hx, hy, psi):
+    def _cu_smooth_psi(u, v, du, dv, a_smooth, hx, hy, psi):
         """The lagged diffusivity of ``_nb_smooth_weights`` at every pixel of the haloed grid."""
         b, a, k = _cuda.grid(3)
         if k >= u.shape[0] or a >= u.shape[1] or b >= u.shape[2]:
             return
-        ux = grad_sum0(u, du, k, a, b, hx)
-        uy = grad_sum1(u, du, k, a, b, hy)
-        vx = grad_sum0(v, dv, k, a, b, hx)
-        vy = grad_sum1(v, dv, k, a, b, hy)
+        ux = _cu_grad0_sum(u, du, k, a, b, hx)
+        uy = _cu_grad1_sum(u, du, k, a, b, hy)
+        vx = _cu_grad0_sum(v, dv, k, a, b, hx)
+        vy = _cu_grad1_sum(v, dv, k, a, b, hy)
         s = ux * ux + uy * uy + vx * vx + vy * vy
         psi[k, a, b] = a_smooth * math.pow(s + EPS_PSI, a_smooth - ONE)
 
     @cuda.jit
-    def smooth_edges(psi, cx, cy, wxe, wye):
+    def _cu_smooth_edges(psi, cx, cy, wxe, wye):
         """Edge weights of ``_nb_smooth_weights`` from ``psi``."""
         b, a, k = _cuda.grid(3)
         NX = psi.shape[1]
@@ -5549,7 +5636,7 @@ def _cuda_kernels(precision):
         wye[k, a, b] = HALF * (psi[k, a, b] + psi[k, a, b + 1]) * cy if b + 1 < NY else ZERO
 
     @cuda.jit
-    def sweep(du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv, omega, colour):
+    def _cu_sor_sweep_rb(du, dv, wxe, wye, uniform, cx, cy, A12, Du, Dv, cu, cv, omega, colour):
         """One colour of ``_nb_sor_sweep_rb``: thread (j, a - 1, k) updates interior pixel
         ``(a, b)`` with ``b = 1 + ((a + 1 + colour) & 1) + 2 j`` of frame k.  With
         ``uniform`` the edge weights are the constants ``cx, cy``."""
@@ -5592,16 +5679,17 @@ def _cuda_kernels(precision):
         dv[k, a, b] = om1 * dv[k, a, b] + Dv[k, a, b] * pv
 
     @cuda.jit
-    def median_add(du, dv, u, v, filt):
-        """``u += medfilt(du)``, ``v += medfilt(dv)`` on the interior (without ``filt``:
+    def _cu_medfilt5_add(du, dv, u, v, filt):
+        """``_nb_medfilt5_interior`` of du and dv added to u and v, as the driver does:
+        ``u += medfilt(du)``, ``v += medfilt(dv)`` on the interior (without ``filt``:
         ``u += du``, ``v += dv``).  The halo of u and v is left alone: the driver
         reads only their interior."""
         b, a, k = _cuda.grid(3)
         if k >= du.shape[0] or a < 1 or b < 1 or a >= du.shape[1] - 1 or b >= du.shape[2] - 1:
             return
         if filt:
-            u[k, a, b] += median25(du, k, a, b)
-            v[k, a, b] += median25(dv, k, a, b)
+            u[k, a, b] += _cu_median25(du, k, a, b)
+            v[k, a, b] += _cu_median25(dv, k, a, b)
         else:
             u[k, a, b] += du[k, a, b]
             v[k, a, b] += dv[k, a, b]
@@ -5609,10 +5697,11 @@ def _cuda_kernels(precision):
     # ---- per-frame statistics ------------------------------------------------
 
     @cuda.jit
-    def frame_sums(u, v, out):
+    def _cu_frame_sums(u, v, out):
         """Block k sums frame k of ``u, v (n, W, H)`` in float64: ``out[k] = (sum |w|,
         max |w|, sum of the divergence, sum u, sum v)``; the divergence is that of
-        ``_frame_statistics`` (Sobel, unnormalised, edges replicated)."""
+        ``_nb_frame_statistics`` (Sobel, unnormalised, edges replicated), which turns
+        the sums into the statistics."""
         k = _cuda.blockIdx.x
         t = _cuda.threadIdx.x
         nx = u.shape[1]
@@ -5630,13 +5719,13 @@ def _cuda_kernels(precision):
             vc = np.float64(v[k, x, y])
             mag = math.sqrt(uc * uc + vc * vc)
             s_mag += mag
-            m_mag = greater(m_mag, mag)
+            m_mag = _cu_greater(m_mag, mag)
             s_u += uc
             s_v += vc
-            xl = greater(x - 1, 0)
-            xr = lesser(x + 1, nx - 1)
-            yu = greater(y - 1, 0)
-            yd = lesser(y + 1, ny - 1)
+            xl = _cu_greater(x - 1, 0)
+            xr = _cu_lesser(x + 1, nx - 1)
+            yu = _cu_greater(y - 1, 0)
+            yd = _cu_lesser(y + 1, ny - 1)
             gx = (
                 (np.float64(u[k, xr, yu]) - u[k, xl, yu])
                 + 2.0 * (np.float64(u[k, xr, y]) - u[k, xl, y])
@@ -5658,7 +5747,7 @@ def _cuda_kernels(precision):
         while step > 0:
             if t < step:
                 sums[0, t] += sums[0, t + step]
-                sums[1, t] = greater(sums[1, t], sums[1, t + step])
+                sums[1, t] = _cu_greater(sums[1, t], sums[1, t + step])
                 sums[2, t] += sums[2, t + step]
                 sums[3, t] += sums[3, t + step]
                 sums[4, t] += sums[4, t + step]
@@ -5675,7 +5764,8 @@ def _cuda_kernels(precision):
         grid = ((shape[2] + bx - 1) // bx, (shape[1] + by - 1) // by, shape[0])
         kernel[grid, (bx, by, 1)](*args)
 
-    return types.SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
+    found = {k: v for k, v in locals().items() if k.startswith("_cu_")}
+    return types.SimpleNamespace(**found, launch=launch, STATS_THREADS=STATS_THREADS)
 
 
 def _cuda_simulated():
@@ -5706,7 +5796,7 @@ def _cuda_batch_frames(free_bytes, C, W, H, itemsize):
     return int(min(4096, max(1, 0.5 * free_bytes // per_frame)))
 
 
-class CudaBackend:
+class CudaBackend(FlowBackend):
     """``flowreg_cuda``: the whole flow computation on one NVIDIA GPU (Numba CUDA).
 
     Batches of frames go through every step at once; the SOR is red-black, equal
@@ -5719,10 +5809,8 @@ class CudaBackend:
     name = "flowreg_cuda"
     keys = ("device", "precision", "batch_frames")
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        source = f"backend_params of flow_backend '{self.name}'"
-        _cfg_check_keys(bp, self.keys, source)
+    def _configure(self, bp):
+        source = self.source
         device = bp.get("device", 0)
         if not isinstance(device, (int, np.integer)) or isinstance(device, bool) or device < 0:
             msg = f"{source}: device must be a GPU index >= 0, got {device!r}"
@@ -5763,6 +5851,7 @@ class CudaBackend:
         self.precision = precision
         self.batch_frames = None if batch is None else int(batch)
         self.dtype = np.dtype(precision)
+        self._reg_dtype = self.dtype
         self._cuda = cuda
         self._k = _cuda_kernels(precision)
         self._buffers = {}
@@ -5816,16 +5905,16 @@ class CudaBackend:
         k = self._k
         P, nx, ny = src.shape
         if nx_out == nx and ny_out == ny:
-            k.launch(k.copy, out.shape, src, out)
+            k.launch(k._cu_copy, out.shape, src, out)
             return
 
         def ax0(s, o):
             w, i = self._table(s.shape[1], o.shape[1])
-            k.launch(k.resize0, o.shape, s, w, i, o)
+            k.launch(k._cu_resize_axis0, o.shape, s, w, i, o)
 
         def ax1(s, o):
             w, i = self._table(s.shape[2], o.shape[2])
-            k.launch(k.resize1, o.shape, s, w, i, o)
+            k.launch(k._cu_resize_axis1, o.shape, s, w, i, o)
 
         if ny_out / ny <= nx_out / nx:
             if ny_out == ny:
@@ -5848,7 +5937,7 @@ class CudaBackend:
     def _halo(self, f, g):
         k = self._k
         n, NX, NY = f.shape
-        k.launch(k.halo, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
+        k.launch(k._cu_set_boundary, (n, 1, 2 * NY + 2 * (NX - 2)), f, g)
 
     def _level_solver(self, J, weight, a_data, u, v, sp, du, dv):
         """``_nb_level_solver`` with ``sp.red_black`` of a batch: tensors ``J (6, n * C, NX,
@@ -5861,12 +5950,12 @@ class CudaBackend:
         A12, Du, Dv, cu, cv, wxe, wye = (
             self._work(s, shape) for s in ("A12", "Du", "Dv", "cu", "cv", "wxe", "wye")
         )
-        k.launch(k.fill, shape, du, F(0.0))
-        k.launch(k.fill, shape, dv, F(0.0))
+        k.launch(k._cu_fill, shape, du, F(0.0))
+        k.launch(k._cu_fill, shape, dv, F(0.0))
         cx = F(sp.alpha_x / (sp.hx * sp.hx))
         cy = F(sp.alpha_y / (sp.hy * sp.hy))
-        k.launch(k.fill, shape, wxe, cx)
-        k.launch(k.fill, shape, wye, cy)
+        k.launch(k._cu_fill, shape, wxe, cx)
+        k.launch(k._cu_fill, shape, wye, cy)
         uniform = sp.a_smooth == 1.0
         omega = F(SOR_OMEGA)
         spf = sp._replace(
@@ -5877,10 +5966,12 @@ class CudaBackend:
             if it == 0 or it % sp.update_lag == 0:
                 if it > 0 and not uniform:
                     psi = self._work("psi", shape)
-                    k.launch(k.smooth_psi, shape, u, v, du, dv, spf.a_smooth, spf.hx, spf.hy, psi)
-                    k.launch(k.smooth_edges, shape, psi, cx, cy, wxe, wye)
+                    k.launch(
+                        k._cu_smooth_psi, shape, u, v, du, dv, spf.a_smooth, spf.hx, spf.hy, psi
+                    )
+                    k.launch(k._cu_smooth_edges, shape, psi, cx, cy, wxe, wye)
                 k.launch(
-                    k.refresh,
+                    k._cu_refresh,
                     shape,
                     J,
                     weight,
@@ -5904,7 +5995,7 @@ class CudaBackend:
             self._halo(du, dv)
             for colour in (0, 1):
                 k.launch(
-                    k.sweep,
+                    k._cu_sor_sweep_rb,
                     half,
                     du,
                     dv,
@@ -5944,7 +6035,7 @@ class CudaBackend:
             if j == 0:
                 for src, dst in ((ui0, un), (vi0, vn)):
                     init = _nb_pad_edge(_nb_resize(src, lx, ly)).astype(self.dtype)
-                    k.launch(k.broadcast, dst.shape, self._cuda.to_device(init), dst)
+                    k.launch(k._cu_broadcast, dst.shape, self._cuda.to_device(init), dst)
                 moved = F2
             else:
                 self._resize(u[:, 1:-1, 1:-1], lx, ly, un[:, 1:-1, 1:-1], "field_tmp")
@@ -5953,7 +6044,7 @@ class CudaBackend:
                 moved = self._work("F2warped", (n * C, lx, ly))
                 scratch = self._work("valid_level", (n, lx, ly), np.uint8)
                 k.launch(
-                    k.warp,
+                    k._cu_warp_plane,
                     (n, lx, ly),
                     F2,
                     un[:, 1:-1, 1:-1],
@@ -5966,13 +6057,13 @@ class CudaBackend:
                     scratch,
                 )
             J = self._work("J", (6, n * C, NX, NY))
-            tensor = k.tensor_gc if p.kind == 0 else k.tensor_gray
+            tensor = k._cu_tensor_gc if p.kind == 0 else k._cu_tensor_gray
             k.launch(tensor, J.shape[1:], F1, moved, F(hx), F(hy), *(J[c] for c in range(6)))
             du = self._work("du", (n, NX, NY))
             dv = self._work("dv", (n, NX, NY))
             sp = _solver_params(p, lev)
             self._level_solver(J, st.weights[j], st.a_data, un, vn, sp, du, dv)
-            k.launch(k.median_add, (n, NX, NY), du, dv, un, vn, lev.median)
+            k.launch(k._cu_medfilt5_add, (n, NX, NY), du, dv, un, vn, lev.median)
             u, v = un, vn
         out_u = self._work("u_out", (n, nw, mh))
         out_v = self._work("v_out", (n, nw, mh))
@@ -5985,7 +6076,7 @@ class CudaBackend:
         n, H, W, C = frames.shape
         src = self._cuda.to_device(np.ascontiguousarray(frames))
         out = self._work(name, (n * C, W, H))
-        self._k.launch(self._k.to_planes, out.shape, src, out)
+        self._k.launch(self._k._cu_to_planes, out.shape, src, out)
         return out
 
     # ---- interface ------------------------------------------------------------
@@ -6040,7 +6131,7 @@ class CudaBackend:
                     planes = self._upload_planes(raw[i0:i1], "raw")
                     out = self._work("registered", planes.shape)
                     k.launch(
-                        k.warp,
+                        k._cu_warp_plane,
                         (m, W, H),
                         planes,
                         u,
@@ -6053,39 +6144,26 @@ class CudaBackend:
                         ok,
                     )
                     reg_dev = self._work("registered_out", (m, H, W, C))
-                    k.launch(k.from_planes, out.shape, out, reg_dev)
+                    k.launch(k._cu_from_planes, out.shape, out, reg_dev)
                     reg[i0:i1] = reg_dev.copy_to_host()
-                k.launch(k.fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
+                k.launch(k._cu_fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
                 w[i0:i1] = w_dev.copy_to_host()
                 if raw is not None:
                     valid[i0:i1] = mask_dev.copy_to_host().view(bool)
                     sums_dev = self._work("frame_sums", (m, 5), np.float64)
-                    k.frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
+                    k._cu_frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
                     sums[i0:i1] = sums_dev.copy_to_host()
         return w, reg, valid, sums
 
-    def flows(self, state, frames, init, pool=None):
+    def _batch_frames(self, n):
+        return max(n, 1)  # _run splits into batches that fit the GPU's memory
+
+    def _flows(self, state, frames, init):
         return self._run(state, frames, None, init, 2)[0].astype(np.float64)
 
-    def register(self, state, frames, raw, init, method, pool=None, with_stats=True):
+    def _register_batch(self, state, frames, raw, init, method):
         w, reg, valid, sums = self._run(state, frames, raw, init, method)
-        npx = w.shape[1] * w.shape[2]
-        stats = np.stack(
-            [
-                sums[:, 0] / npx,
-                sums[:, 1],
-                sums[:, 2] / npx,
-                np.hypot(sums[:, 3] / npx, sums[:, 4] / npx),
-            ]
-        )
-        return w.astype(np.float64), reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        fixed = np.asarray(fixed, dtype=np.float64)
-        H, W = fixed.shape[:2]
-        state = self.reference(params, fixed)
-        mov = np.asarray(moving, dtype=np.float64)
-        return self.flows(state, mov[None], np.zeros((H, W, 2)) if init is None else init)[0]
+        return w.astype(np.float64), reg, valid, sums
 
 
 ###############################################################################
@@ -6604,7 +6682,7 @@ class _TorchState(NamedTuple):
     fill: object  # (1, C, W, H) raw fill image tensor, or None
 
 
-class TorchBackend:
+class TorchBackend(FlowBackend):
     """``flowreg_torch``: the solver on PyTorch (CPU or CUDA), a batch of frames at once.
 
     The SOR sweep uses the red-black ordering of the GPU backends, so the fields
@@ -6620,10 +6698,8 @@ class TorchBackend:
     name = "flowreg_torch"
     keys = ("device", "dtype", "batch_frames")
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        source = f"backend_params of flow_backend '{self.name}'"
-        _cfg_check_keys(bp, self.keys, source)
+    def _configure(self, bp):
+        source = self.source
         try:
             import torch
         except ImportError as exc:
@@ -6689,27 +6765,21 @@ class TorchBackend:
                 None if fill is None else self._tensor(fill),
             )
 
-    def _batches(self, state, frames, init):
-        """Per batch of frames: ``(k0, k1, u, v)`` with u, v ``(n, W, H)`` tensors."""
-        torch = self.torch
+    def _batch_frames(self, n):
+        return self.batch_frames
+
+    def _displacement(self, state, frames, init):
+        """``(u, v)``, each an ``(n, W, H)`` tensor, of frames ``(n, H, W, C)``."""
         ui, vi = (
-            torch.as_tensor(
+            self.torch.as_tensor(
                 np.ascontiguousarray(init[..., c].T), dtype=self.dtype, device=self.device
             )
             for c in (0, 1)
         )
-        for k0 in range(0, len(frames), self.batch_frames):
-            k1 = min(k0 + self.batch_frames, len(frames))
-            u, v = _tc_get_displacement(
-                state.params,
-                state.levels,
-                state.pyramid,
-                self._tensor(frames[k0:k1]),
-                ui,
-                vi,
-                state.wmap,
-            )
-            yield k0, k1, u, v
+        p = state.params
+        return _tc_get_displacement(
+            p, state.levels, state.pyramid, self._tensor(frames), ui, vi, state.wmap
+        )
 
     @staticmethod
     def _field(u, v):
@@ -6717,35 +6787,16 @@ class TorchBackend:
         w = np.stack([u.cpu().numpy(), v.cpu().numpy()], axis=-1)
         return w.transpose(0, 2, 1, 3).astype(np.float64)
 
-    def flows(self, state, frames, init, pool):
-        out = np.empty((*frames.shape[:3], 2))
+    def _flows(self, state, frames, init):
         with self.torch.inference_mode():
-            for k0, k1, u, v in self._batches(state, frames, init):
-                out[k0:k1] = self._field(u, v)
-        return out
+            return self._field(*self._displacement(state, frames, init))
 
-    def register(self, state, frames, raw, init, method, pool, with_stats=True):
-        n, H, W, C = frames.shape
-        w = np.empty((n, H, W, 2))
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
+    def _register_batch(self, state, frames, raw, init, method):
         with self.torch.inference_mode():
-            for k0, k1, u, v in self._batches(state, frames, init):
-                out, ok = _tc_warp(self._tensor(raw[k0:k1]), u, v, 1.0, 1.0, state.fill, method)
-                w[k0:k1] = self._field(u, v)
-                reg[k0:k1] = out.permute(0, 3, 2, 1).cpu().numpy()
-                valid[k0:k1] = ok.transpose(1, 2).cpu().numpy()
-        stats = np.empty((4, n))
-        if with_stats:
-            for k in range(n):
-                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-        return w, reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        H, W = fixed.shape[:2]
-        state = self.reference(params, fixed)
-        init = np.zeros((H, W, 2)) if init is None else init
-        return self.flows(state, np.asarray(moving)[None], init, None)[0]
+            u, v = self._displacement(state, frames, init)
+            out, ok = _tc_warp(self._tensor(raw), u, v, 1.0, 1.0, state.fill, method)
+            reg = out.permute(0, 3, 2, 1).cpu().numpy()
+            return self._field(u, v), reg, ok.transpose(1, 2).cpu().numpy(), None
 
 
 ###############################################################################
@@ -6826,7 +6877,7 @@ class _DisState(NamedTuple):
     fill: np.ndarray  # (C, W, H) raw fill image, or None
 
 
-class DisBackend:
+class DisBackend(FlowBackend):
     """``diso``: OpenCV DIS optical flow (``cv2.DISOpticalFlow``), one frame per thread.
 
     Fast and less accurate than the variational solver; the variational
@@ -6845,10 +6896,8 @@ class DisBackend:
     #: The data terms (``constancy_assumption``) this backend can stand for.
     constancy_assumptions = ("gc",)
 
-    def __init__(self, backend_params=None):
-        bp = dict(backend_params or {})
-        source = f"backend_params of flow_backend '{self.name}'"
-        _cfg_check_keys(bp, self.keys, source)
+    def _configure(self, bp):
+        source = self.source
         try:
             import cv2
         except ImportError as exc:
@@ -6907,38 +6956,8 @@ class DisBackend:
         fill_int = None if fill is None else _to_internal(np.asarray(fill, dtype=np.float64))
         return _DisState(params, _dis_grey(ref, params), fill_int)
 
-    def flows(self, state, frames, init, pool):
-        out = np.empty((*frames.shape[:3], 2))
-
-        def one(k):
-            out[k] = self._flow(state.ref, frames[k], state.params)
-
-        list(pool.map(one, range(len(frames))))
-        return out
-
-    def register(self, state, frames, raw, init, method, pool, with_stats=True):
-        n, H, W, C = frames.shape
-        w = np.empty((n, H, W, 2))
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
-        stats = np.empty((4, n))
-
-        def one(k):
-            w[k] = self._flow(state.ref, frames[k], state.params)
-            u, v = _field_internal(w[k])
-            out, ok = _warp_stack(
-                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
-            )
-            reg[k] = out.transpose(2, 1, 0)
-            valid[k] = ok.T
-            if with_stats:
-                stats[:, k] = _frame_statistics(w[k, ..., 0], w[k, ..., 1])
-
-        list(pool.map(one, range(n)))
-        return w, reg, valid, stats
-
-    def pair(self, params, fixed, moving, init=None):
-        return self._flow(_dis_grey(fixed, params), moving, params)
+    def _flows(self, state, frames, init):
+        return np.stack([self._flow(state.ref, f, state.params) for f in frames])
 
 
 ###############################################################################
@@ -6946,12 +6965,12 @@ class DisBackend:
 ###############################################################################
 
 
-#: Flow backends by name: (class name in this module, what it needs).
+#: Flow backends by name (the pyflowreg API's names): their class and what it needs.
 _BACKENDS = {
-    "flowreg": ("FlowregBackend", "nothing beyond numba"),
-    "flowreg_cuda": ("CudaBackend", "an NVIDIA GPU with its driver and CUDA runtime"),
-    "flowreg_torch": ("TorchBackend", "PyTorch (pip install torch)"),
-    "diso": ("DisBackend", "OpenCV (pip install opencv-python-headless)"),
+    "flowreg": (FlowregBackend, "nothing beyond numba"),
+    "flowreg_cuda": (CudaBackend, "an NVIDIA GPU with its driver and CUDA runtime"),
+    "flowreg_torch": (TorchBackend, "PyTorch (pip install torch)"),
+    "diso": (DisBackend, "OpenCV (pip install opencv-python-headless)"),
 }
 
 #: The names ``flow_backend`` accepts (the pyflowreg API's names).
@@ -6982,7 +7001,7 @@ def available_backends():
 def make_backend(name, backend_params=None):
     """The backend ``name`` with its ``backend_params``; ConfigError when unknown or unusable."""
     _check_backend(name)
-    return globals()[_BACKENDS[name][0]](backend_params)
+    return _BACKENDS[name][0](backend_params)
 
 
 ###############################################################################
@@ -7425,19 +7444,6 @@ def estimate_rigid_shift(
 ###############################################################################
 
 
-def _weight_vector(weight, n_channels):
-    """Per-channel weights as the toolbox's ``get_weight_at``.
-
-    A longer vector is cut to the channel count and renormalised; channels
-    beyond its length get 1/C.
-    """
-    w = np.asarray(weight, dtype=np.float64).ravel()
-    if w.size >= n_channels:
-        w = w[:n_channels]
-        return w / w.sum() if w.sum() > 0 else np.full(n_channels, 1.0 / n_channels)
-    return np.concatenate([w, np.full(n_channels - w.size, 1.0 / n_channels)])
-
-
 def _flow_params(opts, n_channels, *, alpha_offset=0.0):
     al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
     ax, ay = (al[0], al[-1])
@@ -7461,7 +7467,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0):
         int(opts.effective_min_level),
         _tensor_kind(opts.constancy_assumption),
         bool(opts.matlab_quirks),
-        _weight_vector(opts.weight, n_channels),
+        _channel_weights(opts.weight, n_channels),
         np.zeros((n_channels, 1, 1)),
         False,
     )
@@ -7493,7 +7499,8 @@ def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, pha
 def _reference_indices(opts, n_frames, name):
     """0-based reference frame indices of a recording with ``n_frames`` (binned) frames."""
     if opts.reference_frames is None:
-        idx = [i for i in range(49, 500) if i < n_frames]  # MATLAB 50:500, 1-based
+        first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
+        idx = [i for i in range(first - 1, last) if i < n_frames]
         if not idx:
             log.info(
                 "%s: %d frames, fewer than the default reference range (frames 50-500); "
@@ -7598,8 +7605,7 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
         return tmp[0].astype(np.float64)
     sigma = np.atleast_2d(opts.sigma)
     sep = opts.channel_normalization == "separate"
-    halo = max(_gauss_kernel(s[2] + 0.5).size // 2 for s in sigma)
-    g = _smooth_frames(tmp, sigma, halo, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
+    g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
     c1 = _normalise(g, *_minmax(g, sep), in_place=True)
     del g
     C = tmp.shape[3]
@@ -7953,17 +7959,17 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     # the smoothed raw batch's range) and the flow initialisation from the
                     # first 22 frames.
                     with phases("initial flows"):
-                        lo, hi, _ = _smoothed_range(raw, sigma, pre.halo, sep, pool)
+                        lo, hi, _ = _smoothed_range(raw, sigma, sep, pool)
                         c_ref = _normalise(
                             gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi, clip=sep
                         )
                         state = backend.reference(params, c_ref, ref_raw)
-                        first = _Preprocessed(raw[: min(22, n)], sigma, sep, pool)
+                        first = _Preprocessed(raw[: min(INIT_FLOW_FRAMES, n)], sigma, sep, pool)
                         w_init = backend.flows(
                             state, first.frames(0, len(first.raw)), np.zeros((H, W, 2)), pool
                         ).mean(axis=0)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
-                n_ref = min(100, n - 1)
+                n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
                 w_sum = np.zeros((H, W, 2))
                 w_tail = []
@@ -7980,8 +7986,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     pending.append(writer.submit(write_chunk, reg, valid, w))
                     pending.append(writer.submit(quality.add, raw[i0:i1], reg, valid, w))
                     w_sum += w.sum(axis=0)
-                    w_tail.extend(w[max(0, n - 21 - i0) :])
-                    w_tail = w_tail[-21:]
+                    w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
+                    w_tail = w_tail[-INIT_TAIL_FRAMES:]
                     if ref_sum is not None:
                         _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
                     progress.update(i1 - i0)
@@ -7989,7 +7995,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
                     state = backend.reference(params, ref_sum / (n_ref + 1), ref_raw)
-                w_init = np.mean(w_tail, axis=0) if n > 100 else w_sum / n
+                w_init = np.mean(w_tail, axis=0) if n > INIT_TAIL_MIN_FRAMES else w_sum / n
             with phases("write"):
                 wait_for_writer()
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses

@@ -78,10 +78,6 @@ def scene(x, y, seed=3, n=25, size=48):
 
 
 ###############################################################################
-### Configuration
-###############################################################################
-
-###############################################################################
 ### Fixtures
 ###############################################################################
 
@@ -101,6 +97,10 @@ def write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
 
+
+###############################################################################
+### Configuration
+###############################################################################
 
 ###############################################################################
 ### FlowOptions
@@ -1433,163 +1433,6 @@ def test_level_solver_second_channel_quirk():
     assert np.abs(a[0] - b[0]).max() > 1e-6
 
 
-def _rb_sweep_numpy(J, weight, u, v, alpha, hx, hy):
-    """One red-black SOR sweep from du = dv = 0 after the initial refresh, written
-    directly from the equations (single channel, quadratic smoothness), as an
-    independent reference for ``sor_order="red_black"``."""
-    J11, J22, J33, J12, J13, J23 = [np.asarray(j, float).reshape(u.shape) * weight for j in J]
-    M, N = u.shape
-    omega = fs.SOR_OMEGA
-    cx, cy = alpha / hx**2, alpha / hy**2  # x: along columns, y: along rows
-    du = np.zeros((M, N))
-    dv = np.zeros((M, N))
-    r, c = np.mgrid[1 : M - 1, 1 : N - 1]
-    I = (slice(1, M - 1), slice(1, N - 1))
-
-    def nb(f):  # weighted sum of the four neighbours and of their differences
-        return cx * (f[1:-1, :-2] + f[1:-1, 2:]) + cy * (f[:-2, 1:-1] + f[2:, 1:-1])
-
-    lap_u = nb(u) - 2 * (cx + cy) * u[I]
-    lap_v = nb(v) - 2 * (cx + cy) * v[I]
-    Du = omega / (2 * (cx + cy) + J11[I])
-    Dv = omega / (2 * (cx + cy) + J22[I])
-    for colour in (0, 1):
-        sel = (r + c) % 2 == colour
-        new_u = (1 - omega) * du[I] + Du * (nb(du) + lap_u - J13[I] - J12[I] * dv[I])
-        du[I] = np.where(sel, new_u, du[I])
-        new_v = (1 - omega) * dv[I] + Dv * (nb(dv) + lap_v - J23[I] - J12[I] * du[I])
-        dv[I] = np.where(sel, new_v, dv[I])
-    return du, dv
-
-
-def test_red_black_sweep_matches_its_equations():
-    # One sweep of the red-black solver against the numpy transcription above:
-    # the same arithmetic in another order, so 1e-12 relative.
-    d = ref("level_solver_1ch_asmooth1")
-    J = [d[k] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
-    w = float(np.ravel(d["weight"])[0])
-    alpha = float(np.ravel(d["alpha"])[0])
-    du, dv = fs.level_solver(
-        *J,
-        w,
-        d["u"],
-        d["v"],
-        alpha,
-        1,
-        10,
-        1.0,
-        1.0,
-        float(d["hx"]),
-        float(d["hy"]),
-        sor_order="red_black",
-    )
-    eu, ev = _rb_sweep_numpy(J, w, d["u"], d["v"], alpha, float(d["hx"]), float(d["hy"]))
-    scale = np.abs(eu).max() + np.abs(ev).max()
-    assert scale > 0
-    np.testing.assert_allclose(du[1:-1, 1:-1], eu[1:-1, 1:-1], rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(dv[1:-1, 1:-1], ev[1:-1, 1:-1], rtol=0, atol=1e-12 * scale)
-    # and it is not the lexicographic sweep
-    lu, _ = fs.level_solver(
-        *J, w, d["u"], d["v"], alpha, 1, 10, 1.0, 1.0, float(d["hx"]), float(d["hy"])
-    )
-    assert np.abs(lu - du).max() > 1e-3 * scale
-
-
-def test_red_black_converges_to_the_lexicographic_solution():
-    # With a_data = a_smooth = 1 the level problem is linear: both orderings are
-    # SOR on one system and converge to its solution; after 1500 sweeps both are
-    # converged far below 1e-8 (the residual of each ordering is checked too).
-    d = ref("level_solver_1ch_asmooth1")
-    J = [d[k][8:40, 4:30] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
-    u, v = d["u"][8:40, 4:30], d["v"][8:40, 4:30]
-    args = (
-        float(np.ravel(d["weight"])[0]),
-        u,
-        v,
-        float(np.ravel(d["alpha"])[0]),
-        1500,
-        5,
-        1.0,
-        1.0,
-        float(d["hx"]),
-        float(d["hy"]),
-    )
-    lex = fs.level_solver(*J, *args)
-    rb = fs.level_solver(*J, *args, sor_order="red_black")
-    lex2 = fs.level_solver(*J, *args[:4], 1600, *args[5:])
-    assert np.abs(lex[0] - lex2[0]).max() < 1e-10
-    scale = np.abs(lex[0]).max()
-    np.testing.assert_allclose(rb[0][1:-1, 1:-1], lex[0][1:-1, 1:-1], rtol=0, atol=1e-8 * scale)
-    np.testing.assert_allclose(rb[1][1:-1, 1:-1], lex[1][1:-1, 1:-1], rtol=0, atol=1e-8 * scale)
-
-
-def test_red_black_flow_is_as_accurate_as_the_toolbox_order():
-    # End to end the orderings differ (nonlinear, finite iterations), but both
-    # recover the known field of the synthetic pair to well under 0.1 px; measured
-    # 0.047 (toolbox order) and 0.077 px (red-black): the margin is 0.05 px.
-    f1, f2, truth = fs.synthetic_pair(size=(96, 80), shift=(2.6, -1.7))
-    f1, f2 = f1[..., None], f2[..., None]
-    p = fs._displacement_params(f1.shape)
-    lex = fs.FlowregBackend().pair(p, f1, f2)
-    rb = fs.FlowregBackend({"sor_order": "red_black"}).pair(p, f1, f2)
-    core = (slice(10, -10), slice(10, -10))
-
-    def epe(w):
-        return np.hypot(*(w[core] - truth[core]).transpose(2, 0, 1)).mean()
-
-    assert np.abs(rb - lex).max() > 1e-6
-    assert epe(lex) < 0.1 and epe(rb) < 0.1 and epe(rb) < epe(lex) + 0.05
-
-
-def test_flow_bytes_counts_the_sweeps_and_refreshes():
-    # One 8x6 level (no pyramid), C = 1, a_smooth = 1: per haloed pixel (10 x 8)
-    # 72 B per sweep, (6 + 9) * 8 B per refresh, 64 + 16 + 48 B for tensors, warp
-    # and median.
-    p = fs._displacement_params((6, 8, 1), levels=0, iterations=10, update_lag=5, a_smooth=1.0)
-    assert fs._flow_bytes(p, 6, 8, 1) == 80 * (10 * 72 + 3 * 120 + 128)
-    q = p._replace(a_smooth=0.5)
-    assert fs._flow_bytes(q, 6, 8, 1) - fs._flow_bytes(p, 6, 8, 1) == 80 * 10 * 16
-
-
-@pytest.mark.parametrize("red_black, local, a_smooth", [(False, False, 1.0), (True, True, 0.5)])
-def test_profiling_times_the_driver_without_changing_its_result(red_black, local, a_smooth):
-    # bench --profile times the one driver through its timing hook; the hook must not
-    # change what it computes, and every step of every level must be timed.
-    f1, f2, _ = fs.synthetic_pair(size=(48, 40))
-    img1 = np.stack([f1, 0.5 * f1], axis=-1)
-    img2 = np.stack([f2, 0.5 * f2], axis=-1)
-    weight = np.random.default_rng(0).random((48, 40, 2)) if local else None
-    p = fs._displacement_params(img1.shape, weight=weight, a_smooth=a_smooth, iterations=12)
-    p = p._replace(red_black=red_black)
-    z = np.zeros((40, 48))
-    a, b = fs._to_internal(img1), fs._to_internal(img2)
-    u0, v0 = fs._flow_internal(p, a, b, z, z)
-    plan = fs._pyramid_plan(p, a.shape)
-    times = fs._profile_times(plan)
-    u, v = fs._flow_internal(p, a, b, z, z, fs._reference_pyramid(p, a, plan), plan, times)
-    np.testing.assert_array_equal(u, u0)
-    np.testing.assert_array_equal(v, v0)
-    rows = fs._profile_rows(plan, times, a.shape)
-    assert {r[3] for r in rows} == set(fs._PROFILE_STEPS)
-    assert len(rows) == len(plan) * (len(fs._PROFILE_STEPS) - 1) + 1
-    assert all(r[4] >= 0 for r in rows)
-    timed = {r[3] for r in rows if r[4] > 0}
-    assert timed >= {"resize", "tensors", "refresh", "sweeps", "median", "final"}
-    assert ("weights" in timed) == (a_smooth != 1.0)
-
-
-@pytest.mark.parametrize(
-    "params, match",
-    [
-        ({"sor_oder": "red_black"}, "unknown key 'sor_oder'; did you mean 'sor_order'"),
-        ({"sor_order": "zigzag"}, "sor_order must be 'lexicographic' or 'red_black'"),
-    ],
-)
-def test_flowreg_backend_params_are_checked(params, match):
-    with pytest.raises(fs.ConfigError, match=match):
-        fs.make_backend("flowreg", params)
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -2051,1850 +1894,170 @@ def test_gaussian_filter_video_equals_scipy_separable_filter(T, H, W, C, dtype, 
 
 
 ###############################################################################
-### Bad input
+### Pyramid and CPU driver: red-black order, profiling
 ###############################################################################
 
-IMG = np.random.default_rng(5).random((20, 24))
+
+def _rb_sweep_numpy(J, weight, u, v, alpha, hx, hy):
+    """One red-black SOR sweep from du = dv = 0 after the initial refresh, written
+    directly from the equations (single channel, quadratic smoothness), as an
+    independent reference for ``sor_order="red_black"``."""
+    J11, J22, J33, J12, J13, J23 = [np.asarray(j, float).reshape(u.shape) * weight for j in J]
+    M, N = u.shape
+    omega = fs.SOR_OMEGA
+    cx, cy = alpha / hx**2, alpha / hy**2  # x: along columns, y: along rows
+    du = np.zeros((M, N))
+    dv = np.zeros((M, N))
+    r, c = np.mgrid[1 : M - 1, 1 : N - 1]
+    I = (slice(1, M - 1), slice(1, N - 1))
+
+    def nb(f):  # weighted sum of the four neighbours and of their differences
+        return cx * (f[1:-1, :-2] + f[1:-1, 2:]) + cy * (f[:-2, 1:-1] + f[2:, 1:-1])
+
+    lap_u = nb(u) - 2 * (cx + cy) * u[I]
+    lap_v = nb(v) - 2 * (cx + cy) * v[I]
+    Du = omega / (2 * (cx + cy) + J11[I])
+    Dv = omega / (2 * (cx + cy) + J22[I])
+    for colour in (0, 1):
+        sel = (r + c) % 2 == colour
+        new_u = (1 - omega) * du[I] + Du * (nb(du) + lap_u - J13[I] - J12[I] * dv[I])
+        du[I] = np.where(sel, new_u, du[I])
+        new_v = (1 - omega) * dv[I] + Dv * (nb(dv) + lap_v - J23[I] - J12[I] * du[I])
+        dv[I] = np.where(sel, new_v, dv[I])
+    return du, dv
+
+
+def test_red_black_sweep_matches_its_equations():
+    # One sweep of the red-black solver against the numpy transcription above:
+    # the same arithmetic in another order, so 1e-12 relative.
+    d = ref("level_solver_1ch_asmooth1")
+    J = [d[k] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
+    w = float(np.ravel(d["weight"])[0])
+    alpha = float(np.ravel(d["alpha"])[0])
+    du, dv = fs.level_solver(
+        *J,
+        w,
+        d["u"],
+        d["v"],
+        alpha,
+        1,
+        10,
+        1.0,
+        1.0,
+        float(d["hx"]),
+        float(d["hy"]),
+        sor_order="red_black",
+    )
+    eu, ev = _rb_sweep_numpy(J, w, d["u"], d["v"], alpha, float(d["hx"]), float(d["hy"]))
+    scale = np.abs(eu).max() + np.abs(ev).max()
+    assert scale > 0
+    np.testing.assert_allclose(du[1:-1, 1:-1], eu[1:-1, 1:-1], rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(dv[1:-1, 1:-1], ev[1:-1, 1:-1], rtol=0, atol=1e-12 * scale)
+    # and it is not the lexicographic sweep
+    lu, _ = fs.level_solver(
+        *J, w, d["u"], d["v"], alpha, 1, 10, 1.0, 1.0, float(d["hx"]), float(d["hy"])
+    )
+    assert np.abs(lu - du).max() > 1e-3 * scale
+
+
+def test_red_black_converges_to_the_lexicographic_solution():
+    # With a_data = a_smooth = 1 the level problem is linear: both orderings are
+    # SOR on one system and converge to its solution; after 1500 sweeps both are
+    # converged far below 1e-8 (the residual of each ordering is checked too).
+    d = ref("level_solver_1ch_asmooth1")
+    J = [d[k][8:40, 4:30] for k in ["J11", "J22", "J33", "J12", "J13", "J23"]]
+    u, v = d["u"][8:40, 4:30], d["v"][8:40, 4:30]
+    args = (
+        float(np.ravel(d["weight"])[0]),
+        u,
+        v,
+        float(np.ravel(d["alpha"])[0]),
+        1500,
+        5,
+        1.0,
+        1.0,
+        float(d["hx"]),
+        float(d["hy"]),
+    )
+    lex = fs.level_solver(*J, *args)
+    rb = fs.level_solver(*J, *args, sor_order="red_black")
+    lex2 = fs.level_solver(*J, *args[:4], 1600, *args[5:])
+    assert np.abs(lex[0] - lex2[0]).max() < 1e-10
+    scale = np.abs(lex[0]).max()
+    np.testing.assert_allclose(rb[0][1:-1, 1:-1], lex[0][1:-1, 1:-1], rtol=0, atol=1e-8 * scale)
+    np.testing.assert_allclose(rb[1][1:-1, 1:-1], lex[1][1:-1, 1:-1], rtol=0, atol=1e-8 * scale)
+
+
+def test_red_black_flow_is_as_accurate_as_the_toolbox_order():
+    # End to end the orderings differ (nonlinear, finite iterations), but both
+    # recover the known field of the synthetic pair to well under 0.1 px; measured
+    # 0.047 (toolbox order) and 0.077 px (red-black): the margin is 0.05 px.
+    f1, f2, truth = fs.synthetic_pair(size=(96, 80), shift=(2.6, -1.7))
+    f1, f2 = f1[..., None], f2[..., None]
+    p = fs._displacement_params(f1.shape)
+    lex = fs.FlowregBackend().pair(p, f1, f2)
+    rb = fs.FlowregBackend({"sor_order": "red_black"}).pair(p, f1, f2)
+    core = (slice(10, -10), slice(10, -10))
+
+    def epe(w):
+        return np.hypot(*(w[core] - truth[core]).transpose(2, 0, 1)).mean()
+
+    assert np.abs(rb - lex).max() > 1e-6
+    assert epe(lex) < 0.1 and epe(rb) < 0.1 and epe(rb) < epe(lex) + 0.05
+
+
+def test_flow_bytes_counts_the_sweeps_and_refreshes():
+    # One 8x6 level (no pyramid), C = 1, a_smooth = 1: per haloed pixel (10 x 8)
+    # 72 B per sweep, (6 + 9) * 8 B per refresh, 64 + 16 + 48 B for tensors, warp
+    # and median.
+    p = fs._displacement_params((6, 8, 1), levels=0, iterations=10, update_lag=5, a_smooth=1.0)
+    assert fs._flow_bytes(p, 6, 8, 1) == 80 * (10 * 72 + 3 * 120 + 128)
+    q = p._replace(a_smooth=0.5)
+    assert fs._flow_bytes(q, 6, 8, 1) - fs._flow_bytes(p, 6, 8, 1) == 80 * 10 * 16
+
+
+@pytest.mark.parametrize("red_black, local, a_smooth", [(False, False, 1.0), (True, True, 0.5)])
+def test_profiling_times_the_driver_without_changing_its_result(red_black, local, a_smooth):
+    # bench --profile times the one driver through its timing hook; the hook must not
+    # change what it computes, and every step of every level must be timed.
+    f1, f2, _ = fs.synthetic_pair(size=(48, 40))
+    img1 = np.stack([f1, 0.5 * f1], axis=-1)
+    img2 = np.stack([f2, 0.5 * f2], axis=-1)
+    weight = np.random.default_rng(0).random((48, 40, 2)) if local else None
+    p = fs._displacement_params(img1.shape, weight=weight, a_smooth=a_smooth, iterations=12)
+    p = p._replace(red_black=red_black)
+    z = np.zeros((40, 48))
+    a, b = fs._to_internal(img1), fs._to_internal(img2)
+    u0, v0 = fs._flow_internal(p, a, b, z, z)
+    plan = fs._pyramid_plan(p, a.shape)
+    times = fs._profile_times(plan)
+    u, v = fs._flow_internal(p, a, b, z, z, fs._reference_pyramid(p, a, plan), plan, times)
+    np.testing.assert_array_equal(u, u0)
+    np.testing.assert_array_equal(v, v0)
+    rows = fs._profile_rows(plan, times, a.shape)
+    assert {r[3] for r in rows} == set(fs._PROFILE_STEPS)
+    assert len(rows) == len(plan) * (len(fs._PROFILE_STEPS) - 1) + 1
+    assert all(r[4] >= 0 for r in rows)
+    timed = {r[3] for r in rows if r[4] > 0}
+    assert timed >= {"resize", "tensors", "refresh", "sweeps", "median", "final"}
+    assert ("weights" in timed) == (a_smooth != 1.0)
+
+
+###############################################################################
+### Flow backends
+###############################################################################
 
 
 @pytest.mark.parametrize(
-    "fixed, moving, kwargs, match",
+    "params, match",
     [
-        (IMG, IMG[:, :20], {}, "same shape"),
-        (IMG[0], IMG[0], {}, r"\(H, W\) or \(H, W, C\)"),
-        (IMG[None, None], IMG[None, None], {}, r"\(H, W\) or \(H, W, C\)"),
-        (np.where(np.arange(24) == 3, np.nan, IMG), IMG, {}, "NaN"),
-        (IMG, np.where(np.arange(24) == 3, np.inf, IMG), {}, "NaN or infinite"),
-        (np.zeros((0, 5)), np.zeros((0, 5)), {}, "empty"),
-        (IMG, IMG, {"alpha": -1.0}, "alpha must be > 0"),
-        (IMG, IMG, {"alpha": (1, 2, 3)}, "alpha"),
-        (IMG, IMG, {"eta": 1.5}, "eta"),
-        (IMG, IMG, {"iterations": "four"}, "iterations must be an integer"),
-        (IMG, IMG, {"update_lag": 0}, "update_lag"),
-        (IMG, IMG, {"const_assumption": "census"}, "const_assumption"),
-        (IMG, IMG, {"uv": np.zeros((20, 24))}, "uv must have shape"),
-        (IMG, IMG, {"weight": np.ones((5, 5))}, "spatial weight"),
-        (IMG, IMG, {"a_data": 0.0}, "a_data"),
-        (np.array([["a"]]), np.array([["a"]]), {}, "numeric"),
+        ({"sor_oder": "red_black"}, "unknown key 'sor_oder'; did you mean 'sor_order'"),
+        ({"sor_order": "zigzag"}, "sor_order must be 'lexicographic' or 'red_black'"),
     ],
 )
-def test_bad_input_raises_clear_error(fixed, moving, kwargs, match):
-    with pytest.raises(fs.FlowSessionError, match=match):
-        fs.get_displacement(fixed, moving, **kwargs)
-
-
-def test_bad_warp_input():
-    with pytest.raises(fs.ConfigError, match="interpolation_method"):
-        fs.imregister_wrapper(IMG, np.zeros_like(IMG), np.zeros_like(IMG), IMG, "spline")
-    with pytest.raises(fs.InputError, match="u must have shape"):
-        fs.imregister_wrapper(IMG, np.zeros((3, 3)), np.zeros_like(IMG), IMG)
-    with pytest.raises(fs.InputError, match="reference shape"):
-        fs.imregister_wrapper(IMG, np.zeros_like(IMG), np.zeros_like(IMG), IMG[:5])
-    with pytest.raises(fs.InputError, match=r"\(T, H, W, 2\)"):
-        fs.compute_batch_valid_masks(np.zeros((4, 4, 2)))
-
-
-def test_errors_are_value_errors():
-    assert issubclass(fs.ConfigError, ValueError)
-    assert issubclass(fs.InputError, ValueError)
-
-
-###############################################################################
-### Command line
-###############################################################################
-
-
-def test_demo_command_recovers_known_motion():
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    out = subprocess.run(
-        [sys.executable, str(HERE / "flowsession.py"), "demo", "--size", "64"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "mean endpoint error" in out.stdout
-
-
-def test_main_returns_nonzero_on_usage_error():
-    with pytest.raises(SystemExit) as exc:
-        fs.main(["no-such-command"])
-    assert exc.value.code != 0
-
-
-###############################################################################
-### Stage 1
-###############################################################################
-
-
-def _write_h5(path, frames):
-    with h5py.File(path, "w") as f:
-        if frames.shape[-1] == 1:
-            f["mov"] = frames[..., 0]
-        else:
-            for c in range(frames.shape[-1]):
-                f[f"ch{c + 1}"] = frames[..., c]
-
-
-def _stage1_config(tmp_path, recordings, **flow):
-    root = tmp_path / "data"
-    root.mkdir(exist_ok=True)
-    for name, frames in recordings.items():
-        _write_h5(root / name, frames)
-    flow.setdefault("reference_frames", list(range(min(20, len(next(iter(recordings.values())))))))
-    return fs.SessionConfig(root=root, pattern="*.h5", n_workers=2, flow_options=flow)
-
-
-def _read_w(folder):
-    with h5py.File(os.path.join(folder, "w.hdf5"), "r") as f:
-        return np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
-
-
-def _read_comp(folder):
-    with h5py.File(os.path.join(folder, "compensated.hdf5"), "r") as f:
-        return np.stack([f[f"ch{c + 1}"][:] for c in range(int(f.attrs["n_channels"]))], axis=-1)
-
-
-def test_stage1_matches_matlab_compensate_recording(tmp_path):
-    """The whole Stage 1 path (file in, files out) against the toolbox's compensate_recording.
-
-    Tolerances: the reference file measured the configuration's sensitivity to
-    a 1e-12 input perturbation as max 1.2e-3 px / mean 9e-7 px; the fields are
-    stored as float32 (rounding <= 2.4e-7 px at |w| < 4 px).  The reference
-    pre-registration (alpha + 2) is well conditioned: 1e-9 relative.  A field
-    error d moves a cubic sample by at most |grad f| d, which bounds the frames.
-    """
-    d = ref("compensate_recording_64x64x40_1ch")
-    frames = np.moveaxis(as_float(d["frames"]), -1, 0)
-    cfg = _stage1_config(tmp_path, {"rec.h5": frames}, save_w=True)
-    out = fs.run_stage1(cfg)[0]
-    sens_max, sens_mean = (float(s) for s in d["perturbation_sensitivity_1e12"])
-    w = _read_w(out)
-    w_ref = np.moveaxis(as_float(d["w"]), -1, 0)
-    dw = np.abs(w - w_ref)
-    assert dw.mean() <= 2 * sens_mean + 2.4e-7
-    assert dw.max() <= sens_max
-    comp = _read_comp(out)
-    assert comp.dtype == np.float64  # float input keeps its type
-    grad = max(np.abs(np.diff(frames, axis=a)).max() for a in (1, 2))
-    c_ref = np.moveaxis(as_float(d["compensated_first8"]), -1, 0)
-    np.testing.assert_allclose(comp[:8], c_ref, rtol=0, atol=grad * (sens_max + 2.4e-7))
-    with h5py.File(os.path.join(out, "idx.hdf"), "r") as f:
-        idx = f["idx"][:]
-        np.testing.assert_array_equal(f["ch1"][:], idx)  # pyflowreg's name, same data
-    idx_ref = np.moveaxis(d["idx"][:, :, 0, :], -1, 0)
-    assert idx.dtype == np.uint8 and (idx == idx_ref).mean() >= 0.999
-    np.testing.assert_allclose(
-        np.load(os.path.join(out, "reference_frame.npy"))[..., 0],
-        d["reference_frame"],
-        rtol=0,
-        atol=1e-9 * np.abs(d["reference_frame"]).max(),
-    )
-    with np.load(os.path.join(out, "statistics.npz")) as st:
-        for key in ("mean_disp", "max_disp", "mean_div", "mean_translation"):
-            # statistics are 1-Lipschitz-like in w (Sobel sums 8 differences): 8 x max dw
-            np.testing.assert_allclose(st[key], d[key], rtol=0, atol=8 * sens_max, err_msg=key)
-    avg = np.load(os.path.join(out, "temporal_average.npy"))
-    assert avg.shape == (64, 64, 1) and avg.dtype == np.float64
-    np.testing.assert_allclose(avg, comp.mean(axis=0), rtol=1e-12)
-    assert _listing(out) == [
-        "compensated.hdf5",
-        "idx.hdf",
-        "options.json",
-        "reference_frame.npy",
-        "statistics.npz",
-        "status.json",
-        "temporal_average.npy",
-        "w.hdf5",
-    ]
-
-
-@pytest.mark.parametrize("quality", ["quality", "balanced"])
-def test_stage1_recovers_known_motion(tmp_path, quality):
-    # Each recording registers onto its own reference (the mean of its first
-    # frames, itself displaced by their mean motion), so the per-pixel time-mean
-    # of (w - truth) is removed.  0.35 px: the toolbox gets 0.26 px on its own
-    # comparable synthetic recording (matlab_ref README); no correction ~1.3 px.
-    frames, w_true = fs.synthetic_recording(40, (64, 64), 1, seed=5)
-    out = fs.run_stage1(
-        _stage1_config(tmp_path, {"rec.h5": frames}, save_w=True, quality_setting=quality)
-    )[0]
-    err = (_read_w(out) - w_true)[:, 8:-8, 8:-8]
-    err -= err.mean(axis=0)
-    moved = w_true[:, 8:-8, 8:-8] - w_true[:, 8:-8, 8:-8].mean(axis=0)
-    assert np.hypot(err[..., 0], err[..., 1]).mean() < 0.35
-    assert np.hypot(moved[..., 0], moved[..., 1]).mean() > 1.0
-
-
-def test_stage1_two_channel_tiff_keeps_dtype_and_never_wraps(tmp_path):
-    frames, _ = fs.synthetic_recording(12, (40, 48), 2, seed=3)
-    frames[:, 10:14, 10:14, 0] = 65535  # saturated block: cubic overshoot above the range
-    frames[:, 20:24, 20:24, 1] = 0
-    root = tmp_path / "data"
-    root.mkdir()
-    tifffile.imwrite(
-        root / "two.tif", np.moveaxis(frames, -1, 1), imagej=True, metadata={"axes": "TCYX"}
-    )
-    cfg = fs.SessionConfig(
-        root=root,
-        n_workers=2,
-        flow_options={"quality_setting": "fast", "reference_frames": [0, 1, 2]},
-    )
-    out = fs.run_stage1(cfg)[0]
-    comp = _read_comp(out)
-    assert comp.shape == frames.shape and comp.dtype == np.uint16
-    # no wrap-around: a bright block stays bright, a dark block dark
-    assert comp[:, 11:13, 11:13, 0].min() > 30000
-    assert comp[:, 21:23, 21:23, 1].max() < 30000
-    assert np.load(os.path.join(out, "temporal_average.npy")).shape == (40, 48, 2)
-
-
-def _listing(folder):
-    """Files in a folder, without the lock file every stage keeps there."""
-    return sorted(n for n in os.listdir(folder) if n != ".flowsession.lock")
-
-
-def _output_state(folder):
-    return {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in _listing(folder)}
-
-
-def test_stage1_resume_skips_complete_and_recomputes_damaged(tmp_path, caplog):
-    frames, _ = fs.synthetic_recording(24, (32, 40), 1, seed=2)
-    cfg = _stage1_config(
-        tmp_path, {"a.h5": frames, "b.h5": frames[::-1].copy()}, quality_setting="fast", save_w=True
-    )
-    fa, fb = fs.run_stage1(cfg)
-    first = {k: _read_comp(f) for k, f in (("a", fa), ("b", fb))}
-    state = _output_state(fa)
-    caplog.set_level(logging.INFO, logger="flowsession")
-    fs.run_stage1(cfg)
-    assert _output_state(fa) == state  # nothing rewritten
-    assert "already complete" in caplog.text
-    # A truncated output from an older run is detected and recomputed.
-    path = os.path.join(fa, "compensated.hdf5")
-    with open(path, "r+b") as fh:
-        fh.truncate(os.path.getsize(path) // 2)
-    caplog.clear()
-    fs.run_stage1(cfg)
-    assert "recomputing Stage 1" in caplog.text
-    np.testing.assert_array_equal(_read_comp(fa), first["a"])
-    # An unparsable completion record is not trusted.
-    with open(os.path.join(fb, "status.json"), "w") as fh:
-        fh.write("{not json")
-    state_b = _output_state(fb)
-    fs.run_stage1(cfg)
-    assert _output_state(fb)["compensated.hdf5"] != state_b["compensated.hdf5"]
-    np.testing.assert_array_equal(_read_comp(fb), first["b"])
-    # Different options: recomputed; resume = false: recomputed.
-    state = _output_state(fa)
-    fs.run_stage1(cfg, {"alpha": 3.0})
-    assert _output_state(fa)["compensated.hdf5"] != state["compensated.hdf5"]
-    state = _output_state(fa)
-    fs.run_stage1(dataclasses.replace(cfg, resume=False), {"alpha": 3.0})
-    assert _output_state(fa)["compensated.hdf5"] != state["compensated.hdf5"]
-
-
-def test_stage1_interrupted_run_leaves_nothing_finished(tmp_path, monkeypatch):
-    frames, _ = fs.synthetic_recording(30, (32, 32), 1, seed=4)
-    cfg = _stage1_config(tmp_path, {"r.h5": frames}, quality_setting="fast", buffer_size=10)
-    calls = {"n": 0}
-    real = fs._frame_statistics
-
-    def crash_after_15(u, v):
-        calls["n"] += 1
-        if calls["n"] > 15:
-            raise KeyboardInterrupt  # like a kill in the middle of the second batch
-        return real(u, v)
-
-    monkeypatch.setattr(fs, "_frame_statistics", crash_after_15)
-    with pytest.raises(KeyboardInterrupt):
-        fs.run_stage1(cfg)
-    folder = cfg.output_root_path / "r"
-    assert _listing(folder) == []  # no result, no temporary file
-    monkeypatch.setattr(fs, "_frame_statistics", real)
-    out = fs.run_stage1(cfg)[0]
-    resumed = _read_comp(out)
-    clean = fs.run_stage1(dataclasses.replace(cfg, resume=False))[0]
-    np.testing.assert_array_equal(_read_comp(clean), resumed)
-
-
-MEMORY_SCRIPT = r"""
-import dataclasses, sys, tracemalloc, h5py, numpy as np, flowsession as fs
-root, n, buffer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = np.random.default_rng(0)
-yy, xx = np.mgrid[0:96, 0:96].astype(float)
-scene = fs._synthetic_scene(xx, yy, size=(96, 96))
-with h5py.File(f"{root}/rec.h5", "w") as f:
-    d = f.create_dataset("mov", (n, 96, 96), dtype="uint16")
-    for t in range(0, n, 100):
-        k = min(100, n - t)
-        d[t:t + k] = rng.poisson(np.roll(scene, (t % 3, t % 2), axis=(0, 1)), (k, 96, 96))
-cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=2,
-                       flow_options={"quality_setting": "fast", "buffer_size": buffer,
-                                     "reference_frames": list(range(20))})
-fs.run_stage1(cfg, task_index=0)  # warm-up: Numba loads its compiled kernels (not measured)
-tracemalloc.start()
-fs.run_stage1(dataclasses.replace(cfg, resume=False))
-print(tracemalloc.get_traced_memory()[1])
-"""
-
-
-def _stage1_peak_mib(tmp_path, n, buffer):
-    root = tmp_path / f"{n}_{buffer}"
-    root.mkdir()
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(root), str(n), str(buffer)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, PYTHONPATH=str(HERE)),
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.split()[-1]) / 2**20
-
-
-def test_stage1_memory_does_not_grow_with_recording_length(tmp_path):
-    # Peak of the arrays Python allocates during Stage 1 (tracemalloc sees numpy's
-    # allocations).  The batch bounds memory: what 10x the frames adds must be
-    # small against what 4x the batch size adds (so the measurement can fail).
-    short = _stage1_peak_mib(tmp_path, 200, 100)
-    long = _stage1_peak_mib(tmp_path, 2000, 100)
-    big_batch = _stage1_peak_mib(tmp_path, 2000, 400)
-    print(
-        f"Stage 1 peak memory (96x96, batch 100): 200 frames {short:.1f} MiB, "
-        f"2000 frames {long:.1f} MiB; batch 400: {big_batch:.1f} MiB"
-    )
-    assert big_batch > 1.5 * long
-    assert long - short <= 0.25 * (big_batch - long)
-
-
-###############################################################################
-### Command line: run
-###############################################################################
-
-
-def _cli(args, cwd=None, env=None):
-    e = dict(os.environ, PYTHONPATH=str(HERE), **(env or {}))
-    return subprocess.run(
-        [sys.executable, str(HERE / "flowsession.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=e,
-        timeout=600,
-    )
-
-
-def test_cli_run_stage1_with_overrides_index_and_array(tmp_path):
-    frames, _ = fs.synthetic_recording(16, (32, 32), 1, seed=9)
-    root = tmp_path / "s"
-    root.mkdir()
-    for name in ("a.h5", "b.h5", "c.h5"):
-        _write_h5(root / name, frames)
-    (root / "session.toml").write_text(
-        'root = "."\npattern = "*.h5"\nn_workers = 2\n'
-        "[flow_options]\nreference_frames = [0, 1, 2]\n"
-    )
-    r = _cli(
-        [
-            "run",
-            str(root / "session.toml"),
-            "--stage",
-            "1",
-            "--index",
-            "1",
-            "--of-params",
-            "quality_setting=fast",
-            "alpha=[2, 3]",
-        ]
-    )
-    assert r.returncode == 0, r.stderr
-    outs = root / "compensated_outputs"
-    assert sorted(p.name for p in outs.iterdir() if p.is_dir()) == ["b"]
-    opts = (outs / "b" / "options.json").read_text()
-    assert '"quality_setting": "fast"' in opts and "3.0" in opts
-    # array task 3 of a 1-based SLURM array is the third recording
-    r = _cli(
-        [
-            "run",
-            "--config",
-            str(root / "session.toml"),
-            "--stage",
-            "1",
-            "--array",
-            "--of-params",
-            "quality_setting=fast",
-        ],
-        env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"},
-    )
-    assert r.returncode == 0, r.stderr
-    assert (outs / "c" / "status.json").exists() and not (outs / "a").exists()
-
-
-@pytest.mark.parametrize(
-    "text, expect",
-    [
-        ('root = "."\nn_wrkers = 2\n', "did you mean 'n_workers'"),
-        ('root = "."\nn_workers = "four"\n', "n_workers"),
-        ('root = "nowhere"\n', "does not exist"),
-        ('root = "."\npattern = "*.xyz"\n', "no files match"),
-        ('root = "."\n[flow_options]\nalpha = -1\n', "alpha"),
-    ],
-)
-def test_cli_bad_config_fails_in_one_line(tmp_path, text, expect):
-    (tmp_path / "x.tif").write_bytes(b"")
-    cfg = tmp_path / "session.toml"
-    cfg.write_text(text)
-    r = _cli(["run", str(cfg)])
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and expect in errors[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "compensated_outputs").exists()
-
-
-def test_cli_example_runs_the_session(tmp_path):
-    r = _cli(
-        [
-            "example",
-            "--out",
-            str(tmp_path / "ex"),
-            "--recordings",
-            "2",
-            "--frames",
-            "24",
-            "--size",
-            "48",
-        ]
-    )
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert "Stage 2: endpoint error" in r.stdout and "final mask keeps" in r.stdout
-    assert (tmp_path / "ex" / "compensated_outputs" / "rec_01" / "w_to_reference.npz").exists()
-    assert (tmp_path / "ex" / "final_results" / "final_valid_idx.npz").exists()
-
-
-###############################################################################
-### Rigid registration: cross-correlation
-###############################################################################
-
-RECIPES = ["stage2_recipe_64x64.npz", "stage2_recipe_96x128.npz"]
-
-
-def _recipe(name):
-    return ref(name[: -len(".npz")])
-
-
-def blobs(shape, seed, shift=(0.0, 0.0), density=0.02, margin=16):
-    """Sum of Gaussian blobs evaluated analytically at ``(y - dy, x - dx)``.
-
-    ``blobs(shape, s, (dx, dy))`` is ``blobs(shape, s)`` with its content moved right
-    by dx and down by dy, built exactly (no interpolation); blobs up to `margin` px
-    outside the frame make shifted content enter from the borders.
-    """
-    rng = np.random.default_rng(seed)
-    h, w = shape
-    n = int(density * (h + 2 * margin) * (w + 2 * margin))
-    cy, cx = rng.uniform(-margin, h + margin, n), rng.uniform(-margin, w + margin, n)
-    s, amp = rng.uniform(1.5, 4.0, n)[:, None], rng.uniform(0.3, 1.0, n)[:, None]
-    gy = np.exp(-(((np.arange(h) - shift[1]) - cy[:, None]) ** 2) / (2 * s**2))
-    gx = np.exp(-(((np.arange(w) - shift[0]) - cx[:, None]) ** 2) / (2 * s**2))
-    return (amp * gy).T @ gx
-
-
-def pair(shape, seed, shift, channels=1):
-    """(fixed, moving) of shape (H, W, C); channel k has its own content, all moved by `shift`."""
-    fixed = np.stack([blobs(shape, seed + 7919 * k) for k in range(channels)], axis=-1)
-    moving = np.stack([blobs(shape, seed + 7919 * k, shift) for k in range(channels)], axis=-1)
-    return fixed, moving
-
-
-###############################################################################
-### normxcorr2
-###############################################################################
-
-
-@pytest.mark.parametrize("name", RECIPES)
-def test_normxcorr2_matches_matlab_reference(name):
-    d = _recipe(name)
-    c = normxcorr2(d["fixed"], d["moving"])
-    m, n = d["fixed"].shape
-    assert c.shape == (2 * m - 1, 2 * n - 1) and c.dtype == np.float64
-    np.testing.assert_allclose(c, d["normxcorr2"], rtol=0, atol=1e-10)
-
-
-def test_normxcorr2_equals_lewis_definition_brute_force():
-    rng = np.random.default_rng(5)
-    t = rng.integers(0, 50, (4, 3)).astype(float)
-    a = rng.integers(0, 50, (9, 11)).astype(float)
-    a[:6, :7] = 7.0  # windows on constant content must give 0
-    m, n = t.shape
-    ap = np.pad(a, ((m - 1, m - 1), (n - 1, n - 1)))
-    num = np.empty((a.shape[0] + m - 1, a.shape[1] + n - 1))
-    den = np.empty_like(num)
-    for r in range(num.shape[0]):
-        for s in range(num.shape[1]):
-            win = ap[r : r + m, s : s + n]
-            num[r, s] = np.sum((t - t.mean()) * win)
-            var = max(np.sum(win**2) - np.sum(win) ** 2 / t.size, 0.0)
-            den[r, s] = np.sqrt(t.size - 1) * t.std(ddof=1) * np.sqrt(var)
-    ok = den > np.sqrt(np.spacing(den.max()))
-    expected = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
-    c = normxcorr2(t, a)
-    np.testing.assert_allclose(c, expected, rtol=0, atol=1e-12)
-    assert np.all(c[m - 1 : 6, n - 1 : 7] == 0.0)
-
-
-def test_normxcorr2_finds_template_cut_from_image():
-    a = blobs((40, 50), 3) + 0.01 * np.random.default_rng(3).random((40, 50))
-    t = a[11:23, 17:26]
-    c = normxcorr2(t, a)
-    r, s = np.unravel_index(np.argmax(c), c.shape)
-    assert (r, s) == (11 + 12 - 1, 17 + 9 - 1)
-    assert c[r, s] == pytest.approx(1.0, abs=1e-12)
-    assert np.all(np.abs(c) <= 1 + 1e-12)
-
-
-@pytest.mark.parametrize(
-    "template, image",
-    [
-        (np.full((5, 7), 0.1), np.eye(8)),  # constant (its float mean is not 0.1)
-        (np.eye(6), np.eye(5)),  # template larger than image
-        (np.ones((1, 1)), np.eye(5)),  # fewer than 2 elements
-        (np.eye(3), np.ones((5, 5, 2))),  # not 2-D
-        (np.eye(3), np.full((5, 5), np.nan)),  # NaN
-        (np.eye(3), np.zeros((0, 5))),  # empty
-    ],
-)
-def test_normxcorr2_bad_input(template, image):
-    with pytest.raises(InputError):
-        normxcorr2(template, image)
-
-
-###############################################################################
-### get_displacement_cc
-###############################################################################
-
-
-@pytest.mark.parametrize("name", RECIPES)
-def test_get_displacement_cc_matches_matlab_w_init(name):
-    d = _recipe(name)
-    w = get_displacement_cc(d["fixed"], d["moving"])
-    assert w.shape == d["fixed"].shape + (2,) and w.dtype == np.float64
-    assert np.array_equal(w, d["w_init"])  # (+1, -2) and (+5, -4)
-
-
-def test_get_displacement_cc_integer_shifts_and_channel_mean():
-    big = np.random.default_rng(8).random((2, 68, 84))  # white noise: one sharp peak
-
-    def crop(k, dx, dy):  # content moved by (dx, dy)
-        return big[k, 10 - dy : 58 - dy, 10 - dx : 74 - dx]
-
-    assert np.all(get_displacement_cc(crop(0, 0, 0), crop(0, 3, -2)) == [3, -2])
-    fixed = np.stack([crop(0, 0, 0), crop(1, 0, 0)], -1)
-    moving = np.stack([crop(0, 3, -2), crop(1, 1, 0)], -1)
-    w = get_displacement_cc(fixed, moving)
-    assert w.shape == (48, 64, 2) and np.all(w == [2.0, -1.0])
-
-
-def test_get_displacement_cc_ties_follow_matlab_column_major_order(monkeypatch):
-    c = np.zeros((9, 11))
-    c[0, 5] = 0.8  # first in row-major order
-    c[3, 1] = -0.8  # first in column-major order (MATLAB), |c| ties
-    monkeypatch.setattr(fs, "normxcorr2", lambda t, a: c)
-    w = get_displacement_cc(np.eye(5, 6), np.eye(5, 6))
-    assert w[0, 0].tolist() == [1 + 1 - 6, 3 + 1 - 5]
-
-
-def test_get_displacement_cc_bad_input():
-    with pytest.raises(InputError, match="constant"):
-        get_displacement_cc(np.eye(8), np.ones((8, 8)))
-    with pytest.raises(InputError, match="shape"):
-        get_displacement_cc(np.eye(8), np.eye(8, 9))
-
-
-###############################################################################
-### Sub-pixel phase correlation
-###############################################################################
-
-
-def test_upsampled_dft_equals_inverse_fft_and_direct_sum():
-    rng = np.random.default_rng(2)
-    data = rng.standard_normal((6, 10)) + 1j * rng.standard_normal((6, 10))
-    full = fs._xc_upsampled_dft(data, (6, 10), 1, (0, 0))
-    np.testing.assert_allclose(full / data.size, np.fft.ifft2(data), atol=1e-12)
-    ky, kx = np.fft.fftfreq(6, 1 / 6), np.fft.fftfreq(10, 1 / 10)
-    y, x = -1.3 + np.arange(4) / 3, 2.1 + np.arange(4) / 3
-    direct = np.einsum(
-        "ab,ia,jb->ij",
-        data,
-        np.exp(2j * np.pi * np.outer(y, ky) / 6),
-        np.exp(2j * np.pi * np.outer(x, kx) / 10),
-    )
-    np.testing.assert_allclose(fs._xc_upsampled_dft(data, 4, 3, (-1.3, 2.1)), direct, atol=1e-10)
-
-
-def test_overlap_hann_is_numpy_hann_at_zero_and_moves_with_the_shift():
-    wf, wm = fs._xc_overlap_hann(20, 0.0)
-    np.testing.assert_allclose(wf, np.hanning(20), atol=1e-15)
-    np.testing.assert_array_equal(wf, wm)
-    wf, wm = fs._xc_overlap_hann(20, 3.0)
-    np.testing.assert_allclose(wm[3:], wf[:-3], atol=1e-15)
-    assert np.all(wm[:3] == 0) and np.all(wf[-3:] == 0)
-
-
-@settings(deadline=None, max_examples=40)
-@given(
-    shape=st.sampled_from([(64, 64), (48, 100), (100, 48), (96, 200)]),
-    upsample=st.sampled_from([1, 4, 10, 20]),
-    dx=st.floats(-8, 8),
-    dy=st.floats(-8, 8),
-    channels=st.sampled_from([1, 2]),
-    seed=st.integers(0, 10**6),
-    normalization=st.sampled_from([None, "phase"]),
-)
-def test_recovers_translation(shape, upsample, dx, dy, channels, seed, normalization):
-    fixed, moving = pair(shape, seed, (dx, dy), channels)
-    est = estimate_rigid_shift(fixed, moving, upsample=upsample, normalization=normalization)
-    assert all(isinstance(v, float) for v in est)
-    assert np.max(np.abs(np.subtract(est, (dx, dy)))) <= 1 / upsample + 0.05
-
-
-@pytest.mark.parametrize("shape", [(200, 512), (512, 200)])
-@pytest.mark.parametrize("shift", [(7.0, -4.0), (-5.35, 2.8)])
-def test_non_square_is_not_transposed(shape, shift):
-    # pyflowreg returned (5.5, -4.75) for (7, -4) on 200x512 (spec section 11, bug 7)
-    est = estimate_rigid_shift(*pair(shape, 4, shift), upsample=10)
-    np.testing.assert_allclose(est, shift, atol=0.15)
-
-
-def test_sign_convention():
-    fixed, moving = pair((64, 80), 9, (3.0, 0.0))  # content moved right by 3 px
-    dx, dy = estimate_rigid_shift(fixed, moving, upsample=20)
-    assert dx == pytest.approx(3.0, abs=0.1) and dy == pytest.approx(0.0, abs=0.1)
-    fixed = blobs((64, 80), 9)
-    moving = np.roll(fixed, (2, -5), axis=(0, 1))  # down 2, left 5, periodic
-    assert estimate_rigid_shift(fixed, moving, window=False, upsample=10) == (-5.0, 2.0)
-    # backward warp: fixed(x, y) == moving(x + dx, y + dy)
-    np.testing.assert_array_equal(fixed[10:50, 10:70], moving[12:52, 5:65])
-
-
-def test_weights_select_channels_and_constant_channels_are_ignored(caplog):
-    f0, m0 = pair((64, 64), 21, (2.5, -1.5))
-    f1, m1 = pair((64, 64), 22, (-4.0, 3.0))
-    fixed, moving = np.concatenate([f0, f1], -1), np.concatenate([m0, m1], -1)
-    np.testing.assert_allclose(
-        estimate_rigid_shift(fixed, moving, upsample=10, weight=[1, 0]), (2.5, -1.5), atol=0.1
-    )
-    np.testing.assert_allclose(
-        estimate_rigid_shift(fixed, moving, upsample=10, weight=[0, 1]), (-4.0, 3.0), atol=0.1
-    )
-    fixed[..., 1] = moving[..., 1] = 3.0
-    with caplog.at_level(logging.WARNING, logger="flowsession"):
-        est = estimate_rigid_shift(fixed, moving, upsample=10)
-    np.testing.assert_allclose(est, (2.5, -1.5), atol=0.1)
-    assert "channel 1 is constant" in caplog.text
-
-
-def test_illumination_change():
-    yy, xx = np.mgrid[:64, :96]
-    for seed, shift in enumerate([(3.3, -2.1), (-6.7, 5.2), (0.4, 7.9)]):
-        fixed, moving = (img[..., 0] for img in pair((64, 96), seed, shift))
-        moving = (
-            0.6 * moving + 0.5 * xx / 96 + 0.3 * np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 450)
-        )
-        for normalization, tol in [(None, 0.2), ("phase", 0.1)]:
-            est = estimate_rigid_shift(fixed, moving, upsample=10, normalization=normalization)
-            np.testing.assert_allclose(est, shift, atol=tol)
-
-
-@pytest.mark.parametrize("shape", [(64, 64), (48, 100)])
-@pytest.mark.parametrize("seed", range(4))
-def test_poisson_noise(shape, seed):
-    # single-frame counts (20 + 100 * texture): plain cross-correlation (the default) stays
-    # within 0.25 px; phase correlation errs by ~0.6 px on average here (see docstring)
-    rng = np.random.default_rng(seed)
-    shift = tuple(rng.uniform(-6, 6, 2))
-    fixed, moving = (
-        rng.poisson(20 + 100 * img).astype(np.uint16) for img in pair(shape, seed, shift)
-    )
-    est = estimate_rigid_shift(fixed, moving, upsample=10)
-    assert np.max(np.abs(np.subtract(est, shift))) < 0.25
-
-
-@pytest.mark.parametrize("name", RECIPES)
-def test_agrees_with_get_displacement_cc_on_matlab_pairs(name):
-    d = _recipe(name)
-    w = get_displacement_cc(d["fixed"], d["moving"])[0, 0]
-    est = estimate_rigid_shift(d["fixed"], d["moving"], upsample=10)
-    assert np.all(np.abs(np.subtract(est, w)) <= 1.0)
-    assert est == estimate_rigid_shift(d["fixed"].astype(np.float64), d["moving"], upsample=10)
-
-
-_IMG = blobs((16, 16), 0)
-
-
-@pytest.mark.parametrize(
-    "fixed, moving, kwargs, match",
-    [
-        (_IMG, _IMG[:, :15], {}, "shape"),
-        (_IMG, np.where(_IMG > 0.5, np.nan, _IMG), {}, "NaN"),
-        (_IMG, np.where(_IMG > 0.5, np.inf, _IMG), {}, "NaN or Inf"),
-        (np.zeros((0, 16)), np.zeros((0, 16)), {}, "empty"),
-        (_IMG, np.full_like(_IMG, 4.0), {}, "variance"),
-        (_IMG[0], _IMG[0], {}, "2-D"),
-        (_IMG[..., None, None], _IMG[..., None, None], {}, "2-D"),
-        (_IMG + 0j, _IMG, {}, "dtype"),
-        (_IMG[:6], _IMG[:6], {}, "too small"),
-        (_IMG, _IMG, {"upsample": 0}, "upsample"),
-        (_IMG, _IMG, {"upsample": 2.5}, "upsample"),
-        (_IMG, _IMG, {"normalization": "Phase"}, "normalization"),
-        (_IMG, _IMG, {"weight": [1, 1]}, "weight"),
-        (_IMG, _IMG, {"weight": [-1]}, "weight"),
-        (_IMG, _IMG, {"weight": [np.nan]}, "weight"),
-        (_IMG, _IMG, {"weight": ["one"]}, "weight"),
-        (_IMG, _IMG, {"weight": [0]}, "variance"),
-    ],
-)
-def test_estimate_rigid_shift_bad_input(fixed, moving, kwargs, match):
-    with pytest.raises(InputError, match=match):
-        estimate_rigid_shift(fixed, moving, **kwargs)
-
-
-###############################################################################
-### Stage 3 outputs: masks, result bundle, QC figure
-###############################################################################
-
-OUT_RNG = np.random.default_rng(20240607)
-OUT_H, OUT_W = 24, 32
-
-needs_pil = pytest.mark.skipif(not fs._png_available(), reason="Pillow not installed")
-try:
-    import matplotlib  # noqa: F401
-
-    HAVE_MPL = True
-except ImportError:
-    HAVE_MPL = False
-needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed")
-
-
-###############################################################################
-### Fixtures
-###############################################################################
-
-
-def make_session(n=3, c=1, h=OUT_H, w=OUT_W):
-    per_seq = OUT_RNG.random((n, h, w)) > 0.2
-    aligned = OUT_RNG.random((n, h, w)) > 0.2
-    return dict(
-        final_valid=aligned.all(axis=0),
-        aligned_valid_masks=aligned,
-        per_seq_valid_masks=per_seq,
-        displacement_fields_u=OUT_RNG.normal(size=(n, h, w)).astype(np.float32),
-        displacement_fields_v=OUT_RNG.normal(size=(n, h, w)),
-        temporal_averages=OUT_RNG.random((n, h, w, c)) * 1000,
-        compensated_h5_paths=[f"/data/rec_{i}/compensated.HDF5" for i in range(n)],
-        reference_average=OUT_RNG.random((h, w, c)),
-        middle_idx=(n + 1) // 2 - 1,
-    )
-
-
-def listing(folder):
-    return sorted(os.listdir(folder))
-
-
-def no_partials(folder):
-    return not [f for f in os.listdir(folder) if f.endswith(".partial")]
-
-
-###############################################################################
-### save_mask_png
-###############################################################################
-
-
-@needs_pil
-def test_mask_png_roundtrip(tmp_path):
-    from PIL import Image
-
-    mask = OUT_RNG.random((OUT_H, OUT_W)) > 0.5
-    path = tmp_path / "m.png"
-    fs.save_mask_png(path, mask)
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L" and im.size == (OUT_W, OUT_H)
-        data = np.asarray(im)
-    assert set(np.unique(data)) == {0, 255}
-    np.testing.assert_array_equal(data == 255, mask)
-    assert listing(tmp_path) == ["m.png"]
-
-
-def test_mask_png_without_pillow(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    monkeypatch.setitem(sys.modules, "PIL.Image", None)
-    assert not fs._png_available()
-    with pytest.raises(fs.FlowSessionError, match="pip install pillow"):
-        fs.save_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
-    assert listing(tmp_path) == []
-
-
-@needs_pil
-def test_mask_png_rejects_3d(tmp_path):
-    with pytest.raises(fs.InputError):
-        fs.save_mask_png(tmp_path / "m.png", np.ones((2, 4, 4), bool))
-
-
-###############################################################################
-### save_final_results
-###############################################################################
-
-
-@pytest.mark.parametrize("n,c", [(1, 1), (3, 2)])
-def test_npz_roundtrip(tmp_path, n, c):
-    s = make_session(n, c)
-    videos = [tmp_path / f"aligned_rec_{i}.tif" for i in range(n)]
-    fs.save_final_results(tmp_path, **s, aligned_video_paths=videos)
-    with np.load(tmp_path / "final_valid_idx.npz") as z:  # allow_pickle=False
-        expect = {
-            "final_valid": (bool, (OUT_H, OUT_W)),
-            "aligned_valid_masks": (bool, (n, OUT_H, OUT_W)),
-            "per_seq_valid_masks": (bool, (n, OUT_H, OUT_W)),
-            "displacement_fields_u": (np.float64, (n, OUT_H, OUT_W)),
-            "displacement_fields_v": (np.float64, (n, OUT_H, OUT_W)),
-            "temporal_averages": (np.float64, (n, OUT_H, OUT_W, c)),
-            "reference_average": (np.float64, (OUT_H, OUT_W, c)),
-            "middle_idx": (np.int64, ()),
-        }
-        assert sorted(z.files) == sorted([*expect, "compensated_h5_paths", "aligned_video_paths"])
-        for key, (dtype, shape) in expect.items():
-            assert z[key].dtype == dtype and z[key].shape == shape, key
-            np.testing.assert_array_equal(z[key], np.asarray(s[key]).astype(dtype), err_msg=key)
-        assert z["middle_idx"] == s["middle_idx"]
-        for key, want in (
-            ("compensated_h5_paths", s["compensated_h5_paths"]),
-            ("aligned_video_paths", [str(p) for p in videos]),
-        ):
-            assert z[key].dtype.kind == "U" and z[key].shape == (n,)
-            assert z[key].tolist() == want
-
-
-def test_npz_without_aligned_video_paths(tmp_path):
-    fs.save_final_results(tmp_path, **make_session())
-    with np.load(tmp_path / "final_valid_idx.npz") as z:
-        assert "aligned_video_paths" not in z.files and len(z.files) == 9
-
-
-def test_mat_roundtrip(tmp_path):
-    s = make_session(n=4, c=2)
-    s["compensated_h5_paths"] = [
-        "/data/ä/rec 0.h5",
-        "/x/rec_1.hdf5",
-        "r2.h5",
-        "/long/" * 20 + "r3.h5",
-    ]
-    fs.save_final_results(tmp_path, **s, aligned_video_paths=["a"] * 4)
-    assert scipy.io.whosmat(tmp_path / "final_valid_idx.mat")  # MAT v5 (v7.3 would raise)
-    m = scipy.io.loadmat(tmp_path / "final_valid_idx.mat")
-    keys = {k for k in m if not k.startswith("__")}
-    assert keys == {
-        "final_valid",
-        "aligned_valid_masks",
-        "per_seq_valid_masks",
-        "displacement_fields_u",
-        "displacement_fields_v",
-        "temporal_averages",
-        "compensated_h5_paths",
-        "reference_average",
-        "middle_idx",
-        "n_recordings",
-    }
-    assert m["middle_idx"].shape == (1, 1) and m["middle_idx"].dtype == np.float64
-    assert m["middle_idx"][0, 0] == s["middle_idx"] + 1 == 2
-    assert m["n_recordings"][0, 0] == 4
-    for key in ("final_valid", "aligned_valid_masks", "per_seq_valid_masks"):
-        assert m[key].dtype == np.uint8 and set(np.unique(m[key])) <= {0, 1}, key
-        np.testing.assert_array_equal(m[key], s[key].astype(np.uint8))
-    for key in ("displacement_fields_u", "displacement_fields_v", "temporal_averages"):
-        np.testing.assert_array_equal(m[key], np.asarray(s[key], np.float64))
-    np.testing.assert_array_equal(m["reference_average"], s["reference_average"])
-    # an N x 1 cell of char in MATLAB; loadmat: object array of 1-element str arrays
-    cell = m["compensated_h5_paths"]
-    assert cell.dtype == object and cell.shape == (4, 1)
-    assert [str(x[0]) for x in cell[:, 0]] == s["compensated_h5_paths"]
-    simple = scipy.io.loadmat(tmp_path / "final_valid_idx.mat", simplify_cells=True)
-    assert list(simple["compensated_h5_paths"]) == s["compensated_h5_paths"]
-    assert simple["middle_idx"] == 2
-
-
-@needs_pil
-def test_pngs_written_and_equal_masks(tmp_path):
-    from PIL import Image
-
-    s = make_session(n=3)
-    names = ["rec_a", "rec_b", "rec_c"]
-    written = fs.save_final_results(tmp_path, **s, names=names)
-    expect = {"final_valid_idx.png": s["final_valid"]}
-    for i, name in enumerate(names):
-        expect[f"{name}_valid_idx.png"] = s["per_seq_valid_masks"][i]
-        expect[f"{name}_valid_idx_aligned.png"] = s["aligned_valid_masks"][i]
-    assert listing(tmp_path) == sorted([*expect, "final_valid_idx.npz", "final_valid_idx.mat"])
-    assert sorted(os.path.basename(p) for p in written) == listing(tmp_path)
-    for fname, mask in expect.items():
-        with Image.open(tmp_path / fname) as im:
-            assert im.mode == "L"
-            data = np.asarray(im)
-        assert set(np.unique(data)) <= {0, 255}
-        np.testing.assert_array_equal(data == 255, mask, err_msg=fname)
-
-
-def test_pngs_skipped_without_pillow(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    monkeypatch.setitem(sys.modules, "PIL.Image", None)
-    with caplog.at_level(logging.WARNING, logger="flowsession"):
-        fs.save_final_results(tmp_path, **make_session(), names=["a", "b", "c"])
-    assert listing(tmp_path) == ["final_valid_idx.mat", "final_valid_idx.npz"]
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "pip install pillow" in warnings[0].getMessage()
-
-
-def test_integer_masks_accepted(tmp_path):
-    s = make_session(n=2)
-    s["per_seq_valid_masks"] = s["per_seq_valid_masks"].astype(np.uint8) * 255
-    fs.save_final_results(tmp_path, **s)
-    with np.load(tmp_path / "final_valid_idx.npz") as z:
-        assert z["per_seq_valid_masks"].dtype == bool
-        np.testing.assert_array_equal(z["per_seq_valid_masks"], s["per_seq_valid_masks"] > 0)
-
-
-@pytest.mark.parametrize(
-    "key,value",
-    [
-        ("final_valid", np.ones((OUT_H, OUT_W + 1), bool)),
-        ("final_valid", np.ones((1, OUT_H, OUT_W), bool)),
-        ("aligned_valid_masks", np.ones((2, OUT_H, OUT_W), bool)),
-        ("per_seq_valid_masks", np.ones((3, OUT_H + 1, OUT_W), bool)),
-        ("displacement_fields_u", np.zeros((3, OUT_W, OUT_H))),
-        ("displacement_fields_v", np.zeros((3, OUT_H, OUT_W, 2))),
-        ("temporal_averages", np.zeros((3, OUT_H, OUT_W))),
-        ("temporal_averages", np.zeros((4, OUT_H, OUT_W, 1))),
-        ("reference_average", np.zeros((OUT_H, OUT_W, 2))),
-        ("reference_average", np.zeros((OUT_H, OUT_W))),
-        ("compensated_h5_paths", ["a", "b"]),
-        ("compensated_h5_paths", "a"),
-        ("middle_idx", 3),
-        ("middle_idx", -1),
-        ("middle_idx", 1.0),
-        ("middle_idx", True),
-        ("aligned_video_paths", ["a"] * 4),
-        ("names", ["a", "b"]),
-        ("names", ["a", "a", "b"]),
-        ("names", ["a", "sub/b", "c"]),
-        ("names", ["a", "", "c"]),
-        (
-            "displacement_fields_u",
-            [np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, 3))],
-        ),
-    ],
-)
-def test_shape_mismatch_raises(tmp_path, key, value):
-    s = make_session(n=3)
-    s[key] = value
-    with pytest.raises(fs.InputError) as info:
-        fs.save_final_results(tmp_path, **s)
-    assert "\n" not in str(info.value)
-    assert listing(tmp_path) == []
-
-
-def test_mismatch_message_names_the_array(tmp_path):
-    s = make_session(n=3)
-    s["temporal_averages"] = np.zeros((3, OUT_H, OUT_W + 1, 1))
-    with pytest.raises(fs.InputError, match=r"temporal_averages has shape \(3, 24, 33, 1\).*W=32"):
-        fs.save_final_results(tmp_path, **s)
-
-
-def test_no_partial_files_after_write_error(tmp_path, monkeypatch):
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "savez", boom)
-    with pytest.raises(OSError, match="disk full"):
-        fs.save_final_results(tmp_path, **make_session())
-    assert listing(tmp_path) == []
-
-
-def test_overwrite_is_clean(tmp_path):
-    fs.save_final_results(tmp_path, **make_session(n=2))
-    s = make_session(n=3)
-    fs.save_final_results(tmp_path, **s)
-    assert no_partials(tmp_path)
-    with np.load(tmp_path / "final_valid_idx.npz") as z:
-        assert z["aligned_valid_masks"].shape[0] == 3
-
-
-###############################################################################
-### save_qc_figure
-###############################################################################
-
-
-def make_qc(n, c, h=OUT_H * 4, w=OUT_W * 4):
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.zeros((h, w))
-    for cy, cx in OUT_RNG.uniform(0, 1, (25, 2)) * (h, w):
-        base += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
-    center = (n + 1) // 2 - 1
-    before, after, traces = [], [], []
-    for i in range(n):
-        shifted = np.roll(base, (2 * (i - center), 3 * (i - center)), axis=(0, 1))
-        before.append(np.repeat(shifted[..., None], c, axis=2) * 100 + OUT_RNG.random((h, w, c)))
-        after.append(np.repeat(base[..., None], c, axis=2) * 100 + OUT_RNG.random((h, w, c)))
-        traces.append(np.abs(OUT_RNG.normal(1.0, 0.3, 50 + 10 * i)))
-    valid = np.zeros((h, w), bool)
-    valid[5:-7, 4:-9] = True
-    return dict(
-        names=[f"rec_{i:02d}" for i in range(n)],
-        center_index=center,
-        averages_before=before,
-        averages_after=after,
-        final_valid=valid,
-        displacement_traces=traces,
-    )
-
-
-@needs_mpl
-@needs_pil
-@pytest.mark.parametrize("n,c", [(1, 1), (3, 1), (3, 2), (12, 2)])
-def test_qc_figure(tmp_path, n, c):
-    from PIL import Image
-
-    path = tmp_path / f"qc_{n}_{c}.png"
-    assert fs.save_qc_figure(path, **make_qc(n, c)) == str(path)
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        width, height = im.size
-    assert 600 <= width <= 1700 and 300 <= height <= 2500
-    assert listing(tmp_path) == [path.name]
-
-
-@needs_mpl
-def test_qc_figure_does_not_touch_pyplot(tmp_path):
-    import matplotlib
-
-    backend = matplotlib.get_backend() if "matplotlib.pyplot" in sys.modules else None
-    fs.save_qc_figure(tmp_path / "qc.png", **make_qc(2, 1), title="custom")
-    if backend is None:
-        assert "matplotlib.pyplot" not in sys.modules
-    else:
-        assert matplotlib.get_backend() == backend
-
-
-def test_qc_figure_without_matplotlib(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with caplog.at_level(logging.WARNING, logger="flowsession"):
-        assert fs.save_qc_figure(tmp_path / "qc.png", **make_qc(3, 1)) is None
-    assert listing(tmp_path) == []
-    assert [r.getMessage() for r in caplog.records] == ["QC figure skipped: pip install matplotlib"]
-
-
-@pytest.mark.parametrize(
-    "key,value",
-    [
-        ("names", []),
-        ("center_index", 3),
-        ("averages_before", None),
-        ("averages_after", "shape"),
-        ("final_valid", np.ones((5, 5), bool)),
-        ("displacement_traces", [np.zeros(3)] * 2),
-    ],
-)
-def test_qc_figure_bad_input(tmp_path, key, value):
-    kwargs = make_qc(3, 1)
-    if value is None:
-        kwargs[key][1] = np.zeros((OUT_H * 4, OUT_W * 4, 2))
-    elif isinstance(value, str):
-        kwargs[key] = kwargs[key][:2]
-    else:
-        kwargs[key] = value
-    with pytest.raises(fs.InputError):
-        fs.save_qc_figure(tmp_path / "qc.png", **kwargs)
-    assert listing(tmp_path) == []
-
-
-###############################################################################
-### Stage 2 and Stage 3
-###############################################################################
-
-
-@pytest.mark.parametrize("name", ["stage2_recipe_64x64", "stage2_recipe_96x128"])
-def test_stage2_smoothing_matches_matlab_recipe(name):
-    # mat2gray(imgaussfilt(x, 6)): the same arithmetic (25-tap kernel, replicated
-    # edges, range scaling); rounding only.
-    d = ref(name)
-    sigma = float(d["sigma"])
-    for key, img in (("fixed", "img1"), ("moving", "img2")):
-        got = fs._smooth_normalise(as_float(d[key])[..., None], sigma)[..., 0]
-        np.testing.assert_allclose(got, d[img], rtol=0, atol=1e-12)
-
-
-def _session_files(tmp_path, recs, fmt="h5", **cfg):
-    root = tmp_path / "session"
-    root.mkdir()
-    for r, frames in enumerate(recs):
-        if fmt == "h5":
-            _write_h5(root / f"rec_{r + 1:02d}.h5", frames)
-        else:
-            tifffile.imwrite(
-                root / f"rec_{r + 1:02d}.tif",
-                np.moveaxis(frames, -1, 1),
-                imagej=True,
-                metadata={"axes": "TCYX"},
-            )
-    flow = {"quality_setting": "balanced", "reference_frames": list(range(15)), "save_w": True}
-    flow.update(cfg.pop("flow_options", {}))
-    return fs.SessionConfig(
-        root=root,
-        pattern=f"rec_*.{'h5' if fmt == 'h5' else 'tif'}",
-        n_workers=2,
-        sigma_smooth=2.0,
-        flow_options=flow,
-        **cfg,
-    )
-
-
-def _reference_offsets(cfg, files, w1, b=8):
-    """Where each recording's own reference sits relative to its motion-free view.
-
-    Stage 1 registers onto a reference built from the data, displaced from the
-    view by the mean residual of its fields; the averages Stage 2 sees carry it.
-    """
-    out = []
-    for f, w_true in zip(files, w1):
-        w = _read_w(os.path.join(cfg.output_root_path, f.stem))
-        out.append((w - w_true)[:, b:-b, b:-b].mean(axis=(0, 1, 2)))
-    return out
-
-
-def _mask_bounds(w1, w2, deltas, center, margin):
-    """Final masks the session must lie between, from the true fields.
-
-    With every field allowed an error of up to ``margin`` px, ``strict`` is valid
-    whatever the errors, ``loose`` valid for some.  Stage 1 fields are taken
-    relative to each recording's reference and Stage 2 fields between the
-    references (see ``_reference_offsets``).
-    """
-    T, H, W = w1[0].shape[:3]
-    xs = np.arange(W)[None, :]
-    ys = np.arange(H)[:, None]
-
-    def inside(x, y, m):
-        return (x >= m) & (x <= W - 1 - m) & (y >= m) & (y <= H - 1 - m)
-
-    strict = np.ones((H, W), bool)
-    loose = np.ones((H, W), bool)
-    for r in range(len(w1)):
-        w = w1[r] + deltas[r]
-        per_s = np.all(inside(xs + w[..., 0], ys + w[..., 1], margin), axis=0)
-        per_l = np.all(inside(xs + w[..., 0], ys + w[..., 1], -margin), axis=0)
-        g = w2[r] + (deltas[center] - deltas[r])
-        x, y = xs + g[..., 0], ys + g[..., 1]
-        al_s = inside(x, y, margin)
-        al_l = inside(x, y, -margin)
-        anyl = np.zeros((H, W), bool)
-        for dx in (-margin, margin):
-            for dy in (-margin, margin):
-                xi = np.clip(np.floor(x + dx + 0.5), 0, W - 1).astype(int)
-                yi = np.clip(np.floor(y + dy + 0.5), 0, H - 1).astype(int)
-                al_s &= per_s[yi, xi]
-                anyl |= per_l[yi, xi]
-        strict &= al_s
-        loose &= al_l & anyl
-    return strict, loose
-
-
-def test_session_recovers_known_offsets_and_the_expected_mask(tmp_path):
-    offsets = [(2.6, -1.8), (0.0, 0.0), (-3.1, 2.4), (1.2, 3.3)]
-    recs, w1, w2, center = fs.synthetic_session(
-        4, 30, (64, 64), 1, seed=3, offsets=offsets, photons=60.0
-    )
-    cfg = _session_files(tmp_path, recs)
-    final = fs.run_all_stages(cfg)
-    files = cfg.discover_inputs()
-    deltas = _reference_offsets(cfg, files, w1)
-    # Stage 2: 0.25 px, an order of magnitude below the offsets (2-4 px); the
-    # fields between temporal averages are well determined.
-    for k, f in enumerate(files):
-        with np.load(os.path.join(cfg.output_root_path, f.stem, "w_to_reference.npz")) as d:
-            w = np.stack([d["u"], d["v"]], axis=-1)
-        expected = w2[k] + (deltas[center] - deltas[k])
-        err = np.hypot(*(w - expected)[8:-8, 8:-8].transpose(2, 0, 1)).mean()
-        assert err < 0.25, (f.name, err)
-    # Stage 3: between the masks valid for all / some field errors of 0.75 px.  The
-    # mask's edge is set by the most displaced frame, where the Stage 1 error of
-    # this noisy, 30-frame balanced-preset case exceeds 0.5 px at a few pixels
-    # (mean error 0.44 px); the band between the bounds is ~1.5 px wide.
-    strict, loose = _mask_bounds(w1, w2, deltas, center, 0.75)
-    assert final.dtype == bool and final.shape == (64, 64)
-    assert np.all(final[strict]) and not np.any(final[~loose])
-    assert 0.3 < final.mean() < 0.95
-
-
-def test_session_outputs_read_back_with_user_libraries(tmp_path):
-    pytest.importorskip("PIL")
-    from PIL import Image
-
-    recs, _, _, _ = fs.synthetic_session(3, 20, (40, 48), 2, seed=4)
-    cfg = _session_files(tmp_path, recs, fmt="tif", center="rec_03.tif")
-    final = fs.run_all_stages(cfg)
-    out = cfg.final_results_path
-    with np.load(out / "final_valid_idx.npz") as d:  # no pickle needed
-        assert int(d["middle_idx"]) == 2
-        np.testing.assert_array_equal(d["final_valid"], final)
-        assert d["temporal_averages"].shape == (3, 40, 48, 2)
-        assert d["displacement_fields_u"].shape == (3, 40, 48)
-        np.testing.assert_array_equal(d["displacement_fields_u"][2], 0.0)  # the center
-        assert len(d["aligned_video_paths"]) == 3
-    m = scipy.io.loadmat(out / "final_valid_idx.mat")
-    assert int(m["middle_idx"][0, 0]) == 3  # 1-based for MATLAB
-    np.testing.assert_array_equal(m["final_valid"].astype(bool), final)
-    png = np.array(Image.open(out / "final_valid_idx.png"))
-    np.testing.assert_array_equal(png > 0, final)
-    for r in (1, 2, 3):
-        assert (out / f"rec_{r:02d}_valid_idx.png").exists()
-        assert (out / f"rec_{r:02d}_valid_idx_aligned.png").exists()
-        video = tifffile.imread(out / f"aligned_rec_{r:02d}.tif")
-        assert video.dtype == np.uint16 and video.size == 20 * 40 * 48 * 2
-    with fs.open_video(out / "aligned_rec_01.tif") as rd:
-        assert rd.shape == (20, 40, 48, 2)
-    assert Image.open(out / "qc_session.png").size[0] >= 600
-    # the center's aligned video is its compensated video (zero field)
-    with h5py.File(cfg.output_root_path / "rec_03" / "compensated.hdf5", "r") as f:
-        comp = np.stack([f["ch1"][:], f["ch2"][:]], axis=-1)
-    with fs.open_video(out / "aligned_rec_03.tif") as rd:
-        np.testing.assert_array_equal(rd.read(0, 20), comp)
-
-
-def test_stage2_and_stage3_resume_and_order(tmp_path, caplog):
-    recs, _, _, _ = fs.synthetic_session(3, 16, (32, 40), 1, seed=5)
-    cfg = _session_files(tmp_path, recs, align_output_format="HDF5")
-    with pytest.raises(fs.InputError, match="run Stage 1 first"):
-        fs.run_stage2(cfg)
-    fs.run_stage1(cfg)
-    with pytest.raises(fs.InputError, match="run Stage 2 first"):
-        fs.run_stage3(cfg)
-    _, _, fields = fs.run_stage2(cfg)
-    npz = cfg.output_root_path / "rec_01" / "w_to_reference.npz"
-    t0 = npz.stat().st_mtime_ns
-    caplog.set_level(logging.INFO, logger="flowsession")
-    fs.run_stage2(cfg)
-    assert npz.stat().st_mtime_ns == t0 and "already aligned" in caplog.text
-    # A new center makes every saved field stale.
-    moved = fs.run_stage2(dataclasses.replace(cfg, center="rec_01.h5"))
-    assert npz.stat().st_mtime_ns != t0 and moved[0] == 0
-    np.testing.assert_array_equal(moved[2][0], 0.0)
-    fs.run_stage2(cfg)
-    fs.run_stage3(cfg)
-    video = cfg.final_results_path / "aligned_rec_02.hdf5"
-    with h5py.File(video, "r") as f:
-        assert f["ch1"].shape == (16, 32, 40)
-    t0 = video.stat().st_mtime_ns
-    fs.run_stage3(cfg)
-    assert video.stat().st_mtime_ns == t0  # complete: skipped
-    with open(video, "r+b") as fh:  # damaged: redone
-        fh.truncate(video.stat().st_size // 2)
-    fs.run_stage3(cfg)
-    with h5py.File(video, "r") as f:
-        assert f["ch1"].shape == (16, 32, 40)
-
-
-def test_unknown_backend_is_a_clear_error(tmp_path):
-    recs, _, _, _ = fs.synthetic_session(1, 4, (16, 16), 1)
-    cfg = _session_files(tmp_path, recs, flow_backend="flowreg_cudaa")
-    with pytest.raises(fs.ConfigError, match="flowreg_cudaa' is not known.*known: flowreg"):
-        fs.run_stage1(cfg)
-
-
-def test_align_sequence_rounds_and_clips_integers():
-    frames = np.zeros((2, 12, 12), np.uint16)
-    frames[:, 5:7, 5:7] = 60000
-    w = np.full((12, 12, 2), 0.5)
-    out = fs.align_sequence(frames, w, np.zeros((12, 12)))
-    assert out.dtype == np.uint16
-    assert out.max() <= 65535 and out[:, :4, :4].max() < 1000  # overshoot never wraps
-    with pytest.raises(fs.InputError, match="align_sequence"):
-        fs.align_sequence(frames, w[:5], np.zeros((12, 12)))
-
-
-###############################################################################
-### Crash safety: kills, competing processes, SIGTERM
-###############################################################################
-
-CRASH_TOML = (
-    'root = "."\npattern = "rec_*.h5"\nn_workers = 2\nsigma_smooth = 2.0\n'
-    'align_output_format = "TIFF"\n\n[flow_options]\nquality_setting = "fast"\n'
-    "buffer_size = 8\nreference_frames = [0, 1, 2, 3, 4, 5]\nsave_w = true\n"
-)
-
-
-def _crash_session(folder, n_frames=20):
-    folder.mkdir(parents=True)
-    recs, _, _, _ = fs.synthetic_session(3, n_frames, (40, 48), 1, seed=8)
-    for r, frames in enumerate(recs):
-        _write_h5(folder / f"rec_{r + 1:02d}.h5", frames)
-    (folder / "session.toml").write_text(CRASH_TOML)
-    return folder / "session.toml"
-
-
-def _session_arrays(folder):
-    """Every numeric output of a session, by relative path (compared bit for bit)."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        rel = str(path.relative_to(folder))
-        if path.suffix in (".hdf5", ".hdf"):
-            with h5py.File(path, "r") as f:
-                for k in f:
-                    out[f"{rel}:{k}"] = f[k][:]
-        elif path.suffix == ".npy":
-            out[rel] = np.load(path)
-        elif path.suffix == ".npz":
-            with np.load(path) as d:
-                for k in d.files:
-                    if "paths" not in k:  # absolute paths differ between folders
-                        out[f"{rel}:{k}"] = d[k]
-        elif path.suffix == ".tif" and "aligned_" in path.name:
-            out[rel] = tifffile.imread(path)
-    return out
-
-
-def _partials(folder):
-    return [p for p in folder.rglob("*") if ".partial-" in p.name]
-
-
-# Named kill points (see flowsession._kill_point): every stage, mid-batch, between
-# the publication of two outputs, before the completion records, mid-export.
-KILL_POINTS = [
-    "stage1.batch:2",
-    "stage1.chunk:2",
-    "stage1.chunk:5",
-    "stage1.publish:1",
-    "stage1.publish:2",
-    "stage1.average:2",
-    "stage1.status:1",
-    "stage1.status:3",
-    "stage2.save:2",
-    "stage2.status:1",
-    "stage3.chunk:2",
-    "stage3.video:2",
-    "stage3.bundle:1",
-    "stage3.status:1",
-]
-
-
-def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
-    """SIGKILL at named points and at timed moments, then resume: same outputs, nothing lost.
-
-    Compared bit for bit: every array of compensated.hdf5, idx.hdf, w.hdf5, the
-    .npy/.npz outputs of all stages and the aligned videos (the computation is
-    deterministic: each frame is computed independently of thread scheduling).
-    Not compared: status.json (run times) and PNG files (decoded masks are in
-    the npz).  A recording whose completion record existed before the resume
-    must not be recomputed.
-    """
-    base = _crash_session(tmp_path / "base")
-    assert _cli(["run", str(base)]).returncode == 0
-    expected = _session_arrays(base.parent)
-    survived = 0
-    for k, point in enumerate(KILL_POINTS + ["timed:0.9", "timed:1.6", "timed:2.4"]):
-        cfg = _crash_session(tmp_path / f"k{k}")
-        if point.startswith("timed:"):
-            p = subprocess.Popen(
-                [sys.executable, str(HERE / "flowsession.py"), "run", str(cfg)],
-                env=dict(os.environ, PYTHONPATH=str(HERE)),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                p.wait(timeout=float(point[6:]))
-            except subprocess.TimeoutExpired:
-                p.kill()
-            p.wait()
-        else:
-            r = _cli(["run", str(cfg)], env={"FLOWSESSION_KILL_AT": point})
-            assert r.returncode == -9, (point, r.returncode, r.stderr[-500:])
-        finished = {}
-        for record in cfg.parent.glob("compensated_outputs/*/status.json"):
-            finished[record.parent.name] = (record.parent / "compensated.hdf5").stat().st_mtime_ns
-        r = _cli(["run", str(cfg)])
-        assert r.returncode == 0, (point, r.stderr[-1000:])
-        assert not _partials(cfg.parent), point
-        got = _session_arrays(cfg.parent)
-        assert sorted(got) == sorted(expected), point
-        for key in expected:
-            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{point}: {key}")
-        for name, mtime in finished.items():  # finished work is never redone
-            assert (
-                cfg.parent / "compensated_outputs" / name / "compensated.hdf5"
-            ).stat().st_mtime_ns == mtime, (point, name)
-        survived += 1
-    print(f"crash harness: {survived} kill points survived, 0 outputs lost")
-
-
-def test_two_processes_on_one_recording_do_not_collide(tmp_path):
-    cfg = _crash_session(tmp_path / "s", n_frames=60)
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    cmd = [
-        sys.executable,
-        str(HERE / "flowsession.py"),
-        "run",
-        str(cfg),
-        "--stage",
-        "1",
-        "--index",
-        "0",
-    ]
-    procs = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    logs = outs[0][1] + outs[1][1]
-    assert "already complete" in logs  # the second one found the first one's result
-    folder = cfg.parent / "compensated_outputs" / "rec_01"
-    assert not _partials(cfg.parent)
-    solo = _crash_session(tmp_path / "solo", n_frames=60)
-    assert _cli(["run", str(solo), "--stage", "1", "--index", "0"]).returncode == 0
-    np.testing.assert_array_equal(
-        _read_comp(folder), _read_comp(solo.parent / "compensated_outputs" / "rec_01")
-    )
-
-
-def test_sigterm_stops_cleanly_and_resumes(tmp_path):
-    cfg = _crash_session(tmp_path / "s", n_frames=200)
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "flowsession.py"),
-            "run",
-            str(cfg),
-            "--stage",
-            "1",
-            "--index",
-            "0",
-            "--of-params",
-            "quality_setting=quality",
-        ],
-        env=dict(os.environ, PYTHONPATH=str(HERE)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    folder = cfg.parent / "compensated_outputs" / "rec_01"
-    deadline = time.monotonic() + 300
-    while not list(folder.glob(".compensated.hdf5.partial-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)
-    p.terminate()
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 143, err[-1000:]
-    stop = [line for line in err.splitlines() if "ERROR" in line]
-    assert len(stop) == 1 and "stopped by SIGTERM in Stage 1 of rec_01.h5 after frame" in stop[0]
-    assert _listing(folder) == [] and not _partials(cfg.parent)
-    assert _cli(["run", str(cfg), "--stage", "1", "--index", "0"]).returncode == 0
-    with h5py.File(folder / "compensated.hdf5", "r") as f:
-        assert f["ch1"].shape[0] == 200
-
-
-###############################################################################
-### Bad input: one table, through the command line
-###############################################################################
-
-
-def _bad_session(tmp_path, case):
-    """Build the scenario of one bad-input case; returns (argv, expected text in the error)."""
-    root = tmp_path / "s"
-    root.mkdir()
-    frames, _ = fs.synthetic_recording(12, (32, 32), 1, seed=1)
-    toml = 'root = "."\npattern = "*.h5"\nn_workers = 1\n'
-    flow = '[flow_options]\nquality_setting = "fast"\nreference_frames = [0, 1, 2]\n'
-    extra_top, extra_flow, args = "", "", []
-
-    def h5(name, data):
-        _write_h5(root / name, data)
-
-    h5("a.h5", frames)
-    h5("b.h5", frames)
-    expect = None
-    if case == "missing root":
-        toml = toml.replace('root = "."', 'root = "nowhere"')
-        expect = "nowhere"
-    elif case == "root is a file":
-        (root / "file.txt").write_text("x")
-        toml = toml.replace('root = "."', 'root = "file.txt"')
-        expect = "file.txt"
-    elif case == "no files match":
-        toml = toml.replace("*.h5", "*.tif")
-        expect = "no files match"
-    elif case == "center not among the inputs":
-        extra_top = 'center = "c.h5"\n'
-        expect = "c.h5"
-    elif case == "different frame sizes":
-        h5("b.h5", frames[:, :, :30])
-        expect = "frame size"
-    elif case == "different channel counts":
-        h5("b.h5", np.concatenate([frames, frames], axis=-1))
-        expect = "channel count"
-    elif case == "zero frames":
-        h5("b.h5", frames[:0])
-        expect = "b.h5: the recording has no frames"
-    elif case == "fewer frames than reference_frames":
-        flow = flow.replace("[0, 1, 2]", "[0, 5, 12]")
-        expect = "reference_frames"
-    elif case == "truncated TIFF":
-        (root / "a.h5").unlink()
-        (root / "b.h5").unlink()
-        tifffile.imwrite(root / "t.tif", frames[..., 0])
-        data = (root / "t.tif").read_bytes()
-        (root / "t.tif").write_bytes(data[: len(data) // 2])
-        toml = toml.replace("*.h5", "*.tif")
-        expect = "t.tif"
-    elif case == "HDF5 without a usable dataset":
-        with h5py.File(root / "b.h5", "w") as f:
-            f["note"] = np.arange(3)
-        expect = "b.h5"
-    elif case == "corrupt HDF5":
-        (root / "b.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
-        expect = "b.h5"
-    elif case == "MAT file without a video":
-        (root / "a.h5").unlink()
-        (root / "b.h5").unlink()
-        scipy.io.savemat(root / "m.mat", {"x": 3.0})
-        toml = toml.replace("*.h5", "*.mat")
-        expect = "m.mat"
-    elif case in ("NaN frames", "Inf frames"):
-        bad = frames.astype(np.float32)
-        bad[7, 3, 3, 0] = np.nan if case == "NaN frames" else np.inf
-        h5("b.h5", bad)
-        expect = "b.h5: frames 7..7 contain NaN or Inf"
-    elif case == "constant recording":
-        h5("b.h5", np.zeros_like(frames))
-        expect = "b.h5: the reference frames"
-    elif case == "unknown config key":
-        extra_top = "n_wrkers = 2\n"
-        expect = "did you mean 'n_workers'"
-    elif case == "unknown flow option":
-        extra_flow = "alpah = 2\n"
-        expect = "did you mean 'alpha'"
-    elif case == "wrong type":
-        toml = toml.replace("n_workers = 1", 'n_workers = "four"')
-        expect = "n_workers"
-    elif case == "negative alpha":
-        extra_flow = "alpha = -1.0\n"
-        expect = "alpha"
-    elif case == "cc_upsample = 0":
-        extra_top = "cc_upsample = 0\n"
-        expect = "cc_upsample"
-    elif case == "eta > 1":
-        extra_flow = "eta = 1.5\n"
-        expect = "eta"
-    elif case == "unknown backend":
-        extra_top = 'flow_backend = "flowreg_gpu"\n'
-        expect = "flow_backend"
-    elif case == "unsupported stage-2 data term":
-        extra_top = 'stage2_constancy_assumption = "cs"\n'
-        expect = "stage2_constancy_assumption"
-    elif case == "unknown aligned-video format":
-        extra_top = 'align_output_format = "MP4"\n'
-        expect = "align_output_format"
-    elif case == "output folder without write permission":
-        # root ignores file modes, so use a place nobody can create folders in
-        extra_top = 'output_root = "/proc/flowsession-out"\n'
-        expect = "output_root"
-    elif case == "Stage 2 before Stage 1":
-        args = ["--stage", "2"]
-        expect = "run Stage 1 first"
-    elif case == "Stage 3 before Stage 2":
-        args = ["--stage", "3"]
-        assert fs.main(["run", str(_write_toml(root, toml, flow)), "--stage", "1"]) == 0
-        expect = "run Stage 2 first"
-    elif case == "options JSON changes the output format":
-        (root / "opts.json").write_text('Flow options 2026-01-01\n\n{"output_format": "TIFF"}\n')
-        flow = ""
-        extra_top = 'flow_options = "opts.json"\n'
-        expect = "output_format"
-    elif case == "TOML syntax error":
-        extra_top = "n_workers = = 3\n"
-        expect = "session.toml"
-    elif case == "missing config file":
-        return ["run", str(root / "nothing.toml")], "nothing.toml"
-    elif case == "index out of range":
-        args = ["--stage", "1", "--index", "5"]
-        expect = "index 5"
-    elif case == "malformed --of-params":
-        args = ["--of-params", "alpha"]
-        expect = "KEY=VALUE"
-    elif case == "unsupported cc_initialization":
-        extra_flow = "cc_initialization = true\n"
-        expect = "cc_initialization"
-    elif case == "YAML config without pyyaml":
-        path = root / "session.yaml"
-        path.write_text("root: .\n")
-        return ["run", str(path)], "pyyaml"
-    cfg = _write_toml(root, toml + extra_top, flow + extra_flow)
-    return ["run", str(cfg), *args], expect
-
-
-def _write_toml(root, top, flow):
-    path = root / "session.toml"
-    path.write_text(top + "\n" + flow)
-    return path
-
-
-BAD_INPUTS = [
-    "missing root",
-    "root is a file",
-    "no files match",
-    "center not among the inputs",
-    "different frame sizes",
-    "different channel counts",
-    "zero frames",
-    "fewer frames than reference_frames",
-    "truncated TIFF",
-    "HDF5 without a usable dataset",
-    "corrupt HDF5",
-    "MAT file without a video",
-    "NaN frames",
-    "Inf frames",
-    "constant recording",
-    "unknown config key",
-    "unknown flow option",
-    "wrong type",
-    "negative alpha",
-    "cc_upsample = 0",
-    "eta > 1",
-    "unknown backend",
-    "unsupported stage-2 data term",
-    "unknown aligned-video format",
-    "output folder without write permission",
-    "Stage 2 before Stage 1",
-    "Stage 3 before Stage 2",
-    "options JSON changes the output format",
-    "TOML syntax error",
-    "missing config file",
-    "index out of range",
-    "malformed --of-params",
-    "unsupported cc_initialization",
-    "YAML config without pyyaml",
-]
-
-
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_gives_one_line_error_and_no_output(tmp_path, case, caplog, monkeypatch):
-    if case == "YAML config without pyyaml":
-        monkeypatch.setitem(sys.modules, "yaml", None)
-    argv, expect = _bad_session(tmp_path, case)
-    caplog.clear()
-    caplog.set_level(logging.INFO, logger="flowsession")
-    assert fs.main(argv) != 0
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    message = errors[0].getMessage()
-    assert "\n" not in message and expect in message, message
-    assert "unexpected error" not in message
-    assert not _partials(tmp_path)
-    # Nothing failed is marked finished: only the good recording a.h5 may have been
-    # corrected before the bad one stopped the run (and Stage 1 in the Stage-3 case).
-    for status in tmp_path.rglob("status.json"):
-        assert status.parent.name == "a" or case == "Stage 3 before Stage 2", (case, status)
-    for name in ("b", "t", "m"):
-        comp = tmp_path / "s" / "compensated_outputs" / name / "compensated.hdf5"
-        assert not comp.exists() or case == "Stage 3 before Stage 2"
-
-
-def test_int16_with_negative_values_is_valid_input(tmp_path):
-    frames, _ = fs.synthetic_recording(12, (32, 32), 1, seed=2)
-    data = frames.astype(np.int16) - 300  # ScanImage-like: negative values occur
-    root = tmp_path / "s"
-    root.mkdir()
-    tifffile.imwrite(root / "neg.tif", data[..., 0])
-    cfg = _write_toml(
-        root,
-        'root = "."\nn_workers = 1\n',
-        '[flow_options]\nquality_setting = "fast"\nreference_frames = [0, 1, 2]\n',
-    )
-    assert fs.main(["run", str(cfg), "--stage", "1"]) == 0
-    comp = _read_comp(root / "compensated_outputs" / "neg")
-    assert comp.dtype == np.int16 and comp.min() < 0
-
-
-###############################################################################
-### HPC: a real SLURM cluster
-###############################################################################
-
-
-def _slurm_missing():
-    import shutil
-
-    if shutil.which("sbatch") is None:
-        return "SLURM is not installed (no sbatch); .ci/run starts a one-node cluster"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "no SLURM controller answers (sinfo timed out)"
-    if r.returncode != 0 or not r.stdout.strip():
-        return f"no SLURM controller reachable (sinfo: {(r.stderr or r.stdout).strip()[:200]})"
-    return None
-
-
-needs_slurm = pytest.mark.skipif(_slurm_missing() is not None, reason=str(_slurm_missing()))
-
-
-def _submit(cfg):
-    r = _cli(["submit", str(cfg), "--cpus-per-task", "1", "--mem", "1G", "--time", "00:15:00"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(cfg.parent / "compensated_outputs" / "slurm" / "jobs.json") as fh:
-        return json.load(fh)
-
-
-def _wait_for_jobs(job_ids, timeout=900):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = subprocess.run(
-            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
-            capture_output=True,
-            text=True,
-        )
-        if not r.stdout.strip():
-            return
-        time.sleep(1.0)
-    pytest.fail(f"SLURM jobs {job_ids} still queued after {timeout} s: {r.stdout}")
-
-
-def _sacct(jobs, key, n_tasks=None):
-    """Final sacct states of a submitted job (or of every task of the array)."""
-    job = jobs[key]
-    want = {f"{job}_{k}" for k in range(1, n_tasks + 1)} if n_tasks else {job}
-    for _ in range(60):  # accounting lags behind the controller by a moment
-        states = fs._sacct_states(job, jobs["submitted"])
-        if want <= set(states) and all(s not in ("PENDING", "RUNNING") for s in states.values()):
-            return states
-        time.sleep(1.0)
-    pytest.fail(f"sacct has no final states for {sorted(want)}: {states}")
-
-
-@needs_slurm
-def test_slurm_session_matches_local_run(tmp_path):
-    local = _crash_session(tmp_path / "local")
-    assert _cli(["run", str(local)]).returncode == 0
-    cfg = _crash_session(tmp_path / "cluster")
-    t0 = time.monotonic()
-    jobs = _submit(cfg)
-    _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
-    wall = time.monotonic() - t0
-    tasks = _sacct(jobs, "stage1_array", 3)
-    dep = _sacct(jobs, "stage23")
-    print(f"SLURM session: {wall:.1f} s wall; sacct: {tasks} {dep}")
-    assert sorted(tasks) == [f"{jobs['stage1_array']}_{k}" for k in (1, 2, 3)]
-    assert set(tasks.values()) == {"COMPLETED"} and dep == {jobs["stage23"]: "COMPLETED"}
-    expected = _session_arrays(local.parent)
-    got = _session_arrays(cfg.parent)
-    assert sorted(got) == sorted(expected)
-    for key in expected:
-        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
-    r = _cli(["status", str(cfg)])
-    assert r.returncode == 0 and r.stdout.count("COMPLETED") == 4, r.stdout
-
-
-@needs_slurm
-def test_slurm_failed_task_stops_the_dependent_job(tmp_path):
-    cfg = _crash_session(tmp_path / "cluster")
-    bad = h5py.File(cfg.parent / "rec_02.h5", "r")["mov"][:].astype(np.float32)
-    bad[9, 5, 5] = np.nan  # found only while correcting: submit's checks pass
-    (cfg.parent / "rec_02.h5").unlink()
-    _write_h5(cfg.parent / "rec_02.h5", bad[..., None])
-    jobs = _submit(cfg)
-    _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
-    tasks = _sacct(jobs, "stage1_array", 3)
-    dep = _sacct(jobs, "stage23")
-    print(f"SLURM with a failing task: sacct {tasks} {dep}")
-    assert tasks[f"{jobs['stage1_array']}_2"] == "FAILED"
-    assert tasks[f"{jobs['stage1_array']}_1"] == tasks[f"{jobs['stage1_array']}_3"] == "COMPLETED"
-    assert dep[jobs["stage23"]] == "CANCELLED"  # never ran
-    assert not (cfg.parent / "final_results").exists()
-    assert not list(
-        (cfg.parent / "compensated_outputs" / "slurm").glob("flowsession-stage23_*.log")
-    )
-    r = _cli(["status", str(cfg)])
-    assert r.returncode == 1
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("rec_02.h5"))
-    assert "FAILED" in line and "NaN" in line
-
-
-def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
-    cfg = _crash_session(tmp_path / "s")
-    r = _cli(["submit", str(cfg), "--dry-run", "--cpus-per-task", "3", "--partition", "short"])
-    assert r.returncode == 0, r.stderr
-    slurm = cfg.parent / "compensated_outputs" / "slurm"
-    s1 = (slurm / "stage1.sbatch").read_text()
-    assert "#SBATCH --array=1-3" in s1 and "#SBATCH --cpus-per-task=3" in s1
-    assert "#SBATCH --partition=short" in s1 and "OMP_NUM_THREADS=1" in s1
-    assert "NUMBA_CACHE_DIR" in s1 and "--stage 1 --array" in s1
-    s23 = (slurm / "stage23.sbatch").read_text()
-    assert "--stage 2" in s23 and "--stage 3" in s23 and "--array" not in s23
-
-
-def test_bench_command_times_another_backend():
-    pytest.importorskip("cv2", reason="OpenCV (opencv-python-headless) is not installed")
-    r = _cli(
-        [
-            "bench",
-            "--size",
-            "48",
-            "--frames",
-            "16",
-            "--preset",
-            "fast",
-            "--backend",
-            "diso",
-            "--backend-param",
-            "preset=ultrafast",
-        ]
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "flow_backend diso" in r.stdout and "endpoint error" in r.stdout
-    r = _cli(["bench", "--size", "48", "--frames", "16", "--backend-param", "device"])
-    assert r.returncode != 0 and "--backend-param: 'device' is not KEY=VALUE" in r.stderr
-
-
-def test_bench_command_reports_speed_accuracy_and_memory():
-    r = _cli(
-        [
-            "bench",
-            "--size",
-            "64",
-            "--frames",
-            "24",
-            "--preset",
-            "fast",
-            "--workers",
-            "2",
-            "--profile",
-        ]
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    for label in (
-        "frames/s",
-        "s per frame per core",
-        "endpoint error",
-        "peak memory",
-        "wall time by phase",
-        "reference",
-        "flow and warp",
-        "sweeps",
-        "share",
-        "main memory",
-        "x the bound",
-    ):
-        assert label in r.stdout, r.stdout
-    epe = float(r.stdout.split("endpoint error")[1].split()[0])
-    moved = float(r.stdout.split("without correction")[1].split()[0])
-    assert epe < 0.5 * moved
+def test_flowreg_backend_params_are_checked(params, match):
+    with pytest.raises(fs.ConfigError, match=match):
+        fs.make_backend("flowreg", params)
 
 
 ###############################################################################
@@ -3955,7 +2118,17 @@ def test_cuda_warp_matches_cpu(method, monkeypatch):
     out = _dev(np.zeros_like(src))
     valid = _dev(np.zeros((n, nx, ny), np.uint8))
     k.launch(
-        k.warp, (n, nx, ny), _dev(src), _dev(u), _dev(v), hu, hv, _dev(fill), method, out, valid
+        k._cu_warp_plane,
+        (n, nx, ny),
+        _dev(src),
+        _dev(u),
+        _dev(v),
+        hu,
+        hv,
+        _dev(fill),
+        method,
+        out,
+        valid,
     )
     got = out.copy_to_host()
     ok = valid.copy_to_host().astype(bool)
@@ -3980,7 +2153,13 @@ def test_cuda_tensors_match_cpu(kind):
     k = fs._cuda_kernels("float64")
     J = [_dev(np.full((n * C, nx + 2, ny + 2), np.nan)) for _ in range(6)]
     k.launch(
-        k.tensor_gc if kind == "gc" else k.tensor_gray, J[0].shape, _dev(f1), _dev(f2), hx, hy, *J
+        k._cu_tensor_gc if kind == "gc" else k._cu_tensor_gray,
+        J[0].shape,
+        _dev(f1),
+        _dev(f2),
+        hx,
+        hy,
+        *J,
     )
     cpu = fs._nb_tensor_gc if kind == "gc" else fs._nb_tensor_gray
     for q in range(n * C):
@@ -4016,7 +2195,9 @@ def test_cuda_refresh_matches_cpu(first, local):
     outs = [_dev(np.zeros((n, NX, NY))) for _ in range(5)]
     sp = fs._SolverParams(1.0, 1.0, 1.0, 1.0, 1, 1, 0.5, False, local, True)
     args = (sp, first, _dev(u), _dev(v), _dev(du), _dev(dv), _dev(wxe), _dev(wye))
-    k.launch(k.refresh, (n, NX, NY), _dev(np.stack(J)), _dev(weight), _dev(a_data), *args, *outs)
+    k.launch(
+        k._cu_refresh, (n, NX, NY), _dev(np.stack(J)), _dev(weight), _dev(a_data), *args, *outs
+    )
     for f in range(n):
         want = [np.zeros((NX, NY)) for _ in range(5)]
         fs._nb_refresh(
@@ -4046,8 +2227,8 @@ def test_cuda_smoothness_weights_match_cpu():
     psi = _dev(np.zeros((n, NX, NY)))
     wxe = _dev(np.zeros((n, NX, NY)))
     wye = _dev(np.zeros((n, NX, NY)))
-    k.launch(k.smooth_psi, (n, NX, NY), _dev(u), _dev(v), _dev(du), _dev(dv), 0.5, hx, hy, psi)
-    k.launch(k.smooth_edges, (n, NX, NY), psi, ax / hx**2, ay / hy**2, wxe, wye)
+    k.launch(k._cu_smooth_psi, (n, NX, NY), _dev(u), _dev(v), _dev(du), _dev(dv), 0.5, hx, hy, psi)
+    k.launch(k._cu_smooth_edges, (n, NX, NY), psi, ax / hx**2, ay / hy**2, wxe, wye)
     for f in range(n):
         wx = np.empty((NX, NY))
         wy = np.empty((NX, NY))
@@ -4075,7 +2256,7 @@ def test_cuda_red_black_sweep_matches_cpu(uniform):
     be._halo(du, dv)
     for colour in (0, 1):
         k.launch(
-            k.sweep,
+            k._cu_sor_sweep_rb,
             (n, NX - 2, (NY - 1) // 2),
             du,
             dv,
@@ -4134,7 +2315,7 @@ def test_cuda_median_matches_cpu(filt):
     d = rng.standard_normal((2, n, NX, NY))
     k = fs._cuda_kernels("float64")
     u, v = _dev(np.zeros((n, NX, NY))), _dev(np.ones((n, NX, NY)))
-    k.launch(k.median_add, (n, NX, NY), _dev(d[0]), _dev(d[1]), u, v, filt)
+    k.launch(k._cu_medfilt5_add, (n, NX, NY), _dev(d[0]), _dev(d[1]), u, v, filt)
     for f in range(n):
         a, b = d[0, f].copy(), d[1, f].copy()
         if filt:
@@ -4311,22 +2492,22 @@ for F in ("float32", "float64"):
     k = fs._cuda_kernels(F)
     A3, A2, A4, U3 = f"{F}[:, :, :]", f"{F}[:, :]", f"{F}[:, :, :, :]", "uint8[:, :, :]"
     sigs = {
-        "fill": f"({A3}, {F})", "copy": f"({A3}, {A3})", "broadcast": f"({A2}, {A3})",
-        "to_planes": f"(uint16[:, :, :, :], {A3})", "from_planes": f"({A3}, {A4})",
-        "fields_out": f"({A3}, {A3}, {U3}, {A4}, uint8[:, :, :])", "halo": f"({A3}, {A3})",
-        "resize0": f"({A3}, {A2}, int32[:, :], {A3})", "resize1": f"({A3}, {A2}, int32[:, :], {A3})",
-        "warp": f"({A3}, {A3}, {A3}, {F}, {F}, {A3}, int64, {A3}, {U3})",
-        "tensor_gc": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
-        "tensor_gray": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
-        "refresh": (getattr(nbt, F)[:, :, :, :], getattr(nbt, F)[:, :, :], getattr(nbt, F)[:],
+        "_cu_fill": f"({A3}, {F})", "_cu_copy": f"({A3}, {A3})", "_cu_broadcast": f"({A2}, {A3})",
+        "_cu_to_planes": f"(uint16[:, :, :, :], {A3})", "_cu_from_planes": f"({A3}, {A4})",
+        "_cu_fields_out": f"({A3}, {A3}, {U3}, {A4}, uint8[:, :, :])", "_cu_set_boundary": f"({A3}, {A3})",
+        "_cu_resize_axis0": f"({A3}, {A2}, int32[:, :], {A3})", "_cu_resize_axis1": f"({A3}, {A2}, int32[:, :], {A3})",
+        "_cu_warp_plane": f"({A3}, {A3}, {A3}, {F}, {F}, {A3}, int64, {A3}, {U3})",
+        "_cu_tensor_gc": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
+        "_cu_tensor_gray": f"({A3}, {A3}, {F}, {F}" + f", {A3}" * 6 + ")",
+        "_cu_refresh": (getattr(nbt, F)[:, :, :, :], getattr(nbt, F)[:, :, :], getattr(nbt, F)[:],
                     numba.typeof(fs._SolverParams(*[np.dtype(F).type(1)] * 4, 2, 1,
                                                   np.dtype(F).type(1), False, False, True)),
                     nbt.boolean, *[getattr(nbt, F)[:, :, :]] * 11),
-        "smooth_psi": f"({A3}, {A3}, {A3}, {A3}, {F}, {F}, {F}, {A3})",
-        "smooth_edges": f"({A3}, {F}, {F}, {A3}, {A3})",
-        "sweep": f"({A3}, {A3}, {A3}, {A3}, boolean, {F}, {F}" + f", {A3}" * 5 + f", {F}, int64)",
-        "median_add": f"({A3}, {A3}, {A3}, {A3}, boolean)",
-        "frame_sums": f"({A3}, {A3}, float64[:, :])",
+        "_cu_smooth_psi": f"({A3}, {A3}, {A3}, {A3}, {F}, {F}, {F}, {A3})",
+        "_cu_smooth_edges": f"({A3}, {F}, {F}, {A3}, {A3})",
+        "_cu_sor_sweep_rb": f"({A3}, {A3}, {A3}, {A3}, boolean, {F}, {F}" + f", {A3}" * 5 + f", {F}, int64)",
+        "_cu_medfilt5_add": f"({A3}, {A3}, {A3}, {A3}, boolean)",
+        "_cu_frame_sums": f"({A3}, {A3}, float64[:, :])",
     }
     for name, sig in sigs.items():
         ptx, _ = cuda.compile_ptx(getattr(k, name).py_func, sig, cc=(9, 0))
@@ -4362,7 +2543,7 @@ def test_cuda_kernels_compile_for_the_gpu_and_float32_stays_single():
     rows = [line.split() for line in r.stdout.splitlines()]
     assert len(rows) == 2 * 18
     for prec, name, n64 in rows:
-        if prec == "float32" and name != "frame_sums":
+        if prec == "float32" and name != "_cu_frame_sums":
             assert n64 == "0", (name, n64)
     assert any(prec == "float64" and int(n64) > 0 for prec, _, n64 in rows)
 
@@ -4751,6 +2932,2134 @@ def test_reference_preregistration_in_chunks_equals_one_call(tmp_path):
         whole = fs.compute_reference(fs.open_video(str(path)), opts, pool, backend=one_call)
     assert chunked.shape == (24, 28, 1) and chunked.dtype == np.float64
     np.testing.assert_array_equal(chunked, whole)
+
+
+###############################################################################
+### Solver layout: the pyramid plan, channel weights, backends
+###############################################################################
+
+
+@pytest.mark.parametrize(
+    "weight, C, want",
+    [
+        ((0.5, 0.5), 3, [0.375, 0.375, 0.25]),  # padded with 1/3, then sum 1: 4/3 -> 1
+        ((0.5, 0.5), 1, [1.0]),  # cut to C, then sum 1
+        ((0.375, 0.125, 0.0, 0.5), 2, [0.75, 0.25]),
+        ((2.0,), 2, [0.5, 0.5]),  # a scalar for every channel
+    ],
+)
+def test_channel_weights_follow_one_rule_in_get_displacement_and_the_stages(weight, C, want):
+    # get_displacement's parameters and Stage 1's (from FlowOptions) build the
+    # per-channel weights with the same function; the expected values are the rule
+    # worked by hand: cut to C or pad with 1/C, then divide by the sum.
+    direct = fs._displacement_params(C, weight=weight).wvec
+    staged = fs._flow_params(fs.FlowOptions(weight=weight), C).wvec
+    np.testing.assert_allclose(direct, want, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(staged, direct)
+
+
+@pytest.mark.parametrize("quirks", [True, False])
+def test_pyramid_plan_states_the_level_rules_of_get_displacement(quirks):
+    # 64 x 48 (W x H), eta 0.75: warpingDepth gives 6 levels below full size along
+    # x (64 * 0.75^6 = 11.4 -> 11 >= 10, 0.75^7 -> 8.5) and 5 along y (48 * 0.75^5
+    # = 11.4, 0.75^6 -> 8.5); each axis stops at its own depth.
+    p = fs._displacement_params(2, eta=0.75, alpha=(2.0, 3.0), matlab_quirks=quirks)
+    p = p._replace(min_level=1)
+    levels = fs._plan_levels(fs._pyramid_plan(p, (2, 64, 48)))
+    assert [lev.level for lev in levels] == [6, 5, 4, 3, 2, 1]
+    for lev in levels:
+        i = lev.level
+        assert lev.lx == round(64 * 0.75 ** min(i, 6)) and lev.ly == round(48 * 0.75 ** min(i, 5))
+        hx, hy = 64 / lev.lx, 48 / lev.ly
+        assert (lev.hx, lev.hy) == ((hy, hx) if quirks else (hx, hy))  # the toolbox swaps them
+        scale = 1.0 if i == 1 else 0.75 ** (-0.5 * i)  # the finest level solved: alpha itself
+        assert lev.alpha_x == pytest.approx(2.0 * scale, rel=1e-15)
+        assert lev.alpha_y == pytest.approx(3.0 * scale, rel=1e-15)
+        assert lev.median == (min(lev.lx, lev.ly) > 5)
+    offsets = [lev.offset for lev in levels]
+    assert offsets == list(np.cumsum([0] + [2 * lev.lx * lev.ly for lev in levels[:-1]]))
+
+
+# Every step of the solver on every other backend against its CPU kernel, the
+# reference: the CUDA kernels (Numba's simulator without a GPU) and the torch
+# functions (CPU).  Inputs are tiny, two frames of two channels; the CPU results
+# are per frame.  Tolerances: rounding only, in float64 (1e-12 of the largest
+# value; 1e-11 for the level solver, a few hundred operations deep through pow);
+# the median selects a value, so it is exact.
+
+_STEPS = [
+    "resize",
+    "warp_nearest",
+    "warp_linear",
+    "warp_cubic",
+    "tensor_gc",
+    "tensor_gray",
+    "refresh_first",
+    "refresh",
+    "refresh_local",
+    "smooth_weights",
+    "sweep_uniform",
+    "sweep",
+    "level_solver",
+    "median",
+]
+
+
+def _step_case(step):
+    """Inputs of ``step`` (numpy, float64) and the CPU kernels' results, a list of
+    arrays with the frames ``(n, ...)`` or planes ``(n * C, ...)`` first."""
+    rng = np.random.default_rng(sum(map(ord, step)))
+    n, C, nx, ny = 2, 2, 7, 6
+    NX, NY = nx + 2, ny + 2
+    case = {"n": n, "C": C}
+    if step == "resize":
+        src = rng.random((n * C, 9, 7))
+        case.update(src=src, size=(6, 11))
+        return case, [np.stack([fs._nb_resize(s, 6, 11) for s in src])]
+    if step.startswith("warp"):
+        method = fs._INTERPOLATION[step.split("_")[1]]
+        src, fill = rng.random((n * C, nx, ny)), rng.random((C, nx, ny))
+        u, v = rng.uniform(-3, 3, (2, n, nx, ny))  # partly outside: fill and mask
+        case.update(src=src, fill=fill, u=u, v=v, h=(1.3, 0.8), method=method)
+        out, valid = np.empty((n * C, nx, ny)), np.empty((n, nx, ny), bool)
+        for q in range(n * C):
+            k = q // C
+            fs._nb_warp_plane(src[q], u[k], v[k], 1.3, 0.8, fill[q % C], method, out[q], valid[k])
+        return case, [out, valid]
+    if step.startswith("tensor"):
+        f1, f2 = rng.random((C, nx, ny)), rng.random((n * C, nx, ny))
+        case.update(f1=f1, f2=f2, h=(1.25, 0.9), kind=fs._TENSOR_KINDS[step.split("_")[1]])
+        J = np.empty((6, n * C, NX, NY))
+        kern = fs._nb_tensor_gc if step == "tensor_gc" else fs._nb_tensor_gray
+        for q in range(n * C):
+            kern(f1[q % C], f2[q], 1.25, 0.9, *J[:, q])
+        return case, list(J)
+    J = np.empty((6, n * C, NX, NY))
+    for q in range(n * C):
+        fs._nb_tensor_gc(rng.random((nx, ny)), rng.random((nx, ny)), 1.1, 0.9, *J[:, q])
+    u, v = (np.stack([fs._nb_pad_edge(rng.normal(0, 1, (nx, ny))) for _ in range(n)]) for _ in "uv")
+    du, dv = (rng.normal(0, 0.2, (n, NX, NY)) for _ in "uv")
+    wxe, wye = (rng.random((n, NX, NY)) + 0.5 for _ in "xy")
+    local = step == "refresh_local"
+    weight = rng.random((C, NX, NY)) if local else np.array([0.3, 0.7]).reshape(C, 1, 1)
+    a_smooth = 1.0 if step == "sweep_uniform" else 0.5
+    sp = fs._SolverParams(2.0, 1.5, 1.1, 0.9, 6, 2, a_smooth, False, local, True)
+    a_data = np.array([0.45, 0.6])
+    case.update(J=J, u=u, v=v, du=du, dv=dv, wxe=wxe, wye=wye, weight=weight, sp=sp, a_data=a_data)
+    frames = range(n)
+
+    def Jf(k):
+        return np.ascontiguousarray(J[:, k * C : (k + 1) * C])
+
+    if step.startswith("refresh"):
+        case["first"] = step == "refresh_first"
+        outs = np.zeros((5, n, NX, NY))
+        for k in frames:
+            args = (u[k], v[k], du[k], dv[k], wxe[k], wye[k])
+            fs._nb_refresh(Jf(k), weight, a_data, sp, case["first"], *args, *outs[:, k])
+        return case, list(outs[:, :, 1:-1, 1:-1])  # interior pixels
+    if step == "smooth_weights":
+        out = np.empty((2, n, NX, NY))
+        for k in frames:
+            fs._nb_smooth_weights(u[k], v[k], du[k], dv[k], 0.5, 2.0, 1.5, 1.1, 0.9, *out[:, k])
+        return case, list(out)
+    if step.startswith("sweep"):
+        if a_smooth == 1.0:
+            wxe[:], wye[:] = 0.7, 1.3
+        consts = [rng.normal(0, 0.2, (n, NX, NY)) for _ in range(3)]  # A12, cu, cv
+        consts[1:1] = [rng.random((n, NX, NY)) * 0.3 for _ in range(2)]  # Du, Dv
+        case["consts"] = consts  # A12, Du, Dv, cu, cv
+        a, b = du.copy(), dv.copy()
+        for k in frames:
+            fs._nb_set_boundary(a[k])
+            fs._nb_set_boundary(b[k])
+            c = [x[k] for x in consts]
+            fs._nb_sor_sweep_rb(a[k], b[k], wxe[k], wye[k], a_smooth == 1.0, *c, fs.SOR_OMEGA)
+        return case, [a, b]
+    if step == "level_solver":
+        out = np.empty((2, n, NX, NY))
+        for k in frames:
+            fs._nb_level_solver(Jf(k), weight, a_data, u[k], v[k], sp, *out[:, k], fs._NO_TIMES, 0)
+        return case, list(out[:, :, 1:-1, 1:-1])
+    assert step == "median"
+    want = [u.copy(), v.copy()]
+    for k in frames:
+        for d, w in ((du[k].copy(), want[0][k]), (dv[k].copy(), want[1][k])):
+            fs._nb_medfilt5_interior(d)
+            w[1:-1, 1:-1] += d[1:-1, 1:-1]
+    return case, [w[:, 1:-1, 1:-1] for w in want]
+
+
+def _cuda_step(step, c):
+    """``step`` on the CUDA kernels (float64)."""
+    from numba import cuda
+
+    dev = cuda.to_device
+    be = fs.CudaBackend({"precision": "float64"})
+    k = be._k
+    n = c["n"]
+    if step == "resize":
+        out = be._work("out", (len(c["src"]), *c["size"]))
+        be._resize(dev(c["src"]), *c["size"], out, "tmp")
+        return [out.copy_to_host()]
+    if step.startswith("warp"):
+        out, valid = dev(np.zeros_like(c["src"])), dev(np.zeros(c["u"].shape, np.uint8))
+        args = (dev(c["u"]), dev(c["v"]), *c["h"], dev(c["fill"]), c["method"], out, valid)
+        k.launch(k._cu_warp_plane, c["u"].shape, dev(c["src"]), *args)
+        return [out.copy_to_host(), valid.copy_to_host().astype(bool)]
+    if step.startswith("tensor"):
+        J = [dev(np.zeros((len(c["f2"]), *(s + 2 for s in c["f1"].shape[1:])))) for _ in range(6)]
+        kern = k._cu_tensor_gc if c["kind"] == 0 else k._cu_tensor_gray
+        k.launch(kern, J[0].shape, dev(c["f1"]), dev(c["f2"]), *c["h"], *J)
+        return [j.copy_to_host() for j in J]
+    fields = [dev(c[x]) for x in ("u", "v", "du", "dv")]
+    shape = c["u"].shape
+    if step.startswith("refresh"):
+        outs = [dev(np.zeros(shape)) for _ in range(5)]
+        args = (c["sp"], c["first"], *fields, dev(c["wxe"]), dev(c["wye"]), *outs)
+        k.launch(k._cu_refresh, shape, dev(c["J"]), dev(c["weight"]), dev(c["a_data"]), *args)
+        return [o.copy_to_host()[:, 1:-1, 1:-1] for o in outs]
+    if step == "smooth_weights":
+        psi, wxe, wye = (dev(np.zeros(shape)) for _ in range(3))
+        k.launch(k._cu_smooth_psi, shape, *fields, 0.5, 1.1, 0.9, psi)
+        k.launch(k._cu_smooth_edges, shape, psi, 2.0 / 1.1**2, 1.5 / 0.9**2, wxe, wye)
+        return [wxe.copy_to_host(), wye.copy_to_host()]
+    if step.startswith("sweep"):
+        du, dv = fields[2:]
+        be._halo(du, dv)
+        uniform = c["sp"].a_smooth == 1.0
+        consts = [dev(x) for x in c["consts"]]
+        for colour in (0, 1):
+            k.launch(
+                k._cu_sor_sweep_rb,
+                (n, shape[1] - 2, (shape[2] - 1) // 2),
+                du,
+                dv,
+                dev(c["wxe"]),
+                dev(c["wye"]),
+                uniform,
+                0.7,
+                1.3,
+                *consts,
+                fs.SOR_OMEGA,
+                colour,
+            )
+        return [du.copy_to_host(), dv.copy_to_host()]
+    if step == "level_solver":
+        du, dv = be._work("du", shape), be._work("dv", shape)
+        w, ad = dev(c["weight"]), dev(c["a_data"])
+        be._level_solver(dev(c["J"]), w, ad, fields[0], fields[1], c["sp"], du, dv)
+        return [du.copy_to_host()[:, 1:-1, 1:-1], dv.copy_to_host()[:, 1:-1, 1:-1]]
+    u, v, du, dv = fields
+    k.launch(k._cu_medfilt5_add, shape, du, dv, u, v, True)
+    return [u.copy_to_host()[:, 1:-1, 1:-1], v.copy_to_host()[:, 1:-1, 1:-1]]
+
+
+def _torch_step(step, c):
+    """``step`` on the torch functions (CPU, float64)."""
+    n, C = c["n"], c["C"]
+    if step == "resize":
+        return [fs._tc_resize(_tt(c["src"]), *c["size"]).numpy()]
+    if step.startswith("warp"):
+        nx, ny = c["src"].shape[1:]
+        src = _tt(c["src"]).reshape(n, C, nx, ny)
+        fill = _tt(c["fill"])[None]
+        out, ok = fs._tc_warp(src, _tt(c["u"]), _tt(c["v"]), *c["h"], fill, c["method"])
+        return [out.reshape(n * C, nx, ny).numpy(), ok.numpy()]
+    if step.startswith("tensor"):
+        nx, ny = c["f1"].shape[1:]
+        f2 = _tt(c["f2"]).reshape(n, C, nx, ny)
+        J = fs._tc_tensor(_tt(c["f1"])[None], f2, *c["h"], c["kind"])
+        return list(J.reshape(6, n * C, nx + 2, ny + 2).numpy())
+    NX, NY = c["u"].shape[1:]
+    J = _tt(c["J"]).reshape(6, n, C, NX, NY)
+    u, v, du, dv = (_tt(c[x]) for x in ("u", "v", "du", "dv"))
+    weight = _tt(c["weight"][:, 1:-1, 1:-1] if c["sp"].local else c["weight"])
+    a_data = list(c["a_data"])
+    if step.startswith("refresh"):
+        args = (u, v, du, dv, _tt(c["wxe"]), _tt(c["wye"]))
+        return [x.numpy() for x in fs._tc_refresh(J, weight, a_data, c["sp"], c["first"], *args)]
+    if step == "smooth_weights":
+        cx, cy = 2.0 / 1.1**2, 1.5 / 0.9**2
+        return [x.numpy() for x in fs._tc_smooth_weights(u, v, du, dv, 0.5, cx, cy, 1.1, 0.9)]
+    if step.startswith("sweep"):
+        D = _need("torch").stack([du, dv])
+        if c["sp"].a_smooth == 1.0:
+            wxe, wye = 0.7, 1.3
+        else:
+            wxe, wye = _tt(c["wxe"]), _tt(c["wye"])
+        consts = [_tt(x)[:, 1:-1, 1:-1] for x in c["consts"]]
+        plan = fs._tc_sweep_plan(D, wxe, wye, consts, fs._tc_sublattices(NX, NY))
+        fs._tc_set_boundary(D)
+        fs._tc_sor_sweep_rb(plan, fs.SOR_OMEGA)
+        return [D[0].numpy(), D[1].numpy()]
+    if step == "level_solver":
+        du, dv = fs._tc_level_solver(J, weight, a_data, u, v, c["sp"])
+        return [du.numpy()[:, 1:-1, 1:-1], dv.numpy()[:, 1:-1, 1:-1]]
+    return [
+        (w[:, 1:-1, 1:-1] + fs._tc_medfilt5(d[:, 1:-1, 1:-1])).numpy()
+        for w, d in ((u, du), (v, dv))
+    ]
+
+
+@pytest.mark.parametrize("step", _STEPS)
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("torch", marks=pytest.mark.torch)],
+)
+def test_every_step_of_every_backend_matches_its_cpu_kernel(backend, step):
+    case, want = _step_case(step)
+    got = _cuda_step(step, case) if backend == "cuda" else _torch_step(step, case)
+    assert len(got) == len(want)
+    rel = 0.0 if step == "median" else 1e-11 if step == "level_solver" else 1e-12
+    for g, w in zip(got, want):
+        g = np.asarray(g, dtype=w.dtype)
+        assert g.shape == w.shape
+        scale = max(np.abs(w).max(), 1e-300) if w.dtype != bool else 1
+        np.testing.assert_allclose(g, w, rtol=0, atol=rel * scale)
+
+
+###############################################################################
+### Rigid registration: cross-correlation
+###############################################################################
+
+RECIPES = ["stage2_recipe_64x64.npz", "stage2_recipe_96x128.npz"]
+
+
+def _recipe(name):
+    return ref(name[: -len(".npz")])
+
+
+def blobs(shape, seed, shift=(0.0, 0.0), density=0.02, margin=16):
+    """Sum of Gaussian blobs evaluated analytically at ``(y - dy, x - dx)``.
+
+    ``blobs(shape, s, (dx, dy))`` is ``blobs(shape, s)`` with its content moved right
+    by dx and down by dy, built exactly (no interpolation); blobs up to `margin` px
+    outside the frame make shifted content enter from the borders.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    n = int(density * (h + 2 * margin) * (w + 2 * margin))
+    cy, cx = rng.uniform(-margin, h + margin, n), rng.uniform(-margin, w + margin, n)
+    s, amp = rng.uniform(1.5, 4.0, n)[:, None], rng.uniform(0.3, 1.0, n)[:, None]
+    gy = np.exp(-(((np.arange(h) - shift[1]) - cy[:, None]) ** 2) / (2 * s**2))
+    gx = np.exp(-(((np.arange(w) - shift[0]) - cx[:, None]) ** 2) / (2 * s**2))
+    return (amp * gy).T @ gx
+
+
+def pair(shape, seed, shift, channels=1):
+    """(fixed, moving) of shape (H, W, C); channel k has its own content, all moved by `shift`."""
+    fixed = np.stack([blobs(shape, seed + 7919 * k) for k in range(channels)], axis=-1)
+    moving = np.stack([blobs(shape, seed + 7919 * k, shift) for k in range(channels)], axis=-1)
+    return fixed, moving
+
+
+###############################################################################
+### normxcorr2
+###############################################################################
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_normxcorr2_matches_matlab_reference(name):
+    d = _recipe(name)
+    c = normxcorr2(d["fixed"], d["moving"])
+    m, n = d["fixed"].shape
+    assert c.shape == (2 * m - 1, 2 * n - 1) and c.dtype == np.float64
+    np.testing.assert_allclose(c, d["normxcorr2"], rtol=0, atol=1e-10)
+
+
+def test_normxcorr2_equals_lewis_definition_brute_force():
+    rng = np.random.default_rng(5)
+    t = rng.integers(0, 50, (4, 3)).astype(float)
+    a = rng.integers(0, 50, (9, 11)).astype(float)
+    a[:6, :7] = 7.0  # windows on constant content must give 0
+    m, n = t.shape
+    ap = np.pad(a, ((m - 1, m - 1), (n - 1, n - 1)))
+    num = np.empty((a.shape[0] + m - 1, a.shape[1] + n - 1))
+    den = np.empty_like(num)
+    for r in range(num.shape[0]):
+        for s in range(num.shape[1]):
+            win = ap[r : r + m, s : s + n]
+            num[r, s] = np.sum((t - t.mean()) * win)
+            var = max(np.sum(win**2) - np.sum(win) ** 2 / t.size, 0.0)
+            den[r, s] = np.sqrt(t.size - 1) * t.std(ddof=1) * np.sqrt(var)
+    ok = den > np.sqrt(np.spacing(den.max()))
+    expected = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+    c = normxcorr2(t, a)
+    np.testing.assert_allclose(c, expected, rtol=0, atol=1e-12)
+    assert np.all(c[m - 1 : 6, n - 1 : 7] == 0.0)
+
+
+def test_normxcorr2_finds_template_cut_from_image():
+    a = blobs((40, 50), 3) + 0.01 * np.random.default_rng(3).random((40, 50))
+    t = a[11:23, 17:26]
+    c = normxcorr2(t, a)
+    r, s = np.unravel_index(np.argmax(c), c.shape)
+    assert (r, s) == (11 + 12 - 1, 17 + 9 - 1)
+    assert c[r, s] == pytest.approx(1.0, abs=1e-12)
+    assert np.all(np.abs(c) <= 1 + 1e-12)
+
+
+@pytest.mark.parametrize(
+    "template, image",
+    [
+        (np.full((5, 7), 0.1), np.eye(8)),  # constant (its float mean is not 0.1)
+        (np.eye(6), np.eye(5)),  # template larger than image
+        (np.ones((1, 1)), np.eye(5)),  # fewer than 2 elements
+        (np.eye(3), np.ones((5, 5, 2))),  # not 2-D
+        (np.eye(3), np.full((5, 5), np.nan)),  # NaN
+        (np.eye(3), np.zeros((0, 5))),  # empty
+    ],
+)
+def test_normxcorr2_bad_input(template, image):
+    with pytest.raises(InputError):
+        normxcorr2(template, image)
+
+
+###############################################################################
+### get_displacement_cc
+###############################################################################
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_get_displacement_cc_matches_matlab_w_init(name):
+    d = _recipe(name)
+    w = get_displacement_cc(d["fixed"], d["moving"])
+    assert w.shape == d["fixed"].shape + (2,) and w.dtype == np.float64
+    assert np.array_equal(w, d["w_init"])  # (+1, -2) and (+5, -4)
+
+
+def test_get_displacement_cc_integer_shifts_and_channel_mean():
+    big = np.random.default_rng(8).random((2, 68, 84))  # white noise: one sharp peak
+
+    def crop(k, dx, dy):  # content moved by (dx, dy)
+        return big[k, 10 - dy : 58 - dy, 10 - dx : 74 - dx]
+
+    assert np.all(get_displacement_cc(crop(0, 0, 0), crop(0, 3, -2)) == [3, -2])
+    fixed = np.stack([crop(0, 0, 0), crop(1, 0, 0)], -1)
+    moving = np.stack([crop(0, 3, -2), crop(1, 1, 0)], -1)
+    w = get_displacement_cc(fixed, moving)
+    assert w.shape == (48, 64, 2) and np.all(w == [2.0, -1.0])
+
+
+def test_get_displacement_cc_ties_follow_matlab_column_major_order(monkeypatch):
+    c = np.zeros((9, 11))
+    c[0, 5] = 0.8  # first in row-major order
+    c[3, 1] = -0.8  # first in column-major order (MATLAB), |c| ties
+    monkeypatch.setattr(fs, "normxcorr2", lambda t, a: c)
+    w = get_displacement_cc(np.eye(5, 6), np.eye(5, 6))
+    assert w[0, 0].tolist() == [1 + 1 - 6, 3 + 1 - 5]
+
+
+def test_get_displacement_cc_bad_input():
+    with pytest.raises(InputError, match="constant"):
+        get_displacement_cc(np.eye(8), np.ones((8, 8)))
+    with pytest.raises(InputError, match="shape"):
+        get_displacement_cc(np.eye(8), np.eye(8, 9))
+
+
+###############################################################################
+### Sub-pixel phase correlation
+###############################################################################
+
+
+def test_upsampled_dft_equals_inverse_fft_and_direct_sum():
+    rng = np.random.default_rng(2)
+    data = rng.standard_normal((6, 10)) + 1j * rng.standard_normal((6, 10))
+    full = fs._xc_upsampled_dft(data, (6, 10), 1, (0, 0))
+    np.testing.assert_allclose(full / data.size, np.fft.ifft2(data), atol=1e-12)
+    ky, kx = np.fft.fftfreq(6, 1 / 6), np.fft.fftfreq(10, 1 / 10)
+    y, x = -1.3 + np.arange(4) / 3, 2.1 + np.arange(4) / 3
+    direct = np.einsum(
+        "ab,ia,jb->ij",
+        data,
+        np.exp(2j * np.pi * np.outer(y, ky) / 6),
+        np.exp(2j * np.pi * np.outer(x, kx) / 10),
+    )
+    np.testing.assert_allclose(fs._xc_upsampled_dft(data, 4, 3, (-1.3, 2.1)), direct, atol=1e-10)
+
+
+def test_overlap_hann_is_numpy_hann_at_zero_and_moves_with_the_shift():
+    wf, wm = fs._xc_overlap_hann(20, 0.0)
+    np.testing.assert_allclose(wf, np.hanning(20), atol=1e-15)
+    np.testing.assert_array_equal(wf, wm)
+    wf, wm = fs._xc_overlap_hann(20, 3.0)
+    np.testing.assert_allclose(wm[3:], wf[:-3], atol=1e-15)
+    assert np.all(wm[:3] == 0) and np.all(wf[-3:] == 0)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    shape=st.sampled_from([(64, 64), (48, 100), (100, 48), (96, 200)]),
+    upsample=st.sampled_from([1, 4, 10, 20]),
+    dx=st.floats(-8, 8),
+    dy=st.floats(-8, 8),
+    channels=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10**6),
+    normalization=st.sampled_from([None, "phase"]),
+)
+def test_recovers_translation(shape, upsample, dx, dy, channels, seed, normalization):
+    fixed, moving = pair(shape, seed, (dx, dy), channels)
+    est = estimate_rigid_shift(fixed, moving, upsample=upsample, normalization=normalization)
+    assert all(isinstance(v, float) for v in est)
+    assert np.max(np.abs(np.subtract(est, (dx, dy)))) <= 1 / upsample + 0.05
+
+
+@pytest.mark.parametrize("shape", [(200, 512), (512, 200)])
+@pytest.mark.parametrize("shift", [(7.0, -4.0), (-5.35, 2.8)])
+def test_non_square_is_not_transposed(shape, shift):
+    # pyflowreg returned (5.5, -4.75) for (7, -4) on 200x512 (spec section 11, bug 7)
+    est = estimate_rigid_shift(*pair(shape, 4, shift), upsample=10)
+    np.testing.assert_allclose(est, shift, atol=0.15)
+
+
+def test_sign_convention():
+    fixed, moving = pair((64, 80), 9, (3.0, 0.0))  # content moved right by 3 px
+    dx, dy = estimate_rigid_shift(fixed, moving, upsample=20)
+    assert dx == pytest.approx(3.0, abs=0.1) and dy == pytest.approx(0.0, abs=0.1)
+    fixed = blobs((64, 80), 9)
+    moving = np.roll(fixed, (2, -5), axis=(0, 1))  # down 2, left 5, periodic
+    assert estimate_rigid_shift(fixed, moving, window=False, upsample=10) == (-5.0, 2.0)
+    # backward warp: fixed(x, y) == moving(x + dx, y + dy)
+    np.testing.assert_array_equal(fixed[10:50, 10:70], moving[12:52, 5:65])
+
+
+def test_weights_select_channels_and_constant_channels_are_ignored(caplog):
+    f0, m0 = pair((64, 64), 21, (2.5, -1.5))
+    f1, m1 = pair((64, 64), 22, (-4.0, 3.0))
+    fixed, moving = np.concatenate([f0, f1], -1), np.concatenate([m0, m1], -1)
+    np.testing.assert_allclose(
+        estimate_rigid_shift(fixed, moving, upsample=10, weight=[1, 0]), (2.5, -1.5), atol=0.1
+    )
+    np.testing.assert_allclose(
+        estimate_rigid_shift(fixed, moving, upsample=10, weight=[0, 1]), (-4.0, 3.0), atol=0.1
+    )
+    fixed[..., 1] = moving[..., 1] = 3.0
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        est = estimate_rigid_shift(fixed, moving, upsample=10)
+    np.testing.assert_allclose(est, (2.5, -1.5), atol=0.1)
+    assert "channel 1 is constant" in caplog.text
+
+
+def test_illumination_change():
+    yy, xx = np.mgrid[:64, :96]
+    for seed, shift in enumerate([(3.3, -2.1), (-6.7, 5.2), (0.4, 7.9)]):
+        fixed, moving = (img[..., 0] for img in pair((64, 96), seed, shift))
+        moving = (
+            0.6 * moving + 0.5 * xx / 96 + 0.3 * np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 450)
+        )
+        for normalization, tol in [(None, 0.2), ("phase", 0.1)]:
+            est = estimate_rigid_shift(fixed, moving, upsample=10, normalization=normalization)
+            np.testing.assert_allclose(est, shift, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 100)])
+@pytest.mark.parametrize("seed", range(4))
+def test_poisson_noise(shape, seed):
+    # single-frame counts (20 + 100 * texture): plain cross-correlation (the default) stays
+    # within 0.25 px; phase correlation errs by ~0.6 px on average here (see docstring)
+    rng = np.random.default_rng(seed)
+    shift = tuple(rng.uniform(-6, 6, 2))
+    fixed, moving = (
+        rng.poisson(20 + 100 * img).astype(np.uint16) for img in pair(shape, seed, shift)
+    )
+    est = estimate_rigid_shift(fixed, moving, upsample=10)
+    assert np.max(np.abs(np.subtract(est, shift))) < 0.25
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_agrees_with_get_displacement_cc_on_matlab_pairs(name):
+    d = _recipe(name)
+    w = get_displacement_cc(d["fixed"], d["moving"])[0, 0]
+    est = estimate_rigid_shift(d["fixed"], d["moving"], upsample=10)
+    assert np.all(np.abs(np.subtract(est, w)) <= 1.0)
+    assert est == estimate_rigid_shift(d["fixed"].astype(np.float64), d["moving"], upsample=10)
+
+
+_IMG = blobs((16, 16), 0)
+
+
+@pytest.mark.parametrize(
+    "fixed, moving, kwargs, match",
+    [
+        (_IMG, _IMG[:, :15], {}, "shape"),
+        (_IMG, np.where(_IMG > 0.5, np.nan, _IMG), {}, "NaN"),
+        (_IMG, np.where(_IMG > 0.5, np.inf, _IMG), {}, "NaN or Inf"),
+        (np.zeros((0, 16)), np.zeros((0, 16)), {}, "empty"),
+        (_IMG, np.full_like(_IMG, 4.0), {}, "variance"),
+        (_IMG[0], _IMG[0], {}, "2-D"),
+        (_IMG[..., None, None], _IMG[..., None, None], {}, "2-D"),
+        (_IMG + 0j, _IMG, {}, "dtype"),
+        (_IMG[:6], _IMG[:6], {}, "too small"),
+        (_IMG, _IMG, {"upsample": 0}, "upsample"),
+        (_IMG, _IMG, {"upsample": 2.5}, "upsample"),
+        (_IMG, _IMG, {"normalization": "Phase"}, "normalization"),
+        (_IMG, _IMG, {"weight": [1, 1]}, "weight"),
+        (_IMG, _IMG, {"weight": [-1]}, "weight"),
+        (_IMG, _IMG, {"weight": [np.nan]}, "weight"),
+        (_IMG, _IMG, {"weight": ["one"]}, "weight"),
+        (_IMG, _IMG, {"weight": [0]}, "variance"),
+    ],
+)
+def test_estimate_rigid_shift_bad_input(fixed, moving, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        estimate_rigid_shift(fixed, moving, **kwargs)
+
+
+###############################################################################
+### Stage 1
+###############################################################################
+
+
+def _write_h5(path, frames):
+    with h5py.File(path, "w") as f:
+        if frames.shape[-1] == 1:
+            f["mov"] = frames[..., 0]
+        else:
+            for c in range(frames.shape[-1]):
+                f[f"ch{c + 1}"] = frames[..., c]
+
+
+def _stage1_config(tmp_path, recordings, **flow):
+    root = tmp_path / "data"
+    root.mkdir(exist_ok=True)
+    for name, frames in recordings.items():
+        _write_h5(root / name, frames)
+    flow.setdefault("reference_frames", list(range(min(20, len(next(iter(recordings.values())))))))
+    return fs.SessionConfig(root=root, pattern="*.h5", n_workers=2, flow_options=flow)
+
+
+def _read_w(folder):
+    with h5py.File(os.path.join(folder, "w.hdf5"), "r") as f:
+        return np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
+
+
+def _read_comp(folder):
+    with h5py.File(os.path.join(folder, "compensated.hdf5"), "r") as f:
+        return np.stack([f[f"ch{c + 1}"][:] for c in range(int(f.attrs["n_channels"]))], axis=-1)
+
+
+def test_stage1_matches_matlab_compensate_recording(tmp_path):
+    """The whole Stage 1 path (file in, files out) against the toolbox's compensate_recording.
+
+    Tolerances: the reference file measured the configuration's sensitivity to
+    a 1e-12 input perturbation as max 1.2e-3 px / mean 9e-7 px; the fields are
+    stored as float32 (rounding <= 2.4e-7 px at |w| < 4 px).  The reference
+    pre-registration (alpha + 2) is well conditioned: 1e-9 relative.  A field
+    error d moves a cubic sample by at most |grad f| d, which bounds the frames.
+    """
+    d = ref("compensate_recording_64x64x40_1ch")
+    frames = np.moveaxis(as_float(d["frames"]), -1, 0)
+    cfg = _stage1_config(tmp_path, {"rec.h5": frames}, save_w=True)
+    out = fs.run_stage1(cfg)[0]
+    sens_max, sens_mean = (float(s) for s in d["perturbation_sensitivity_1e12"])
+    w = _read_w(out)
+    w_ref = np.moveaxis(as_float(d["w"]), -1, 0)
+    dw = np.abs(w - w_ref)
+    assert dw.mean() <= 2 * sens_mean + 2.4e-7
+    assert dw.max() <= sens_max
+    comp = _read_comp(out)
+    assert comp.dtype == np.float64  # float input keeps its type
+    grad = max(np.abs(np.diff(frames, axis=a)).max() for a in (1, 2))
+    c_ref = np.moveaxis(as_float(d["compensated_first8"]), -1, 0)
+    np.testing.assert_allclose(comp[:8], c_ref, rtol=0, atol=grad * (sens_max + 2.4e-7))
+    with h5py.File(os.path.join(out, "idx.hdf"), "r") as f:
+        idx = f["idx"][:]
+        np.testing.assert_array_equal(f["ch1"][:], idx)  # pyflowreg's name, same data
+    idx_ref = np.moveaxis(d["idx"][:, :, 0, :], -1, 0)
+    assert idx.dtype == np.uint8 and (idx == idx_ref).mean() >= 0.999
+    np.testing.assert_allclose(
+        np.load(os.path.join(out, "reference_frame.npy"))[..., 0],
+        d["reference_frame"],
+        rtol=0,
+        atol=1e-9 * np.abs(d["reference_frame"]).max(),
+    )
+    with np.load(os.path.join(out, "statistics.npz")) as st:
+        for key in ("mean_disp", "max_disp", "mean_div", "mean_translation"):
+            # statistics are 1-Lipschitz-like in w (Sobel sums 8 differences): 8 x max dw
+            np.testing.assert_allclose(st[key], d[key], rtol=0, atol=8 * sens_max, err_msg=key)
+    avg = np.load(os.path.join(out, "temporal_average.npy"))
+    assert avg.shape == (64, 64, 1) and avg.dtype == np.float64
+    np.testing.assert_allclose(avg, comp.mean(axis=0), rtol=1e-12)
+    assert _listing(out) == [
+        "compensated.hdf5",
+        "idx.hdf",
+        "options.json",
+        "reference_frame.npy",
+        "statistics.npz",
+        "status.json",
+        "temporal_average.npy",
+        "w.hdf5",
+    ]
+
+
+@pytest.mark.parametrize("quality", ["quality", "balanced"])
+def test_stage1_recovers_known_motion(tmp_path, quality):
+    # Each recording registers onto its own reference (the mean of its first
+    # frames, itself displaced by their mean motion), so the per-pixel time-mean
+    # of (w - truth) is removed.  0.35 px: the toolbox gets 0.26 px on its own
+    # comparable synthetic recording (matlab_ref README); no correction ~1.3 px.
+    frames, w_true = fs.synthetic_recording(40, (64, 64), 1, seed=5)
+    out = fs.run_stage1(
+        _stage1_config(tmp_path, {"rec.h5": frames}, save_w=True, quality_setting=quality)
+    )[0]
+    err = (_read_w(out) - w_true)[:, 8:-8, 8:-8]
+    err -= err.mean(axis=0)
+    moved = w_true[:, 8:-8, 8:-8] - w_true[:, 8:-8, 8:-8].mean(axis=0)
+    assert np.hypot(err[..., 0], err[..., 1]).mean() < 0.35
+    assert np.hypot(moved[..., 0], moved[..., 1]).mean() > 1.0
+
+
+def test_stage1_two_channel_tiff_keeps_dtype_and_never_wraps(tmp_path):
+    frames, _ = fs.synthetic_recording(12, (40, 48), 2, seed=3)
+    frames[:, 10:14, 10:14, 0] = 65535  # saturated block: cubic overshoot above the range
+    frames[:, 20:24, 20:24, 1] = 0
+    root = tmp_path / "data"
+    root.mkdir()
+    tifffile.imwrite(
+        root / "two.tif", np.moveaxis(frames, -1, 1), imagej=True, metadata={"axes": "TCYX"}
+    )
+    cfg = fs.SessionConfig(
+        root=root,
+        n_workers=2,
+        flow_options={"quality_setting": "fast", "reference_frames": [0, 1, 2]},
+    )
+    out = fs.run_stage1(cfg)[0]
+    comp = _read_comp(out)
+    assert comp.shape == frames.shape and comp.dtype == np.uint16
+    # no wrap-around: a bright block stays bright, a dark block dark
+    assert comp[:, 11:13, 11:13, 0].min() > 30000
+    assert comp[:, 21:23, 21:23, 1].max() < 30000
+    assert np.load(os.path.join(out, "temporal_average.npy")).shape == (40, 48, 2)
+
+
+def _listing(folder):
+    """Files in a folder, without the lock file every stage keeps there."""
+    return sorted(n for n in os.listdir(folder) if n != ".flowsession.lock")
+
+
+def _output_state(folder):
+    return {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in _listing(folder)}
+
+
+def test_stage1_resume_skips_complete_and_recomputes_damaged(tmp_path, caplog):
+    frames, _ = fs.synthetic_recording(24, (32, 40), 1, seed=2)
+    cfg = _stage1_config(
+        tmp_path, {"a.h5": frames, "b.h5": frames[::-1].copy()}, quality_setting="fast", save_w=True
+    )
+    fa, fb = fs.run_stage1(cfg)
+    first = {k: _read_comp(f) for k, f in (("a", fa), ("b", fb))}
+    state = _output_state(fa)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage1(cfg)
+    assert _output_state(fa) == state  # nothing rewritten
+    assert "already complete" in caplog.text
+    # A truncated output from an older run is detected and recomputed.
+    path = os.path.join(fa, "compensated.hdf5")
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+    caplog.clear()
+    fs.run_stage1(cfg)
+    assert "recomputing Stage 1" in caplog.text
+    np.testing.assert_array_equal(_read_comp(fa), first["a"])
+    # An unparsable completion record is not trusted.
+    with open(os.path.join(fb, "status.json"), "w") as fh:
+        fh.write("{not json")
+    state_b = _output_state(fb)
+    fs.run_stage1(cfg)
+    assert _output_state(fb)["compensated.hdf5"] != state_b["compensated.hdf5"]
+    np.testing.assert_array_equal(_read_comp(fb), first["b"])
+    # Different options: recomputed; resume = false: recomputed.
+    state = _output_state(fa)
+    fs.run_stage1(cfg, {"alpha": 3.0})
+    assert _output_state(fa)["compensated.hdf5"] != state["compensated.hdf5"]
+    state = _output_state(fa)
+    fs.run_stage1(dataclasses.replace(cfg, resume=False), {"alpha": 3.0})
+    assert _output_state(fa)["compensated.hdf5"] != state["compensated.hdf5"]
+
+
+def test_stage1_interrupted_run_leaves_nothing_finished(tmp_path, monkeypatch):
+    frames, _ = fs.synthetic_recording(30, (32, 32), 1, seed=4)
+    cfg = _stage1_config(tmp_path, {"r.h5": frames}, quality_setting="fast", buffer_size=10)
+    calls = {"n": 0}
+    real = fs._frame_statistics
+
+    def crash_after_15(u, v):
+        calls["n"] += 1
+        if calls["n"] > 15:
+            raise KeyboardInterrupt  # like a kill in the middle of the second batch
+        return real(u, v)
+
+    monkeypatch.setattr(fs, "_frame_statistics", crash_after_15)
+    with pytest.raises(KeyboardInterrupt):
+        fs.run_stage1(cfg)
+    folder = cfg.output_root_path / "r"
+    assert _listing(folder) == []  # no result, no temporary file
+    monkeypatch.setattr(fs, "_frame_statistics", real)
+    out = fs.run_stage1(cfg)[0]
+    resumed = _read_comp(out)
+    clean = fs.run_stage1(dataclasses.replace(cfg, resume=False))[0]
+    np.testing.assert_array_equal(_read_comp(clean), resumed)
+
+
+MEMORY_SCRIPT = r"""
+import dataclasses, sys, tracemalloc, h5py, numpy as np, flowsession as fs
+root, n, buffer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+yy, xx = np.mgrid[0:96, 0:96].astype(float)
+scene = fs._synthetic_scene(xx, yy, size=(96, 96))
+with h5py.File(f"{root}/rec.h5", "w") as f:
+    d = f.create_dataset("mov", (n, 96, 96), dtype="uint16")
+    for t in range(0, n, 100):
+        k = min(100, n - t)
+        d[t:t + k] = rng.poisson(np.roll(scene, (t % 3, t % 2), axis=(0, 1)), (k, 96, 96))
+cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=2,
+                       flow_options={"quality_setting": "fast", "buffer_size": buffer,
+                                     "reference_frames": list(range(20))})
+fs.run_stage1(cfg, task_index=0)  # warm-up: Numba loads its compiled kernels (not measured)
+tracemalloc.start()
+fs.run_stage1(dataclasses.replace(cfg, resume=False))
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+def _stage1_peak_mib(tmp_path, n, buffer):
+    root = tmp_path / f"{n}_{buffer}"
+    root.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(root), str(n), str(buffer)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1]) / 2**20
+
+
+def test_stage1_memory_does_not_grow_with_recording_length(tmp_path):
+    # Peak of the arrays Python allocates during Stage 1 (tracemalloc sees numpy's
+    # allocations).  The batch bounds memory: what 10x the frames adds must be
+    # small against what 4x the batch size adds (so the measurement can fail).
+    short = _stage1_peak_mib(tmp_path, 200, 100)
+    long = _stage1_peak_mib(tmp_path, 2000, 100)
+    big_batch = _stage1_peak_mib(tmp_path, 2000, 400)
+    print(
+        f"Stage 1 peak memory (96x96, batch 100): 200 frames {short:.1f} MiB, "
+        f"2000 frames {long:.1f} MiB; batch 400: {big_batch:.1f} MiB"
+    )
+    assert big_batch > 1.5 * long
+    assert long - short <= 0.25 * (big_batch - long)
+
+
+###############################################################################
+### Stage 2 and Stage 3
+###############################################################################
+
+
+@pytest.mark.parametrize("name", ["stage2_recipe_64x64", "stage2_recipe_96x128"])
+def test_stage2_smoothing_matches_matlab_recipe(name):
+    # mat2gray(imgaussfilt(x, 6)): the same arithmetic (25-tap kernel, replicated
+    # edges, range scaling); rounding only.
+    d = ref(name)
+    sigma = float(d["sigma"])
+    for key, img in (("fixed", "img1"), ("moving", "img2")):
+        got = fs._smooth_normalise(as_float(d[key])[..., None], sigma)[..., 0]
+        np.testing.assert_allclose(got, d[img], rtol=0, atol=1e-12)
+
+
+def _session_files(tmp_path, recs, fmt="h5", **cfg):
+    root = tmp_path / "session"
+    root.mkdir()
+    for r, frames in enumerate(recs):
+        if fmt == "h5":
+            _write_h5(root / f"rec_{r + 1:02d}.h5", frames)
+        else:
+            tifffile.imwrite(
+                root / f"rec_{r + 1:02d}.tif",
+                np.moveaxis(frames, -1, 1),
+                imagej=True,
+                metadata={"axes": "TCYX"},
+            )
+    flow = {"quality_setting": "balanced", "reference_frames": list(range(15)), "save_w": True}
+    flow.update(cfg.pop("flow_options", {}))
+    return fs.SessionConfig(
+        root=root,
+        pattern=f"rec_*.{'h5' if fmt == 'h5' else 'tif'}",
+        n_workers=2,
+        sigma_smooth=2.0,
+        flow_options=flow,
+        **cfg,
+    )
+
+
+def _reference_offsets(cfg, files, w1, b=8):
+    """Where each recording's own reference sits relative to its motion-free view.
+
+    Stage 1 registers onto a reference built from the data, displaced from the
+    view by the mean residual of its fields; the averages Stage 2 sees carry it.
+    """
+    out = []
+    for f, w_true in zip(files, w1):
+        w = _read_w(os.path.join(cfg.output_root_path, f.stem))
+        out.append((w - w_true)[:, b:-b, b:-b].mean(axis=(0, 1, 2)))
+    return out
+
+
+def _mask_bounds(w1, w2, deltas, center, margin):
+    """Final masks the session must lie between, from the true fields.
+
+    With every field allowed an error of up to ``margin`` px, ``strict`` is valid
+    whatever the errors, ``loose`` valid for some.  Stage 1 fields are taken
+    relative to each recording's reference and Stage 2 fields between the
+    references (see ``_reference_offsets``).
+    """
+    T, H, W = w1[0].shape[:3]
+    xs = np.arange(W)[None, :]
+    ys = np.arange(H)[:, None]
+
+    def inside(x, y, m):
+        return (x >= m) & (x <= W - 1 - m) & (y >= m) & (y <= H - 1 - m)
+
+    strict = np.ones((H, W), bool)
+    loose = np.ones((H, W), bool)
+    for r in range(len(w1)):
+        w = w1[r] + deltas[r]
+        per_s = np.all(inside(xs + w[..., 0], ys + w[..., 1], margin), axis=0)
+        per_l = np.all(inside(xs + w[..., 0], ys + w[..., 1], -margin), axis=0)
+        g = w2[r] + (deltas[center] - deltas[r])
+        x, y = xs + g[..., 0], ys + g[..., 1]
+        al_s = inside(x, y, margin)
+        al_l = inside(x, y, -margin)
+        anyl = np.zeros((H, W), bool)
+        for dx in (-margin, margin):
+            for dy in (-margin, margin):
+                xi = np.clip(np.floor(x + dx + 0.5), 0, W - 1).astype(int)
+                yi = np.clip(np.floor(y + dy + 0.5), 0, H - 1).astype(int)
+                al_s &= per_s[yi, xi]
+                anyl |= per_l[yi, xi]
+        strict &= al_s
+        loose &= al_l & anyl
+    return strict, loose
+
+
+def test_session_recovers_known_offsets_and_the_expected_mask(tmp_path):
+    offsets = [(2.6, -1.8), (0.0, 0.0), (-3.1, 2.4), (1.2, 3.3)]
+    recs, w1, w2, center = fs.synthetic_session(
+        4, 30, (64, 64), 1, seed=3, offsets=offsets, photons=60.0
+    )
+    cfg = _session_files(tmp_path, recs)
+    final = fs.run_all_stages(cfg)
+    files = cfg.discover_inputs()
+    deltas = _reference_offsets(cfg, files, w1)
+    # Stage 2: 0.25 px, an order of magnitude below the offsets (2-4 px); the
+    # fields between temporal averages are well determined.
+    for k, f in enumerate(files):
+        with np.load(os.path.join(cfg.output_root_path, f.stem, "w_to_reference.npz")) as d:
+            w = np.stack([d["u"], d["v"]], axis=-1)
+        expected = w2[k] + (deltas[center] - deltas[k])
+        err = np.hypot(*(w - expected)[8:-8, 8:-8].transpose(2, 0, 1)).mean()
+        assert err < 0.25, (f.name, err)
+    # Stage 3: between the masks valid for all / some field errors of 0.75 px.  The
+    # mask's edge is set by the most displaced frame, where the Stage 1 error of
+    # this noisy, 30-frame balanced-preset case exceeds 0.5 px at a few pixels
+    # (mean error 0.44 px); the band between the bounds is ~1.5 px wide.
+    strict, loose = _mask_bounds(w1, w2, deltas, center, 0.75)
+    assert final.dtype == bool and final.shape == (64, 64)
+    assert np.all(final[strict]) and not np.any(final[~loose])
+    assert 0.3 < final.mean() < 0.95
+
+
+def test_session_outputs_read_back_with_user_libraries(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    recs, _, _, _ = fs.synthetic_session(3, 20, (40, 48), 2, seed=4)
+    cfg = _session_files(tmp_path, recs, fmt="tif", center="rec_03.tif")
+    final = fs.run_all_stages(cfg)
+    out = cfg.final_results_path
+    with np.load(out / "final_valid_idx.npz") as d:  # no pickle needed
+        assert int(d["middle_idx"]) == 2
+        np.testing.assert_array_equal(d["final_valid"], final)
+        assert d["temporal_averages"].shape == (3, 40, 48, 2)
+        assert d["displacement_fields_u"].shape == (3, 40, 48)
+        np.testing.assert_array_equal(d["displacement_fields_u"][2], 0.0)  # the center
+        assert len(d["aligned_video_paths"]) == 3
+    m = scipy.io.loadmat(out / "final_valid_idx.mat")
+    assert int(m["middle_idx"][0, 0]) == 3  # 1-based for MATLAB
+    np.testing.assert_array_equal(m["final_valid"].astype(bool), final)
+    png = np.array(Image.open(out / "final_valid_idx.png"))
+    np.testing.assert_array_equal(png > 0, final)
+    for r in (1, 2, 3):
+        assert (out / f"rec_{r:02d}_valid_idx.png").exists()
+        assert (out / f"rec_{r:02d}_valid_idx_aligned.png").exists()
+        video = tifffile.imread(out / f"aligned_rec_{r:02d}.tif")
+        assert video.dtype == np.uint16 and video.size == 20 * 40 * 48 * 2
+    with fs.open_video(out / "aligned_rec_01.tif") as rd:
+        assert rd.shape == (20, 40, 48, 2)
+    assert Image.open(out / "qc_session.png").size[0] >= 600
+    # the center's aligned video is its compensated video (zero field)
+    with h5py.File(cfg.output_root_path / "rec_03" / "compensated.hdf5", "r") as f:
+        comp = np.stack([f["ch1"][:], f["ch2"][:]], axis=-1)
+    with fs.open_video(out / "aligned_rec_03.tif") as rd:
+        np.testing.assert_array_equal(rd.read(0, 20), comp)
+
+
+def test_stage2_and_stage3_resume_and_order(tmp_path, caplog):
+    recs, _, _, _ = fs.synthetic_session(3, 16, (32, 40), 1, seed=5)
+    cfg = _session_files(tmp_path, recs, align_output_format="HDF5")
+    with pytest.raises(fs.InputError, match="run Stage 1 first"):
+        fs.run_stage2(cfg)
+    fs.run_stage1(cfg)
+    with pytest.raises(fs.InputError, match="run Stage 2 first"):
+        fs.run_stage3(cfg)
+    _, _, fields = fs.run_stage2(cfg)
+    npz = cfg.output_root_path / "rec_01" / "w_to_reference.npz"
+    t0 = npz.stat().st_mtime_ns
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage2(cfg)
+    assert npz.stat().st_mtime_ns == t0 and "already aligned" in caplog.text
+    # A new center makes every saved field stale.
+    moved = fs.run_stage2(dataclasses.replace(cfg, center="rec_01.h5"))
+    assert npz.stat().st_mtime_ns != t0 and moved[0] == 0
+    np.testing.assert_array_equal(moved[2][0], 0.0)
+    fs.run_stage2(cfg)
+    fs.run_stage3(cfg)
+    video = cfg.final_results_path / "aligned_rec_02.hdf5"
+    with h5py.File(video, "r") as f:
+        assert f["ch1"].shape == (16, 32, 40)
+    t0 = video.stat().st_mtime_ns
+    fs.run_stage3(cfg)
+    assert video.stat().st_mtime_ns == t0  # complete: skipped
+    with open(video, "r+b") as fh:  # damaged: redone
+        fh.truncate(video.stat().st_size // 2)
+    fs.run_stage3(cfg)
+    with h5py.File(video, "r") as f:
+        assert f["ch1"].shape == (16, 32, 40)
+
+
+def test_unknown_backend_is_a_clear_error(tmp_path):
+    recs, _, _, _ = fs.synthetic_session(1, 4, (16, 16), 1)
+    cfg = _session_files(tmp_path, recs, flow_backend="flowreg_cudaa")
+    with pytest.raises(fs.ConfigError, match="flowreg_cudaa' is not known.*known: flowreg"):
+        fs.run_stage1(cfg)
+
+
+def test_align_sequence_rounds_and_clips_integers():
+    frames = np.zeros((2, 12, 12), np.uint16)
+    frames[:, 5:7, 5:7] = 60000
+    w = np.full((12, 12, 2), 0.5)
+    out = fs.align_sequence(frames, w, np.zeros((12, 12)))
+    assert out.dtype == np.uint16
+    assert out.max() <= 65535 and out[:, :4, :4].max() < 1000  # overshoot never wraps
+    with pytest.raises(fs.InputError, match="align_sequence"):
+        fs.align_sequence(frames, w[:5], np.zeros((12, 12)))
+
+
+###############################################################################
+### Stage 3 outputs: masks, result bundle, QC figure
+###############################################################################
+
+OUT_RNG = np.random.default_rng(20240607)
+OUT_H, OUT_W = 24, 32
+
+needs_pil = pytest.mark.skipif(not fs._png_available(), reason="Pillow not installed")
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="matplotlib not installed")
+
+
+###############################################################################
+### Stage 3 outputs: fixtures
+###############################################################################
+
+
+def make_session(n=3, c=1, h=OUT_H, w=OUT_W):
+    per_seq = OUT_RNG.random((n, h, w)) > 0.2
+    aligned = OUT_RNG.random((n, h, w)) > 0.2
+    return dict(
+        final_valid=aligned.all(axis=0),
+        aligned_valid_masks=aligned,
+        per_seq_valid_masks=per_seq,
+        displacement_fields_u=OUT_RNG.normal(size=(n, h, w)).astype(np.float32),
+        displacement_fields_v=OUT_RNG.normal(size=(n, h, w)),
+        temporal_averages=OUT_RNG.random((n, h, w, c)) * 1000,
+        compensated_h5_paths=[f"/data/rec_{i}/compensated.HDF5" for i in range(n)],
+        reference_average=OUT_RNG.random((h, w, c)),
+        middle_idx=(n + 1) // 2 - 1,
+    )
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def no_partials(folder):
+    return not [f for f in os.listdir(folder) if f.endswith(".partial")]
+
+
+###############################################################################
+### save_mask_png
+###############################################################################
+
+
+@needs_pil
+def test_mask_png_roundtrip(tmp_path):
+    from PIL import Image
+
+    mask = OUT_RNG.random((OUT_H, OUT_W)) > 0.5
+    path = tmp_path / "m.png"
+    fs.save_mask_png(path, mask)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "L" and im.size == (OUT_W, OUT_H)
+        data = np.asarray(im)
+    assert set(np.unique(data)) == {0, 255}
+    np.testing.assert_array_equal(data == 255, mask)
+    assert listing(tmp_path) == ["m.png"]
+
+
+def test_mask_png_without_pillow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    assert not fs._png_available()
+    with pytest.raises(fs.FlowSessionError, match="pip install pillow"):
+        fs.save_mask_png(tmp_path / "m.png", np.ones((4, 4), bool))
+    assert listing(tmp_path) == []
+
+
+@needs_pil
+def test_mask_png_rejects_3d(tmp_path):
+    with pytest.raises(fs.InputError):
+        fs.save_mask_png(tmp_path / "m.png", np.ones((2, 4, 4), bool))
+
+
+###############################################################################
+### save_final_results
+###############################################################################
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 2)])
+def test_npz_roundtrip(tmp_path, n, c):
+    s = make_session(n, c)
+    videos = [tmp_path / f"aligned_rec_{i}.tif" for i in range(n)]
+    fs.save_final_results(tmp_path, **s, aligned_video_paths=videos)
+    with np.load(tmp_path / "final_valid_idx.npz") as z:  # allow_pickle=False
+        expect = {
+            "final_valid": (bool, (OUT_H, OUT_W)),
+            "aligned_valid_masks": (bool, (n, OUT_H, OUT_W)),
+            "per_seq_valid_masks": (bool, (n, OUT_H, OUT_W)),
+            "displacement_fields_u": (np.float64, (n, OUT_H, OUT_W)),
+            "displacement_fields_v": (np.float64, (n, OUT_H, OUT_W)),
+            "temporal_averages": (np.float64, (n, OUT_H, OUT_W, c)),
+            "reference_average": (np.float64, (OUT_H, OUT_W, c)),
+            "middle_idx": (np.int64, ()),
+        }
+        assert sorted(z.files) == sorted([*expect, "compensated_h5_paths", "aligned_video_paths"])
+        for key, (dtype, shape) in expect.items():
+            assert z[key].dtype == dtype and z[key].shape == shape, key
+            np.testing.assert_array_equal(z[key], np.asarray(s[key]).astype(dtype), err_msg=key)
+        assert z["middle_idx"] == s["middle_idx"]
+        for key, want in (
+            ("compensated_h5_paths", s["compensated_h5_paths"]),
+            ("aligned_video_paths", [str(p) for p in videos]),
+        ):
+            assert z[key].dtype.kind == "U" and z[key].shape == (n,)
+            assert z[key].tolist() == want
+
+
+def test_npz_without_aligned_video_paths(tmp_path):
+    fs.save_final_results(tmp_path, **make_session())
+    with np.load(tmp_path / "final_valid_idx.npz") as z:
+        assert "aligned_video_paths" not in z.files and len(z.files) == 9
+
+
+def test_mat_roundtrip(tmp_path):
+    s = make_session(n=4, c=2)
+    s["compensated_h5_paths"] = [
+        "/data/ä/rec 0.h5",
+        "/x/rec_1.hdf5",
+        "r2.h5",
+        "/long/" * 20 + "r3.h5",
+    ]
+    fs.save_final_results(tmp_path, **s, aligned_video_paths=["a"] * 4)
+    assert scipy.io.whosmat(tmp_path / "final_valid_idx.mat")  # MAT v5 (v7.3 would raise)
+    m = scipy.io.loadmat(tmp_path / "final_valid_idx.mat")
+    keys = {k for k in m if not k.startswith("__")}
+    assert keys == {
+        "final_valid",
+        "aligned_valid_masks",
+        "per_seq_valid_masks",
+        "displacement_fields_u",
+        "displacement_fields_v",
+        "temporal_averages",
+        "compensated_h5_paths",
+        "reference_average",
+        "middle_idx",
+        "n_recordings",
+    }
+    assert m["middle_idx"].shape == (1, 1) and m["middle_idx"].dtype == np.float64
+    assert m["middle_idx"][0, 0] == s["middle_idx"] + 1 == 2
+    assert m["n_recordings"][0, 0] == 4
+    for key in ("final_valid", "aligned_valid_masks", "per_seq_valid_masks"):
+        assert m[key].dtype == np.uint8 and set(np.unique(m[key])) <= {0, 1}, key
+        np.testing.assert_array_equal(m[key], s[key].astype(np.uint8))
+    for key in ("displacement_fields_u", "displacement_fields_v", "temporal_averages"):
+        np.testing.assert_array_equal(m[key], np.asarray(s[key], np.float64))
+    np.testing.assert_array_equal(m["reference_average"], s["reference_average"])
+    # an N x 1 cell of char in MATLAB; loadmat: object array of 1-element str arrays
+    cell = m["compensated_h5_paths"]
+    assert cell.dtype == object and cell.shape == (4, 1)
+    assert [str(x[0]) for x in cell[:, 0]] == s["compensated_h5_paths"]
+    simple = scipy.io.loadmat(tmp_path / "final_valid_idx.mat", simplify_cells=True)
+    assert list(simple["compensated_h5_paths"]) == s["compensated_h5_paths"]
+    assert simple["middle_idx"] == 2
+
+
+@needs_pil
+def test_pngs_written_and_equal_masks(tmp_path):
+    from PIL import Image
+
+    s = make_session(n=3)
+    names = ["rec_a", "rec_b", "rec_c"]
+    written = fs.save_final_results(tmp_path, **s, names=names)
+    expect = {"final_valid_idx.png": s["final_valid"]}
+    for i, name in enumerate(names):
+        expect[f"{name}_valid_idx.png"] = s["per_seq_valid_masks"][i]
+        expect[f"{name}_valid_idx_aligned.png"] = s["aligned_valid_masks"][i]
+    assert listing(tmp_path) == sorted([*expect, "final_valid_idx.npz", "final_valid_idx.mat"])
+    assert sorted(os.path.basename(p) for p in written) == listing(tmp_path)
+    for fname, mask in expect.items():
+        with Image.open(tmp_path / fname) as im:
+            assert im.mode == "L"
+            data = np.asarray(im)
+        assert set(np.unique(data)) <= {0, 255}
+        np.testing.assert_array_equal(data == 255, mask, err_msg=fname)
+
+
+def test_pngs_skipped_without_pillow(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        fs.save_final_results(tmp_path, **make_session(), names=["a", "b", "c"])
+    assert listing(tmp_path) == ["final_valid_idx.mat", "final_valid_idx.npz"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "pip install pillow" in warnings[0].getMessage()
+
+
+def test_integer_masks_accepted(tmp_path):
+    s = make_session(n=2)
+    s["per_seq_valid_masks"] = s["per_seq_valid_masks"].astype(np.uint8) * 255
+    fs.save_final_results(tmp_path, **s)
+    with np.load(tmp_path / "final_valid_idx.npz") as z:
+        assert z["per_seq_valid_masks"].dtype == bool
+        np.testing.assert_array_equal(z["per_seq_valid_masks"], s["per_seq_valid_masks"] > 0)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("final_valid", np.ones((OUT_H, OUT_W + 1), bool)),
+        ("final_valid", np.ones((1, OUT_H, OUT_W), bool)),
+        ("aligned_valid_masks", np.ones((2, OUT_H, OUT_W), bool)),
+        ("per_seq_valid_masks", np.ones((3, OUT_H + 1, OUT_W), bool)),
+        ("displacement_fields_u", np.zeros((3, OUT_W, OUT_H))),
+        ("displacement_fields_v", np.zeros((3, OUT_H, OUT_W, 2))),
+        ("temporal_averages", np.zeros((3, OUT_H, OUT_W))),
+        ("temporal_averages", np.zeros((4, OUT_H, OUT_W, 1))),
+        ("reference_average", np.zeros((OUT_H, OUT_W, 2))),
+        ("reference_average", np.zeros((OUT_H, OUT_W))),
+        ("compensated_h5_paths", ["a", "b"]),
+        ("compensated_h5_paths", "a"),
+        ("middle_idx", 3),
+        ("middle_idx", -1),
+        ("middle_idx", 1.0),
+        ("middle_idx", True),
+        ("aligned_video_paths", ["a"] * 4),
+        ("names", ["a", "b"]),
+        ("names", ["a", "a", "b"]),
+        ("names", ["a", "sub/b", "c"]),
+        ("names", ["a", "", "c"]),
+        (
+            "displacement_fields_u",
+            [np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, OUT_W)), np.zeros((OUT_H, 3))],
+        ),
+    ],
+)
+def test_shape_mismatch_raises(tmp_path, key, value):
+    s = make_session(n=3)
+    s[key] = value
+    with pytest.raises(fs.InputError) as info:
+        fs.save_final_results(tmp_path, **s)
+    assert "\n" not in str(info.value)
+    assert listing(tmp_path) == []
+
+
+def test_mismatch_message_names_the_array(tmp_path):
+    s = make_session(n=3)
+    s["temporal_averages"] = np.zeros((3, OUT_H, OUT_W + 1, 1))
+    with pytest.raises(fs.InputError, match=r"temporal_averages has shape \(3, 24, 33, 1\).*W=32"):
+        fs.save_final_results(tmp_path, **s)
+
+
+def test_no_partial_files_after_write_error(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError, match="disk full"):
+        fs.save_final_results(tmp_path, **make_session())
+    assert listing(tmp_path) == []
+
+
+def test_overwrite_is_clean(tmp_path):
+    fs.save_final_results(tmp_path, **make_session(n=2))
+    s = make_session(n=3)
+    fs.save_final_results(tmp_path, **s)
+    assert no_partials(tmp_path)
+    with np.load(tmp_path / "final_valid_idx.npz") as z:
+        assert z["aligned_valid_masks"].shape[0] == 3
+
+
+###############################################################################
+### save_qc_figure
+###############################################################################
+
+
+def make_qc(n, c, h=OUT_H * 4, w=OUT_W * 4):
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.zeros((h, w))
+    for cy, cx in OUT_RNG.uniform(0, 1, (25, 2)) * (h, w):
+        base += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
+    center = (n + 1) // 2 - 1
+    before, after, traces = [], [], []
+    for i in range(n):
+        shifted = np.roll(base, (2 * (i - center), 3 * (i - center)), axis=(0, 1))
+        before.append(np.repeat(shifted[..., None], c, axis=2) * 100 + OUT_RNG.random((h, w, c)))
+        after.append(np.repeat(base[..., None], c, axis=2) * 100 + OUT_RNG.random((h, w, c)))
+        traces.append(np.abs(OUT_RNG.normal(1.0, 0.3, 50 + 10 * i)))
+    valid = np.zeros((h, w), bool)
+    valid[5:-7, 4:-9] = True
+    return dict(
+        names=[f"rec_{i:02d}" for i in range(n)],
+        center_index=center,
+        averages_before=before,
+        averages_after=after,
+        final_valid=valid,
+        displacement_traces=traces,
+    )
+
+
+@needs_mpl
+@needs_pil
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 1), (3, 2), (12, 2)])
+def test_qc_figure(tmp_path, n, c):
+    from PIL import Image
+
+    path = tmp_path / f"qc_{n}_{c}.png"
+    assert fs.save_qc_figure(path, **make_qc(n, c)) == str(path)
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        width, height = im.size
+    assert 600 <= width <= 1700 and 300 <= height <= 2500
+    assert listing(tmp_path) == [path.name]
+
+
+@needs_mpl
+def test_qc_figure_does_not_touch_pyplot(tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend() if "matplotlib.pyplot" in sys.modules else None
+    fs.save_qc_figure(tmp_path / "qc.png", **make_qc(2, 1), title="custom")
+    if backend is None:
+        assert "matplotlib.pyplot" not in sys.modules
+    else:
+        assert matplotlib.get_backend() == backend
+
+
+def test_qc_figure_without_matplotlib(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        assert fs.save_qc_figure(tmp_path / "qc.png", **make_qc(3, 1)) is None
+    assert listing(tmp_path) == []
+    assert [r.getMessage() for r in caplog.records] == ["QC figure skipped: pip install matplotlib"]
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("names", []),
+        ("center_index", 3),
+        ("averages_before", None),
+        ("averages_after", "shape"),
+        ("final_valid", np.ones((5, 5), bool)),
+        ("displacement_traces", [np.zeros(3)] * 2),
+    ],
+)
+def test_qc_figure_bad_input(tmp_path, key, value):
+    kwargs = make_qc(3, 1)
+    if value is None:
+        kwargs[key][1] = np.zeros((OUT_H * 4, OUT_W * 4, 2))
+    elif isinstance(value, str):
+        kwargs[key] = kwargs[key][:2]
+    else:
+        kwargs[key] = value
+    with pytest.raises(fs.InputError):
+        fs.save_qc_figure(tmp_path / "qc.png", **kwargs)
+    assert listing(tmp_path) == []
+
+
+###############################################################################
+### Crash safety: kills, competing processes, SIGTERM
+###############################################################################
+
+CRASH_TOML = (
+    'root = "."\npattern = "rec_*.h5"\nn_workers = 2\nsigma_smooth = 2.0\n'
+    'align_output_format = "TIFF"\n\n[flow_options]\nquality_setting = "fast"\n'
+    "buffer_size = 8\nreference_frames = [0, 1, 2, 3, 4, 5]\nsave_w = true\n"
+)
+
+
+def _crash_session(folder, n_frames=20):
+    folder.mkdir(parents=True)
+    recs, _, _, _ = fs.synthetic_session(3, n_frames, (40, 48), 1, seed=8)
+    for r, frames in enumerate(recs):
+        _write_h5(folder / f"rec_{r + 1:02d}.h5", frames)
+    (folder / "session.toml").write_text(CRASH_TOML)
+    return folder / "session.toml"
+
+
+def _session_arrays(folder):
+    """Every numeric output of a session, by relative path (compared bit for bit)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.suffix in (".hdf5", ".hdf"):
+            with h5py.File(path, "r") as f:
+                for k in f:
+                    out[f"{rel}:{k}"] = f[k][:]
+        elif path.suffix == ".npy":
+            out[rel] = np.load(path)
+        elif path.suffix == ".npz":
+            with np.load(path) as d:
+                for k in d.files:
+                    if "paths" not in k:  # absolute paths differ between folders
+                        out[f"{rel}:{k}"] = d[k]
+        elif path.suffix == ".tif" and "aligned_" in path.name:
+            out[rel] = tifffile.imread(path)
+    return out
+
+
+def _partials(folder):
+    return [p for p in folder.rglob("*") if ".partial-" in p.name]
+
+
+# Named kill points (see flowsession._kill_point): every stage, mid-batch, between
+# the publication of two outputs, before the completion records, mid-export.
+KILL_POINTS = [
+    "stage1.batch:2",
+    "stage1.chunk:2",
+    "stage1.chunk:5",
+    "stage1.publish:1",
+    "stage1.publish:2",
+    "stage1.average:2",
+    "stage1.status:1",
+    "stage1.status:3",
+    "stage2.save:2",
+    "stage2.status:1",
+    "stage3.chunk:2",
+    "stage3.video:2",
+    "stage3.bundle:1",
+    "stage3.status:1",
+]
+
+
+def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
+    """SIGKILL at named points and at timed moments, then resume: same outputs, nothing lost.
+
+    Compared bit for bit: every array of compensated.hdf5, idx.hdf, w.hdf5, the
+    .npy/.npz outputs of all stages and the aligned videos (the computation is
+    deterministic: each frame is computed independently of thread scheduling).
+    Not compared: status.json (run times) and PNG files (decoded masks are in
+    the npz).  A recording whose completion record existed before the resume
+    must not be recomputed.
+    """
+    base = _crash_session(tmp_path / "base")
+    assert _cli(["run", str(base)]).returncode == 0
+    expected = _session_arrays(base.parent)
+    survived = 0
+    for k, point in enumerate(KILL_POINTS + ["timed:0.9", "timed:1.6", "timed:2.4"]):
+        cfg = _crash_session(tmp_path / f"k{k}")
+        if point.startswith("timed:"):
+            p = subprocess.Popen(
+                [sys.executable, str(HERE / "flowsession.py"), "run", str(cfg)],
+                env=dict(os.environ, PYTHONPATH=str(HERE)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                p.wait(timeout=float(point[6:]))
+            except subprocess.TimeoutExpired:
+                p.kill()
+            p.wait()
+        else:
+            r = _cli(["run", str(cfg)], env={"FLOWSESSION_KILL_AT": point})
+            assert r.returncode == -9, (point, r.returncode, r.stderr[-500:])
+        finished = {}
+        for record in cfg.parent.glob("compensated_outputs/*/status.json"):
+            finished[record.parent.name] = (record.parent / "compensated.hdf5").stat().st_mtime_ns
+        r = _cli(["run", str(cfg)])
+        assert r.returncode == 0, (point, r.stderr[-1000:])
+        assert not _partials(cfg.parent), point
+        got = _session_arrays(cfg.parent)
+        assert sorted(got) == sorted(expected), point
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{point}: {key}")
+        for name, mtime in finished.items():  # finished work is never redone
+            assert (
+                cfg.parent / "compensated_outputs" / name / "compensated.hdf5"
+            ).stat().st_mtime_ns == mtime, (point, name)
+        survived += 1
+    print(f"crash harness: {survived} kill points survived, 0 outputs lost")
+
+
+def test_two_processes_on_one_recording_do_not_collide(tmp_path):
+    cfg = _crash_session(tmp_path / "s", n_frames=60)
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    cmd = [
+        sys.executable,
+        str(HERE / "flowsession.py"),
+        "run",
+        str(cfg),
+        "--stage",
+        "1",
+        "--index",
+        "0",
+    ]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    logs = outs[0][1] + outs[1][1]
+    assert "already complete" in logs  # the second one found the first one's result
+    folder = cfg.parent / "compensated_outputs" / "rec_01"
+    assert not _partials(cfg.parent)
+    solo = _crash_session(tmp_path / "solo", n_frames=60)
+    assert _cli(["run", str(solo), "--stage", "1", "--index", "0"]).returncode == 0
+    np.testing.assert_array_equal(
+        _read_comp(folder), _read_comp(solo.parent / "compensated_outputs" / "rec_01")
+    )
+
+
+def test_sigterm_stops_cleanly_and_resumes(tmp_path):
+    cfg = _crash_session(tmp_path / "s", n_frames=200)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "flowsession.py"),
+            "run",
+            str(cfg),
+            "--stage",
+            "1",
+            "--index",
+            "0",
+            "--of-params",
+            "quality_setting=quality",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    folder = cfg.parent / "compensated_outputs" / "rec_01"
+    deadline = time.monotonic() + 300
+    while not list(folder.glob(".compensated.hdf5.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.terminate()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-1000:]
+    stop = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(stop) == 1 and "stopped by SIGTERM in Stage 1 of rec_01.h5 after frame" in stop[0]
+    assert _listing(folder) == [] and not _partials(cfg.parent)
+    assert _cli(["run", str(cfg), "--stage", "1", "--index", "0"]).returncode == 0
+    with h5py.File(folder / "compensated.hdf5", "r") as f:
+        assert f["ch1"].shape[0] == 200
+
+
+###############################################################################
+### HPC: a real SLURM cluster
+###############################################################################
+
+
+def _slurm_missing():
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        return "SLURM is not installed (no sbatch); .ci/run starts a one-node cluster"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "no SLURM controller answers (sinfo timed out)"
+    if r.returncode != 0 or not r.stdout.strip():
+        return f"no SLURM controller reachable (sinfo: {(r.stderr or r.stdout).strip()[:200]})"
+    return None
+
+
+needs_slurm = pytest.mark.skipif(_slurm_missing() is not None, reason=str(_slurm_missing()))
+
+
+def _submit(cfg):
+    r = _cli(["submit", str(cfg), "--cpus-per-task", "1", "--mem", "1G", "--time", "00:15:00"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(cfg.parent / "compensated_outputs" / "slurm" / "jobs.json") as fh:
+        return json.load(fh)
+
+
+def _wait_for_jobs(job_ids, timeout=900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
+            capture_output=True,
+            text=True,
+        )
+        if not r.stdout.strip():
+            return
+        time.sleep(1.0)
+    pytest.fail(f"SLURM jobs {job_ids} still queued after {timeout} s: {r.stdout}")
+
+
+def _sacct(jobs, key, n_tasks=None):
+    """Final sacct states of a submitted job (or of every task of the array)."""
+    job = jobs[key]
+    want = {f"{job}_{k}" for k in range(1, n_tasks + 1)} if n_tasks else {job}
+    for _ in range(60):  # accounting lags behind the controller by a moment
+        states = fs._sacct_states(job, jobs["submitted"])
+        if want <= set(states) and all(s not in ("PENDING", "RUNNING") for s in states.values()):
+            return states
+        time.sleep(1.0)
+    pytest.fail(f"sacct has no final states for {sorted(want)}: {states}")
+
+
+@needs_slurm
+def test_slurm_session_matches_local_run(tmp_path):
+    local = _crash_session(tmp_path / "local")
+    assert _cli(["run", str(local)]).returncode == 0
+    cfg = _crash_session(tmp_path / "cluster")
+    t0 = time.monotonic()
+    jobs = _submit(cfg)
+    _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
+    wall = time.monotonic() - t0
+    tasks = _sacct(jobs, "stage1_array", 3)
+    dep = _sacct(jobs, "stage23")
+    print(f"SLURM session: {wall:.1f} s wall; sacct: {tasks} {dep}")
+    assert sorted(tasks) == [f"{jobs['stage1_array']}_{k}" for k in (1, 2, 3)]
+    assert set(tasks.values()) == {"COMPLETED"} and dep == {jobs["stage23"]: "COMPLETED"}
+    expected = _session_arrays(local.parent)
+    got = _session_arrays(cfg.parent)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    r = _cli(["status", str(cfg)])
+    assert r.returncode == 0 and r.stdout.count("COMPLETED") == 4, r.stdout
+
+
+@needs_slurm
+def test_slurm_failed_task_stops_the_dependent_job(tmp_path):
+    cfg = _crash_session(tmp_path / "cluster")
+    bad = h5py.File(cfg.parent / "rec_02.h5", "r")["mov"][:].astype(np.float32)
+    bad[9, 5, 5] = np.nan  # found only while correcting: submit's checks pass
+    (cfg.parent / "rec_02.h5").unlink()
+    _write_h5(cfg.parent / "rec_02.h5", bad[..., None])
+    jobs = _submit(cfg)
+    _wait_for_jobs([jobs["stage1_array"], jobs["stage23"]])
+    tasks = _sacct(jobs, "stage1_array", 3)
+    dep = _sacct(jobs, "stage23")
+    print(f"SLURM with a failing task: sacct {tasks} {dep}")
+    assert tasks[f"{jobs['stage1_array']}_2"] == "FAILED"
+    assert tasks[f"{jobs['stage1_array']}_1"] == tasks[f"{jobs['stage1_array']}_3"] == "COMPLETED"
+    assert dep[jobs["stage23"]] == "CANCELLED"  # never ran
+    assert not (cfg.parent / "final_results").exists()
+    assert not list(
+        (cfg.parent / "compensated_outputs" / "slurm").glob("flowsession-stage23_*.log")
+    )
+    r = _cli(["status", str(cfg)])
+    assert r.returncode == 1
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("rec_02.h5"))
+    assert "FAILED" in line and "NaN" in line
+
+
+def test_submit_dry_run_writes_array_and_dependent_scripts(tmp_path):
+    cfg = _crash_session(tmp_path / "s")
+    r = _cli(["submit", str(cfg), "--dry-run", "--cpus-per-task", "3", "--partition", "short"])
+    assert r.returncode == 0, r.stderr
+    slurm = cfg.parent / "compensated_outputs" / "slurm"
+    s1 = (slurm / "stage1.sbatch").read_text()
+    assert "#SBATCH --array=1-3" in s1 and "#SBATCH --cpus-per-task=3" in s1
+    assert "#SBATCH --partition=short" in s1 and "OMP_NUM_THREADS=1" in s1
+    assert "NUMBA_CACHE_DIR" in s1 and "--stage 1 --array" in s1
+    s23 = (slurm / "stage23.sbatch").read_text()
+    assert "--stage 2" in s23 and "--stage 3" in s23 and "--array" not in s23
+
+
+def test_bench_command_times_another_backend():
+    pytest.importorskip("cv2", reason="OpenCV (opencv-python-headless) is not installed")
+    r = _cli(
+        [
+            "bench",
+            "--size",
+            "48",
+            "--frames",
+            "16",
+            "--preset",
+            "fast",
+            "--backend",
+            "diso",
+            "--backend-param",
+            "preset=ultrafast",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "flow_backend diso" in r.stdout and "endpoint error" in r.stdout
+    r = _cli(["bench", "--size", "48", "--frames", "16", "--backend-param", "device"])
+    assert r.returncode != 0 and "--backend-param: 'device' is not KEY=VALUE" in r.stderr
+
+
+def test_bench_command_reports_speed_accuracy_and_memory():
+    r = _cli(
+        [
+            "bench",
+            "--size",
+            "64",
+            "--frames",
+            "24",
+            "--preset",
+            "fast",
+            "--workers",
+            "2",
+            "--profile",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for label in (
+        "frames/s",
+        "s per frame per core",
+        "endpoint error",
+        "peak memory",
+        "wall time by phase",
+        "reference",
+        "flow and warp",
+        "sweeps",
+        "share",
+        "main memory",
+        "x the bound",
+    ):
+        assert label in r.stdout, r.stdout
+    epe = float(r.stdout.split("endpoint error")[1].split()[0])
+    moved = float(r.stdout.split("without correction")[1].split()[0])
+    assert epe < 0.5 * moved
+
+
+###############################################################################
+### Bad input
+###############################################################################
+
+IMG = np.random.default_rng(5).random((20, 24))
+
+
+@pytest.mark.parametrize(
+    "fixed, moving, kwargs, match",
+    [
+        (IMG, IMG[:, :20], {}, "same shape"),
+        (IMG[0], IMG[0], {}, r"\(H, W\) or \(H, W, C\)"),
+        (IMG[None, None], IMG[None, None], {}, r"\(H, W\) or \(H, W, C\)"),
+        (np.where(np.arange(24) == 3, np.nan, IMG), IMG, {}, "NaN"),
+        (IMG, np.where(np.arange(24) == 3, np.inf, IMG), {}, "NaN or infinite"),
+        (np.zeros((0, 5)), np.zeros((0, 5)), {}, "empty"),
+        (IMG, IMG, {"alpha": -1.0}, "alpha must be > 0"),
+        (IMG, IMG, {"alpha": (1, 2, 3)}, "alpha"),
+        (IMG, IMG, {"eta": 1.5}, "eta"),
+        (IMG, IMG, {"iterations": "four"}, "iterations must be an integer"),
+        (IMG, IMG, {"update_lag": 0}, "update_lag"),
+        (IMG, IMG, {"const_assumption": "census"}, "const_assumption"),
+        (IMG, IMG, {"uv": np.zeros((20, 24))}, "uv must have shape"),
+        (IMG, IMG, {"weight": np.ones((5, 5))}, "spatial weight"),
+        (IMG, IMG, {"a_data": 0.0}, "a_data"),
+        (np.array([["a"]]), np.array([["a"]]), {}, "numeric"),
+    ],
+)
+def test_bad_input_raises_clear_error(fixed, moving, kwargs, match):
+    with pytest.raises(fs.FlowSessionError, match=match):
+        fs.get_displacement(fixed, moving, **kwargs)
+
+
+def test_bad_warp_input():
+    with pytest.raises(fs.ConfigError, match="interpolation_method"):
+        fs.imregister_wrapper(IMG, np.zeros_like(IMG), np.zeros_like(IMG), IMG, "spline")
+    with pytest.raises(fs.InputError, match="u must have shape"):
+        fs.imregister_wrapper(IMG, np.zeros((3, 3)), np.zeros_like(IMG), IMG)
+    with pytest.raises(fs.InputError, match="reference shape"):
+        fs.imregister_wrapper(IMG, np.zeros_like(IMG), np.zeros_like(IMG), IMG[:5])
+    with pytest.raises(fs.InputError, match=r"\(T, H, W, 2\)"):
+        fs.compute_batch_valid_masks(np.zeros((4, 4, 2)))
+
+
+def test_errors_are_value_errors():
+    assert issubclass(fs.ConfigError, ValueError)
+    assert issubclass(fs.InputError, ValueError)
+
+
+# One table of bad inputs, through the command line.
+
+
+def _bad_session(tmp_path, case):
+    """Build the scenario of one bad-input case; returns (argv, expected text in the error)."""
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(12, (32, 32), 1, seed=1)
+    toml = 'root = "."\npattern = "*.h5"\nn_workers = 1\n'
+    flow = '[flow_options]\nquality_setting = "fast"\nreference_frames = [0, 1, 2]\n'
+    extra_top, extra_flow, args = "", "", []
+
+    def h5(name, data):
+        _write_h5(root / name, data)
+
+    h5("a.h5", frames)
+    h5("b.h5", frames)
+    expect = None
+    if case == "missing root":
+        toml = toml.replace('root = "."', 'root = "nowhere"')
+        expect = "nowhere"
+    elif case == "root is a file":
+        (root / "file.txt").write_text("x")
+        toml = toml.replace('root = "."', 'root = "file.txt"')
+        expect = "file.txt"
+    elif case == "no files match":
+        toml = toml.replace("*.h5", "*.tif")
+        expect = "no files match"
+    elif case == "center not among the inputs":
+        extra_top = 'center = "c.h5"\n'
+        expect = "c.h5"
+    elif case == "different frame sizes":
+        h5("b.h5", frames[:, :, :30])
+        expect = "frame size"
+    elif case == "different channel counts":
+        h5("b.h5", np.concatenate([frames, frames], axis=-1))
+        expect = "channel count"
+    elif case == "zero frames":
+        h5("b.h5", frames[:0])
+        expect = "b.h5: the recording has no frames"
+    elif case == "fewer frames than reference_frames":
+        flow = flow.replace("[0, 1, 2]", "[0, 5, 12]")
+        expect = "reference_frames"
+    elif case == "truncated TIFF":
+        (root / "a.h5").unlink()
+        (root / "b.h5").unlink()
+        tifffile.imwrite(root / "t.tif", frames[..., 0])
+        data = (root / "t.tif").read_bytes()
+        (root / "t.tif").write_bytes(data[: len(data) // 2])
+        toml = toml.replace("*.h5", "*.tif")
+        expect = "t.tif"
+    elif case == "HDF5 without a usable dataset":
+        with h5py.File(root / "b.h5", "w") as f:
+            f["note"] = np.arange(3)
+        expect = "b.h5"
+    elif case == "corrupt HDF5":
+        (root / "b.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
+        expect = "b.h5"
+    elif case == "MAT file without a video":
+        (root / "a.h5").unlink()
+        (root / "b.h5").unlink()
+        scipy.io.savemat(root / "m.mat", {"x": 3.0})
+        toml = toml.replace("*.h5", "*.mat")
+        expect = "m.mat"
+    elif case in ("NaN frames", "Inf frames"):
+        bad = frames.astype(np.float32)
+        bad[7, 3, 3, 0] = np.nan if case == "NaN frames" else np.inf
+        h5("b.h5", bad)
+        expect = "b.h5: frames 7..7 contain NaN or Inf"
+    elif case == "constant recording":
+        h5("b.h5", np.zeros_like(frames))
+        expect = "b.h5: the reference frames"
+    elif case == "unknown config key":
+        extra_top = "n_wrkers = 2\n"
+        expect = "did you mean 'n_workers'"
+    elif case == "unknown flow option":
+        extra_flow = "alpah = 2\n"
+        expect = "did you mean 'alpha'"
+    elif case == "wrong type":
+        toml = toml.replace("n_workers = 1", 'n_workers = "four"')
+        expect = "n_workers"
+    elif case == "negative alpha":
+        extra_flow = "alpha = -1.0\n"
+        expect = "alpha"
+    elif case == "cc_upsample = 0":
+        extra_top = "cc_upsample = 0\n"
+        expect = "cc_upsample"
+    elif case == "eta > 1":
+        extra_flow = "eta = 1.5\n"
+        expect = "eta"
+    elif case == "unknown backend":
+        extra_top = 'flow_backend = "flowreg_gpu"\n'
+        expect = "flow_backend"
+    elif case == "unsupported stage-2 data term":
+        extra_top = 'stage2_constancy_assumption = "cs"\n'
+        expect = "stage2_constancy_assumption"
+    elif case == "unknown aligned-video format":
+        extra_top = 'align_output_format = "MP4"\n'
+        expect = "align_output_format"
+    elif case == "output folder without write permission":
+        # root ignores file modes, so use a place nobody can create folders in
+        extra_top = 'output_root = "/proc/flowsession-out"\n'
+        expect = "output_root"
+    elif case == "Stage 2 before Stage 1":
+        args = ["--stage", "2"]
+        expect = "run Stage 1 first"
+    elif case == "Stage 3 before Stage 2":
+        args = ["--stage", "3"]
+        assert fs.main(["run", str(_write_toml(root, toml, flow)), "--stage", "1"]) == 0
+        expect = "run Stage 2 first"
+    elif case == "options JSON changes the output format":
+        (root / "opts.json").write_text('Flow options 2026-01-01\n\n{"output_format": "TIFF"}\n')
+        flow = ""
+        extra_top = 'flow_options = "opts.json"\n'
+        expect = "output_format"
+    elif case == "TOML syntax error":
+        extra_top = "n_workers = = 3\n"
+        expect = "session.toml"
+    elif case == "missing config file":
+        return ["run", str(root / "nothing.toml")], "nothing.toml"
+    elif case == "index out of range":
+        args = ["--stage", "1", "--index", "5"]
+        expect = "index 5"
+    elif case == "malformed --of-params":
+        args = ["--of-params", "alpha"]
+        expect = "KEY=VALUE"
+    elif case == "unsupported cc_initialization":
+        extra_flow = "cc_initialization = true\n"
+        expect = "cc_initialization"
+    elif case == "YAML config without pyyaml":
+        path = root / "session.yaml"
+        path.write_text("root: .\n")
+        return ["run", str(path)], "pyyaml"
+    cfg = _write_toml(root, toml + extra_top, flow + extra_flow)
+    return ["run", str(cfg), *args], expect
+
+
+def _write_toml(root, top, flow):
+    path = root / "session.toml"
+    path.write_text(top + "\n" + flow)
+    return path
+
+
+BAD_INPUTS = [
+    "missing root",
+    "root is a file",
+    "no files match",
+    "center not among the inputs",
+    "different frame sizes",
+    "different channel counts",
+    "zero frames",
+    "fewer frames than reference_frames",
+    "truncated TIFF",
+    "HDF5 without a usable dataset",
+    "corrupt HDF5",
+    "MAT file without a video",
+    "NaN frames",
+    "Inf frames",
+    "constant recording",
+    "unknown config key",
+    "unknown flow option",
+    "wrong type",
+    "negative alpha",
+    "cc_upsample = 0",
+    "eta > 1",
+    "unknown backend",
+    "unsupported stage-2 data term",
+    "unknown aligned-video format",
+    "output folder without write permission",
+    "Stage 2 before Stage 1",
+    "Stage 3 before Stage 2",
+    "options JSON changes the output format",
+    "TOML syntax error",
+    "missing config file",
+    "index out of range",
+    "malformed --of-params",
+    "unsupported cc_initialization",
+    "YAML config without pyyaml",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line_error_and_no_output(tmp_path, case, caplog, monkeypatch):
+    if case == "YAML config without pyyaml":
+        monkeypatch.setitem(sys.modules, "yaml", None)
+    argv, expect = _bad_session(tmp_path, case)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="flowsession")
+    assert fs.main(argv) != 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "\n" not in message and expect in message, message
+    assert "unexpected error" not in message
+    assert not _partials(tmp_path)
+    # Nothing failed is marked finished: only the good recording a.h5 may have been
+    # corrected before the bad one stopped the run (and Stage 1 in the Stage-3 case).
+    for status in tmp_path.rglob("status.json"):
+        assert status.parent.name == "a" or case == "Stage 3 before Stage 2", (case, status)
+    for name in ("b", "t", "m"):
+        comp = tmp_path / "s" / "compensated_outputs" / name / "compensated.hdf5"
+        assert not comp.exists() or case == "Stage 3 before Stage 2"
+
+
+def test_int16_with_negative_values_is_valid_input(tmp_path):
+    frames, _ = fs.synthetic_recording(12, (32, 32), 1, seed=2)
+    data = frames.astype(np.int16) - 300  # ScanImage-like: negative values occur
+    root = tmp_path / "s"
+    root.mkdir()
+    tifffile.imwrite(root / "neg.tif", data[..., 0])
+    cfg = _write_toml(
+        root,
+        'root = "."\nn_workers = 1\n',
+        '[flow_options]\nquality_setting = "fast"\nreference_frames = [0, 1, 2]\n',
+    )
+    assert fs.main(["run", str(cfg), "--stage", "1"]) == 0
+    comp = _read_comp(root / "compensated_outputs" / "neg")
+    assert comp.dtype == np.int16 and comp.min() < 0
+
+
+###############################################################################
+### Command line
+###############################################################################
+
+
+def test_demo_command_recovers_known_motion():
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    out = subprocess.run(
+        [sys.executable, str(HERE / "flowsession.py"), "demo", "--size", "64"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "mean endpoint error" in out.stdout
+
+
+def test_main_returns_nonzero_on_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        fs.main(["no-such-command"])
+    assert exc.value.code != 0
+
+
+# run
+
+
+def _cli(args, cwd=None, env=None):
+    e = dict(os.environ, PYTHONPATH=str(HERE), **(env or {}))
+    return subprocess.run(
+        [sys.executable, str(HERE / "flowsession.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=e,
+        timeout=600,
+    )
+
+
+def test_cli_run_stage1_with_overrides_index_and_array(tmp_path):
+    frames, _ = fs.synthetic_recording(16, (32, 32), 1, seed=9)
+    root = tmp_path / "s"
+    root.mkdir()
+    for name in ("a.h5", "b.h5", "c.h5"):
+        _write_h5(root / name, frames)
+    (root / "session.toml").write_text(
+        'root = "."\npattern = "*.h5"\nn_workers = 2\n'
+        "[flow_options]\nreference_frames = [0, 1, 2]\n"
+    )
+    r = _cli(
+        [
+            "run",
+            str(root / "session.toml"),
+            "--stage",
+            "1",
+            "--index",
+            "1",
+            "--of-params",
+            "quality_setting=fast",
+            "alpha=[2, 3]",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    outs = root / "compensated_outputs"
+    assert sorted(p.name for p in outs.iterdir() if p.is_dir()) == ["b"]
+    opts = (outs / "b" / "options.json").read_text()
+    assert '"quality_setting": "fast"' in opts and "3.0" in opts
+    # array task 3 of a 1-based SLURM array is the third recording
+    r = _cli(
+        [
+            "run",
+            "--config",
+            str(root / "session.toml"),
+            "--stage",
+            "1",
+            "--array",
+            "--of-params",
+            "quality_setting=fast",
+        ],
+        env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert (outs / "c" / "status.json").exists() and not (outs / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('root = "."\nn_wrkers = 2\n', "did you mean 'n_workers'"),
+        ('root = "."\nn_workers = "four"\n', "n_workers"),
+        ('root = "nowhere"\n', "does not exist"),
+        ('root = "."\npattern = "*.xyz"\n', "no files match"),
+        ('root = "."\n[flow_options]\nalpha = -1\n', "alpha"),
+    ],
+)
+def test_cli_bad_config_fails_in_one_line(tmp_path, text, expect):
+    (tmp_path / "x.tif").write_bytes(b"")
+    cfg = tmp_path / "session.toml"
+    cfg.write_text(text)
+    r = _cli(["run", str(cfg)])
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and expect in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "compensated_outputs").exists()
+
+
+def test_cli_example_runs_the_session(tmp_path):
+    r = _cli(
+        [
+            "example",
+            "--out",
+            str(tmp_path / "ex"),
+            "--recordings",
+            "2",
+            "--frames",
+            "24",
+            "--size",
+            "48",
+        ]
+    )
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "Stage 2: endpoint error" in r.stdout and "final mask keeps" in r.stdout
+    assert (tmp_path / "ex" / "compensated_outputs" / "rec_01" / "w_to_reference.npz").exists()
+    assert (tmp_path / "ex" / "final_results" / "final_valid_idx.npz").exists()
 
 
 ###############################################################################

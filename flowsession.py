@@ -843,8 +843,9 @@ def resolve_flow_options(config, runtime_overrides=None):
     Starts from :class:`FlowOptions`, applies ``config.stage1_quality_setting``,
     ``config.flow_options`` (a dict, or a JSON options file that overrides only the keys it
     names), then ``runtime_overrides``, and enforces ``save_valid_idx=True`` and
-    ``output_format`` ``'HDF5'`` (or ``'NWB'`` when asked for), which Stage 1 needs.  An explicit request for anything else
-    raises :class:`ConfigError` rather than being switched off silently.
+    ``output_format`` ``'HDF5'`` (or ``'NWB'`` when asked for), which Stage 1 needs.  An
+    explicit request for anything else raises :class:`ConfigError` rather than being
+    switched off silently.
 
     Parameters
     ----------

@@ -68,8 +68,9 @@ __all__ = [
     "Hdf5VideoWriter",
     "InputError",
     "MatReader",
-    "NwbVideoWriter",
     "NwbReader",
+    "NwbVideoWriter",
+    "RecordingReader",
     "SessionConfig",
     "TiffReader",
     "TiffVideoWriter",
@@ -84,6 +85,8 @@ __all__ = [
     "compute_batch_valid_masks",
     "compute_between_displacement",
     "compute_reference",
+    "correct_bidi",
+    "estimate_bidi_offset",
     "estimate_rigid_shift",
     "gaussian_filter_video",
     "get_array_task_id",
@@ -101,6 +104,9 @@ __all__ = [
     "normxcorr2",
     "open_video",
     "open_writer",
+    "plane_configs",
+    "recording_files",
+    "recording_layout",
     "resolve_flow_options",
     "run_all_stages",
     "run_stage1",
@@ -111,6 +117,8 @@ __all__ = [
     "save_mask_png",
     "save_qc_figure",
     "save_recording_qc_figure",
+    "scanimage_metadata",
+    "synthetic_acquisition",
     "synthetic_pair",
     "synthetic_recording",
     "synthetic_session",
@@ -564,6 +572,17 @@ def _cfg_nwb_series(value, key, source):
     return tuple(names)
 
 
+def _cfg_bidi(value, key, source):
+    """``bidi_correction``: False, "auto" or an offset in pixels (a finite number)."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off")):
+        return False
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if _cfg_is_number(value):
+        return float(value)
+    raise _cfg_error(source, key, 'false, "auto" or an offset in pixels (e.g. 1.5)', value)
+
+
 def _cfg_plain_dict(value, key, source):
     ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
     try:
@@ -635,6 +654,9 @@ _CFG_SESSION_RULES = {
     "stage2_constancy_assumption": _CFG_CONSTANCY,
     "align_chunk_size": (_cfg_int, *_CFG_COUNT),
     "align_output_format": (_cfg_choice, ("TIFF", "HDF5")),
+    "n_planes": (_cfg_optional(_cfg_int, *_CFG_COUNT),),
+    "flyback_planes": (_cfg_optional(_cfg_int, "an integer >= 0", lambda x: x >= 0),),
+    "bidi_correction": (_cfg_bidi,),
     "nwb_series": (_cfg_optional(_cfg_nwb_series),),
 }
 
@@ -904,6 +926,14 @@ class SessionConfig:
         Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0).
     stage2_constancy_assumption : {'gc', 'gray'}
     align_output_format : {'TIFF', 'HDF5'}
+    n_planes, flyback_planes : int or None
+        Interleaved planes per volume, and how many of them (the last ones) are flyback
+        frames to drop; None takes them from ScanImage metadata, else 1 and 0.  With more
+        than one kept plane every plane is its own session (``output_root/plane<k>``,
+        ``final_results/plane<k>``).
+    bidi_correction : False, "auto" or float
+        Bidirectional scan phase: odd rows are shifted along x by this offset (px) before
+        registration; "auto" estimates it per recording from its reference frames.
     nwb_series : str, list of str or None
         NWB recordings: the imaging series in ``acquisition`` (default: the only one); a
         list gives one channel per series.
@@ -930,6 +960,9 @@ class SessionConfig:
     stage2_constancy_assumption: str = "gc"
     align_chunk_size: int = 64
     align_output_format: str = "TIFF"
+    n_planes: int | None = None
+    flyback_planes: int | None = None
+    bidi_correction: bool | str | float = False
     nwb_series: str | tuple | None = None
     source: dataclasses.InitVar[str] = "config"
 
@@ -950,6 +983,12 @@ class SessionConfig:
                 msg = f"{source}: flow_options: options file {self.flow_options} does not exist"
                 raise ConfigError(msg)
             _cfg_session_flow(*_cfg_read_flow_json(self.flow_options))
+        if self.n_planes is not None and (self.flyback_planes or 0) >= self.n_planes:
+            msg = (
+                f"{source}: flyback_planes ({self.flyback_planes}) must be smaller than "
+                f"n_planes ({self.n_planes})"
+            )
+            raise ConfigError(msg)
 
     @classmethod
     def from_dict(cls, data, *, base_dir=None, source="config"):
@@ -1027,7 +1066,11 @@ class SessionConfig:
         return pathlib.Path(os.path.abspath(self.root / self.final_results))
 
     def discover_inputs(self):
-        """Sorted recordings ``root.glob(pattern)``: files only, outside the output folders.
+        """Sorted recordings ``root.glob(pattern)`` outside the output folders.
+
+        A matching file is a recording; a matching folder is one recording made of its
+        files; the files of one ScanImage acquisition (``<stem>_00001.tif``, ...) or one
+        Bruker series are one recording ``<folder>/<stem>`` (see `group_recordings`).
 
         Raises
         ------
@@ -1035,12 +1078,16 @@ class SessionConfig:
             When nothing matches, or two recordings share a stem (their output folders
             ``output_root/<stem>`` would collide).
         """
+        parent = getattr(self, "_parent", None)
+        if parent is not None:  # one plane of a volumetric session
+            return parent.discover_inputs()
         outputs = (self.output_root_path, self.final_results_path)
         files = sorted(
             p
             for p in self.root.glob(self.pattern)
-            if p.is_file() and not any(p.is_relative_to(o) for o in outputs)
+            if (p.is_file() or p.is_dir()) and not any(p.is_relative_to(o) for o in outputs)
         )
+        files = group_recordings(files)
         if not files:
             msg = f"no files match pattern {self.pattern!r} in {self.root}"
             raise ConfigError(msg)
@@ -2457,6 +2504,9 @@ class NwbVideoWriter(_AtomicVideoWriter):
         src_io = None
         try:
             originals, meta = [None] * C, {}
+            bin_size = getattr(source, "bin_size", 1)
+            # A reader wrapped by the scan-phase correction: the file is the inner one's.
+            source = getattr(source, "_inner", source)
             if isinstance(source, NwbReader):
                 src_io = pynwb.NWBHDF5IO(os.path.abspath(source.path), "r")
                 src = src_io.read()
@@ -2471,7 +2521,6 @@ class NwbVideoWriter(_AtomicVideoWriter):
             else:
                 names = [f"ch{c + 1}" for c in range(C)]
             input_path = os.path.abspath(source.path) if source is not None else None
-            bin_size = getattr(source, "bin_size", 1)
             if "session_start_time" not in meta:
                 mtime = os.stat(input_path).st_mtime if input_path else time.time()
                 meta["session_start_time"] = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
@@ -2646,6 +2695,418 @@ def open_writer(path, fmt, **kw):
 
 
 ###############################################################################
+### I/O: recordings across files, planes, ScanImage and Bruker layouts
+###############################################################################
+
+
+_READABLE_SUFFIXES = _TIFF_SUFFIXES + _HDF5_SUFFIXES + (".mat",)
+#: ScanImage acquisitions split over files: ``<stem>_00001.tif``, ``<stem>_00002.tif``, ...
+_SI_PART_RE = re.compile(r"^(?P<stem>.+)_(?P<part>\d{5})\.tiff?$", re.IGNORECASE)
+#: Bruker one-file-per-frame-per-channel: ``<stem>_Cycle00001_Ch1_000001.ome.tif``.
+_BRUKER_RE = re.compile(
+    r"^(?P<stem>.+)_Cycle(?P<cycle>\d+)_Ch(?P<ch>\d+)_(?P<index>\d+)\.ome\.tiff?$", re.IGNORECASE
+)
+_SI_LINE_RE = re.compile(r"^\s*(SI\.[\w.]+)\s*=\s*(.*?)\s*$", re.MULTILINE)
+_SI_ACQ_RE = re.compile(r"acquisitionNumbers\s*=\s*(\d+)")
+
+
+def _natural_key(name):
+    """Sort key that orders ``x_2`` before ``x_10``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name)]
+
+
+def _si_value(text):
+    try:
+        return tifffile.matlabstr2py(text)
+    except Exception:  # an odd value: keep its text
+        return text.strip("'\"")
+
+
+def _si_count(value):
+    """Channel count of ``SI.hChannels.channelSave`` (a number or a list of numbers)."""
+    return len(re.findall(r"\d+", str(value))) or None
+
+
+def _si_int(data, *keys):
+    for key in keys:
+        value = data.get(key)
+        if _cfg_is_number(value) and float(value).is_integer():
+            return int(value)
+    return None
+
+
+def scanimage_metadata(path):
+    """Acquisition metadata of a ScanImage TIFF, or None for any other file.
+
+    Read with tifffile: the non-varying frame data of the BigTIFF header
+    (``TiffFile.scanimage_metadata["FrameData"]``), else the ``SI.*`` lines of the
+    first page's Software tag or description, and the first frame's
+    ``acquisitionNumbers``.
+
+    Returns
+    -------
+    dict or None
+        ``version, frame_rate, volume_rate, zoom, slices, flyback_frames,
+        frames_per_slice, channels_saved, n_channels, bidirectional, log_file_stem,
+        acquisition`` (None where the file does not say).
+    """
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() not in _TIFF_SUFFIXES:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_scanimage:
+                return None
+            page = tif.pages.first
+            meta = tif.scanimage_metadata or {}
+            data = dict(meta.get("FrameData") or {})
+            text = f"{page.software}\n{page.description}"
+    except (OSError, ValueError, IndexError, KeyError) as exc:
+        msg = f"{path}: cannot read as TIFF ({_why(exc)}); re-export or re-copy it"
+        raise InputError(msg) from exc
+    for key, value in _SI_LINE_RE.findall(text):
+        data.setdefault(key, _si_value(value))
+    enabled = [data[k] for k in ("SI.hFastZ.enable", "SI.hStackManager.enable") if k in data]
+    slices = _si_int(data, "SI.hStackManager.actualNumSlices", "SI.hStackManager.numSlices")
+    if slices is None or (enabled and not any(bool(e) for e in enabled)):
+        slices = 1
+    flyback = 0
+    if slices > 1:
+        with_fb = _si_int(data, "SI.hStackManager.numFramesPerVolumeWithFlyback")
+        per_volume = _si_int(data, "SI.hStackManager.numFramesPerVolume")
+        if with_fb is not None and per_volume is not None:
+            flyback = with_fb - per_volume
+        else:
+            flyback = _si_int(data, "SI.hFastZ.numDiscardFlybackFrames") or 0
+    saved = data.get("SI.hChannels.channelSave")
+    acq = _SI_ACQ_RE.search(text)
+    major, minor = data.get("SI.VERSION_MAJOR"), data.get("SI.VERSION_MINOR")
+    return {
+        "version": None if major is None else ".".join(str(v) for v in (major, minor) if v != ""),
+        "frame_rate": data.get("SI.hRoiManager.scanFrameRate"),
+        "volume_rate": data.get("SI.hRoiManager.scanVolumeRate"),
+        "zoom": data.get("SI.hRoiManager.scanZoomFactor"),
+        "slices": slices,
+        "flyback_frames": flyback,
+        "frames_per_slice": _si_int(data, "SI.hStackManager.framesPerSlice"),
+        "channels_saved": [int(c) for c in re.findall(r"\d+", str(saved))] if saved else None,
+        "n_channels": _si_count(saved) if saved is not None else None,
+        "bidirectional": None
+        if data.get("SI.hScan2D.bidirectional") is None
+        else bool(data.get("SI.hScan2D.bidirectional")),
+        "log_file_stem": data.get("SI.hScan2D.logFileStem"),
+        "acquisition": int(acq.group(1)) if acq else _si_int(data, "SI.hScan2D.logFileCounter"),
+    }
+
+
+def _readable(path):
+    return path.suffix.lower() in _READABLE_SUFFIXES and not path.name.startswith(".")
+
+
+def _bruker_order(files, where):
+    """Bruker files in reading order (cycle, frame, channel) and the channel numbers."""
+    parts = [(_BRUKER_RE.match(f.name), f) for f in files]
+    stray = [f.name for m, f in parts if m is None]
+    if stray:
+        msg = f"{where}: {stray[0]} is not a Bruker ..._CycleNNNNN_ChN_NNNNNN.ome.tif file"
+        raise InputError(msg)
+    stems = {m.group("stem") for m, _ in parts}
+    if len(stems) > 1:
+        msg = (
+            f"{where}: Bruker files of several series ({', '.join(sorted(stems))}); one per folder"
+        )
+        raise InputError(msg)
+    keyed = {(int(m["cycle"]), int(m["index"]), int(m["ch"])): f for m, f in parts}
+    channels = sorted({k[2] for k in keyed})
+    for cycle, index in sorted({k[:2] for k in keyed}):
+        missing = [c for c in channels if (cycle, index, c) not in keyed]
+        if missing:
+            msg = (
+                f"{where}: Cycle{cycle:05d} frame {index:06d} has no file for channel "
+                f"Ch{missing[0]}; every frame needs one file per channel"
+            )
+            raise InputError(msg)
+    return [keyed[k] for k in sorted(keyed)], channels
+
+
+def recording_files(path):
+    """The files of one recording, in reading order, and its layout.
+
+    A file is a recording by itself; a folder holds one recording in its readable
+    files (TIFF, HDF5, MAT) in natural order, or Bruker ``..._ChN_...ome.tif`` files in
+    cycle, frame, channel order; a path ``<folder>/<stem>`` that does not exist names
+    the ScanImage acquisition ``<stem>_00001.tif``, ``<stem>_00002.tif``, ... (or the
+    Bruker series ``<stem>_Cycle...``) in that folder.
+
+    Returns
+    -------
+    (list of Path, str)
+        The files and the layout: ``"file"``, ``"folder"``, ``"scanimage"``, ``"bruker"``.
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        return [path], "file"
+    if path.is_dir():
+        files = sorted(
+            (f for f in path.iterdir() if f.is_file() and _readable(f)),
+            key=lambda f: _natural_key(f.name),
+        )
+        if not files:
+            msg = f"{path}: the folder has no readable files ({', '.join(_READABLE_SUFFIXES)})"
+            raise InputError(msg)
+        if any(_BRUKER_RE.match(f.name) for f in files):
+            return _bruker_order(files, path)[0], "bruker"
+        return files, "folder"
+    parent = path.parent
+    if parent.is_dir():
+        siblings = sorted(parent.iterdir(), key=lambda f: _natural_key(f.name))
+        parts = [f for f in siblings if (m := _SI_PART_RE.match(f.name)) and m["stem"] == path.name]
+        if parts:
+            return parts, "scanimage"
+        series = [f for f in siblings if (m := _BRUKER_RE.match(f.name)) and m["stem"] == path.name]
+        if series:
+            return _bruker_order(series, path)[0], "bruker"
+    msg = f"{path}: file not found; check the path"
+    raise InputError(msg)
+
+
+def group_recordings(paths):
+    """Merge the files of one acquisition into one recording path (see `recording_files`).
+
+    ``<stem>_00001.tif``, ``<stem>_00002.tif``, ... become ``<stem>`` when every such
+    file in the folder is a ScanImage file of one acquisition (same log file stem and
+    acquisition number); separate acquisitions (ScanImage's default ``file_00001.tif``,
+    ``file_00002.tif``) stay separate.  Bruker ``<stem>_Cycle..._ChN_...ome.tif`` files
+    become ``<stem>``.  Folders are recordings; but where files match too, a folder
+    without readable files is skipped (it is then only a folder whose name matched).
+    Other paths are kept; the order is kept.
+    """
+    paths = list(paths)
+    if any(p.is_file() for p in paths):
+        paths = [p for p in paths if not p.is_dir() or any(_readable(f) for f in p.iterdir())]
+    out, seen, acquisitions = [], set(), {}
+    for p in paths:
+        target = p
+        si, bruker = _SI_PART_RE.match(p.name), _BRUKER_RE.match(p.name)
+        if bruker and p.is_file():
+            target = p.parent / bruker["stem"]
+        elif si and p.is_file():
+            group = p.parent / si["stem"]
+            if group not in acquisitions:
+                acquisitions[group] = _one_acquisition(recording_files(group)[0])
+            target = group if acquisitions[group] else p
+        if target not in seen:
+            seen.add(target)
+            out.append(target)
+    return out
+
+
+def _one_acquisition(files):
+    if len(files) < 2:
+        return False
+    ids = set()
+    for f in files:
+        meta = scanimage_metadata(f)
+        if meta is None or meta["acquisition"] is None:
+            return False
+        ids.add((meta["log_file_stem"], meta["acquisition"]))
+    return len(ids) == 1
+
+
+class RecordingLayout(NamedTuple):
+    """How one recording is stored (see `recording_layout`)."""
+
+    path: str
+    files: list
+    kind: str
+    #: frames of one plane: units of ``group`` single-channel pages (ScanImage, Bruker)
+    #: or of one frame with all channels (other files)
+    group: int
+    n_planes: int
+    flyback: int
+    units: list  # units per file
+    height: int
+    width: int
+    unit_channels: int
+    dtype: object
+    metadata: dict | None
+
+    @property
+    def n_channels(self):
+        return self.group * self.unit_channels
+
+    @property
+    def kept_planes(self):
+        return self.n_planes - self.flyback
+
+    @property
+    def frames_per_plane(self):
+        return sum(self.units) // (self.n_planes * self.group)
+
+
+def _planes_from(meta, n_planes, flyback_planes, where):
+    """(n_planes, flyback) from the config and ScanImage metadata; contradictions are errors."""
+    if meta is not None and meta["slices"] > 1 and (meta["frames_per_slice"] or 1) > 1:
+        msg = (
+            f"{where}: a slow z-stack ({meta['slices']} slices of {meta['frames_per_slice']} "
+            "frames each) is not a time series of interleaved planes; register it otherwise"
+        )
+        raise InputError(msg)
+    si_planes = None if meta is None else meta["slices"] + meta["flyback_frames"]
+    si_flyback = None if meta is None else meta["flyback_frames"]
+    if n_planes is not None and si_planes is not None and n_planes != si_planes:
+        msg = (
+            f"{where}: n_planes = {n_planes} contradicts the ScanImage metadata "
+            f"({meta['slices']} slices + {meta['flyback_frames']} flyback frames = {si_planes}); "
+            "remove n_planes or fix it"
+        )
+        raise ConfigError(msg)
+    if flyback_planes is not None and si_flyback is not None and flyback_planes != si_flyback:
+        msg = (
+            f"{where}: flyback_planes = {flyback_planes} contradicts the ScanImage metadata "
+            f"({si_flyback} flyback frames per volume); remove flyback_planes or fix it"
+        )
+        raise ConfigError(msg)
+    planes = n_planes or si_planes or 1
+    flyback = flyback_planes if flyback_planes is not None else (si_flyback or 0)
+    if flyback >= planes:
+        msg = f"{where}: {flyback} flyback planes leave none of {planes} planes"
+        raise ConfigError(msg)
+    return planes, flyback
+
+
+def recording_planes(path, n_planes=None, flyback_planes=None):
+    """(n_planes, flyback) of a recording from its first file's metadata and the config."""
+    files, kind = recording_files(path)
+    meta = scanimage_metadata(files[0]) if kind != "bruker" else None
+    return _planes_from(meta, n_planes, flyback_planes, files[0])
+
+
+def recording_layout(path, n_planes=None, flyback_planes=None):
+    """Check and describe one recording: its files, planes, channels and frame counts.
+
+    Every file is opened once (and closed).  Raises `InputError` or `ConfigError`, naming
+    the folder or file, for a folder without readable files, files whose frame size or
+    channel count differ, ScanImage metadata that differ between files or contradict
+    ``n_planes`` / ``flyback_planes``, and a total that is not whole plane x channel
+    cycles.
+    """
+    files, kind = recording_files(path)
+    name = os.fspath(path)
+    meta = None
+    group = 1
+    if kind == "bruker":
+        group = len(_bruker_order(files, name)[1])
+    else:
+        metas = [scanimage_metadata(f) for f in files]
+        if any(m is not None for m in metas):
+            meta = next(m for m in metas if m is not None)
+            for f, m in zip(files, metas, strict=True):
+                key = ("slices", "flyback_frames", "n_channels")
+                if m is None or any(m[k] != meta[k] for k in key):
+                    msg = (
+                        f"{f}: its ScanImage metadata (slices, flyback, channels) differ from "
+                        f"{files[0].name}'s; one recording must be one acquisition"
+                    )
+                    raise InputError(msg)
+            kind = "scanimage" if kind == "file" else kind
+            group = meta["n_channels"] or 1
+    planes, flyback = _planes_from(meta, n_planes, flyback_planes, files[0] if meta else name)
+    units, first = [], None
+    pages = kind in ("scanimage", "bruker")
+    for f in files:
+        with open_video(
+            f, channels=1 if pages and f.suffix.lower() in _TIFF_SUFFIXES else None
+        ) as r:
+            shape = (r.height, r.width, r.n_channels)
+            if first is None:
+                first, dtype = shape, r.dtype
+            elif shape != first:
+                msg = (
+                    f"{f}: frames of {shape[0]}x{shape[1]}x{shape[2]} (H x W x C) differ from "
+                    f"{first[0]}x{first[1]}x{first[2]} in {files[0].name}; one recording "
+                    "needs one frame size"
+                )
+                raise InputError(msg)
+            dtype = np.result_type(dtype, r.dtype)
+            units.append(r.n_frames)
+    cycle = planes * group
+    if sum(units) % cycle:
+        what = "pages" if pages else "frames"
+        msg = (
+            f"{name}: {sum(units)} {what} are not whole cycles of {planes} plane(s) x "
+            f"{group if pages else first[2]} channel(s) ({sum(units) % cycle} left over); "
+            "check n_planes or whether a file is missing"
+        )
+        raise InputError(msg)
+    return RecordingLayout(
+        name, files, kind, group, planes, flyback, units, *first[:2], first[2], dtype, meta
+    )
+
+
+class RecordingReader(VideoReader):
+    """Frames of one plane of a recording stored in one or many files.
+
+    The files are read as one sequence of units (single-channel pages for ScanImage
+    and Bruker files, whole frames otherwise); a plane x channel cycle may continue
+    from one file into the next.  Unit ``u`` belongs to volume ``u // (P * G)``, plane
+    ``(u // G) % P`` and channel group ``u % G`` (``P`` planes, ``G`` units per frame).
+    At most a few files are open at once.
+    """
+
+    _OPEN_FILES = 4
+
+    def __init__(self, layout, plane=0, *, bin_size=1):
+        super().__init__(layout.path, bin_size)
+        if not 0 <= plane < layout.kept_planes:
+            msg = f"{layout.path}: plane {plane} does not exist ({layout.kept_planes} planes)"
+            raise ConfigError(msg)
+        self.layout, self.plane = layout, int(plane)
+        self._starts = np.concatenate(([0], np.cumsum(layout.units)))
+        self._open = {}
+        self._pages = layout.kind in ("scanimage", "bruker")
+        self._set_shape(
+            layout.frames_per_plane, layout.height, layout.width, layout.n_channels, layout.dtype
+        )
+
+    def _reader(self, k):
+        if k not in self._open:
+            if len(self._open) >= self._OPEN_FILES:
+                self._open.pop(next(iter(self._open))).close()
+            f = self.layout.files[k]
+            pages = self._pages and f.suffix.lower() in _TIFF_SUFFIXES
+            self._open[k] = open_video(f, channels=1 if pages else None)
+        return self._open[k]
+
+    def _read_raw(self, start, stop):
+        lay = self.layout
+        g = lay.group
+        t = np.arange(start, stop)
+        units = (t[:, None] * (lay.n_planes * g) + self.plane * g + np.arange(g)).ravel()
+        out = np.empty((len(units), self.height, self.width, lay.unit_channels), self.dtype)
+        which = np.searchsorted(self._starts, units, side="right") - 1
+        pos = 0
+        while pos < len(units):
+            k = which[pos]
+            end = pos
+            while end + 1 < len(units) and which[end + 1] == k and units[end + 1] == units[end] + 1:
+                end += 1
+            local = units[pos] - self._starts[k]
+            out[pos : end + 1] = self._reader(k).read(local, local + end + 1 - pos)
+            pos = end + 1
+        n = stop - start
+        out = out.reshape(n, g, self.height, self.width, lay.unit_channels)
+        return np.ascontiguousarray(out.transpose(0, 2, 3, 1, 4)).reshape(
+            n, self.height, self.width, self.n_channels
+        )
+
+    def _close(self):
+        for r in self._open.values():
+            r.close()
+        self._open = {}
+
+
+###############################################################################
 ### Preprocessing: Gaussian smoothing and normalisation
 ###############################################################################
 
@@ -2808,6 +3269,142 @@ class _Preprocessed:
     def frames(self, i0, i1):
         g = _smooth_frames(self.raw, self.sigma, i0, i1, self.pool, self.lo0, self.hi0)
         return _normalise(g, self.lo, self.hi, in_place=True)
+
+
+#: Bidirectional scan phase: offsets below this (px) are reported as 0 and not applied.
+BIDI_MIN_OFFSET = 0.05
+#: Largest offset searched (px), at most an eighth of the frame width.
+BIDI_MAX_OFFSET = 8.0
+
+
+def _keys_shift_x(rows, shift):
+    """Sample ``rows (..., W, C)`` at ``x + shift`` along W: Keys cubic (a = -0.5), edges
+    replicated, float64."""
+    W = rows.shape[-2]
+    x = np.arange(W) + float(shift)
+    i0 = np.floor(x)
+    t = (x - i0)[:, None]
+    i0 = i0.astype(np.int64)
+    taps = (
+        ((-0.5 * t + 1.0) * t - 0.5) * t,
+        (1.5 * t - 2.5) * t * t + 1.0,
+        ((-1.5 * t + 2.0) * t + 0.5) * t,
+        (0.5 * t - 0.5) * t * t,
+    )
+    out = np.zeros(rows.shape, dtype=np.float64)
+    for k, w in enumerate(taps):
+        out += w * rows[..., np.clip(i0 + k - 1, 0, W - 1), :]
+    return out
+
+
+def correct_bidi(frames, offset):
+    """Undo a bidirectional scan phase: odd rows (1, 3, ...) resampled at ``x + offset``.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (n, H, W, C)
+    offset : float
+        Displacement (px, along x) of the odd rows' content against the even rows',
+        as `estimate_bidi_offset` returns it.
+
+    Returns
+    -------
+    ndarray
+        Same shape and dtype (integers rounded and clipped, never wrapped); the input
+        itself when ``offset`` is 0.
+    """
+    if not offset:
+        return frames
+    out = frames.copy()
+    out[:, 1::2] = cast_to_dtype(_keys_shift_x(frames[:, 1::2], offset), frames.dtype)
+    return out
+
+
+def estimate_bidi_offset(image, max_offset=BIDI_MAX_OFFSET):
+    """Sub-pixel bidirectional scan phase of a mean image (e.g. of the reference frames).
+
+    Every odd row is compared with the mean of the even rows above and below it (a
+    prediction whose error, vertical curvature, is uncorrelated with the x gradient
+    over the image, so it does not bias the estimate): the offset ``d`` minimises
+    ``sum (odd(x + d) - prediction(x))^2`` over every channel (each scaled by its
+    variance) and the interior columns, on a 0.1 px grid and then by golden-section
+    search to 0.001 px.  The odd rows are shifted in the Fourier domain (rows padded
+    by reflection to twice their length): unlike a cubic kernel, whose smoothing
+    changes with the sub-pixel fraction and pulls estimates by up to 0.06 px toward
+    half pixels, the Fourier shift leaves ~0.01 px.  Offsets below `BIDI_MIN_OFFSET`
+    are returned as 0.
+
+    Parameters
+    ----------
+    image : array_like, shape (H, W) or (H, W, C)
+    max_offset : float
+        Largest offset searched, px (capped at W / 8).
+
+    Returns
+    -------
+    float
+        ``d`` in px: the odd rows' content lies ``d`` px to the right of the even rows'.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    img = img[..., None] if img.ndim == 2 else img
+    H, W = img.shape[:2]
+    if H < 4 or W < 16:
+        msg = f"bidi_correction: frames of {H}x{W} are too small to estimate a scan phase"
+        raise InputError(msg)
+    limit = min(float(max_offset), W / 8)
+    n_odd = (H - 1) // 2  # odd rows with an even row on both sides
+    odd = img[1 : 2 * n_odd : 2]
+    pred = 0.5 * (img[0 : 2 * n_odd : 2] + img[2 : 2 * n_odd + 1 : 2])
+    scale = 1.0 / np.maximum(img.reshape(-1, img.shape[2]).var(axis=0), 1e-12)
+    m = int(math.ceil(limit)) + 2
+    inner = slice(m, W - m)
+    pad = W // 2
+    n_fft = W + 2 * pad
+    spectrum = np.fft.rfft(np.pad(odd, [(0, 0), (pad, pad), (0, 0)], mode="reflect"), axis=1)
+    freq = np.fft.rfftfreq(n_fft)[:, None]
+
+    def cost(s):
+        moved = np.fft.irfft(spectrum * np.exp(2j * np.pi * freq * s), n=n_fft, axis=1)
+        r = moved[:, pad : pad + W][:, inner] - pred[:, inner]
+        return float(((r * r).sum(axis=(0, 1)) * scale).sum())
+
+    grid = np.arange(-limit, limit + 1e-9, 0.1)
+    costs = [cost(s) for s in grid]
+    k = int(np.argmin(costs))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = cost(a), cost(b)
+    while hi - lo > 1e-3:
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = cost(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = cost(b)
+    d = 0.5 * (lo + hi)
+    return 0.0 if abs(d) < BIDI_MIN_OFFSET else round(d, 3)
+
+
+class BidiReader(VideoReader):
+    """A reader whose frames come out with the bidirectional scan phase corrected.
+
+    Wraps a reader opened with ``bin_size=1``; `correct_bidi` is applied to the raw
+    frames, then this reader bins them.  ``bidi_offset`` is the offset applied (px).
+    """
+
+    def __init__(self, inner, offset, *, bin_size=1):
+        super().__init__(inner.path, bin_size)
+        self._inner, self.bidi_offset = inner, float(offset)
+        self._set_shape(inner.n_frames, inner.height, inner.width, inner.n_channels, inner.dtype)
+
+    def _read_raw(self, start, stop):
+        return correct_bidi(self._inner.read(start, stop), self.bidi_offset)
+
+    def _close(self):
+        self._inner.close()
 
 
 ###############################################################################
@@ -7562,11 +8159,18 @@ def _check_supported(opts):
         raise ConfigError(msg)
 
 
-def _check_recordings(files, opts, nwb_series=None):
-    """Open every recording before any work: readable, frames, one frame size and channel count."""
+def _check_recordings(files, opts, config=None):
+    """Open every recording before any work: readable, frames, one frame size and channel count.
+
+    With ``config``, recordings are opened as Stage 1 opens them (files, planes, layout)."""
     shapes = {}
     for f in files:
-        with open_video(f, bin_size=opts.bin_size, nwb_series=nwb_series) as r:
+        opened = (
+            open_video(f, bin_size=opts.bin_size)
+            if config is None
+            else _open_recording(config, f, opts, f.name, estimate=False)
+        )
+        with opened as r:
             if len(r) == 0:
                 msg = f"{f.name}: the recording has no frames"
                 raise InputError(msg)
@@ -8056,8 +8660,193 @@ STATUS_FILE = "status.json"
 
 
 def _input_fingerprint(path):
+    if not os.path.isfile(path):
+        return _recording_fingerprint(path)
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _recording_fingerprint(path):
+    """Names, sizes and time stamps of every file of a recording stored in several files
+    (as a digest: a Bruker series has one file per frame and channel)."""
+    files, kind = recording_files(path)
+    stats = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(f)]]
+    return {
+        "path": os.path.abspath(path),
+        "layout": kind,
+        "n_files": len(files),
+        "bytes": sum(s[1] for s in stats),
+        "files_digest": _digest(stats),
+    }
+
+
+def _layout_key(config):
+    """The config's plane and scan-phase settings when they are not the defaults, else None
+    (so that the option digests of plain sessions stay as they were)."""
+    key = {
+        "n_planes": config.n_planes,
+        "flyback_planes": config.flyback_planes,
+        "bidi_correction": config.bidi_correction,
+        "plane": getattr(config, "_plane", None),
+    }
+    plain = {"n_planes": None, "flyback_planes": None, "bidi_correction": False, "plane": None}
+    return None if key == plain else key
+
+
+def _open_recording(config, path, opts, name, *, estimate=True):
+    """Open one recording, or the config's plane of it, as Stage 1 reads it.
+
+    A single file with one plane opens with `open_video`; several files, ScanImage files,
+    Bruker series and interleaved planes with `RecordingReader`.  With ``bidi_correction`` the frames
+    come through a `BidiReader` (offset estimated from the reference frames for
+    ``"auto"`` unless ``estimate`` is False).  The reader carries ``bidi_offset``
+    (None when off), ``bidi_offset_end`` (the estimate from the last frames, or None),
+    ``layout_info`` and ``scanimage`` (metadata or None).
+    """
+    plane = getattr(config, "_plane", None) or 0
+    files, kind = recording_files(path)
+    planes = recording_planes(path, config.n_planes, config.flyback_planes)
+    bidi = config.bidi_correction is not False
+    bins = 1 if bidi else opts.bin_size
+    if kind == "file" and planes == (1, 0) and scanimage_metadata(path) is None:
+        reader = open_video(path, bin_size=bins, nwb_series=config.nwb_series)
+        meta = None
+        layout = {"kind": "file", "files": 1, "n_planes": 1}
+    else:  # ScanImage files too, so that a partial last frame is an error, not dropped
+        lay = recording_layout(path, config.n_planes, config.flyback_planes)
+        reader = RecordingReader(lay, plane, bin_size=bins)
+        meta = lay.metadata
+        layout = {
+            "kind": lay.kind,
+            "files": len(lay.files),
+            "n_planes": lay.n_planes,
+            "flyback_planes": lay.flyback,
+            "plane": plane,
+        }
+    layout["n_channels"] = reader.n_channels
+    offset = end = None
+    if bidi:
+        try:
+            if config.bidi_correction != "auto":
+                offset = float(config.bidi_correction)
+            elif estimate:
+                offset, end = _recording_bidi(reader, opts, name)
+            else:
+                offset = 0.0
+        except BaseException:
+            reader.close()
+            raise
+        reader = BidiReader(reader, offset, bin_size=opts.bin_size)
+    reader.bidi_offset, reader.bidi_offset_end = offset, end
+    reader.layout_info, reader.scanimage = layout, meta
+    return reader
+
+
+def _mean_frames(reader, raw_indices, chunk=64):
+    total = np.zeros((reader.height, reader.width, reader.n_channels))
+    for i in range(0, len(raw_indices), chunk):
+        total += reader.read_frames(raw_indices[i : i + chunk]).sum(axis=0, dtype=np.float64)
+    return total / len(raw_indices)
+
+
+def _recording_bidi(reader, opts, name):
+    """Scan phase of a recording (opened unbinned) from its reference frames, and from its
+    last frames as a check that it did not drift; returns ``(offset, offset_end)``."""
+    b = opts.bin_size
+    n_binned = math.ceil(reader.n_frames / b)
+    idx = _reference_indices(opts, n_binned, name)
+
+    def raw(binned):
+        return [r for i in binned for r in range(i * b, min((i + 1) * b, reader.n_frames))]
+
+    offset = estimate_bidi_offset(_mean_frames(reader, raw(idx)))
+    last = list(range(max(0, n_binned - len(idx)), n_binned))
+    end = None
+    if last != list(idx):
+        end = estimate_bidi_offset(_mean_frames(reader, raw(last)))
+    log.info(
+        "%s: bidirectional scan phase %+.3f px (from %d reference frames)%s",
+        name,
+        offset,
+        len(idx),
+        "" if end is None else f"; {end:+.3f} px over the last {len(last)} frames",
+    )
+    if end is not None and abs(end - offset) > BIDI_DRIFT_WARN:
+        log.warning(
+            "%s: the scan phase drifts from %+.3f px (reference frames) to %+.3f px (last "
+            "frames); one offset is applied to the whole recording: split it into shorter "
+            "recordings if the difference matters",
+            name,
+            offset,
+            end,
+        )
+    return offset, end
+
+
+#: A scan phase that differs by more than this (px) between the reference frames and the
+#: end of a recording is reported as drift.
+BIDI_DRIFT_WARN = 0.25
+
+
+def _plane_config(config, plane, n_planes, flyback, subfolder):
+    """The session of one plane: the same recordings, read at ``plane``, with its outputs in
+    ``output_root/plane<k>`` and ``final_results/plane<k>`` (unless ``subfolder`` is False)."""
+    out, final = config.output_root_path, config.final_results_path
+    if subfolder:
+        out, final = out / f"plane{plane}", final / f"plane{plane}"
+    sub = dataclasses.replace(
+        config, n_planes=n_planes, flyback_planes=flyback, output_root=out, final_results=final
+    )
+    sub._plane, sub._parent = plane, config
+    return sub
+
+
+def plane_configs(config):
+    """One config per kept plane of a volumetric session, or None for a single-plane one.
+
+    The planes come from ``n_planes`` / ``flyback_planes`` or the recordings' ScanImage
+    metadata; every recording must have the same.  A config of one plane (as returned
+    here) gives None.
+    """
+    if getattr(config, "_plane", None) is not None:
+        return None
+    found = {}
+    for f in config.discover_inputs():
+        found.setdefault(recording_planes(f, config.n_planes, config.flyback_planes), []).append(f)
+    if len(found) > 1:
+        (p1, f1), (p2, f2) = list(found.items())[:2]
+        msg = (
+            f"{f1[0].name} has {p1[0]} planes ({p1[1]} flyback) but {f2[0].name} has {p2[0]} "
+            f"({p2[1]} flyback); the recordings of a session must have the same planes"
+        )
+        raise InputError(msg)
+    n_planes, flyback = next(iter(found))
+    if n_planes == 1:
+        return None
+    kept = n_planes - flyback
+    return [_plane_config(config, k, n_planes, flyback, kept > 1) for k in range(kept)]
+
+
+def _task_count(config, files):
+    """Array tasks of Stage 1: one per recording and kept plane."""
+    planes = plane_configs(config)
+    return len(files) * (len(planes) if planes else 1)
+
+
+def _stage1_planes(config, planes, of_options_override, task_index):
+    """Stage 1 of a volumetric session: every plane, or the (recording, plane) pair
+    ``task_index`` (recording ``task_index // planes``, plane ``task_index % planes``)."""
+    if task_index is None:
+        return [f for pc in planes for f in run_stage1(pc, of_options_override)]
+    n = len(config.discover_inputs()) * len(planes)
+    if not 0 <= int(task_index) < n:
+        msg = (
+            f"task index {task_index} is out of range: the session has {n} (recording, plane) "
+            f"pairs (valid 0..{n - 1})"
+        )
+        raise ConfigError(msg)
+    recording, plane = divmod(int(task_index), len(planes))
+    return run_stage1(planes[plane], of_options_override, recording)
 
 
 def _digest(obj):
@@ -8079,9 +8868,11 @@ def _load_status(folder):
 
 
 def _stage1_expected(input_file, opts, config):
+    options = [opts.to_dict(), config.flow_backend, config.backend_params]
+    layout = _layout_key(config)
     return {
         "input": _input_fingerprint(input_file),
-        "options": _digest([opts.to_dict(), config.flow_backend, config.backend_params]),
+        "options": _digest(options + [layout] if layout else options),
         "version": __version__,
     }
 
@@ -8165,8 +8956,13 @@ def _compensate_locked(input_file, name, folder, config, opts):
     t0 = time.monotonic()
     backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
-    with open_video(input_file, bin_size=opts.bin_size, nwb_series=config.nwb_series) as reader:
+    with _open_recording(config, input_file, opts, name) as reader:
         info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name, backend)
+        info.update(layout=reader.layout_info, bidi_offset=reader.bidi_offset)
+        if reader.bidi_offset_end is not None:
+            info["bidi_offset_end"] = reader.bidi_offset_end
+        if reader.scanimage is not None:
+            info["scanimage"] = reader.scanimage
     opts.save_json(os.path.join(folder, "options.json"))
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
@@ -8194,6 +8990,9 @@ def run_stage1(config, of_options_override=None, task_index=None):
     # Both stages' data terms, so that a session Stage 2 would refuse fails before Stage 1.
     _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
+    planes = plane_configs(config)
+    if planes is not None:
+        return _stage1_planes(config, planes, of_options_override, task_index)
     if task_index is not None:
         if not 0 <= int(task_index) < len(files):
             msg = (
@@ -8207,7 +9006,7 @@ def run_stage1(config, of_options_override=None, task_index=None):
             config.discover_inputs()
         )  # a wrong center fails now, not after Stage 1
     _check_supported(opts)
-    _check_recordings(files, opts, config.nwb_series)
+    _check_recordings(files, opts, config)
     if opts.output_format == "NWB":
         _import_pynwb()  # fails now, not after the first recording
     _check_writable(config.output_root_path, "output_root")
@@ -8234,7 +9033,8 @@ def run_stage1_array(config, of_options_override=None):
         )
         raise ConfigError(msg)
     files = config.discover_inputs()
-    return run_stage1(config, of_options_override, array_task_to_index(task_id, len(files)))
+    n_tasks = _task_count(config, files)
+    return run_stage1(config, of_options_override, array_task_to_index(task_id, n_tasks))
 
 
 ###############################################################################
@@ -8302,7 +9102,10 @@ def compute_between_displacement(reference_average, average, config, backend=Non
     if backend is None:
         backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
-    dx, dy = estimate_rigid_shift(reference_average, average, upsample=config.cc_upsample)
+    weight = _stage2_weight(config, np.shape(reference_average)[-1])
+    dx, dy = estimate_rigid_shift(
+        reference_average, average, upsample=config.cc_upsample, weight=weight
+    )
     img1 = _smooth_normalise(reference_average, config.sigma_smooth)
     img2 = _smooth_normalise(average, config.sigma_smooth)
     H, W = img1.shape[:2]
@@ -8312,6 +9115,7 @@ def compute_between_displacement(reference_average, average, config, backend=Non
         alpha=(config.alpha_between, config.alpha_between),
         iterations=config.iterations_between,
         const_assumption=config.stage2_constancy_assumption,
+        weight=weight,
     )
     w = backend.pair(params, img1, img2)
     w[..., 0] += dx
@@ -8319,8 +9123,17 @@ def compute_between_displacement(reference_average, average, config, backend=Non
     return w
 
 
+def _stage2_weight(config, n_channels):
+    """The channel weights of ``flow_options.weight`` for Stage 2 (e.g. ``[1, 0]``: align on
+    channel 1 only), or None when they are equal (every channel alike, as before)."""
+    w = _channel_weights(resolve_flow_options(config).weight, n_channels)
+    return None if np.allclose(w, 1.0 / n_channels) else w
+
+
 def _stage2_params(config):
-    return {
+    weight = resolve_flow_options(config).weight
+    extra = {} if len(set(weight)) == 1 else {"weight": list(weight)}
+    return extra | {
         k: getattr(config, k)
         for k in (
             "cc_upsample",
@@ -8349,6 +9162,9 @@ def run_stage2(config):
     """
     backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
+    planes = plane_configs(config)
+    if planes is not None:
+        return [run_stage2(pc) for pc in planes]
     files = config.discover_inputs()
     middle_idx, center_file = config.resolve_center(files)
     _check_writable(config.output_root_path, "output_root")
@@ -8512,8 +9328,15 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     was valid in every frame of every recording.  Writes into ``final_results``:
     ``final_valid_idx.png/.npz/.mat``, per-recording mask PNGs,
     ``aligned_<recording>.<tif|hdf5>`` and ``qc_session.png``.  Returns the final
-    mask ``(H, W)`` bool.
+    mask ``(H, W)`` bool; for a volumetric session (`plane_configs`) a list of them,
+    one per plane (``middle_idx`` and ``displacement_fields`` are then per-plane lists).
     """
+    planes = plane_configs(config)
+    if planes is not None:
+        n = len(planes)
+        mids = middle_idx if middle_idx is not None else [None] * n
+        fields = displacement_fields if displacement_fields is not None else [None] * n
+        return [run_stage3(pc, m, w) for pc, m, w in zip(planes, mids, fields, strict=True)]
     files = config.discover_inputs()
     if middle_idx is None:
         middle_idx, _ = config.resolve_center(files)
@@ -8602,7 +9425,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
             traces.append(np.zeros(0))
     save_qc_figure(
         os.path.join(out_dir, "qc_session.png"),
-        names=names,
+        names=_qc_names(names, folders),
         center_index=middle_idx,
         averages_before=avgs,
         averages_after=averages_after,
@@ -8674,6 +9497,15 @@ def _compensated_name(folder):
     return name if name in ("compensated.hdf5", "compensated.nwb") else "compensated.hdf5"
 
 
+def _qc_names(names, folders):
+    """Recording names for the QC figure, with the scan phase applied in Stage 1 if any."""
+    out = []
+    for name, folder in zip(names, folders, strict=True):
+        offset = _load_status(folder).get("stage1", {}).get("bidi_offset")
+        out.append(name if offset is None else f"{name} (bidi {offset:+.2f} px)")
+    return out
+
+
 def _video_frames(path):
     try:
         with open_video(path) as r:
@@ -8683,7 +9515,11 @@ def _video_frames(path):
 
 
 def run_all_stages(config, of_options_override=None):
-    """Stages 1, 2 and 3 in order; returns the final mask."""
+    """Stages 1, 2 and 3 in order; returns the final mask (a list, one per plane, for a
+    volumetric session)."""
+    planes = plane_configs(config)
+    if planes is not None:
+        return [run_all_stages(pc, of_options_override) for pc in planes]
     run_stage1(config, of_options_override)
     middle_idx, _, fields = run_stage2(config)
     return run_stage3(config, middle_idx, fields)
@@ -9477,7 +10313,13 @@ def submit_session(
     if config.center:
         config.resolve_center(files)
     _check_supported(opts)
-    _check_recordings(files, opts, config.nwb_series)
+    _check_recordings(files, opts, config)
+    planes = plane_configs(config)
+    tasks = [
+        f"{f.name}" if planes is None else f"plane{k}/{f.name}"
+        for f in files
+        for k in range(len(planes or [None]))
+    ]
     slurm_dir = os.path.join(config.output_root_path, "slurm")
     _check_writable(slurm_dir, "output_root")
     common = dict(
@@ -9493,7 +10335,7 @@ def submit_session(
     s1 = os.path.join(slurm_dir, "stage1.sbatch")
     s23 = os.path.join(slurm_dir, "stage23.sbatch")
     _atomic_write_text(
-        s1, _sbatch_script("flowsession-stage1", config_path, [1], array=len(files), **common)
+        s1, _sbatch_script("flowsession-stage1", config_path, [1], array=len(tasks), **common)
     )
     _atomic_write_text(s23, _sbatch_script("flowsession-stage23", config_path, [2, 3], **common))
     if dry_run:
@@ -9529,14 +10371,14 @@ def submit_session(
             "stage1_array": array_id,
             "stage23": dep_id,
             "submitted": submitted,
-            "recordings": [f.name for f in files],
+            "recordings": tasks,
         },
     )
     log.info(
         "submitted Stage 1 as array job %s (%d tasks) and Stages 2-3 as job %s "
         "(runs only if every task succeeds)",
         array_id,
-        len(files),
+        len(tasks),
         dep_id,
     )
     return array_id, dep_id
@@ -9576,11 +10418,22 @@ def session_status(config):
             jobs = json.load(fh)
     states = _sacct_states(jobs.get("stage1_array"), jobs.get("submitted"))
     rows = []
-    for k, f in enumerate(files):
-        st = _load_status(_recording_folder(config, f))
+    try:
+        planes = plane_configs(config)
+    except FlowSessionError as exc:  # status reports; the runs name the problem
+        log.warning("%s", exc)
+        planes = None
+    # the order of the array tasks: recording-major, then plane
+    pairs = [
+        (f"plane{p}/{f.name}" if planes else f.name, f, planes[p] if planes else config)
+        for f in files
+        for p in range(len(planes or [None]))
+    ]
+    for k, (label, f, cfg) in enumerate(pairs):
+        st = _load_status(_recording_folder(cfg, f))
         task = f"{jobs.get('stage1_array')}_{k + 1}" if jobs else None
         row = {
-            "recording": f.name,
+            "recording": label,
             "stage1": "done" if st.get("stage1", {}).get("state") == "done" else "-",
             "stage2": "done" if st.get("stage2", {}).get("state") == "done" else "-",
             "task_state": states.get(task, "") if task else "",
@@ -9691,6 +10544,7 @@ def synthetic_recording(
     jitter=1.0,
     wobble=0.5,
     photons=20.0,
+    bidi=0.0,
 ):
     """A recording with known motion: frames ``(T, H, W, C)`` uint16 and fields ``(T, H, W, 2)``.
 
@@ -9701,7 +10555,8 @@ def synthetic_recording(
     per unit intensity.  The returned field registers each frame onto the
     recording's motion-free view ``A(p) = scene(p - offset)``:
     ``A(p) = frame(p + w(p))``.  Channel c > 0 shows another scene with the same
-    motion; ``scene_seed`` (default ``seed``) selects the scene.
+    motion; ``scene_seed`` (default ``seed``) selects the scene.  ``bidi`` (px) moves
+    the content of the odd rows right, as a bidirectional scan phase does.
     """
     H, W = size
     rng = np.random.default_rng(seed)
@@ -9726,6 +10581,7 @@ def synthetic_recording(
         for _ in range(30):  # invert q = p + w(p)
             fu, fv = field(px, py)
             px, py = xx - fu, yy - fv
+        px[1::2] -= bidi
         for c in range(n_channels):
             img = _synthetic_scene(
                 px - offset[0], py - offset[1], seed=1000 * scene_seed + c, n_cells=cells, size=size
@@ -9789,6 +10645,143 @@ def _write_example_session(folder, n_recordings=3, n_frames=60, size=(64, 64), n
     with open(os.path.join(folder, "session.toml"), "w", encoding="utf-8") as fh:
         fh.write(text)
     return os.path.join(folder, "session.toml"), truth
+
+
+def _si_matlab(value):
+    """A value as ScanImage writes it in its frame data (MATLAB syntax)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ";".join(_si_matlab(v) for v in value) + "]"
+    return repr(value)
+
+
+def _write_scanimage_tiff(path, pages, frame_data, *, acquisition=1, first_frame=1):
+    """Write ``pages (n, H, W)`` as a ScanImage-shaped BigTIFF.
+
+    As ScanImage 2016+ lays it out: the non-varying frame data ``{"SI.x": value}``
+    and a ROI-group JSON in the block after the BigTIFF header (magic 117637889,
+    version 3) that tifffile reads as ``scanimage_metadata``, the frame data again in
+    every page's Software tag, and per page a description with ``frameNumbers`` and
+    ``acquisitionNumbers``.  Pages are uncompressed, one strip each, little-endian.
+    """
+    import struct
+
+    pages = np.asarray(pages)
+    software = "\n".join(f"{k} = {_si_matlab(v)}" for k, v in frame_data.items()) + "\n"
+    roi = json.dumps({"RoiGroups": {"imagingRoiGroup": {"ver": 1, "name": ""}}}).encode()
+    kind = {"i": 2, "u": 1, "f": 3}[pages.dtype.kind]
+    with open(path, "wb") as fh:
+        fh.write(b"II" + struct.pack("<HHHQ", 43, 8, 0, 0))
+        fh.write(struct.pack("<IIII", 117637889, 3, len(software), len(roi)))
+        fh.write(software.encode() + roi)
+        next_pointer = 8
+        for i, page in enumerate(pages):
+            desc = (
+                f"frameNumbers = {first_frame + i}\nacquisitionNumbers = {acquisition}\n"
+                f"frameTimestamps_sec = {0.033 * (first_frame + i - 1):.6f}\n"
+            ).encode() + b"\0"
+            blobs = {}
+            for name, blob in (
+                ("data", np.ascontiguousarray(page, pages.dtype.newbyteorder("<")).tobytes()),
+                ("desc", desc),
+                ("soft", software.encode() + b"\0"),
+            ):
+                blobs[name] = (fh.tell(), len(blob))
+                fh.write(blob)
+            if fh.tell() % 2:
+                fh.write(b"\0")
+            ifd = fh.tell()
+            h, w = page.shape
+            tags = [
+                (256, 4, 1, w),
+                (257, 4, 1, h),
+                (258, 3, 1, 8 * pages.dtype.itemsize),
+                (259, 3, 1, 1),
+                (262, 3, 1, 1),
+                (270, 2, blobs["desc"][1], blobs["desc"][0]),
+                (273, 16, 1, blobs["data"][0]),
+                (277, 3, 1, 1),
+                (278, 4, 1, h),
+                (279, 16, 1, blobs["data"][1]),
+                (305, 2, blobs["soft"][1], blobs["soft"][0]),
+                (339, 3, 1, kind),
+            ]
+            fh.write(struct.pack("<Q", len(tags)))
+            for tag in tags:
+                fh.write(struct.pack("<HHQQ", *tag))
+            here = fh.tell()
+            fh.write(struct.pack("<Q", 0))
+            fh.seek(next_pointer)
+            fh.write(struct.pack("<Q", ifd))
+            fh.seek(0, os.SEEK_END)
+            next_pointer = here
+
+
+def _scanimage_frame_data(n_slices=1, n_channels=1, flyback=0, bidirectional=True, stem="file"):
+    """Frame data of a ScanImage 2016 acquisition with fast-z planes (``n_slices > 1``)."""
+    return {
+        "SI.VERSION_MAJOR": "2016b",
+        "SI.VERSION_MINOR": "1",
+        "SI.hChannels.channelSave": list(range(1, n_channels + 1)),
+        "SI.hFastZ.enable": n_slices > 1,
+        "SI.hFastZ.numDiscardFlybackFrames": flyback,
+        "SI.hStackManager.numSlices": n_slices,
+        "SI.hStackManager.framesPerSlice": 1,
+        "SI.hRoiManager.scanFrameRate": 30.0,
+        "SI.hRoiManager.scanVolumeRate": 30.0 / (n_slices + flyback),
+        "SI.hRoiManager.scanZoomFactor": 2,
+        "SI.hScan2D.bidirectional": bidirectional,
+        "SI.hScan2D.logFileStem": stem,
+        "SI.hScan2D.logFileCounter": 1,
+    }
+
+
+def synthetic_acquisition(
+    folder,
+    *,
+    n_planes=2,
+    n_channels=2,
+    n_frames=40,
+    size=(64, 64),
+    n_files=3,
+    bidi=0.0,
+    flyback=0,
+    stem="file_00001",
+    seed=3,
+):
+    """Write a volumetric ScanImage acquisition with known motion, split over files.
+
+    Plane ``k`` is `synthetic_recording` with seed ``seed + k`` (its own scene and
+    motion) and the scan phase ``bidi``; pages are interleaved volume by volume, plane
+    by plane, channel by channel (flyback planes as blank pages), and split into
+    ``n_files`` files ``<stem>_00001.tif``, ... at page counts that are not whole volumes.
+
+    Returns
+    -------
+    (list of ndarray, list of ndarray)
+        Per plane the frames ``(T, H, W, C)`` and the true fields ``(T, H, W, 2)``.
+    """
+    os.makedirs(folder, exist_ok=True)
+    planes, fields = [], []
+    for k in range(n_planes):
+        frames, w = synthetic_recording(n_frames, size, n_channels, seed=seed + k, bidi=bidi)
+        planes.append(frames)
+        fields.append(w)
+    blank = np.zeros_like(planes[0])
+    volume = np.stack(planes + [blank] * flyback, axis=1)  # (T, P, H, W, C)
+    pages = np.moveaxis(volume, -1, 2).reshape(-1, *size).astype(np.int16)
+    # cut points inside volumes, so that planes and channels continue across files
+    cuts = [round(len(pages) * (i + 0.37) / n_files) for i in range(1, n_files)]
+    meta = _scanimage_frame_data(n_planes, n_channels, flyback, True, stem)
+    for i, part in enumerate(np.split(pages, cuts)):
+        first = 1 + (cuts[i - 1] if i else 0)
+        _write_scanimage_tiff(
+            os.path.join(folder, f"{stem}_{i + 1:05d}.tif"), part, meta, first_frame=first
+        )
+    return planes, fields
 
 
 def _bench_recording(n_frames, size, n_channels, seed=1, photons=10.0):

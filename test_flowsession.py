@@ -5063,6 +5063,307 @@ def test_cli_example_runs_the_session(tmp_path):
 
 
 ###############################################################################
+### Real acquisitions: many files, planes, channels, bidirectional scan phase
+###############################################################################
+
+
+def _imagej(path, frames):
+    """Write ``(T, H, W, C)`` frames as an ImageJ hyperstack (a plain, one-file recording)."""
+    tifffile.imwrite(path, np.moveaxis(frames, -1, 1), imagej=True, metadata={"axes": "TCYX"})
+
+
+def _si_file(path, pages, *, slices=1, channels=1, flyback=0, acquisition=1, stem="file"):
+    meta = fs._scanimage_frame_data(slices, channels, flyback, True, stem)
+    fs._write_scanimage_tiff(path, pages, meta, acquisition=acquisition)
+
+
+def test_scanimage_metadata_as_tifffile_reads_it(tmp_path):
+    path = tmp_path / "file_00001.tif"
+    _si_file(path, np.zeros((8, 16, 20), np.int16), slices=2, channels=2, flyback=1)
+    with tifffile.TiffFile(path) as tif:
+        # the header block, not only the Software tag: tifffile parsed it
+        assert tif.is_scanimage
+        frame_data = tif.scanimage_metadata["FrameData"]
+        assert frame_data["SI.hChannels.channelSave"] == [[1], [2]]
+        assert frame_data["SI.hStackManager.numSlices"] == 2
+        assert len(tif.pages) == 8
+    meta = fs.scanimage_metadata(path)
+    assert meta["version"] == "2016b.1"
+    assert meta["frame_rate"] == 30.0 and meta["zoom"] == 2
+    assert (meta["slices"], meta["flyback_frames"], meta["n_channels"]) == (2, 1, 2)
+    assert meta["channels_saved"] == [1, 2] and meta["bidirectional"] is True
+    assert meta["acquisition"] == 1
+    assert fs.scanimage_metadata(tmp_path / "x.h5") is None
+
+
+@pytest.mark.parametrize("flyback", [0, 1])
+def test_scanimage_acquisition_split_mid_cycle(tmp_path, flyback):
+    # 2 planes x 2 channels in 3 files cut inside volumes: no plane or channel rotates
+    planes, _ = fs.synthetic_acquisition(
+        tmp_path, n_frames=7, size=(16, 20), n_files=3, flyback=flyback
+    )
+    files = sorted(tmp_path.glob("*.tif"))
+    pages = [len(tifffile.TiffFile(f).pages) for f in files]
+    cycle = (2 + flyback) * 2
+    assert sum(pages) == 7 * cycle and any(p % cycle for p in pages)
+    config = fs.SessionConfig(root=tmp_path)
+    (rec,) = config.discover_inputs()
+    assert rec.name == "file_00001"
+    lay = fs.recording_layout(rec)
+    assert (lay.kind, lay.n_planes, lay.flyback, lay.n_channels) == (
+        "scanimage",
+        2 + flyback,
+        flyback,
+        2,
+    )
+    for k in range(2):
+        with fs.RecordingReader(lay, k) as r:
+            assert r.shape == (7, 16, 20, 2)
+            np.testing.assert_array_equal(r.read(0, 7), planes[k])
+            # batches that cross file boundaries
+            np.testing.assert_array_equal(r.read(2, 5), planes[k][2:5])
+            np.testing.assert_array_equal(r.read_frames([6, 0, 3]), planes[k][[6, 0, 3]])
+    assert len(fs.plane_configs(config)) == 2
+
+
+def test_scanimage_separate_acquisitions_stay_separate(tmp_path):
+    # ScanImage's default names for two acquisitions look like the parts of one
+    for i in (1, 2):
+        _si_file(tmp_path / f"file_{i:05d}.tif", np.zeros((4, 16, 20), np.int16), acquisition=i)
+    names = [p.name for p in fs.SessionConfig(root=tmp_path).discover_inputs()]
+    assert names == ["file_00001.tif", "file_00002.tif"]
+
+
+def test_folder_recording_natural_order(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = {n: rng.integers(0, 999, (n, 12, 16, 2), dtype=np.uint16) for n in (3, 4, 5)}
+    rec = tmp_path / "day3"
+    rec.mkdir()
+    for n, name in zip((3, 4, 5), ("part_1.tif", "part_2.tif", "part_10.tif")):
+        _imagej(rec / name, parts[n])
+    (rec / "notes.txt").write_text("not a video")
+    config = fs.SessionConfig(root=tmp_path, pattern="day*")
+    (found,) = config.discover_inputs()
+    assert found == rec
+    files, kind = fs.recording_files(rec)
+    assert [f.name for f in files] == ["part_1.tif", "part_2.tif", "part_10.tif"]
+    expected = np.concatenate([parts[3], parts[4], parts[5]])
+    opts = fs.resolve_flow_options(config)
+    with fs._open_recording(config, rec, opts, "day3") as r:
+        assert r.shape == (12, 12, 16, 2)
+        np.testing.assert_array_equal(r.read(2, 9), expected[2:9])
+    # the fingerprint covers every file
+    before = fs._input_fingerprint(rec)
+    _imagej(rec / "part_2.tif", parts[4] + 1)
+    os.utime(rec / "part_2.tif", ns=(1, 1))
+    assert fs._input_fingerprint(rec) != before
+
+
+def test_bruker_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    video = rng.integers(0, 4000, (6, 12, 16, 2), dtype=np.uint16)
+    rec = tmp_path / "TSeries-001"
+    rec.mkdir()
+    for t in range(6):
+        for c in range(2):
+            name = f"TSeries-001_Cycle00001_Ch{c + 1}_{t + 1:06d}.ome.tif"
+            tifffile.imwrite(rec / name, video[t, ..., c])
+    (rec / "TSeries-001.xml").write_text("<PVScan/>")
+    config = fs.SessionConfig(root=tmp_path, pattern="TSeries*")
+    (found,) = config.discover_inputs()
+    lay = fs.recording_layout(found)
+    assert (lay.kind, lay.n_channels, lay.n_planes) == ("bruker", 2, 1)
+    with fs.RecordingReader(lay) as r:
+        np.testing.assert_array_equal(r.read(0, 6), video)
+    # planes of a Bruker series come from the config
+    lay = fs.recording_layout(found, n_planes=2)
+    with fs.RecordingReader(lay, 1) as r:
+        np.testing.assert_array_equal(r.read(0, 3), video[1::2])
+    # one missing channel file is named
+    (rec / "TSeries-001_Cycle00001_Ch2_000004.ome.tif").unlink()
+    with pytest.raises(InputError, match=r"frame 000004 has no file for channel Ch2"):
+        fs.recording_layout(found)
+
+
+def test_acquisition_bad_input_named_before_work(tmp_path):
+    (tmp_path / "empty").mkdir()
+    config = fs.SessionConfig(root=tmp_path, pattern="empty")
+    with pytest.raises(InputError, match=r"empty: the folder has no readable files"):
+        fs.run_stage1(config)
+    # files of different frame sizes in one recording
+    rec = tmp_path / "mixed"
+    rec.mkdir()
+    _imagej(rec / "a_1.tif", np.zeros((3, 12, 16, 1), np.uint16))
+    _imagej(rec / "a_2.tif", np.zeros((3, 12, 18, 1), np.uint16))
+    config = fs.SessionConfig(root=tmp_path, pattern="mixed")
+    with pytest.raises(InputError, match=r"a_2\.tif: frames of 12x18x1 .* differ from 12x16x1"):
+        fs.run_stage1(config)
+    # a plane count that does not divide the frames
+    rec = tmp_path / "odd"
+    rec.mkdir()
+    _imagej(rec / "a.tif", np.zeros((7, 12, 16, 1), np.uint16))
+    config = fs.SessionConfig(root=tmp_path, pattern="odd", n_planes=2)
+    with pytest.raises(InputError, match=r"odd: 7 frames are not whole cycles of 2 plane"):
+        fs.run_stage1(config)
+    # metadata that contradict the config
+    si = tmp_path / "si"
+    fs.synthetic_acquisition(si, n_frames=2, size=(16, 20), n_files=2)
+    config = fs.SessionConfig(root=si, n_planes=3)
+    with pytest.raises(fs.ConfigError, match=r"file_00001_00001\.tif: n_planes = 3 contradicts"):
+        fs.run_stage1(config)
+    assert not (tmp_path / "compensated_outputs").exists()
+    assert not (si / "compensated_outputs").exists()
+    for bad in ("yes", True, float("nan")):
+        with pytest.raises(fs.ConfigError, match="bidi_correction"):
+            fs.SessionConfig(root=tmp_path, bidi_correction=bad)
+    with pytest.raises(fs.ConfigError, match="flyback_planes"):
+        fs.SessionConfig(root=tmp_path, n_planes=2, flyback_planes=2)
+
+
+@pytest.mark.parametrize("offset", [0.5, 1.25, 2.0, 3.0, -1.7])
+def test_bidi_offset_recovered(offset):
+    # the synthetic scene is sampled exactly at x - offset on odd rows
+    for seed in (0, 1):
+        frames, _ = fs.synthetic_recording(20, (64, 64), 2, seed=seed, bidi=offset)
+        assert abs(fs.estimate_bidi_offset(frames.mean(axis=0)) - offset) < 0.1
+
+
+def test_bidi_none_invented():
+    for seed in range(4):
+        frames, _ = fs.synthetic_recording(20, (64, 48), 1, seed=seed)
+        assert fs.estimate_bidi_offset(frames.mean(axis=0)) == 0.0
+
+
+def test_bidi_correction_undoes_the_offset():
+    # the noise-free analytic scene, odd rows sampled 1.5 px to the left (content right)
+    yy, xx = np.mgrid[0:48, 0:64].astype(float)
+    clean = fs._synthetic_scene(xx, yy, size=(48, 64))
+    xs = xx.copy()
+    xs[1::2] -= 1.5
+    shifted = fs._synthetic_scene(xs, yy, size=(48, 64))
+    frames = (100 * shifted)[None, ..., None].astype(np.uint16)
+    fixed = fs.correct_bidi(frames, 1.5)
+    assert fixed.dtype == np.uint16
+    np.testing.assert_array_equal(fixed[:, ::2], frames[:, ::2])
+    inner = (0, slice(1, None, 2), slice(4, -4), 0)
+    # cubic interpolation of a smooth scene: a few percent of the uncorrected error
+    err = np.abs(fixed[inner] - 100 * clean[1::2, 4:-4]).mean()
+    before = np.abs(frames[inner] - 100 * clean[1::2, 4:-4]).mean()
+    assert err < 0.05 * before
+    assert fs.correct_bidi(frames, 0.0) is frames
+
+
+def _small_session(root, **kw):
+    flow = {"quality_setting": "fast", "reference_frames": list(range(8)), "save_w": True}
+    return fs.SessionConfig(root=root, n_workers=2, flow_options=flow, **kw)
+
+
+def _stage1_arrays(folder):
+    with h5py.File(folder / "compensated.hdf5", "r") as f:
+        comp = np.stack([f["ch1"][:], f["ch2"][:]], axis=-1)
+    with h5py.File(folder / "w.hdf5", "r") as f:
+        w = np.stack([f["u"][:], f["v"][:]], axis=-1)
+    return comp, w
+
+
+def test_planes_equal_plain_recordings(tmp_path):
+    vol = tmp_path / "vol"
+    planes, _ = fs.synthetic_acquisition(vol, n_frames=12, size=(32, 32), n_files=3, bidi=1.5)
+    config = _small_session(vol, bidi_correction="auto")
+    fs.run_stage1(config)
+    for k, frames in enumerate(planes):
+        plain = tmp_path / f"plain{k}"
+        plain.mkdir()
+        _imagej(plain / "file_00001.tif", frames.astype(np.int16))
+        fs.run_stage1(_small_session(plain, bidi_correction="auto"))
+        out = vol / "compensated_outputs" / f"plane{k}" / "file_00001"
+        ref = plain / "compensated_outputs" / "file_00001"
+        for a, b in zip(_stage1_arrays(out), _stage1_arrays(ref), strict=True):
+            np.testing.assert_array_equal(a, b)
+        st = json.loads((out / "status.json").read_text())["stage1"]
+        assert abs(st["bidi_offset"] - 1.5) < 0.1
+        assert (
+            st["bidi_offset"]
+            == json.loads((ref / "status.json").read_text())["stage1"]["bidi_offset"]
+        )
+        assert st["layout"] == {
+            "kind": "scanimage",
+            "files": 3,
+            "n_planes": 2,
+            "flyback_planes": 0,
+            "plane": k,
+            "n_channels": 2,
+        }
+        assert st["scanimage"]["slices"] == 2 and st["scanimage"]["bidirectional"] is True
+    # resume: nothing is recomputed; a changed file is
+    done = (vol / "compensated_outputs/plane0/file_00001/status.json").stat().st_mtime_ns
+    fs.run_stage1(config)
+    assert (vol / "compensated_outputs/plane0/file_00001/status.json").stat().st_mtime_ns == done
+
+
+def test_plane_array_tasks_and_submit(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        fs.synthetic_acquisition(tmp_path / name, n_frames=9, size=(24, 24), n_files=2, stem=name)
+    config = _small_session(tmp_path, pattern="*/*.tif")
+    recs = config.discover_inputs()
+    assert [r.name for r in recs] == ["a", "b"]
+    assert fs._task_count(config, recs) == 4
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    fs.run_stage1_array(config)  # task 4 (1-based) = recording b, plane 1
+    out = tmp_path / "compensated_outputs"
+    assert (out / "plane1" / "b" / "status.json").exists()
+    assert not (out / "plane0" / "b").exists() and not (out / "plane1" / "a").exists()
+    cfg_file = write(tmp_path / "session.toml", 'root = "."\npattern = "*/*.tif"\n')
+    fs.submit_session(cfg_file, dry_run=True)
+    script = (out / "slurm" / "stage1.sbatch").read_text()
+    assert "#SBATCH --array=1-4" in script
+
+
+def test_weight_aligns_stage2_on_one_channel(tmp_path):
+    # channel 2 is unrelated to channel 1; with weight [1, 0] Stage 2 sees channel 1 only
+    a, _ = fs.synthetic_recording(1, (48, 48), 1, seed=4, offset=(1.5, -1.0), jitter=0.0)
+    b, _ = fs.synthetic_recording(1, (48, 48), 1, seed=4, jitter=0.0)
+    rng = np.random.default_rng(0)
+    two = [np.concatenate([x[0], rng.uniform(0, 100, x[0].shape)], axis=-1) for x in (a, b)]
+    kw = dict(iterations_between=20, sigma_smooth=1.0)
+    one = fs.SessionConfig(root=tmp_path, **kw)
+    w1 = fs.compute_between_displacement(a[0].astype(float), b[0].astype(float), one)
+    weighted = fs.SessionConfig(root=tmp_path, flow_options={"weight": [1, 0]}, **kw)
+    w2 = fs.compute_between_displacement(two[0], two[1], weighted)
+    np.testing.assert_allclose(w2, w1, atol=1e-9)
+
+
+def test_scanimage_file_of_partial_frames_is_an_error(tmp_path):
+    # 7 pages of 2 interleaved channels: one page is missing; named, not dropped
+    _si_file(tmp_path / "run.tif", np.zeros((7, 16, 20), np.int16), channels=2)
+    config = fs.SessionConfig(root=tmp_path)
+    with pytest.raises(InputError, match=r"run\.tif: 7 pages are not whole cycles of 1 plane"):
+        fs.run_stage1(config)
+
+
+def test_bidi_drift_is_reported(tmp_path, caplog):
+    early, _ = fs.synthetic_recording(20, (48, 64), 1, seed=5, bidi=1.0)
+    late, _ = fs.synthetic_recording(20, (48, 64), 1, seed=5, bidi=2.0)
+    _imagej(tmp_path / "long.tif", np.concatenate([early, late]))
+    config = fs.SessionConfig(
+        root=tmp_path, bidi_correction="auto", flow_options={"reference_frames": list(range(20))}
+    )
+    opts = fs.resolve_flow_options(config)
+    with caplog.at_level(logging.WARNING, logger="flowsession"):
+        with fs._open_recording(config, tmp_path / "long.tif", opts, "long.tif") as r:
+            assert abs(r.bidi_offset - 1.0) < 0.1 and abs(r.bidi_offset_end - 2.0) < 0.1
+    assert "the scan phase drifts from +1.0" in caplog.text
+
+
+def test_qc_names_show_the_scan_phase(tmp_path):
+    fs._atomic_save_json(tmp_path / "status.json", {"stage1": {"bidi_offset": 1.234}})
+    assert fs._qc_names(["rec"], [tmp_path]) == ["rec (bidi +1.23 px)"]
+    fs._atomic_save_json(tmp_path / "status.json", {"stage1": {"bidi_offset": None}})
+    assert fs._qc_names(["rec"], [tmp_path]) == ["rec"]
+
+
+###############################################################################
 ### Registration quality: metrics, QC figures, status
 ###############################################################################
 

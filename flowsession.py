@@ -11182,7 +11182,13 @@ def _cmd_status(args):
         print(
             f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['task_state']:12} {r['error']}"
         )
-    _print_quality(*session_quality(SessionConfig.from_file(args.config_file)))
+    config = SessionConfig.from_file(args.config_file)
+    try:
+        planes = plane_configs(config)
+    except FlowSessionError:
+        planes = None
+    for k, cfg in enumerate(planes or [config]):
+        _print_quality(*session_quality(cfg), title=f"quality plane{k}" if planes else "quality")
     failed = [
         r
         for r in rows
@@ -11191,12 +11197,12 @@ def _cmd_status(args):
     return 1 if failed else 0
 
 
-def _print_quality(rows, session):
+def _print_quality(rows, session, title="quality"):
     """The quality table of ``status`` (see QUALITY_THRESHOLDS and the README)."""
     if not any("corr_after" in r for r in rows):
         return
     print(
-        f"\n{'quality':24} {'r before':>8} {'r after':>8} {'crisp':>6} {'resid px':>8} "
+        f"\n{title:24} {'r before':>8} {'r after':>8} {'crisp':>6} {'resid px':>8} "
         f"{'valid':>6} {'r center':>8} flags"
     )
     for r in rows:

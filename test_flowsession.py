@@ -5513,6 +5513,23 @@ def test_session_writes_quality_json_qc_figures_and_status_shows_them(tmp_path):
     assert line.endswith("ok") and "flagged: none" in r.stdout
 
 
+def test_status_shows_one_quality_table_per_plane(tmp_path):
+    vol = tmp_path / "vol"
+    fs.synthetic_acquisition(vol, n_frames=12, size=(32, 32), n_files=2)
+    fs.run_stage1(_small_session(vol))
+    (vol / "session.toml").write_text(
+        'root = "."\n[flow_options]\nquality_setting = "fast"\n'
+        f"reference_frames = {list(range(8))}\nsave_w = true\n"
+    )
+    r = _cli(["status", str(vol / "session.toml")])
+    assert r.returncode == 0, r.stderr
+    for k in (0, 1):
+        with np.load(vol / f"compensated_outputs/plane{k}/file_00001/statistics.npz") as st:
+            r_after = f"{st['corr_after'].mean():.3f}"
+        table = r.stdout.split(f"quality plane{k}")[1].splitlines()[1]
+        assert table.startswith("file_00001") and r_after in table
+
+
 def _has(module):
     import importlib.util
 

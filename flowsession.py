@@ -118,6 +118,8 @@ __all__ = [
     "save_qc_figure",
     "save_recording_qc_figure",
     "scanimage_metadata",
+    "stage2_alignment_quality",
+    "stage2_rigid_shift",
     "synthetic_acquisition",
     "synthetic_pair",
     "synthetic_recording",
@@ -137,6 +139,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -242,7 +245,9 @@ GET_DISPLACEMENT_DEFAULTS = dict(
     a_data=0.45,
 )
 
-_TENSOR_KINDS = {"gc": 0, "gray": 1}
+_TENSOR_KINDS = {"gc": 0, "gray": 1, "cs": 2}
+#: Softness of the census transform (``_nb_tensor_cs``), in units of the [0, 1] image range.
+CENSUS_EPS = 0.02
 _INTERPOLATION = {"nearest": 0, "linear": 1, "cubic": 2}
 
 
@@ -362,7 +367,7 @@ def _folder_lock(folder, what):
 #: Finest pyramid level solved by each quality preset (MATLAB ``OF_options``).
 _CFG_QUALITY_MIN_LEVEL = {"quality": 0, "balanced": 4, "fast": 6, "custom": 0}
 #: Data-term aliases accepted by the toolbox; census ('cs') is not implemented.
-_CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray"}
+_CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray", "census": "cs"}
 _CFG_TYPENAMES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "single", "double")
 #: Keys that MATLAB / pyflowreg option files carry and flowsession does not use.
 _CFG_FOREIGN_FLOW_KEYS = frozenset(
@@ -602,7 +607,7 @@ def _cfg_apply(obj, rules, source):
 
 _CFG_COUNT = ("an integer >= 1", lambda x: x >= 1)
 _CFG_POSITIVE = ("a number > 0", lambda x: x > 0)
-_CFG_CONSTANCY = (_cfg_choice, ("gc", "gray"), _CFG_CONSTANCY_ALIASES)
+_CFG_CONSTANCY = (_cfg_choice, ("gc", "gray", "cs"), _CFG_CONSTANCY_ALIASES)
 _CFG_QUALITY = (_cfg_choice, tuple(_CFG_QUALITY_MIN_LEVEL))
 
 #: Check of each FlowOptions field: (function, extra arguments...).
@@ -648,10 +653,12 @@ _CFG_SESSION_RULES = {
     "backend_params": (_cfg_plain_dict,),
     "stage1_quality_setting": (_cfg_optional(*_CFG_QUALITY),),
     "cc_upsample": (_cfg_int, *_CFG_COUNT),
-    "sigma_smooth": (_cfg_float, "a number >= 0", lambda x: x >= 0),
-    "alpha_between": (_cfg_float, *_CFG_POSITIVE),
+    "stage2_method": (_cfg_choice, ("flowsession", "matlab")),
+    "sigma_smooth": (_cfg_optional(_cfg_float, "a number >= 0", lambda x: x >= 0),),
+    "alpha_between": (_cfg_optional(_cfg_float, *_CFG_POSITIVE),),
     "iterations_between": (_cfg_int, *_CFG_COUNT),
     "stage2_constancy_assumption": _CFG_CONSTANCY,
+    "keep_unmatched": (_cfg_bool,),
     "align_chunk_size": (_cfg_int, *_CFG_COUNT),
     "align_output_format": (_cfg_choice, ("TIFF", "HDF5")),
     "n_planes": (_cfg_optional(_cfg_int, *_CFG_COUNT),),
@@ -757,7 +764,7 @@ class FlowOptions:
     output_typename : None or str
         None keeps the input dtype; else uint8, uint16, int16, int32, float32, float64,
         single or double.
-    constancy_assumption : {'gc', 'gray'}
+    constancy_assumption : {'gc', 'gray', 'cs'}
         Gradient or brightness constancy (aliases 'gradient', 'brightness'); no census.
     update_reference, update_initialization_w, cc_initialization, save_w, save_valid_idx,
     save_meta_info, matlab_quirks : bool
@@ -922,9 +929,15 @@ class SessionConfig:
     cc_upsample, iterations_between, align_chunk_size : int
         Stage 2 phase-correlation upsampling and solver iterations per level; Stage 3
         frames per chunk; each >= 1.
-    sigma_smooth, alpha_between : float
-        Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0).
-    stage2_constancy_assumption : {'gc', 'gray'}
+    stage2_method : {'flowsession', 'matlab'}
+        Stage 2 recipe (:func:`compute_between_displacement`): this project's
+        (default) or the toolbox's.
+    sigma_smooth, alpha_between : float or None
+        Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0); None takes the
+        method's default (flowsession 1 and 5, matlab 6 and 25).
+    stage2_constancy_assumption : {'gc', 'gray', 'cs'}
+    keep_unmatched : bool
+        Keep recordings whose Stage 2 alignment is not credible in the session mask.
     align_output_format : {'TIFF', 'HDF5'}
     n_planes, flyback_planes : int or None
         Interleaved planes per volume, and how many of them (the last ones) are flyback
@@ -953,11 +966,13 @@ class SessionConfig:
     backend_params: dict = dataclasses.field(default_factory=dict)
     flow_options: dict | pathlib.Path | None = None
     stage1_quality_setting: str | None = None
+    stage2_method: str = "flowsession"
     cc_upsample: int = 4
-    sigma_smooth: float = 6.0
-    alpha_between: float = 25.0
+    sigma_smooth: float | None = None
+    alpha_between: float | None = None
     iterations_between: int = 100
     stage2_constancy_assumption: str = "gc"
+    keep_unmatched: bool = False
     align_chunk_size: int = 64
     align_output_format: str = "TIFF"
     n_planes: int | None = None
@@ -3623,29 +3638,22 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
             valid[x, y] = True
             if method == 0:
                 out[x, y] = src[int(_nb_round(px)), int(_nb_round(py))]
-            elif method == 1:
-                if nx == 1:
-                    ix, tx = 0, 0.0
-                else:
-                    ix, tx = _nb_cell(px, nx)
-                if ny == 1:
-                    iy, ty = 0, 0.0
-                else:
-                    iy, ty = _nb_cell(py, ny)
+                continue
+            if nx == 1:
+                ix, tx = 0, 0.0
+            else:
+                ix, tx = _nb_cell(px, nx)
+            if ny == 1:
+                iy, ty = 0, 0.0
+            else:
+                iy, ty = _nb_cell(py, ny)
+            if method == 1:
                 ix1 = min(ix + 1, nx - 1)
                 iy1 = min(iy + 1, ny - 1)
                 out[x, y] = (1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1]) + tx * (
                     (1.0 - ty) * src[ix1, iy] + ty * src[ix1, iy1]
                 )
             else:
-                if nx == 1:
-                    ix, tx = 0, 0.0
-                else:
-                    ix, tx = _nb_cell(px, nx)
-                if ny == 1:
-                    iy, ty = 0, 0.0
-                else:
-                    iy, ty = _nb_cell(py, ny)
                 wy0 = _nb_keys(ty + 1.0)
                 wy1 = _nb_keys(ty)
                 wy2 = _nb_keys(1.0 - ty)
@@ -3838,6 +3846,90 @@ def _nb_tensor_gray(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
             J12[a, b] = fx[a, b] * fy[a, b]
             J13[a, b] = fx[a, b] * ft[a, b]
             J23[a, b] = fy[a, b] * ft[a, b]
+    _nb_zero_ring(J11)
+    _nb_zero_ring(J22)
+    _nb_zero_ring(J33)
+    _nb_zero_ring(J12)
+    _nb_zero_ring(J13)
+    _nb_zero_ring(J23)
+
+
+@_njit
+def _nb_tensor_cs(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
+    """Census motion tensor: the data term compares the census transforms of the frames.
+
+    Both planes are padded by one sample (edge repeated, as ``_nb_tensor_gray``),
+    ``F`` below.  For each of the eight neighbour offsets ``o_k`` of the 3x3
+    window, the soft census transform of a plane is (indices clamped to the
+    padded plane)::
+
+        c_k(p) = d / sqrt(d**2 + CENSUS_EPS**2),  d = F(p + o_k) - F(p)
+
+    a smooth sign of the difference, unchanged by adding a constant to the image
+    and nearly unchanged by scaling it.  With ``C1 = c_k[F1]`` and ``C2 = c_k[F2]``
+    (the warped moving frame), ``cx = (d/dx C1 + d/dx C2) / 2`` and
+    ``cy = (d/dy C1 + d/dy C2) / 2`` (``gradient`` with spacings hx, hy),
+    ``ct = C2 - C1``, the three re-padded on the outer ring, and the normalisation
+    ``r_k = 1 / (cx**2 + cy**2 + ZIMMER_EPS)``::
+
+        J11 = mean_k r_k cx cx    J22 = mean_k r_k cy cy    J33 = mean_k r_k ct ct
+        J12 = mean_k r_k cx cy    J13 = mean_k r_k cx ct    J23 = mean_k r_k cy ct
+
+    i.e. the linearised constancy ``cx du + cy dv + ct = 0`` of every census
+    channel, each normalised by its gradient as the Zimmer gc tensor; outputs
+    ``(nx + 2, ny + 2)`` with a zero outer ring.
+    """
+    F1 = _nb_pad_edge(f1)
+    F2 = _nb_pad_edge(f2)
+    NX, NY = F1.shape
+    for J in (J11, J22, J33, J12, J13, J23):
+        J[:, :] = 0.0
+    C1 = np.empty((NX, NY))
+    C2 = np.empty((NX, NY))
+    g1 = np.empty((NX, NY))
+    g2 = np.empty((NX, NY))
+    cx = np.empty((NX, NY))
+    cy = np.empty((NX, NY))
+    ct = np.empty((NX, NY))
+    e2 = CENSUS_EPS * CENSUS_EPS
+    for oa in range(-1, 2):
+        for ob in range(-1, 2):
+            if oa == 0 and ob == 0:
+                continue
+            for a in range(NX):
+                sa = min(max(a + oa, 0), NX - 1)
+                for b in range(NY):
+                    sb = min(max(b + ob, 0), NY - 1)
+                    d = F1[sa, sb] - F1[a, b]
+                    C1[a, b] = d / np.sqrt(d * d + e2)
+                    d = F2[sa, sb] - F2[a, b]
+                    C2[a, b] = d / np.sqrt(d * d + e2)
+            _nb_grad0(C1, hx, g1)
+            _nb_grad0(C2, hx, g2)
+            for a in range(NX):
+                for b in range(NY):
+                    cx[a, b] = 0.5 * (g1[a, b] + g2[a, b])
+                    ct[a, b] = C2[a, b] - C1[a, b]
+            _nb_grad1(C1, hy, g1)
+            _nb_grad1(C2, hy, g2)
+            for a in range(NX):
+                for b in range(NY):
+                    cy[a, b] = 0.5 * (g1[a, b] + g2[a, b])
+            _nb_repad_ring(cx)
+            _nb_repad_ring(cy)
+            _nb_repad_ring(ct)
+            for a in range(NX):
+                for b in range(NY):
+                    x = cx[a, b]
+                    y = cy[a, b]
+                    t = ct[a, b]
+                    r = 0.125 / (x * x + y * y + ZIMMER_EPS)
+                    J11[a, b] += r * x * x
+                    J22[a, b] += r * y * y
+                    J33[a, b] += r * t * t
+                    J12[a, b] += r * x * y
+                    J13[a, b] += r * x * t
+                    J23[a, b] += r * y * t
     _nb_zero_ring(J11)
     _nb_zero_ring(J22)
     _nb_zero_ring(J33)
@@ -4849,6 +4941,10 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
                 _nb_tensor_gc(
                     F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
                 )
+            elif p.kind == 2:
+                _nb_tensor_cs(
+                    F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
+                )
             else:
                 _nb_tensor_gray(
                     F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
@@ -5112,8 +5208,9 @@ def get_motion_tensor(f1, f2, hx=1.0, hy=1.0, const_assumption="gc"):
         Reference and (warped) moving image.
     hx, hy : float
         Grid spacing along x (columns) and y (rows).
-    const_assumption : {"gc", "gray"}
-        Gradient constancy with Zimmer normalisation, or brightness constancy.
+    const_assumption : {"gc", "gray", "cs"}
+        Gradient constancy with Zimmer normalisation, brightness constancy, or
+        census (``_nb_tensor_cs``).
 
     Returns
     -------
@@ -5126,7 +5223,7 @@ def get_motion_tensor(f1, f2, hx=1.0, hy=1.0, const_assumption="gc"):
         msg = f"get_motion_tensor needs two 2-D images of one shape, got {a.shape} and {b.shape}"
         raise InputError(msg)
     out = [np.empty((a.shape[1] + 2, a.shape[0] + 2)) for _ in range(6)]
-    kern = _nb_tensor_gc if kind == 0 else _nb_tensor_gray
+    kern = (_nb_tensor_gc, _nb_tensor_gray, _nb_tensor_cs)[kind]
     kern(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), float(hx), float(hy), *out)
     return tuple(np.ascontiguousarray(J.T) for J in out)
 
@@ -5377,7 +5474,7 @@ def get_displacement(
     uv : None or (H, W, 2)
         Initial field (u, v); enters through the smoothness term of the
         coarsest level, as in the toolbox.
-    const_assumption : {"gc", "gray"}
+    const_assumption : {"gc", "gray", "cs"}
         Data term: gradient constancy (toolbox default) or brightness constancy.
     matlab_quirks : bool
         True reproduces the toolbox exactly (see the module docstring).
@@ -5459,6 +5556,14 @@ class FlowBackend:
 
     def _configure(self, bp):
         """Check and keep the ``backend_params`` dict ``bp`` (its keys are known)."""
+
+    def _import(self, module, what, install):
+        """``module`` imported; when it cannot be, the ConfigError of ``_unavailable``
+        (``what`` names the package, ``install`` the fix)."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            raise _unavailable(self.name, f"{what} cannot be imported ({exc})", install) from None
 
     def reference(self, params, ref, fill=None):
         """State for one reference: ``ref`` the preprocessed ``(H, W, C)`` image flows
@@ -6406,6 +6511,8 @@ class CudaBackend(FlowBackend):
 
     name = "flowreg_cuda"
     keys = ("device", "precision", "batch_frames")
+    #: The data terms (``constancy_assumption``) this backend implements.
+    constancy_assumptions = ("gc", "gray")
 
     def _configure(self, bp):
         source = self.source
@@ -6423,14 +6530,7 @@ class CudaBackend(FlowBackend):
         ):
             msg = f"{source}: batch_frames must be an integer >= 1, got {batch!r}"
             raise ConfigError(msg)
-        try:
-            from numba import cuda
-        except ImportError as exc:  # pragma: no cover (numba always has it)
-            raise _unavailable(
-                self.name,
-                f"numba.cuda cannot be imported ({exc})",
-                "install numba with CUDA support",
-            ) from None
+        cuda = self._import("numba.cuda", "numba.cuda", "install numba with CUDA support")
         if not cuda.is_available():
             raise _unavailable(
                 self.name,
@@ -7295,18 +7395,16 @@ class TorchBackend(FlowBackend):
 
     name = "flowreg_torch"
     keys = ("device", "dtype", "batch_frames")
+    #: The data terms (``constancy_assumption``) this backend implements.
+    constancy_assumptions = ("gc", "gray")
 
     def _configure(self, bp):
         source = self.source
-        try:
-            import torch
-        except ImportError as exc:
-            raise _unavailable(
-                self.name,
-                f"PyTorch cannot be imported ({exc})",
-                "install it with `pip install torch` (the CPU-only wheel is "
-                "enough for device 'cpu')",
-            ) from None
+        torch = self._import(
+            "torch",
+            "PyTorch",
+            "install it with `pip install torch` (the CPU-only wheel is enough for device 'cpu')",
+        )
         device = bp.get("device", "cuda" if torch.cuda.is_available() else "cpu")
         if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
             raise _cfg_error(source, "device", "'cpu', 'cuda' or 'cuda:N'", device)
@@ -7496,14 +7594,7 @@ class DisBackend(FlowBackend):
 
     def _configure(self, bp):
         source = self.source
-        try:
-            import cv2
-        except ImportError as exc:
-            raise _unavailable(
-                self.name,
-                f"OpenCV cannot be imported ({exc})",
-                "install it with `pip install opencv-python-headless`",
-            ) from None
+        cv2 = self._import("cv2", "OpenCV", "install it with `pip install opencv-python-headless`")
         self.cv2 = cv2
         self.preset = _cfg_choice(bp.get("preset", "medium"), "preset", source, _DIS_PRESETS)
         self.settings = {}
@@ -9087,40 +9178,208 @@ def _smooth_normalise(avg, sigma):
     return _normalise(g, *_minmax(g, True))
 
 
+#: Stage 2 methods (``stage2_method``).
+STAGE2_METHODS = ("flowsession", "matlab")
+#: Defaults of ``sigma_smooth`` and ``alpha_between`` per method when they are unset.
+STAGE2_DEFAULTS = {"flowsession": (1.0, 5.0), "matlab": (6.0, 25.0)}
+#: Light smoothing (px) of the averages for the rigid step and the quality figures.
+STAGE2_RIGID_SIGMA = 1.0
+#: Coarsest pyramid level (px, smaller side) of the "flowsession" flow, which starts
+#: from the rigid shift: coarser levels only blur the few pixels of residual motion
+#: and, on 64-128 px averages, lose the field (measured in benchmarks/stage2.py).
+STAGE2_COARSEST = 24
+#: Robustness exponents of the "flowsession" flow (``get_displacement``'s a_smooth, a_data).
+STAGE2_FLOW = {"a_smooth": 0.5, "a_data": 0.75}
+#: A recording whose aligned average correlates with the center's below this (or
+#: overlaps it on less than STAGE2_MIN_OVERLAP of the frame) is not credibly matched.
+#: Measured: unrelated fields of view reach 0.2-0.57 at their best shift (sparse
+#: 64-px frames highest), matched synthetic sessions 0.85-0.98 after alignment.
+STAGE2_MIN_CORRELATION = 0.6
+STAGE2_MIN_OVERLAP = 0.25
+
+
+def _stage2_sigma_alpha(config):
+    sigma0, alpha0 = STAGE2_DEFAULTS[config.stage2_method]
+    sigma = sigma0 if config.sigma_smooth is None else config.sigma_smooth
+    alpha = alpha0 if config.alpha_between is None else config.alpha_between
+    return sigma, alpha
+
+
+def _stage2_prepare(avg, sigma):
+    """``avg`` as float64 ``(H, W, C)``, smoothed with ``sigma`` and scaled to [0, 1]."""
+    a = np.asarray(avg, dtype=np.float64)
+    return _smooth_normalise(a[..., None] if a.ndim == 2 else a, sigma)
+
+
+def _masked_correlation(a, b, mask):
+    """Pearson correlation of two ``(H, W, C)`` images over ``mask`` (H, W); NaN if flat."""
+    x, y = a[mask].ravel(), b[mask].ravel()
+    if x.size < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
+    return float(np.dot(x, y) / den) if den > 0 else float("nan")
+
+
+def _shift_overlap_correlation(fixed, moving, dx, dy):
+    """(correlation, overlap fraction) of ``fixed`` and ``moving`` displaced by a constant shift."""
+    H, W = fixed.shape[:2]
+    reg, ok = imregister_wrapper_w(
+        moving, np.dstack([np.full((H, W), dx), np.full((H, W), dy)]), fixed, "linear"
+    )
+    return _masked_correlation(fixed, reg, ok), float(ok.mean())
+
+
+def _xc_candidate_peaks(fixed, moving, weight, count=4):
+    """Integer shifts (dx, dy) of the ``count`` strongest local maxima of the plain,
+    unwindowed cross-correlation (channels weighted by ``weight``), wrapped into
+    ``(-N/2, N/2]``."""
+    from scipy.ndimage import maximum_filter
+
+    cross = _xc_cross_power(fixed, moving, weight, np.zeros(2), False, False)
+    corr = np.fft.ifft2(cross).real
+    peaks = np.flatnonzero((corr == maximum_filter(corr, size=3, mode="wrap")).ravel())
+    best = peaks[np.argsort(corr.ravel()[peaks])[::-1][:count]]
+    out = []
+    for r, c in zip(*np.unravel_index(best, corr.shape)):
+        dy = r - corr.shape[0] if r > corr.shape[0] / 2 else r
+        dx = c - corr.shape[1] if c > corr.shape[1] / 2 else c
+        out.append((float(dx), float(dy)))
+    return out
+
+
+def stage2_rigid_shift(reference_average, average, upsample=4, weight=None):
+    """Rigid step of the "flowsession" Stage 2: ``(dx, dy, correlation, overlap)``.
+
+    Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
+    [0, 1]. Candidates: the sub-pixel cross-correlation peak without a window and
+    with the overlap Hann window (``estimate_rigid_shift``), and the four strongest
+    integer peaks of the unwindowed correlation. Each candidate is scored by the
+    correlation of the two averages over their overlap after the shift; candidates
+    overlapping less than ``STAGE2_MIN_OVERLAP`` of the frame are skipped. On small
+    frames the window can hide the true peak (its taper leaves little content when
+    the shift is a third of the frame), and the highest correlation peak can be a
+    wrap-around one; the overlap score decides between them. ``weight``: per-channel
+    weights (default equal); channels of weight 0 take no part.
+    """
+    f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
+    wt = np.ones(f.shape[2]) if weight is None else np.asarray(weight, dtype=np.float64)
+    cands = [
+        estimate_rigid_shift(f, g, upsample=upsample, weight=wt, window=win)
+        for win in (False, True)
+    ]
+    flat = (np.ptp(f, axis=(0, 1)) == 0) | (np.ptp(g, axis=(0, 1)) == 0)
+    cands += _xc_candidate_peaks(f, g, np.where(flat, 0.0, wt))
+    used = wt > 0
+    f, g = f[..., used], g[..., used]
+    best = (0.0, 0.0, -np.inf, 0.0)
+    for dx, dy in cands:
+        corr, overlap = _shift_overlap_correlation(f, g, dx, dy)
+        if overlap >= STAGE2_MIN_OVERLAP and np.isfinite(corr) and corr > best[2]:
+            best = (dx, dy, corr, overlap)
+    if not np.isfinite(best[2]):
+        best = (0.0, 0.0, float("nan"), 1.0)
+    return best
+
+
+def stage2_alignment_quality(reference_average, average, w):
+    """How well a field aligns one average onto the center's.
+
+    Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
+    [0, 1]; the correlation (Pearson) with the center's is taken over the whole
+    frame before alignment and over the valid overlap (pixels whose source lies in
+    the frame) after warping by ``w``.
+
+    Returns
+    -------
+    dict
+        ``correlation_before``, ``correlation_after``, ``overlap`` (fraction of the
+        frame) and ``credible``: the aligned average correlates with the center's at
+        least ``STAGE2_MIN_CORRELATION`` over at least ``STAGE2_MIN_OVERLAP`` of the
+        frame (a recording of another field of view, or a lost match, fails it).
+    """
+    f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
+    reg, ok = imregister_wrapper_w(g, w, f, "linear")
+    before = _masked_correlation(f, g, np.ones(f.shape[:2], dtype=bool))
+    after = _masked_correlation(f, reg, ok)
+    overlap = float(ok.mean())
+    credible = bool(
+        np.isfinite(after) and after >= STAGE2_MIN_CORRELATION and overlap >= STAGE2_MIN_OVERLAP
+    )
+    return {
+        "correlation_before": before,
+        "correlation_after": after,
+        "overlap": overlap,
+        "credible": credible,
+    }
+
+
+def _stage2_levels(H, W, eta):
+    """Pyramid levels whose coarsest smaller side is still >= STAGE2_COARSEST px."""
+    side = min(H, W)
+    if side <= STAGE2_COARSEST:
+        return 1
+    return max(1, int(math.floor(math.log(STAGE2_COARSEST / side) / math.log(eta))) + 1)
+
+
 def compute_between_displacement(reference_average, average, config, backend=None):
     """Field ``(H, W, 2)`` registering one recording's temporal average onto the center's.
 
-    A rigid shift from sub-pixel phase correlation of the unsmoothed averages
-    (``cc_upsample``), then variational optical flow between the smoothed
-    (``sigma_smooth``), normalised averages with ``alpha_between``,
-    ``iterations_between`` and ``stage2_constancy_assumption`` (other
-    parameters: MATLAB ``get_displacement`` defaults), computed after warping
-    the moving average by the shift; the result is flow + shift, which for a
-    constant shift equals warping by the shift and then by the flow.  The flow
-    comes from ``backend`` (default: the session's ``flow_backend``).
+    ``config.stage2_method``:
+
+    * ``"flowsession"`` (default): the rigid step of ``stage2_rigid_shift``
+      (sub-pixel to ``1 / cc_upsample`` px, candidates checked by their overlap
+      correlation), then variational optical flow started from that shift between
+      the averages smoothed with ``sigma_smooth`` (default 1) and scaled to [0, 1],
+      with ``alpha_between`` (default 5), ``iterations_between``,
+      ``stage2_constancy_assumption``, the robust smoothness and data terms
+      (``a_smooth`` 0.5, ``a_data`` 1), true grid spacing (no MATLAB quirks), and a
+      pyramid that stops at ``STAGE2_COARSEST`` px.
+    * ``"matlab"``: the toolbox's recipe: integer shift of
+      ``get_displacement_cc`` (normalised cross-correlation, ``cc_upsample`` unused),
+      then ``get_displacement`` between ``mat2gray(imgaussfilt(., sigma_smooth))``
+      (default 6) of both averages with ``alpha_between`` (default 25),
+      ``iterations_between`` and ``stage2_constancy_assumption``, initialised with
+      the shift; other parameters at ``get_displacement``'s defaults.
+
+    The flow comes from ``backend`` (default: the session's ``flow_backend``).
     """
     if backend is None:
         backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, config.stage2_constancy_assumption, "stage2_constancy_assumption")
-    weight = _stage2_weight(config, np.shape(reference_average)[-1])
-    dx, dy = estimate_rigid_shift(
-        reference_average, average, upsample=config.cc_upsample, weight=weight
-    )
-    img1 = _smooth_normalise(reference_average, config.sigma_smooth)
-    img2 = _smooth_normalise(average, config.sigma_smooth)
-    H, W = img1.shape[:2]
-    img2 = imregister_wrapper(img2, np.full((H, W), dx), np.full((H, W), dy), img1, "cubic")
+    ref = np.asarray(reference_average, dtype=np.float64)
+    avg = np.asarray(average, dtype=np.float64)
+    ref, avg = (a[..., None] if a.ndim == 2 else a for a in (ref, avg))
+    sigma, alpha = _stage2_sigma_alpha(config)
+    H, W, C = ref.shape
+    weight = _stage2_weight(config, C)
+    img1 = _smooth_normalise(ref, sigma)
+    img2 = _smooth_normalise(avg, sigma)
+    shift = np.zeros((H, W, 2))
+    if config.stage2_method == "matlab":
+        init = get_displacement_cc(ref, avg)
+        extra = {}
+    else:
+        # The flow starts from the moving average warped by the rigid shift (the
+        # shift added back: for a constant shift the same as composing the two):
+        # the solver linearises its coarsest level at zero motion and lets an
+        # initial field in only through the smoothness term, which a 10-20 px
+        # shift defeats with the census term.
+        init = None
+        dx, dy, _, _ = stage2_rigid_shift(ref, avg, config.cc_upsample, weight)
+        shift[..., 0], shift[..., 1] = dx, dy
+        img2 = imregister_wrapper(img2, shift[..., 0], shift[..., 1], img1, "cubic")
+        eta = GET_DISPLACEMENT_DEFAULTS["eta"]
+        extra = dict(STAGE2_FLOW, levels=_stage2_levels(H, W, eta), matlab_quirks=False)
     params = _displacement_params(
-        img1.shape[2],
-        alpha=(config.alpha_between, config.alpha_between),
+        C,
+        alpha=(alpha, alpha),
         iterations=config.iterations_between,
         const_assumption=config.stage2_constancy_assumption,
         weight=weight,
+        **extra,
     )
-    w = backend.pair(params, img1, img2)
-    w[..., 0] += dx
-    w[..., 1] += dy
-    return w
+    return backend.pair(params, img1, img2, init) + shift
 
 
 def _stage2_weight(config, n_channels):
@@ -9136,6 +9395,7 @@ def _stage2_params(config):
     return extra | {
         k: getattr(config, k)
         for k in (
+            "stage2_method",
             "cc_upsample",
             "sigma_smooth",
             "alpha_between",
@@ -9169,6 +9429,9 @@ def run_stage2(config):
     middle_idx, center_file = config.resolve_center(files)
     _check_writable(config.output_root_path, "output_root")
     avgs = _session_averages(config, files, "Stage 2")
+    _check_averages_vary(files, avgs)
+    if len(files) == 1:
+        log.info("Stage 2: one recording (%s): it is the center; its field is zero", files[0].name)
     ref = avgs[middle_idx]
     params = _stage2_params(config)
     ref_digest = _array_digest(ref)
@@ -9199,6 +9462,27 @@ def run_stage2(config):
     return middle_idx, center_file, fields
 
 
+def _stage2_doubt(q):
+    """Why ``stage2_alignment_quality`` found an alignment not credible, in words."""
+    if q["overlap"] < STAGE2_MIN_OVERLAP:
+        return f"overlap {q['overlap']:.0%} < {STAGE2_MIN_OVERLAP:.0%} of the frame"
+    return f"correlation with the center {q['correlation_after']:.2f} < {STAGE2_MIN_CORRELATION}"
+
+
+def _check_averages_vary(files, avgs):
+    """InputError naming a recording whose temporal average is constant (nothing to align)."""
+    for f, a in zip(files, avgs):
+        flat = np.ptp(a, axis=(0, 1)) == 0
+        if flat.all():
+            msg = (
+                f"{f.name}: its temporal average is constant ({a.flat[0]:g} everywhere), so "
+                "it cannot be aligned; check the recording or leave it out of the pattern"
+            )
+            raise InputError(msg)
+        for c in np.flatnonzero(flat):
+            log.warning("Stage 2: %s: channel %d of the temporal average is constant", f.name, c)
+
+
 def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name, backend):
     path = os.path.join(folder, "w_to_reference.npz")
     w = _load_stage2_field(folder, path, expected, ref.shape[:2]) if config.resume else None
@@ -9210,14 +9494,27 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
     else:
         t0 = time.monotonic()
         w = compute_between_displacement(ref, avg, config, backend)
+        q = stage2_alignment_quality(ref, avg, w)
         log.info(
-            "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, %.1f s",
+            "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, correlation with the center "
+            "%.2f -> %.2f over %.0f %% of the frame, %.1f s",
             name,
             center_name,
             w[..., 0].mean(),
             w[..., 1].mean(),
+            q["correlation_before"],
+            q["correlation_after"],
+            100.0 * q["overlap"],
             time.monotonic() - t0,
         )
+        if not q["credible"]:
+            log.warning(
+                "Stage 2: %s -> %s: the alignment is not credible (%s): another field of "
+                "view or a failed match",
+                name,
+                center_name,
+                _stage2_doubt(q),
+            )
     _kill_point("stage2.save")
     atomic_save_npz(path, u=w[..., 0], v=w[..., 1])
     _kill_point("stage2.status")
@@ -9370,7 +9667,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
 
     per_seq = [_mask_over_time(os.path.join(d, "idx.hdf"), f.name) for d, f in zip(folders, files)]
     aligned = [imregister_binary(m, w[..., 0], w[..., 1]) for m, w in zip(per_seq, fields)]
-    final = np.logical_and.reduce(aligned)
+    quality, in_mask = _stage3_alignment(config, files, middle_idx, avgs, ref, fields)
+    final = np.logical_and.reduce([a for a, keep in zip(aligned, in_mask) if keep])
     log.info("Stage 3: final mask keeps %.1f %% of the center grid", 100.0 * final.mean())
     comp_paths = [os.path.join(d, _compensated_name(d)) for d in folders]
     ext = "tif" if config.align_output_format == "TIFF" else "hdf5"
@@ -9415,6 +9713,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         middle_idx=middle_idx,
         aligned_video_paths=video_paths,
         names=names,
+        alignment=quality,
+        in_session_mask=in_mask,
     )
     traces = []
     for d in folders:
@@ -9431,6 +9731,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         averages_after=averages_after,
         final_valid=final,
         displacement_traces=traces,
+        alignment=quality,
+        in_session_mask=in_mask,
     )
     _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, final)
     status["stage3"] = {
@@ -9459,7 +9761,8 @@ def _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, f
             extra = {
                 k: d[k]
                 for k in d.files
-                if ("corr" in k or "quality" in k) and d[k].shape == (len(names),)
+                if ("corr" in k or "quality" in k or k.startswith("alignment_"))
+                and d[k].shape == (len(names),)
             }
     for folder, name in zip(folders, names, strict=True):
         _save_recording_qc(folder, name)
@@ -9495,6 +9798,38 @@ def _compensated_name(folder):
     """The corrected video Stage 1 wrote into ``folder`` (its status record says which)."""
     name = _load_status(folder).get("stage1", {}).get("compensated", "compensated.hdf5")
     return name if name in ("compensated.hdf5", "compensated.nwb") else "compensated.hdf5"
+
+
+def _stage3_alignment(config, files, middle_idx, avgs, ref, fields):
+    """Per recording, ``stage2_alignment_quality`` and whether it enters the session mask.
+
+    A recording whose alignment is not credible gets a WARNING naming it and is
+    left out of the mask unless ``keep_unmatched``; the center always counts.
+    """
+    quality, in_mask = [], []
+    for i, (f, avg, w) in enumerate(zip(files, avgs, fields)):
+        q = stage2_alignment_quality(ref, avg, w)
+        if i == middle_idx:
+            q["credible"] = True
+        elif not q["credible"]:
+            fate = (
+                "kept in the session mask (keep_unmatched = true)"
+                if config.keep_unmatched
+                else "left out of the session mask (set keep_unmatched = true to keep it)"
+            )
+            log.warning(
+                "Stage 3: %s does not credibly match the center: correlation %.2f after "
+                "alignment (%.2f before) over %.0f %% of the frame; another field of view or a "
+                "failed alignment; %s",
+                f.name,
+                q["correlation_after"],
+                q["correlation_before"],
+                100.0 * q["overlap"],
+                fate,
+            )
+        quality.append(q)
+        in_mask.append(bool(q["credible"] or config.keep_unmatched))
+    return quality, in_mask
 
 
 def _qc_names(names, folders):
@@ -9660,6 +9995,8 @@ def save_final_results(
     middle_idx,
     aligned_video_paths=None,
     names=None,
+    alignment=None,
+    in_session_mask=None,
 ):
     """Write the Stage 3 result bundle into `folder`, every file atomically.
 
@@ -9695,6 +10032,12 @@ def save_final_results(
         Aligned videos; npz only.
     names : sequence of N str, optional
         Recording stems for the per-recording PNGs.
+    alignment : sequence of N dict, optional
+        ``stage2_alignment_quality`` per recording; stored as
+        ``alignment_correlation_before``, ``alignment_correlation_after``,
+        ``alignment_overlap`` (float64) and ``alignment_credible`` (bool), each (N,).
+    in_session_mask : sequence of N bool, optional
+        Whether each recording entered ``final_valid``; stored as ``in_session_mask``.
 
     Returns
     -------
@@ -9746,6 +10089,7 @@ def save_final_results(
     )
     if aligned_video_paths is not None:
         bundle["aligned_video_paths"] = _qc_as_paths("aligned_video_paths", aligned_video_paths, n)
+    bundle.update(_alignment_arrays(alignment, in_session_mask, n))
 
     import scipy.io
 
@@ -9796,6 +10140,38 @@ def save_final_results(
     return written
 
 
+def _alignment_arrays(alignment, in_session_mask, n):
+    """The Stage 2 alignment quality as (N,) arrays for the result bundle."""
+    out = {}
+    if alignment is not None:
+        if len(alignment) != n:
+            msg = f"alignment must hold {n} records (N), got {len(alignment)}"
+            raise InputError(msg)
+        for key in ("correlation_before", "correlation_after", "overlap"):
+            out[f"alignment_{key}"] = np.array([float(q[key]) for q in alignment])
+        out["alignment_credible"] = np.array([bool(q["credible"]) for q in alignment])
+    if in_session_mask is not None:
+        if len(in_session_mask) != n:
+            msg = f"in_session_mask must hold {n} flags (N), got {len(in_session_mask)}"
+            raise InputError(msg)
+        out["in_session_mask"] = np.array([bool(k) for k in in_session_mask])
+    return out
+
+
+def _qc_mark_alignment(ax, q, in_session_mask, i):
+    """Stage 2 quality under an "after" panel; red frame and label when not credible."""
+    text = f"overlap r {q['correlation_before']:.2f} -> {q['correlation_after']:.2f}"
+    color = "black"
+    if not q["credible"]:
+        left_out = in_session_mask is not None and not in_session_mask[i]
+        text += "\nNOT CREDIBLE" + (", not in mask" if left_out else "")
+        color = "red"
+        for spine in ax.spines.values():
+            spine.set_edgecolor("red")
+            spine.set_linewidth(3)
+    ax.set_xlabel(text, fontsize="x-small", color=color)
+
+
 def _qc_normalise(image):
     """Scale a 2-D image to [0, 1] by its 1st and 99th percentile; NaN -> 0."""
     finite = image[np.isfinite(image)]
@@ -9826,6 +10202,8 @@ def save_qc_figure(
     final_valid,
     displacement_traces,
     title=None,
+    alignment=None,
+    in_session_mask=None,
 ):
     """Write a PNG that shows at a glance whether the session alignment worked.
 
@@ -9857,6 +10235,12 @@ def save_qc_figure(
         ``mean_disp``); lengths may differ.
     title : str, optional
         Figure title; default names the session size and the center.
+    alignment : sequence of N dict, optional
+        ``stage2_alignment_quality`` per recording: its correlation with the
+        center in the valid overlap, before -> after, under the "after" panel; a
+        recording that is not credible is framed in red and labelled so.
+    in_session_mask : sequence of N bool, optional
+        Whether each recording entered the final mask (the label says if not).
 
     Returns
     -------
@@ -9927,6 +10311,8 @@ def save_qc_figure(
             r = _qc_correlation(ref[stage], img, where)
             label = f"{names[i]} (center)" if i == center else names[i]
             ax.set_title(f"{label}\n{stage}, Pearson r = {r:.3f}", fontsize="small")
+            if stage == "after" and alignment is not None:
+                _qc_mark_alignment(ax, alignment[i], in_session_mask, i)
             if col == 0:
                 ax.set_ylabel(f"{stage} alignment", fontsize="small")
     bottom = grid[-1, :].subgridspec(1, 2, width_ratios=[1, ncols - 1])
@@ -11373,10 +11759,11 @@ def _restore_stop_handlers(previous):
 
 
 if __name__ == "__main__":
-    # ``python flowsession.py`` and ``import flowsession`` share one module object
-    # (one set of classes, one round of Numba compilation).
-    sys.modules.setdefault("flowsession", sys.modules["__main__"])
+    # ``python flowsession.py`` runs the module imported under its own name, so that
+    # the script and ``import flowsession`` share one module object (one set of
+    # classes, one round of Numba compilation), and Numba's on-disk cache serves the
+    # command line too: its keys name the classes of NamedTuple arguments, and a
+    # new process does not find ``__main__._FlowParams`` again.
+    import flowsession as _flowsession
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_flowsession.main())

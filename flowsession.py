@@ -68,6 +68,8 @@ __all__ = [
     "Hdf5VideoWriter",
     "InputError",
     "MatReader",
+    "NwbReader",
+    "NwbVideoWriter",
     "RecordingReader",
     "SessionConfig",
     "TiffReader",
@@ -96,6 +98,7 @@ __all__ = [
     "imregister_wrapper_w",
     "imresize",
     "level_solver",
+    "log_to_stderr",
     "main",
     "medfilt2_symmetric",
     "normxcorr2",
@@ -113,6 +116,7 @@ __all__ = [
     "save_final_results",
     "save_mask_png",
     "save_qc_figure",
+    "save_recording_qc_figure",
     "scanimage_metadata",
     "stage2_alignment_quality",
     "stage2_rigid_shift",
@@ -156,6 +160,24 @@ import numpy as np
 import tifffile
 
 log = logging.getLogger("flowsession")
+
+
+def log_to_stderr(level="INFO"):
+    """Show flowsession's progress messages on stderr, as the command line does.
+
+    For scripts and notebooks, where Python's logging shows nothing by default:
+    ``flowsession.log_to_stderr()`` before ``run_stage1(config)``.  Calling it
+    again changes the level and adds no second handler.  Returns the handler.
+    """
+    handler = next((h for h in log.handlers if getattr(h, "_flowsession_stderr", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._flowsession_stderr = True
+        log.addHandler(handler)
+    log.setLevel(level)
+    handler.setLevel(level)
+    return handler
 
 
 def _numba_cache_usable():
@@ -578,6 +600,16 @@ def _cfg_pattern(value, key, source):
     return value
 
 
+def _cfg_nwb_series(value, key, source):
+    allowed = "the name of a series in the NWB files' acquisition, or a list of names"
+    if isinstance(value, str):
+        return _cfg_text(value, key, source)
+    names = _cfg_list(value, key, source, allowed)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise _cfg_error(source, key, allowed, value)
+    return tuple(names)
+
+
 def _cfg_bidi(value, key, source):
     """``bidi_correction``: False, "auto" or an offset in pixels (a finite number)."""
     if value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off")):
@@ -635,7 +667,7 @@ _CFG_FLOW_RULES = {
     "save_w": (_cfg_bool,),
     "save_valid_idx": (_cfg_bool,),
     "save_meta_info": (_cfg_bool,),
-    "output_format": (_cfg_choice, ("HDF5", "TIFF")),
+    "output_format": (_cfg_choice, ("HDF5", "TIFF", "NWB")),
     "output_typename": (_cfg_optional(_cfg_choice, _CFG_TYPENAMES),),
     "constancy_assumption": _CFG_CONSTANCY,
     "matlab_quirks": (_cfg_bool,),
@@ -665,6 +697,7 @@ _CFG_SESSION_RULES = {
     "n_planes": (_cfg_optional(_cfg_int, *_CFG_COUNT),),
     "flyback_planes": (_cfg_optional(_cfg_int, "an integer >= 0", lambda x: x >= 0),),
     "bidi_correction": (_cfg_bidi,),
+    "nwb_series": (_cfg_optional(_cfg_nwb_series),),
 }
 
 
@@ -712,10 +745,11 @@ def _cfg_flow_subset(mapping, source):
 def _cfg_session_flow(mapping, source):
     """Like ``_cfg_flow_subset`` but refuse overrides that would break Stage 1 of a session."""
     fmt = mapping.get("output_format", "HDF5") if isinstance(mapping, dict) else "HDF5"
-    if not (isinstance(fmt, str) and fmt.strip().upper() == "HDF5"):
+    if not (isinstance(fmt, str) and fmt.strip().upper() in ("HDF5", "NWB")):
         msg = (
             f"{source}: output_format = {fmt!r} cannot be used: Stage 1 of a session "
-            "writes HDF5 (compensated.hdf5) and valid masks; remove this key"
+            "writes HDF5 (compensated.hdf5) or NWB (compensated.nwb) and valid masks; "
+            'remove this key or set "HDF5" or "NWB"'
         )
         raise ConfigError(msg)
     named = _cfg_flow_subset(mapping, source)
@@ -870,8 +904,9 @@ def resolve_flow_options(config, runtime_overrides=None):
     Starts from :class:`FlowOptions`, applies ``config.stage1_quality_setting``,
     ``config.flow_options`` (a dict, or a JSON options file that overrides only the keys it
     names), then ``runtime_overrides``, and enforces ``save_valid_idx=True`` and
-    ``output_format='HDF5'``, which Stage 1 needs.  An explicit request for anything else
-    raises :class:`ConfigError` rather than being switched off silently.
+    ``output_format`` ``'HDF5'`` (or ``'NWB'`` when asked for), which Stage 1 needs.  An
+    explicit request for anything else raises :class:`ConfigError` rather than being
+    switched off silently.
 
     Parameters
     ----------
@@ -893,7 +928,8 @@ def resolve_flow_options(config, runtime_overrides=None):
     if runtime_overrides is not None:
         named.update(_cfg_session_flow(runtime_overrides, "runtime overrides"))
     log.debug("flow options overridden: %s", ", ".join(sorted(named)) or "none")
-    return FlowOptions.from_mapping({**named, "save_valid_idx": True, "output_format": "HDF5"})
+    fmt = "NWB" if str(named.get("output_format", "")).upper() == "NWB" else "HDF5"
+    return FlowOptions.from_mapping({**named, "save_valid_idx": True, "output_format": fmt})
 
 
 @dataclasses.dataclass
@@ -943,6 +979,9 @@ class SessionConfig:
     bidi_correction : False, "auto" or float
         Bidirectional scan phase: odd rows are shifted along x by this offset (px) before
         registration; "auto" estimates it per recording from its reference frames.
+    nwb_series : str, list of str or None
+        NWB recordings: the imaging series in ``acquisition`` (default: the only one); a
+        list gives one channel per series.
     source : str, init only
         Label that starts error messages (the config file; default ``config``).
     """
@@ -971,6 +1010,7 @@ class SessionConfig:
     n_planes: int | None = None
     flyback_planes: int | None = None
     bidi_correction: bool | str | float = False
+    nwb_series: str | tuple | None = None
     source: dataclasses.InitVar[str] = "config"
 
     def __post_init__(self, source):
@@ -1443,7 +1483,7 @@ _MAT_NUMERIC = frozenset(
 )
 _CHANNEL_RE = re.compile(r"^(ch|chan|channel)_?(\d+)$", re.IGNORECASE)
 _HDF5_FORMAT = "flowsession_hdf5_v1"
-_WRITER_FORMATS = ("HDF5", "TIFF")
+_WRITER_FORMATS = ("HDF5", "TIFF", "NWB")
 # tifffile logs, rather than raises, when the IFD chain of a file is broken
 _TIFF_CORRUPT_RE = re.compile(
     r"corrupt|page offset|offset to page|next page|circular", re.IGNORECASE
@@ -2016,6 +2056,97 @@ class Hdf5Reader(VideoReader):
         self._file.close()
 
 
+_NWB_SUFFIX = ".nwb"
+_NWB_SERIES_TYPES = ("TwoPhotonSeries", "OnePhotonSeries")
+
+
+def _nwb_type(group):
+    value = group.attrs.get("neurodata_type")
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _nwb_find_series(f, path):
+    """``{name: group path}`` of the imaging series of an NWB file: those in
+    ``acquisition``, else the corrected stacks of a ``MotionCorrection`` container
+    (a file flowsession wrote)."""
+    found = {}
+    acq = f.get("acquisition")
+    if isinstance(acq, h5py.Group):
+        for name in acq:
+            g = acq.get(name)
+            if isinstance(g, h5py.Group) and _nwb_type(g) in _NWB_SERIES_TYPES:
+                found[name] = g.name
+    if not found:
+        for module in (f.get("processing") or {}).values():
+            for container in module.values() if isinstance(module, h5py.Group) else ():
+                if isinstance(container, h5py.Group) and _nwb_type(container) == "MotionCorrection":
+                    for name, stack in container.items():
+                        if isinstance(stack, h5py.Group) and "corrected" in stack:
+                            found[name] = stack["corrected"].name
+    if not found:
+        msg = (
+            f"{path}: no TwoPhotonSeries in the NWB file's acquisition (nor corrected image "
+            "stacks); add the imaging data to acquisition"
+        )
+        raise InputError(msg)
+    return found
+
+
+class NwbReader(Hdf5Reader):
+    """Batch reader of the imaging series of an NWB file (read with h5py; pynwb not needed).
+
+    The series is the only ``TwoPhotonSeries`` (or ``OnePhotonSeries``) in
+    ``acquisition``, or the one named by `series`; a list of names gives one
+    channel per series (same shape).  Its ``data`` ``(T, H, W)`` is read in
+    batches.  A file flowsession wrote (``compensated.nwb``) is read from its
+    corrected image stacks.  Attributes ``nwb_series`` (the names) and
+    ``nwb_paths`` (their groups) tell the writer what to link to.
+    """
+
+    def __init__(self, path, *, series=None, bin_size=1):
+        path = os.fspath(path)
+        try:
+            with h5py.File(path, "r") as f:
+                found = _nwb_find_series(f, path)
+                names = list(found) if series is None else None
+                if series is not None:
+                    names = [series] if isinstance(series, str) else list(series)
+                    missing = [n for n in names if n not in found]
+                    if missing:
+                        msg = (
+                            f"{path}: nwb_series {missing[0]!r} is not an imaging series of "
+                            f"the file (series: {', '.join(found)}); fix nwb_series"
+                        )
+                        raise ConfigError(msg)
+                elif len(names) > 1:
+                    msg = (
+                        f"{path}: {len(names)} imaging series ({', '.join(names)}); choose one "
+                        'with nwb_series = "<name>" (or a list of names, one per channel)'
+                    )
+                    raise ConfigError(msg)
+                for n in names:
+                    data = f[found[n]].get("data")
+                    if not isinstance(data, h5py.Dataset) or data.ndim != 3:
+                        shape = getattr(data, "shape", None)
+                        msg = (
+                            f"{path}: series {n!r} has data of shape {shape}; flowsession reads "
+                            "(frames, height, width) series stored in the file (not volumes "
+                            "or external files)"
+                        )
+                        raise InputError(msg)
+        except OSError as exc:
+            msg = f"{path}: cannot open as NWB/HDF5 ({_why(exc)}); the file may be truncated"
+            raise InputError(msg) from exc
+        self.nwb_series = names
+        self.nwb_paths = [found[n] for n in names]
+        super().__init__(
+            path,
+            dataset=[p + "/data" for p in self.nwb_paths],
+            bin_size=bin_size,
+            matlab_order=False,
+        )
+
+
 class MatReader(VideoReader):
     """Reader of MAT v4/v5/v7 files through ``scipy.io.loadmat``.
 
@@ -2082,7 +2213,9 @@ class MatReader(VideoReader):
         self._array = None
 
 
-def open_video(path, *, dataset=None, bin_size=1, channels=None, matlab_order=None):
+def open_video(
+    path, *, dataset=None, bin_size=1, channels=None, matlab_order=None, nwb_series=None
+):
     """Open a video file for batch reading, choosing the reader by suffix.
 
     Parameters
@@ -2099,6 +2232,8 @@ def open_video(path, *, dataset=None, bin_size=1, channels=None, matlab_order=No
         TIFF only: pages are interleaved channels, frame-major.
     matlab_order : bool, optional
         HDF5/MAT only: None detects MATLAB axis order, True/False forces it.
+    nwb_series : str or list of str, optional
+        NWB only: the imaging series in ``acquisition`` (default: the only one).
 
     Returns
     -------
@@ -2115,6 +2250,8 @@ def open_video(path, *, dataset=None, bin_size=1, channels=None, matlab_order=No
         msg = f"{path}: file not found; check the path"
         raise InputError(msg)
     suffix = os.path.splitext(path)[1].lower()
+    if suffix == _NWB_SUFFIX:
+        return NwbReader(path, series=nwb_series or dataset, bin_size=bin_size)
     if suffix in _TIFF_SUFFIXES:
         if dataset is not None or matlab_order is not None:
             log.warning(
@@ -2131,7 +2268,7 @@ def open_video(path, *, dataset=None, bin_size=1, channels=None, matlab_order=No
         return Hdf5Reader(
             path, dataset=dataset, bin_size=bin_size, matlab_order=matlab_order, names=names
         )
-    supported = ", ".join(_TIFF_SUFFIXES + _HDF5_SUFFIXES + (".mat",))
+    supported = ", ".join(_TIFF_SUFFIXES + _HDF5_SUFFIXES + (".mat", _NWB_SUFFIX))
     msg = f"{path}: unsupported file type {suffix!r} and not HDF5; supported suffixes: {supported}"
     raise InputError(msg)
 
@@ -2531,14 +2668,279 @@ class TiffVideoWriter(_AtomicVideoWriter):
         self._fh.close()
 
 
+def _import_pynwb():
+    """pynwb, or a `ConfigError` that says how to install it."""
+    try:
+        import pynwb
+    except ImportError:
+        msg = (
+            'output_format = "NWB" needs pynwb: pip install "flowsession[nwb]" (or pip install '
+            'pynwb), or choose output_format = "HDF5"'
+        )
+        raise ConfigError(msg) from None
+    return pynwb
+
+
+def _nwb_copy_metadata(src):
+    """The session-level fields of an NWB file ``src`` that a derived file keeps."""
+    keys = (
+        "session_description",
+        "session_start_time",
+        "experimenter",
+        "lab",
+        "institution",
+        "experiment_description",
+        "session_id",
+        "keywords",
+        "related_publications",
+        "protocol",
+        "notes",
+        "pharmacology",
+        "surgery",
+        "virus",
+        "stimulus_notes",
+        "data_collection",
+    )
+    out = {k: getattr(src, k) for k in keys if getattr(src, k, None) is not None}
+    for k in ("experimenter", "keywords", "related_publications"):
+        if k in out:
+            out[k] = [str(x) for x in np.ravel(out[k])]
+    return out
+
+
+class NwbVideoWriter(_AtomicVideoWriter):
+    """Write corrected frames as an NWB file (needs pynwb), atomically.
+
+    The file holds a processing module ``ophys`` with a ``MotionCorrection``
+    container of one ``CorrectedImageStack`` per channel: the corrected
+    ``TwoPhotonSeries`` (``corrected``, ``(T, H, W)``, chunked, appended frame
+    by frame), the per-frame mean translation ``(T, 2)`` in pixels (x along
+    columns, y along rows; set ``translation`` before `close`) as
+    ``xy_translation``, and a link ``original``.  With ``source`` an `NwbReader`
+    (the input was NWB), ``original`` links to the input series (an HDF5
+    external link), the session metadata (description, start time,
+    experimenter, lab, institution, subject, ...), device, imaging plane and
+    timing are copied from the input.  Otherwise ``original`` is an
+    ``ImageSeries`` that refers to the input file (``external_file``), the
+    session start is the input file's modification time and the imaging plane
+    says that the input states no optical metadata.
+
+    pynwb writes the file's structure once; the frames are then appended with
+    h5py, so memory stays at one batch.
+    """
+
+    def __init__(self, path, *, height, width, n_channels, dtype, source=None):
+        super().__init__(path, height=height, width=width, n_channels=n_channels, dtype=dtype)
+        pynwb = _import_pynwb()
+        self.translation = None
+        try:
+            self._names = self._write_structure(pynwb, source)
+            self._file = h5py.File(self._tmp, "r+")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._tmp)
+            self._open = False
+            raise
+        base = "processing/ophys/MotionCorrection"
+        self._dsets = [self._file[f"{base}/{n}/corrected/data"] for n in self._names]
+        self._xy = [self._file[f"{base}/{n}/xy_translation/data"] for n in self._names]
+
+    def _write_structure(self, pynwb, source):
+        import datetime
+        import uuid
+
+        from hdmf.backends.hdf5.h5_utils import H5DataIO
+        from pynwb.image import ImageSeries
+        from pynwb.ophys import (
+            CorrectedImageStack,
+            ImagingPlane,
+            MotionCorrection,
+            OpticalChannel,
+            TwoPhotonSeries,
+        )
+
+        H, W, C = self.height, self.width, self.n_channels
+        chunk = min(64, max(1, 2**20 // (H * W * self.dtype.itemsize)))
+        src_io = None
+        try:
+            originals, meta = [None] * C, {}
+            bin_size = getattr(source, "bin_size", 1)
+            # A reader wrapped by the scan-phase correction: the file is the inner one's.
+            source = getattr(source, "_inner", source)
+            if isinstance(source, NwbReader):
+                src_io = pynwb.NWBHDF5IO(os.path.abspath(source.path), "r")
+                src = src_io.read()
+                for c, p in enumerate(source.nwb_paths):
+                    parts = p.strip("/").split("/")
+                    if parts[0] == "acquisition":
+                        originals[c] = src.acquisition[parts[1]]
+                    else:  # processing/<module>/MotionCorrection/<stack>/corrected
+                        originals[c] = src.processing[parts[1]][parts[2]][parts[3]].corrected
+                meta = _nwb_copy_metadata(src)
+                names = list(source.nwb_series)
+            else:
+                names = [f"ch{c + 1}" for c in range(C)]
+            input_path = os.path.abspath(source.path) if source is not None else None
+            if "session_start_time" not in meta:
+                mtime = os.stat(input_path).st_mtime if input_path else time.time()
+                meta["session_start_time"] = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
+                meta["session_description"] = (
+                    f"motion-corrected {os.path.basename(input_path)}"
+                    if input_path
+                    else "motion-corrected recording"
+                )
+            nwb = pynwb.NWBFile(identifier=str(uuid.uuid4()), **meta)
+            if isinstance(source, NwbReader) and src.subject is not None:
+                fields = ("age", "description", "genotype", "sex", "species", "subject_id")
+                fields += ("strain", "date_of_birth", "weight")
+                nwb.subject = pynwb.file.Subject(
+                    **{k: getattr(src.subject, k) for k in fields if getattr(src.subject, k, None)}
+                )
+            module = nwb.create_processing_module(
+                name="ophys", description=f"motion correction by flowsession {__version__}"
+            )
+            stacks = []
+            planes = {}
+            for c, name in enumerate(names):
+                orig = originals[c]
+                timing = {"rate": 1.0, "starting_time": 0.0}
+                if orig is not None:
+                    if orig.rate is not None:
+                        timing = {
+                            "rate": float(orig.rate) / bin_size,
+                            "starting_time": float(orig.starting_time or 0.0),
+                        }
+                    elif orig.timestamps is not None:
+                        ts = np.asarray(orig.timestamps[:], dtype=np.float64)[::bin_size]
+                        timing = {"timestamps": ts}
+                    plane = orig.imaging_plane
+                    if plane.name not in planes:
+                        dev = plane.device
+                        if dev.name not in nwb.devices:
+                            nwb.create_device(name=dev.name, description=dev.description)
+                        planes[plane.name] = nwb.create_imaging_plane(
+                            name=plane.name,
+                            optical_channel=[
+                                OpticalChannel(
+                                    name=o.name,
+                                    description=o.description,
+                                    emission_lambda=o.emission_lambda,
+                                )
+                                for o in plane.optical_channel
+                            ],
+                            description=plane.description,
+                            device=nwb.devices[dev.name],
+                            excitation_lambda=plane.excitation_lambda,
+                            imaging_rate=plane.imaging_rate,
+                            indicator=plane.indicator,
+                            location=plane.location,
+                        )
+                    ip = planes[plane.name]
+                    unit = orig.unit
+                else:
+                    if not planes:
+                        dev = nwb.create_device(
+                            name="microscope", description="not stated by the input file"
+                        )
+                        planes["plane"] = ImagingPlane(
+                            name="ImagingPlane",
+                            optical_channel=[
+                                OpticalChannel(
+                                    name=f"channel{k + 1}",
+                                    description="not stated by the input file",
+                                    emission_lambda=float("nan"),
+                                )
+                                for k in range(C)
+                            ],
+                            description="not stated by the input file",
+                            device=dev,
+                            excitation_lambda=float("nan"),
+                            indicator="not stated by the input file",
+                            location="not stated by the input file",
+                        )
+                        nwb.add_imaging_plane(planes["plane"])
+                    ip = planes["plane"]
+                    unit = "n/a"
+                    extra = {}
+                    if any(
+                        a["name"] == "num_samples" for a in ImageSeries.__init__.__docval__["args"]
+                    ):
+                        extra["num_samples"] = int(getattr(source, "n_frames", 0))
+                    orig = ImageSeries(
+                        name=f"original_{name}",
+                        description=f"channel {c + 1} of the input file, before motion correction",
+                        external_file=[input_path or ""],
+                        format="external",
+                        starting_frame=[0],
+                        unit=unit,
+                        **timing,
+                        **extra,
+                    )
+                    nwb.add_acquisition(orig)
+                corrected = TwoPhotonSeries(
+                    name="corrected",
+                    description=f"{name} corrected by flowsession {__version__}",
+                    data=H5DataIO(
+                        data=np.zeros((0, H, W), self.dtype),
+                        maxshape=(None, H, W),
+                        chunks=(chunk, H, W),
+                    ),
+                    imaging_plane=ip,
+                    unit=unit,
+                    **timing,
+                )
+                xy = pynwb.TimeSeries(
+                    name="xy_translation",
+                    description="per-frame mean displacement (x along columns, y along rows)",
+                    data=H5DataIO(data=np.zeros((0, 2)), maxshape=(None, 2)),
+                    unit="pixels",
+                    **timing,
+                )
+                stacks.append(
+                    CorrectedImageStack(
+                        name=name, corrected=corrected, original=orig, xy_translation=xy
+                    )
+                )
+            module.add(MotionCorrection(corrected_image_stacks=stacks))
+            kw = {"manager": src_io.manager} if src_io is not None else {}
+            with warnings.catch_warnings():
+                # The temporary name does not end in .nwb; the published one does.
+                warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")
+                with pynwb.NWBHDF5IO(self._tmp, "w", **kw) as io:
+                    io.write(nwb)
+        finally:
+            if src_io is not None:
+                src_io.close()
+        return names
+
+    def _write(self, data):
+        first, total = self._frames, self._frames + data.shape[0]
+        for c, d in enumerate(self._dsets):
+            d.resize(total, axis=0)
+            d[first:] = data[..., c]
+
+    def _finish(self):
+        xy = np.zeros((self._frames, 2))
+        if self.translation is not None:
+            xy[:] = np.asarray(self.translation, dtype=np.float64)[: self._frames]
+        for d in self._xy:
+            d.resize(self._frames, axis=0)
+            d[:] = xy
+        self._file.flush()
+        self._file.close()
+
+    def _discard(self):
+        self._file.close()
+
+
 def open_writer(path, fmt, **kw):
-    """Create a `Hdf5VideoWriter` (``fmt="HDF5"``) or `TiffVideoWriter`.
+    """Create a `Hdf5VideoWriter` (``fmt="HDF5"``), `TiffVideoWriter` or `NwbVideoWriter`.
 
     Parameters
     ----------
     path : str or os.PathLike
     fmt : str
-        "HDF5" or "TIFF", any case.
+        "HDF5", "TIFF" or "NWB", any case.
     **kw
         Passed to the writer (``height``, ``width``, ``n_channels``, ``dtype``,
         ...).
@@ -2547,6 +2949,8 @@ def open_writer(path, fmt, **kw):
     if kind not in _WRITER_FORMATS:
         msg = f"output format must be one of {_WRITER_FORMATS}, got {fmt!r}"
         raise ConfigError(msg)
+    if kind == "NWB":
+        return NwbVideoWriter(path, **kw)
     return (Hdf5VideoWriter if kind == "HDF5" else TiffVideoWriter)(path, **kw)
 
 
@@ -4526,6 +4930,64 @@ def _nb_frame_statistics(u, v):
             s_v += vv
     n = H * W
     return s_mag / n, m_mag, s_div / n, math.hypot(s_u / n, s_v / n)
+
+
+@_njit
+def _nb_masked_pearson(frame_a, frame_b, ref, valid, out, sum_a, sum_b):
+    """Pearson r of ``frame_a`` and of ``frame_b`` with ``ref`` (all ``(H, W, C)``) over
+    the pixels where ``valid`` ``(H, W)``, per channel, averaged over channels, into
+    ``out[0]``, ``out[1]``; NaN with fewer than two valid pixels or a constant channel.
+    Two passes (means, then centred sums), both frames in each.  Every pixel of the
+    frames is also added to ``sum_a``, ``sum_b`` (float64 ``(H, W, C)``)."""
+    H, W, C = ref.shape
+    for y in range(H):
+        for x in range(W):
+            for c in range(C):
+                sum_a[y, x, c] += frame_a[y, x, c]
+                sum_b[y, x, c] += frame_b[y, x, c]
+    count = 0
+    for y in range(H):
+        for x in range(W):
+            if valid[y, x]:
+                count += 1
+    out[0] = 0.0
+    out[1] = 0.0
+    if count < 2:
+        out[:] = np.nan
+        return
+    for c in range(C):
+        sa = 0.0
+        sb = 0.0
+        sr = 0.0
+        for y in range(H):
+            for x in range(W):
+                if valid[y, x]:
+                    sa += frame_a[y, x, c]
+                    sb += frame_b[y, x, c]
+                    sr += ref[y, x, c]
+        ma = sa / count
+        mb = sb / count
+        mr = sr / count
+        saa = 0.0
+        sbb = 0.0
+        srr = 0.0
+        sar = 0.0
+        sbr = 0.0
+        for y in range(H):
+            for x in range(W):
+                if valid[y, x]:
+                    da = frame_a[y, x, c] - ma
+                    db = frame_b[y, x, c] - mb
+                    dr = ref[y, x, c] - mr
+                    saa += da * da
+                    sbb += db * db
+                    srr += dr * dr
+                    sar += da * dr
+                    sbr += db * dr
+        out[0] += sar / math.sqrt(saa * srr) if saa > 0.0 and srr > 0.0 else np.nan
+        out[1] += sbr / math.sqrt(sbb * srr) if sbb > 0.0 and srr > 0.0 else np.nan
+    out[0] /= C
+    out[1] /= C
 
 
 ###############################################################################
@@ -8113,6 +8575,164 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     return total / n
 
 
+#: Residual motion: at most this many frames, evenly spaced, are kept while Stage 1
+#: streams, each binned to at most this many pixels a side, and the shift between the
+#: frames at the two ends of each of the first few principal components is measured.
+QUALITY_PC_FRAMES = 200
+QUALITY_PC_SIZE = 128
+QUALITY_N_PCS = 5
+
+
+def _pearson_valid(frames_a, frames_b, reference, valid, sums=None):
+    """Per-frame Pearson correlations with ``reference`` over each frame's valid pixels.
+
+    ``frames_a``, ``frames_b`` ``(n, H, W, C)`` (e.g. raw and corrected),
+    ``reference`` ``(H, W, C)``, ``valid`` ``(n, H, W)`` bool.  Channels are
+    correlated separately and averaged; a frame with fewer than two valid pixels
+    or a constant channel gives NaN.  Returns two ``(n,)`` arrays.  ``sums``: two
+    float64 ``(H, W, C)`` arrays the frames are added to.
+    """
+    ref = np.ascontiguousarray(reference, dtype=np.float64)
+    if sums is None:
+        sums = (np.zeros(ref.shape), np.zeros(ref.shape))
+    out = np.empty((len(valid), 2))
+    for k in range(len(valid)):
+        _nb_masked_pearson(frames_a[k], frames_b[k], ref, valid[k], out[k], *sums)
+    return out[:, 0], out[:, 1]
+
+
+def _crispness(mean_image, where):
+    """Crispness of a mean image ``(H, W, C)``: the norm of its spatial gradient.
+
+    ``sqrt(sum |grad|^2)`` over the pixels ``where`` (central differences,
+    summed over channels): the sharper the mean image, the larger.  In image
+    units times pixels, so compare it only between images of one recording.
+    """
+    total = 0.0
+    for c in range(mean_image.shape[2]):
+        gy, gx = np.gradient(mean_image[..., c])
+        total += float((gx[where] ** 2 + gy[where] ** 2).sum())
+    return math.sqrt(total)
+
+
+class _QualityAccumulator:
+    """Registration quality of one recording, collected chunk by chunk in Stage 1.
+
+    `add` takes the raw frames, the corrected frames (float, before the cast to
+    the output type), their valid masks and fields; `finish` returns the arrays
+    stored in ``statistics.npz``.  Memory: two mean images, the frames kept for
+    the residual-motion figure (at most ``QUALITY_PC_FRAMES`` binned to at most
+    ``QUALITY_PC_SIZE`` pixels a side, before and after) and a few numbers per
+    frame.
+    """
+
+    def __init__(self, reference, n_frames):
+        self.reference = np.asarray(reference, dtype=np.float64)
+        H, W, C = self.reference.shape
+        self.corr_before = np.full(n_frames, np.nan)
+        self.corr_after = np.full(n_frames, np.nan)
+        self.valid_fraction = np.zeros(n_frames)
+        self.translation = np.zeros((n_frames, 2))
+        self.sum_before = np.zeros((H, W, C))
+        self.sum_after = np.zeros((H, W, C))
+        self.always_valid = np.ones((H, W), dtype=bool)
+        self.valid_count = np.zeros((H, W))
+        self.bin = max(1, math.ceil(max(H, W) / QUALITY_PC_SIZE))
+        n_keep = min(n_frames, QUALITY_PC_FRAMES)
+        self.keep = np.unique(np.linspace(0, n_frames - 1, n_keep).round().astype(np.int64))
+        hb, wb = H // self.bin, W // self.bin
+        # float16: the frames are scaled to units of the reference's spread (below), so
+        # 3 significant digits are plenty for principal components and mean frames.
+        self.samples = {k: np.zeros((len(self.keep), hb, wb), np.float16) for k in ("b", "a")}
+        # Channels enter the principal components scaled by the reference's spread.
+        sd = self.reference.reshape(-1, C).std(axis=0)
+        self.scale = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+        self.t = 0
+
+    def _binned(self, frame):
+        b = self.bin
+        x = frame.astype(np.float64) @ self.scale
+        hb, wb = x.shape[0] // b, x.shape[1] // b
+        return x[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
+
+    def add(self, raw, registered, valid, w):
+        """Add the next frames: raw and corrected ``(n, H, W, C)``, ``valid`` ``(n, H, W)``
+        bool, fields ``w`` ``(n, H, W, 2)``."""
+        n, t0 = len(raw), self.t
+        valid = np.ascontiguousarray(valid, dtype=bool)
+        H, W = valid.shape[1:]
+        before, after = _pearson_valid(
+            raw, registered, self.reference, valid, (self.sum_before, self.sum_after)
+        )
+        self.corr_before[t0 : t0 + n] = before
+        self.corr_after[t0 : t0 + n] = after
+        self.valid_fraction[t0 : t0 + n] = np.count_nonzero(valid.reshape(n, -1), axis=1) / (H * W)
+        # Row sums first: a reduction over (1, 2) at once walks (H, W, 2) fields 20x slower.
+        self.translation[t0 : t0 + n] = np.asarray(w).sum(axis=1).sum(axis=1) / (H * W)
+        self.always_valid &= valid.all(axis=0)
+        self.valid_count += valid.view(np.uint8).sum(axis=0, dtype=np.int64)
+        lo, hi = np.searchsorted(self.keep, [t0, t0 + n])
+        for j in range(lo, hi):
+            k = self.keep[j] - t0
+            self.samples["b"][j] = self._binned(raw[k])
+            self.samples["a"][j] = self._binned(registered[k])
+        self.t += n
+
+    def _residual_motion(self, frames):
+        """Shift (px) between the mean frames at the two ends of each top principal
+        component of ``frames`` ``(K, h, w)``: NaN when too few frames or pixels."""
+        out = np.full(QUALITY_N_PCS, np.nan)
+        K = len(frames)
+        if K < 4 or min(frames.shape[1:]) < 8:
+            return out
+        X = frames.reshape(K, -1).astype(np.float32)
+        X -= X.mean(axis=0)
+        # The frames' scores on the principal components: eigenvectors of the K x K
+        # Gram matrix (no copy of the frames in float64, no K x pixels factor).
+        ev, u = np.linalg.eigh((X @ X.T).astype(np.float64))
+        del X
+        ev, u = ev[::-1], u[:, ::-1]
+        m = max(1, K // 4)
+        for p in range(min(QUALITY_N_PCS, K - 1)):
+            if ev[p] <= 1e-10 * max(ev[0], 1e-300):
+                break
+            order = np.argsort(u[:, p])
+            low = frames[order[:m]].mean(axis=0, dtype=np.float64)
+            high = frames[order[-m:]].mean(axis=0, dtype=np.float64)
+            if np.ptp(low) == 0 or np.ptp(high) == 0:
+                continue
+            dx, dy = estimate_rigid_shift(low, high, upsample=10)
+            out[p] = self.bin * math.hypot(dx, dy)
+        return out
+
+    def finish(self):
+        """The quality arrays of ``statistics.npz`` (see the README's table)."""
+        T = max(self.t, 1)
+        mean_before, mean_after = self.sum_before / T, self.sum_after / T
+        where = self.always_valid.copy()
+        where[[0, -1], :] = where[:, [0, -1]] = False  # central differences need both sides
+        where[1:-1, 1:-1] &= (
+            self.always_valid[:-2, 1:-1]
+            & self.always_valid[2:, 1:-1]
+            & self.always_valid[1:-1, :-2]
+            & self.always_valid[1:-1, 2:]
+        )
+        if where.sum() < 16:
+            where = np.ones_like(where)
+        return {
+            "corr_before": self.corr_before,
+            "corr_after": self.corr_after,
+            "valid_fraction": self.valid_fraction,
+            "translation": self.translation,
+            "crispness_before": np.float64(_crispness(mean_before, where)),
+            "crispness_after": np.float64(_crispness(mean_after, where)),
+            "residual_motion_before": self._residual_motion(self.samples["b"]),
+            "residual_motion_after": self._residual_motion(self.samples["a"]),
+            "mean_before": mean_before,
+            "pixel_valid_fraction": self.valid_count / T,
+        }
+
+
 class _Phases:
     """Wall time per phase of a run (``with phases("name"): ...``), for status.json."""
 
@@ -8132,19 +8752,34 @@ class _Phases:
 
 
 class _Progress:
-    """Throttled progress log: frames done, frames/s, time left."""
+    """Throttled progress log: frames done, frames/s, time left.
+
+    The rate is measured from the end of the first chunk on, so that neither the
+    reference nor the compilation of the kernels (both before or in the first
+    chunk) make the first estimate of the time left too long; until a second
+    chunk is done there is no estimate to show.
+    """
 
     def __init__(self, name, total, every=10.0):
         self.name, self.total, self.every = name, total, every
         self.t0 = self.last = time.monotonic()
         self.done = 0
+        self.first = None  # (time, frames) at the end of the first chunk
 
     def update(self, n):
         self.done += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.done)
+            if self.done < self.total:
+                return
         if now - self.last >= self.every or self.done >= self.total:
+            t1, n1 = self.first
+            if self.done > n1:
+                rate = (self.done - n1) / max(now - t1, 1e-9)
+            else:
+                rate = self.done / max(now - self.t0, 1e-9)
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             log.info(
                 "%s: %d/%d frames, %.1f frames/s, %s left",
@@ -8190,7 +8825,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     sigma = np.atleast_2d(np.asarray(opts.sigma, dtype=np.float64))
     sep = opts.channel_normalization == "separate"
     params = _flow_params(opts, C)
-    ext = "hdf5" if opts.output_format.upper() == "HDF5" else "tif"
+    ext = {"HDF5": "hdf5", "NWB": "nwb"}.get(opts.output_format.upper(), "tif")
     stats = np.empty((4, T))
     avg = np.zeros((H, W, C))
     chunk = getattr(backend, "chunk_frames", None) or max(8, 2 * n_workers)
@@ -8214,8 +8849,11 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer") as writer,
     ):
+        log.info("%s: building the reference (%d frames, %dx%d)", name, T, H, W)
         with phases("reference"):
             ref_raw = compute_reference(reader, opts, pool, name, backend)
+        log.info("%s: reference built in %.1f s", name, phases.seconds["reference"])
+        quality = _QualityAccumulator(ref_raw, T)
         try:
             comp = open_writer(
                 os.path.join(folder, f"compensated.{ext}"),
@@ -8224,6 +8862,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 width=W,
                 n_channels=C,
                 dtype=out_dtype,
+                **({"source": reader} if ext == "nwb" else {}),
             )
             writers.append(comp)
             idxw = Hdf5VideoWriter(
@@ -8291,6 +8930,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     with phases("write"):
                         wait_for_writer()
                     pending.append(writer.submit(write_chunk, reg, valid, w))
+                    pending.append(writer.submit(quality.add, raw[i0:i1], reg, valid, w))
                     w_sum += w.sum(axis=0)
                     w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
                     w_tail = w_tail[-INIT_TAIL_FRAMES:]
@@ -8305,6 +8945,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
             with phases("write"):
                 wait_for_writer()
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
+            if ext == "nwb":
+                comp.translation = quality.translation  # its xy_translation
             for wr in writers:
                 wr.close()
                 _kill_point("stage1.publish")
@@ -8318,6 +8960,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     _kill_point("stage1.average")
     atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
     atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
+    qual = quality.finish()
     if opts.save_meta_info:
         atomic_save_npz(
             os.path.join(folder, "statistics.npz"),
@@ -8325,6 +8968,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
             max_disp=stats[1],
             mean_div=stats[2],
             mean_translation=stats[3],
+            **qual,
         )
     return {
         "frames": T,
@@ -8406,7 +9050,7 @@ def _open_recording(config, path, opts, name, *, estimate=True):
     bidi = config.bidi_correction is not False
     bins = 1 if bidi else opts.bin_size
     if kind == "file" and planes == (1, 0) and scanimage_metadata(path) is None:
-        reader = open_video(path, bin_size=bins)
+        reader = open_video(path, bin_size=bins, nwb_series=config.nwb_series)
         meta = None
         layout = {"kind": "file", "files": 1, "n_planes": 1}
     else:  # ScanImage files too, so that a partial last frame is an error, not dropped
@@ -8605,7 +9249,14 @@ def _verify_stage1(folder, status, expected, opts):
             with np.load(os.path.join(folder, "statistics.npz")) as st:
                 if any(
                     st[k].shape != (T,)
-                    for k in ("mean_disp", "max_disp", "mean_div", "mean_translation")
+                    for k in (
+                        "mean_disp",
+                        "max_disp",
+                        "mean_div",
+                        "mean_translation",
+                        "corr_before",
+                        "corr_after",
+                    )
                 ):
                     return "statistics.npz is damaged"
     except Exception as exc:  # any unreadable output means: recompute
@@ -8713,6 +9364,8 @@ def run_stage1(config, of_options_override=None, task_index=None):
         )  # a wrong center fails now, not after Stage 1
     _check_supported(opts)
     _check_recordings(files, opts, config)
+    if opts.output_format == "NWB":
+        _import_pynwb()  # fails now, not after the first recording
     _check_writable(config.output_root_path, "output_root")
     config.save_resolved(os.path.join(config.output_root_path, "session_config.json"))
     folders = []
@@ -9337,7 +9990,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     quality, in_mask = _stage3_alignment(config, files, middle_idx, avgs, ref, fields)
     final = np.logical_and.reduce([a for a, keep in zip(aligned, in_mask) if keep])
     log.info("Stage 3: final mask keeps %.1f %% of the center grid", 100.0 * final.mean())
-    comp_paths = [os.path.join(d, "compensated.hdf5") for d in folders]
+    comp_paths = [os.path.join(d, _compensated_name(d)) for d in folders]
     ext = "tif" if config.align_output_format == "TIFF" else "hdf5"
     video_paths = [os.path.join(out_dir, f"aligned_{n}.{ext}") for n in names]
     status_path = os.path.join(out_dir, STATUS_FILE)
@@ -9362,6 +10015,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
             ):
                 log.info("Stage 3: %s already complete, skipping", os.path.basename(dst))
                 continue
+            log.info("Stage 3: writing %s", os.path.basename(dst))
             n = _align_video(
                 src, dst, config.align_output_format, w, ref, config.align_chunk_size, pool
             )
@@ -9405,7 +10059,9 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         alignment=quality,
         in_session_mask=in_mask,
     )
-    members = list(written) + ([qc] if qc else []) + video_paths
+    _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, final)
+    quality_json = os.path.join(out_dir, "quality.json")
+    members = list(written) + ([qc] if qc else []) + video_paths + [quality_json]
     status["stage3"] = {
         "state": "done",
         "middle_idx": int(middle_idx),
@@ -9459,6 +10115,61 @@ def _verify_stage3(out_dir):
         except OSError:
             return f"{name} is missing"
     return None
+
+
+def _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, final):
+    """``quality.json`` of a session (Stage 1 summaries, Stage 2 alignment, thresholds) and
+    each recording's ``qc.png``."""
+    where = final if final.any() else np.ones_like(final)
+
+    def corr(a, b):
+        return np.nanmean([_qc_correlation(a[..., c], b[..., c], where) for c in range(a.shape[2])])
+
+    stage2 = {}
+    extra = {}
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with np.load(os.path.join(out_dir, _FINAL_STEM + ".npz")) as d:
+            # Alignment figures other parts of Stage 3 may store there, one per recording.
+            extra = {
+                k: d[k]
+                for k in d.files
+                if ("corr" in k or "quality" in k or k.startswith("alignment_"))
+                and d[k].shape == (len(names),)
+            }
+    for folder, name in zip(folders, names, strict=True):
+        _save_recording_qc(folder, name)
+    for i, name in enumerate(names):
+        rec = {
+            "stage2_corr_before": _nan_to_none(corr(avgs[middle_idx], avgs[i])),
+            "stage2_corr_after": _nan_to_none(corr(averages_after[middle_idx], averages_after[i])),
+        }
+        rec.update({f"stage2_{k}": _nan_to_none(v[i]) for k, v in extra.items()})
+        stage2[name] = rec
+    report = save_quality_report(
+        os.path.join(out_dir, "quality.json"),
+        names,
+        [recording_quality(d) for d in folders],
+        stage2=stage2,
+        session={"center": names[middle_idx], "final_valid_fraction": float(final.mean())},
+    )
+    s = report["session"]
+    log.info(
+        "quality: mean correlation with the reference %s -> %s; flagged: %s",
+        _fmt_num(s["corr_before_mean"]),
+        _fmt_num(s["corr_after_mean"]),
+        ", ".join(s["flagged"]) or "none",
+    )
+    return report
+
+
+def _fmt_num(x, fmt=".3f"):
+    return "-" if x is None else format(x, fmt)
+
+
+def _compensated_name(folder):
+    """The corrected video Stage 1 wrote into ``folder`` (its status record says which)."""
+    name = _load_status(folder).get("stage1", {}).get("compensated", "compensated.hdf5")
+    return name if name in ("compensated.hdf5", "compensated.nwb") else "compensated.hdf5"
 
 
 def _stage3_alignment(config, files, middle_idx, avgs, ref, fields):
@@ -9971,7 +10682,7 @@ def save_qc_figure(
             ax.set_yticks([])
             r = _qc_correlation(ref[stage], img, where)
             label = f"{names[i]} (center)" if i == center else names[i]
-            ax.set_title(f"{label}\n{stage}, r = {r:.3f}", fontsize="small")
+            ax.set_title(f"{label}\n{stage}, Pearson r = {r:.3f}", fontsize="small")
             if stage == "after" and alignment is not None:
                 _qc_mark_alignment(ax, alignment[i], in_session_mask, i)
             if col == 0:
@@ -9993,14 +10704,284 @@ def save_qc_figure(
             label=f"{names[i]} (center)" if i == center else names[i],
         )
     ax.set_xlabel("frame")
-    ax.set_ylabel("displacement (px)")
+    ax.set_ylabel("mean displacement\nover the frame (px)")
     ax.set_title("per-frame displacement within each recording (Stage 1)", fontsize="small")
     ax.legend(fontsize="x-small", ncol=-(-n // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title is None:
         title = f"flowsession QC: {n} recording{'s' * (n != 1)}, center {names[center]}"
-    fig.suptitle(f"{title}\noverlays: magenta = center, green = recording, white = both")
+    fig.suptitle(
+        f"{title}\noverlays: magenta = center, green = recording, white = both\n"
+        "Pearson r: correlation with the center's average over the final valid pixels"
+    )
     _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     log.info("QC figure written to %s", os.fspath(path))
+    return os.fspath(path)
+
+
+#: Rejection thresholds of ``quality.json`` (name: (summary key, "min"/"max", limit, why)).
+#: A recording that fails any of them is listed as flagged; nothing is removed.
+QUALITY_THRESHOLDS = {
+    "correlation_not_lower": (
+        "corr_gain",
+        "min",
+        -0.005,
+        "mean corr_after - mean corr_before: correction must not lower the frames' "
+        "correlation with the reference",
+    ),
+    "few_frames_worse": (
+        "frames_worse_fraction",
+        "max",
+        0.05,
+        "fraction of frames whose correlation drops by more than 0.02",
+    ),
+    "mean_image_not_blurred": (
+        "crispness_ratio",
+        "min",
+        0.98,
+        "crispness_after / crispness_before",
+    ),
+    "residual_motion": (
+        "residual_motion_px",
+        "max",
+        0.5,
+        "largest shift (px) between the frames at the two ends of a top principal component",
+    ),
+    "field_of_view_kept": (
+        "always_valid_fraction",
+        "min",
+        0.5,
+        "fraction of pixels valid in every frame",
+    ),
+    "aligned_to_center": (
+        "stage2_corr_after",
+        "min",
+        0.5,
+        "Pearson r of the aligned average with the center's over the session mask",
+    ),
+}
+
+
+def _nan_to_none(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def recording_quality(folder):
+    """Quality summary of one recording from its Stage 1 ``statistics.npz``.
+
+    Returns a dict of JSON-ready numbers (None where not computed), or None when
+    the file is missing or holds no quality keys (an output of an older version).
+    """
+    try:
+        with np.load(os.path.join(folder, "statistics.npz")) as st:
+            if "corr_after" not in st:
+                return None
+            st = {k: st[k] for k in st.files}
+    except (OSError, ValueError):
+        return None
+    cb, ca = st["corr_before"], st["corr_after"]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = {
+            "frames": int(cb.size),
+            "corr_before": np.nanmean(cb),
+            "corr_after": np.nanmean(ca),
+            "corr_gain": np.nanmean(ca) - np.nanmean(cb),
+            "corr_after_p05": np.nanpercentile(ca, 5) if np.isfinite(ca).any() else np.nan,
+            "frames_worse_fraction": np.mean(ca < cb - 0.02),
+            "crispness_before": st["crispness_before"],
+            "crispness_after": st["crispness_after"],
+            "crispness_ratio": st["crispness_after"] / st["crispness_before"],
+            "residual_motion_before_px": np.nanmax(st["residual_motion_before"]),
+            "residual_motion_px": np.nanmax(st["residual_motion_after"]),
+            "mean_disp": np.mean(st["mean_disp"]),
+            "max_disp": np.max(st["max_disp"]),
+            "valid_fraction_min": np.min(st["valid_fraction"]),
+            "always_valid_fraction": np.mean(st["pixel_valid_fraction"] >= 1.0),
+        }
+    return {k: (v if isinstance(v, int) else _nan_to_none(v)) for k, v in out.items()}
+
+
+def _quality_flags(summary):
+    """Names of the `QUALITY_THRESHOLDS` a summary fails (a missing value fails nothing)."""
+    flags = []
+    for name, (key, kind, limit, _) in QUALITY_THRESHOLDS.items():
+        value = summary.get(key)
+        if value is not None and (value < limit if kind == "min" else value > limit):
+            flags.append(name)
+    return flags
+
+
+def save_quality_report(path, names, summaries, *, stage2=None, session=None):
+    """Write ``quality.json``: per recording its summary and flags, the session's summary
+    and the thresholds, atomically.  ``stage2`` maps a recording name to extra keys
+    (Stage 2 alignment quality).  Returns the report as a dict."""
+    recordings = {}
+    for name, summary in zip(names, summaries, strict=True):
+        rec = dict(summary or {})
+        rec.update((stage2 or {}).get(name, {}))
+        rec["flags"] = _quality_flags(rec)
+        recordings[name] = rec
+
+    def values(key):
+        return [r[key] for r in recordings.values() if r.get(key) is not None]
+
+    summary = {
+        "recordings": len(recordings),
+        "flagged": sorted(n for n, r in recordings.items() if r["flags"]),
+        "corr_before_mean": _nan_to_none(np.mean(values("corr_before") or [np.nan])),
+        "corr_after_mean": _nan_to_none(np.mean(values("corr_after") or [np.nan])),
+        "corr_after_worst": min(values("corr_after"), default=None),
+        "crispness_ratio_worst": min(values("crispness_ratio"), default=None),
+        "residual_motion_px_worst": max(values("residual_motion_px"), default=None),
+        "stage2_corr_after_worst": min(values("stage2_corr_after"), default=None),
+        **(session or {}),
+    }
+    report = {
+        "session": summary,
+        "recordings": recordings,
+        "thresholds": {
+            name: {"key": key, kind: limit, "meaning": why}
+            for name, (key, kind, limit, why) in QUALITY_THRESHOLDS.items()
+        },
+    }
+    _atomic_save_json(path, report)
+    return report
+
+
+def _save_recording_qc(folder, name):
+    """``<recording>/qc.png`` from the recording's Stage 1 outputs; False when they hold
+    no quality figures (an older version's) or matplotlib is missing."""
+    try:
+        with np.load(os.path.join(folder, "statistics.npz")) as st:
+            st = {k: st[k] for k in st.files}
+        reference = np.load(os.path.join(folder, "reference_frame.npy"))
+        mean_after = np.load(os.path.join(folder, "temporal_average.npy"))
+    except (OSError, ValueError):
+        return False
+    if "mean_before" not in st:
+        return False
+    keys = ("mean_disp", "max_disp", "corr_before", "corr_after", "valid_fraction")
+    return bool(
+        save_recording_qc_figure(
+            os.path.join(folder, "qc.png"),
+            name=name,
+            reference=reference,
+            mean_before=st["mean_before"],
+            mean_after=mean_after,
+            pixel_valid_fraction=st["pixel_valid_fraction"],
+            **{k: st[k] for k in keys},
+        )
+    )
+
+
+def save_recording_qc_figure(
+    path,
+    *,
+    name,
+    reference,
+    mean_before,
+    mean_after,
+    mean_disp,
+    max_disp,
+    corr_before,
+    corr_after,
+    valid_fraction,
+    pixel_valid_fraction=None,
+):
+    """Write the QC figure of one corrected recording as a PNG, atomically.
+
+    Top row: the reference, the mean image before and after correction (channel
+    0, each scaled to its 1-99 percentile range) and the fraction of frames in
+    which each pixel is valid.  Below, per frame: the mean and maximum
+    displacement magnitude, the Pearson correlation with the reference over the
+    frame's valid pixels before and after correction, and the frame's valid
+    fraction.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    name : str
+        Recording name for the title.
+    reference, mean_before, mean_after : (H, W, C) array_like
+    mean_disp, max_disp, corr_before, corr_after, valid_fraction : (T,) array_like
+        Stage 1 ``statistics.npz`` keys of the same names.
+    pixel_valid_fraction : (H, W) array_like, optional
+
+    Returns
+    -------
+    str or None
+        `path`, or None if matplotlib is not installed (a warning is logged).
+    """
+    dims = {}
+    images = [
+        _qc_check_axes(key, _qc_as_array(key, value, np.float64), "HWC", dims)
+        for key, value in (
+            ("reference", reference),
+            ("mean_before", mean_before),
+            ("mean_after", mean_after),
+        )
+    ]
+    traces = {
+        key: _qc_check_axes(key, _qc_as_array(key, value, np.float64), "T", dims)
+        for key, value in (
+            ("mean_disp", mean_disp),
+            ("max_disp", max_disp),
+            ("corr_before", corr_before),
+            ("corr_after", corr_after),
+            ("valid_fraction", valid_fraction),
+        )
+    }
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("%s: QC figure skipped: pip install matplotlib", os.fspath(path))
+        return None
+    fig = Figure(figsize=(12, 8.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(4, 4, height_ratios=[3.0, 1.3, 1.3, 1.0])
+    titles = ("reference", "mean before correction", "mean after correction")
+    for k, (title, img) in enumerate(zip(titles, images, strict=True)):
+        ax = fig.add_subplot(grid[0, k])
+        ax.imshow(_qc_normalise(img[..., 0]), cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize="small")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = fig.add_subplot(grid[0, 3])
+    if pixel_valid_fraction is not None:
+        pv = _qc_check_axes(
+            "pixel_valid_fraction",
+            _qc_as_array("pixel_valid_fraction", pixel_valid_fraction, np.float64),
+            "HW",
+            dims,
+        )
+        im = ax.imshow(pv, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of frames valid")
+        ax.set_title(f"valid in every frame: {(pv >= 1).mean():.1%}", fontsize="small")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    frames = np.arange(dims["T"])
+    ax = fig.add_subplot(grid[1, :])
+    ax.plot(frames, traces["max_disp"], lw=0.8, color="tab:red", label="max |w| over the frame")
+    ax.plot(frames, traces["mean_disp"], lw=0.8, color="tab:blue", label="mean |w| over the frame")
+    ax.set_ylabel("displacement (px)")
+    ax.legend(fontsize="x-small", loc="upper right")
+    ax = fig.add_subplot(grid[2, :], sharex=ax)
+    cb, ca = traces["corr_before"], traces["corr_after"]
+    ax.plot(frames, cb, lw=0.8, color="tab:gray", label=f"before (mean {np.nanmean(cb):.3f})")
+    ax.plot(frames, ca, lw=0.8, color="tab:green", label=f"after (mean {np.nanmean(ca):.3f})")
+    ax.set_ylabel("Pearson r with\nthe reference")
+    ax.legend(fontsize="x-small", loc="lower right")
+    ax = fig.add_subplot(grid[3, :], sharex=ax)
+    ax.plot(frames, traces["valid_fraction"], lw=0.8, color="tab:purple")
+    ax.set_ylim(min(0.9, float(np.nanmin(traces["valid_fraction"]))) - 0.02, 1.01)
+    ax.set_ylabel("valid pixels\n(fraction)")
+    ax.set_xlabel("frame")
+    fig.suptitle(f"flowsession QC: {name}, {dims['T']} frames (Stage 1 motion correction)")
+    with np.errstate(all="ignore"):
+        _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    log.debug("QC figure written to %s", os.fspath(path))
     return os.fspath(path)
 
 
@@ -10253,6 +11234,26 @@ def session_status(config):
             }
         )
     return rows
+
+
+def session_quality(config):
+    """Per recording its Stage 1 quality summary (`recording_quality`) and flags; the
+    session's Stage 2 figures and flags from ``final_results/quality.json`` once Stage 3
+    has written it.  Returns ``(rows, session summary or None)``."""
+    report = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(config.final_results_path, "quality.json"), encoding="utf-8") as fh:
+            report = json.load(fh)
+    rows = []
+    for f in config.discover_inputs():
+        q = recording_quality(_recording_folder(config, f))
+        if q is None:
+            rows.append({"recording": f.name})
+            continue
+        q.update(report.get("recordings", {}).get(f.stem, {}))
+        q["flags"] = _quality_flags(q)
+        rows.append({"recording": f.name, **q})
+    return rows, report.get("session")
 
 
 ###############################################################################
@@ -10871,6 +11872,17 @@ def _cmd_example(args):
         f"Stage 3: final mask keeps {100 * final.mean():.1f} % of the center grid; results in "
         f"{config.final_results_path}"
     )
+    print(
+        "Quality (final_results/quality.json): mean correlation of the frames with the "
+        "reference, crispness of the mean image, before -> after correction"
+    )
+    for f in files:
+        q = recording_quality(_recording_folder(config, f)) or {}
+        print(
+            f"  {f.name:12s} r {_fmt_num(q.get('corr_before'))} -> {_fmt_num(q.get('corr_after'))}"
+            f"   crispness {_fmt_num(q.get('crispness_before'), '.1f')} -> "
+            f"{_fmt_num(q.get('crispness_after'), '.1f')}"
+        )
     return 0 if ok else 1
 
 
@@ -10957,12 +11969,46 @@ def _cmd_status(args):
             f"{r['recording']:24} {r['stage1']:8} {r['stage2']:8} {r['stage3']:8} "
             f"{r['task_state']:12} {r['error']}"
         )
+    config = SessionConfig.from_file(args.config_file)
+    try:
+        planes = plane_configs(config)
+    except FlowSessionError:
+        planes = None
+    for k, cfg in enumerate(planes or [config]):
+        _print_quality(*session_quality(cfg), title=f"quality plane{k}" if planes else "quality")
     failed = [
         r
         for r in rows
         if r["task_state"] in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
     ]
     return 1 if failed else 0
+
+
+def _print_quality(rows, session, title="quality"):
+    """The quality table of ``status`` (see QUALITY_THRESHOLDS and the README)."""
+    if not any("corr_after" in r for r in rows):
+        return
+    print(
+        f"\n{title:24} {'r before':>8} {'r after':>8} {'crisp':>6} {'resid px':>8} "
+        f"{'valid':>6} {'r center':>8} flags"
+    )
+    for r in rows:
+        if "corr_after" not in r:
+            print(f"{r['recording']:24} (no quality figures: rerun Stage 1)")
+            continue
+        print(
+            f"{r['recording']:24} {_fmt_num(r['corr_before']):>8} {_fmt_num(r['corr_after']):>8} "
+            f"{_fmt_num(r['crispness_ratio'], '.2f'):>6} "
+            f"{_fmt_num(r['residual_motion_px'], '.2f'):>8} "
+            f"{_fmt_num(r['always_valid_fraction'], '.0%'):>6} "
+            f"{_fmt_num(r.get('stage2_corr_after')):>8} {', '.join(r['flags']) or 'ok'}"
+        )
+    if session:
+        print(
+            f"session: {session['recordings']} recordings, flagged: "
+            f"{', '.join(session['flagged']) or 'none'}; final mask keeps "
+            f"{_fmt_num(session.get('final_valid_fraction'), '.1%')} of the center grid"
+        )
 
 
 def _build_parser():

@@ -5951,3 +5951,355 @@ def test_stage2_constant_average_is_one_line_naming_the_recording(tmp_path):
         fs.run_stage2(cfg)
     msg = str(info.value)
     assert msg.startswith("rec_02.h5: its temporal average is constant") and "\n" not in msg
+
+
+###############################################################################
+### Registration quality: metrics, QC figures, status
+###############################################################################
+
+
+def test_quality_correlation_and_crispness_against_their_definitions():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(12, 10, 2))
+    frames = ref[None] + rng.normal(scale=0.5, size=(3, 12, 10, 2))
+    frames[2, ..., 1] = 7.0  # a constant channel has no correlation
+    valid = rng.random((3, 12, 10)) > 0.3
+    got, scaled = fs._pearson_valid(frames, 3.0 * frames + 5.0, ref, valid)
+    for k in range(2):
+        want = np.mean(
+            [np.corrcoef(frames[k][..., c][valid[k]], ref[..., c][valid[k]])[0, 1] for c in (0, 1)]
+        )
+        assert got[k] == pytest.approx(want, rel=1e-12)
+    assert np.isnan(got[2])
+    np.testing.assert_allclose(scaled, got, rtol=1e-12)  # r ignores gain and offset
+    # Crispness (CaImAn): the Frobenius norm of the gradient magnitude of the mean image.
+    img = rng.normal(size=(9, 11, 1))
+    gy, gx = np.gradient(img[..., 0])
+    where = np.ones((9, 11), bool)
+    assert fs._crispness(img, where) == pytest.approx(np.linalg.norm(np.hypot(gx, gy)))
+
+
+def _quality_recording(tmp_path, frames, **flow):
+    out = fs.run_stage1(_stage1_config(tmp_path, {"rec.h5": frames}, **flow))[0]
+    with np.load(os.path.join(out, "statistics.npz")) as st:
+        return out, {k: st[k] for k in st.files}
+
+
+def test_stage1_quality_metrics_of_a_moving_recording(tmp_path):
+    frames, _ = fs.synthetic_recording(40, (64, 64), 1, seed=5, jitter=1.5)
+    out, st = _quality_recording(tmp_path, frames)
+    T = len(frames)
+    for key in ("corr_before", "corr_after", "valid_fraction"):
+        assert st[key].shape == (T,) and np.isfinite(st[key]).all(), key
+    assert st["translation"].shape == (T, 2)
+    # corr_before, recomputed from the files: each raw frame against the saved reference
+    # over the frame's saved valid mask.
+    ref = np.load(os.path.join(out, "reference_frame.npy"))[..., 0]
+    with h5py.File(os.path.join(out, "idx.hdf"), "r") as f:
+        idx = f["idx"][:] > 0
+    want = [np.corrcoef(frames[t, ..., 0][idx[t]], ref[idx[t]])[0, 1] for t in range(T)]
+    np.testing.assert_allclose(st["corr_before"], want, rtol=1e-10)
+    # corr_after from the written uint16 frames (corr_after uses the frames before the
+    # cast): rounding adds noise of variance 1/12 to frames of about 10-60 counts, which
+    # moves r by a few 1e-4 here.
+    comp = _read_comp(out)[..., 0].astype(np.float64)
+    want = [np.corrcoef(comp[t][idx[t]], ref[idx[t]])[0, 1] for t in range(T)]
+    np.testing.assert_allclose(st["corr_after"], want, atol=1e-3)
+    np.testing.assert_allclose(st["valid_fraction"], idx.mean(axis=(1, 2)))
+    np.testing.assert_allclose(st["mean_before"], frames.mean(axis=0), rtol=1e-12)
+    # Motion of 1.5 px sd: correction raises the correlation of every frame, sharpens the
+    # mean image, and the principal components of the corrected frames no longer move.
+    assert (st["corr_after"] > st["corr_before"]).all()
+    assert st["corr_after"].mean() > st["corr_before"].mean() + 0.1
+    assert st["crispness_after"] > 1.2 * st["crispness_before"]
+    assert np.nanmax(st["residual_motion_before"]) > 1.0
+    assert np.nanmax(st["residual_motion_after"]) < 0.5
+
+
+def test_residual_motion_measures_the_shift_along_a_principal_component():
+    # Half of the frames shifted by 3 px: PC 1 separates the two halves, and the
+    # shift between their means is the figure (to the 0.1 px grid of the estimate).
+    scene = fs._synthetic_scene(*np.meshgrid(np.arange(48.0), np.arange(48.0)), size=(48, 48))
+    rng = np.random.default_rng(1)
+    frames = np.stack(
+        [np.roll(scene, 3 * (t % 2), axis=1) + rng.normal(0, 0.5, scene.shape) for t in range(40)]
+    )
+    acc = fs._QualityAccumulator(scene[..., None], len(frames))
+    got = acc._residual_motion(frames.astype(np.float32))
+    assert got[0] == pytest.approx(3.0, abs=0.15)
+    still = scene + rng.normal(0, 0.5, (40, 48, 48))
+    assert np.nanmax(acc._residual_motion(still.astype(np.float32))) <= 0.2
+
+
+def test_no_invented_motion_on_a_still_recording(tmp_path):
+    """A recording without motion, with Poisson noise (4 photons per unit at the
+    background level, the synthetic generator's low-photon regime): the corrected frames
+    must not be less correlated with the reference than the raw ones."""
+    frames, _ = fs.synthetic_recording(40, (64, 64), 1, seed=3, jitter=0.0, wobble=0.0, photons=4)
+    _, st = _quality_recording(tmp_path, frames)
+    print(
+        f"still recording: corr {st['corr_before'].mean():.4f} -> {st['corr_after'].mean():.4f}, "
+        f"invented motion {st['mean_disp'].mean():.3f} px (mean |w|)"
+    )
+    assert st["corr_after"].mean() >= st["corr_before"].mean()
+    assert (st["corr_after"] >= st["corr_before"] - 0.01).all()
+    assert st["crispness_after"] >= 0.98 * st["crispness_before"]
+
+
+def test_quality_report_flags_a_recording_over_a_threshold(tmp_path):
+    good = {
+        "corr_before": 0.7,
+        "corr_after": 0.9,
+        "corr_gain": 0.2,
+        "frames_worse_fraction": 0.0,
+        "crispness_ratio": 1.3,
+        "residual_motion_px": 0.1,
+        "always_valid_fraction": 0.9,
+    }
+    bad = dict(good, residual_motion_px=1.5, corr_gain=-0.1)
+    report = fs.save_quality_report(
+        tmp_path / "quality.json",
+        ["a", "b", "c"],
+        [good, bad, None],
+        stage2={"a": {"stage2_corr_after": 0.3}},
+    )
+    assert json.loads((tmp_path / "quality.json").read_text()) == report
+    rec = report["recordings"]
+    assert rec["a"]["flags"] == ["aligned_to_center"]
+    assert rec["b"]["flags"] == ["correlation_not_lower", "residual_motion"]
+    assert rec["c"]["flags"] == []  # nothing measured, nothing flagged
+    assert report["session"]["flagged"] == ["a", "b"]
+    assert report["session"]["residual_motion_px_worst"] == 1.5
+    assert set(report["thresholds"]) == set(fs.QUALITY_THRESHOLDS)
+
+
+def test_session_writes_quality_json_qc_figures_and_status_shows_them(tmp_path):
+    recs, _, _, _ = fs.synthetic_session(2, 20, (48, 48), 1, seed=4)
+    root = tmp_path / "s"
+    root.mkdir()
+    for r, frames in enumerate(recs):
+        _write_h5(root / f"rec_{r + 1:02d}.h5", frames)
+    cfg = root / "session.toml"
+    cfg.write_text(
+        'root = "."\npattern = "*.h5"\nn_workers = 2\n[flow_options]\n'
+        f"reference_frames = {list(range(10))}\n"
+    )
+    r = _cli(["run", str(cfg)])
+    assert r.returncode == 0, r.stderr
+    report = json.loads((root / "final_results" / "quality.json").read_text())
+    assert sorted(report["recordings"]) == ["rec_01", "rec_02"]
+    for name, rec in report["recordings"].items():
+        with np.load(root / "compensated_outputs" / name / "statistics.npz") as st:
+            assert rec["corr_after"] == pytest.approx(st["corr_after"].mean())
+        assert rec["stage2_corr_after"] > rec["stage2_corr_before"] or name == "rec_01"
+        assert rec["flags"] == []
+        if _has("matplotlib"):
+            assert (root / "compensated_outputs" / name / "qc.png").stat().st_size > 10_000
+    r = _cli(["status", str(cfg)])
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines()[4:] if ln.startswith("rec_02.h5"))
+    rec = report["recordings"]["rec_02"]
+    assert f"{rec['corr_before']:.3f}" in line and f"{rec['corr_after']:.3f}" in line
+    assert line.endswith("ok") and "flagged: none" in r.stdout
+
+
+def test_status_shows_one_quality_table_per_plane(tmp_path):
+    vol = tmp_path / "vol"
+    fs.synthetic_acquisition(vol, n_frames=12, size=(32, 32), n_files=2)
+    fs.run_stage1(_small_session(vol))
+    (vol / "session.toml").write_text(
+        'root = "."\n[flow_options]\nquality_setting = "fast"\n'
+        f"reference_frames = {list(range(8))}\nsave_w = true\n"
+    )
+    r = _cli(["status", str(vol / "session.toml")])
+    assert r.returncode == 0, r.stderr
+    for k in (0, 1):
+        with np.load(vol / f"compensated_outputs/plane{k}/file_00001/statistics.npz") as st:
+            r_after = f"{st['corr_after'].mean():.3f}"
+        table = r.stdout.split(f"quality plane{k}")[1].splitlines()[1]
+        assert table.startswith("file_00001") and r_after in table
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+###############################################################################
+### NWB input and output (pynwb optional)
+###############################################################################
+
+
+def _write_nwb(path, frames, *, rate=30.0, series=("TwoPhotonSeries",)):
+    """An NWB file made with pynwb: ``frames`` (T, H, W, C) as one TwoPhotonSeries per
+    channel in acquisition, with real-looking session metadata."""
+    import datetime
+
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.file import Subject
+    from pynwb.ophys import OpticalChannel, TwoPhotonSeries
+
+    nwb = NWBFile(
+        session_description="two-photon imaging of V1",
+        identifier=f"mouse42-{path.stem}",
+        session_start_time=datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        experimenter=["Doe, Jane"],
+        lab="Imaging lab",
+        institution="University",
+        subject=Subject(subject_id="mouse42", species="Mus musculus", sex="F", age="P90D"),
+    )
+    dev = nwb.create_device(name="Microscope", description="resonant two-photon")
+    plane = nwb.create_imaging_plane(
+        name="ImagingPlane",
+        optical_channel=OpticalChannel(name="Green", description="GCaMP", emission_lambda=520.0),
+        imaging_rate=rate,
+        description="layer 2/3",
+        device=dev,
+        excitation_lambda=920.0,
+        indicator="GCaMP6f",
+        location="V1",
+    )
+    for c, name in enumerate(series):
+        nwb.add_acquisition(
+            TwoPhotonSeries(
+                name=name, data=frames[..., c], imaging_plane=plane, rate=rate, unit="n/a"
+            )
+        )
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+
+
+def test_nwb_reader_reads_the_acquisition_series_without_pynwb_calls(tmp_path):
+    pytest.importorskip("pynwb", reason="pynwb is optional (pip install pynwb)")
+    frames, _ = fs.synthetic_recording(6, (20, 24), 2, seed=1)
+    _write_nwb(tmp_path / "a.nwb", frames, series=("green", "red"))
+    with pytest.raises(fs.ConfigError, match=r"2 imaging series \(green, red\).*nwb_series"):
+        fs.open_video(tmp_path / "a.nwb")
+    with pytest.raises(fs.ConfigError, match="'blue' is not an imaging series.*green, red"):
+        fs.open_video(tmp_path / "a.nwb", nwb_series="blue")
+    with fs.open_video(tmp_path / "a.nwb", nwb_series=["green", "red"]) as r:
+        assert isinstance(r, fs.NwbReader) and r.shape == (6, 20, 24, 2)
+        np.testing.assert_array_equal(r.read(1, 5), frames[1:5])
+    with fs.open_video(tmp_path / "a.nwb", nwb_series="red", bin_size=2) as r:
+        np.testing.assert_allclose(
+            r.read(0, 3)[..., 0], frames[..., 1].reshape(3, 2, 20, 24).mean(1)
+        )
+    with h5py.File(tmp_path / "b.nwb", "w") as f:
+        f.create_group("acquisition")
+    with pytest.raises(fs.InputError, match="no TwoPhotonSeries"):
+        fs.open_video(tmp_path / "b.nwb")
+
+
+def test_nwb_round_trip_through_the_three_stages_validates(tmp_path):
+    """NWB recordings in, output_format = "NWB": compensated.nwb holds the corrected
+    frames (equal to the HDF5 path's), the per-frame mean translation, a link to the
+    original series and the input's metadata, and passes pynwb's validator."""
+    pynwb = pytest.importorskip("pynwb", reason="pynwb is optional (pip install pynwb)")
+    recs, _, _, _ = fs.synthetic_session(2, 16, (40, 48), 1, seed=4)
+    root = tmp_path / "s"
+    root.mkdir()
+    for r, frames in enumerate(recs):
+        _write_nwb(root / f"rec_{r + 1:02d}.nwb", frames)
+    flow = {"output_format": "NWB", "reference_frames": list(range(8)), "save_w": True}
+    cfg = fs.SessionConfig(root=root, pattern="*.nwb", n_workers=2, flow_options=flow)
+    final = fs.run_all_stages(cfg)
+    assert final.any()
+    out = cfg.output_root_path / "rec_01"
+    path = out / "compensated.nwb"
+    assert not (out / "compensated.hdf5").exists()
+    errors = pynwb.validate(path=str(path))
+    assert errors == [], errors
+    with pynwb.NWBHDF5IO(str(path), "r") as io:
+        nwb = io.read()
+        assert nwb.session_description == "two-photon imaging of V1"
+        assert nwb.lab == "Imaging lab" and nwb.subject.subject_id == "mouse42"
+        assert nwb.session_start_time.year == 2024
+        stack = nwb.processing["ophys"]["MotionCorrection"]["TwoPhotonSeries"]
+        corrected = stack.corrected.data[:]
+        assert corrected.shape == (16, 40, 48) and corrected.dtype == recs[0].dtype
+        assert stack.corrected.rate == 30.0
+        assert stack.corrected.imaging_plane.indicator == "GCaMP6f"
+        np.testing.assert_array_equal(stack.original.data[:], recs[0][..., 0])
+        with h5py.File(out / "w.hdf5", "r") as f:
+            mean_w = np.stack([f["u"][:].mean(axis=(1, 2)), f["v"][:].mean(axis=(1, 2))], -1)
+        np.testing.assert_allclose(stack.xy_translation.data[:], mean_w, atol=1e-5)
+    # The original is linked, not copied.
+    with h5py.File(path, "r") as f:
+        link = f.get("processing/ophys/MotionCorrection/TwoPhotonSeries/original", getlink=True)
+        assert isinstance(link, h5py.ExternalLink) and link.filename.endswith("rec_01.nwb")
+    # The same frames as the HDF5 output of the same run.
+    cfg_h5 = fs.SessionConfig(
+        root=root,
+        pattern="*.nwb",
+        n_workers=2,
+        output_root="h5",
+        flow_options=dict(flow, output_format="HDF5"),
+    )
+    np.testing.assert_array_equal(
+        _read_comp(fs.run_stage1(cfg_h5, task_index=0)[0])[..., 0], corrected
+    )
+    # Stage 3 read the NWB outputs; a rerun finds Stage 1 complete.
+    assert (cfg.final_results_path / "aligned_rec_01.tif").exists()
+    before = os.stat(path).st_mtime_ns
+    fs.run_stage1(cfg)
+    assert os.stat(path).st_mtime_ns == before
+
+
+def test_nwb_output_from_tiff_input_refers_to_the_input_file(tmp_path):
+    pynwb = pytest.importorskip("pynwb", reason="pynwb is optional (pip install pynwb)")
+    frames, _ = fs.synthetic_recording(10, (32, 32), 1, seed=2)
+    root = tmp_path / "t"
+    root.mkdir()
+    tifffile.imwrite(root / "rec.tif", frames[..., 0])
+    flow = {"output_format": "NWB", "reference_frames": list(range(5))}
+    cfg = fs.SessionConfig(root=root, pattern="*.tif", n_workers=2, flow_options=flow)
+    path = pathlib.Path(fs.run_stage1(cfg)[0]) / "compensated.nwb"
+    assert pynwb.validate(path=str(path)) == []
+    with pynwb.NWBHDF5IO(str(path), "r") as io:
+        stack = io.read().processing["ophys"]["MotionCorrection"]["ch1"]
+        assert stack.corrected.data.shape == (10, 32, 32)
+        assert list(stack.original.external_file[:]) == [str(root / "rec.tif")]
+
+
+def test_nwb_output_without_pynwb_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynwb", None)  # import pynwb raises ImportError
+    frames, _ = fs.synthetic_recording(6, (24, 24), 1, seed=2)
+    cfg = _stage1_config(tmp_path, {"rec.h5": frames}, output_format="NWB")
+    with pytest.raises(fs.ConfigError, match=r"needs pynwb: pip install"):
+        fs.run_stage1(cfg)
+    assert not cfg.output_root_path.exists() or not any(cfg.output_root_path.iterdir())
+
+
+###############################################################################
+### Progress for Python users
+###############################################################################
+
+
+def test_first_time_estimate_excludes_reference_and_compilation(monkeypatch, caplog):
+    clock = [0.0]
+    monkeypatch.setattr(fs.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="flowsession")
+    p = fs._Progress("rec", 100, every=10.0)
+    clock[0] = 200.0  # reference built and kernels compiled during the first chunk
+    p.update(10)
+    assert not caplog.records  # one chunk: no rate to estimate from yet
+    clock[0] = 201.0
+    p.update(10)  # 10 frames/s since the first chunk: 80 frames left take 8 s
+    assert caplog.records[-1].getMessage() == "rec: 20/100 frames, 10.0 frames/s, 0m08s left"
+    clock[0] = 209.0
+    p.update(80)
+    assert caplog.records[-1].getMessage().startswith("rec: 100/100 frames")
+
+
+def test_log_to_stderr_shows_progress_once(capsys):
+    handler = fs.log_to_stderr()
+    try:
+        assert fs.log_to_stderr("DEBUG") is handler
+        assert sum(getattr(h, "_flowsession_stderr", False) for h in fs.log.handlers) == 1
+        fs.log.info("hello from flowsession")
+        err = capsys.readouterr().err
+        assert err.count("INFO hello from flowsession") == 1
+    finally:
+        fs.log.removeHandler(handler)
+        fs.log.setLevel(logging.NOTSET)

@@ -5274,14 +5274,16 @@ def test_stage3_never_shows_a_mixed_set_and_resume_verifies_every_member(tmp_pat
     assert fs._verify_stage3(final) == "no completion record"
     r = _cli(["status", str(cfg_path)])
     assert "stage 3" in r.stdout.splitlines()[0]
-    assert all(ln.split()[3] == "-" for ln in r.stdout.splitlines()[1:]), r.stdout
+    stage_table = r.stdout.split("\n\n")[0].splitlines()  # the quality table follows a blank line
+    assert all(ln.split()[3] == "-" for ln in stage_table[1:]), r.stdout
     assert _cli(["run", str(cfg_path), "--stage", "3"]).returncode == 0
     with np.load(final / "final_valid_idx.npz") as d:
         assert int(d["middle_idx"]) == 0
     assert float(scipy.io.loadmat(final / "final_valid_idx.mat")["middle_idx"][0, 0]) == 1.0
     assert fs._verify_stage3(final) is None
     r = _cli(["status", str(cfg_path)])
-    assert all(ln.split()[3] == "done" for ln in r.stdout.splitlines()[1:]), r.stdout
+    stage_table = r.stdout.split("\n\n")[0].splitlines()
+    assert all(ln.split()[3] == "done" for ln in stage_table[1:]), r.stdout
     (final / "qc_session.png").write_bytes(b"not the figure")
     assert fs._verify_stage3(final) == "qc_session.png differs from the one recorded"
 

@@ -2869,14 +2869,14 @@ def estimate_noise(frames, n_bins=32):
     is clipped at 0 (no Poisson part).  The offset may be negative (a dark level
     above zero): the variance is meaningful only at the means the data have.
     """
-    x = np.asarray(frames, dtype=np.float64)
+    x = np.asarray(frames)
     if x.ndim != 4 or len(x) < 2:
         msg = f"estimate_noise needs a (T >= 2, H, W, C) stack, got shape {x.shape}"
         raise InputError(msg)
     C = x.shape[3]
     gain, offset = np.zeros(C), np.zeros(C)
     for c in range(C):
-        xc = x[..., c]
+        xc = np.ascontiguousarray(x[..., c], dtype=np.float64)
         var = 0.5 * np.mean(np.diff(xc, axis=0) ** 2, axis=0).ravel()
         lap = np.zeros(xc.shape[1:])
         if min(xc.shape[1:]) >= 3:
@@ -2892,13 +2892,10 @@ def estimate_noise(frames, n_bins=32):
         gy, gx = np.gradient(mean_img)
         grad = (gx * gx + gy * gy).ravel()
         mean = mean_img.ravel()
-        edges = np.unique(np.quantile(mean, np.linspace(0.0, 1.0, n_bins + 1)))
-        which = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, len(edges) - 2)
         m_b, v_b = [], []
-        for k in range(len(edges) - 1):
-            sel = which == k
-            if sel.sum() >= 32:
-                flat = sel & (grad <= np.quantile(grad[sel], 0.25))
+        for sel in np.array_split(np.argsort(mean, kind="stable"), n_bins):  # equal-count bins
+            if sel.size >= 32:
+                flat = sel[grad[sel] <= np.quantile(grad[sel], 0.25)]
                 m_b.append(np.median(mean[flat]))
                 v_b.append(min(np.median(var[flat]), np.median(lap[sel])))
         m_b, v_b = np.asarray(m_b), np.asarray(v_b)
@@ -7683,7 +7680,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0):
 #: error of Stage 1 under known motion; see the README's "Accuracy on noisy recordings".
 _NOISE_REFERENCE = 3e-4
 #: Reference frames (the first ones) read for the noise estimate.
-_NOISE_FRAMES = 32
+_NOISE_FRAMES = 16
 
 
 def noise_level(frames, sigma, span):
@@ -7696,9 +7693,9 @@ def noise_level(frames, sigma, span):
     range of the smoothed frames that preprocessing maps onto [0, 1].  The result is
     the standard deviation of the noise in the frames the data term sees.
     """
-    x = np.asarray(frames, dtype=np.float64)
+    x = np.asarray(frames)
     gain, offset = estimate_noise(x)
-    mid = np.median(x.mean(axis=0).reshape(-1, x.shape[3]), axis=0)
+    mid = np.median(x.mean(axis=0, dtype=np.float64).reshape(-1, x.shape[3]), axis=0)
     std = np.sqrt(np.maximum(gain * mid + offset, 0.0))
     kernels = _gauss_kernels(sigma, x.shape[3])
     norm = np.prod([np.sqrt((k * k).sum(axis=1)) for k in kernels], axis=0)

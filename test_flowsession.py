@@ -136,6 +136,7 @@ def test_flow_defaults():
         output_typename=None,
         constancy_assumption="gc",
         matlab_quirks=True,
+        stage1_method="adaptive",
     )
     assert {k: getattr(o, k) for k in expected} == expected
     assert set(o.to_dict()) == set(expected)

@@ -671,6 +671,7 @@ _CFG_FLOW_RULES = {
     "output_typename": (_cfg_optional(_cfg_choice, _CFG_TYPENAMES),),
     "constancy_assumption": _CFG_CONSTANCY,
     "matlab_quirks": (_cfg_bool,),
+    "stage1_method": (_cfg_choice, ("adaptive", "matlab")),
 }
 
 #: Check of each SessionConfig field except root and flow_options (which need root).
@@ -801,6 +802,10 @@ class FlowOptions:
         Gradient or brightness constancy (aliases 'gradient', 'brightness'); no census.
     update_reference, update_initialization_w, cc_initialization, save_w, save_valid_idx,
     save_meta_info, matlab_quirks : bool
+    stage1_method : {'adaptive', 'matlab'}
+        ``adaptive`` (default) raises ``alpha`` per recording to follow its measured noise
+        (:func:`adaptive_alpha`); ``matlab`` uses ``alpha`` as given, as the MATLAB toolbox
+        and pyflowreg do (use it to reproduce their results).
     source : str, init only
         Label that starts error messages (a file name; default ``flow_options``).
     """
@@ -831,6 +836,7 @@ class FlowOptions:
     output_typename: str | None = None
     constancy_assumption: str = "gc"
     matlab_quirks: bool = True
+    stage1_method: str = "adaptive"
     source: dataclasses.InitVar[str] = "flow_options"
 
     def __post_init__(self, source):
@@ -3506,6 +3512,65 @@ def _smoothed_range(raw, sigma, per_channel, pool, lo=None, hi=None):
         a_hi = b if a_hi is None else np.maximum(a_hi, b)
         total = total + t
     return a_lo, a_hi, total
+
+
+def estimate_noise(frames, n_bins=32):
+    """Poisson-Gaussian noise of a stack: per channel ``(gain, offset)`` with var = gain*mean + offset.
+
+    ``frames`` is ``(T, H, W, C)`` (T >= 2) consecutive frames of a recording.  The
+    noise variance of each pixel is half the mean squared difference of consecutive
+    frames (slow changes, such as calcium transients and drift, cancel); it is
+    fitted against the pixel's temporal mean by least squares over ``n_bins``
+    quantile bins of the mean.  Motion adds |grad mean|^2 times the variance of the
+    frame-to-frame shift to a pixel's difference variance, so each bin takes the
+    median variance of its flattest quarter of pixels (smallest gradient of the
+    mean image), where motion leaks least (the median also ignores rare bright
+    transients), or, when smaller, the bin's median spatial estimate: the squared
+    difference between a pixel and the mean of its 4 neighbours, divided by 1.25
+    (its value for white noise), which motion cannot inflate.  Both estimates only
+    err upwards (motion, image structure), so the smaller one is kept; noise that is
+    correlated between neighbouring pixels is underestimated by the spatial one.  Returns ``(gain (C,), offset (C,))`` in squared input units; the gain
+    is clipped at 0 (no Poisson part).  The offset may be negative (a dark level
+    above zero): the variance is meaningful only at the means the data have.
+    """
+    x = np.asarray(frames)
+    if x.ndim != 4 or len(x) < 2:
+        msg = f"estimate_noise needs a (T >= 2, H, W, C) stack, got shape {x.shape}"
+        raise InputError(msg)
+    C = x.shape[3]
+    gain, offset = np.zeros(C), np.zeros(C)
+    for c in range(C):
+        xc = np.ascontiguousarray(x[..., c], dtype=np.float64)
+        var = 0.5 * np.mean(np.diff(xc, axis=0) ** 2, axis=0).ravel()
+        lap = np.zeros(xc.shape[1:])
+        if min(xc.shape[1:]) >= 3:
+            inner = xc[:, 1:-1, 1:-1] - 0.25 * (
+                xc[:, 2:, 1:-1] + xc[:, :-2, 1:-1] + xc[:, 1:-1, 2:] + xc[:, 1:-1, :-2]
+            )
+            lap[1:-1, 1:-1] = np.mean(inner * inner, axis=0) / 1.25
+            lap[0, :] = lap[-1, :] = lap[:, 0] = lap[:, -1] = np.inf  # no 4 neighbours
+        else:
+            lap[:] = np.inf
+        lap = lap.ravel()
+        mean_img = xc.mean(axis=0)
+        gy, gx = np.gradient(mean_img)
+        grad = (gx * gx + gy * gy).ravel()
+        mean = mean_img.ravel()
+        m_b, v_b = [], []
+        for sel in np.array_split(np.argsort(mean, kind="stable"), n_bins):  # equal-count bins
+            if sel.size >= 32:
+                flat = sel[grad[sel] <= np.quantile(grad[sel], 0.25)]
+                m_b.append(np.median(mean[flat]))
+                v_b.append(min(np.median(var[flat]), np.median(lap[sel])))
+        m_b, v_b = np.asarray(m_b), np.asarray(v_b)
+        if len(m_b) >= 2 and np.ptp(m_b) > 0:
+            a, b = np.polyfit(m_b, v_b, 1)
+        else:
+            a, b = 0.0, float(np.median(var))
+        if a < 0:
+            a, b = 0.0, float(np.median(v_b))
+        gain[c], offset[c] = a, b
+    return gain, offset
 
 
 class _Preprocessed:
@@ -8407,6 +8472,72 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0):
     )
 
 
+#: Relative noise (:func:`noise_level`) up to which ``stage1_method = "adaptive"`` keeps the
+#: configured ``alpha``; above it alpha grows as (noise / this) ** (2 a_data).  Calibrated on
+#: synthetic two-photon recordings (make_synth, 2 and 10 photons/px) for the lowest endpoint
+#: error of Stage 1 under known motion; see the README's "Accuracy on noisy recordings".
+_NOISE_REFERENCE = 3e-4
+#: Reference frames (the first ones) read for the noise estimate.
+_NOISE_FRAMES = 16
+
+
+def noise_level(frames, sigma, span):
+    """Noise of a preprocessed frame relative to its range, per channel ``(C,)``.
+
+    ``frames`` ``(T, H, W, C)`` consecutive raw frames.  The Poisson-Gaussian fit of
+    :func:`estimate_noise` gives the noise variance at the median intensity; the
+    Gaussian preprocessing ``sigma`` divides its standard deviation by the L2 norm
+    of its kernels, and the normalisation by ``span`` (scalar or per channel), the
+    range of the smoothed frames that preprocessing maps onto [0, 1].  The result is
+    the standard deviation of the noise in the frames the data term sees.
+    """
+    x = np.asarray(frames)
+    gain, offset = estimate_noise(x)
+    mid = np.median(x.mean(axis=0, dtype=np.float64).reshape(-1, x.shape[3]), axis=0)
+    std = np.sqrt(np.maximum(gain * mid + offset, 0.0))
+    kernels = _gauss_kernels(sigma, x.shape[3])
+    norm = np.prod([np.sqrt((k * k).sum(axis=1)) for k in kernels], axis=0)
+    span = np.broadcast_to(np.asarray(span, dtype=np.float64), std.shape)
+    return np.divide(std * norm, span, out=np.zeros_like(std), where=span > 0)
+
+
+def adaptive_alpha(opts, frames, span):
+    """The ``alpha`` (row, column) Stage 1 uses for a recording with raw frames ``frames``.
+
+    ``span``: the range of the smoothed frames (see :func:`noise_level`).
+    ``stage1_method = "matlab"``: ``opts.alpha`` as given.  ``"adaptive"``: ``opts.alpha``
+    times ``max(1, n / n0) ** (2 a_data)``, with n the largest per-channel
+    :func:`noise_level` and n0 = ``_NOISE_REFERENCE``.  Why this power: the data term
+    penalises a residual r as (r^2 + eps)^a_data, about |r|^(2 a_data), and noise scales
+    the residuals by n; scaling the smoothness weight by the same power keeps the
+    balance between data and smoothness that the configured alpha sets for clean data.
+    Returns ``(alpha (2,), n)``.
+    """
+    al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
+    alpha = np.array([al[0], al[-1]])
+    if opts.stage1_method == "matlab":
+        return alpha, float("nan")
+    n = float(np.max(noise_level(frames, np.atleast_2d(opts.sigma), span)))
+    power = 2.0 * float(np.mean(opts.a_data))
+    return alpha * max(1.0, n / _NOISE_REFERENCE) ** power, n
+
+
+def _adapted_options(opts, frames, span, name):
+    """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
+    if opts.stage1_method == "matlab" or len(frames) < 2:
+        return opts
+    alpha, n = adaptive_alpha(opts, frames[:_NOISE_FRAMES], span)
+    log.info(
+        "%s: relative noise %.2e, alpha %.3g x %.3g (configured %s)",
+        name,
+        n,
+        alpha[0],
+        alpha[1],
+        opts.alpha,
+    )
+    return opts.replace(alpha=(float(alpha[0]), float(alpha[1])))
+
+
 def _frame_statistics(u, v):
     """The toolbox's per-frame statistics of a field (u, v), each ``(H, W)``.
 
@@ -8529,8 +8660,15 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     The reference frames are smoothed with ``sigma + [1, 1, 0.5]``, normalised,
     registered onto their mean with ``alpha + 2``, and the raw frames warped by
     those fields (cubic, filled from their raw mean) are averaged.  One frame is
-    returned as it is.  ``backend`` computes the flows (default ``flowreg``).
+    returned as it is.  ``backend`` computes the flows (default ``flowreg``).  With
+    ``stage1_method = "adaptive"`` alpha is first adapted to the noise of the
+    reference frames (:func:`adaptive_alpha`).
     """
+    return _reference_and_options(reader, opts, pool, name, backend)[0]
+
+
+def _reference_and_options(reader, opts, pool, name="recording", backend=None):
+    """`compute_reference` and the options of the recording (alpha adapted to its noise)."""
     backend = backend if backend is not None else FlowregBackend()
     idx = _reference_indices(opts, len(reader), name)
     # Kept in the reader's type (up to 451 frames: this stack and the smoothed one
@@ -8545,11 +8683,13 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
         )
         raise InputError(msg)
     if len(tmp) == 1:
-        return tmp[0].astype(np.float64)
+        return tmp[0].astype(np.float64), opts
     sigma = np.atleast_2d(opts.sigma)
     sep = opts.channel_normalization == "separate"
     g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
-    c1 = _normalise(g, *_minmax(g, sep), in_place=True)
+    lo, hi = _minmax(g, sep)
+    opts = _adapted_options(opts, tmp, np.asarray(hi) - lo, name)
+    c1 = _normalise(g, lo, hi, in_place=True)
     del g
     C = tmp.shape[3]
     params = _flow_params(opts, C, alpha_offset=2.0)
@@ -8572,7 +8712,7 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
         )[1]
         for frame in reg:
             total += frame
-    return total / n
+    return total / n, opts
 
 
 #: Residual motion: at most this many frames, evenly spaced, are kept while Stage 1
@@ -8851,7 +8991,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     ):
         log.info("%s: building the reference (%d frames, %dx%d)", name, T, H, W)
         with phases("reference"):
-            ref_raw = compute_reference(reader, opts, pool, name, backend)
+            ref_raw, opts = _reference_and_options(reader, opts, pool, name, backend)
+            params = _flow_params(opts, C)
         log.info("%s: reference built in %.1f s", name, phases.seconds["reference"])
         quality = _QualityAccumulator(ref_raw, T)
         try:

@@ -5897,17 +5897,7 @@ class FlowBackend:
         5)``, or None: ``register`` computes the statistics on the CPU).  This default
         warps on the CPU (``_warp_stack``)."""
         w = self._flows(state, frames, init)
-        n, H, W, C = raw.shape
-        reg = np.empty((n, H, W, C))
-        valid = np.empty((n, H, W), dtype=bool)
-        for k in range(n):
-            u, v = _field_internal(w[k])
-            out, ok = _warp_stack(
-                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
-            )
-            reg[k] = out.transpose(2, 1, 0)
-            valid[k] = ok.T
-        return w, reg, valid, None
+        return (w, *_warp_frames(raw, w, state.fill, method), None)
 
     def _each_batch(self, n, pool, work):
         """``work(k0, k1)`` over the batches of n frames: one-frame batches in ``pool``'s
@@ -8031,6 +8021,33 @@ def _warp_stack(src, u, v, fill, method):
     return out, valid
 
 
+def _warp_frames(raw, w, fill, method, pool=None):
+    """Raw frames ``(n, H, W, C)`` warped by their fields ``w (n, H, W, 2)`` on the CPU.
+
+    ``fill``: the ``(C, W, H)`` image out-of-grid pixels take; ``method`` a code of
+    ``_INTERPOLATION``.  Returns ``(registered (n, H, W, C) float64, valid (n, H, W)
+    bool)``; with ``pool``, frames are warped in its threads.
+    """
+    n, H, W, C = raw.shape
+    reg = np.empty((n, H, W, C))
+    valid = np.empty((n, H, W), dtype=bool)
+
+    def one(k):
+        u, v = _field_internal(w[k])
+        out, ok = _warp_stack(
+            _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, fill, method
+        )
+        reg[k] = out.transpose(2, 1, 0)
+        valid[k] = ok.T
+
+    if pool is None or n == 1:
+        for k in range(n):
+            one(k)
+    else:
+        list(pool.map(one, range(n)))
+    return reg, valid
+
+
 def _warp(f2, u, v, f1, method):
     """Warp ``f2`` (H, W[, C]) by (u, v); returns (registered, valid (H, W))."""
     code = _method_code(method)
@@ -8538,6 +8555,245 @@ def _adapted_options(opts, frames, span, name):
     return opts.replace(alpha=(float(alpha[0]), float(alpha[1])))
 
 
+#: Stage 1's temporal model (``stage1_method = "adaptive"``): half-width, in frames, of
+#: the two-sided smoothing of the fields over time.
+TEMPORAL_RADIUS = 16
+#: Frames whose fields are known before the first is released: the noise and motion
+#: statistics that set the smoothing come from at least this many frames.
+TEMPORAL_WARMUP = 4 * TEMPORAL_RADIUS
+#: Translation tracking: fraction of each side under the cosine taper, and the sub-pixel
+#: grid (1 / upsample px) of the correlation peak.
+TRANSLATION_TAPER = 0.25
+TRANSLATION_UPSAMPLE = 20
+
+
+def _taper(n, fraction):
+    """``(n,)`` window: 1 in the middle, a raised cosine over ``fraction * n`` px at each end."""
+    m = min(n // 2, max(1, round(fraction * n)))
+    ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)
+    out = np.ones(n)
+    out[:m] = ramp
+    out[n - m :] = ramp[::-1]
+    return out
+
+
+class _Translations:
+    """Translation of preprocessed frames onto the preprocessed reference, frame by frame.
+
+    Cross-correlation (not phase correlation: on shot-noise-limited frames whitening
+    gives noise-only frequencies full weight) of the frame and the reference, both
+    tapered by a separable window that is flat except over ``TRANSLATION_TAPER`` of
+    each side and made zero-mean under it; channels' normalised cross-power spectra
+    summed with their weights; the integer peak refined on a ``1 / TRANSLATION_UPSAMPLE``
+    px grid by the upsampled DFT (as `estimate_rigid_shift`, one pass instead of three
+    because the flat window barely biases small shifts).  ``ref`` ``(H, W, C)``;
+    calling it on a frame ``(H, W, C)`` returns ``(dx, dy)`` in the field convention.
+    `halves` measures the top and bottom halves of a frame apart: the difference of
+    the two is pure estimation noise for a still or rigidly moving frame, so its
+    variance / 4 is the noise variance of the whole frame's estimate.
+    """
+
+    def __init__(self, ref, weight, split=True):
+        from scipy import fft as sfft
+
+        self.fft = sfft
+        H, W, C = ref.shape
+        self.taper = np.outer(_taper(H, TRANSLATION_TAPER), _taper(W, TRANSLATION_TAPER))
+        weight = np.asarray(weight, dtype=np.float64)
+        if not weight.any():
+            weight = np.ones(C)
+        self.spectra = [
+            np.conj(self._spectrum(ref[..., k])) * weight[k] if weight[k] > 0 else None
+            for k in range(C)
+        ]
+        # What each pixel weighs in the estimate (linearised: taper^2 |grad ref|^2): the
+        # temporal model pins the fields' translation to ours with these weights.
+        gy, gx = np.gradient(ref, axis=(0, 1))
+        energy = ((gx * gx + gy * gy) * weight).sum(axis=2) * self.taper**2
+        self.pixel_weights = energy / energy.sum() if energy.sum() > 0 else None
+        self.parts = None
+        if split and H >= 32 and W >= 16:
+            h = H // 2
+            self.parts = (
+                _Translations(ref[:h], weight, False),
+                _Translations(ref[h : 2 * h], weight, False),
+            )
+
+    def _spectrum(self, img):
+        t = self.taper
+        a = t * (img - np.sum(img * t) / np.sum(t))
+        norm = math.sqrt(float(np.sum(a * a)))
+        return self.fft.fft2(a) / (norm if norm > 0 else 1.0)
+
+    def __call__(self, frame):
+        cross = sum(
+            s * self._spectrum(frame[..., k]) for k, s in enumerate(self.spectra) if s is not None
+        )
+        dy, dx = _xc_peak(cross, TRANSLATION_UPSAMPLE)
+        return np.array([dx, dy])
+
+    def halves(self, frame):
+        """``(dx, dy)`` of the top half minus that of the bottom half (NaN: too small)."""
+        if self.parts is None:
+            return np.full(2, np.nan)
+        h = len(frame) // 2
+        return self.parts[0](frame[:h]) - self.parts[1](frame[h : 2 * h])
+
+
+def _smoothing_decay(q, r):
+    """Decay ``lam`` of the best two-sided smoother ``lam ** |k|`` of a noisy random walk.
+
+    A series ``x_t = m_t + e_t`` with ``m`` a random walk (steps of variance q) and
+    white noise e (variance r): the Wiener smoother weighs frame t + k by
+    ``lam ** |k|``, with lam the root in [0, 1] of ``lam**2 - (2 + q / r) lam + 1 = 0``:
+    1 (a plain mean) for a still series, towards 0 (no smoothing) as the motion
+    steps outgrow the noise.
+    """
+    if not r > 0:
+        return 0.0
+    g = max(q, 0.0) / r
+    return float(1.0 + 0.5 * g - math.sqrt(g * (1.0 + 0.25 * g)))
+
+
+class _TemporalModel:
+    """Stage 1's fields made consistent in time (``stage1_method = "adaptive"``).
+
+    Each frame's field w (the dense flow) is split into its translation, which is
+    replaced by the tracked translation s of `_Translations`, and the rest r = w -
+    mean(w), the mean weighted as the tracker weighs pixels (``pixel_weights``
+    ``(H, W)`` summing to 1; None: uniform).  Both series are smoothed over time by `_smoothing_decay`'s kernel (at
+    most ``radius`` frames each side, renormalised at the ends of the recording),
+    with statistics from all frames seen so far:
+
+    * s, per axis: the noise variance r_s and the step variance ``q_s = v1 - 2 r_s``
+      (v1, v2: mean squared differences at lags 1 and 2).  For a random walk
+      ``r = v1 - v2 / 2`` exactly; motion that jumps every frame inflates that, and
+      non-rigid motion inflates the other estimate, the half-frame differences of
+      `_Translations.halves` / 4: r_s is the smaller of the two.
+    * the rest, pooled over pixels: the same lag-1/lag-2 rule, weakened by the
+      share of the translation's motion variance that changes from one frame to
+      the next: random-walk-like (slow) motion keeps the smoothing, motion that
+      jumps independently every frame (slow volume rates) switches it off, since
+      the lag statistics alone cannot tell such motion from noise.
+
+    Brain motion is slow against the frame rate, so a still recording gets a
+    near-constant field and a moving one keeps its motion.  `push` takes the fields
+    of the next frames in order and returns the frames whose neighbours are all
+    known, as ``(t, field (H, W, 2), payload)``; `flush` returns the rest.
+    """
+
+    def __init__(self, radius=TEMPORAL_RADIUS, warmup=TEMPORAL_WARMUP, pixel_weights=None):
+        self.pixel_weights = pixel_weights
+        self.radius = int(radius)
+        self.warmup = int(warmup)
+        self.items = []  # [t, s (2,), r (H, W, 2) float32, payload], oldest first
+        self.released = 0  # frames released so far (they are t < released)
+        self.pushed = 0
+        self.sums = np.zeros((2, 3))  # rows: lag 1, lag 2; columns: s_x, s_y, r
+        self.counts = np.zeros(2)
+        self.moments = np.zeros((2, 2))  # sums of s and s ** 2 per axis
+        self.split = np.zeros(2)  # sum of squared half-frame differences per axis
+        self.n_split = 0
+        self.last = []  # the last two (s, subsampled r)
+        self.decay = np.zeros(3)
+        self.last_d = None  # the last difference field translation - s
+        self.d_sum = np.zeros(2)  # its squared frame-to-frame changes
+        self.fuse = np.ones(2)  # weight of s (against the fields' own translation)
+
+    def push(self, w, s, payloads, halves=None):
+        """Fields ``w (n, H, W, 2)``, translations ``s (n, 2)``, one payload per frame and
+        the half-frame differences ``halves (n, 2)`` (NaN rows: not measured)."""
+        for k in range(len(w)):
+            if self.pixel_weights is None:
+                mean = w[k].reshape(-1, 2).mean(axis=0)
+            else:
+                mean = np.einsum("hw,hwk->k", self.pixel_weights, w[k])
+            r = (w[k] - mean).astype(np.float32)
+            cur = (np.asarray(s[k], dtype=np.float64), r[::4, ::4].astype(np.float64))
+            d = mean - cur[0]
+            if self.last_d is not None:
+                self.d_sum += (d - self.last_d) ** 2
+            self.last_d = d
+            for lag in (1, 2):
+                if len(self.last) >= lag:
+                    s0, r0 = self.last[-lag]
+                    self.sums[lag - 1, :2] += (cur[0] - s0) ** 2
+                    self.sums[lag - 1, 2] += np.mean((cur[1] - r0) ** 2)
+                    self.counts[lag - 1] += 1
+            self.moments += (cur[0], cur[0] ** 2)
+            if halves is not None and np.isfinite(halves[k]).all():
+                self.split += np.asarray(halves[k], dtype=np.float64) ** 2
+                self.n_split += 1
+            self.last = (self.last + [cur])[-2:]
+            self.items.append([self.pushed, np.concatenate([cur[0], mean]), r, payloads[k]])
+            self.pushed += 1
+        if self.pushed < self.warmup:
+            return []
+        return self._release(self.pushed - 1 - self.radius)
+
+    def flush(self):
+        """Every frame not yet released."""
+        return self._release(self.pushed - 1)
+
+    def _update_decay(self):
+        if self.counts[1] == 0:
+            return
+        v1 = self.sums[0] / self.counts[0]
+        v2 = self.sums[1] / self.counts[1]
+        q_r, r_r = v2[2] - v1[2], v1[2] - 0.5 * v2[2]
+        if self.n_split >= 4:
+            # Each noise estimate errs upwards in its own case: the half-frame one by
+            # non-rigid motion (the halves move apart), the lag one by motion that
+            # jumps every frame; the smaller of the two is kept.
+            noise = np.minimum(self.split / self.n_split / 4.0, v1[:2] - 0.5 * v2[:2])
+            steps = v1[:2] - 2.0 * noise
+            # The fields' own translation m is a second estimate: its noise r_m from
+            # the changes of m - s (2 (r_m + r_s) per frame); fused by inverse variance.
+            # Both see the same photons, so their errors correlate and this r_m reads
+            # low: m never weighs more than s.
+            r_m = np.maximum(self.d_sum / max(self.counts[0], 1.0) / 2.0 - noise, noise)
+            self.fuse = r_m / (r_m + np.maximum(noise, 1e-12))
+            fused = noise * r_m / (noise + r_m)
+            self.decay[:2] = [_smoothing_decay(q, r) for q, r in zip(steps, fused)]
+            n = self.pushed
+            var = self.moments[1] / n - (self.moments[0] / n) ** 2 - noise
+            # Share of the motion variance that changes between consecutive frames:
+            # ~0 for slow motion, ~1 for motion that jumps every frame.
+            moving = var > noise
+            jumpy = np.where(moving, steps / (2.0 * np.where(moving, var, 1.0)), 0.0)
+            keep = float(np.clip(1.0 - np.max(jumpy), 0.0, 1.0))
+        else:
+            self.decay[:2] = [_smoothing_decay(v2[k] - v1[k], v1[k] - 0.5 * v2[k]) for k in (0, 1)]
+            keep = 1.0
+        self.decay[2] = keep * _smoothing_decay(q_r, r_r)
+
+    def _release(self, last):
+        self._update_decay()
+        out = []
+        first = self.items[0][0] if self.items else 0
+        R = self.radius
+        for t in range(self.released, last + 1):
+            lo, hi = max(first, t - R), min(self.pushed - 1, t + R)
+            k = np.arange(lo, hi + 1) - t
+            kern = self.decay[:, None] ** np.abs(k)  # (3, n); 0 ** 0 == 1
+            kern[kern < 1e-4] = 0.0  # frames that would not change the field
+            kern /= kern.sum(axis=1, keepdims=True)
+            near = self.items[lo - first : hi - first + 1]
+            tr = np.array([it[1] for it in near])  # (n, 4): s, m
+            tr = self.fuse * tr[:, :2] + (1.0 - self.fuse) * tr[:, 2:]
+            s = np.einsum("kn,nk->k", kern[:2], tr)
+            field = np.zeros(near[0][2].shape)
+            for c, it in zip(kern[2], near):
+                if c > 0:
+                    field += c * it[2]
+            field += s
+            out.append((t, field, self.items[t - first][3]))
+        self.released = max(self.released, last + 1)
+        # Keep the last `radius` released frames: they are neighbours of the next ones.
+        del self.items[: max(0, self.released - R - first)]
+        return out
+
+
 def _frame_statistics(u, v):
     """The toolbox's per-frame statistics of a field (u, v), each ``(H, W)``.
 
@@ -8972,6 +9228,11 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     progress = _Progress(name, T)
     writers = []
     pending = []  # the one chunk the writer thread may still be writing
+    # The temporal model of stage1_method = "adaptive" (not with the toolbox's reference
+    # update, which needs each chunk's preprocessed frames warped at once).
+    temporal = opts.stage1_method == "adaptive" and not opts.update_reference
+    if opts.stage1_method == "adaptive" and opts.update_reference:
+        log.info("%s: update_reference = true: fields are not smoothed over time", name)
 
     def write_chunk(reg, valid, w):
         out = cast_to_dtype(reg, out_dtype)
@@ -8984,6 +9245,25 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     def wait_for_writer():
         while pending:
             pending.pop().result()
+
+    def emit(released):
+        # Frames the temporal model released: warp, statistics, hand to the writer, a
+        # chunk at a time (the first release holds the warm-up frames).
+        for j0 in range(0, len(released), chunk):
+            emit_chunk(released[j0 : j0 + chunk])
+
+    def emit_chunk(done):
+        w = np.stack([d[1] for d in done])
+        raw_d = np.stack([d[2] for d in done])
+        with phases("warp"):
+            reg, valid = _warp_frames(raw_d, w, fill_int, method, pool)
+            for j, (t, _, _) in enumerate(done):
+                stats[:, t] = _frame_statistics(w[j, ..., 0], w[j, ..., 1])
+        with phases("write"):
+            wait_for_writer()
+        pending.append(writer.submit(write_chunk, reg, valid, w))
+        pending.append(writer.submit(quality.add, raw_d, reg, valid, w))
+        progress.update(len(done))
 
     with (
         ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool,
@@ -9055,6 +9335,10 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                         w_init = backend.flows(
                             state, first.frames(0, len(first.raw)), np.zeros((H, W, 2)), pool
                         ).mean(axis=0)
+                        if temporal:
+                            tracker = _Translations(c_ref, _channel_weights(opts.weight, C))
+                            model = _TemporalModel(pixel_weights=tracker.pixel_weights)
+                            fill_int = _to_internal(ref_raw)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
                 n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
@@ -9062,27 +9346,44 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 w_tail = []
                 for i0 in range(0, n, chunk):
                     i1 = min(i0 + chunk, n)
-                    w, reg, valid, c1, st = _registered_frames(
-                        pre, raw, i0, i1, backend, state, init, method, pool, phases
-                    )
-                    stats[:, b0 + i0 : b0 + i1] = st
-                    # The writer thread casts and writes this chunk while the pool
-                    # computes the next one; "write" is the time spent waiting for it.
-                    with phases("write"):
-                        wait_for_writer()
-                    pending.append(writer.submit(write_chunk, reg, valid, w))
-                    pending.append(writer.submit(quality.add, raw[i0:i1], reg, valid, w))
+                    if temporal:
+                        with phases("preprocess"):
+                            c1 = pre.frames(i0, i1)
+                        with phases("flow and warp"):
+                            w = backend.flows(state, c1, init, pool)
+                            s = np.array(list(pool.map(tracker, c1)))
+                            # Estimation noise, measured on every 4th frame.
+                            halves = np.full((i1 - i0, 2), np.nan)
+                            for k in range((-(b0 + i0)) % 4, i1 - i0, 4):
+                                halves[k] = tracker.halves(c1[k])
+                        with phases("temporal model"):
+                            # a copy: pending frames must not keep a whole batch alive
+                            done = model.push(w, s, np.array(raw[i0:i1]), halves)
+                        emit(done)
+                    else:
+                        w, reg, valid, c1, st = _registered_frames(
+                            pre, raw, i0, i1, backend, state, init, method, pool, phases
+                        )
+                        stats[:, b0 + i0 : b0 + i1] = st
+                        # The writer thread casts and writes this chunk while the pool
+                        # computes the next one; "write" is the time spent waiting for it.
+                        with phases("write"):
+                            wait_for_writer()
+                        pending.append(writer.submit(write_chunk, reg, valid, w))
+                        pending.append(writer.submit(quality.add, raw[i0:i1], reg, valid, w))
+                        progress.update(i1 - i0)
                     w_sum += w.sum(axis=0)
                     w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
                     w_tail = w_tail[-INIT_TAIL_FRAMES:]
                     if ref_sum is not None:
                         _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
-                    progress.update(i1 - i0)
                     _kill_point("stage1.chunk")
                     _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
                     state = backend.reference(params, ref_sum / (n_ref + 1), ref_raw)
                 w_init = np.mean(w_tail, axis=0) if n > INIT_TAIL_MIN_FRAMES else w_sum / n
+            if temporal:
+                emit(model.flush())
             with phases("write"):
                 wait_for_writer()
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses

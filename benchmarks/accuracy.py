@@ -27,8 +27,10 @@ Data sets:
 * ``synth-p2``, ``synth-p10``: make_synth still recordings (``--rigid-std 0 --nonrigid-amp 0``)
   at 2 and 10 photons/px baseline, ``--size`` px, ``--frames`` frames; needs
   ``--make-synth PATH`` (default ``../shared/bench/make_synth.py`` next to the project);
-* ``real``: ``--real FILE`` (a TIFF or .npy movie ``(T, H, W)``) -- for instance the real
-  two-photon crop described in the README's accuracy section.
+* ``real``: ``--real FILE`` (a TIFF or .npy movie ``(T, H, W)``), still or already registered --
+  for instance the neurofinder training movie of the README's accuracy section (images
+  ``image00000.tiff``-``image00599.tiff`` of github.com/neuhofmo/calcium-imaging-neuron-detection
+  at commit bc3757c, central 256x256 crop); no data licence is stated, so it is not shipped.
 
     python benchmarks/accuracy.py --frames 200 --size 256 --real movie.tif
 """

@@ -8682,8 +8682,11 @@ class _TemporalModel:
     known, as ``(t, field (H, W, 2), payload)``; `flush` returns the rest.
     """
 
-    def __init__(self, radius=TEMPORAL_RADIUS, warmup=TEMPORAL_WARMUP, pixel_weights=None):
+    def __init__(
+        self, radius=TEMPORAL_RADIUS, warmup=TEMPORAL_WARMUP, pixel_weights=None, pool=None
+    ):
         self.pixel_weights = pixel_weights
+        self.pool = pool  # threads for the released fields
         self.radius = int(radius)
         self.warmup = int(warmup)
         self.items = []  # [t, s (2,), r (H, W, 2) float32, payload], oldest first
@@ -8699,6 +8702,7 @@ class _TemporalModel:
         self.last_d = None  # the last difference field translation - s
         self.d_sum = np.zeros(2)  # its squared frame-to-frame changes
         self.fuse = np.ones(2)  # weight of s (against the fields' own translation)
+        self.noise = np.full(2, np.nan)  # noise variance of s per axis (NaN: unmeasured)
 
     def push(self, w, s, payloads, halves=None):
         """Fields ``w (n, H, W, 2)``, translations ``s (n, 2)``, one payload per frame and
@@ -8735,6 +8739,21 @@ class _TemporalModel:
         """Every frame not yet released."""
         return self._release(self.pushed - 1)
 
+    def summary(self):
+        """What the model measured, for status.json: ``decay`` (x, y translation and the
+        non-rigid part), the translation's estimation noise (px, standard deviation per
+        axis; NaN: fewer than 3 frames) and the weight of the tracked translation against
+        the fields' own."""
+
+        def numbers(x):
+            return [round(float(v), 4) if np.isfinite(v) else None for v in x]
+
+        return {
+            "decay": numbers(self.decay),
+            "translation_noise_px": numbers(np.sqrt(np.maximum(self.noise, 0.0))),
+            "tracked_translation_weight": numbers(self.fuse),
+        }
+
     def _update_decay(self):
         if self.counts[1] == 0:
             return
@@ -8753,6 +8772,7 @@ class _TemporalModel:
             # low: m never weighs more than s.
             r_m = np.maximum(self.d_sum / max(self.counts[0], 1.0) / 2.0 - noise, noise)
             self.fuse = r_m / (r_m + np.maximum(noise, 1e-12))
+            self.noise = noise
             fused = noise * r_m / (noise + r_m)
             self.decay[:2] = [_smoothing_decay(q, r) for q, r in zip(steps, fused)]
             n = self.pushed
@@ -8763,15 +8783,16 @@ class _TemporalModel:
             jumpy = np.where(moving, steps / (2.0 * np.where(moving, var, 1.0)), 0.0)
             keep = float(np.clip(1.0 - np.max(jumpy), 0.0, 1.0))
         else:
-            self.decay[:2] = [_smoothing_decay(v2[k] - v1[k], v1[k] - 0.5 * v2[k]) for k in (0, 1)]
+            self.noise = v1[:2] - 0.5 * v2[:2]
+            self.decay[:2] = [_smoothing_decay(v2[k] - v1[k], self.noise[k]) for k in (0, 1)]
             keep = 1.0
         self.decay[2] = keep * _smoothing_decay(q_r, r_r)
 
     def _release(self, last):
         self._update_decay()
-        out = []
         first = self.items[0][0] if self.items else 0
         R = self.radius
+        jobs = []
         for t in range(self.released, last + 1):
             lo, hi = max(first, t - R), min(self.pushed - 1, t + R)
             k = np.arange(lo, hi + 1) - t
@@ -8782,16 +8803,30 @@ class _TemporalModel:
             tr = np.array([it[1] for it in near])  # (n, 4): s, m
             tr = self.fuse * tr[:, :2] + (1.0 - self.fuse) * tr[:, 2:]
             s = np.einsum("kn,nk->k", kern[:2], tr)
-            field = np.zeros(near[0][2].shape)
-            for c, it in zip(kern[2], near):
-                if c > 0:
-                    field += c * it[2]
-            field += s
-            out.append((t, field, self.items[t - first][3]))
+            jobs.append((t, s, kern[2], near, self.items[t - first][3]))
+        out = (
+            list(self.pool.map(_smoothed_field, jobs))
+            if self.pool and len(jobs) > 1
+            else [_smoothed_field(j) for j in jobs]
+        )
         self.released = max(self.released, last + 1)
         # Keep the last `radius` released frames: they are neighbours of the next ones.
         del self.items[: max(0, self.released - R - first)]
         return out
+
+
+def _smoothed_field(job):
+    """``(t, field, payload)`` of one frame of `_TemporalModel`: the translation ``s`` plus
+    its neighbours' remainders weighted by ``kern`` (numpy releases the GIL: threads)."""
+    t, s, kern, near, payload = job
+    field = np.zeros(near[0][2].shape)
+    tmp = np.empty(field.shape, np.float32)
+    for c, it in zip(kern, near):
+        if c > 0:
+            np.multiply(it[2], np.float32(c), out=tmp)
+            field += tmp
+    field += s
+    return t, field, payload
 
 
 def _frame_statistics(u, v):
@@ -9337,7 +9372,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                         ).mean(axis=0)
                         if temporal:
                             tracker = _Translations(c_ref, _channel_weights(opts.weight, C))
-                            model = _TemporalModel(pixel_weights=tracker.pixel_weights)
+                            model = _TemporalModel(pixel_weights=tracker.pixel_weights, pool=pool)
                             fill_int = _to_internal(ref_raw)
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
                 n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
@@ -9399,6 +9434,14 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 wr.abort()
             raise
     avg /= T
+    temporal_record = model.summary() if temporal else None
+    if temporal_record is not None:
+        log.info(
+            "%s: temporal model: translation noise %s px, smoothing decay %s (x, y, non-rigid)",
+            name,
+            temporal_record["translation_noise_px"],
+            temporal_record["decay"],
+        )
     _kill_point("stage1.average")
     atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
     atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
@@ -9419,6 +9462,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         "compensated": f"compensated.{ext}",
         "backend": backend.name,
         "phase_seconds": phases.rounded(),
+        **({"temporal_model": temporal_record} if temporal_record is not None else {}),
     }
 
 

@@ -6477,7 +6477,7 @@ def test_adaptive_stage1_keeps_frame_to_frame_motion(tmp_path):
     # Measured (balanced): adaptive 0.16 px, the toolbox's fixed alpha 0.22 px;
     # without correction 1.24 px.
     frames, truth = fs.synthetic_recording(60, (64, 64), 1, seed=7, jitter=1.0, wobble=0.3)
-    errors = {}
+    errors, records = {}, {}
     for method in ("adaptive", "matlab"):
         (tmp_path / method).mkdir()
         cfg = _stage1_config(
@@ -6487,6 +6487,12 @@ def test_adaptive_stage1_keeps_frame_to_frame_motion(tmp_path):
             quality_setting="balanced",
             stage1_method=method,
         )
-        errors[method] = _epe_rel(_read_w(fs.run_stage1(cfg)[0]), truth.astype(np.float64))
+        out = fs.run_stage1(cfg)[0]
+        errors[method] = _epe_rel(_read_w(out), truth.astype(np.float64))
+        records[method] = json.loads((pathlib.Path(out) / "status.json").read_text())["stage1"]
+    assert "temporal_model" not in records["matlab"]
+    model = records["adaptive"]["temporal_model"]
+    assert max(model["decay"][:2]) < 0.2  # the jitter is motion: the translation stays as is
+    assert 0 < max(model["translation_noise_px"]) < 0.2
     assert _epe_rel(np.zeros_like(truth, dtype=np.float64), truth) > 1.0
     assert errors["adaptive"] < 1.2 * errors["matlab"] + 0.02

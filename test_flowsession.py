@@ -4672,7 +4672,7 @@ def test_bench_command_reports_speed_accuracy_and_memory():
         "peak memory",
         "wall time by phase",
         "reference",
-        "flow and warp",
+        "temporal model",  # a phase of the default stage1_method
         "sweeps",
         "share",
         "main memory",

@@ -8604,9 +8604,10 @@ class _Translations:
     gives noise-only frequencies full weight) of the frame and the reference, both
     tapered by a separable window that is flat except over ``TRANSLATION_TAPER`` of
     each side and made zero-mean under it; channels' normalised cross-power spectra
-    summed with their weights; the integer peak refined on a ``1 / TRANSLATION_UPSAMPLE``
-    px grid by the upsampled DFT (as `estimate_rigid_shift`, one pass instead of three
-    because the flat window barely biases small shifts).  ``ref`` ``(H, W, C)``;
+    summed with their weights; the integer peak refined to ``1 / TRANSLATION_UPSAMPLE``
+    px by the matrix-multiply DFT of the half spectrum (`estimate_rigid_shift` does
+    this on the full spectrum with `_xc_upsampled_dft`, in three windowed passes; one
+    pass suffices here because the flat window barely biases small shifts).  ``ref`` ``(H, W, C)``;
     calling it on a frame ``(H, W, C)`` returns ``(dx, dy)`` in the field convention.
     `halves` measures the top and bottom halves of a frame apart: the difference of
     the two is pure estimation noise for a still or rigidly moving frame, so its
@@ -8722,9 +8723,10 @@ class _TemporalModel:
     Each frame's field w (the dense flow) is split into its translation, which is
     replaced by the tracked translation s of `_Translations`, and the rest r = w -
     mean(w), the mean weighted as the tracker weighs pixels (``pixel_weights``
-    ``(H, W)`` summing to 1; None: uniform).  Both series are smoothed over time by `_smoothing_decay`'s kernel (at
-    most ``radius`` frames each side, renormalised at the ends of the recording),
-    with statistics from all frames seen so far:
+    ``(H, W)`` summing to 1; None: uniform); the two translations are fused by
+    inverse variance.  Both series are smoothed over time by `_smoothing_decay`'s
+    kernel (at most ``radius`` frames each side, renormalised at the ends of the
+    recording), with statistics from all frames seen so far:
 
     * s, per axis: the noise variance r_s and the step variance ``q_s = v1 - 2 r_s``
       (v1, v2: mean squared differences at lags 1 and 2).  For a random walk
@@ -9364,11 +9366,17 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
             reg, valid = _warp_frames(raw_d, w, fill_int, method, pool)
             for j, (t, _, _) in enumerate(done):
                 stats[:, t] = _frame_statistics(w[j, ..., 0], w[j, ..., 1])
+        hand_over(raw_d, reg, valid, w)
+
+    def hand_over(raw_c, reg, valid, w):
+        # The writer thread casts and writes these frames (and adds them to the quality
+        # figures) while the pool computes the next ones; "write" is the time spent
+        # waiting for it.
         with phases("write"):
             wait_for_writer()
         pending.append(writer.submit(write_chunk, reg, valid, w))
-        pending.append(writer.submit(quality.add, raw_d, reg, valid, w))
-        progress.update(len(done))
+        pending.append(writer.submit(quality.add, raw_c, reg, valid, w))
+        progress.update(len(w))
 
     with (
         ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool,
@@ -9473,13 +9481,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                             pre, raw, i0, i1, backend, state, init, method, pool, phases
                         )
                         stats[:, b0 + i0 : b0 + i1] = st
-                        # The writer thread casts and writes this chunk while the pool
-                        # computes the next one; "write" is the time spent waiting for it.
-                        with phases("write"):
-                            wait_for_writer()
-                        pending.append(writer.submit(write_chunk, reg, valid, w))
-                        pending.append(writer.submit(quality.add, raw[i0:i1], reg, valid, w))
-                        progress.update(i1 - i0)
+                        hand_over(raw[i0:i1], reg, valid, w)
                     w_sum += w.sum(axis=0)
                     w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
                     w_tail = w_tail[-INIT_TAIL_FRAMES:]

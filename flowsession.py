@@ -3984,6 +3984,30 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                 out[x, y] = acc
 
 
+@_njit
+def _nb_warp_field(uv, raw, fill, method, reg, valid):
+    """One raw frame warped by its field, in the frames' own ``(H, W)`` layout.
+
+    ``uv`` ``(2, H, W)`` float64 (u along columns, v along rows), ``raw`` ``(H, W,
+    C)`` any real dtype, ``fill`` ``(C, H, W)`` float64 (out-of-grid values);
+    writes ``reg`` ``(H, W, C)`` float64 and ``valid`` ``(H, W)``.  The warp of
+    `_nb_warp_plane` with the axes' roles swapped (its rule is the same along both
+    axes), so no transposed copies; returns the frame's `_nb_frame_statistics`.
+    """
+    H, W, C = raw.shape
+    src = np.empty((H, W))
+    out = np.empty((H, W))
+    for c in range(C):
+        for h in range(H):
+            for w in range(W):
+                src[h, w] = raw[h, w, c]
+        _nb_warp_plane(src, uv[1], uv[0], 1.0, 1.0, fill[c], method, out, valid)
+        for h in range(H):
+            for w in range(W):
+                reg[h, w, c] = out[h, w]
+    return _nb_frame_statistics(uv[0], uv[1])
+
+
 ###############################################################################
 ### Numba CPU kernels: motion tensors
 ###############################################################################
@@ -4969,23 +4993,128 @@ def _nb_smooth_frames(raw, i0, i1, lo, scale, k_row, k_col, k_time, out):
 
 
 @_njit
-def _nb_temporal_sum(ring, slots, weights, s, out):
-    """``out (H, W, 2) = s + sum_i weights[i] * ring[slots[i]]``: one field of Stage 1's
-    temporal model (`_TemporalModel`); ``ring`` ``(N, H, W, 2)`` float32 remainders."""
-    H, W = out.shape[:2]
-    for h in range(H):
-        for w in range(W):
-            out[h, w, 0] = s[0]
-            out[h, w, 1] = s[1]
-    for i in range(len(slots)):
-        c = weights[i]
-        if c == 0.0:
-            continue
-        src = ring[slots[i]]
+def _nb_binned(img, b, out):
+    """``out`` ``(H // b, W // b, C)`` float64: means of b x b blocks of ``img`` ``(H, W, C)``."""
+    h, w, C = out.shape
+    scale = 1.0 / (b * b)
+    for i in range(h):
+        for j in range(w):
+            for c in range(C):
+                acc = 0.0
+                for p in range(b):
+                    for q in range(b):
+                        acc += img[i * b + p, j * b + q, c]
+                out[i, j, c] = acc * scale
+
+
+@_njit
+def _nb_tapered(img, c, taper, out):
+    """``out = taper * (img[..., c] - m)``, m the taper-weighted mean; returns the L2
+    norm of ``out`` (the correlation input of `_Translations`)."""
+    h, w = taper.shape
+    st = 0.0
+    sa = 0.0
+    for i in range(h):
+        for j in range(w):
+            st += taper[i, j]
+            sa += taper[i, j] * img[i, j, c]
+    m = sa / st if st > 0.0 else 0.0
+    ss = 0.0
+    for i in range(h):
+        for j in range(w):
+            a = taper[i, j] * (img[i, j, c] - m)
+            out[i, j] = a
+            ss += a * a
+    return math.sqrt(ss)
+
+
+@_njit
+def _nb_dft_peak(cross, W, y, x, step, half):
+    """The best of ``(2 half + 1)^2`` points ``(y + i step, x + j step)`` of the
+    correlation whose half spectrum (``rfft2``, ``(H, W // 2 + 1)``, full width W) is
+    ``cross``: the real part of the inverse DFT there, bins 0 < kx < W / 2 counted
+    twice (the matrix-multiply DFT of Guizar-Sicairos et al. on a real image).
+    Returns ``(y, x)`` of the largest."""
+    H, K = cross.shape
+    n = 2 * half + 1
+    tmp = np.zeros((n, K), dtype=np.complex128)
+    for p in range(n):
+        py = y + (p - half) * step
+        for ky in range(H):
+            f = ky if 2 * ky < H else ky - H  # signed frequency (fftfreq)
+            e = np.exp(2j * np.pi * py * f / H)
+            for kx in range(K):
+                tmp[p, kx] += e * cross[ky, kx]
+    best = -np.inf
+    by = y
+    bx = x
+    for q in range(n):
+        px = x + (q - half) * step
+        col = np.empty(K, dtype=np.complex128)
+        for kx in range(K):
+            twice = 1.0 if kx == 0 or 2 * kx == W else 2.0
+            col[kx] = twice * np.exp(2j * np.pi * kx * px / W)
+        for p in range(n):
+            acc = 0.0
+            for kx in range(K):
+                acc += (tmp[p, kx] * col[kx]).real
+            if acc > best:
+                best = acc
+                by = y + (p - half) * step
+                bx = px
+    return by, bx
+
+
+@_njit
+def _nb_split_field(w, weights, out):
+    """A field ``w`` ``(H, W, 2)`` split into its mean, weighted by ``weights`` ``(H, W)``
+    summing to 1 (an empty array: the plain mean), returned as ``(mean_u, mean_v)``,
+    and the rest, written to ``out`` ``(2, H, W)`` float32 (`_TemporalModel`)."""
+    H, W = w.shape[:2]
+    m0 = 0.0
+    m1 = 0.0
+    if weights.shape[0] == 0:
         for h in range(H):
-            for w in range(W):
-                out[h, w, 0] += c * src[h, w, 0]
-                out[h, w, 1] += c * src[h, w, 1]
+            for x in range(W):
+                m0 += w[h, x, 0]
+                m1 += w[h, x, 1]
+        m0 /= H * W
+        m1 /= H * W
+    else:
+        for h in range(H):
+            for x in range(W):
+                m0 += weights[h, x] * w[h, x, 0]
+                m1 += weights[h, x] * w[h, x, 1]
+    for h in range(H):
+        for x in range(W):
+            out[0, h, x] = w[h, x, 0] - m0
+            out[1, h, x] = w[h, x, 1] - m1
+    return m0, m1
+
+
+@_njit
+def _nb_temporal_block(ring, slots, kern, s, r0, r1, out):
+    """Rows ``[r0, r1)`` of released fields of `_TemporalModel`: ``out[j] = s[j] + sum_i
+    kern[j, i] * ring[slots[i]]``, ``out`` ``(n, 2, H, W)`` float64, ``ring`` ``(N, 2,
+    H, W)`` float32, ``kern`` ``(n, m)`` over the m frames ``slots`` ``(m,)``.  Row by
+    row for all n outputs at once, so each stored row is read from memory once while
+    the n outputs that weigh it are made (frames near each other share neighbours)."""
+    n, m = kern.shape
+    W = out.shape[3]
+    for h in range(r0, r1):
+        for j in range(n):
+            for c in range(2):
+                dst = out[j, c, h]
+                v = s[j, c]
+                for x in range(W):
+                    dst[x] = v
+                for i in range(m):
+                    k = kern[j, i]
+                    if k == 0.0:
+                        continue
+                    src = ring[slots[i], c, h]
+                    for x in range(W):
+                        dst[x] += k * src[x]
 
 
 @_njit
@@ -8604,17 +8733,20 @@ class _Translations:
     gives noise-only frequencies full weight) of the frame and the reference, both
     tapered by a separable window that is flat except over ``TRANSLATION_TAPER`` of
     each side and made zero-mean under it; channels' normalised cross-power spectra
-    summed with their weights; the integer peak refined to ``1 / TRANSLATION_UPSAMPLE``
-    px by the matrix-multiply DFT of the half spectrum (`estimate_rigid_shift` does
-    this on the full spectrum with `_xc_upsampled_dft`, in three windowed passes; one
-    pass suffices here because the flat window barely biases small shifts).  ``ref`` ``(H, W, C)``;
-    calling it on a frame ``(H, W, C)`` returns ``(dx, dy)`` in the field convention.
-    `halves` measures the top and bottom halves of a frame apart: the difference of
-    the two is pure estimation noise for a still or rigidly moving frame, so its
-    variance / 4 is the noise variance of the whole frame's estimate.
+    summed with their weights; the integer peak refined in two steps to
+    ``1 / TRANSLATION_UPSAMPLE`` px by the matrix-multiply DFT of the half spectrum
+    (`_nb_dft_peak`; `estimate_rigid_shift` does this on the full spectrum with
+    `_xc_upsampled_dft`, in three windowed passes: here the flat window barely biases
+    small shifts).  ``ref`` ``(H, W, C)``; calling it on a frame ``(H, W, C)``
+    returns ``(dx, dy)`` in the field convention.  `halves` measures the top and
+    bottom halves of a frame apart: the difference of the two is pure estimation
+    noise for a still or rigidly moving frame, so its variance / 4 is the noise
+    variance of the whole frame's estimate.  Frames of 128 px and more a side are
+    correlated 2x2-binned.  The work is in Numba and scipy's FFTs, which release the
+    interpreter lock, so frames can be measured in several threads at once.
     """
 
-    def __init__(self, ref, weight, split=True):
+    def __init__(self, ref, weight, split=True, binning=None):
         from scipy import fft as sfft
 
         self.fft = sfft
@@ -8622,6 +8754,7 @@ class _Translations:
         weight = np.asarray(weight, dtype=np.float64)
         if not weight.any():
             weight = np.ones(C)
+        self.weight = weight
         # What each pixel weighs in the estimate (linearised: taper^2 |grad ref|^2): the
         # temporal model pins the fields' translation to ours with these weights.
         taper = np.outer(_taper(H, TRANSLATION_TAPER), _taper(W, TRANSLATION_TAPER))
@@ -8631,75 +8764,74 @@ class _Translations:
         # Frames of 128 px and more a side are correlated 2x2-binned: the preprocessing
         # has smoothed away what binning drops, and the FFTs cost a quarter (measured on
         # a real 256x256 movie: estimation noise 0.091/0.116 px binned, 0.089/0.108 not).
-        self.bin = 2 if min(H, W) >= 128 else 1
+        self.bin = binning or (2 if min(H, W) >= 128 else 1)
         small = self._binned(ref)
-        self.taper = np.outer(
-            _taper(small.shape[0], TRANSLATION_TAPER), _taper(small.shape[1], TRANSLATION_TAPER)
-        )
+        h, w = small.shape[:2]
+        self.taper = np.outer(_taper(h, TRANSLATION_TAPER), _taper(w, TRANSLATION_TAPER))
+        self.buffer = np.empty((h, w))
         self.spectra = [
-            np.conj(self._spectrum(small[..., k])) * weight[k] if weight[k] > 0 else None
+            np.conj(self._spectrum(small, k)) * weight[k] if weight[k] > 0 else None
             for k in range(C)
         ]
         self.parts = None
-        if split and H >= 32 and W >= 16:
-            h = H // 2
+        if split and h >= 32 and w >= 16:
+            # The halves of the binned frame, measured without further binning.
             self.parts = (
-                _Translations(ref[:h], weight, False),
-                _Translations(ref[h : 2 * h], weight, False),
+                _Translations(small[: h // 2], weight, False, 1),
+                _Translations(small[h // 2 : 2 * (h // 2)], weight, False, 1),
             )
 
-    def _spectrum(self, img):
-        t = self.taper
-        a = t * (img - np.sum(img * t) / np.sum(t))
-        norm = math.sqrt(float(np.sum(a * a)))
+    def _spectrum(self, img, k, buffer=None):
+        a = self.buffer if buffer is None else buffer
+        norm = _nb_tapered(img, k, self.taper, a)
         return self.fft.rfft2(a) / (norm if norm > 0 else 1.0)
 
     def _binned(self, img):
+        img = np.asarray(img, dtype=np.float64)
         b = self.bin
         if b == 1:
-            return img
-        H, W = img.shape[0] // b * b, img.shape[1] // b * b
-        return img[:H, :W].reshape(H // b, b, W // b, b, -1).mean(axis=(1, 3))
+            return np.ascontiguousarray(img)
+        out = np.empty((img.shape[0] // b, img.shape[1] // b, img.shape[2]))
+        _nb_binned(img, b, out)
+        return out
 
     def __call__(self, frame):
-        frame = self._binned(frame)
-        cross = sum(
-            s * self._spectrum(frame[..., k]) for k, s in enumerate(self.spectra) if s is not None
-        )
-        H, W = self.taper.shape
-        corr = self.fft.irfft2(cross, s=(H, W))
-        peak = np.array(np.unravel_index(int(np.argmax(corr)), corr.shape), dtype=np.float64)
-        size = np.array([H, W])
-        peak[peak > size / 2] -= size[peak > size / 2]
-        # Refined in two steps, 1/4 px over +-1 px, then 1/upsample px around that: the
-        # correlation at a point is the real part of the inverse DFT of the half
-        # spectrum, bins 0 < kx < W/2 counted twice (the matrix-multiply DFT of
-        # Guizar-Sicairos et al. on a real image).
-        ky = np.fft.fftfreq(H, 1.0 / H)
-        kx = np.arange(cross.shape[1], dtype=np.float64)
-        twice = np.where((kx == 0) | (2 * kx == W), 1.0, 2.0)
+        return self._estimate(self._binned(frame))
+
+    def _estimate(self, small):
+        """``(dx, dy)`` (px of the full frame) of an already binned frame."""
+        h, w = self.taper.shape
+        buffer = np.empty((h, w))  # this call's own: frames are measured in several threads
+        cross = 0.0
+        for k, spec in enumerate(self.spectra):
+            if spec is not None:
+                cross = cross + spec * self._spectrum(small, k, buffer)
+        corr = self.fft.irfft2(cross, s=(h, w))
+        py, px = np.unravel_index(int(np.argmax(corr)), corr.shape)
+        py, px = py - h if py > h / 2 else py, px - w if px > w / 2 else px
+        # 1/4 px over +-1 px, then 1/upsample px around that.
         up = TRANSLATION_UPSAMPLE * self.bin
-        for step, half in ((0.25, 4), (1.0 / up, math.ceil(0.15 * up))):
-            pos = peak[:, None] + (np.arange(2 * half + 1) - half) * step  # (2, n)
-            rows = np.exp(2j * np.pi * np.outer(pos[0], ky) / H)
-            cols = np.exp(2j * np.pi * np.outer(kx, pos[1]) / W) * twice[:, None]
-            fine = (rows @ cross @ cols).real
-            i, j = np.unravel_index(int(np.argmax(fine)), fine.shape)
-            peak = np.array([pos[0, i], pos[1, j]])
-        return np.array([peak[1], peak[0]]) * self.bin
+        y, x = _nb_dft_peak(cross, w, float(py), float(px), 0.25, 4)
+        y, x = _nb_dft_peak(cross, w, y, x, 1.0 / up, math.ceil(0.15 * up))
+        return np.array([x, y]) * self.bin
 
     def measure(self, frame, t):
         """``(2, 2)``: the translation of frame number t, and its `halves` if ``t % 4 == 0``
         (else NaN)."""
-        halves = self.halves(frame) if t % 4 == 0 else np.full(2, np.nan)
-        return np.stack([self(frame), halves])
+        small = self._binned(frame)
+        halves = self._halves(small) if t % 4 == 0 else np.full(2, np.nan)
+        return np.stack([self._estimate(small), halves])
 
     def halves(self, frame):
         """``(dx, dy)`` of the top half minus that of the bottom half (NaN: too small)."""
+        return self._halves(self._binned(frame))
+
+    def _halves(self, small):
         if self.parts is None:
             return np.full(2, np.nan)
-        h = len(frame) // 2
-        return self.parts[0](frame[:h]) - self.parts[1](frame[h : 2 * h])
+        h = len(small) // 2
+        top, bottom = self.parts[0]._estimate(small[:h]), self.parts[1]._estimate(small[h : 2 * h])
+        return (top - bottom) * self.bin
 
 
 def _smoothing_decay(q, r):
@@ -8740,27 +8872,37 @@ class _TemporalModel:
       the lag statistics alone cannot tell such motion from noise.
 
     Brain motion is slow against the frame rate, so a still recording gets a
-    near-constant field and a moving one keeps its motion.  `push` takes the fields
-    of the next frames in order and returns the frames whose neighbours are all
-    known, as ``(t, field (H, W, 2), payload)``; `flush` returns the rest.
+    near-constant field and a moving one keeps its motion.
+
+    `push` takes the fields of the next frames in order (`reserve`, `split` in any
+    thread and `add` do the same in steps) and returns the frames whose neighbours
+    are all known, as `_Release` blocks of at most ``block`` frames; `fields`
+    computes a block's fields.  `flush` releases the rest.  The remainders wait in a
+    float32 ring ``(N, 2, H, W)``.
     """
 
     def __init__(
-        self, radius=TEMPORAL_RADIUS, warmup=TEMPORAL_WARMUP, pixel_weights=None, pool=None
+        self,
+        radius=TEMPORAL_RADIUS,
+        warmup=TEMPORAL_WARMUP,
+        pixel_weights=None,
+        pool=None,
+        block=16,
     ):
         self.pixel_weights = pixel_weights
         self.pool = pool  # threads for the released fields
         self.radius = int(radius)
         self.warmup = int(warmup)
+        self.block = max(1, int(block))
         self.items = []  # [t, translations (4,), ring slot, payload], oldest first
-        self.ring = None  # (N, H, W, 2) float32 remainders, reused slot by slot
+        self.ring = None  # (N, 2, H, W) float32 remainders, reused slot by slot
         self.free = []  # free slots of the ring
         self.released = 0  # frames released so far (they are t < released)
         self.pushed = 0
         self.sums = np.zeros((2, 3))  # rows: lag 1, lag 2; columns: s_x, s_y, r
         self.counts = np.zeros(2)
         self.moments = np.zeros((2, 2))  # sums of s and s ** 2 per axis
-        self.split = np.zeros(2)  # sum of squared half-frame differences per axis
+        self.split_sum = np.zeros(2)  # sum of squared half-frame differences per axis
         self.n_split = 0
         self.last = []  # the last two (s, subsampled r)
         self.decay = np.zeros(3)
@@ -8771,16 +8913,32 @@ class _TemporalModel:
 
     def push(self, w, s, payloads, halves=None):
         """Fields ``w (n, H, W, 2)``, translations ``s (n, 2)``, one payload per frame and
-        the half-frame differences ``halves (n, 2)`` (NaN rows: not measured)."""
-        for k in range(len(w)):
-            if self.pixel_weights is None:
-                mean = w[k].reshape(-1, 2).mean(axis=0)
-            else:
-                mean = np.einsum("hw,hwk->k", self.pixel_weights, w[k])
-            slot = self._slot(w[k].shape)
-            r = self.ring[slot]
-            np.subtract(w[k], mean, out=r, casting="unsafe")
-            cur = (np.asarray(s[k], dtype=np.float64), r[::4, ::4].astype(np.float64))
+        the half-frame differences ``halves (n, 2)`` (NaN rows: not measured); returns
+        the `_Release` blocks that became ready."""
+        slots = self.reserve(len(w), w.shape[1:3])
+        means = [self.split(w[k], slots[k]) for k in range(len(w))]
+        return self.add(slots, means, s, payloads, halves)
+
+    def reserve(self, n, shape):
+        """n free slots of the ring for fields of ``shape`` ``(H, W)`` (the ring grows
+        when full); call before `split`, in the thread that calls `add`."""
+        return [self._slot(tuple(shape)) for _ in range(n)]
+
+    def split(self, w, slot):
+        """Store the remainder of one field ``w (H, W, 2)`` in ``slot``; returns its mean
+        ``(2,)`` (weighted by ``pixel_weights``).  Safe in several threads at once."""
+        weights = self.pixel_weights if self.pixel_weights is not None else np.empty((0, 0))
+        return np.array(_nb_split_field(np.asarray(w, dtype=np.float64), weights, self.ring[slot]))
+
+    def add(self, slots, means, s, payloads, halves=None):
+        """The statistics of frames whose remainders `split` stored in ``slots``, their
+        means, translations ``s (n, 2)``, payloads and ``halves`` (as `push`)."""
+        for k in range(len(slots)):
+            mean = np.asarray(means[k], dtype=np.float64)
+            cur = (
+                np.asarray(s[k], dtype=np.float64),
+                self.ring[slots[k], :, ::4, ::4].astype(np.float64),
+            )
             d = mean - cur[0]
             if self.last_d is not None:
                 self.d_sum += (d - self.last_d) ** 2
@@ -8793,10 +8951,10 @@ class _TemporalModel:
                     self.counts[lag - 1] += 1
             self.moments += (cur[0], cur[0] ** 2)
             if halves is not None and np.isfinite(halves[k]).all():
-                self.split += np.asarray(halves[k], dtype=np.float64) ** 2
+                self.split_sum += np.asarray(halves[k], dtype=np.float64) ** 2
                 self.n_split += 1
             self.last = (self.last + [cur])[-2:]
-            self.items.append([self.pushed, np.concatenate([cur[0], mean]), slot, payloads[k]])
+            self.items.append([self.pushed, np.concatenate([cur[0], mean]), slots[k], payloads[k]])
             self.pushed += 1
         if self.pushed < self.warmup:
             return []
@@ -8807,7 +8965,7 @@ class _TemporalModel:
         if not self.free:
             n = 0 if self.ring is None else len(self.ring)
             grow = max(self.radius, n // 4) if n else self.warmup + 2 * self.radius + 1
-            ring = np.empty((n + grow, *shape), np.float32)
+            ring = np.empty((n + grow, 2, *shape), np.float32)
             if n:
                 ring[:n] = self.ring
             self.ring = ring
@@ -8843,7 +9001,7 @@ class _TemporalModel:
             # Each noise estimate errs upwards in its own case: the half-frame one by
             # non-rigid motion (the halves move apart), the lag one by motion that
             # jumps every frame; the smaller of the two is kept.
-            noise = np.minimum(self.split / self.n_split / 4.0, v1[:2] - 0.5 * v2[:2])
+            noise = np.minimum(self.split_sum / self.n_split / 4.0, v1[:2] - 0.5 * v2[:2])
             steps = v1[:2] - 2.0 * noise
             # The fields' own translation m is a second estimate: its noise r_m from
             # the changes of m - s (2 (r_m + r_s) per frame); fused by inverse variance.
@@ -8868,37 +9026,64 @@ class _TemporalModel:
         self.decay[2] = keep * _smoothing_decay(q_r, r_r)
 
     def _release(self, last):
+        """`_Release` blocks for frames ``released .. last``; frees the ring slots that no
+        later frame needs (the blocks must be computed before the next `reserve`)."""
         self._update_decay()
         first = self.items[0][0] if self.items else 0
         R = self.radius
-        jobs = []
-        for t in range(self.released, last + 1):
-            lo, hi = max(first, t - R), min(self.pushed - 1, t + R)
-            k = np.arange(lo, hi + 1) - t
-            kern = self.decay[:, None] ** np.abs(k)  # (3, n); 0 ** 0 == 1
+        blocks = []
+        for t0 in range(self.released, last + 1, self.block):
+            ts = np.arange(t0, min(last, t0 + self.block - 1) + 1)
+            lo, hi = max(first, ts[0] - R), min(self.pushed - 1, ts[-1] + R)
+            lag = np.abs(np.arange(lo, hi + 1)[None, :] - ts[:, None])  # (n, m)
+            kern = self.decay[:, None, None] ** lag  # (3, n, m); 0 ** 0 == 1
+            kern[:, lag > R] = 0.0
             kern[kern < 1e-4] = 0.0  # frames that would not change the field
-            kern /= kern.sum(axis=1, keepdims=True)
+            kern /= kern.sum(axis=2, keepdims=True)
             near = self.items[lo - first : hi - first + 1]
-            tr = np.array([it[1] for it in near])  # (n, 4): s, m
+            tr = np.array([it[1] for it in near])  # (m, 4): s, m
             tr = self.fuse * tr[:, :2] + (1.0 - self.fuse) * tr[:, 2:]
-            s = np.einsum("kn,nk->k", kern[:2], tr)
+            s = np.stack([kern[0] @ tr[:, 0], kern[1] @ tr[:, 1]], axis=1)  # (n, 2)
             slots = np.array([it[2] for it in near], dtype=np.int64)
-            jobs.append((t, s, kern[2], slots, self.items[t - first][3]))
-
-        def field(job):
-            t, s, kern, slots, payload = job
-            out = np.empty(self.ring.shape[1:])
-            _nb_temporal_sum(self.ring, slots, kern, s, out)
-            return t, out, payload
-
-        use_pool = self.pool is not None and len(jobs) > 1
-        out = list(self.pool.map(field, jobs)) if use_pool else [field(j) for j in jobs]
+            payloads = [self.items[t - first][3] for t in ts]
+            blocks.append(_Release(ts, slots, np.ascontiguousarray(kern[2]), s, payloads))
         self.released = max(self.released, last + 1)
         # Keep the last `radius` released frames: they are neighbours of the next ones.
         drop = max(0, self.released - R - first)
         self.free.extend(it[2] for it in self.items[:drop])
         del self.items[:drop]
+        return blocks
+
+    def fields(self, block):
+        """The fields ``(n, 2, H, W)`` float64 of a `_Release` block (rows split over the
+        pool's threads)."""
+        H, W = self.ring.shape[2:]
+        out = np.empty((len(block.t), 2, H, W))
+
+        def rows(r0):
+            _nb_temporal_block(
+                self.ring, block.slots, block.kern, block.s, r0, min(H, r0 + 16), out
+            )
+
+        starts = range(0, H, 16)
+        if self.pool is None or H <= 16:
+            for r0 in starts:
+                rows(r0)
+        else:
+            list(self.pool.map(rows, starts))
         return out
+
+
+class _Release(NamedTuple):
+    """Frames `_TemporalModel` releases together: their numbers ``t (n,)``, the ring
+    ``slots (m,)`` of their neighbours, the remainder weights ``kern (n, m)``, the
+    smoothed translations ``s (n, 2)`` and the frames' payloads."""
+
+    t: np.ndarray
+    slots: np.ndarray
+    kern: np.ndarray
+    s: np.ndarray
+    payloads: list
 
 
 def _frame_statistics(u, v):
@@ -9353,20 +9538,24 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         while pending:
             pending.pop().result()
 
-    def emit(released):
-        # Frames the temporal model released: warp, statistics, hand to the writer, a
-        # chunk at a time (the first release holds the warm-up frames).
-        for j0 in range(0, len(released), chunk):
-            emit_chunk(released[j0 : j0 + chunk])
+    def emit(blocks):
+        # Frames the temporal model released, a block at a time: their fields, the
+        # frames warped by them with their statistics, handed to the writer.
+        for block in blocks:
+            with phases("temporal model"):
+                uv = model.fields(block)  # (n, 2, H, W)
+            raw_d = np.stack(block.payloads)
+            reg = np.empty((*raw_d.shape[:3], C))
+            valid = np.empty(raw_d.shape[:3], dtype=bool)
 
-    def emit_chunk(done):
-        w = np.stack([d[1] for d in done])
-        raw_d = np.stack([d[2] for d in done])
-        with phases("warp"):
-            reg, valid = _warp_frames(raw_d, w, fill_int, method, pool)
-            for j, (t, _, _) in enumerate(done):
-                stats[:, t] = _frame_statistics(w[j, ..., 0], w[j, ..., 1])
-        hand_over(raw_d, reg, valid, w)
+            def warp(j):
+                stats[:, block.t[j]] = _nb_warp_field(
+                    uv[j], raw_d[j], fill_nat, method, reg[j], valid[j]
+                )
+
+            with phases("warp"):
+                list(pool.map(warp, range(len(uv))))
+            hand_over(raw_d, reg, valid, uv.transpose(0, 2, 3, 1))
 
     def hand_over(raw_c, reg, valid, w):
         # The writer thread casts and writes these frames (and adds them to the quality
@@ -9450,8 +9639,12 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                         ).mean(axis=0)
                         if temporal:
                             tracker = _Translations(c_ref, _channel_weights(opts.weight, C))
-                            model = _TemporalModel(pixel_weights=tracker.pixel_weights, pool=pool)
-                            fill_int = _to_internal(ref_raw)
+                            model = _TemporalModel(
+                                pixel_weights=tracker.pixel_weights, pool=pool, block=chunk
+                            )
+                            fill_nat = np.ascontiguousarray(
+                                np.moveaxis(np.asarray(ref_raw, dtype=np.float64), 2, 0)
+                            )
                 init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
                 n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
@@ -9465,16 +9658,22 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                         with phases("flow"):
                             w = backend.flows(state, c1, init, pool)
                         with phases("translation"):
-                            # Translations and, on every 4th frame, their estimation noise.
-                            # In this thread, after the flows: run beside them, the FFTs'
-                            # share of the interpreter lock stalls the flows' threads more
-                            # than the FFTs cost (measured: 5 ms against 1 ms a frame).
-                            s, halves = np.stack(
-                                [tracker.measure(f, b0 + i0 + k) for k, f in enumerate(c1)]
-                            ).transpose(1, 0, 2)
+                            # Per frame in the pool's threads, after the flows: the
+                            # translation (and, on every 4th frame, its estimation noise)
+                            # and the field's remainder stored for the temporal model.
+                            slots = model.reserve(len(w), (H, W))
+
+                            def measure(k):
+                                m = tracker.measure(c1[k], b0 + i0 + k)
+                                return m, model.split(w[k], slots[k])
+
+                            got = list(pool.map(measure, range(len(w))))
+                            s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
                         with phases("temporal model"):
                             # a copy: pending frames must not keep a whole batch alive
-                            done = model.push(w, s, np.array(raw[i0:i1]), halves)
+                            done = model.add(
+                                slots, [g[1] for g in got], s, np.array(raw[i0:i1]), halves
+                            )
                         emit(done)
                     else:
                         w, reg, valid, c1, st = _registered_frames(
@@ -12465,6 +12664,7 @@ def _cmd_bench(args):
             resume=False,
             flow_options={
                 "quality_setting": args.preset,
+                "stage1_method": args.method,
                 "save_w": True,
                 "reference_frames": list(range(min(50, args.frames))),
             },
@@ -12489,7 +12689,8 @@ def _cmd_bench(args):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(
         f"flowsession {__version__} Stage 1 bench: {args.size}x{args.size}, {args.frames} frames, "
-        f"{args.channels} channel(s), preset {args.preset}, {workers} worker thread(s), "
+        f"{args.channels} channel(s), preset {args.preset}, stage1_method {args.method}, "
+        f"{workers} worker thread(s), "
         f"flow_backend {args.backend}"
     )
     print(
@@ -12629,6 +12830,12 @@ def _build_parser():
     m.add_argument("--channels", type=int, default=1, choices=[1, 2, 3, 4])
     m.add_argument("--preset", default="balanced", choices=["quality", "balanced", "fast"])
     m.add_argument("--workers", type=int, default=-1, help="threads (default -1: all CPUs)")
+    m.add_argument(
+        "--method",
+        default="adaptive",
+        choices=["adaptive", "matlab"],
+        help="stage1_method (default adaptive; matlab: the toolbox's path, for comparison)",
+    )
     m.add_argument(
         "--backend",
         default="flowreg",

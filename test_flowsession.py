@@ -3690,20 +3690,21 @@ def test_stage1_interrupted_run_leaves_nothing_finished(tmp_path, monkeypatch):
     frames, _ = fs.synthetic_recording(30, (32, 32), 1, seed=4)
     cfg = _stage1_config(tmp_path, {"r.h5": frames}, quality_setting="fast", buffer_size=10)
     calls = {"n": 0}
-    real = fs._frame_statistics
+    real = fs._nb_warp_field  # each frame's warp in the default path
 
-    def crash_after_15(u, v):
+    def crash_after_15(*args):
         calls["n"] += 1
         if calls["n"] > 15:
             raise KeyboardInterrupt  # like a kill in the middle of the second batch
-        return real(u, v)
+        return real(*args)
 
-    monkeypatch.setattr(fs, "_frame_statistics", crash_after_15)
+    monkeypatch.setattr(fs, "_nb_warp_field", crash_after_15)
     with pytest.raises(KeyboardInterrupt):
         fs.run_stage1(cfg)
+    assert calls["n"] > 15
     folder = cfg.output_root_path / "r"
     assert _listing(folder) == []  # no result, no temporary file
-    monkeypatch.setattr(fs, "_frame_statistics", real)
+    monkeypatch.setattr(fs, "_nb_warp_field", real)
     out = fs.run_stage1(cfg)[0]
     resumed = _read_comp(out)
     clean = fs.run_stage1(dataclasses.replace(cfg, resume=False))[0]
@@ -6432,11 +6433,19 @@ def test_translations_recover_a_known_subpixel_shift(shift):
 
 
 def _temporal(w, s, chunk=7, **kw):
+    # (t, field (H, W, 2), payload) of every released frame, in release order.
     model = fs._TemporalModel(**kw)
     out = []
+
+    def take(blocks):
+        for b in blocks:
+            f = model.fields(b).transpose(0, 2, 3, 1)
+            out.extend(zip(b.t.tolist(), f, b.payloads))
+
     for i0 in range(0, len(w), chunk):
-        out += model.push(w[i0 : i0 + chunk], s[i0 : i0 + chunk], list(range(i0, len(w)))[:chunk])
-    return out + model.flush()
+        take(model.push(w[i0 : i0 + chunk], s[i0 : i0 + chunk], list(range(i0, len(w)))[:chunk]))
+    take(model.flush())
+    return out
 
 
 def test_temporal_model_releases_every_frame_once_in_order():

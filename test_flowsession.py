@@ -1176,6 +1176,25 @@ def test_cast_rounds_half_away_and_clips():
     assert fs.cast_to_dtype(np.float32([1.25]), np.float64)[0] == 1.25
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    x=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=1, max_size=40),
+    dtype=st.sampled_from([np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint64]),
+    single=st.booleans(),
+)
+def test_cast_matches_the_rounding_rule(x, dtype, single):
+    # MATLAB's round (half away from zero), NaN -> 0, clipped to the type, written out
+    # with numpy's own functions, against the one-pass kernel.
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = np.array(x, np.float32 if single else np.float64)  # float32: large values -> inf
+        v = np.nan_to_num(a.astype(np.float64), nan=0.0)
+        r = np.trunc(v) + np.sign(v) * (np.abs(v - np.trunc(v)) >= 0.5)
+    info = np.iinfo(dtype)
+    hi = float(info.max) if int(float(info.max)) <= info.max else np.nextafter(float(info.max), 0)
+    expected = np.clip(r, float(info.min), hi).astype(dtype)
+    np.testing.assert_array_equal(fs.cast_to_dtype(a, dtype), expected)
+
+
 def test_cast_integers_clip():
     np.testing.assert_array_equal(
         fs.cast_to_dtype(np.array([-5, 70000], np.int32), np.uint16), [0, 65535]

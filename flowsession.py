@@ -205,6 +205,8 @@ _njit_contract = numba.njit(cache=_NUMBA_CACHE, nogil=True, fastmath={"contract"
 # raise has a branch per division and does not vectorise.  For kernels whose
 # divisors are nonzero by construction or guarded.
 _njit_loops = numba.njit(cache=_NUMBA_CACHE, nogil=True, error_model="numpy")
+# Long sums whose order may change (registration quality figures): vectorised.
+_njit_sums = numba.njit(cache=_NUMBA_CACHE, nogil=True, fastmath={"reassoc", "contract"})
 
 
 ###############################################################################
@@ -5024,6 +5026,23 @@ def _nb_binned(img, b, out):
 
 
 @_njit
+def _nb_binned_channels(img, weights, b, out):
+    """``out`` ``(H // b, W // b)``: b x b block means of ``img`` ``(H, W, C)`` (any
+    real dtype) with its channels summed, weighted by ``weights`` ``(C,)``."""
+    h, w = out.shape
+    C = img.shape[2]
+    scale = 1.0 / (b * b)
+    for i in range(h):
+        for j in range(w):
+            acc = 0.0
+            for p in range(b):
+                for q in range(b):
+                    for c in range(C):
+                        acc += weights[c] * img[i * b + p, j * b + q, c]
+            out[i, j] = acc * scale
+
+
+@_njit
 def _nb_tapered(img, c, taper, out):
     """``out = taper * (img[..., c] - m)``, m the taper-weighted mean; returns the L2
     norm of ``out`` (the correlation input of `_Translations`)."""
@@ -5045,6 +5064,16 @@ def _nb_tapered(img, c, taper, out):
 
 
 @_njit
+def _nb_add_cross(cross, spec, f, scale, first):
+    """``cross (+)= spec * f * scale`` (complex, same shape); ``first``: overwrite."""
+    H, K = cross.shape
+    for i in range(H):
+        for k in range(K):
+            v = spec[i, k] * f[i, k] * scale
+            cross[i, k] = v if first else cross[i, k] + v
+
+
+@_njit
 def _nb_dft_peak(cross, W, y, x, step, half):
     """The best of ``(2 half + 1)^2`` points ``(y + i step, x + j step)`` of the
     correlation whose half spectrum (``rfft2``, ``(H, W // 2 + 1)``, full width W) is
@@ -5056,20 +5085,26 @@ def _nb_dft_peak(cross, W, y, x, step, half):
     tmp = np.zeros((n, K), dtype=np.complex128)
     for p in range(n):
         py = y + (p - half) * step
+        # exp(2 pi i py f / H) for the signed frequencies f (fftfreq order), by powers
+        up = np.exp(2j * np.pi * py / H)
+        e = 1.0 + 0.0j
         for ky in range(H):
-            f = ky if 2 * ky < H else ky - H  # signed frequency (fftfreq)
-            e = np.exp(2j * np.pi * py * f / H)
+            if 2 * ky == H or (2 * ky > H and 2 * (ky - 1) < H):
+                e = np.exp(2j * np.pi * py * (ky - H) / H)  # first negative frequency
             for kx in range(K):
                 tmp[p, kx] += e * cross[ky, kx]
+            e *= up
     best = -np.inf
     by = y
     bx = x
+    col = np.empty(K, dtype=np.complex128)
     for q in range(n):
         px = x + (q - half) * step
-        col = np.empty(K, dtype=np.complex128)
+        up = np.exp(2j * np.pi * px / W)
+        e = 1.0 + 0.0j
         for kx in range(K):
-            twice = 1.0 if kx == 0 or 2 * kx == W else 2.0
-            col[kx] = twice * np.exp(2j * np.pi * kx * px / W)
+            col[kx] = (1.0 if kx == 0 or 2 * kx == W else 2.0) * e
+            e *= up
         for p in range(n):
             acc = 0.0
             for kx in range(K):
@@ -5079,6 +5114,27 @@ def _nb_dft_peak(cross, W, y, x, step, half):
                 by = y + (p - half) * step
                 bx = px
     return by, bx
+
+
+@_njit
+def _nb_correlation_peak(corr, cross, upsample):
+    """Peak ``(y, x)`` of a circular correlation ``corr`` ``(H, W)`` (shifts past half
+    the size wrap to negative), refined on its half spectrum ``cross`` to 1/4 px over
+    +-1 px, then to ``1 / upsample`` px around that (`_nb_dft_peak`)."""
+    H, W = corr.shape
+    best = corr[0, 0]
+    py = 0
+    px = 0
+    for i in range(H):
+        for j in range(W):
+            if corr[i, j] > best:
+                best = corr[i, j]
+                py = i
+                px = j
+    y = float(py - H if 2 * py > H else py)
+    x = float(px - W if 2 * px > W else px)
+    y, x = _nb_dft_peak(cross, W, y, x, 0.25, 4)
+    return _nb_dft_peak(cross, W, y, x, 1.0 / upsample, math.ceil(0.15 * upsample))
 
 
 @_njit
@@ -5162,39 +5218,37 @@ def _nb_frame_statistics(u, v):
     return s_mag / n, m_mag, s_div / n, math.hypot(s_u / n, s_v / n)
 
 
-@_njit
+@_njit_sums
 def _nb_masked_pearson(frame_a, frame_b, ref, valid, out, sum_a, sum_b):
     """Pearson r of ``frame_a`` and of ``frame_b`` with ``ref`` (all ``(H, W, C)``) over
     the pixels where ``valid`` ``(H, W)``, per channel, averaged over channels, into
     ``out[0]``, ``out[1]``; NaN with fewer than two valid pixels or a constant channel.
-    Two passes (means, then centred sums), both frames in each.  Every pixel of the
-    frames is also added to ``sum_a``, ``sum_b`` (float64 ``(H, W, C)``)."""
+    Two passes (masked sums, then centred sums; masks as 0/1 factors so that the
+    loops vectorise), both frames in each.  Every pixel of the frames is also added
+    to ``sum_a``, ``sum_b`` (float64 ``(H, W, C)``); returns the valid pixel count."""
     H, W, C = ref.shape
-    for y in range(H):
-        for x in range(W):
-            for c in range(C):
-                sum_a[y, x, c] += frame_a[y, x, c]
-                sum_b[y, x, c] += frame_b[y, x, c]
     count = 0
     for y in range(H):
         for x in range(W):
-            if valid[y, x]:
-                count += 1
+            count += valid[y, x]
     out[0] = 0.0
     out[1] = 0.0
-    if count < 2:
-        out[:] = np.nan
-        return
     for c in range(C):
         sa = 0.0
         sb = 0.0
         sr = 0.0
         for y in range(H):
             for x in range(W):
-                if valid[y, x]:
-                    sa += frame_a[y, x, c]
-                    sb += frame_b[y, x, c]
-                    sr += ref[y, x, c]
+                a = float(frame_a[y, x, c])
+                b = float(frame_b[y, x, c])
+                sum_a[y, x, c] += a
+                sum_b[y, x, c] += b
+                m = 1.0 if valid[y, x] else 0.0
+                sa += m * a
+                sb += m * b
+                sr += m * ref[y, x, c]
+        if count < 2:
+            continue
         ma = sa / count
         mb = sb / count
         mr = sr / count
@@ -5205,19 +5259,54 @@ def _nb_masked_pearson(frame_a, frame_b, ref, valid, out, sum_a, sum_b):
         sbr = 0.0
         for y in range(H):
             for x in range(W):
-                if valid[y, x]:
-                    da = frame_a[y, x, c] - ma
-                    db = frame_b[y, x, c] - mb
-                    dr = ref[y, x, c] - mr
-                    saa += da * da
-                    sbb += db * db
-                    srr += dr * dr
-                    sar += da * dr
-                    sbr += db * dr
+                m = 1.0 if valid[y, x] else 0.0
+                da = m * (frame_a[y, x, c] - ma)
+                db = m * (frame_b[y, x, c] - mb)
+                dr = m * (ref[y, x, c] - mr)
+                saa += da * da
+                sbb += db * db
+                srr += dr * dr
+                sar += da * dr
+                sbr += db * dr
         out[0] += sar / math.sqrt(saa * srr) if saa > 0.0 and srr > 0.0 else np.nan
         out[1] += sbr / math.sqrt(sbb * srr) if sbb > 0.0 and srr > 0.0 else np.nan
+    if count < 2:
+        out[:] = np.nan
+        return count
     out[0] /= C
     out[1] /= C
+    return count
+
+
+@_njit
+def _nb_valid_counts(valid, always, counts):
+    """Per-frame valid pixel counts of masks ``valid`` ``(n, H, W)``; ``always &=`` and
+    ``counts +=`` (``(H, W)``) each frame's mask."""
+    n, H, W = valid.shape
+    out = np.zeros(n, np.int64)
+    for k in range(n):
+        for y in range(H):
+            for x in range(W):
+                v = valid[k, y, x]
+                out[k] += v
+                counts[y, x] += v
+                always[y, x] &= v
+    return out
+
+
+@_njit
+def _nb_field_means(w, out):
+    """``out[k] = `` the mean of field ``w[k]`` ``(H, W, 2)`` (any memory layout)."""
+    n, H, W = w.shape[:3]
+    for k in range(n):
+        su = 0.0
+        sv = 0.0
+        for y in range(H):
+            for x in range(W):
+                su += w[k, y, x, 0]
+                sv += w[k, y, x, 1]
+        out[k, 0] = su / (H * W)
+        out[k, 1] = sv / (H * W)
 
 
 ###############################################################################
@@ -8818,17 +8907,16 @@ class _Translations:
         """``(dx, dy)`` (px of the full frame) of an already binned frame."""
         h, w = self.taper.shape
         buffer = np.empty((h, w))  # this call's own: frames are measured in several threads
-        cross = 0.0
+        cross = np.empty((h, w // 2 + 1), np.complex128)
+        first = True
         for k, spec in enumerate(self.spectra):
             if spec is not None:
-                cross = cross + spec * self._spectrum(small, k, buffer)
+                norm = _nb_tapered(small, k, self.taper, buffer)
+                f = self.fft.rfft2(buffer)
+                _nb_add_cross(cross, spec, f, 1.0 / norm if norm > 0 else 1.0, first)
+                first = False
         corr = self.fft.irfft2(cross, s=(h, w))
-        py, px = np.unravel_index(int(np.argmax(corr)), corr.shape)
-        py, px = py - h if py > h / 2 else py, px - w if px > w / 2 else px
-        # 1/4 px over +-1 px, then 1/upsample px around that.
-        up = TRANSLATION_UPSAMPLE * self.bin
-        y, x = _nb_dft_peak(cross, w, float(py), float(px), 0.25, 4)
-        y, x = _nb_dft_peak(cross, w, y, x, 1.0 / up, math.ceil(0.15 * up))
+        y, x = _nb_correlation_peak(corr, cross, float(TRANSLATION_UPSAMPLE * self.bin))
         return np.array([x, y]) * self.bin
 
     def measure(self, frame, t):
@@ -9340,7 +9428,7 @@ class _QualityAccumulator:
         self.sum_before = np.zeros((H, W, C))
         self.sum_after = np.zeros((H, W, C))
         self.always_valid = np.ones((H, W), dtype=bool)
-        self.valid_count = np.zeros((H, W))
+        self.valid_count = np.zeros((H, W), np.int64)
         self.bin = max(1, math.ceil(max(H, W) / QUALITY_PC_SIZE))
         n_keep = min(n_frames, QUALITY_PC_FRAMES)
         self.keep = np.unique(np.linspace(0, n_frames - 1, n_keep).round().astype(np.int64))
@@ -9355,9 +9443,9 @@ class _QualityAccumulator:
 
     def _binned(self, frame):
         b = self.bin
-        x = frame.astype(np.float64) @ self.scale
-        hb, wb = x.shape[0] // b, x.shape[1] // b
-        return x[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
+        out = np.empty((frame.shape[0] // b, frame.shape[1] // b))
+        _nb_binned_channels(frame, self.scale, b, out)
+        return out
 
     def add(self, raw, registered, valid, w):
         """Add the next frames: raw and corrected ``(n, H, W, C)``, ``valid`` ``(n, H, W)``
@@ -9370,11 +9458,9 @@ class _QualityAccumulator:
         )
         self.corr_before[t0 : t0 + n] = before
         self.corr_after[t0 : t0 + n] = after
-        self.valid_fraction[t0 : t0 + n] = np.count_nonzero(valid.reshape(n, -1), axis=1) / (H * W)
-        # Row sums first: a reduction over (1, 2) at once walks (H, W, 2) fields 20x slower.
-        self.translation[t0 : t0 + n] = np.asarray(w).sum(axis=1).sum(axis=1) / (H * W)
-        self.always_valid &= valid.all(axis=0)
-        self.valid_count += valid.view(np.uint8).sum(axis=0, dtype=np.int64)
+        counts = _nb_valid_counts(valid, self.always_valid, self.valid_count)
+        self.valid_fraction[t0 : t0 + n] = counts / (H * W)
+        _nb_field_means(np.asarray(w, dtype=np.float64), self.translation[t0 : t0 + n])
         lo, hi = np.searchsorted(self.keep, [t0, t0 + n])
         for j in range(lo, hi):
             k = self.keep[j] - t0

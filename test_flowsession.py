@@ -6467,6 +6467,41 @@ def _temporal(w, s, chunk=7, **kw):
     return out
 
 
+def test_temporal_block_sum_matches_its_formula():
+    # The row-by-row Numba sum of a released block against the same sum by einsum:
+    # field_j = s_j + sum_i kern[j, i] * remainder_i.
+    rng = np.random.default_rng(4)
+    model = fs._TemporalModel(radius=3, warmup=6, block=4)
+    w, s = rng.normal(size=(20, 37, 21, 2)), rng.normal(size=(20, 2))
+    blocks = model.push(w[:12], s[:12], list(range(12)))
+    assert blocks and all(len(b.t) <= 4 for b in blocks)
+    for b in blocks:
+        want = b.s[:, :, None, None] + np.einsum("jm,mchw->jchw", b.kern, model.ring[b.slots])
+        np.testing.assert_allclose(model.fields(b), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b.kern.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("method", ["nearest", "linear", "cubic"])
+def test_warp_in_frame_layout_matches_the_transposed_warp(method):
+    # _nb_warp_field swaps the axes' roles instead of transposing the frames: the same
+    # warp as _warp_frames (out-of-grid pixels and valid masks included) and the same
+    # per-frame statistics as _frame_statistics.
+    rng = np.random.default_rng(5)
+    H, W, C = 23, 31, 2
+    raw = (rng.random((H, W, C)) * 1000).astype(np.uint16)
+    fill = rng.random((H, W, C))
+    w = rng.normal(0, 3.0, (H, W, 2))  # large enough to leave the grid at the edges
+    code = fs._method_code(method)
+    want, want_valid = fs._warp_frames(raw[None], w[None], fs._to_internal(fill), code)
+    reg, valid = np.empty((H, W, C)), np.empty((H, W), bool)
+    uv = np.ascontiguousarray(w.transpose(2, 0, 1))
+    st = fs._nb_warp_field(uv, raw, np.ascontiguousarray(fill.transpose(2, 0, 1)), code, reg, valid)
+    assert 0 < valid.sum() < H * W
+    np.testing.assert_array_equal(valid, want_valid[0])
+    np.testing.assert_allclose(reg, want[0], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(st, fs._frame_statistics(w[..., 0], w[..., 1]), rtol=1e-12)
+
+
 def test_temporal_model_releases_every_frame_once_in_order():
     rng = np.random.default_rng(2)
     w, s = rng.normal(size=(50, 5, 4, 2)), rng.normal(size=(50, 2))

@@ -15,6 +15,7 @@ noisy machines still give a fair comparison.
 """
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -22,6 +23,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+print = functools.partial(print, flush=True)  # figures appear as they are measured
 
 
 def bench(checkout, preset, size, frames, method=None):

@@ -8843,7 +8843,7 @@ class _Translations:
     (`_nb_dft_peak`; `estimate_rigid_shift` does this on the full spectrum with
     `_xc_upsampled_dft`, in three windowed passes: here the flat window barely biases
     small shifts).  ``ref`` ``(H, W, C)``; calling it on a frame ``(H, W, C)``
-    returns ``(dx, dy)`` in the field convention.  `halves` measures the top and
+    returns ``(dx, dy)`` in the field convention.  `_halves` measures the top and
     bottom halves of a frame apart: the difference of the two is pure estimation
     noise for a still or rigidly moving frame, so its variance / 4 is the noise
     variance of the whole frame's estimate.  Frames of 128 px and more a side are
@@ -8859,7 +8859,6 @@ class _Translations:
         weight = np.asarray(weight, dtype=np.float64)
         if not weight.any():
             weight = np.ones(C)
-        self.weight = weight
         # What each pixel weighs in the estimate (linearised: taper^2 |grad ref|^2): the
         # temporal model pins the fields' translation to ours with these weights.
         taper = np.outer(_taper(H, TRANSLATION_TAPER), _taper(W, TRANSLATION_TAPER))
@@ -8874,7 +8873,6 @@ class _Translations:
         small = self._binned(ref)
         h, w = small.shape[:2]
         self.taper = np.outer(_taper(h, TRANSLATION_TAPER), _taper(w, TRANSLATION_TAPER))
-        self.buffer = np.empty((h, w))
         self.spectra = [
             np.conj(self._spectrum(small, k)) * weight[k] if weight[k] > 0 else None
             for k in range(C)
@@ -8887,8 +8885,9 @@ class _Translations:
                 _Translations(small[h // 2 : 2 * (h // 2)], weight, False, 1, self.bin),
             )
 
-    def _spectrum(self, img, k, buffer=None):
-        a = self.buffer if buffer is None else buffer
+    def _spectrum(self, img, k):
+        """Normalised half spectrum of channel k of ``img``, tapered and made zero-mean."""
+        a = np.empty(self.taper.shape)  # the call's own: frames are measured in threads
         norm = _nb_tapered(img, k, self.taper, a)
         return self.fft.rfft2(a) / (norm if norm > 0 else 1.0)
 
@@ -8907,31 +8906,26 @@ class _Translations:
     def _estimate(self, small):
         """``(dx, dy)`` (px of the full frame) of an already binned frame."""
         h, w = self.taper.shape
-        buffer = np.empty((h, w))  # this call's own: frames are measured in several threads
         cross = np.empty((h, w // 2 + 1), np.complex128)
         first = True
         for k, spec in enumerate(self.spectra):
             if spec is not None:
-                norm = _nb_tapered(small, k, self.taper, buffer)
-                f = self.fft.rfft2(buffer)
-                _nb_add_cross(cross, spec, f, 1.0 / norm if norm > 0 else 1.0, first)
+                _nb_add_cross(cross, spec, self._spectrum(small, k), 1.0, first)
                 first = False
         corr = self.fft.irfft2(cross, s=(h, w))
         y, x = _nb_correlation_peak(corr, cross, float(TRANSLATION_UPSAMPLE * self.scale))
         return np.array([x, y]) * self.scale
 
     def measure(self, frame, t):
-        """``(2, 2)``: the translation of frame number t, and its `halves` if ``t % 4 == 0``
+        """``(2, 2)``: the translation of frame number t, and its `_halves` if ``t % 4 == 0``
         (else NaN)."""
         small = self._binned(frame)
         halves = self._halves(small) if t % 4 == 0 else np.full(2, np.nan)
         return np.stack([self._estimate(small), halves])
 
-    def halves(self, frame):
-        """``(dx, dy)`` of the top half minus that of the bottom half (NaN: too small)."""
-        return self._halves(self._binned(frame))
-
     def _halves(self, small):
+        """``(dx, dy)`` of the top half minus that of the bottom half of a binned frame
+        (NaN: too small)."""
         if self.parts is None:
             return np.full(2, np.nan)
         h = len(small) // 2

@@ -3605,13 +3605,22 @@ class _Preprocessed:
         self.raw = raw
         self.sigma = sigma
         self.pool = pool
-        self.lo0, self.hi0 = _minmax(raw, False)
+        # min and max of the batch in pieces on the pool (exact: the order does not matter)
+        pieces = list(pool.map(lambda a: _minmax(raw[a : a + 32], False), range(0, len(raw), 32)))
+        self.lo0, self.hi0 = min(p[0] for p in pieces), max(p[1] for p in pieces)
         self.lo, self.hi, total = _smoothed_range(raw, sigma, separate, pool, self.lo0, self.hi0)
         self.mean = _normalise(total / len(raw), self.lo, self.hi)
 
     def frames(self, i0, i1):
         g = _smooth_frames(self.raw, self.sigma, i0, i1, self.pool, self.lo0, self.hi0)
-        return _normalise(g, self.lo, self.hi, in_place=True)
+        steps = range(0, len(g), _SMOOTH_STEP)
+        list(
+            self.pool.map(
+                lambda a: _normalise(g[a : a + _SMOOTH_STEP], self.lo, self.hi, in_place=True),
+                steps,
+            )
+        )
+        return g
 
 
 #: Bidirectional scan phase: offsets below this (px) are reported as 0 and not applied.
@@ -6135,9 +6144,14 @@ class FlowBackend:
         out-of-grid pixels of warped frames take (None in Stage 2)."""
         raise NotImplementedError
 
+    def _start(self, init):
+        """``init (H, W, 2)`` in the form ``_flows`` takes it, converted once per call of
+        ``flows``, ``register`` or ``pair`` (not once per frame); here ``init`` itself."""
+        return init
+
     def _flows(self, state, frames, init):
         """Fields ``(n, H, W, 2)`` float64 of a batch of preprocessed frames ``(n, H, W,
-        C)``, each started from ``init (H, W, 2)``."""
+        C)``, each started from ``init`` (as `_start` returned it)."""
         raise NotImplementedError
 
     def _batch_frames(self, n):
@@ -6168,6 +6182,7 @@ class FlowBackend:
         """Fields ``w (n, H, W, 2)`` float64 of preprocessed frames ``(n, H, W, C)``,
         starting from ``init (H, W, 2)``."""
         out = np.empty((*frames.shape[:3], 2))
+        init = self._start(init)
 
         def work(k0, k1):
             out[k0:k1] = self._flows(state, frames[k0:k1], init)
@@ -6186,6 +6201,7 @@ class FlowBackend:
         reg = np.empty((n, H, W, C), self._reg_dtype)
         valid = np.empty((n, H, W), dtype=bool)
         stats = np.empty((4, n))
+        init = self._start(init)
 
         def work(k0, k1):
             wk, rk, vk, sums = self._register_batch(state, frames[k0:k1], raw[k0:k1], init, method)
@@ -6212,7 +6228,7 @@ class FlowBackend:
         fixed = np.asarray(fixed, dtype=np.float64)
         H, W = fixed.shape[:2]
         state = self.reference(params, fixed)
-        init = np.zeros((H, W, 2)) if init is None else init
+        init = self._start(np.zeros((H, W, 2)) if init is None else init)
         return self._flows(state, np.asarray(moving, dtype=np.float64)[None], init)[0]
 
 
@@ -6252,17 +6268,41 @@ class FlowregBackend(FlowBackend):
         plan = _pyramid_plan(p, ref_int.shape)
         return _CpuState(p, ref_int, plan, _reference_pyramid(p, ref_int, plan), fill_int)
 
+    def _start(self, init):
+        return _field_internal(init)  # (u, v), each (W, H)
+
+    def _internal(self, state, frame, init):
+        """``(u, v)`` of one frame ``(H, W, C)``, each ``(W, H)`` (the solver's layout)."""
+        ui, vi = init
+        return _flow_internal(
+            state.params, state.ref, _to_internal(frame), ui, vi, state.pyramid, state.plan
+        )
+
     def _flows(self, state, frames, init):
         n, H, W = frames.shape[:3]
-        ui, vi = _field_internal(init)
         out = np.empty((n, H, W, 2))
         for k in range(n):
-            u, v = _flow_internal(
-                state.params, state.ref, _to_internal(frames[k]), ui, vi, state.pyramid, state.plan
-            )
+            u, v = self._internal(state, frames[k], init)
             out[k, ..., 0] = u.T
             out[k, ..., 1] = v.T
         return out
+
+    def _register_batch(self, state, frames, raw, init, method):
+        # Warped in the solver's layout: no round trip of the fields through (H, W, 2).
+        n, H, W, C = raw.shape
+        w = np.empty((n, H, W, 2))
+        reg = np.empty((n, H, W, C))
+        valid = np.empty((n, H, W), dtype=bool)
+        for k in range(n):
+            u, v = self._internal(state, frames[k], init)
+            out, ok = _warp_stack(
+                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
+            )
+            w[k, ..., 0] = u.T
+            w[k, ..., 1] = v.T
+            reg[k] = out.transpose(2, 1, 0)
+            valid[k] = ok.T
+        return w, reg, valid, None
 
 
 def _check_data_term(backend, assumption, key):
@@ -9777,7 +9817,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                         )
                         stats[:, b0 + i0 : b0 + i1] = st
                         hand_over(raw[i0:i1], reg, valid, w)
-                    w_sum += w.sum(axis=0)
+                    if n <= INIT_TAIL_MIN_FRAMES:  # the sum is needed only then
+                        w_sum += w.sum(axis=0)
                     w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
                     w_tail = w_tail[-INIT_TAIL_FRAMES:]
                     if ref_sum is not None:

@@ -5174,6 +5174,22 @@ def _nb_split_field(w, weights, out):
 
 
 @_njit
+def _nb_subsampled_sq_diff(ring, a, b):
+    """Mean of ``(ring[a] - ring[b]) ** 2`` over every 4th row and column (float64):
+    how much `_TemporalModel`'s remainders change between two frames."""
+    _, H, W = ring.shape[1:]
+    acc = 0.0
+    n = 0
+    for c in range(2):
+        for i in range(0, H, 4):
+            for j in range(0, W, 4):
+                d = np.float64(ring[a, c, i, j]) - np.float64(ring[b, c, i, j])
+                acc += d * d
+                n += 1
+    return acc / n
+
+
+@_njit
 def _nb_temporal_block(ring, slots, kern, s, r0, r1, out):
     """Rows ``[r0, r1)`` of released fields of `_TemporalModel`: ``out[j] = s[j] + sum_i
     kern[j, i] * ring[slots[i]]``, ``out`` ``(n, 2, H, W)`` float64, ``ring`` ``(N, 2,
@@ -6097,6 +6113,12 @@ def get_displacement(
 ###############################################################################
 
 
+class _StartedInit(NamedTuple):
+    """A flow initialisation as `FlowBackend.start` converted it."""
+
+    value: object
+
+
 class FlowBackend:
     """Base of the flow backends: computes the displacement fields of Stage 1 and
     Stage 2 and, in Stage 1, warps the frames and their valid masks.
@@ -6149,6 +6171,14 @@ class FlowBackend:
         ``flows``, ``register`` or ``pair`` (not once per frame); here ``init`` itself."""
         return init
 
+    def start(self, init):
+        """``init (H, W, 2)`` converted once for many calls of ``flows`` or ``register``
+        (Stage 1 keeps it over a batch's chunks)."""
+        return _StartedInit(self._start(init))
+
+    def _started(self, init):
+        return init.value if isinstance(init, _StartedInit) else self._start(init)
+
     def _flows(self, state, frames, init):
         """Fields ``(n, H, W, 2)`` float64 of a batch of preprocessed frames ``(n, H, W,
         C)``, each started from ``init`` (as `_start` returned it)."""
@@ -6178,14 +6208,17 @@ class FlowBackend:
             for k0 in starts:
                 work(k0, min(n, k0 + step))
 
-    def flows(self, state, frames, init, pool=None):
+    def flows(self, state, frames, init, pool=None, then=None):
         """Fields ``w (n, H, W, 2)`` float64 of preprocessed frames ``(n, H, W, C)``,
-        starting from ``init (H, W, 2)``."""
+        starting from ``init (H, W, 2)``.  ``then(k0, k1, w)``, when given, is called
+        with each batch's fields as soon as they are known, in the same thread."""
         out = np.empty((*frames.shape[:3], 2))
-        init = self._start(init)
+        init = self._started(init)
 
         def work(k0, k1):
             out[k0:k1] = self._flows(state, frames[k0:k1], init)
+            if then is not None:
+                then(k0, k1, out[k0:k1])
 
         self._each_batch(len(frames), pool, work)
         return out
@@ -6201,7 +6234,7 @@ class FlowBackend:
         reg = np.empty((n, H, W, C), self._reg_dtype)
         valid = np.empty((n, H, W), dtype=bool)
         stats = np.empty((4, n))
-        init = self._start(init)
+        init = self._started(init)
 
         def work(k0, k1):
             wk, rk, vk, sums = self._register_batch(state, frames[k0:k1], raw[k0:k1], init, method)
@@ -8913,10 +8946,10 @@ class _Translations:
         small = self._binned(ref)
         h, w = small.shape[:2]
         self.taper = np.outer(_taper(h, TRANSLATION_TAPER), _taper(w, TRANSLATION_TAPER))
-        self.spectra = [
-            np.conj(self._spectrum(small, k)) * weight[k] if weight[k] > 0 else None
-            for k in range(C)
-        ]
+        self.spectra = []
+        for k in range(C):
+            f, scale = self._spectrum(small, k) if weight[k] > 0 else (None, 0.0)
+            self.spectra.append(None if f is None else np.conj(f) * (scale * weight[k]))
         self.parts = None
         if split and h >= 32 and w >= 16:
             # The halves of the binned frame, measured without further binning.
@@ -8926,10 +8959,11 @@ class _Translations:
             )
 
     def _spectrum(self, img, k):
-        """Normalised half spectrum of channel k of ``img``, tapered and made zero-mean."""
+        """Half spectrum of channel k of ``img``, tapered and made zero-mean, and the
+        factor that normalises it."""
         a = np.empty(self.taper.shape)  # the call's own: frames are measured in threads
         norm = _nb_tapered(img, k, self.taper, a)
-        return self.fft.rfft2(a) / (norm if norm > 0 else 1.0)
+        return self.fft.rfft2(a), (1.0 / norm if norm > 0 else 1.0)
 
     def _binned(self, img):
         img = np.asarray(img, dtype=np.float64)
@@ -8950,7 +8984,7 @@ class _Translations:
         first = True
         for k, spec in enumerate(self.spectra):
             if spec is not None:
-                _nb_add_cross(cross, spec, self._spectrum(small, k), 1.0, first)
+                _nb_add_cross(cross, spec, *self._spectrum(small, k), first)
                 first = False
         corr = self.fft.irfft2(cross, s=(h, w))
         y, x = _nb_correlation_peak(corr, cross, float(TRANSLATION_UPSAMPLE * self.scale))
@@ -9042,7 +9076,7 @@ class _TemporalModel:
         self.moments = np.zeros((2, 2))  # sums of s and s ** 2 per axis
         self.split_sum = np.zeros(2)  # sum of squared half-frame differences per axis
         self.n_split = 0
-        self.last = []  # the last two (s, subsampled r)
+        self.last = []  # the last two (s, ring slot of r)
         self.decay = np.zeros(3)
         self.last_d = None  # the last difference field translation - s
         self.d_sum = np.zeros(2)  # its squared frame-to-frame changes
@@ -9073,10 +9107,7 @@ class _TemporalModel:
         means, translations ``s (n, 2)``, payloads and ``halves`` (as `push`)."""
         for k in range(len(slots)):
             mean = np.asarray(means[k], dtype=np.float64)
-            cur = (
-                np.asarray(s[k], dtype=np.float64),
-                self.ring[slots[k], :, ::4, ::4].astype(np.float64),
-            )
+            cur = (np.asarray(s[k], dtype=np.float64), slots[k])
             d = mean - cur[0]
             if self.last_d is not None:
                 self.d_sum += (d - self.last_d) ** 2
@@ -9085,7 +9116,7 @@ class _TemporalModel:
                 if len(self.last) >= lag:
                     s0, r0 = self.last[-lag]
                     self.sums[lag - 1, :2] += (cur[0] - s0) ** 2
-                    self.sums[lag - 1, 2] += np.mean((cur[1] - r0) ** 2)
+                    self.sums[lag - 1, 2] += _nb_subsampled_sq_diff(self.ring, cur[1], r0)
                     self.counts[lag - 1] += 1
             self.moments += (cur[0], cur[0] ** 2)
             if halves is not None and np.isfinite(halves[k]).all():
@@ -9662,7 +9693,9 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     if opts.stage1_method == "adaptive" and opts.update_reference:
         log.info("%s: update_reference = true: fields are not smoothed over time", name)
 
-    def write_chunk(reg, valid, w):
+    def write_chunk(reg, valid, w, jobs=()):
+        for job in jobs:  # the warps of these frames, still running on the pool
+            job.result()
         out = cast_to_dtype(reg, out_dtype)
         comp.append(out)
         avg[...] += out.sum(axis=0, dtype=np.float64)
@@ -9675,8 +9708,11 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
             pending.pop().result()
 
     def emit(blocks):
-        # Frames the temporal model released, a block at a time: their fields, the
-        # frames warped by them with their statistics, handed to the writer.
+        # Frames the temporal model released, a block at a time: their fields, then
+        # the frames warped by them with their statistics, handed to the writer.  The
+        # warps are queued on the pool without waiting for them (the writer does), so
+        # the pool's threads go on to the next chunk instead of idling at the end of
+        # each warp.
         for block in blocks:
             with phases("temporal model"):
                 uv = model.fields(block)  # (n, 2, H, W)
@@ -9684,22 +9720,23 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
             reg = np.empty((*raw_d.shape[:3], C))
             valid = np.empty(raw_d.shape[:3], dtype=bool)
 
-            def warp(j):
-                stats[:, block.t[j]] = _nb_warp_field(
-                    uv[j], raw_d[j], fill_nat, method, reg[j], valid[j]
-                )
+            # arguments, not names of this loop: the warps run after it has moved on
+            jobs = [
+                pool.submit(warp, block.t[j], uv[j], raw_d[j], reg[j], valid[j])
+                for j in range(len(uv))
+            ]
+            hand_over(raw_d, reg, valid, uv.transpose(0, 2, 3, 1), jobs)
 
-            with phases("warp"):
-                list(pool.map(warp, range(len(uv))))
-            hand_over(raw_d, reg, valid, uv.transpose(0, 2, 3, 1))
+    def warp(t, uv, raw_d, reg, valid):
+        stats[:, t] = _nb_warp_field(uv, raw_d, fill_nat, method, reg, valid)
 
-    def hand_over(raw_c, reg, valid, w):
+    def hand_over(raw_c, reg, valid, w, jobs=()):
         # The writer thread casts and writes these frames (and adds them to the quality
         # figures) while the pool computes the next ones; "write" is the time spent
-        # waiting for it.
+        # waiting for it (and for the frames' warps, ``jobs``).
         with phases("write"):
             wait_for_writer()
-        pending.append(writer.submit(write_chunk, reg, valid, w))
+        pending.append(writer.submit(write_chunk, reg, valid, w, jobs))
         pending.append(writer.submit(quality.add, raw_c, reg, valid, w))
         progress.update(len(w))
 
@@ -9781,7 +9818,9 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                             fill_nat = np.ascontiguousarray(
                                 np.moveaxis(np.asarray(ref_raw, dtype=np.float64), 2, 0)
                             )
-                init = w_init if opts.update_initialization_w else np.zeros_like(w_init)
+                init = backend.start(
+                    w_init if opts.update_initialization_w else np.zeros_like(w_init)
+                )
                 n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
                 ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
                 w_sum = np.zeros((H, W, 2))
@@ -9791,20 +9830,20 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     if temporal:
                         with phases("preprocess"):
                             c1 = pre.frames(i0, i1)
-                        with phases("flow"):
-                            w = backend.flows(state, c1, init, pool)
-                        with phases("translation"):
-                            # Per frame in the pool's threads, after the flows: the
-                            # translation (and, on every 4th frame, its estimation noise)
-                            # and the field's remainder stored for the temporal model.
-                            slots = model.reserve(len(w), (H, W))
+                        slots = model.reserve(i1 - i0, (H, W))
+                        got = [None] * (i1 - i0)
 
-                            def measure(k):
+                        def measure(k0, k1, wk):
+                            # In the pool's threads, right after each frame's flow: its
+                            # translation (and, on every 4th frame, the estimation noise)
+                            # and its field's remainder stored for the temporal model.
+                            for k in range(k0, k1):
                                 m = tracker.measure(c1[k], b0 + i0 + k)
-                                return m, model.split(w[k], slots[k])
+                                got[k] = m, model.split(wk[k - k0], slots[k])
 
-                            got = list(pool.map(measure, range(len(w))))
-                            s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
+                        with phases("flow and translation"):
+                            w = backend.flows(state, c1, init, pool, then=measure)
+                        s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
                         with phases("temporal model"):
                             # a copy: pending frames must not keep a whole batch alive
                             done = model.add(
@@ -9827,7 +9866,15 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                     _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
                 if ref_sum is not None:
                     state = backend.reference(params, ref_sum / (n_ref + 1), ref_raw)
-                w_init = np.mean(w_tail, axis=0) if n > INIT_TAIL_MIN_FRAMES else w_sum / n
+                if n > INIT_TAIL_MIN_FRAMES:
+                    # np.mean(w_tail, axis=0) without stacking the fields first: the same
+                    # sums in the same order
+                    w_init = w_tail[0].copy()
+                    for wk in w_tail[1:]:
+                        w_init += wk
+                    w_init /= len(w_tail)
+                else:
+                    w_init = w_sum / n
             if temporal:
                 emit(model.flush())
             with phases("write"):

@@ -5682,6 +5682,19 @@ def _to_internal(img):
     return np.ascontiguousarray(np.transpose(img, (2, 1, 0)))
 
 
+@_njit
+def _nb_interleave_field(u, v, out):
+    """``out (H, W, 2)`` = ``(u.T, v.T)`` for ``u, v`` ``(W, H)`` (the solver's layout),
+    in 16 x 16 tiles so that both sides stay in cache."""
+    W, H = u.shape
+    for j0 in range(0, W, 16):
+        for i0 in range(0, H, 16):
+            for j in range(j0, min(j0 + 16, W)):
+                for i in range(i0, min(i0 + 16, H)):
+                    out[i, j, 0] = u[j, i]
+                    out[i, j, 1] = v[j, i]
+
+
 def _field_internal(w):
     """A checked ``(H, W, 2)`` field -> transposed contiguous ``(u, v)``, each ``(W, H)``."""
     return np.ascontiguousarray(w[..., 0].T), np.ascontiguousarray(w[..., 1].T)
@@ -6315,9 +6328,7 @@ class FlowregBackend(FlowBackend):
         n, H, W = frames.shape[:3]
         out = np.empty((n, H, W, 2))
         for k in range(n):
-            u, v = self._internal(state, frames[k], init)
-            out[k, ..., 0] = u.T
-            out[k, ..., 1] = v.T
+            _nb_interleave_field(*self._internal(state, frames[k], init), out[k])
         return out
 
     def _register_batch(self, state, frames, raw, init, method):
@@ -6331,8 +6342,7 @@ class FlowregBackend(FlowBackend):
             out, ok = _warp_stack(
                 _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
             )
-            w[k, ..., 0] = u.T
-            w[k, ..., 1] = v.T
+            _nb_interleave_field(u, v, w[k])
             reg[k] = out.transpose(2, 1, 0)
             valid[k] = ok.T
         return w, reg, valid, None
@@ -9686,7 +9696,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     chunk = getattr(backend, "chunk_frames", None) or max(8, 2 * n_workers)
     progress = _Progress(name, T)
     writers = []
-    pending = []  # the one chunk the writer thread may still be writing
+    pending = []  # the jobs of the chunks the writer thread may still be writing, in order
     # The temporal model of stage1_method = "adaptive" (not with the toolbox's reference
     # update, which needs each chunk's preprocessed frames warped at once).
     temporal = opts.stage1_method == "adaptive" and not opts.update_reference
@@ -9705,7 +9715,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
 
     def wait_for_writer():
         while pending:
-            pending.pop().result()
+            pending.pop(0).result()
 
     def emit(blocks):
         # Frames the temporal model released, a block at a time: their fields, then
@@ -9733,9 +9743,11 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     def hand_over(raw_c, reg, valid, w, jobs=()):
         # The writer thread casts and writes these frames (and adds them to the quality
         # figures) while the pool computes the next ones; "write" is the time spent
-        # waiting for it (and for the frames' warps, ``jobs``).
+        # waiting for it (and for the frames' warps, ``jobs``).  Two chunks may wait for
+        # the writer, so that one slow write does not stall the pool.
         with phases("write"):
-            wait_for_writer()
+            while len(pending) > 2:
+                pending.pop(0).result()
         pending.append(writer.submit(write_chunk, reg, valid, w, jobs))
         pending.append(writer.submit(quality.add, raw_c, reg, valid, w))
         progress.update(len(w))
@@ -9879,6 +9891,8 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 emit(model.flush())
             with phases("write"):
                 wait_for_writer()
+            # The quality figures on the writer thread while the files are closed here.
+            qual_job = writer.submit(quality.finish)
             idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
             if ext == "nwb":
                 comp.translation = quality.translation  # its xy_translation
@@ -9886,8 +9900,11 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
                 wr.close()
                 _kill_point("stage1.publish")
         except BaseException:
-            with contextlib.suppress(Exception):
-                wait_for_writer()  # no write may race the removal of the partial files
+            # No write may race the removal of the partial files: every job of the writer
+            # is waited for, whatever it raised (a failed warp surfaces there too).
+            for job in pending:
+                with contextlib.suppress(BaseException):
+                    job.result()
             for wr in writers:
                 wr.abort()
             raise
@@ -9903,7 +9920,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     _kill_point("stage1.average")
     atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
     atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
-    qual = quality.finish()
+    qual = qual_job.result()
     if opts.save_meta_info:
         atomic_save_npz(
             os.path.join(folder, "statistics.npz"),

@@ -9693,13 +9693,18 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     ext = {"HDF5": "hdf5", "NWB": "nwb"}.get(opts.output_format.upper(), "tif")
     stats = np.empty((4, T))
     avg = np.zeros((H, W, C))
-    chunk = getattr(backend, "chunk_frames", None) or max(8, 2 * n_workers)
     progress = _Progress(name, T)
     writers = []
     pending = []  # the jobs of the chunks the writer thread may still be writing, in order
     # The temporal model of stage1_method = "adaptive" (not with the toolbox's reference
     # update, which needs each chunk's preprocessed frames warped at once).
     temporal = opts.stage1_method == "adaptive" and not opts.update_reference
+    # Frames per chunk of work on the pool; the default path's chunks are longer: each
+    # chunk waits for its slowest frame several times (flows, temporal model), within
+    # about 64 MiB of fields per chunk.
+    chunk = getattr(backend, "chunk_frames", None) or 2 * max(4, n_workers)
+    if temporal and not getattr(backend, "chunk_frames", None):
+        chunk = max(chunk, min(2 * chunk, 2**26 // (16 * H * W)))
     if opts.stage1_method == "adaptive" and opts.update_reference:
         log.info("%s: update_reference = true: fields are not smoothed over time", name)
 

@@ -2084,6 +2084,42 @@ def test_flowreg_backend_params_are_checked(params, match):
         fs.make_backend("flowreg", params)
 
 
+def test_flows_callback_start_and_toolbox_warp_agree_with_plain_calls():
+    # flows(..., then=...) hands each frame's own field to the callback; an init from
+    # start() (converted once) gives the same fields as the plain array; the flowreg
+    # backend's register (warped in the solver's layout) equals flows + _warp_frames.
+    rng = np.random.default_rng(6)
+    H, W = 24, 20
+    ref = rng.random((H, W, 1))
+    frames = np.stack(
+        [np.roll(ref, k % 3, axis=1) + 0.01 * rng.random((H, W, 1)) for k in range(5)]
+    )
+    backend = fs.FlowregBackend()
+    params = fs._flow_params(fs.FlowOptions(quality_setting="fast"), 1)
+    state = backend.reference(params, ref, ref)
+    init = rng.normal(0, 0.3, (H, W, 2))
+    seen = {}
+
+    def then(k0, k1, w):
+        for k in range(k0, k1):
+            seen[k] = w[k - k0].copy()
+
+    w = backend.flows(state, frames, init, then=then)
+    assert sorted(seen) == list(range(5))
+    for k in range(5):
+        np.testing.assert_array_equal(seen[k], w[k])
+    np.testing.assert_array_equal(backend.flows(state, frames, backend.start(init)), w)
+    w2, reg, valid, _ = backend.register(state, frames, frames * 100, backend.start(init), 2)
+    np.testing.assert_array_equal(w2, w)
+    want, want_valid = fs._warp_frames(frames * 100, w, state.fill, 2)
+    np.testing.assert_array_equal(reg, want)
+    np.testing.assert_array_equal(valid, want_valid)
+    u, v = rng.random((W, H)), rng.random((W, H))  # the tiled transpose, odd sizes
+    out = np.empty((H, W, 2))
+    fs._nb_interleave_field(u, v, out)
+    np.testing.assert_array_equal(out, np.stack([u.T, v.T], axis=-1))
+
+
 ###############################################################################
 ### CUDA backend (flowreg_cuda) against the CPU kernels
 ###############################################################################
@@ -6479,6 +6515,10 @@ def test_temporal_block_sum_matches_its_formula():
         want = b.s[:, :, None, None] + np.einsum("jm,mchw->jchw", b.kern, model.ring[b.slots])
         np.testing.assert_allclose(model.fields(b), want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(b.kern.sum(axis=1), 1.0)
+    # The lag statistic: mean squared change of two remainders on every 4th pixel.
+    sub = model.ring[:2, :, ::4, ::4].astype(np.float64)
+    want = np.mean((sub[1] - sub[0]) ** 2)
+    np.testing.assert_allclose(fs._nb_subsampled_sq_diff(model.ring, 1, 0), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["nearest", "linear", "cubic"])

@@ -3486,26 +3486,21 @@ def _normalise(x, lo, hi, clip=False, in_place=False):
 _SMOOTH_STEP = 4
 
 
-def _smooth_frames(raw, sigma, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0)):
+def _smooth_frames(
+    raw, sigma, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0), then_range=None
+):
     """``_smooth`` of ``[i0, i1)`` computed in pieces on the thread pool (the kernel
-    releases the GIL); identical to one call."""
+    releases the GIL); identical to one call.  ``then_range``: ``(lo, hi)`` each piece
+    is then normalised to (`_normalise`), in the same task."""
     out = np.empty((i1 - i0, *raw.shape[1:]))
-    steps = range(i0, i1, _SMOOTH_STEP)
-    list(
-        pool.map(
-            lambda a: _smooth(
-                raw,
-                a,
-                min(a + _SMOOTH_STEP, i1),
-                sigma,
-                lo,
-                hi,
-                offset,
-                out=out[a - i0 : min(a + _SMOOTH_STEP, i1) - i0],
-            ),
-            steps,
-        )
-    )
+
+    def piece(a):
+        b = min(a + _SMOOTH_STEP, i1)
+        _smooth(raw, a, b, sigma, lo, hi, offset, out=out[a - i0 : b - i0])
+        if then_range is not None:
+            _normalise(out[a - i0 : b - i0], *then_range, in_place=True)
+
+    list(pool.map(piece, range(i0, i1, _SMOOTH_STEP)))
     return out
 
 
@@ -3612,15 +3607,16 @@ class _Preprocessed:
         self.mean = _normalise(total / len(raw), self.lo, self.hi)
 
     def frames(self, i0, i1):
-        g = _smooth_frames(self.raw, self.sigma, i0, i1, self.pool, self.lo0, self.hi0)
-        steps = range(0, len(g), _SMOOTH_STEP)
-        list(
-            self.pool.map(
-                lambda a: _normalise(g[a : a + _SMOOTH_STEP], self.lo, self.hi, in_place=True),
-                steps,
-            )
+        return _smooth_frames(
+            self.raw,
+            self.sigma,
+            i0,
+            i1,
+            self.pool,
+            self.lo0,
+            self.hi0,
+            then_range=(self.lo, self.hi),
         )
-        return g
 
 
 #: Bidirectional scan phase: offsets below this (px) are reported as 0 and not applied.
@@ -6339,12 +6335,8 @@ class FlowregBackend(FlowBackend):
         valid = np.empty((n, H, W), dtype=bool)
         for k in range(n):
             u, v = self._internal(state, frames[k], init)
-            out, ok = _warp_stack(
-                _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, state.fill, method
-            )
+            _warp_internal(raw[k], u, v, state.fill, method, reg[k], valid[k])
             _nb_interleave_field(u, v, w[k])
-            reg[k] = out.transpose(2, 1, 0)
-            valid[k] = ok.T
         return w, reg, valid, None
 
 
@@ -8358,6 +8350,14 @@ def _warp_stack(src, u, v, fill, method):
     return out, valid
 
 
+def _warp_internal(raw, u, v, fill, method, reg, valid):
+    """One raw frame ``(H, W, C)`` warped by ``(u, v)`` in the solver's ``(W, H)`` layout
+    into ``reg (H, W, C)`` and ``valid (H, W)``."""
+    out, ok = _warp_stack(_to_internal(np.asarray(raw, dtype=np.float64)), u, v, fill, method)
+    reg[...] = out.transpose(2, 1, 0)
+    valid[...] = ok.T
+
+
 def _warp_frames(raw, w, fill, method, pool=None):
     """Raw frames ``(n, H, W, C)`` warped by their fields ``w (n, H, W, 2)`` on the CPU.
 
@@ -8370,12 +8370,7 @@ def _warp_frames(raw, w, fill, method, pool=None):
     valid = np.empty((n, H, W), dtype=bool)
 
     def one(k):
-        u, v = _field_internal(w[k])
-        out, ok = _warp_stack(
-            _to_internal(np.asarray(raw[k], dtype=np.float64)), u, v, fill, method
-        )
-        reg[k] = out.transpose(2, 1, 0)
-        valid[k] = ok.T
+        _warp_internal(raw[k], *_field_internal(w[k]), fill, method, reg[k], valid[k])
 
     if pool is None or n == 1:
         for k in range(n):
@@ -9702,9 +9697,10 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     # Frames per chunk of work on the pool; the default path's chunks are longer: each
     # chunk waits for its slowest frame several times (flows, temporal model), within
     # about 64 MiB of fields per chunk.
-    chunk = getattr(backend, "chunk_frames", None) or 2 * max(4, n_workers)
-    if temporal and not getattr(backend, "chunk_frames", None):
+    chunk = 2 * max(4, n_workers)
+    if temporal:
         chunk = max(chunk, min(2 * chunk, 2**26 // (16 * H * W)))
+    chunk = getattr(backend, "chunk_frames", None) or chunk
     if opts.stage1_method == "adaptive" and opts.update_reference:
         log.info("%s: update_reference = true: fields are not smoothed over time", name)
 
@@ -9718,8 +9714,9 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         if wwr is not None:
             wwr.append(w.astype(np.float32))
 
-    def wait_for_writer():
-        while pending:
+    def wait_for_writer(keep=0):
+        # until at most `keep` jobs are left, oldest first
+        while len(pending) > keep:
             pending.pop(0).result()
 
     def emit(blocks):
@@ -9751,8 +9748,7 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
         # waiting for it (and for the frames' warps, ``jobs``).  Two chunks may wait for
         # the writer, so that one slow write does not stall the pool.
         with phases("write"):
-            while len(pending) > 2:
-                pending.pop(0).result()
+            wait_for_writer(keep=2)
         pending.append(writer.submit(write_chunk, reg, valid, w, jobs))
         pending.append(writer.submit(quality.add, raw_c, reg, valid, w))
         progress.update(len(w))

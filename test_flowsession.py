@@ -6521,6 +6521,61 @@ def test_temporal_block_sum_matches_its_formula():
     np.testing.assert_allclose(fs._nb_subsampled_sq_diff(model.ring, 1, 0), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("lam", "reach", "first", "n", "m"),
+    [
+        (0.9, 16, 16, 16, 48),  # inside a long recording
+        (0.9, 16, 0, 5, 21),  # its first frames: no earlier neighbours
+        (0.7, 5, 3, 9, 14),  # short kernel, a recording that ends within reach
+        (0.5, 13, 16, 1, 30),  # one frame
+        (0.0, 0, 2, 4, 8),  # no smoothing
+    ],
+)
+def test_recursive_temporal_sum_matches_the_term_by_term_sum(lam, reach, first, n, m):
+    # The recursions over the frames before and after each one against the sum of
+    # norm_j * lam ** |i - first - j| * r_i over the frames within reach.
+    rng = np.random.default_rng(6)
+    H, W = 5, 7
+    ring = rng.normal(size=(m + 3, 2, H, W)).astype(np.float32)
+    slots = rng.permutation(m + 3)[:m]
+    lag = np.abs(np.arange(m)[None, :] - first - np.arange(n)[:, None])
+    kern = np.where(lag <= reach, lam ** lag.astype(float), 0.0)
+    norm = 1.0 / kern.sum(axis=1)
+    kern *= norm[:, None]
+    s = rng.normal(size=(n, 2))
+    want = s[:, :, None, None] + np.einsum("jm,mchw->jchw", kern, ring[slots].astype(float))
+    got = np.empty((n, 2, H, W))
+    fs._nb_temporal_recursive(ring, slots, lam, reach, first, norm, s, 0, H, got)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    direct = np.empty((n, 2, H, W))
+    fs._nb_temporal_block(ring, slots, kern, s, 0, H, direct)
+    np.testing.assert_allclose(direct, want, rtol=0, atol=1e-12)
+
+
+def test_temporal_model_on_a_still_recording_sums_by_recursion():
+    # Still fields with noise: a long kernel, summed by recursion; the released fields
+    # equal the block's weights applied term by term, ends of the recording included.
+    rng = np.random.default_rng(8)
+    model = fs._TemporalModel(radius=8, warmup=16, block=5)
+    T = 60
+    w = 0.3 + rng.normal(0, 0.05, (T, 9, 6, 2))
+    s = 0.3 + rng.normal(0, 0.05, (T, 2))
+    blocks = []
+    for i0 in range(0, T, 10):
+        got = model.push(w[i0 : i0 + 10], s[i0 : i0 + 10], list(range(i0, i0 + 10)))
+        blocks += [(b, model.fields(b), model.ring[b.slots].copy()) for b in got]
+    blocks += [(b, model.fields(b), model.ring[b.slots].copy()) for b in model.flush()]
+    assert sorted(t for b, _, _ in blocks for t in b.t) == list(range(T))
+    assert any(b.reach >= fs.TEMPORAL_RECURSIVE_REACH for b, _, _ in blocks)
+    for b, fields, rem in blocks:
+        want = b.s[:, :, None, None] + np.einsum("jm,mchw->jchw", b.kern, rem.astype(float))
+        np.testing.assert_allclose(fields, want, rtol=0, atol=1e-12)
+        lag = np.abs(np.arange(len(b.slots))[None, :] - b.first - np.arange(len(b.t))[:, None])
+        np.testing.assert_allclose(
+            b.kern, np.where(lag <= b.reach, b.norm[:, None] * b.decay**lag, 0.0), rtol=1e-12
+        )
+
+
 @pytest.mark.parametrize("method", ["nearest", "linear", "cubic"])
 def test_warp_in_frame_layout_matches_the_transposed_warp(method):
     # _nb_warp_field swaps the axes' roles instead of transposing the frames: the same

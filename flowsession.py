@@ -3960,10 +3960,15 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
         ext = _nb_extrapolated(src)
     else:
         ext = np.empty((1, 1))
+    unit = hu == 1.0 and hv == 1.0  # x / 1.0 is x: the same numbers without the divisions
     for x in range(nx):
         for y in range(ny):
-            px = x + u[x, y] / hu
-            py = y + v[x, y] / hv
+            if unit:
+                px = x + u[x, y]
+                py = y + v[x, y]
+            else:
+                px = x + u[x, y] / hu
+                py = y + v[x, y] / hv
             if not (px >= 0.0 and px <= nx - 1 and py >= 0.0 and py <= ny - 1):
                 out[x, y] = fill[x, y]
                 valid[x, y] = False
@@ -3991,18 +3996,17 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                 wy1 = _nb_keys(ty)
                 wy2 = _nb_keys(1.0 - ty)
                 wy3 = _nb_keys(2.0 - ty)
-                y3 = min(iy + 3, ny + 1)
                 acc = 0.0
+                y3 = min(iy + 3, ny + 1)  # a 1-sample axis: iy + 3 is past the padding
                 for p in range(4):
                     wx = _nb_keys(tx + 1.0 - p)
                     if wx == 0.0:
                         continue
-                    xi = min(ix + p, nx + 1)
+                    # ix + p <= nx + 1: ix <= nx - 2, or nx = 1, where tx = 0 leaves only
+                    # p = 1 (the other weights are 0)
+                    row = ext[ix + p]
                     acc += wx * (
-                        wy0 * ext[xi, iy]
-                        + wy1 * ext[xi, iy + 1]
-                        + wy2 * ext[xi, iy + 2]
-                        + wy3 * ext[xi, y3]
+                        wy0 * row[iy] + wy1 * row[iy + 1] + wy2 * row[iy + 2] + wy3 * row[y3]
                     )
                 out[x, y] = acc
 

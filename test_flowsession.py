@@ -3801,6 +3801,31 @@ def _stage1_peak_mib(tmp_path, n, buffer):
     return int(out.stdout.split()[-1]) / 2**20
 
 
+def test_stage1_switches_numpy_huge_pages_off_and_back(tmp_path, monkeypatch):
+    # numpy's huge-page request is off while Stage 1 corrects a recording (fresh huge
+    # pages are zeroed 2 MiB at a time, chunk after chunk) and as before afterwards.
+    core = getattr(np, "_core", None) or np.core
+    switch = getattr(core.multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        pytest.skip("this numpy has no huge-page switch")
+    seen = []
+    warp = fs._nb_warp_field
+
+    def spy(*args):
+        seen.append(switch(False))  # the setting during the run (left off)
+        return warp(*args)
+
+    monkeypatch.setattr(fs, "_nb_warp_field", spy)
+    frames, _ = fs.synthetic_recording(12, (32, 32), 1, seed=2)
+    for before in (True, False):
+        switch(before)
+        (tmp_path / str(before)).mkdir()
+        cfg = _stage1_config(tmp_path / str(before), {"rec.h5": frames}, quality_setting="fast")
+        fs.run_stage1(cfg)
+        assert switch(before) is before
+    assert seen and not any(seen)
+
+
 def test_stage1_memory_does_not_grow_with_recording_length(tmp_path):
     # Peak of the arrays Python allocates during Stage 1 (tracemalloc sees numpy's
     # allocations).  The batch bounds memory: what 10x the frames adds must be

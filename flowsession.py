@@ -9320,16 +9320,23 @@ class _TemporalModel:
         H, W = self.ring.shape[2:]
         out = np.empty((len(block.t), 2, H, W))
 
-        b = block
-
         def rows(r0):
             r1 = min(H, r0 + 16)
-            if b.reach >= TEMPORAL_RECURSIVE_REACH:
+            if block.reach >= TEMPORAL_RECURSIVE_REACH:
                 _nb_temporal_recursive(
-                    self.ring, b.slots, b.decay, b.reach, b.first, b.norm, b.s, r0, r1, out
+                    self.ring,
+                    block.slots,
+                    block.decay,
+                    block.reach,
+                    block.first,
+                    block.norm,
+                    block.s,
+                    r0,
+                    r1,
+                    out,
                 )
             else:
-                _nb_temporal_block(self.ring, b.slots, b.kern, b.s, r0, r1, out)
+                _nb_temporal_block(self.ring, block.slots, block.kern, block.s, r0, r1, out)
 
         starts = range(0, H, 16)
         if self.pool is None or H <= 16:
@@ -9701,7 +9708,7 @@ def _without_huge_pages():
     ``madvise``, the common default), every fresh one is faulted in and zeroed 2 MiB
     at a time: measured on the default path at 256x256 (``fast``, 2 cores), the
     kernel's page clearing took 16 % of the CPU time with them and 1.5 % without,
-    and the run 10.3 s against 7.8 s.  numpy's switch is process-wide; without it
+    and the run 8.3 s against 7.5 s (medians of alternating runs).  numpy's switch is process-wide; without it
     (other numpy versions) nothing changes.
     """
     core = getattr(np, "_core", None) or getattr(np, "core", None)

@@ -37,6 +37,69 @@ code when a writable cache location exists: ``NUMBA_CACHE_DIR`` if set,
 otherwise the ``__pycache__`` folder beside this file.  On a read-only install
 set ``NUMBA_CACHE_DIR`` to a writable folder (e.g. node-local scratch).
 
+Contents
+--------
+The module follows a frame's path through the pipeline: options, files,
+preprocessing, the optical-flow solver and its backends, warps, then the three
+stages and what runs them.  Each chapter and section opens with a searchable
+banner (``### 8.4`` finds the temporal model); kernels sit beside the code that
+calls them.
+
+    1. Foundations: imports, constants, errors, run control
+        1.1 Imports and optional dependencies
+        1.2 Constants
+        1.3 Errors
+        1.4 Run control: stop requests and test kill points
+    2. Configuration
+        2.1 Option rules
+        2.2 FlowOptions and SessionConfig
+    3. Storage: files, readers, writers, session layout
+        3.1 Atomic files and folder locks
+        3.2 Video readers
+        3.3 Video writers
+        3.4 Recordings: files, planes, ScanImage and Bruker layouts
+        3.5 Session layout: output folders, planes, status and digests
+    4. Preprocessing
+        4.1 Gaussian smoothing, normalisation and noise
+        4.2 Bidirectional scan phase
+    5. The optical-flow solver (get_displacement.m, level_solver.cpp)
+        5.1 Resize kernels (MATLAB imresize, bicubic with antialiasing)
+        5.2 Motion tensors
+        5.3 Level solver (level_solver.cpp)
+        5.4 5x5 median filter (medfilt2 'symmetric')
+        5.5 Solver parameters
+        5.6 Pyramid and driver (get_displacement.m)
+        5.7 Public optical-flow functions
+    6. Flow backends
+        6.1 Protocol and the CPU backend
+        6.2 CUDA kernels and backend (lazy)
+        6.3 PyTorch backend (lazy)
+        6.4 OpenCV DIS backend (lazy)
+        6.5 Registry
+    7. Geometry: warps, valid masks, rigid shifts, correlation
+        7.1 Warp kernels (MATLAB imwarp with a displacement field)
+        7.2 Warps and valid masks
+        7.3 Rigid registration: cross-correlation
+        7.4 Masked Pearson correlation
+    8. Stage 1: per-recording motion correction
+        8.1 Reference and input checks (both methods)
+        8.2 Adaptive method: noise model and regularisation weight
+        8.3 Adaptive method: translation tracker
+        8.4 Adaptive method: temporal model
+        8.5 Registration quality
+        8.6 Correcting one recording
+        8.7 Stage 1 driver: resume, locks, array tasks
+    9. Stages 2 and 3, and their outputs
+        9.1 Stage 2: displacement between recordings
+        9.2 Stage 3: session mask and aligned videos
+        9.3 Masks, result bundle, QC figures
+        9.4 Quality report
+    10. Orchestration: all stages, HPC, synthetic data, command line
+        10.1 All stages
+        10.2 HPC: array tasks, batch submission and status
+        10.3 Synthetic data and benchmarks
+        10.4 Command line
+
 MATLAB compatibility
 --------------------
 ``get_displacement`` reproduces the toolbox, including two of its quirks:
@@ -129,9 +192,13 @@ __all__ = [
 
 
 ###############################################################################
-### Imports and optional dependencies
+### 1. Foundations: imports, constants, errors, run control
 ###############################################################################
 
+
+###############################################################################
+### 1.1 Imports and optional dependencies
+###############################################################################
 
 import argparse
 import contextlib
@@ -210,9 +277,8 @@ _njit_sums = numba.njit(cache=_NUMBA_CACHE, nogil=True, fastmath={"reassoc", "co
 
 
 ###############################################################################
-### Constants
+### 1.2 Constants
 ###############################################################################
-
 
 #: SOR relaxation factor of ``level_solver.cpp``.
 SOR_OMEGA = 1.95
@@ -254,7 +320,7 @@ _INTERPOLATION = {"nearest": 0, "linear": 1, "cubic": 2}
 
 
 ###############################################################################
-### Errors
+### 1.3 Errors
 ###############################################################################
 
 
@@ -279,9 +345,8 @@ class OutputError(FlowSessionError, OSError):
 
 
 ###############################################################################
-### Run control: stop requests, test kill points, locks, stale temporary files
+### 1.4 Run control: stop requests and test kill points
 ###############################################################################
-
 
 #: Set by the command line's SIGTERM/SIGINT handler; checked between chunks of work.
 _STOP = {"signal": None}
@@ -346,58 +411,16 @@ def _kill_point(name):
 
 
 _KILL_COUNTS = {}
-_PARTIAL_RE = re.compile(r"^\..+\.partial-\d+(-\w+)?$")
-
-
-def _remove_stale_partials(folder):
-    """Delete temporary files that a killed run left in ``folder``.
-
-    Call only while holding the folder's lock: no other process writes there.
-    """
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if _PARTIAL_RE.match(name):
-            log.info("removing %s left by an interrupted run", os.path.join(folder, name))
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
-
-
-@contextlib.contextmanager
-def _folder_lock(folder, what):
-    """Hold an exclusive lock on ``folder`` (POSIX ``lockf`` on ``folder/.flowsession.lock``).
-
-    A second process working on the same folder (a resubmitted array task)
-    waits until the first is done; the lock is released when the process dies.
-    """
-    import fcntl
-
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, ".flowsession.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log.info("%s: another process is working on it; waiting", what)
-            while True:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    _check_stop(f"while waiting for the lock on {what}")
-                    time.sleep(0.2)
-        _remove_stale_partials(folder)
-        yield
-    finally:
-        os.close(fd)
 
 
 ###############################################################################
-### Configuration
+### 2. Configuration
 ###############################################################################
 
+
+###############################################################################
+### 2.1 Option rules
+###############################################################################
 
 #: Finest pyramid level solved by each quality preset (MATLAB ``OF_options``).
 _CFG_QUALITY_MIN_LEVEL = {"quality": 0, "balanced": 4, "fast": 6, "custom": 0}
@@ -763,6 +786,68 @@ def _cfg_session_flow(mapping, source):
         )
         raise ConfigError(msg)
     return named
+
+
+def _positive(name, value, *, allow_zero=False):
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        msg = f"{name} must be a number, got {value!r}"
+        raise ConfigError(msg) from None
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        msg = f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        raise ConfigError(msg)
+    return x
+
+
+def _count(name, value, minimum):
+    try:
+        ok = (
+            not isinstance(value, (bool, np.bool_))
+            and float(value).is_integer()
+            and value >= minimum
+        )
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        msg = f"{name} must be an integer >= {minimum}, got {value!r}"
+        raise ConfigError(msg)
+    return int(value)
+
+
+def _channel_vector(name, value, n_channels, *, normalise=False, fill=None):
+    """Scalar or 1-D per-channel parameter -> float64 vector of length C."""
+    arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    if arr.size == 1:
+        arr = np.full(n_channels, arr[0])
+    elif arr.size != n_channels:
+        if fill is None:
+            msg = f"{name} has {arr.size} entries for {n_channels} channels"
+            raise ConfigError(msg)
+        arr = np.concatenate([arr, np.full(max(0, n_channels - arr.size), fill)])[:n_channels]
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        msg = f"{name} must be finite and >= 0, got {value!r}"
+        raise ConfigError(msg)
+    if normalise:
+        total = arr.sum()
+        if total <= 0:
+            msg = f"{name} must not be all zero"
+            raise ConfigError(msg)
+        arr = arr / total
+    return np.ascontiguousarray(arr)
+
+
+def _channel_weights(weight, n_channels):
+    """Per-channel data-term weights ``(C,)``, the one rule of ``get_displacement`` and the
+    stages: a scalar or vector cut to C entries or padded with 1/C, then normalised to sum
+    1 (the toolbox's ``get_displacement``; its Stage 1 helper ``get_weight_at`` pads without
+    renormalising, so a short vector there weighs the data term by more than 1 in all)."""
+    return _channel_vector("weight", weight, n_channels, normalise=True, fill=1.0 / n_channels)
+
+
+###############################################################################
+### 2.2 FlowOptions and SessionConfig
+###############################################################################
 
 
 @dataclasses.dataclass
@@ -1267,90 +1352,13 @@ def _cfg_is_output(path, root, outputs):
     return False
 
 
-def _cfg_array_var(environ):
-    """(name, value) of the first array-task variable that is set, or (None, None)."""
-    for name in _CFG_ARRAY_VARS:
-        value = environ.get(name, "").strip()
-        # SGE sets SGE_TASK_ID=undefined in jobs that are not arrays.
-        if value and value.lower() != "undefined":
-            return name, value
-    return None, None
-
-
-def get_array_task_id(environ=None):
-    """Scheduler array-task id of this job, or None outside an array job.
-
-    Checks ``SLURM_ARRAY_TASK_ID``, ``SGE_TASK_ID``, ``PBS_ARRAY_INDEX`` (PBS Pro) and
-    ``PBS_ARRAYID`` (Torque) in that order; the first one set wins (SGE's ``undefined``
-    counts as unset).  The raw id is returned; :func:`array_task_to_index` maps it to a
-    recording.
-
-    Parameters
-    ----------
-    environ : mapping, optional
-        Defaults to ``os.environ``.
-    """
-    name, value = _cfg_array_var(os.environ if environ is None else environ)
-    if name is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        msg = f"{name}={value!r} is not an integer array-task id"
-        raise ConfigError(msg) from None
-
-
-def array_task_to_index(task_id, n_files, environ=None):
-    """0-based recording index for scheduler array task ``task_id``.
-
-    The convention follows from the variable that is set (see :func:`get_array_task_id`):
-
-    * SGE: always 1-based (SGE arrays cannot start at 0): index = id - 1.
-    * SLURM: ``SLURM_ARRAY_TASK_MIN`` == 0 means a 0-based array (index = id); any other
-      minimum means 1-based (index = id - 1), so re-running part of a 1-based array such as
-      ``--array=3-4`` still maps task 3 to the third recording.
-    * PBS, or SLURM without ``SLURM_ARRAY_TASK_MIN``, or no variable: start unknown, read as
-      1-based, except that task 0 maps to recording 0 (with a warning).  In a 0-based array
-      task 1 would then also map to recording 0, so submit 1-based arrays there.
-
-    Raises
-    ------
-    ConfigError
-        When the index is outside ``0..n_files-1``; the message gives the valid array range.
-    """
-    env = os.environ if environ is None else environ
-    name, _ = _cfg_array_var(env)
-    minimum = env.get("SLURM_ARRAY_TASK_MIN", "").strip() if name == "SLURM_ARRAY_TASK_ID" else ""
-    if name == "SGE_TASK_ID" or (minimum.isdigit() and int(minimum) >= 1):
-        base = 1
-    elif minimum.isdigit():
-        base = 0
-    elif task_id == 0:
-        base = 0
-        log.warning(
-            "%s=0 and the array's first task id is unknown: taking task 0 as recording 0 "
-            "and other task ids as 1-based; submit 1-based arrays",
-            name or "task id",
-        )
-    else:
-        base = 1
-        log.info(
-            "%s=%d: array start unknown, assuming 1-based task ids", name or "task id", task_id
-        )
-    index = task_id - base
-    if not 0 <= index < n_files:
-        option = _CFG_ARRAY_VARS.get(name, "--array=")
-        msg = (
-            f"{name or 'array task id'}={task_id} is out of range for {n_files} recordings: "
-            f"valid task ids are {base}-{n_files - 1 + base} "
-            f"(e.g. {option}{base}-{n_files - 1 + base} for {n_files} recordings)"
-        )
-        raise ConfigError(msg)
-    return index
+###############################################################################
+### 3. Storage: files, readers, writers, session layout
+###############################################################################
 
 
 ###############################################################################
-### I/O: atomic saves
+### 3.1 Atomic files and folder locks
 ###############################################################################
 
 
@@ -1465,10 +1473,233 @@ def _atomic_save_json(path, obj):
     _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-###############################################################################
-### I/O: video readers and writers
-###############################################################################
+def _fsync_path(path, *, folder=False):
+    """fsync a file (errors raise) or a folder (errors ignored: not every platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if not folder:
+            raise
+        return  # folders cannot be opened on some platforms
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
 
+
+class _AtomicVideoWriter:
+    """Shared part of the writers: shape checks and atomic publishing.
+
+    Data go to ``.<name>.partial-<pid>`` in the target folder; `close`
+    flushes, fsyncs and renames it onto the final name, `abort` deletes it.
+    Leaving a ``with`` block by an exception aborts.
+    """
+
+    def __init__(self, path, *, height, width, n_channels, dtype):
+        self.path = os.fspath(path)
+        self.height = _positive_int("height", height)
+        self.width = _positive_int("width", width)
+        self.n_channels = _positive_int("n_channels", n_channels)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind not in "iuf":
+            msg = f"output dtype must be integer or float, got {self.dtype}"
+            raise ConfigError(msg)
+        folder, name = os.path.split(os.path.abspath(self.path))
+        self._folder = folder
+        self._tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+        self._frames = 0
+        self._open = True
+        #: Bytes the caller expects to need in this folder (named when the disk is full).
+        self.needed = None
+
+    @property
+    def frames_written(self):
+        """Number of frames appended so far."""
+        return self._frames
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def append(self, frames):
+        """Append frames, cast with `cast_to_dtype`.
+
+        Parameters
+        ----------
+        frames : ndarray, shape (n, H, W, C)
+            Always 4-D; any real dtype.
+        """
+        if not self._open:
+            msg = f"{self.path}: writer is closed"
+            raise FlowSessionError(msg)
+        frames = np.asarray(frames)
+        expected = (self.height, self.width, self.n_channels)
+        if frames.ndim != 4 or frames.shape[1:] != expected:
+            msg = (
+                f"{self.path}: frames must have shape (n, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}), got {frames.shape}"
+            )
+            raise ValueError(msg)
+        try:
+            self._write(cast_to_dtype(frames, self.dtype))
+        except (OSError, RuntimeError) as exc:  # h5py reports some write errors as RuntimeError
+            raise self._failed(exc) from None
+        self._frames += frames.shape[0]
+
+    def _failed(self, exc):
+        """Abort (removing the temporary file) and return the `OutputError` to raise."""
+        written = os.path.getsize(self._tmp) if os.path.exists(self._tmp) else None
+        self.abort()
+        return _write_error(self.path, exc, written, self.needed)
+
+    def close(self):
+        """Finish the file and publish it under its final name."""
+        if not self._open:
+            return
+        try:
+            self._finish()
+            _fsync_path(self._tmp)
+            os.replace(self._tmp, self.path)
+        except (OSError, RuntimeError) as exc:
+            raise self._failed(exc) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        _fsync_path(self._folder, folder=True)
+        log.debug("%s: %d frames written", self.path, self._frames)
+
+    def abort(self):
+        """Discard the temporary file; the final name is left untouched."""
+        if not self._open:
+            return
+        self._open = False
+        # Emptied first: a full disk is freed, so closing (which flushes) cannot fail there.
+        with contextlib.suppress(OSError):
+            os.truncate(self._tmp, 0)
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            self._discard()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._tmp)
+
+
+class _GuardedFile:
+    """Unbuffered file for h5py's file-object driver that never lets HDF5 see a failed write.
+
+    HDF5 cannot recover from a failed write (a full disk): every later flush fails, and
+    the process crashes when its objects are freed.  Here the first failure is kept in
+    `error`, the file emptied (freeing the space), and every later write discarded as if
+    it had succeeded, so HDF5 stays consistent; the writer checks `error` and raises.
+    """
+
+    def __init__(self, path):
+        self._fh = open(path, "w+b", buffering=0)
+        self.error = None
+
+    def discard(self, exc=None):
+        """Drop the content and every later write (``exc``: the failure that caused it)."""
+        if self.error is None:
+            self.error = exc if exc is not None else OSError("output discarded")
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fh.fileno(), 0)
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self._fh.write(view[done:])
+            except OSError as exc:
+                self.discard(exc)
+        return len(view)
+
+    def readinto(self, buffer):
+        return self._fh.readinto(buffer)
+
+    def read(self, n=-1):
+        return self._fh.read(n)
+
+    def seek(self, pos, whence=0):
+        return self._fh.seek(pos, whence)
+
+    def tell(self):
+        return self._fh.tell()
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self._fh.truncate(size)
+            except OSError as exc:
+                self.discard(exc)
+        return size
+
+    def flush(self):
+        pass  # unbuffered
+
+    def close(self):
+        self._fh.close()
+
+
+_PARTIAL_RE = re.compile(r"^\..+\.partial-\d+(-\w+)?$")
+
+
+def _remove_stale_partials(folder):
+    """Delete temporary files that a killed run left in ``folder``.
+
+    Call only while holding the folder's lock: no other process writes there.
+    """
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if _PARTIAL_RE.match(name):
+            log.info("removing %s left by an interrupted run", os.path.join(folder, name))
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder, what):
+    """Hold an exclusive lock on ``folder`` (POSIX ``lockf`` on ``folder/.flowsession.lock``).
+
+    A second process working on the same folder (a resubmitted array task)
+    waits until the first is done; the lock is released when the process dies.
+    """
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".flowsession.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("%s: another process is working on it; waiting", what)
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    _check_stop(f"while waiting for the lock on {what}")
+                    time.sleep(0.2)
+        _remove_stale_partials(folder)
+        yield
+    finally:
+        os.close(fd)
+
+
+###############################################################################
+### 3.2 Video readers
+###############################################################################
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -2281,6 +2512,11 @@ def open_video(
     raise InputError(msg)
 
 
+###############################################################################
+### 3.3 Video writers
+###############################################################################
+
+
 @_njit
 def _nb_round_clip(x, lo, hi, out):
     """``out[i]`` = ``x[i]`` rounded half away from zero, NaN to 0, clipped to ``[lo,
@@ -2338,182 +2574,6 @@ def cast_to_dtype(frames, dtype):
     out = np.empty(a.shape, dtype)
     _nb_round_clip(np.ascontiguousarray(a).reshape(-1), float(info.min), hi, out.reshape(-1))
     return out
-
-
-def _fsync_path(path, *, folder=False):
-    """fsync a file (errors raise) or a folder (errors ignored: not every platform allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if not folder:
-            raise
-        return  # folders cannot be opened on some platforms
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not folder:
-            raise
-    finally:
-        os.close(fd)
-
-
-class _AtomicVideoWriter:
-    """Shared part of the writers: shape checks and atomic publishing.
-
-    Data go to ``.<name>.partial-<pid>`` in the target folder; `close`
-    flushes, fsyncs and renames it onto the final name, `abort` deletes it.
-    Leaving a ``with`` block by an exception aborts.
-    """
-
-    def __init__(self, path, *, height, width, n_channels, dtype):
-        self.path = os.fspath(path)
-        self.height = _positive_int("height", height)
-        self.width = _positive_int("width", width)
-        self.n_channels = _positive_int("n_channels", n_channels)
-        self.dtype = np.dtype(dtype)
-        if self.dtype.kind not in "iuf":
-            msg = f"output dtype must be integer or float, got {self.dtype}"
-            raise ConfigError(msg)
-        folder, name = os.path.split(os.path.abspath(self.path))
-        self._folder = folder
-        self._tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
-        self._frames = 0
-        self._open = True
-        #: Bytes the caller expects to need in this folder (named when the disk is full).
-        self.needed = None
-
-    @property
-    def frames_written(self):
-        """Number of frames appended so far."""
-        return self._frames
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def append(self, frames):
-        """Append frames, cast with `cast_to_dtype`.
-
-        Parameters
-        ----------
-        frames : ndarray, shape (n, H, W, C)
-            Always 4-D; any real dtype.
-        """
-        if not self._open:
-            msg = f"{self.path}: writer is closed"
-            raise FlowSessionError(msg)
-        frames = np.asarray(frames)
-        expected = (self.height, self.width, self.n_channels)
-        if frames.ndim != 4 or frames.shape[1:] != expected:
-            msg = (
-                f"{self.path}: frames must have shape (n, {expected[0]}, "
-                f"{expected[1]}, {expected[2]}), got {frames.shape}"
-            )
-            raise ValueError(msg)
-        try:
-            self._write(cast_to_dtype(frames, self.dtype))
-        except (OSError, RuntimeError) as exc:  # h5py reports some write errors as RuntimeError
-            raise self._failed(exc) from None
-        self._frames += frames.shape[0]
-
-    def _failed(self, exc):
-        """Abort (removing the temporary file) and return the `OutputError` to raise."""
-        written = os.path.getsize(self._tmp) if os.path.exists(self._tmp) else None
-        self.abort()
-        return _write_error(self.path, exc, written, self.needed)
-
-    def close(self):
-        """Finish the file and publish it under its final name."""
-        if not self._open:
-            return
-        try:
-            self._finish()
-            _fsync_path(self._tmp)
-            os.replace(self._tmp, self.path)
-        except (OSError, RuntimeError) as exc:
-            raise self._failed(exc) from None
-        except BaseException:
-            self.abort()
-            raise
-        self._open = False
-        _fsync_path(self._folder, folder=True)
-        log.debug("%s: %d frames written", self.path, self._frames)
-
-    def abort(self):
-        """Discard the temporary file; the final name is left untouched."""
-        if not self._open:
-            return
-        self._open = False
-        # Emptied first: a full disk is freed, so closing (which flushes) cannot fail there.
-        with contextlib.suppress(OSError):
-            os.truncate(self._tmp, 0)
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
-            self._discard()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._tmp)
-
-
-class _GuardedFile:
-    """Unbuffered file for h5py's file-object driver that never lets HDF5 see a failed write.
-
-    HDF5 cannot recover from a failed write (a full disk): every later flush fails, and
-    the process crashes when its objects are freed.  Here the first failure is kept in
-    `error`, the file emptied (freeing the space), and every later write discarded as if
-    it had succeeded, so HDF5 stays consistent; the writer checks `error` and raises.
-    """
-
-    def __init__(self, path):
-        self._fh = open(path, "w+b", buffering=0)
-        self.error = None
-
-    def discard(self, exc=None):
-        """Drop the content and every later write (``exc``: the failure that caused it)."""
-        if self.error is None:
-            self.error = exc if exc is not None else OSError("output discarded")
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fh.fileno(), 0)
-
-    def write(self, data):
-        view = memoryview(data).cast("B")
-        if self.error is None:
-            try:
-                done = 0
-                while done < len(view):
-                    done += self._fh.write(view[done:])
-            except OSError as exc:
-                self.discard(exc)
-        return len(view)
-
-    def readinto(self, buffer):
-        return self._fh.readinto(buffer)
-
-    def read(self, n=-1):
-        return self._fh.read(n)
-
-    def seek(self, pos, whence=0):
-        return self._fh.seek(pos, whence)
-
-    def tell(self):
-        return self._fh.tell()
-
-    def truncate(self, size=None):
-        if self.error is None:
-            try:
-                return self._fh.truncate(size)
-            except OSError as exc:
-                self.discard(exc)
-        return size
-
-    def flush(self):
-        pass  # unbuffered
-
-    def close(self):
-        self._fh.close()
 
 
 class Hdf5VideoWriter(_AtomicVideoWriter):
@@ -2979,9 +3039,8 @@ def open_writer(path, fmt, **kw):
 
 
 ###############################################################################
-### I/O: recordings across files, planes, ScanImage and Bruker layouts
+### 3.4 Recordings: files, planes, ScanImage and Bruker layouts
 ###############################################################################
-
 
 _READABLE_SUFFIXES = _TIFF_SUFFIXES + _HDF5_SUFFIXES + (".mat",)
 #: ScanImage acquisitions split over files: ``<stem>_00001.tif``, ``<stem>_00002.tif``, ...
@@ -3391,7 +3450,259 @@ class RecordingReader(VideoReader):
 
 
 ###############################################################################
-### Preprocessing: Gaussian smoothing and normalisation
+### 3.5 Session layout: output folders, planes, status and digests
+###############################################################################
+
+STATUS_FILE = "status.json"
+
+
+def _input_fingerprint(path):
+    if not os.path.isfile(path):
+        return _recording_fingerprint(path)
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _recording_fingerprint(path):
+    """Names, sizes and time stamps of every file of a recording stored in several files
+    (as a digest: a Bruker series has one file per frame and channel)."""
+    files, kind = recording_files(path)
+    stats = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(f)]]
+    return {
+        "path": os.path.abspath(path),
+        "layout": kind,
+        "n_files": len(files),
+        "bytes": sum(s[1] for s in stats),
+        "files_digest": _digest(stats),
+    }
+
+
+def _layout_key(config):
+    """The config's plane and scan-phase settings when they are not the defaults, else None
+    (so that the option digests of plain sessions stay as they were)."""
+    key = {
+        "n_planes": config.n_planes,
+        "flyback_planes": config.flyback_planes,
+        "bidi_correction": config.bidi_correction,
+        "plane": getattr(config, "_plane", None),
+    }
+    plain = {"n_planes": None, "flyback_planes": None, "bidi_correction": False, "plane": None}
+    return None if key == plain else key
+
+
+def _plane_config(config, plane, n_planes, flyback, subfolder):
+    """The session of one plane: the same recordings, read at ``plane``, with its outputs in
+    ``output_root/plane<k>`` and ``final_results/plane<k>`` (unless ``subfolder`` is False)."""
+    out, final = config.output_root_path, config.final_results_path
+    if subfolder:
+        out, final = out / f"plane{plane}", final / f"plane{plane}"
+    sub = dataclasses.replace(
+        config, n_planes=n_planes, flyback_planes=flyback, output_root=out, final_results=final
+    )
+    sub._plane, sub._parent = plane, config
+    return sub
+
+
+def plane_configs(config):
+    """One config per kept plane of a volumetric session, or None for a single-plane one.
+
+    The planes come from ``n_planes`` / ``flyback_planes`` or the recordings' ScanImage
+    metadata; every recording must have the same.  A config of one plane (as returned
+    here) gives None.
+    """
+    if getattr(config, "_plane", None) is not None:
+        return None
+    found = {}
+    for f in config.discover_inputs():
+        found.setdefault(recording_planes(f, config.n_planes, config.flyback_planes), []).append(f)
+    if len(found) > 1:
+        (p1, f1), (p2, f2) = list(found.items())[:2]
+        msg = (
+            f"{f1[0].name} has {p1[0]} planes ({p1[1]} flyback) but {f2[0].name} has {p2[0]} "
+            f"({p2[1]} flyback); the recordings of a session must have the same planes"
+        )
+        raise InputError(msg)
+    n_planes, flyback = next(iter(found))
+    if n_planes == 1:
+        return None
+    kept = n_planes - flyback
+    return [_plane_config(config, k, n_planes, flyback, kept > 1) for k in range(kept)]
+
+
+def _task_count(config, files):
+    """Array tasks of Stage 1: one per recording and kept plane."""
+    planes = plane_configs(config)
+    return len(files) * (len(planes) if planes else 1)
+
+
+def _stage1_planes(config, planes, of_options_override, task_index):
+    """Stage 1 of a volumetric session: every plane, or the (recording, plane) pair
+    ``task_index`` (recording ``task_index // planes``, plane ``task_index % planes``)."""
+    if task_index is None:
+        return [f for pc in planes for f in run_stage1(pc, of_options_override)]
+    n = len(config.discover_inputs()) * len(planes)
+    if not 0 <= int(task_index) < n:
+        msg = (
+            f"task index {task_index} is out of range: the session has {n} (recording, plane) "
+            f"pairs (valid 0..{n - 1})"
+        )
+        raise ConfigError(msg)
+    recording, plane = divmod(int(task_index), len(planes))
+    return run_stage1(planes[plane], of_options_override, recording)
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_status(folder):
+    """The folder's status record, or ``{}`` (a missing or unreadable file is logged)."""
+    path = os.path.join(folder, STATUS_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            status = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); its results will be recomputed", path, exc)
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _recording_folder(config, input_file):
+    return os.path.join(config.output_root_path, pathlib.Path(input_file).stem)
+
+
+def _update_status(folder, key, record):
+    status = _load_status(folder)
+    status[key] = record
+    _atomic_save_json(os.path.join(folder, STATUS_FILE), status)
+
+
+def _array_digest(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def _file_digest(path):
+    """Size and SHA-256 (16 hex digits) of a file's content; above 64 MiB (videos) size and
+    modification time, which every rewrite (a rename onto the name) changes."""
+    st = os.stat(path)
+    if st.st_size > 2**26:
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()[:16]}
+
+
+def _compensated_name(folder):
+    """The corrected video Stage 1 wrote into ``folder`` (its status record says which)."""
+    name = _load_status(folder).get("stage1", {}).get("compensated", "compensated.hdf5")
+    return name if name in ("compensated.hdf5", "compensated.nwb") else "compensated.hdf5"
+
+
+def _qc_names(names, folders):
+    """Recording names for the QC figure, with the scan phase applied in Stage 1 if any."""
+    out = []
+    for name, folder in zip(names, folders, strict=True):
+        offset = _load_status(folder).get("stage1", {}).get("bidi_offset")
+        out.append(name if offset is None else f"{name} (bidi {offset:+.2f} px)")
+    return out
+
+
+def _open_recording(config, path, opts, name, *, estimate=True):
+    """Open one recording, or the config's plane of it, as Stage 1 reads it.
+
+    A single file with one plane opens with `open_video`; several files, ScanImage files,
+    Bruker series and interleaved planes with `RecordingReader`.  With ``bidi_correction`` the frames
+    come through a `BidiReader` (offset estimated from the reference frames for
+    ``"auto"`` unless ``estimate`` is False).  The reader carries ``bidi_offset``
+    (None when off), ``bidi_offset_end`` (the estimate from the last frames, or None),
+    ``layout_info`` and ``scanimage`` (metadata or None).
+    """
+    plane = getattr(config, "_plane", None) or 0
+    files, kind = recording_files(path)
+    planes = recording_planes(path, config.n_planes, config.flyback_planes)
+    bidi = config.bidi_correction is not False
+    bins = 1 if bidi else opts.bin_size
+    if kind == "file" and planes == (1, 0) and scanimage_metadata(path) is None:
+        reader = open_video(path, bin_size=bins, nwb_series=config.nwb_series)
+        meta = None
+        layout = {"kind": "file", "files": 1, "n_planes": 1}
+    else:  # ScanImage files too, so that a partial last frame is an error, not dropped
+        lay = recording_layout(path, config.n_planes, config.flyback_planes)
+        reader = RecordingReader(lay, plane, bin_size=bins)
+        meta = lay.metadata
+        layout = {
+            "kind": lay.kind,
+            "files": len(lay.files),
+            "n_planes": lay.n_planes,
+            "flyback_planes": lay.flyback,
+            "plane": plane,
+        }
+    layout["n_channels"] = reader.n_channels
+    offset = end = None
+    if bidi:
+        try:
+            if config.bidi_correction != "auto":
+                offset = float(config.bidi_correction)
+            elif estimate:
+                offset, end = _recording_bidi(reader, opts, name)
+            else:
+                offset = 0.0
+        except BaseException:
+            reader.close()
+            raise
+        reader = BidiReader(reader, offset, bin_size=opts.bin_size)
+    reader.bidi_offset, reader.bidi_offset_end = offset, end
+    reader.layout_info, reader.scanimage = layout, meta
+    return reader
+
+
+def _video_frames(path):
+    try:
+        with open_video(path) as r:
+            return len(r)
+    except (FlowSessionError, OSError):
+        return None
+
+
+def _load_average(folder, name, stage):
+    path = os.path.join(folder, "temporal_average.npy")
+    try:
+        avg = np.load(path)
+    except FileNotFoundError:
+        msg = f"{name}: {path} is missing; run Stage 1 first ({stage} needs it)"
+        raise InputError(msg) from None
+    except (OSError, ValueError) as exc:
+        msg = f"{name}: {path} is unreadable ({exc}); rerun Stage 1 for this recording"
+        raise InputError(msg) from None
+    if avg.ndim != 3 or not np.all(np.isfinite(avg)):
+        msg = f"{name}: {path} is not a finite (H, W, C) image; rerun Stage 1 for this recording"
+        raise InputError(msg)
+    return avg.astype(np.float64)
+
+
+def _session_averages(config, files, stage):
+    avgs = [_load_average(_recording_folder(config, f), f.name, stage) for f in files]
+    shapes = {a.shape for a in avgs}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{f.name} {a.shape}" for f, a in zip(files, avgs))
+        msg = (
+            f"the recordings of a session must have one frame size and channel count; got {detail}"
+        )
+        raise InputError(msg)
+    return avgs
+
+
+###############################################################################
+### 4. Preprocessing
+###############################################################################
+
+
+###############################################################################
+### 4.1 Gaussian smoothing, normalisation and noise
 ###############################################################################
 
 
@@ -3484,6 +3795,58 @@ def _normalise(x, lo, hi, clip=False, in_place=False):
 
 #: Frames per preprocessing task on the thread pool.
 _SMOOTH_STEP = 4
+
+
+@_njit
+def _nb_smooth_frames(raw, i0, i1, lo, scale, k_row, k_col, k_time, out):
+    """Frames ``[i0, i1)`` of the video ``raw (T, H, W, C)`` (any real dtype) first
+    mapped to ``(raw - lo[c]) * scale[c]``, then filtered separably along time, rows
+    and columns with replicated edges (time clamps to ``[0, T)``, so a piece equals
+    the same frames of the whole video filtered at once), into ``out (i1 - i0, H, W, C)``
+    float64.  The kernel tables are ``(C, odd length)`` (`_gauss_kernels`)."""
+    T, H, W, C = raw.shape
+    rt = k_time.shape[1] // 2
+    rr = k_row.shape[1] // 2
+    rc = k_col.shape[1] // 2
+    plane = np.empty((H, W))
+    rows = np.empty((H, W))
+    padded = np.empty(W + 2 * rc)
+    line = np.empty(W)
+    for t in range(i0, i1):
+        for c in range(C):
+            plane[:, :] = 0.0
+            for s in range(2 * rt + 1):
+                kv = k_time[c, s]
+                if kv == 0.0:
+                    continue
+                src = raw[min(max(t + s - rt, 0), T - 1)]
+                for h in range(H):
+                    for w in range(W):
+                        plane[h, w] += kv * ((src[h, w, c] - lo[c]) * scale[c])
+            rows[:, :] = 0.0
+            for h in range(H):
+                for j in range(2 * rr + 1):
+                    kv = k_row[c, j]
+                    if kv == 0.0:
+                        continue
+                    hs = min(max(h + j - rr, 0), H - 1)
+                    for w in range(W):
+                        rows[h, w] += kv * plane[hs, w]
+            # Columns: shifted copies of each row with its edges replicated, summed
+            # tap by tap so the inner loop runs over contiguous memory.
+            dst = out[t - i0]
+            for h in range(H):
+                for w in range(W + 2 * rc):
+                    padded[w] = rows[h, min(max(w - rc, 0), W - 1)]
+                line[:] = 0.0
+                for j in range(2 * rc + 1):
+                    kv = k_col[c, j]
+                    if kv == 0.0:
+                        continue
+                    for w in range(W):
+                        line[w] += kv * padded[w + j]
+                for w in range(W):
+                    dst[h, w, c] = line[w]
 
 
 def _smooth_frames(
@@ -3618,6 +3981,10 @@ class _Preprocessed:
             then_range=(self.lo, self.hi),
         )
 
+
+###############################################################################
+### 4.2 Bidirectional scan phase
+###############################################################################
 
 #: Bidirectional scan phase: offsets below this (px) are reported as 0 and not applied.
 BIDI_MIN_OFFSET = 0.05
@@ -3755,8 +4122,52 @@ class BidiReader(VideoReader):
         self._inner.close()
 
 
+def _recording_bidi(reader, opts, name):
+    """Scan phase of a recording (opened unbinned) from its reference frames, and from its
+    last frames as a check that it did not drift; returns ``(offset, offset_end)``."""
+    b = opts.bin_size
+    n_binned = math.ceil(reader.n_frames / b)
+    idx = _reference_indices(opts, n_binned, name)
+
+    def raw(binned):
+        return [r for i in binned for r in range(i * b, min((i + 1) * b, reader.n_frames))]
+
+    offset = estimate_bidi_offset(_mean_frames(reader, raw(idx)))
+    last = list(range(max(0, n_binned - len(idx)), n_binned))
+    end = None
+    if last != list(idx):
+        end = estimate_bidi_offset(_mean_frames(reader, raw(last)))
+    log.info(
+        "%s: bidirectional scan phase %+.3f px (from %d reference frames)%s",
+        name,
+        offset,
+        len(idx),
+        "" if end is None else f"; {end:+.3f} px over the last {len(last)} frames",
+    )
+    if end is not None and abs(end - offset) > BIDI_DRIFT_WARN:
+        log.warning(
+            "%s: the scan phase drifts from %+.3f px (reference frames) to %+.3f px (last "
+            "frames); one offset is applied to the whole recording: split it into shorter "
+            "recordings if the difference matters",
+            name,
+            offset,
+            end,
+        )
+    return offset, end
+
+
+#: A scan phase that differs by more than this (px) between the reference frames and the
+#: end of a recording is reported as drift.
+BIDI_DRIFT_WARN = 0.25
+
+
 ###############################################################################
-### Numba CPU kernels: resize (MATLAB imresize, bicubic with antialiasing)
+### 5. The optical-flow solver (get_displacement.m, level_solver.cpp)
+###############################################################################
+
+
+###############################################################################
+### 5.1 Resize kernels (MATLAB imresize, bicubic with antialiasing)
 ###############################################################################
 
 #
@@ -3900,143 +4311,7 @@ def _nb_resize_stack(src, nx_out, ny_out):
 
 
 ###############################################################################
-### Numba CPU kernels: warping (MATLAB imwarp with a displacement field)
-###############################################################################
-
-
-@_njit
-def _nb_extrapolated(src):
-    """Pad a plane by one sample with ``interp2``'s cubic edge rule.
-
-    The virtual sample before the first is ``3 f[0] - 3 f[1] + f[2]`` (and
-    likewise after the last), which keeps Keys' kernel exact for quadratics up
-    to the border.  Axes shorter than 3 samples replicate the edge instead.
-    """
-    nx, ny = src.shape
-    e = np.empty((nx + 2, ny + 2))
-    for a in range(nx):
-        for b in range(ny):
-            e[a + 1, b + 1] = src[a, b]
-    for a in range(1, nx + 1):
-        if ny >= 3:
-            e[a, 0] = 3.0 * e[a, 1] - 3.0 * e[a, 2] + e[a, 3]
-            e[a, ny + 1] = 3.0 * e[a, ny] - 3.0 * e[a, ny - 1] + e[a, ny - 2]
-        else:
-            e[a, 0] = e[a, 1]
-            e[a, ny + 1] = e[a, ny]
-    for b in range(ny + 2):
-        if nx >= 3:
-            e[0, b] = 3.0 * e[1, b] - 3.0 * e[2, b] + e[3, b]
-            e[nx + 1, b] = 3.0 * e[nx, b] - 3.0 * e[nx - 1, b] + e[nx - 2, b]
-        else:
-            e[0, b] = e[1, b]
-            e[nx + 1, b] = e[nx, b]
-    return e
-
-
-@_njit
-def _nb_cell(pos, n):
-    """Left sample index and fraction of ``pos`` in ``[0, n - 1]``."""
-    i = int(pos)
-    if i > n - 2:
-        i = n - 2
-    if i < 0:
-        i = 0
-    return i, pos - i
-
-
-@_njit
-def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
-    """Backward warp of one transposed plane (MATLAB ``imwarp``/``interp2`` with a
-    displacement field); the CPU reference of ``_cu_warp_plane`` and ``_tc_warp``.
-
-    ``src, fill, u, v, out`` are ``(nx, ny)`` float64, ``valid`` ``(nx, ny)`` bool.
-    ``out[x, y] = src(x + u[x, y] / hu, y + v[x, y] / hv)``; points outside the
-    sample grid (or NaN) take ``fill[x, y]`` and ``valid[x, y] = False``.
-    ``method``: 0 nearest, 1 linear, 2 cubic.
-    """
-    nx, ny = src.shape
-    if method == 2:
-        ext = _nb_extrapolated(src)
-    else:
-        ext = np.empty((1, 1))
-    unit = hu == 1.0 and hv == 1.0  # x / 1.0 is x: the same numbers without the divisions
-    for x in range(nx):
-        for y in range(ny):
-            if unit:
-                px = x + u[x, y]
-                py = y + v[x, y]
-            else:
-                px = x + u[x, y] / hu
-                py = y + v[x, y] / hv
-            if not (px >= 0.0 and px <= nx - 1 and py >= 0.0 and py <= ny - 1):
-                out[x, y] = fill[x, y]
-                valid[x, y] = False
-                continue
-            valid[x, y] = True
-            if method == 0:
-                out[x, y] = src[int(_nb_round(px)), int(_nb_round(py))]
-                continue
-            if nx == 1:
-                ix, tx = 0, 0.0
-            else:
-                ix, tx = _nb_cell(px, nx)
-            if ny == 1:
-                iy, ty = 0, 0.0
-            else:
-                iy, ty = _nb_cell(py, ny)
-            if method == 1:
-                ix1 = min(ix + 1, nx - 1)
-                iy1 = min(iy + 1, ny - 1)
-                out[x, y] = (1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1]) + tx * (
-                    (1.0 - ty) * src[ix1, iy] + ty * src[ix1, iy1]
-                )
-            else:
-                wy0 = _nb_keys(ty + 1.0)
-                wy1 = _nb_keys(ty)
-                wy2 = _nb_keys(1.0 - ty)
-                wy3 = _nb_keys(2.0 - ty)
-                acc = 0.0
-                y3 = min(iy + 3, ny + 1)  # a 1-sample axis: iy + 3 is past the padding
-                for p in range(4):
-                    wx = _nb_keys(tx + 1.0 - p)
-                    if wx == 0.0:
-                        continue
-                    # ix + p <= nx + 1: ix <= nx - 2, or nx = 1, where tx = 0 leaves only
-                    # p = 1 (the other weights are 0)
-                    row = ext[ix + p]
-                    acc += wx * (
-                        wy0 * row[iy] + wy1 * row[iy + 1] + wy2 * row[iy + 2] + wy3 * row[y3]
-                    )
-                out[x, y] = acc
-
-
-@_njit
-def _nb_warp_field(uv, raw, fill, method, reg, valid):
-    """One raw frame warped by its field, in the frames' own ``(H, W)`` layout.
-
-    ``uv`` ``(2, H, W)`` float64 (u along columns, v along rows), ``raw`` ``(H, W,
-    C)`` any real dtype, ``fill`` ``(C, H, W)`` float64 (out-of-grid values);
-    writes ``reg`` ``(H, W, C)`` float64 and ``valid`` ``(H, W)``.  The warp of
-    `_nb_warp_plane` with the axes' roles swapped (its rule is the same along both
-    axes), so no transposed copies; returns the frame's `_nb_frame_statistics`.
-    """
-    H, W, C = raw.shape
-    src = np.empty((H, W))
-    out = np.empty((H, W))
-    for c in range(C):
-        for h in range(H):
-            for w in range(W):
-                src[h, w] = raw[h, w, c]
-        _nb_warp_plane(src, uv[1], uv[0], 1.0, 1.0, fill[c], method, out, valid)
-        for h in range(H):
-            for w in range(W):
-                reg[h, w, c] = out[h, w]
-    return _nb_frame_statistics(uv[0], uv[1])
-
-
-###############################################################################
-### Numba CPU kernels: motion tensors
+### 5.2 Motion tensors
 ###############################################################################
 
 
@@ -4300,9 +4575,8 @@ def _nb_tensor_cs(f1, f2, hx, hy, J11, J22, J33, J12, J13, J23):
 
 
 ###############################################################################
-### Numba CPU kernels: level solver (level_solver.cpp)
+### 5.3 Level solver (level_solver.cpp)
 ###############################################################################
-
 
 #: The steps ``_nb_get_displacement`` times when profiling (``bench --profile``): the
 #: columns of its ``times`` array.
@@ -4787,7 +5061,7 @@ def _nb_level_solver(J, weight, a_data, u, v, sp, du, dv, times, row):
 
 
 ###############################################################################
-### Numba CPU kernels: 5x5 median filter (medfilt2 'symmetric')
+### 5.4 5x5 median filter (medfilt2 'symmetric')
 ###############################################################################
 
 
@@ -4963,443 +5237,151 @@ def _nb_medfilt5_interior(f):
 
 
 ###############################################################################
-### Numba CPU kernels: Gaussian smoothing and per-frame statistics
+### 5.5 Solver parameters
 ###############################################################################
 
 
-@_njit
-def _nb_smooth_frames(raw, i0, i1, lo, scale, k_row, k_col, k_time, out):
-    """Frames ``[i0, i1)`` of the video ``raw (T, H, W, C)`` (any real dtype) first
-    mapped to ``(raw - lo[c]) * scale[c]``, then filtered separably along time, rows
-    and columns with replicated edges (time clamps to ``[0, T)``, so a piece equals
-    the same frames of the whole video filtered at once), into ``out (i1 - i0, H, W, C)``
-    float64.  The kernel tables are ``(C, odd length)`` (`_gauss_kernels`)."""
-    T, H, W, C = raw.shape
-    rt = k_time.shape[1] // 2
-    rr = k_row.shape[1] // 2
-    rc = k_col.shape[1] // 2
-    plane = np.empty((H, W))
-    rows = np.empty((H, W))
-    padded = np.empty(W + 2 * rc)
-    line = np.empty(W)
-    for t in range(i0, i1):
-        for c in range(C):
-            plane[:, :] = 0.0
-            for s in range(2 * rt + 1):
-                kv = k_time[c, s]
-                if kv == 0.0:
-                    continue
-                src = raw[min(max(t + s - rt, 0), T - 1)]
-                for h in range(H):
-                    for w in range(W):
-                        plane[h, w] += kv * ((src[h, w, c] - lo[c]) * scale[c])
-            rows[:, :] = 0.0
-            for h in range(H):
-                for j in range(2 * rr + 1):
-                    kv = k_row[c, j]
-                    if kv == 0.0:
-                        continue
-                    hs = min(max(h + j - rr, 0), H - 1)
-                    for w in range(W):
-                        rows[h, w] += kv * plane[hs, w]
-            # Columns: shifted copies of each row with its edges replicated, summed
-            # tap by tap so the inner loop runs over contiguous memory.
-            dst = out[t - i0]
-            for h in range(H):
-                for w in range(W + 2 * rc):
-                    padded[w] = rows[h, min(max(w - rc, 0), W - 1)]
-                line[:] = 0.0
-                for j in range(2 * rc + 1):
-                    kv = k_col[c, j]
-                    if kv == 0.0:
-                        continue
-                    for w in range(W):
-                        line[w] += kv * padded[w + j]
-                for w in range(W):
-                    dst[h, w, c] = line[w]
+def _tensor_kind(name):
+    try:
+        return _TENSOR_KINDS[name]
+    except (KeyError, TypeError):
+        msg = f"const_assumption must be one of {sorted(_TENSOR_KINDS)}, got {name!r}"
+        raise ConfigError(msg) from None
 
 
-@_njit
-def _nb_binned(img, b, out):
-    """``out`` ``(H // b, W // b, C)`` float64: means of b x b blocks of ``img`` ``(H, W, C)``."""
-    h, w, C = out.shape
-    scale = 1.0 / (b * b)
-    for i in range(h):
-        for j in range(w):
-            for c in range(C):
-                acc = 0.0
-                for p in range(b):
-                    for q in range(b):
-                        acc += img[i * b + p, j * b + q, c]
-                out[i, j, c] = acc * scale
+class _FlowParams(NamedTuple):
+    """Checked parameters of ``get_displacement`` (``_displacement_params``), passed
+    whole to ``_nb_get_displacement``."""
+
+    alpha_x: float
+    alpha_y: float
+    iterations: int
+    update_lag: int
+    a_data: np.ndarray
+    a_smooth: float
+    levels: int
+    eta: float
+    min_level: int
+    kind: int
+    quirks: bool
+    wvec: np.ndarray
+    wmap: np.ndarray
+    local: bool
+    red_black: bool = False
 
 
-@_njit
-def _nb_binned_channels(img, weights, b, out):
-    """``out`` ``(H // b, W // b)``: b x b block means of ``img`` ``(H, W, C)`` (any
-    real dtype) with its channels summed, weighted by ``weights`` ``(C,)``."""
-    h, w = out.shape
-    C = img.shape[2]
-    scale = 1.0 / (b * b)
-    for i in range(h):
-        for j in range(w):
-            acc = 0.0
-            for p in range(b):
-                for q in range(b):
-                    for c in range(C):
-                        acc += weights[c] * img[i * b + p, j * b + q, c]
-            out[i, j] = acc * scale
-
-
-@_njit
-def _nb_tapered(img, c, taper, out):
-    """``out = taper * (img[..., c] - m)``, m the taper-weighted mean; returns the L2
-    norm of ``out`` (the correlation input of `_Translations`)."""
-    h, w = taper.shape
-    st = 0.0
-    sa = 0.0
-    for i in range(h):
-        for j in range(w):
-            st += taper[i, j]
-            sa += taper[i, j] * img[i, j, c]
-    m = sa / st if st > 0.0 else 0.0
-    ss = 0.0
-    for i in range(h):
-        for j in range(w):
-            a = taper[i, j] * (img[i, j, c] - m)
-            out[i, j] = a
-            ss += a * a
-    return math.sqrt(ss)
-
-
-@_njit
-def _nb_add_cross(cross, spec, f, scale, first):
-    """``cross (+)= spec * f * scale`` (complex, same shape); ``first``: overwrite."""
-    H, K = cross.shape
-    for i in range(H):
-        for k in range(K):
-            v = spec[i, k] * f[i, k] * scale
-            cross[i, k] = v if first else cross[i, k] + v
-
-
-@_njit
-def _nb_dft_peak(cross, W, y, x, step, half):
-    """The best of ``(2 half + 1)^2`` points ``(y + i step, x + j step)`` of the
-    correlation whose half spectrum (``rfft2``, ``(H, W // 2 + 1)``, full width W) is
-    ``cross``: the real part of the inverse DFT there, bins 0 < kx < W / 2 counted
-    twice (the matrix-multiply DFT of Guizar-Sicairos et al. on a real image).
-    Returns ``(y, x)`` of the largest."""
-    H, K = cross.shape
-    n = 2 * half + 1
-    tmp = np.zeros((n, K), dtype=np.complex128)
-    for p in range(n):
-        py = y + (p - half) * step
-        # exp(2 pi i py f / H) for the signed frequencies f (fftfreq order), by powers
-        up = np.exp(2j * np.pi * py / H)
-        e = 1.0 + 0.0j
-        for ky in range(H):
-            if 2 * ky == H or (2 * ky > H and 2 * (ky - 1) < H):
-                e = np.exp(2j * np.pi * py * (ky - H) / H)  # first negative frequency
-            for kx in range(K):
-                tmp[p, kx] += e * cross[ky, kx]
-            e *= up
-    best = -np.inf
-    by = y
-    bx = x
-    col = np.empty(K, dtype=np.complex128)
-    for q in range(n):
-        px = x + (q - half) * step
-        up = np.exp(2j * np.pi * px / W)
-        e = 1.0 + 0.0j
-        for kx in range(K):
-            col[kx] = (1.0 if kx == 0 or 2 * kx == W else 2.0) * e
-            e *= up
-        for p in range(n):
-            acc = 0.0
-            for kx in range(K):
-                acc += (tmp[p, kx] * col[kx]).real
-            if acc > best:
-                best = acc
-                by = y + (p - half) * step
-                bx = px
-    return by, bx
-
-
-@_njit
-def _nb_correlation_peak(corr, cross, upsample):
-    """Peak ``(y, x)`` of a circular correlation ``corr`` ``(H, W)`` (shifts past half
-    the size wrap to negative), refined on its half spectrum ``cross`` to 1/4 px over
-    +-1 px, then to ``1 / upsample`` px around that (`_nb_dft_peak`)."""
-    H, W = corr.shape
-    best = corr[0, 0]
-    py = 0
-    px = 0
-    for i in range(H):
-        for j in range(W):
-            if corr[i, j] > best:
-                best = corr[i, j]
-                py = i
-                px = j
-    y = float(py - H if 2 * py > H else py)
-    x = float(px - W if 2 * px > W else px)
-    y, x = _nb_dft_peak(cross, W, y, x, 0.25, 4)
-    return _nb_dft_peak(cross, W, y, x, 1.0 / upsample, math.ceil(0.15 * upsample))
-
-
-@_njit
-def _nb_split_field(w, weights, out):
-    """A field ``w`` ``(H, W, 2)`` split into its mean, weighted by ``weights`` ``(H, W)``
-    summing to 1 (an empty array: the plain mean), returned as ``(mean_u, mean_v)``,
-    and the rest, written to ``out`` ``(2, H, W)`` float32 (`_TemporalModel`)."""
-    H, W = w.shape[:2]
-    m0 = 0.0
-    m1 = 0.0
-    if weights.shape[0] == 0:
-        for h in range(H):
-            for x in range(W):
-                m0 += w[h, x, 0]
-                m1 += w[h, x, 1]
-        m0 /= H * W
-        m1 /= H * W
+def _displacement_params(
+    shape,
+    *,
+    alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
+    update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
+    iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
+    min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
+    levels=GET_DISPLACEMENT_DEFAULTS["levels"],
+    eta=GET_DISPLACEMENT_DEFAULTS["eta"],
+    a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
+    a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
+    weight=None,
+    const_assumption="gc",
+    matlab_quirks=True,
+):
+    """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
+    (int C is enough unless ``weight`` is a spatial map)."""
+    if isinstance(shape, (int, np.integer)):
+        H = W = None
+        C = int(shape)
     else:
-        for h in range(H):
-            for x in range(W):
-                m0 += weights[h, x] * w[h, x, 0]
-                m1 += weights[h, x] * w[h, x, 1]
-    for h in range(H):
-        for x in range(W):
-            out[0, h, x] = w[h, x, 0] - m0
-            out[1, h, x] = w[h, x, 1] - m1
-    return m0, m1
+        H, W, C = shape
+    al = np.atleast_1d(np.asarray(alpha, dtype=np.float64)).ravel()
+    if al.size not in (1, 2):
+        msg = f"alpha must be a number or a pair, got {alpha!r}"
+        raise ConfigError(msg)
+    ax = _positive("alpha", al[0])
+    ay = _positive("alpha", al[-1])
+    eta = _positive("eta", eta)
+    if eta > 1:
+        msg = f"eta must be in (0, 1], got {eta!r}"
+        raise ConfigError(msg)
+    levels = _count("levels", levels, 0)
+    min_level = _count("min_level", min_level, 0)
+    iterations = _count("iterations", iterations, 0)
+    update_lag = _count("update_lag", update_lag, 1)
+    a_smooth = _positive("a_smooth", a_smooth)
+    ad = _channel_vector("a_data", a_data, C)
+    if np.any(ad <= 0):
+        msg = f"a_data must be > 0, got {a_data!r}"
+        raise ConfigError(msg)
+    kind = _tensor_kind(const_assumption)
+    local = False
+    wmap = np.zeros((C, 1, 1))
+    if weight is None:
+        wvec = np.full(C, 1.0 / C)
+    else:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.ndim >= 2:
+            if w.ndim == 2:
+                w = np.repeat(w[:, :, None], C, axis=2)
+            if w.shape != (H, W, C):
+                msg = f"spatial weight must be (H, W) or (H, W, C) = {(H, W, C)}, got {np.shape(weight)}"
+                raise ConfigError(msg)
+            if not np.all(np.isfinite(w)) or np.any(w < 0):
+                msg = "spatial weight must be finite and >= 0"
+                raise ConfigError(msg)
+            local = True
+            wmap = _to_internal(w)
+            wvec = np.zeros(C)
+        else:
+            wvec = _channel_weights(w, C)
+    params = _FlowParams(
+        ax,
+        ay,
+        iterations,
+        update_lag,
+        ad,
+        a_smooth,
+        levels,
+        eta,
+        min_level,
+        kind,
+        bool(matlab_quirks),
+        wvec,
+        wmap,
+        local,
+    )
+    return params
 
 
-@_njit
-def _nb_subsampled_sq_diff(ring, a, b):
-    """Mean of ``(ring[a] - ring[b]) ** 2`` over every 4th row and column (float64):
-    how much `_TemporalModel`'s remainders change between two frames."""
-    _, H, W = ring.shape[1:]
-    acc = 0.0
-    n = 0
-    for c in range(2):
-        for i in range(0, H, 4):
-            for j in range(0, W, 4):
-                d = np.float64(ring[a, c, i, j]) - np.float64(ring[b, c, i, j])
-                acc += d * d
-                n += 1
-    return acc / n
-
-
-@_njit
-def _nb_temporal_block(ring, slots, kern, s, r0, r1, out):
-    """Rows ``[r0, r1)`` of released fields of `_TemporalModel`: ``out[j] = s[j] + sum_i
-    kern[j, i] * ring[slots[i]]``, ``out`` ``(n, 2, H, W)`` float64, ``ring`` ``(N, 2,
-    H, W)`` float32, ``kern`` ``(n, m)`` over the m frames ``slots`` ``(m,)``.  Row by
-    row for all n outputs at once, so each stored row is read from memory once while
-    the n outputs that weigh it are made (frames near each other share neighbours)."""
-    n, m = kern.shape
-    W = out.shape[3]
-    for h in range(r0, r1):
-        for j in range(n):
-            for c in range(2):
-                dst = out[j, c, h]
-                v = s[j, c]
-                for x in range(W):
-                    dst[x] = v
-                for i in range(m):
-                    k = kern[j, i]
-                    if k == 0.0:
-                        continue
-                    src = ring[slots[i], c, h]
-                    for x in range(W):
-                        dst[x] += k * src[x]
-
-
-@_njit
-def _nb_temporal_recursive(ring, slots, lam, reach, first, norm, s, r0, r1, out):
-    """`_nb_temporal_block` for a kernel that is ``norm[j] * lam ** |i - first - j|`` within
-    ``reach`` frames of row j (0 beyond, and beyond the m frames ``slots``): the sums
-    before and after each frame by the recursions ``F_j = lam F_(j-1) + r_j - lam **
-    (reach + 1) r_(j - reach - 1)`` forwards and its mirror backwards, about ``2 reach +
-    6 n`` operations a pixel for n frames instead of ``n (2 reach + 1)``."""
-    n = len(norm)
-    m = len(slots)
-    W = out.shape[3]
-    cut = lam ** (reach + 1)
-    acc = np.empty(W)
-    for h in range(r0, r1):
-        for c in range(2):
-            # forward: out[j] = sum over i <= first + j of the weight times the remainder
-            acc[:] = 0.0
-            for k in range(reach, -1, -1):
-                i = first - k
-                if i >= 0:
-                    src = ring[slots[i], c, h]
-                    wk = lam**k
-                    for x in range(W):
-                        acc[x] += wk * src[x]
-            for j in range(n):
-                if j > 0:
-                    i = first + j
-                    src = ring[slots[i], c, h]
-                    for x in range(W):
-                        acc[x] = lam * acc[x] + src[x]
-                    i -= reach + 1
-                    if i >= 0:
-                        old = ring[slots[i], c, h]
-                        for x in range(W):
-                            acc[x] -= cut * old[x]
-                dst = out[j, c, h]
-                for x in range(W):
-                    dst[x] = acc[x]
-            # backward, adding the sum over i >= first + j less the frame itself
-            acc[:] = 0.0
-            last = first + n - 1
-            for k in range(reach, -1, -1):
-                i = last + k
-                if i < m:
-                    src = ring[slots[i], c, h]
-                    wk = lam**k
-                    for x in range(W):
-                        acc[x] += wk * src[x]
-            for j in range(n - 1, -1, -1):
-                i = first + j
-                own = ring[slots[i], c, h]
-                if j < n - 1:
-                    for x in range(W):
-                        acc[x] = lam * acc[x] + own[x]
-                    if i + reach + 1 < m:
-                        old = ring[slots[i + reach + 1], c, h]
-                        for x in range(W):
-                            acc[x] -= cut * old[x]
-                dst = out[j, c, h]
-                v = s[j, c]
-                f = norm[j]
-                for x in range(W):
-                    dst[x] = v + f * (dst[x] + acc[x] - own[x])
-
-
-@_njit
-def _nb_frame_statistics(u, v):
-    H, W = u.shape
-    s_mag = 0.0
-    m_mag = 0.0
-    s_div = 0.0
-    s_u = 0.0
-    s_v = 0.0
-    for y in range(H):
-        y0 = max(y - 1, 0)
-        y1 = min(y + 1, H - 1)
-        for x in range(W):
-            x0 = max(x - 1, 0)
-            x1 = min(x + 1, W - 1)
-            uu = u[y, x]
-            vv = v[y, x]
-            mag = math.sqrt(uu * uu + vv * vv)
-            s_mag += mag
-            if mag > m_mag or (y == 0 and x == 0):
-                m_mag = mag
-            gx = (u[y0, x1] - u[y0, x0]) + 2.0 * (u[y, x1] - u[y, x0]) + (u[y1, x1] - u[y1, x0])
-            gy = (v[y1, x0] - v[y0, x0]) + 2.0 * (v[y1, x] - v[y0, x]) + (v[y1, x1] - v[y0, x1])
-            s_div += gx + gy
-            s_u += uu
-            s_v += vv
-    n = H * W
-    return s_mag / n, m_mag, s_div / n, math.hypot(s_u / n, s_v / n)
-
-
-@_njit_sums
-def _nb_masked_pearson(frame_a, frame_b, ref, valid, out, sum_a, sum_b):
-    """Pearson r of ``frame_a`` and of ``frame_b`` with ``ref`` (all ``(H, W, C)``) over
-    the pixels where ``valid`` ``(H, W)``, per channel, averaged over channels, into
-    ``out[0]``, ``out[1]``; NaN with fewer than two valid pixels or a constant channel.
-    Two passes (masked sums, then centred sums; masks as 0/1 factors so that the
-    loops vectorise), both frames in each.  Every pixel of the frames is also added
-    to ``sum_a``, ``sum_b`` (float64 ``(H, W, C)``); returns the valid pixel count."""
-    H, W, C = ref.shape
-    count = 0
-    for y in range(H):
-        for x in range(W):
-            count += valid[y, x]
-    out[0] = 0.0
-    out[1] = 0.0
-    for c in range(C):
-        sa = 0.0
-        sb = 0.0
-        sr = 0.0
-        for y in range(H):
-            for x in range(W):
-                a = float(frame_a[y, x, c])
-                b = float(frame_b[y, x, c])
-                sum_a[y, x, c] += a
-                sum_b[y, x, c] += b
-                m = 1.0 if valid[y, x] else 0.0
-                sa += m * a
-                sb += m * b
-                sr += m * ref[y, x, c]
-        if count < 2:
-            continue
-        ma = sa / count
-        mb = sb / count
-        mr = sr / count
-        saa = 0.0
-        sbb = 0.0
-        srr = 0.0
-        sar = 0.0
-        sbr = 0.0
-        for y in range(H):
-            for x in range(W):
-                m = 1.0 if valid[y, x] else 0.0
-                da = m * (frame_a[y, x, c] - ma)
-                db = m * (frame_b[y, x, c] - mb)
-                dr = m * (ref[y, x, c] - mr)
-                saa += da * da
-                sbb += db * db
-                srr += dr * dr
-                sar += da * dr
-                sbr += db * dr
-        out[0] += sar / math.sqrt(saa * srr) if saa > 0.0 and srr > 0.0 else np.nan
-        out[1] += sbr / math.sqrt(sbb * srr) if sbb > 0.0 and srr > 0.0 else np.nan
-    if count < 2:
-        out[:] = np.nan
-        return count
-    out[0] /= C
-    out[1] /= C
-    return count
-
-
-@_njit
-def _nb_valid_counts(valid, always, counts):
-    """Per-frame valid pixel counts of masks ``valid`` ``(n, H, W)``; ``always &=`` and
-    ``counts +=`` (``(H, W)``) each frame's mask."""
-    n, H, W = valid.shape
-    out = np.zeros(n, np.int64)
-    for k in range(n):
-        for y in range(H):
-            for x in range(W):
-                v = valid[k, y, x]
-                out[k] += v
-                counts[y, x] += v
-                always[y, x] &= v
-    return out
-
-
-@_njit
-def _nb_field_means(w, out):
-    """``out[k] = `` the mean of field ``w[k]`` ``(H, W, 2)`` (any memory layout)."""
-    n, H, W = w.shape[:3]
-    for k in range(n):
-        su = 0.0
-        sv = 0.0
-        for y in range(H):
-            for x in range(W):
-                su += w[k, y, x, 0]
-                sv += w[k, y, x, 1]
-        out[k, 0] = su / (H * W)
-        out[k, 1] = sv / (H * W)
+def _flow_params(opts, n_channels, *, alpha_offset=0.0):
+    al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
+    ax, ay = (al[0], al[-1])
+    ad = (
+        np.broadcast_to(np.atleast_1d(np.asarray(opts.a_data, dtype=np.float64)), (n_channels,))
+        if np.size(opts.a_data) in (1, n_channels)
+        else None
+    )
+    if ad is None:
+        msg = f"flow_options.a_data has {np.size(opts.a_data)} entries for {n_channels} channels"
+        raise ConfigError(msg)
+    return _FlowParams(
+        float(ax + alpha_offset),
+        float(ay + alpha_offset),
+        int(opts.iterations),
+        int(opts.update_lag),
+        np.ascontiguousarray(ad, dtype=np.float64),
+        float(opts.a_smooth),
+        int(opts.levels),
+        float(opts.eta),
+        int(opts.effective_min_level),
+        _tensor_kind(opts.constancy_assumption),
+        bool(opts.matlab_quirks),
+        _channel_weights(opts.weight, n_channels),
+        np.zeros((n_channels, 1, 1)),
+        False,
+    )
 
 
 ###############################################################################
-### Pyramid and CPU driver (get_displacement.m)
+### 5.6 Pyramid and driver (get_displacement.m)
 ###############################################################################
 
 
@@ -5629,27 +5611,6 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
     _nb_lap(times, plan.shape[0], _STEP_FINAL, t)
 
 
-class _FlowParams(NamedTuple):
-    """Checked parameters of ``get_displacement`` (``_displacement_params``), passed
-    whole to ``_nb_get_displacement``."""
-
-    alpha_x: float
-    alpha_y: float
-    iterations: int
-    update_lag: int
-    a_data: np.ndarray
-    a_smooth: float
-    levels: int
-    eta: float
-    min_level: int
-    kind: int
-    quirks: bool
-    wvec: np.ndarray
-    wmap: np.ndarray
-    local: bool
-    red_black: bool = False
-
-
 _NO_PYRAMID = np.empty(0)
 _NO_TIMES = np.empty((0, 0))
 
@@ -5715,7 +5676,7 @@ def _pyramid_levels(p, f1, plan=None):
 
 
 ###############################################################################
-### Optical flow: input checks and public functions
+### 5.7 Public optical-flow functions
 ###############################################################################
 
 
@@ -5773,63 +5734,6 @@ def _field_to_internal(f, shape, name):
         msg = f"{name} has NaN or infinite values"
         raise InputError(msg)
     return np.ascontiguousarray(arr.T)
-
-
-def _positive(name, value, *, allow_zero=False):
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        msg = f"{name} must be a number, got {value!r}"
-        raise ConfigError(msg) from None
-    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
-        msg = f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        raise ConfigError(msg)
-    return x
-
-
-def _count(name, value, minimum):
-    try:
-        ok = (
-            not isinstance(value, (bool, np.bool_))
-            and float(value).is_integer()
-            and value >= minimum
-        )
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        msg = f"{name} must be an integer >= {minimum}, got {value!r}"
-        raise ConfigError(msg)
-    return int(value)
-
-
-def _channel_vector(name, value, n_channels, *, normalise=False, fill=None):
-    """Scalar or 1-D per-channel parameter -> float64 vector of length C."""
-    arr = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
-    if arr.size == 1:
-        arr = np.full(n_channels, arr[0])
-    elif arr.size != n_channels:
-        if fill is None:
-            msg = f"{name} has {arr.size} entries for {n_channels} channels"
-            raise ConfigError(msg)
-        arr = np.concatenate([arr, np.full(max(0, n_channels - arr.size), fill)])[:n_channels]
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        msg = f"{name} must be finite and >= 0, got {value!r}"
-        raise ConfigError(msg)
-    if normalise:
-        total = arr.sum()
-        if total <= 0:
-            msg = f"{name} must not be all zero"
-            raise ConfigError(msg)
-        arr = arr / total
-    return np.ascontiguousarray(arr)
-
-
-def _channel_weights(weight, n_channels):
-    """Per-channel data-term weights ``(C,)``, the one rule of ``get_displacement`` and the
-    stages: a scalar or vector cut to C entries or padded with 1/C, then normalised to sum
-    1 (the toolbox's ``get_displacement``; its Stage 1 helper ``get_weight_at`` pads without
-    renormalising, so a short vector there weighs the data term by more than 1 in all)."""
-    return _channel_vector("weight", weight, n_channels, normalise=True, fill=1.0 / n_channels)
 
 
 def warping_depth(eta, levels, m, n):
@@ -5999,95 +5903,6 @@ def medfilt2_symmetric(a):
     return out
 
 
-def _tensor_kind(name):
-    try:
-        return _TENSOR_KINDS[name]
-    except (KeyError, TypeError):
-        msg = f"const_assumption must be one of {sorted(_TENSOR_KINDS)}, got {name!r}"
-        raise ConfigError(msg) from None
-
-
-def _displacement_params(
-    shape,
-    *,
-    alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
-    update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
-    iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
-    min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
-    levels=GET_DISPLACEMENT_DEFAULTS["levels"],
-    eta=GET_DISPLACEMENT_DEFAULTS["eta"],
-    a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
-    a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
-    weight=None,
-    const_assumption="gc",
-    matlab_quirks=True,
-):
-    """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
-    (int C is enough unless ``weight`` is a spatial map)."""
-    if isinstance(shape, (int, np.integer)):
-        H = W = None
-        C = int(shape)
-    else:
-        H, W, C = shape
-    al = np.atleast_1d(np.asarray(alpha, dtype=np.float64)).ravel()
-    if al.size not in (1, 2):
-        msg = f"alpha must be a number or a pair, got {alpha!r}"
-        raise ConfigError(msg)
-    ax = _positive("alpha", al[0])
-    ay = _positive("alpha", al[-1])
-    eta = _positive("eta", eta)
-    if eta > 1:
-        msg = f"eta must be in (0, 1], got {eta!r}"
-        raise ConfigError(msg)
-    levels = _count("levels", levels, 0)
-    min_level = _count("min_level", min_level, 0)
-    iterations = _count("iterations", iterations, 0)
-    update_lag = _count("update_lag", update_lag, 1)
-    a_smooth = _positive("a_smooth", a_smooth)
-    ad = _channel_vector("a_data", a_data, C)
-    if np.any(ad <= 0):
-        msg = f"a_data must be > 0, got {a_data!r}"
-        raise ConfigError(msg)
-    kind = _tensor_kind(const_assumption)
-    local = False
-    wmap = np.zeros((C, 1, 1))
-    if weight is None:
-        wvec = np.full(C, 1.0 / C)
-    else:
-        w = np.asarray(weight, dtype=np.float64)
-        if w.ndim >= 2:
-            if w.ndim == 2:
-                w = np.repeat(w[:, :, None], C, axis=2)
-            if w.shape != (H, W, C):
-                msg = f"spatial weight must be (H, W) or (H, W, C) = {(H, W, C)}, got {np.shape(weight)}"
-                raise ConfigError(msg)
-            if not np.all(np.isfinite(w)) or np.any(w < 0):
-                msg = "spatial weight must be finite and >= 0"
-                raise ConfigError(msg)
-            local = True
-            wmap = _to_internal(w)
-            wvec = np.zeros(C)
-        else:
-            wvec = _channel_weights(w, C)
-    params = _FlowParams(
-        ax,
-        ay,
-        iterations,
-        update_lag,
-        ad,
-        a_smooth,
-        levels,
-        eta,
-        min_level,
-        kind,
-        bool(matlab_quirks),
-        wvec,
-        wmap,
-        local,
-    )
-    return params
-
-
 def get_displacement(
     fixed,
     moving,
@@ -6186,7 +6001,12 @@ def get_displacement(
 
 
 ###############################################################################
-### Flow backends: protocol and the CPU backend
+### 6. Flow backends
+###############################################################################
+
+
+###############################################################################
+### 6.1 Protocol and the CPU backend
 ###############################################################################
 
 
@@ -6431,7 +6251,7 @@ def _unavailable(name, why, install):
 
 
 ###############################################################################
-### CUDA kernels and backend (lazy)
+### 6.2 CUDA kernels and backend (lazy)
 ###############################################################################
 
 #
@@ -7562,7 +7382,7 @@ class CudaBackend(FlowBackend):
 
 
 ###############################################################################
-### PyTorch backend (lazy)
+### 6.3 PyTorch backend (lazy)
 ###############################################################################
 
 #
@@ -8193,7 +8013,7 @@ class TorchBackend(FlowBackend):
 
 
 ###############################################################################
-### OpenCV DIS backend (lazy)
+### 6.4 OpenCV DIS backend (lazy)
 ###############################################################################
 
 #
@@ -8347,9 +8167,8 @@ class DisBackend(FlowBackend):
 
 
 ###############################################################################
-### Flow backends: registry
+### 6.5 Registry
 ###############################################################################
-
 
 #: Flow backends by name (the pyflowreg API's names): their class and what it needs.
 _BACKENDS = {
@@ -8391,7 +8210,148 @@ def make_backend(name, backend_params=None):
 
 
 ###############################################################################
-### Warping and masks
+### 7. Geometry: warps, valid masks, rigid shifts, correlation
+###############################################################################
+
+
+###############################################################################
+### 7.1 Warp kernels (MATLAB imwarp with a displacement field)
+###############################################################################
+
+
+@_njit
+def _nb_extrapolated(src):
+    """Pad a plane by one sample with ``interp2``'s cubic edge rule.
+
+    The virtual sample before the first is ``3 f[0] - 3 f[1] + f[2]`` (and
+    likewise after the last), which keeps Keys' kernel exact for quadratics up
+    to the border.  Axes shorter than 3 samples replicate the edge instead.
+    """
+    nx, ny = src.shape
+    e = np.empty((nx + 2, ny + 2))
+    for a in range(nx):
+        for b in range(ny):
+            e[a + 1, b + 1] = src[a, b]
+    for a in range(1, nx + 1):
+        if ny >= 3:
+            e[a, 0] = 3.0 * e[a, 1] - 3.0 * e[a, 2] + e[a, 3]
+            e[a, ny + 1] = 3.0 * e[a, ny] - 3.0 * e[a, ny - 1] + e[a, ny - 2]
+        else:
+            e[a, 0] = e[a, 1]
+            e[a, ny + 1] = e[a, ny]
+    for b in range(ny + 2):
+        if nx >= 3:
+            e[0, b] = 3.0 * e[1, b] - 3.0 * e[2, b] + e[3, b]
+            e[nx + 1, b] = 3.0 * e[nx, b] - 3.0 * e[nx - 1, b] + e[nx - 2, b]
+        else:
+            e[0, b] = e[1, b]
+            e[nx + 1, b] = e[nx, b]
+    return e
+
+
+@_njit
+def _nb_cell(pos, n):
+    """Left sample index and fraction of ``pos`` in ``[0, n - 1]``."""
+    i = int(pos)
+    if i > n - 2:
+        i = n - 2
+    if i < 0:
+        i = 0
+    return i, pos - i
+
+
+@_njit
+def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
+    """Backward warp of one transposed plane (MATLAB ``imwarp``/``interp2`` with a
+    displacement field); the CPU reference of ``_cu_warp_plane`` and ``_tc_warp``.
+
+    ``src, fill, u, v, out`` are ``(nx, ny)`` float64, ``valid`` ``(nx, ny)`` bool.
+    ``out[x, y] = src(x + u[x, y] / hu, y + v[x, y] / hv)``; points outside the
+    sample grid (or NaN) take ``fill[x, y]`` and ``valid[x, y] = False``.
+    ``method``: 0 nearest, 1 linear, 2 cubic.
+    """
+    nx, ny = src.shape
+    if method == 2:
+        ext = _nb_extrapolated(src)
+    else:
+        ext = np.empty((1, 1))
+    unit = hu == 1.0 and hv == 1.0  # x / 1.0 is x: the same numbers without the divisions
+    for x in range(nx):
+        for y in range(ny):
+            if unit:
+                px = x + u[x, y]
+                py = y + v[x, y]
+            else:
+                px = x + u[x, y] / hu
+                py = y + v[x, y] / hv
+            if not (px >= 0.0 and px <= nx - 1 and py >= 0.0 and py <= ny - 1):
+                out[x, y] = fill[x, y]
+                valid[x, y] = False
+                continue
+            valid[x, y] = True
+            if method == 0:
+                out[x, y] = src[int(_nb_round(px)), int(_nb_round(py))]
+                continue
+            if nx == 1:
+                ix, tx = 0, 0.0
+            else:
+                ix, tx = _nb_cell(px, nx)
+            if ny == 1:
+                iy, ty = 0, 0.0
+            else:
+                iy, ty = _nb_cell(py, ny)
+            if method == 1:
+                ix1 = min(ix + 1, nx - 1)
+                iy1 = min(iy + 1, ny - 1)
+                out[x, y] = (1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1]) + tx * (
+                    (1.0 - ty) * src[ix1, iy] + ty * src[ix1, iy1]
+                )
+            else:
+                wy0 = _nb_keys(ty + 1.0)
+                wy1 = _nb_keys(ty)
+                wy2 = _nb_keys(1.0 - ty)
+                wy3 = _nb_keys(2.0 - ty)
+                acc = 0.0
+                y3 = min(iy + 3, ny + 1)  # a 1-sample axis: iy + 3 is past the padding
+                for p in range(4):
+                    wx = _nb_keys(tx + 1.0 - p)
+                    if wx == 0.0:
+                        continue
+                    # ix + p <= nx + 1: ix <= nx - 2, or nx = 1, where tx = 0 leaves only
+                    # p = 1 (the other weights are 0)
+                    row = ext[ix + p]
+                    acc += wx * (
+                        wy0 * row[iy] + wy1 * row[iy + 1] + wy2 * row[iy + 2] + wy3 * row[y3]
+                    )
+                out[x, y] = acc
+
+
+@_njit
+def _nb_warp_field(uv, raw, fill, method, reg, valid):
+    """One raw frame warped by its field, in the frames' own ``(H, W)`` layout.
+
+    ``uv`` ``(2, H, W)`` float64 (u along columns, v along rows), ``raw`` ``(H, W,
+    C)`` any real dtype, ``fill`` ``(C, H, W)`` float64 (out-of-grid values);
+    writes ``reg`` ``(H, W, C)`` float64 and ``valid`` ``(H, W)``.  The warp of
+    `_nb_warp_plane` with the axes' roles swapped (its rule is the same along both
+    axes), so no transposed copies; returns the frame's `_nb_frame_statistics`.
+    """
+    H, W, C = raw.shape
+    src = np.empty((H, W))
+    out = np.empty((H, W))
+    for c in range(C):
+        for h in range(H):
+            for w in range(W):
+                src[h, w] = raw[h, w, c]
+        _nb_warp_plane(src, uv[1], uv[0], 1.0, 1.0, fill[c], method, out, valid)
+        for h in range(H):
+            for w in range(W):
+                reg[h, w, c] = out[h, w]
+    return _nb_frame_statistics(uv[0], uv[1])
+
+
+###############################################################################
+### 7.2 Warps and valid masks
 ###############################################################################
 
 
@@ -8535,7 +8495,7 @@ def compute_batch_valid_masks(w):
 
 
 ###############################################################################
-### Rigid registration: cross-correlation
+### 7.3 Rigid registration: cross-correlation
 ###############################################################################
 
 
@@ -8856,38 +8816,297 @@ def estimate_rigid_shift(
 
 
 ###############################################################################
-### Per-recording correction (the toolbox's compensate_recording)
+### 7.4 Masked Pearson correlation
 ###############################################################################
 
 
-def _flow_params(opts, n_channels, *, alpha_offset=0.0):
-    al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
-    ax, ay = (al[0], al[-1])
-    ad = (
-        np.broadcast_to(np.atleast_1d(np.asarray(opts.a_data, dtype=np.float64)), (n_channels,))
-        if np.size(opts.a_data) in (1, n_channels)
-        else None
-    )
-    if ad is None:
-        msg = f"flow_options.a_data has {np.size(opts.a_data)} entries for {n_channels} channels"
-        raise ConfigError(msg)
-    return _FlowParams(
-        float(ax + alpha_offset),
-        float(ay + alpha_offset),
-        int(opts.iterations),
-        int(opts.update_lag),
-        np.ascontiguousarray(ad, dtype=np.float64),
-        float(opts.a_smooth),
-        int(opts.levels),
-        float(opts.eta),
-        int(opts.effective_min_level),
-        _tensor_kind(opts.constancy_assumption),
-        bool(opts.matlab_quirks),
-        _channel_weights(opts.weight, n_channels),
-        np.zeros((n_channels, 1, 1)),
-        False,
-    )
+@_njit_sums
+def _nb_masked_pearson(frame_a, frame_b, ref, valid, out, sum_a, sum_b):
+    """Pearson r of ``frame_a`` and of ``frame_b`` with ``ref`` (all ``(H, W, C)``) over
+    the pixels where ``valid`` ``(H, W)``, per channel, averaged over channels, into
+    ``out[0]``, ``out[1]``; NaN with fewer than two valid pixels or a constant channel.
+    Two passes (masked sums, then centred sums; masks as 0/1 factors so that the
+    loops vectorise), both frames in each.  Every pixel of the frames is also added
+    to ``sum_a``, ``sum_b`` (float64 ``(H, W, C)``); returns the valid pixel count."""
+    H, W, C = ref.shape
+    count = 0
+    for y in range(H):
+        for x in range(W):
+            count += valid[y, x]
+    out[0] = 0.0
+    out[1] = 0.0
+    for c in range(C):
+        sa = 0.0
+        sb = 0.0
+        sr = 0.0
+        for y in range(H):
+            for x in range(W):
+                a = float(frame_a[y, x, c])
+                b = float(frame_b[y, x, c])
+                sum_a[y, x, c] += a
+                sum_b[y, x, c] += b
+                m = 1.0 if valid[y, x] else 0.0
+                sa += m * a
+                sb += m * b
+                sr += m * ref[y, x, c]
+        if count < 2:
+            continue
+        ma = sa / count
+        mb = sb / count
+        mr = sr / count
+        saa = 0.0
+        sbb = 0.0
+        srr = 0.0
+        sar = 0.0
+        sbr = 0.0
+        for y in range(H):
+            for x in range(W):
+                m = 1.0 if valid[y, x] else 0.0
+                da = m * (frame_a[y, x, c] - ma)
+                db = m * (frame_b[y, x, c] - mb)
+                dr = m * (ref[y, x, c] - mr)
+                saa += da * da
+                sbb += db * db
+                srr += dr * dr
+                sar += da * dr
+                sbr += db * dr
+        out[0] += sar / math.sqrt(saa * srr) if saa > 0.0 and srr > 0.0 else np.nan
+        out[1] += sbr / math.sqrt(sbb * srr) if sbb > 0.0 and srr > 0.0 else np.nan
+    if count < 2:
+        out[:] = np.nan
+        return count
+    out[0] /= C
+    out[1] /= C
+    return count
 
+
+def _pearson_valid(frames_a, frames_b, reference, valid, sums=None):
+    """Per-frame Pearson correlations with ``reference`` over each frame's valid pixels.
+
+    ``frames_a``, ``frames_b`` ``(n, H, W, C)`` (e.g. raw and corrected),
+    ``reference`` ``(H, W, C)``, ``valid`` ``(n, H, W)`` bool.  Channels are
+    correlated separately and averaged; a frame with fewer than two valid pixels
+    or a constant channel gives NaN.  Returns two ``(n,)`` arrays.  ``sums``: two
+    float64 ``(H, W, C)`` arrays the frames are added to.
+    """
+    ref = np.ascontiguousarray(reference, dtype=np.float64)
+    if sums is None:
+        sums = (np.zeros(ref.shape), np.zeros(ref.shape))
+    out = np.empty((len(valid), 2))
+    for k in range(len(valid)):
+        _nb_masked_pearson(frames_a[k], frames_b[k], ref, valid[k], out[k], *sums)
+    return out[:, 0], out[:, 1]
+
+
+def _masked_correlation(a, b, mask):
+    """Pearson correlation of two ``(H, W, C)`` images over ``mask`` (H, W); NaN if flat."""
+    x, y = a[mask].ravel(), b[mask].ravel()
+    if x.size < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
+    return float(np.dot(x, y) / den) if den > 0 else float("nan")
+
+
+###############################################################################
+### 8. Stage 1: per-recording motion correction
+###############################################################################
+
+
+###############################################################################
+### 8.1 Reference and input checks (both methods)
+###############################################################################
+
+
+def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, phases):
+    """Flows and warped raw frames of batch frames ``[i0, i1)`` (see the backends).
+
+    Returns ``(w (n, H, W, 2), registered (n, H, W, C) float, valid (n, H, W) bool,
+    c1 (n, H, W, C) float64 preprocessed, statistics (4, n))``.
+    """
+    with phases("preprocess"):
+        c1 = pre.frames(i0, i1)
+    with phases("flow and warp"):
+        w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
+    return w, reg, valid, c1, stats
+
+
+def _reference_indices(opts, n_frames, name, quiet=False):
+    """0-based reference frame indices of a recording with ``n_frames`` (binned) frames.
+
+    ``quiet``: no note about a short recording (the checks before Stage 1 run)."""
+    if opts.reference_frames is None:
+        first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
+        idx = [i for i in range(first - 1, last) if i < n_frames]
+        if not idx and not quiet:
+            log.info(
+                "%s: %d frames, fewer than the default reference range (frames 50-500); "
+                "using all frames for the reference",
+                name,
+                n_frames,
+            )
+        idx = idx or list(range(n_frames))
+        return idx
+    idx = [int(i) for i in opts.reference_frames]
+    bad = [i for i in idx if i >= n_frames]
+    if bad:
+        msg = (
+            f"flow_options.reference_frames: frame {bad[0]} does not exist in {name} "
+            f"({n_frames} frames after binning); choose indices below {n_frames}"
+        )
+        raise ConfigError(msg)
+    return idx
+
+
+def _check_finite(frames, name, first):
+    """Raise `InputError` naming the frames that hold NaN or Inf values."""
+    if frames.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(frames).reshape(len(frames), -1).all(axis=1)
+    if bad.any():
+        where = np.flatnonzero(bad)
+        which = (
+            f"frames {where[0] + first}..{where[-1] + first}"
+            if first is not None
+            else f"{len(where)} of the reference frames"
+        )
+        msg = f"{name}: {which} contain NaN or Inf values; fix or drop them before registration"
+        raise InputError(msg)
+
+
+def _check_writable(path, key):
+    """Create ``path`` if needed and prove it is writable, else a `ConfigError` naming ``key``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".flowsession-probe-"):
+            pass
+    except OSError as exc:
+        msg = (
+            f"{key}: cannot write to {path} ({exc.strerror or exc}); choose a folder you can "
+            "write to"
+        )
+        raise ConfigError(msg) from None
+
+
+def _check_supported(opts):
+    """Refuse options this version accepts for compatibility but does not implement."""
+    if opts.cc_initialization:
+        msg = (
+            "flow_options.cc_initialization = true is not supported by this version "
+            "(per-frame rigid pre-alignment); remove it or set it to false"
+        )
+        raise ConfigError(msg)
+
+
+def _check_recordings(files, opts, config=None):
+    """Open every recording before any work: readable, frames, one frame size and channel count.
+
+    With ``config``, recordings are opened as Stage 1 opens them (files, planes, layout)."""
+    shapes = {}
+    for f in files:
+        opened = (
+            open_video(f, bin_size=opts.bin_size)
+            if config is None
+            else _open_recording(config, f, opts, f.name, estimate=False)
+        )
+        with opened as r:
+            if len(r) == 0:
+                msg = f"{f.name}: the recording has no frames"
+                raise InputError(msg)
+            _reference_indices(opts, len(r), f.name, quiet=True)
+            shapes[f.name] = (r.height, r.width, r.n_channels)
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{k} {v[0]}x{v[1]}x{v[2]}" for k, v in shapes.items())
+        msg = (
+            f"the recordings of a session must share frame size and channel count "
+            f"(H x W x C): {detail}; split them into separate sessions"
+        )
+        raise InputError(msg)
+
+
+def compute_reference(reader, opts, pool, name="recording", backend=None):
+    """Reference frame ``(H, W, C)`` float64 of a recording, as the toolbox.
+
+    The reference frames are smoothed with ``sigma + [1, 1, 0.5]``, normalised,
+    registered onto their mean with ``alpha + 2``, and the raw frames warped by
+    those fields (cubic, filled from their raw mean) are averaged.  One frame is
+    returned as it is.  ``backend`` computes the flows (default ``flowreg``).  With
+    ``stage1_method = "adaptive"`` alpha is first adapted to the noise of the
+    reference frames (:func:`adaptive_alpha`).
+    """
+    return _reference_and_options(reader, opts, pool, name, backend)[0]
+
+
+def _reference_and_options(reader, opts, pool, name="recording", backend=None):
+    """`compute_reference` and the options of the recording (alpha adapted to its noise)."""
+    backend = backend if backend is not None else FlowregBackend()
+    idx = _reference_indices(opts, len(reader), name)
+    # Kept in the reader's type (up to 451 frames: this stack and the smoothed one
+    # set Stage 1's peak memory); every use reads it as float64, exactly.
+    tmp = reader.read_frames(idx)
+    _check_finite(tmp, name, None)
+    if tmp.max() == tmp.min():
+        msg = (
+            f"{name}: the reference frames ({len(idx)} frames from {idx[0]}) are constant "
+            f"(every pixel {tmp.flat[0]:g}); there is no image to register against: "
+            "check the recording or choose other reference_frames"
+        )
+        raise InputError(msg)
+    if len(tmp) == 1:
+        return tmp[0].astype(np.float64), opts
+    sigma = np.atleast_2d(opts.sigma)
+    sep = opts.channel_normalization == "separate"
+    g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
+    lo, hi = _minmax(g, sep)
+    opts = _adapted_options(opts, tmp, np.asarray(hi) - lo, name)
+    c1 = _normalise(g, lo, hi, in_place=True)
+    del g
+    C = tmp.shape[3]
+    params = _flow_params(opts, C, alpha_offset=2.0)
+    state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0, dtype=np.float64))
+    n, H, W = tmp.shape[:3]
+    # The frames are registered independently (same zero initialisation), so in
+    # chunks: no stack of fields and warped frames.  The sum runs frame after frame,
+    # in the order of numpy's reduction over axis 0, so the mean is the same.
+    step = max(64, getattr(backend, "chunk_frames", None) or 0)
+    total = np.zeros((H, W, C))
+    for i0 in range(0, n, step):
+        reg = backend.register(
+            state,
+            c1[i0 : i0 + step],
+            tmp[i0 : i0 + step],
+            np.zeros((H, W, 2)),
+            2,
+            pool,
+            with_stats=False,
+        )[1]
+        for frame in reg:
+            total += frame
+    return total / n, opts
+
+
+def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
+    """Add the warped preprocessed frames with batch index >= ``start`` to ``ref_sum``.
+
+    The toolbox's reference update: the mean of the last ``min(100, n - 1) + 1``
+    preprocessed frames warped by their fields, filled with the batch mean.
+    """
+    fill_int = _to_internal(fill)
+    for k in range(max(0, start - i0), len(c1)):
+        out, _ = _warp_stack(_to_internal(c1[k]), *_field_internal(w[k]), fill_int, method)
+        ref_sum += out.transpose(2, 1, 0)
+
+
+def _mean_frames(reader, raw_indices, chunk=64):
+    total = np.zeros((reader.height, reader.width, reader.n_channels))
+    for i in range(0, len(raw_indices), chunk):
+        total += reader.read_frames(raw_indices[i : i + chunk]).sum(axis=0, dtype=np.float64)
+    return total / len(raw_indices)
+
+
+###############################################################################
+### 8.2 Adaptive method: noise model and regularisation weight
+###############################################################################
 
 #: Relative noise (:func:`noise_level`) up to which ``stage1_method = "adaptive"`` keeps the
 #: configured ``alpha``; above it alpha grows as (noise / this) ** (2 a_data).  Calibrated on
@@ -8955,6 +9174,10 @@ def _adapted_options(opts, frames, span, name):
     return opts.replace(alpha=(float(alpha[0]), float(alpha[1])))
 
 
+###############################################################################
+### 8.3 Adaptive method: translation tracker
+###############################################################################
+
 #: Stage 1's temporal model (``stage1_method = "adaptive"``): half-width, in frames, of
 #: the two-sided smoothing of the fields over time.
 TEMPORAL_RADIUS = 16
@@ -8978,6 +9201,133 @@ def _taper(n, fraction):
     out[:m] = ramp
     out[n - m :] = ramp[::-1]
     return out
+
+
+@_njit
+def _nb_binned(img, b, out):
+    """``out`` ``(H // b, W // b, C)`` float64: means of b x b blocks of ``img`` ``(H, W, C)``."""
+    h, w, C = out.shape
+    scale = 1.0 / (b * b)
+    for i in range(h):
+        for j in range(w):
+            for c in range(C):
+                acc = 0.0
+                for p in range(b):
+                    for q in range(b):
+                        acc += img[i * b + p, j * b + q, c]
+                out[i, j, c] = acc * scale
+
+
+@_njit
+def _nb_binned_channels(img, weights, b, out):
+    """``out`` ``(H // b, W // b)``: b x b block means of ``img`` ``(H, W, C)`` (any
+    real dtype) with its channels summed, weighted by ``weights`` ``(C,)``."""
+    h, w = out.shape
+    C = img.shape[2]
+    scale = 1.0 / (b * b)
+    for i in range(h):
+        for j in range(w):
+            acc = 0.0
+            for p in range(b):
+                for q in range(b):
+                    for c in range(C):
+                        acc += weights[c] * img[i * b + p, j * b + q, c]
+            out[i, j] = acc * scale
+
+
+@_njit
+def _nb_tapered(img, c, taper, out):
+    """``out = taper * (img[..., c] - m)``, m the taper-weighted mean; returns the L2
+    norm of ``out`` (the correlation input of `_Translations`)."""
+    h, w = taper.shape
+    st = 0.0
+    sa = 0.0
+    for i in range(h):
+        for j in range(w):
+            st += taper[i, j]
+            sa += taper[i, j] * img[i, j, c]
+    m = sa / st if st > 0.0 else 0.0
+    ss = 0.0
+    for i in range(h):
+        for j in range(w):
+            a = taper[i, j] * (img[i, j, c] - m)
+            out[i, j] = a
+            ss += a * a
+    return math.sqrt(ss)
+
+
+@_njit
+def _nb_add_cross(cross, spec, f, scale, first):
+    """``cross (+)= spec * f * scale`` (complex, same shape); ``first``: overwrite."""
+    H, K = cross.shape
+    for i in range(H):
+        for k in range(K):
+            v = spec[i, k] * f[i, k] * scale
+            cross[i, k] = v if first else cross[i, k] + v
+
+
+@_njit
+def _nb_dft_peak(cross, W, y, x, step, half):
+    """The best of ``(2 half + 1)^2`` points ``(y + i step, x + j step)`` of the
+    correlation whose half spectrum (``rfft2``, ``(H, W // 2 + 1)``, full width W) is
+    ``cross``: the real part of the inverse DFT there, bins 0 < kx < W / 2 counted
+    twice (the matrix-multiply DFT of Guizar-Sicairos et al. on a real image).
+    Returns ``(y, x)`` of the largest."""
+    H, K = cross.shape
+    n = 2 * half + 1
+    tmp = np.zeros((n, K), dtype=np.complex128)
+    for p in range(n):
+        py = y + (p - half) * step
+        # exp(2 pi i py f / H) for the signed frequencies f (fftfreq order), by powers
+        up = np.exp(2j * np.pi * py / H)
+        e = 1.0 + 0.0j
+        for ky in range(H):
+            if 2 * ky == H or (2 * ky > H and 2 * (ky - 1) < H):
+                e = np.exp(2j * np.pi * py * (ky - H) / H)  # first negative frequency
+            for kx in range(K):
+                tmp[p, kx] += e * cross[ky, kx]
+            e *= up
+    best = -np.inf
+    by = y
+    bx = x
+    col = np.empty(K, dtype=np.complex128)
+    for q in range(n):
+        px = x + (q - half) * step
+        up = np.exp(2j * np.pi * px / W)
+        e = 1.0 + 0.0j
+        for kx in range(K):
+            col[kx] = (1.0 if kx == 0 or 2 * kx == W else 2.0) * e
+            e *= up
+        for p in range(n):
+            acc = 0.0
+            for kx in range(K):
+                acc += (tmp[p, kx] * col[kx]).real
+            if acc > best:
+                best = acc
+                by = y + (p - half) * step
+                bx = px
+    return by, bx
+
+
+@_njit
+def _nb_correlation_peak(corr, cross, upsample):
+    """Peak ``(y, x)`` of a circular correlation ``corr`` ``(H, W)`` (shifts past half
+    the size wrap to negative), refined on its half spectrum ``cross`` to 1/4 px over
+    +-1 px, then to ``1 / upsample`` px around that (`_nb_dft_peak`)."""
+    H, W = corr.shape
+    best = corr[0, 0]
+    py = 0
+    px = 0
+    for i in range(H):
+        for j in range(W):
+            if corr[i, j] > best:
+                best = corr[i, j]
+                py = i
+                px = j
+    y = float(py - H if 2 * py > H else py)
+    x = float(px - W if 2 * px > W else px)
+    y, x = _nb_dft_peak(cross, W, y, x, 0.25, 4)
+    return _nb_dft_peak(cross, W, y, x, 1.0 / upsample, math.ceil(0.15 * upsample))
 
 
 class _Translations:
@@ -9082,6 +9432,54 @@ class _Translations:
         return self.parts[0]._estimate(small[:h]) - self.parts[1]._estimate(small[h : 2 * h])
 
 
+###############################################################################
+### 8.4 Adaptive method: temporal model
+###############################################################################
+
+
+@_njit
+def _nb_split_field(w, weights, out):
+    """A field ``w`` ``(H, W, 2)`` split into its mean, weighted by ``weights`` ``(H, W)``
+    summing to 1 (an empty array: the plain mean), returned as ``(mean_u, mean_v)``,
+    and the rest, written to ``out`` ``(2, H, W)`` float32 (`_TemporalModel`)."""
+    H, W = w.shape[:2]
+    m0 = 0.0
+    m1 = 0.0
+    if weights.shape[0] == 0:
+        for h in range(H):
+            for x in range(W):
+                m0 += w[h, x, 0]
+                m1 += w[h, x, 1]
+        m0 /= H * W
+        m1 /= H * W
+    else:
+        for h in range(H):
+            for x in range(W):
+                m0 += weights[h, x] * w[h, x, 0]
+                m1 += weights[h, x] * w[h, x, 1]
+    for h in range(H):
+        for x in range(W):
+            out[0, h, x] = w[h, x, 0] - m0
+            out[1, h, x] = w[h, x, 1] - m1
+    return m0, m1
+
+
+@_njit
+def _nb_subsampled_sq_diff(ring, a, b):
+    """Mean of ``(ring[a] - ring[b]) ** 2`` over every 4th row and column (float64):
+    how much `_TemporalModel`'s remainders change between two frames."""
+    _, H, W = ring.shape[1:]
+    acc = 0.0
+    n = 0
+    for c in range(2):
+        for i in range(0, H, 4):
+            for j in range(0, W, 4):
+                d = np.float64(ring[a, c, i, j]) - np.float64(ring[b, c, i, j])
+                acc += d * d
+                n += 1
+    return acc / n
+
+
 def _smoothing_decay(q, r):
     """Decay ``lam`` of the best two-sided smoother ``lam ** |k|`` of a noisy random walk.
 
@@ -9095,6 +9493,95 @@ def _smoothing_decay(q, r):
         return 0.0
     g = max(q, 0.0) / r
     return float(1.0 + 0.5 * g - math.sqrt(g * (1.0 + 0.25 * g)))
+
+
+@_njit
+def _nb_temporal_block(ring, slots, kern, s, r0, r1, out):
+    """Rows ``[r0, r1)`` of released fields of `_TemporalModel`: ``out[j] = s[j] + sum_i
+    kern[j, i] * ring[slots[i]]``, ``out`` ``(n, 2, H, W)`` float64, ``ring`` ``(N, 2,
+    H, W)`` float32, ``kern`` ``(n, m)`` over the m frames ``slots`` ``(m,)``.  Row by
+    row for all n outputs at once, so each stored row is read from memory once while
+    the n outputs that weigh it are made (frames near each other share neighbours)."""
+    n, m = kern.shape
+    W = out.shape[3]
+    for h in range(r0, r1):
+        for j in range(n):
+            for c in range(2):
+                dst = out[j, c, h]
+                v = s[j, c]
+                for x in range(W):
+                    dst[x] = v
+                for i in range(m):
+                    k = kern[j, i]
+                    if k == 0.0:
+                        continue
+                    src = ring[slots[i], c, h]
+                    for x in range(W):
+                        dst[x] += k * src[x]
+
+
+@_njit
+def _nb_temporal_recursive(ring, slots, lam, reach, first, norm, s, r0, r1, out):
+    """`_nb_temporal_block` for a kernel that is ``norm[j] * lam ** |i - first - j|`` within
+    ``reach`` frames of row j (0 beyond, and beyond the m frames ``slots``): the sums
+    before and after each frame by the recursions ``F_j = lam F_(j-1) + r_j - lam **
+    (reach + 1) r_(j - reach - 1)`` forwards and its mirror backwards, about ``2 reach +
+    6 n`` operations a pixel for n frames instead of ``n (2 reach + 1)``."""
+    n = len(norm)
+    m = len(slots)
+    W = out.shape[3]
+    cut = lam ** (reach + 1)
+    acc = np.empty(W)
+    for h in range(r0, r1):
+        for c in range(2):
+            # forward: out[j] = sum over i <= first + j of the weight times the remainder
+            acc[:] = 0.0
+            for k in range(reach, -1, -1):
+                i = first - k
+                if i >= 0:
+                    src = ring[slots[i], c, h]
+                    wk = lam**k
+                    for x in range(W):
+                        acc[x] += wk * src[x]
+            for j in range(n):
+                if j > 0:
+                    i = first + j
+                    src = ring[slots[i], c, h]
+                    for x in range(W):
+                        acc[x] = lam * acc[x] + src[x]
+                    i -= reach + 1
+                    if i >= 0:
+                        old = ring[slots[i], c, h]
+                        for x in range(W):
+                            acc[x] -= cut * old[x]
+                dst = out[j, c, h]
+                for x in range(W):
+                    dst[x] = acc[x]
+            # backward, adding the sum over i >= first + j less the frame itself
+            acc[:] = 0.0
+            last = first + n - 1
+            for k in range(reach, -1, -1):
+                i = last + k
+                if i < m:
+                    src = ring[slots[i], c, h]
+                    wk = lam**k
+                    for x in range(W):
+                        acc[x] += wk * src[x]
+            for j in range(n - 1, -1, -1):
+                i = first + j
+                own = ring[slots[i], c, h]
+                if j < n - 1:
+                    for x in range(W):
+                        acc[x] = lam * acc[x] + own[x]
+                    if i + reach + 1 < m:
+                        old = ring[slots[i + reach + 1], c, h]
+                        for x in range(W):
+                            acc[x] -= cut * old[x]
+                dst = out[j, c, h]
+                v = s[j, c]
+                f = norm[j]
+                for x in range(W):
+                    dst[x] = v + f * (dst[x] + acc[x] - own[x])
 
 
 class _TemporalModel:
@@ -9365,6 +9852,47 @@ class _Release(NamedTuple):
     norm: np.ndarray
 
 
+###############################################################################
+### 8.5 Registration quality
+###############################################################################
+
+#: Residual motion: at most this many frames, evenly spaced, are kept while Stage 1
+#: streams, each binned to at most this many pixels a side, and the shift between the
+#: frames at the two ends of each of the first few principal components is measured.
+QUALITY_PC_FRAMES = 200
+QUALITY_PC_SIZE = 128
+QUALITY_N_PCS = 5
+
+
+@_njit
+def _nb_frame_statistics(u, v):
+    H, W = u.shape
+    s_mag = 0.0
+    m_mag = 0.0
+    s_div = 0.0
+    s_u = 0.0
+    s_v = 0.0
+    for y in range(H):
+        y0 = max(y - 1, 0)
+        y1 = min(y + 1, H - 1)
+        for x in range(W):
+            x0 = max(x - 1, 0)
+            x1 = min(x + 1, W - 1)
+            uu = u[y, x]
+            vv = v[y, x]
+            mag = math.sqrt(uu * uu + vv * vv)
+            s_mag += mag
+            if mag > m_mag or (y == 0 and x == 0):
+                m_mag = mag
+            gx = (u[y0, x1] - u[y0, x0]) + 2.0 * (u[y, x1] - u[y, x0]) + (u[y1, x1] - u[y1, x0])
+            gy = (v[y1, x0] - v[y0, x0]) + 2.0 * (v[y1, x] - v[y0, x]) + (v[y1, x1] - v[y0, x1])
+            s_div += gx + gy
+            s_u += uu
+            s_v += vv
+    n = H * W
+    return s_mag / n, m_mag, s_div / n, math.hypot(s_u / n, s_v / n)
+
+
 def _frame_statistics(u, v):
     """The toolbox's per-frame statistics of a field (u, v), each ``(H, W)``.
 
@@ -9375,197 +9903,35 @@ def _frame_statistics(u, v):
     return _nb_frame_statistics(np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64))
 
 
-def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, phases):
-    """Flows and warped raw frames of batch frames ``[i0, i1)`` (see the backends).
-
-    Returns ``(w (n, H, W, 2), registered (n, H, W, C) float, valid (n, H, W) bool,
-    c1 (n, H, W, C) float64 preprocessed, statistics (4, n))``.
-    """
-    with phases("preprocess"):
-        c1 = pre.frames(i0, i1)
-    with phases("flow and warp"):
-        w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
-    return w, reg, valid, c1, stats
-
-
-def _reference_indices(opts, n_frames, name, quiet=False):
-    """0-based reference frame indices of a recording with ``n_frames`` (binned) frames.
-
-    ``quiet``: no note about a short recording (the checks before Stage 1 run)."""
-    if opts.reference_frames is None:
-        first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
-        idx = [i for i in range(first - 1, last) if i < n_frames]
-        if not idx and not quiet:
-            log.info(
-                "%s: %d frames, fewer than the default reference range (frames 50-500); "
-                "using all frames for the reference",
-                name,
-                n_frames,
-            )
-        idx = idx or list(range(n_frames))
-        return idx
-    idx = [int(i) for i in opts.reference_frames]
-    bad = [i for i in idx if i >= n_frames]
-    if bad:
-        msg = (
-            f"flow_options.reference_frames: frame {bad[0]} does not exist in {name} "
-            f"({n_frames} frames after binning); choose indices below {n_frames}"
-        )
-        raise ConfigError(msg)
-    return idx
+@_njit
+def _nb_valid_counts(valid, always, counts):
+    """Per-frame valid pixel counts of masks ``valid`` ``(n, H, W)``; ``always &=`` and
+    ``counts +=`` (``(H, W)``) each frame's mask."""
+    n, H, W = valid.shape
+    out = np.zeros(n, np.int64)
+    for k in range(n):
+        for y in range(H):
+            for x in range(W):
+                v = valid[k, y, x]
+                out[k] += v
+                counts[y, x] += v
+                always[y, x] &= v
+    return out
 
 
-def _check_finite(frames, name, first):
-    """Raise `InputError` naming the frames that hold NaN or Inf values."""
-    if frames.dtype.kind != "f":
-        return
-    bad = ~np.isfinite(frames).reshape(len(frames), -1).all(axis=1)
-    if bad.any():
-        where = np.flatnonzero(bad)
-        which = (
-            f"frames {where[0] + first}..{where[-1] + first}"
-            if first is not None
-            else f"{len(where)} of the reference frames"
-        )
-        msg = f"{name}: {which} contain NaN or Inf values; fix or drop them before registration"
-        raise InputError(msg)
-
-
-def _check_writable(path, key):
-    """Create ``path`` if needed and prove it is writable, else a `ConfigError` naming ``key``."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".flowsession-probe-"):
-            pass
-    except OSError as exc:
-        msg = (
-            f"{key}: cannot write to {path} ({exc.strerror or exc}); choose a folder you can "
-            "write to"
-        )
-        raise ConfigError(msg) from None
-
-
-def _check_supported(opts):
-    """Refuse options this version accepts for compatibility but does not implement."""
-    if opts.cc_initialization:
-        msg = (
-            "flow_options.cc_initialization = true is not supported by this version "
-            "(per-frame rigid pre-alignment); remove it or set it to false"
-        )
-        raise ConfigError(msg)
-
-
-def _check_recordings(files, opts, config=None):
-    """Open every recording before any work: readable, frames, one frame size and channel count.
-
-    With ``config``, recordings are opened as Stage 1 opens them (files, planes, layout)."""
-    shapes = {}
-    for f in files:
-        opened = (
-            open_video(f, bin_size=opts.bin_size)
-            if config is None
-            else _open_recording(config, f, opts, f.name, estimate=False)
-        )
-        with opened as r:
-            if len(r) == 0:
-                msg = f"{f.name}: the recording has no frames"
-                raise InputError(msg)
-            _reference_indices(opts, len(r), f.name, quiet=True)
-            shapes[f.name] = (r.height, r.width, r.n_channels)
-    if len(set(shapes.values())) > 1:
-        detail = ", ".join(f"{k} {v[0]}x{v[1]}x{v[2]}" for k, v in shapes.items())
-        msg = (
-            f"the recordings of a session must share frame size and channel count "
-            f"(H x W x C): {detail}; split them into separate sessions"
-        )
-        raise InputError(msg)
-
-
-def compute_reference(reader, opts, pool, name="recording", backend=None):
-    """Reference frame ``(H, W, C)`` float64 of a recording, as the toolbox.
-
-    The reference frames are smoothed with ``sigma + [1, 1, 0.5]``, normalised,
-    registered onto their mean with ``alpha + 2``, and the raw frames warped by
-    those fields (cubic, filled from their raw mean) are averaged.  One frame is
-    returned as it is.  ``backend`` computes the flows (default ``flowreg``).  With
-    ``stage1_method = "adaptive"`` alpha is first adapted to the noise of the
-    reference frames (:func:`adaptive_alpha`).
-    """
-    return _reference_and_options(reader, opts, pool, name, backend)[0]
-
-
-def _reference_and_options(reader, opts, pool, name="recording", backend=None):
-    """`compute_reference` and the options of the recording (alpha adapted to its noise)."""
-    backend = backend if backend is not None else FlowregBackend()
-    idx = _reference_indices(opts, len(reader), name)
-    # Kept in the reader's type (up to 451 frames: this stack and the smoothed one
-    # set Stage 1's peak memory); every use reads it as float64, exactly.
-    tmp = reader.read_frames(idx)
-    _check_finite(tmp, name, None)
-    if tmp.max() == tmp.min():
-        msg = (
-            f"{name}: the reference frames ({len(idx)} frames from {idx[0]}) are constant "
-            f"(every pixel {tmp.flat[0]:g}); there is no image to register against: "
-            "check the recording or choose other reference_frames"
-        )
-        raise InputError(msg)
-    if len(tmp) == 1:
-        return tmp[0].astype(np.float64), opts
-    sigma = np.atleast_2d(opts.sigma)
-    sep = opts.channel_normalization == "separate"
-    g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
-    lo, hi = _minmax(g, sep)
-    opts = _adapted_options(opts, tmp, np.asarray(hi) - lo, name)
-    c1 = _normalise(g, lo, hi, in_place=True)
-    del g
-    C = tmp.shape[3]
-    params = _flow_params(opts, C, alpha_offset=2.0)
-    state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0, dtype=np.float64))
-    n, H, W = tmp.shape[:3]
-    # The frames are registered independently (same zero initialisation), so in
-    # chunks: no stack of fields and warped frames.  The sum runs frame after frame,
-    # in the order of numpy's reduction over axis 0, so the mean is the same.
-    step = max(64, getattr(backend, "chunk_frames", None) or 0)
-    total = np.zeros((H, W, C))
-    for i0 in range(0, n, step):
-        reg = backend.register(
-            state,
-            c1[i0 : i0 + step],
-            tmp[i0 : i0 + step],
-            np.zeros((H, W, 2)),
-            2,
-            pool,
-            with_stats=False,
-        )[1]
-        for frame in reg:
-            total += frame
-    return total / n, opts
-
-
-#: Residual motion: at most this many frames, evenly spaced, are kept while Stage 1
-#: streams, each binned to at most this many pixels a side, and the shift between the
-#: frames at the two ends of each of the first few principal components is measured.
-QUALITY_PC_FRAMES = 200
-QUALITY_PC_SIZE = 128
-QUALITY_N_PCS = 5
-
-
-def _pearson_valid(frames_a, frames_b, reference, valid, sums=None):
-    """Per-frame Pearson correlations with ``reference`` over each frame's valid pixels.
-
-    ``frames_a``, ``frames_b`` ``(n, H, W, C)`` (e.g. raw and corrected),
-    ``reference`` ``(H, W, C)``, ``valid`` ``(n, H, W)`` bool.  Channels are
-    correlated separately and averaged; a frame with fewer than two valid pixels
-    or a constant channel gives NaN.  Returns two ``(n,)`` arrays.  ``sums``: two
-    float64 ``(H, W, C)`` arrays the frames are added to.
-    """
-    ref = np.ascontiguousarray(reference, dtype=np.float64)
-    if sums is None:
-        sums = (np.zeros(ref.shape), np.zeros(ref.shape))
-    out = np.empty((len(valid), 2))
-    for k in range(len(valid)):
-        _nb_masked_pearson(frames_a[k], frames_b[k], ref, valid[k], out[k], *sums)
-    return out[:, 0], out[:, 1]
+@_njit
+def _nb_field_means(w, out):
+    """``out[k] = `` the mean of field ``w[k]`` ``(H, W, 2)`` (any memory layout)."""
+    n, H, W = w.shape[:3]
+    for k in range(n):
+        su = 0.0
+        sv = 0.0
+        for y in range(H):
+            for x in range(W):
+                su += w[k, y, x, 0]
+                sv += w[k, y, x, 1]
+        out[k, 0] = su / (H * W)
+        out[k, 1] = sv / (H * W)
 
 
 def _crispness(mean_image, where):
@@ -9696,6 +10062,11 @@ class _QualityAccumulator:
             "mean_before": mean_before,
             "pixel_valid_fraction": self.valid_count / T,
         }
+
+
+###############################################################################
+### 8.6 Correcting one recording
+###############################################################################
 
 
 @contextlib.contextmanager
@@ -10073,232 +10444,9 @@ def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     }
 
 
-def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
-    """Add the warped preprocessed frames with batch index >= ``start`` to ``ref_sum``.
-
-    The toolbox's reference update: the mean of the last ``min(100, n - 1) + 1``
-    preprocessed frames warped by their fields, filled with the batch mean.
-    """
-    fill_int = _to_internal(fill)
-    for k in range(max(0, start - i0), len(c1)):
-        out, _ = _warp_stack(_to_internal(c1[k]), *_field_internal(w[k]), fill_int, method)
-        ref_sum += out.transpose(2, 1, 0)
-
-
 ###############################################################################
-### Stage 1: per-recording motion correction
+### 8.7 Stage 1 driver: resume, locks, array tasks
 ###############################################################################
-
-
-STATUS_FILE = "status.json"
-
-
-def _input_fingerprint(path):
-    if not os.path.isfile(path):
-        return _recording_fingerprint(path)
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _recording_fingerprint(path):
-    """Names, sizes and time stamps of every file of a recording stored in several files
-    (as a digest: a Bruker series has one file per frame and channel)."""
-    files, kind = recording_files(path)
-    stats = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(f)]]
-    return {
-        "path": os.path.abspath(path),
-        "layout": kind,
-        "n_files": len(files),
-        "bytes": sum(s[1] for s in stats),
-        "files_digest": _digest(stats),
-    }
-
-
-def _layout_key(config):
-    """The config's plane and scan-phase settings when they are not the defaults, else None
-    (so that the option digests of plain sessions stay as they were)."""
-    key = {
-        "n_planes": config.n_planes,
-        "flyback_planes": config.flyback_planes,
-        "bidi_correction": config.bidi_correction,
-        "plane": getattr(config, "_plane", None),
-    }
-    plain = {"n_planes": None, "flyback_planes": None, "bidi_correction": False, "plane": None}
-    return None if key == plain else key
-
-
-def _open_recording(config, path, opts, name, *, estimate=True):
-    """Open one recording, or the config's plane of it, as Stage 1 reads it.
-
-    A single file with one plane opens with `open_video`; several files, ScanImage files,
-    Bruker series and interleaved planes with `RecordingReader`.  With ``bidi_correction`` the frames
-    come through a `BidiReader` (offset estimated from the reference frames for
-    ``"auto"`` unless ``estimate`` is False).  The reader carries ``bidi_offset``
-    (None when off), ``bidi_offset_end`` (the estimate from the last frames, or None),
-    ``layout_info`` and ``scanimage`` (metadata or None).
-    """
-    plane = getattr(config, "_plane", None) or 0
-    files, kind = recording_files(path)
-    planes = recording_planes(path, config.n_planes, config.flyback_planes)
-    bidi = config.bidi_correction is not False
-    bins = 1 if bidi else opts.bin_size
-    if kind == "file" and planes == (1, 0) and scanimage_metadata(path) is None:
-        reader = open_video(path, bin_size=bins, nwb_series=config.nwb_series)
-        meta = None
-        layout = {"kind": "file", "files": 1, "n_planes": 1}
-    else:  # ScanImage files too, so that a partial last frame is an error, not dropped
-        lay = recording_layout(path, config.n_planes, config.flyback_planes)
-        reader = RecordingReader(lay, plane, bin_size=bins)
-        meta = lay.metadata
-        layout = {
-            "kind": lay.kind,
-            "files": len(lay.files),
-            "n_planes": lay.n_planes,
-            "flyback_planes": lay.flyback,
-            "plane": plane,
-        }
-    layout["n_channels"] = reader.n_channels
-    offset = end = None
-    if bidi:
-        try:
-            if config.bidi_correction != "auto":
-                offset = float(config.bidi_correction)
-            elif estimate:
-                offset, end = _recording_bidi(reader, opts, name)
-            else:
-                offset = 0.0
-        except BaseException:
-            reader.close()
-            raise
-        reader = BidiReader(reader, offset, bin_size=opts.bin_size)
-    reader.bidi_offset, reader.bidi_offset_end = offset, end
-    reader.layout_info, reader.scanimage = layout, meta
-    return reader
-
-
-def _mean_frames(reader, raw_indices, chunk=64):
-    total = np.zeros((reader.height, reader.width, reader.n_channels))
-    for i in range(0, len(raw_indices), chunk):
-        total += reader.read_frames(raw_indices[i : i + chunk]).sum(axis=0, dtype=np.float64)
-    return total / len(raw_indices)
-
-
-def _recording_bidi(reader, opts, name):
-    """Scan phase of a recording (opened unbinned) from its reference frames, and from its
-    last frames as a check that it did not drift; returns ``(offset, offset_end)``."""
-    b = opts.bin_size
-    n_binned = math.ceil(reader.n_frames / b)
-    idx = _reference_indices(opts, n_binned, name)
-
-    def raw(binned):
-        return [r for i in binned for r in range(i * b, min((i + 1) * b, reader.n_frames))]
-
-    offset = estimate_bidi_offset(_mean_frames(reader, raw(idx)))
-    last = list(range(max(0, n_binned - len(idx)), n_binned))
-    end = None
-    if last != list(idx):
-        end = estimate_bidi_offset(_mean_frames(reader, raw(last)))
-    log.info(
-        "%s: bidirectional scan phase %+.3f px (from %d reference frames)%s",
-        name,
-        offset,
-        len(idx),
-        "" if end is None else f"; {end:+.3f} px over the last {len(last)} frames",
-    )
-    if end is not None and abs(end - offset) > BIDI_DRIFT_WARN:
-        log.warning(
-            "%s: the scan phase drifts from %+.3f px (reference frames) to %+.3f px (last "
-            "frames); one offset is applied to the whole recording: split it into shorter "
-            "recordings if the difference matters",
-            name,
-            offset,
-            end,
-        )
-    return offset, end
-
-
-#: A scan phase that differs by more than this (px) between the reference frames and the
-#: end of a recording is reported as drift.
-BIDI_DRIFT_WARN = 0.25
-
-
-def _plane_config(config, plane, n_planes, flyback, subfolder):
-    """The session of one plane: the same recordings, read at ``plane``, with its outputs in
-    ``output_root/plane<k>`` and ``final_results/plane<k>`` (unless ``subfolder`` is False)."""
-    out, final = config.output_root_path, config.final_results_path
-    if subfolder:
-        out, final = out / f"plane{plane}", final / f"plane{plane}"
-    sub = dataclasses.replace(
-        config, n_planes=n_planes, flyback_planes=flyback, output_root=out, final_results=final
-    )
-    sub._plane, sub._parent = plane, config
-    return sub
-
-
-def plane_configs(config):
-    """One config per kept plane of a volumetric session, or None for a single-plane one.
-
-    The planes come from ``n_planes`` / ``flyback_planes`` or the recordings' ScanImage
-    metadata; every recording must have the same.  A config of one plane (as returned
-    here) gives None.
-    """
-    if getattr(config, "_plane", None) is not None:
-        return None
-    found = {}
-    for f in config.discover_inputs():
-        found.setdefault(recording_planes(f, config.n_planes, config.flyback_planes), []).append(f)
-    if len(found) > 1:
-        (p1, f1), (p2, f2) = list(found.items())[:2]
-        msg = (
-            f"{f1[0].name} has {p1[0]} planes ({p1[1]} flyback) but {f2[0].name} has {p2[0]} "
-            f"({p2[1]} flyback); the recordings of a session must have the same planes"
-        )
-        raise InputError(msg)
-    n_planes, flyback = next(iter(found))
-    if n_planes == 1:
-        return None
-    kept = n_planes - flyback
-    return [_plane_config(config, k, n_planes, flyback, kept > 1) for k in range(kept)]
-
-
-def _task_count(config, files):
-    """Array tasks of Stage 1: one per recording and kept plane."""
-    planes = plane_configs(config)
-    return len(files) * (len(planes) if planes else 1)
-
-
-def _stage1_planes(config, planes, of_options_override, task_index):
-    """Stage 1 of a volumetric session: every plane, or the (recording, plane) pair
-    ``task_index`` (recording ``task_index // planes``, plane ``task_index % planes``)."""
-    if task_index is None:
-        return [f for pc in planes for f in run_stage1(pc, of_options_override)]
-    n = len(config.discover_inputs()) * len(planes)
-    if not 0 <= int(task_index) < n:
-        msg = (
-            f"task index {task_index} is out of range: the session has {n} (recording, plane) "
-            f"pairs (valid 0..{n - 1})"
-        )
-        raise ConfigError(msg)
-    recording, plane = divmod(int(task_index), len(planes))
-    return run_stage1(planes[plane], of_options_override, recording)
-
-
-def _digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _load_status(folder):
-    """The folder's status record, or ``{}`` (a missing or unreadable file is logged)."""
-    path = os.path.join(folder, STATUS_FILE)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            status = json.load(fh)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("%s: unreadable (%s); its results will be recomputed", path, exc)
-        return {}
-    return status if isinstance(status, dict) else {}
 
 
 def _stage1_expected(input_file, opts, config):
@@ -10488,46 +10636,13 @@ def run_stage1_array(config, of_options_override=None):
 
 
 ###############################################################################
-### Stage 2: displacement between recordings
+### 9. Stages 2 and 3, and their outputs
 ###############################################################################
 
 
-def _recording_folder(config, input_file):
-    return os.path.join(config.output_root_path, pathlib.Path(input_file).stem)
-
-
-def _update_status(folder, key, record):
-    status = _load_status(folder)
-    status[key] = record
-    _atomic_save_json(os.path.join(folder, STATUS_FILE), status)
-
-
-def _load_average(folder, name, stage):
-    path = os.path.join(folder, "temporal_average.npy")
-    try:
-        avg = np.load(path)
-    except FileNotFoundError:
-        msg = f"{name}: {path} is missing; run Stage 1 first ({stage} needs it)"
-        raise InputError(msg) from None
-    except (OSError, ValueError) as exc:
-        msg = f"{name}: {path} is unreadable ({exc}); rerun Stage 1 for this recording"
-        raise InputError(msg) from None
-    if avg.ndim != 3 or not np.all(np.isfinite(avg)):
-        msg = f"{name}: {path} is not a finite (H, W, C) image; rerun Stage 1 for this recording"
-        raise InputError(msg)
-    return avg.astype(np.float64)
-
-
-def _session_averages(config, files, stage):
-    avgs = [_load_average(_recording_folder(config, f), f.name, stage) for f in files]
-    shapes = {a.shape for a in avgs}
-    if len(shapes) > 1:
-        detail = ", ".join(f"{f.name} {a.shape}" for f, a in zip(files, avgs))
-        msg = (
-            f"the recordings of a session must have one frame size and channel count; got {detail}"
-        )
-        raise InputError(msg)
-    return avgs
+###############################################################################
+### 9.1 Stage 2: displacement between recordings
+###############################################################################
 
 
 def _smooth_normalise(avg, sigma):
@@ -10568,16 +10683,6 @@ def _stage2_prepare(avg, sigma):
     """``avg`` as float64 ``(H, W, C)``, smoothed with ``sigma`` and scaled to [0, 1]."""
     a = np.asarray(avg, dtype=np.float64)
     return _smooth_normalise(a[..., None] if a.ndim == 2 else a, sigma)
-
-
-def _masked_correlation(a, b, mask):
-    """Pearson correlation of two ``(H, W, C)`` images over ``mask`` (H, W); NaN if flat."""
-    x, y = a[mask].ravel(), b[mask].ravel()
-    if x.size < 2:
-        return float("nan")
-    x, y = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
-    return float(np.dot(x, y) / den) if den > 0 else float("nan")
 
 
 def _shift_overlap_correlation(fixed, moving, dx, dy):
@@ -10766,10 +10871,6 @@ def _stage2_params(config):
     }
 
 
-def _array_digest(a):
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-
-
 def run_stage2(config):
     """Stage 2: align every recording's temporal average onto the center recording.
 
@@ -10927,7 +11028,7 @@ def _load_stage2_field(folder, path, expected, hw):
 
 
 ###############################################################################
-### Stage 3: session mask and aligned videos
+### 9.2 Stage 3: session mask and aligned videos
 ###############################################################################
 
 
@@ -11166,19 +11267,6 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     return final
 
 
-def _file_digest(path):
-    """Size and SHA-256 (16 hex digits) of a file's content; above 64 MiB (videos) size and
-    modification time, which every rewrite (a rename onto the name) changes."""
-    st = os.stat(path)
-    if st.st_size > 2**26:
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**20), b""):
-            h.update(block)
-    return {"size": os.path.getsize(path), "sha256": h.hexdigest()[:16]}
-
-
 def _valid_entries(status, key, path):
     """``status[key]`` as a dict of dict records; anything else is damaged and dropped."""
     section = status.get(key, {})
@@ -11259,12 +11347,6 @@ def _fmt_num(x, fmt=".3f"):
     return "-" if x is None else format(x, fmt)
 
 
-def _compensated_name(folder):
-    """The corrected video Stage 1 wrote into ``folder`` (its status record says which)."""
-    name = _load_status(folder).get("stage1", {}).get("compensated", "compensated.hdf5")
-    return name if name in ("compensated.hdf5", "compensated.nwb") else "compensated.hdf5"
-
-
 def _stage3_alignment(config, files, middle_idx, avgs, ref, fields):
     """Per recording, ``stage2_alignment_quality`` and whether it enters the session mask.
 
@@ -11297,38 +11379,9 @@ def _stage3_alignment(config, files, middle_idx, avgs, ref, fields):
     return quality, in_mask
 
 
-def _qc_names(names, folders):
-    """Recording names for the QC figure, with the scan phase applied in Stage 1 if any."""
-    out = []
-    for name, folder in zip(names, folders, strict=True):
-        offset = _load_status(folder).get("stage1", {}).get("bidi_offset")
-        out.append(name if offset is None else f"{name} (bidi {offset:+.2f} px)")
-    return out
-
-
-def _video_frames(path):
-    try:
-        with open_video(path) as r:
-            return len(r)
-    except (FlowSessionError, OSError):
-        return None
-
-
-def run_all_stages(config, of_options_override=None):
-    """Stages 1, 2 and 3 in order; returns the final mask (a list, one per plane, for a
-    volumetric session)."""
-    planes = plane_configs(config)
-    if planes is not None:
-        return [run_all_stages(pc, of_options_override) for pc in planes]
-    run_stage1(config, of_options_override)
-    middle_idx, _, fields = run_stage2(config)
-    return run_stage3(config, middle_idx, fields)
-
-
 ###############################################################################
-### Stage 3 outputs: masks, result bundle, QC figure
+### 9.3 Masks, result bundle, QC figures
 ###############################################################################
-
 
 _FINAL_STEM = "final_valid_idx"
 _QC_MAX_COLUMNS = 6  # recordings per thumbnail block in the QC figure
@@ -11811,137 +11864,6 @@ def save_qc_figure(
     return os.fspath(path)
 
 
-#: Rejection thresholds of ``quality.json`` (name: (summary key, "min"/"max", limit, why)).
-#: A recording that fails any of them is listed as flagged; nothing is removed.
-QUALITY_THRESHOLDS = {
-    "correlation_not_lower": (
-        "corr_gain",
-        "min",
-        -0.005,
-        "mean corr_after - mean corr_before: correction must not lower the frames' "
-        "correlation with the reference",
-    ),
-    "few_frames_worse": (
-        "frames_worse_fraction",
-        "max",
-        0.05,
-        "fraction of frames whose correlation drops by more than 0.02",
-    ),
-    "mean_image_not_blurred": (
-        "crispness_ratio",
-        "min",
-        0.98,
-        "crispness_after / crispness_before",
-    ),
-    "residual_motion": (
-        "residual_motion_px",
-        "max",
-        0.5,
-        "largest shift (px) between the frames at the two ends of a top principal component",
-    ),
-    "field_of_view_kept": (
-        "always_valid_fraction",
-        "min",
-        0.5,
-        "fraction of pixels valid in every frame",
-    ),
-    "aligned_to_center": (
-        "stage2_corr_after",
-        "min",
-        0.5,
-        "Pearson r of the aligned average with the center's over the session mask",
-    ),
-}
-
-
-def _nan_to_none(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def recording_quality(folder):
-    """Quality summary of one recording from its Stage 1 ``statistics.npz``.
-
-    Returns a dict of JSON-ready numbers (None where not computed), or None when
-    the file is missing or holds no quality keys (an output of an older version).
-    """
-    try:
-        with np.load(os.path.join(folder, "statistics.npz")) as st:
-            if "corr_after" not in st:
-                return None
-            st = {k: st[k] for k in st.files}
-    except (OSError, ValueError):
-        return None
-    cb, ca = st["corr_before"], st["corr_after"]
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out = {
-            "frames": int(cb.size),
-            "corr_before": np.nanmean(cb),
-            "corr_after": np.nanmean(ca),
-            "corr_gain": np.nanmean(ca) - np.nanmean(cb),
-            "corr_after_p05": np.nanpercentile(ca, 5) if np.isfinite(ca).any() else np.nan,
-            "frames_worse_fraction": np.mean(ca < cb - 0.02),
-            "crispness_before": st["crispness_before"],
-            "crispness_after": st["crispness_after"],
-            "crispness_ratio": st["crispness_after"] / st["crispness_before"],
-            "residual_motion_before_px": np.nanmax(st["residual_motion_before"]),
-            "residual_motion_px": np.nanmax(st["residual_motion_after"]),
-            "mean_disp": np.mean(st["mean_disp"]),
-            "max_disp": np.max(st["max_disp"]),
-            "valid_fraction_min": np.min(st["valid_fraction"]),
-            "always_valid_fraction": np.mean(st["pixel_valid_fraction"] >= 1.0),
-        }
-    return {k: (v if isinstance(v, int) else _nan_to_none(v)) for k, v in out.items()}
-
-
-def _quality_flags(summary):
-    """Names of the `QUALITY_THRESHOLDS` a summary fails (a missing value fails nothing)."""
-    flags = []
-    for name, (key, kind, limit, _) in QUALITY_THRESHOLDS.items():
-        value = summary.get(key)
-        if value is not None and (value < limit if kind == "min" else value > limit):
-            flags.append(name)
-    return flags
-
-
-def save_quality_report(path, names, summaries, *, stage2=None, session=None):
-    """Write ``quality.json``: per recording its summary and flags, the session's summary
-    and the thresholds, atomically.  ``stage2`` maps a recording name to extra keys
-    (Stage 2 alignment quality).  Returns the report as a dict."""
-    recordings = {}
-    for name, summary in zip(names, summaries, strict=True):
-        rec = dict(summary or {})
-        rec.update((stage2 or {}).get(name, {}))
-        rec["flags"] = _quality_flags(rec)
-        recordings[name] = rec
-
-    def values(key):
-        return [r[key] for r in recordings.values() if r.get(key) is not None]
-
-    summary = {
-        "recordings": len(recordings),
-        "flagged": sorted(n for n, r in recordings.items() if r["flags"]),
-        "corr_before_mean": _nan_to_none(np.mean(values("corr_before") or [np.nan])),
-        "corr_after_mean": _nan_to_none(np.mean(values("corr_after") or [np.nan])),
-        "corr_after_worst": min(values("corr_after"), default=None),
-        "crispness_ratio_worst": min(values("crispness_ratio"), default=None),
-        "residual_motion_px_worst": max(values("residual_motion_px"), default=None),
-        "stage2_corr_after_worst": min(values("stage2_corr_after"), default=None),
-        **(session or {}),
-    }
-    report = {
-        "session": summary,
-        "recordings": recordings,
-        "thresholds": {
-            name: {"key": key, kind: limit, "meaning": why}
-            for name, (key, kind, limit, why) in QUALITY_THRESHOLDS.items()
-        },
-    }
-    _atomic_save_json(path, report)
-    return report
-
-
 def _save_recording_qc(folder, name):
     """``<recording>/qc.png`` from the recording's Stage 1 outputs; False when they hold
     no quality figures (an older version's) or matplotlib is missing."""
@@ -12079,8 +12001,246 @@ def save_recording_qc_figure(
 
 
 ###############################################################################
-### HPC: batch submission and status
+### 9.4 Quality report
 ###############################################################################
+
+#: Rejection thresholds of ``quality.json`` (name: (summary key, "min"/"max", limit, why)).
+#: A recording that fails any of them is listed as flagged; nothing is removed.
+QUALITY_THRESHOLDS = {
+    "correlation_not_lower": (
+        "corr_gain",
+        "min",
+        -0.005,
+        "mean corr_after - mean corr_before: correction must not lower the frames' "
+        "correlation with the reference",
+    ),
+    "few_frames_worse": (
+        "frames_worse_fraction",
+        "max",
+        0.05,
+        "fraction of frames whose correlation drops by more than 0.02",
+    ),
+    "mean_image_not_blurred": (
+        "crispness_ratio",
+        "min",
+        0.98,
+        "crispness_after / crispness_before",
+    ),
+    "residual_motion": (
+        "residual_motion_px",
+        "max",
+        0.5,
+        "largest shift (px) between the frames at the two ends of a top principal component",
+    ),
+    "field_of_view_kept": (
+        "always_valid_fraction",
+        "min",
+        0.5,
+        "fraction of pixels valid in every frame",
+    ),
+    "aligned_to_center": (
+        "stage2_corr_after",
+        "min",
+        0.5,
+        "Pearson r of the aligned average with the center's over the session mask",
+    ),
+}
+
+
+def _nan_to_none(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def recording_quality(folder):
+    """Quality summary of one recording from its Stage 1 ``statistics.npz``.
+
+    Returns a dict of JSON-ready numbers (None where not computed), or None when
+    the file is missing or holds no quality keys (an output of an older version).
+    """
+    try:
+        with np.load(os.path.join(folder, "statistics.npz")) as st:
+            if "corr_after" not in st:
+                return None
+            st = {k: st[k] for k in st.files}
+    except (OSError, ValueError):
+        return None
+    cb, ca = st["corr_before"], st["corr_after"]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = {
+            "frames": int(cb.size),
+            "corr_before": np.nanmean(cb),
+            "corr_after": np.nanmean(ca),
+            "corr_gain": np.nanmean(ca) - np.nanmean(cb),
+            "corr_after_p05": np.nanpercentile(ca, 5) if np.isfinite(ca).any() else np.nan,
+            "frames_worse_fraction": np.mean(ca < cb - 0.02),
+            "crispness_before": st["crispness_before"],
+            "crispness_after": st["crispness_after"],
+            "crispness_ratio": st["crispness_after"] / st["crispness_before"],
+            "residual_motion_before_px": np.nanmax(st["residual_motion_before"]),
+            "residual_motion_px": np.nanmax(st["residual_motion_after"]),
+            "mean_disp": np.mean(st["mean_disp"]),
+            "max_disp": np.max(st["max_disp"]),
+            "valid_fraction_min": np.min(st["valid_fraction"]),
+            "always_valid_fraction": np.mean(st["pixel_valid_fraction"] >= 1.0),
+        }
+    return {k: (v if isinstance(v, int) else _nan_to_none(v)) for k, v in out.items()}
+
+
+def _quality_flags(summary):
+    """Names of the `QUALITY_THRESHOLDS` a summary fails (a missing value fails nothing)."""
+    flags = []
+    for name, (key, kind, limit, _) in QUALITY_THRESHOLDS.items():
+        value = summary.get(key)
+        if value is not None and (value < limit if kind == "min" else value > limit):
+            flags.append(name)
+    return flags
+
+
+def save_quality_report(path, names, summaries, *, stage2=None, session=None):
+    """Write ``quality.json``: per recording its summary and flags, the session's summary
+    and the thresholds, atomically.  ``stage2`` maps a recording name to extra keys
+    (Stage 2 alignment quality).  Returns the report as a dict."""
+    recordings = {}
+    for name, summary in zip(names, summaries, strict=True):
+        rec = dict(summary or {})
+        rec.update((stage2 or {}).get(name, {}))
+        rec["flags"] = _quality_flags(rec)
+        recordings[name] = rec
+
+    def values(key):
+        return [r[key] for r in recordings.values() if r.get(key) is not None]
+
+    summary = {
+        "recordings": len(recordings),
+        "flagged": sorted(n for n, r in recordings.items() if r["flags"]),
+        "corr_before_mean": _nan_to_none(np.mean(values("corr_before") or [np.nan])),
+        "corr_after_mean": _nan_to_none(np.mean(values("corr_after") or [np.nan])),
+        "corr_after_worst": min(values("corr_after"), default=None),
+        "crispness_ratio_worst": min(values("crispness_ratio"), default=None),
+        "residual_motion_px_worst": max(values("residual_motion_px"), default=None),
+        "stage2_corr_after_worst": min(values("stage2_corr_after"), default=None),
+        **(session or {}),
+    }
+    report = {
+        "session": summary,
+        "recordings": recordings,
+        "thresholds": {
+            name: {"key": key, kind: limit, "meaning": why}
+            for name, (key, kind, limit, why) in QUALITY_THRESHOLDS.items()
+        },
+    }
+    _atomic_save_json(path, report)
+    return report
+
+
+###############################################################################
+### 10. Orchestration: all stages, HPC, synthetic data, command line
+###############################################################################
+
+
+###############################################################################
+### 10.1 All stages
+###############################################################################
+
+
+def run_all_stages(config, of_options_override=None):
+    """Stages 1, 2 and 3 in order; returns the final mask (a list, one per plane, for a
+    volumetric session)."""
+    planes = plane_configs(config)
+    if planes is not None:
+        return [run_all_stages(pc, of_options_override) for pc in planes]
+    run_stage1(config, of_options_override)
+    middle_idx, _, fields = run_stage2(config)
+    return run_stage3(config, middle_idx, fields)
+
+
+###############################################################################
+### 10.2 HPC: array tasks, batch submission and status
+###############################################################################
+
+
+def _cfg_array_var(environ):
+    """(name, value) of the first array-task variable that is set, or (None, None)."""
+    for name in _CFG_ARRAY_VARS:
+        value = environ.get(name, "").strip()
+        # SGE sets SGE_TASK_ID=undefined in jobs that are not arrays.
+        if value and value.lower() != "undefined":
+            return name, value
+    return None, None
+
+
+def get_array_task_id(environ=None):
+    """Scheduler array-task id of this job, or None outside an array job.
+
+    Checks ``SLURM_ARRAY_TASK_ID``, ``SGE_TASK_ID``, ``PBS_ARRAY_INDEX`` (PBS Pro) and
+    ``PBS_ARRAYID`` (Torque) in that order; the first one set wins (SGE's ``undefined``
+    counts as unset).  The raw id is returned; :func:`array_task_to_index` maps it to a
+    recording.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Defaults to ``os.environ``.
+    """
+    name, value = _cfg_array_var(os.environ if environ is None else environ)
+    if name is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        msg = f"{name}={value!r} is not an integer array-task id"
+        raise ConfigError(msg) from None
+
+
+def array_task_to_index(task_id, n_files, environ=None):
+    """0-based recording index for scheduler array task ``task_id``.
+
+    The convention follows from the variable that is set (see :func:`get_array_task_id`):
+
+    * SGE: always 1-based (SGE arrays cannot start at 0): index = id - 1.
+    * SLURM: ``SLURM_ARRAY_TASK_MIN`` == 0 means a 0-based array (index = id); any other
+      minimum means 1-based (index = id - 1), so re-running part of a 1-based array such as
+      ``--array=3-4`` still maps task 3 to the third recording.
+    * PBS, or SLURM without ``SLURM_ARRAY_TASK_MIN``, or no variable: start unknown, read as
+      1-based, except that task 0 maps to recording 0 (with a warning).  In a 0-based array
+      task 1 would then also map to recording 0, so submit 1-based arrays there.
+
+    Raises
+    ------
+    ConfigError
+        When the index is outside ``0..n_files-1``; the message gives the valid array range.
+    """
+    env = os.environ if environ is None else environ
+    name, _ = _cfg_array_var(env)
+    minimum = env.get("SLURM_ARRAY_TASK_MIN", "").strip() if name == "SLURM_ARRAY_TASK_ID" else ""
+    if name == "SGE_TASK_ID" or (minimum.isdigit() and int(minimum) >= 1):
+        base = 1
+    elif minimum.isdigit():
+        base = 0
+    elif task_id == 0:
+        base = 0
+        log.warning(
+            "%s=0 and the array's first task id is unknown: taking task 0 as recording 0 "
+            "and other task ids as 1-based; submit 1-based arrays",
+            name or "task id",
+        )
+    else:
+        base = 1
+        log.info(
+            "%s=%d: array start unknown, assuming 1-based task ids", name or "task id", task_id
+        )
+    index = task_id - base
+    if not 0 <= index < n_files:
+        option = _CFG_ARRAY_VARS.get(name, "--array=")
+        msg = (
+            f"{name or 'array task id'}={task_id} is out of range for {n_files} recordings: "
+            f"valid task ids are {base}-{n_files - 1 + base} "
+            f"(e.g. {option}{base}-{n_files - 1 + base} for {n_files} recordings)"
+        )
+        raise ConfigError(msg)
+    return index
 
 
 #: Environment of every batch task: one BLAS/OpenMP thread (frames run on our own
@@ -12350,7 +12510,7 @@ def session_quality(config):
 
 
 ###############################################################################
-### Synthetic data and benchmarks
+### 10.3 Synthetic data and benchmarks
 ###############################################################################
 
 
@@ -12806,7 +12966,7 @@ def _print_profile(frames, opts, workers):
 
 
 ###############################################################################
-### Command line
+### 10.4 Command line
 ###############################################################################
 
 

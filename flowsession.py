@@ -83,12 +83,13 @@ calls them.
         7.4 Masked Pearson correlation
     8. Stage 1: per-recording motion correction
         8.1 Reference and input checks (both methods)
-        8.2 Adaptive method: noise model and regularisation weight
-        8.3 Adaptive method: translation tracker
-        8.4 Adaptive method: temporal model
-        8.5 Registration quality
-        8.6 Correcting one recording
-        8.7 Stage 1 driver: resume, locks, array tasks
+        8.2 The toolbox method
+        8.3 Adaptive method: noise model and regularisation weight
+        8.4 Adaptive method: translation tracker
+        8.5 Adaptive method: temporal model
+        8.6 Registration quality
+        8.7 Correcting one recording
+        8.8 Stage 1 driver: resume, locks, array tasks
     9. Stages 2 and 3, and their outputs
         9.1 Stage 2: displacement between recordings
         9.2 Stage 3: session mask and aligned videos
@@ -124,24 +125,67 @@ kernel with a = -0.5 and MATLAB ``interp2``'s extrapolated edge samples.
 __version__ = "0.1.0"
 
 __all__ = [
+    "BIDI_DRIFT_WARN",
+    "BIDI_MAX_OFFSET",
+    "BIDI_MIN_OFFSET",
+    "BidiReader",
+    "CENSUS_EPS",
     "ConfigError",
+    "CudaBackend",
+    "DEFAULT_REFERENCE_RANGE",
+    "DisBackend",
+    "FLOW_BACKENDS",
+    "FlowBackend",
     "FlowOptions",
     "FlowSessionError",
+    "FlowregBackend",
+    "GET_DISPLACEMENT_DEFAULTS",
     "Hdf5Reader",
     "Hdf5VideoWriter",
+    "INIT_FLOW_FRAMES",
+    "INIT_TAIL_FRAMES",
+    "INIT_TAIL_MIN_FRAMES",
     "InputError",
+    "Interrupted",
+    "MIN_LEVEL_SIZE",
     "MatReader",
     "NwbReader",
     "NwbVideoWriter",
+    "OutputError",
+    "PSI_EPS",
+    "QUALITY_N_PCS",
+    "QUALITY_PC_FRAMES",
+    "QUALITY_PC_SIZE",
+    "QUALITY_THRESHOLDS",
+    "REFERENCE_UPDATE_FRAMES",
+    "RecordingLayout",
     "RecordingReader",
+    "SOR_OMEGA",
+    "STAGE2_COARSEST",
+    "STAGE2_DEFAULTS",
+    "STAGE2_FLOW",
+    "STAGE2_METHODS",
+    "STAGE2_MIN_CORRELATION",
+    "STAGE2_MIN_OVERLAP",
+    "STAGE2_RIGID_SIGMA",
+    "STATUS_FILE",
     "SessionConfig",
+    "TEMPORAL_RADIUS",
+    "TEMPORAL_RECURSIVE_REACH",
+    "TEMPORAL_WARMUP",
+    "TRANSLATION_TAPER",
+    "TRANSLATION_UPSAMPLE",
     "TiffReader",
     "TiffVideoWriter",
+    "TorchBackend",
     "VideoReader",
+    "ZIMMER_EPS",
+    "adaptive_alpha",
     "align_sequence",
     "array_task_to_index",
     "atomic_save_npy",
     "atomic_save_npz",
+    "available_backends",
     "backward_valid_mask",
     "cast_to_dtype",
     "compensate_single_recording",
@@ -150,12 +194,14 @@ __all__ = [
     "compute_reference",
     "correct_bidi",
     "estimate_bidi_offset",
+    "estimate_noise",
     "estimate_rigid_shift",
     "gaussian_filter_video",
     "get_array_task_id",
     "get_displacement",
     "get_displacement_cc",
     "get_motion_tensor",
+    "group_recordings",
     "imregister_binary",
     "imregister_wrapper",
     "imregister_wrapper_w",
@@ -163,13 +209,17 @@ __all__ = [
     "level_solver",
     "log_to_stderr",
     "main",
+    "make_backend",
     "medfilt2_symmetric",
+    "noise_level",
     "normxcorr2",
     "open_video",
     "open_writer",
     "plane_configs",
     "recording_files",
     "recording_layout",
+    "recording_planes",
+    "recording_quality",
     "resolve_flow_options",
     "run_all_stages",
     "run_stage1",
@@ -179,10 +229,14 @@ __all__ = [
     "save_final_results",
     "save_mask_png",
     "save_qc_figure",
+    "save_quality_report",
     "save_recording_qc_figure",
     "scanimage_metadata",
+    "session_quality",
+    "session_status",
     "stage2_alignment_quality",
     "stage2_rigid_shift",
+    "submit_session",
     "synthetic_acquisition",
     "synthetic_pair",
     "synthetic_recording",
@@ -316,7 +370,14 @@ GET_DISPLACEMENT_DEFAULTS = dict(
 _TENSOR_KINDS = {"gc": 0, "gray": 1, "cs": 2}
 #: Softness of the census transform (``_nb_tensor_cs``), in units of the [0, 1] image range.
 CENSUS_EPS = 0.02
-_INTERPOLATION = {"nearest": 0, "linear": 1, "cubic": 2}
+#: Interpolation kinds of the warps (``interpolation_method``), as the kernels take them.
+INTERP_NEAREST, INTERP_LINEAR, INTERP_CUBIC = 0, 1, 2
+_INTERPOLATION = {"nearest": INTERP_NEAREST, "linear": INTERP_LINEAR, "cubic": INTERP_CUBIC}
+#: Output formats of the corrected videos (``output_format``).
+_WRITER_FORMATS = ("HDF5", "TIFF", "NWB")
+
+#: Stage 2 methods (``stage2_method``).
+STAGE2_METHODS = ("flowsession", "matlab")
 
 
 ###############################################################################
@@ -424,7 +485,7 @@ _KILL_COUNTS = {}
 
 #: Finest pyramid level solved by each quality preset (MATLAB ``OF_options``).
 _CFG_QUALITY_MIN_LEVEL = {"quality": 0, "balanced": 4, "fast": 6, "custom": 0}
-#: Data-term aliases accepted by the toolbox; census ('cs') is not implemented.
+#: Data-term names the toolbox accepts, and the codes they stand for.
 _CFG_CONSTANCY_ALIASES = {"gradient": "gc", "brightness": "gray", "census": "cs"}
 _CFG_TYPENAMES = ("uint8", "uint16", "int16", "int32", "float32", "float64", "single", "double")
 #: Keys that MATLAB / pyflowreg option files carry and flowsession does not use.
@@ -692,7 +753,7 @@ _CFG_FLOW_RULES = {
     "save_w": (_cfg_bool,),
     "save_valid_idx": (_cfg_bool,),
     "save_meta_info": (_cfg_bool,),
-    "output_format": (_cfg_choice, ("HDF5", "TIFF", "NWB")),
+    "output_format": (_cfg_choice, _WRITER_FORMATS),
     "output_typename": (_cfg_optional(_cfg_choice, _CFG_TYPENAMES),),
     "constancy_assumption": _CFG_CONSTANCY,
     "matlab_quirks": (_cfg_bool,),
@@ -712,7 +773,7 @@ _CFG_SESSION_RULES = {
     "backend_params": (_cfg_plain_dict,),
     "stage1_quality_setting": (_cfg_optional(*_CFG_QUALITY),),
     "cc_upsample": (_cfg_int, *_CFG_COUNT),
-    "stage2_method": (_cfg_choice, ("flowsession", "matlab")),
+    "stage2_method": (_cfg_choice, STAGE2_METHODS),
     "sigma_smooth": (_cfg_optional(_cfg_float, "a number >= 0", lambda x: x >= 0),),
     "alpha_between": (_cfg_optional(_cfg_float, *_CFG_POSITIVE),),
     "iterations_between": (_cfg_int, *_CFG_COUNT),
@@ -848,6 +909,11 @@ def _channel_weights(weight, n_channels):
 ###############################################################################
 ### 2.2 FlowOptions and SessionConfig
 ###############################################################################
+
+
+def _cfg_fields(cls_or_obj):
+    """The settings of a config dataclass: its fields less the internal ones."""
+    return [f for f in dataclasses.fields(cls_or_obj) if not f.metadata.get("internal")]
 
 
 @dataclasses.dataclass
@@ -1105,6 +1171,14 @@ class SessionConfig:
     bidi_correction: bool | str | float = False
     nwb_series: str | tuple | None = None
     source: dataclasses.InitVar[str] = "config"
+    #: Set by `plane_configs` on the config of one plane of a volumetric session: the
+    #: plane's index and the whole session's config (never read from a config file).
+    plane: int | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False, metadata={"internal": True}
+    )
+    parent: "SessionConfig | None" = dataclasses.field(
+        default=None, init=False, repr=False, compare=False, metadata={"internal": True}
+    )
 
     def __post_init__(self, source):
         self.root = pathlib.Path(os.path.abspath(_cfg_path(self.root, "root", source)))
@@ -1144,7 +1218,7 @@ class SessionConfig:
         source : str
             Label for error messages (the config file name).
         """
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in _cfg_fields(cls)]
         _cfg_check_keys(data, valid, source)
         if data.get("root") is None:
             msg = f"{source}: root is required (the folder with the recordings)"
@@ -1163,7 +1237,7 @@ class SessionConfig:
         except tomllib.TOMLDecodeError as exc:
             msg = f"{path}: TOML syntax error: {exc}"
             raise ConfigError(msg) from None
-        _cfg_check_toml_tables(data, [f.name for f in dataclasses.fields(cls)], path)
+        _cfg_check_toml_tables(data, [f.name for f in _cfg_fields(cls)], path)
         return cls.from_dict(data, base_dir=path.parent, source=str(path))
 
     @classmethod
@@ -1219,9 +1293,8 @@ class SessionConfig:
             When nothing matches, or two recordings share a stem (their output folders
             ``output_root/<stem>`` would collide).
         """
-        parent = getattr(self, "_parent", None)
-        if parent is not None:  # one plane of a volumetric session
-            return parent.discover_inputs()
+        if self.parent is not None:  # one plane of a volumetric session
+            return self.parent.discover_inputs()
         outputs = (self.output_root_path, self.final_results_path)
         files = sorted(
             p for p in self.root.glob(self.pattern) if not _cfg_is_output(p, self.root, outputs)
@@ -1295,8 +1368,7 @@ class SessionConfig:
             Named in error messages (e.g. ``"Stage 1"``).
         """
         new = dataclasses.replace(self, source=f"session config at the start of {where}")
-        names = {f.name for f in dataclasses.fields(self)}
-        new.__dict__.update({k: v for k, v in vars(self).items() if k not in names})  # _plane...
+        new.plane, new.parent = self.plane, self.parent
         return new
 
     def n_workers_effective(self):
@@ -1309,8 +1381,8 @@ class SessionConfig:
             return os.cpu_count() or 1
 
     def to_dict(self):
-        """dict: every field, JSON-serialisable (paths as strings)."""
-        return {f.name: _cfg_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """dict: every setting, JSON-serialisable (paths as strings)."""
+        return {f.name: _cfg_jsonable(getattr(self, f.name)) for f in _cfg_fields(self)}
 
     def save_resolved(self, path):
         """Write :meth:`to_dict` atomically as JSON (e.g. next to the outputs)."""
@@ -1722,7 +1794,6 @@ _MAT_NUMERIC = frozenset(
 )
 _CHANNEL_RE = re.compile(r"^(ch|chan|channel)_?(\d+)$", re.IGNORECASE)
 _HDF5_FORMAT = "flowsession_hdf5_v1"
-_WRITER_FORMATS = ("HDF5", "TIFF", "NWB")
 # tifffile logs, rather than raises, when the IFD chain of a file is broken
 _TIFF_CORRUPT_RE = re.compile(
     r"corrupt|page offset|offset to page|next page|circular", re.IGNORECASE
@@ -3484,7 +3555,7 @@ def _layout_key(config):
         "n_planes": config.n_planes,
         "flyback_planes": config.flyback_planes,
         "bidi_correction": config.bidi_correction,
-        "plane": getattr(config, "_plane", None),
+        "plane": config.plane,
     }
     plain = {"n_planes": None, "flyback_planes": None, "bidi_correction": False, "plane": None}
     return None if key == plain else key
@@ -3499,7 +3570,7 @@ def _plane_config(config, plane, n_planes, flyback, subfolder):
     sub = dataclasses.replace(
         config, n_planes=n_planes, flyback_planes=flyback, output_root=out, final_results=final
     )
-    sub._plane, sub._parent = plane, config
+    sub.plane, sub.parent = plane, config
     return sub
 
 
@@ -3510,7 +3581,7 @@ def plane_configs(config):
     metadata; every recording must have the same.  A config of one plane (as returned
     here) gives None.
     """
-    if getattr(config, "_plane", None) is not None:
+    if config.plane is not None:
         return None
     found = {}
     for f in config.discover_inputs():
@@ -3621,7 +3692,7 @@ def _open_recording(config, path, opts, name, *, estimate=True):
     (None when off), ``bidi_offset_end`` (the estimate from the last frames, or None),
     ``layout_info`` and ``scanimage`` (metadata or None).
     """
-    plane = getattr(config, "_plane", None) or 0
+    plane = config.plane or 0
     files, kind = recording_files(path)
     planes = recording_planes(path, config.n_planes, config.flyback_planes)
     bidi = config.bidi_correction is not False
@@ -5271,22 +5342,22 @@ class _FlowParams(NamedTuple):
 
 
 def _displacement_params(
-    shape,
-    *,
-    alpha=GET_DISPLACEMENT_DEFAULTS["alpha"],
-    update_lag=GET_DISPLACEMENT_DEFAULTS["update_lag"],
-    iterations=GET_DISPLACEMENT_DEFAULTS["iterations"],
-    min_level=GET_DISPLACEMENT_DEFAULTS["min_level"],
-    levels=GET_DISPLACEMENT_DEFAULTS["levels"],
-    eta=GET_DISPLACEMENT_DEFAULTS["eta"],
-    a_smooth=GET_DISPLACEMENT_DEFAULTS["a_smooth"],
-    a_data=GET_DISPLACEMENT_DEFAULTS["a_data"],
-    weight=None,
-    const_assumption="gc",
-    matlab_quirks=True,
+    shape, *, weight=None, const_assumption="gc", matlab_quirks=True, **options
 ):
     """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
-    (int C is enough unless ``weight`` is a spatial map)."""
+    (int C is enough unless ``weight`` is a spatial map).
+
+    ``options``: the numeric options of ``get_displacement`` (alpha, update_lag,
+    iterations, min_level, levels, eta, a_smooth, a_data); the ones not given take
+    ``GET_DISPLACEMENT_DEFAULTS``.  The one constructor of ``_FlowParams``: Stage 1
+    and Stage 2 build theirs through it (:func:`_flow_params`).
+    """
+    unknown = sorted(set(options) - set(GET_DISPLACEMENT_DEFAULTS))
+    if unknown:
+        msg = f"unknown optical-flow option {unknown[0]!r}"
+        raise TypeError(msg)
+    o = {**GET_DISPLACEMENT_DEFAULTS, **options}
+    alpha, eta, a_smooth, a_data = o["alpha"], o["eta"], o["a_smooth"], o["a_data"]
     if isinstance(shape, (int, np.integer)):
         H = W = None
         C = int(shape)
@@ -5302,10 +5373,10 @@ def _displacement_params(
     if eta > 1:
         msg = f"eta must be in (0, 1], got {eta!r}"
         raise ConfigError(msg)
-    levels = _count("levels", levels, 0)
-    min_level = _count("min_level", min_level, 0)
-    iterations = _count("iterations", iterations, 0)
-    update_lag = _count("update_lag", update_lag, 1)
+    levels = _count("levels", o["levels"], 0)
+    min_level = _count("min_level", o["min_level"], 0)
+    iterations = _count("iterations", o["iterations"], 0)
+    update_lag = _count("update_lag", o["update_lag"], 1)
     a_smooth = _positive("a_smooth", a_smooth)
     ad = _channel_vector("a_data", a_data, C)
     if np.any(ad <= 0):
@@ -5352,31 +5423,25 @@ def _displacement_params(
 
 
 def _flow_params(opts, n_channels, *, alpha_offset=0.0):
-    al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
-    ax, ay = (al[0], al[-1])
-    ad = (
-        np.broadcast_to(np.atleast_1d(np.asarray(opts.a_data, dtype=np.float64)), (n_channels,))
-        if np.size(opts.a_data) in (1, n_channels)
-        else None
-    )
-    if ad is None:
+    """``_FlowParams`` of a recording's :class:`FlowOptions` for ``n_channels`` channels
+    (``alpha_offset`` added to both alphas: the toolbox's reference registration)."""
+    if np.size(opts.a_data) not in (1, n_channels):
         msg = f"flow_options.a_data has {np.size(opts.a_data)} entries for {n_channels} channels"
         raise ConfigError(msg)
-    return _FlowParams(
-        float(ax + alpha_offset),
-        float(ay + alpha_offset),
-        int(opts.iterations),
-        int(opts.update_lag),
-        np.ascontiguousarray(ad, dtype=np.float64),
-        float(opts.a_smooth),
-        int(opts.levels),
-        float(opts.eta),
-        int(opts.effective_min_level),
-        _tensor_kind(opts.constancy_assumption),
-        bool(opts.matlab_quirks),
-        _channel_weights(opts.weight, n_channels),
-        np.zeros((n_channels, 1, 1)),
-        False,
+    al = np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64))
+    return _displacement_params(
+        n_channels,
+        alpha=(al[0] + alpha_offset, al[-1] + alpha_offset),
+        update_lag=opts.update_lag,
+        iterations=opts.iterations,
+        min_level=opts.effective_min_level,
+        levels=opts.levels,
+        eta=opts.eta,
+        a_smooth=opts.a_smooth,
+        a_data=opts.a_data,
+        weight=opts.weight,
+        const_assumption=opts.constancy_assumption,
+        matlab_quirks=opts.matlab_quirks,
     )
 
 
@@ -5560,7 +5625,7 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
             valid = np.empty((lx, ly), np.bool_)
             for c in range(C):
                 # np.int64: a literal 2 would compile a second specialisation
-                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], np.int64(2), tmp[c], valid)
+                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], np.int64(INTERP_CUBIC), tmp[c], valid)
             t = _nb_lap(times, k, _STEP_WARP, t)
         u = _nb_pad_edge(ui)
         v = _nb_pad_edge(vi)
@@ -6254,76 +6319,12 @@ def _unavailable(name, why, install):
 ### 6.2 CUDA kernels and backend (lazy)
 ###############################################################################
 
-#
-# The GPU backend (``flow_backend = "flowreg_cuda"``, ``CudaBackend``) runs the
-# whole per-frame computation of ``_nb_get_displacement`` on one GPU with Numba
-# CUDA kernels: resizes, warps, motion tensors, the level solver, the median
-# filter, the final upsampling and the warp of the raw frames with its valid
-# mask.  numba.cuda is imported only when the backend is built
-# (``_cuda_kernels``), never when this module is imported.
-#
-# Layout.  The device arrays keep the CPU kernels' transposed orientation, so
-# index (a, b) and the red-black parity are the same on both sides: a batch of
-# ``n`` frames with ``C`` channels is a stack of ``n * C`` planes ``(n * C, nx, ny)``
-# (plane ``k * C + c`` is channel c of frame k), fields and solver arrays are
-# ``(n, NX, NY)`` with the one-pixel halo, ``NX = nx + 2``.  A kernel runs one
-# thread per pixel of every plane of the batch: thread x walks axis 2 (contiguous),
-# y axis 1, z the planes, so one launch covers the whole batch.  The level loop
-# and the SOR iterations run on the host, launching kernels over the batch.
-#
-# Ordering.  The solver is SOR in red-black order, identical to the CPU backend
-# with ``sor_order = "red_black"`` (``_nb_sor_sweep_rb``): within a sweep every
-# interior pixel with ``(a + b)`` even on the haloed grid ("red") is updated at
-# once, then every odd one ("black"); at a pixel du is updated first and dv uses
-# that new du; the Neumann halo is reset once before every sweep; psi eps
-# (PSI_EPS), the refresh when ``it % update_lag == 0`` (it from 1), the one-sided
-# border gradients of psi_s and ``matlab_quirks`` are those of the CPU solver.
-# Differences from the CPU path:
-#
-# * from the toolbox's lexicographic order (the CPU default): red pixels see the
-#   black values of the previous sweep, black pixels the red values of this one,
-#   so the iterates differ after the first sweep; both orders are SOR on the same
-#   linearised system and converge to its solution, but with the toolbox's
-#   finite iterations and lagged nonlinearities the fields differ by a fraction
-#   of the flow's error (``test_red_black_flow_is_as_accurate_as_the_toolbox_order``);
-# * from ``FlowregBackend({"sor_order": "red_black"})``: rounding only.  With
-#   ``precision = "float64"`` the fields agree to about 1e-13 px (a GPU also fuses
-#   multiply-adds and evaluates ``pow`` with its own library); with the default
-#   ``"float32"`` to about 1e-4 px (single rounding amplified by the nonlinear
-#   iterations and the pyramid; the tests state the measured figures).  The reference pyramid
-#   and the per-level weight maps are built on the host in float64 once per
-#   reference and kept on the device; the median is exact in both precisions.
-#
-# Batching.  ``register`` and ``flows`` take the frames Stage 1 hands them and
-# split them into batches of ``batch_frames`` frames (default: what fits in
-# half the free GPU memory, ``_cuda_batch_frames``).  Per batch the raw frames
-# (in their own dtype) and the preprocessed frames go to the device once, every
-# kernel runs over the whole batch, and the registered frames, the valid masks
-# and the fields come back once.  Work arrays are reused between levels and
-# batches.
-#
-# Bandwidth bound of the solver (512 x 512, one channel, float32, H100 with
-# 3.35 TB/s).  One colour of a sweep reads du and dv (centre and neighbours: the
-# whole arrays go through the caches), A12, Du, Dv, cu and cv of its pixels (a
-# stride-2 access, so whole cache lines: the whole arrays) and writes du and dv:
-# 9 arrays x 4 B, 72 B per pixel and sweep for both colours (88 B when a_smooth
-# != 1 adds the edge weights wxe, wye).  A refresh (every update_lag = 5 sweeps)
-# reads the six tensors, du, dv, u, v, wxe, wye and writes five arrays: 17 x 4 B,
-# 68 B per pixel, 13.6 B per sweep; about 86 B per pixel and sweep in all.  The
-# presets keep levels = 100, eta = 0.8 and iterations = 50 (50 sweeps per level);
-# the pyramid of 512 has 18 levels (sizes 512 * 0.8^i down to 10 px).
-#
-# * quality (min_level 0): sum over levels of the pixels = 512^2 * sum_{i=0}^{17}
-#   0.64^i = 0.73 Mpx; 0.73e6 x 50 x 86 B = 3.1 GB per frame, 0.94 ms at 3.35 TB/s:
-#   a bound of about 1070 frames/s for the solver (3x of it: 360 frames/s).
-# * balanced (min_level 4): 512^2 * sum_{i=4}^{17} 0.64^i = 0.12 Mpx: 0.53 GB
-#   per frame, 0.16 ms: about 6400 frames/s (3x: 2100 frames/s).
-#
-# The rest of a frame is small next to it at quality (tensors, warps and the
-# median once per level, about 30 arrays, 0.1 GB) but not at balanced, where the
-# full-size upsampling and the warp of the raw frame (about 12 arrays of 1 MiB)
-# add 0.01 ms.  Until a GPU run says otherwise this estimate stands in for a
-# measurement; ``benchmarks/cuda_stage1.py`` measures Stage 1 end to end.
+# The GPU backend (``flow_backend = "flowreg_cuda"``, ``CudaBackend``): the whole
+# per-frame computation of ``_nb_get_displacement`` as Numba CUDA kernels over a batch
+# of frames, in the CPU kernels' transposed layout, with the red-black SOR order of
+# ``_nb_sor_sweep_rb``.  numba.cuda is imported only when the backend is built
+# (``_cuda_kernels``).  Its layout, how it differs from the CPU path and its bandwidth
+# bound are in the README ("The CUDA backend's design").
 
 
 #: numba.cuda once a CUDA backend is built (set by ``_cuda_kernels``: importing it with
@@ -6619,7 +6620,7 @@ def _cuda_kernels(precision):
             valid[k, x, y] = 0
             return
         valid[k, x, y] = 1
-        if method == 0:
+        if method == INTERP_NEAREST:
             ix = int(math.floor(px + HALF))  # px, py >= 0: MATLAB round
             iy = int(math.floor(py + HALF))
             for c in range(C):
@@ -6633,7 +6634,7 @@ def _cuda_kernels(precision):
             iy, ty = 0, ZERO
         else:
             iy, ty = _cu_cell(py, ny)
-        if method == 1:
+        if method == INTERP_LINEAR:
             ix1 = _cu_lesser(ix + 1, nx - 1)
             iy1 = _cu_lesser(iy + 1, ny - 1)
             for c in range(C):
@@ -7497,7 +7498,7 @@ def _tc_warp(src, u, v, hu, hv, fill, method):
     valid = (px >= 0.0) & (px <= nx - 1) & (py >= 0.0) & (py <= ny - 1)
     px = torch.where(valid, px, torch.zeros_like(px))
     py = torch.where(valid, py, torch.zeros_like(py))
-    if method == 0:
+    if method == INTERP_NEAREST:
         out = _tc_gather(
             src, torch.floor(px + 0.5).to(torch.int64), torch.floor(py + 0.5).to(torch.int64)
         )
@@ -7506,7 +7507,7 @@ def _tc_warp(src, u, v, hu, hv, fill, method):
         iy, ty = _tc_cell(py, ny)
         tx = tx[:, None]
         ty = ty[:, None]
-        if method == 1:
+        if method == INTERP_LINEAR:
             ix1 = (ix + 1).clamp(max=nx - 1)
             iy1 = (iy + 1).clamp(max=ny - 1)
             out = (1.0 - tx) * (
@@ -8271,7 +8272,7 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
     ``method``: 0 nearest, 1 linear, 2 cubic.
     """
     nx, ny = src.shape
-    if method == 2:
+    if method == INTERP_CUBIC:
         ext = _nb_extrapolated(src)
     else:
         ext = np.empty((1, 1))
@@ -8289,7 +8290,7 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                 valid[x, y] = False
                 continue
             valid[x, y] = True
-            if method == 0:
+            if method == INTERP_NEAREST:
                 out[x, y] = src[int(_nb_round(px)), int(_nb_round(py))]
                 continue
             if nx == 1:
@@ -8300,7 +8301,7 @@ def _nb_warp_plane(src, u, v, hu, hv, fill, method, out, valid):
                 iy, ty = 0, 0.0
             else:
                 iy, ty = _nb_cell(py, ny)
-            if method == 1:
+            if method == INTERP_LINEAR:
                 ix1 = min(ix + 1, nx - 1)
                 iy1 = min(iy + 1, ny - 1)
                 out[x, y] = (1.0 - tx) * ((1.0 - ty) * src[ix, iy] + ty * src[ix, iy1]) + tx * (
@@ -8918,19 +8919,6 @@ def _masked_correlation(a, b, mask):
 ###############################################################################
 
 
-def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, phases):
-    """Flows and warped raw frames of batch frames ``[i0, i1)`` (see the backends).
-
-    Returns ``(w (n, H, W, 2), registered (n, H, W, C) float, valid (n, H, W) bool,
-    c1 (n, H, W, C) float64 preprocessed, statistics (4, n))``.
-    """
-    with phases("preprocess"):
-        c1 = pre.frames(i0, i1)
-    with phases("flow and warp"):
-        w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
-    return w, reg, valid, c1, stats
-
-
 def _reference_indices(opts, n_frames, name, quiet=False):
     """0-based reference frame indices of a recording with ``n_frames`` (binned) frames.
 
@@ -9037,9 +9025,11 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     return _reference_and_options(reader, opts, pool, name, backend)[0]
 
 
-def _reference_and_options(reader, opts, pool, name="recording", backend=None):
-    """`compute_reference` and the options of the recording (alpha adapted to its noise)."""
+def _reference_and_options(reader, opts, pool, name="recording", backend=None, stage1=None):
+    """`compute_reference` and the options of the recording (``stage1.options``: for the
+    adaptive method, alpha adapted to its noise)."""
     backend = backend if backend is not None else FlowregBackend()
+    stage1 = stage1 if stage1 is not None else _stage1_method(opts, name, quiet=True)
     idx = _reference_indices(opts, len(reader), name)
     # Kept in the reader's type (up to 451 frames: this stack and the smoothed one
     # set Stage 1's peak memory); every use reads it as float64, exactly.
@@ -9058,7 +9048,7 @@ def _reference_and_options(reader, opts, pool, name="recording", backend=None):
     sep = opts.channel_normalization == "separate"
     g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
     lo, hi = _minmax(g, sep)
-    opts = _adapted_options(opts, tmp, np.asarray(hi) - lo, name)
+    opts = stage1.options(opts, tmp, np.asarray(hi) - lo, name)
     c1 = _normalise(g, lo, hi, in_place=True)
     del g
     C = tmp.shape[3]
@@ -9076,13 +9066,38 @@ def _reference_and_options(reader, opts, pool, name="recording", backend=None):
             c1[i0 : i0 + step],
             tmp[i0 : i0 + step],
             np.zeros((H, W, 2)),
-            2,
+            INTERP_CUBIC,  # the toolbox registers the reference frames cubically
             pool,
             with_stats=False,
         )[1]
         for frame in reg:
             total += frame
     return total / n, opts
+
+
+def _mean_frames(reader, raw_indices, chunk=64):
+    total = np.zeros((reader.height, reader.width, reader.n_channels))
+    for i in range(0, len(raw_indices), chunk):
+        total += reader.read_frames(raw_indices[i : i + chunk]).sum(axis=0, dtype=np.float64)
+    return total / len(raw_indices)
+
+
+###############################################################################
+### 8.2 The toolbox method
+###############################################################################
+
+
+def _registered_frames(pre, raw, i0, i1, backend, state, init, method, pool, phases):
+    """Flows and warped raw frames of batch frames ``[i0, i1)`` (see the backends).
+
+    Returns ``(w (n, H, W, 2), registered (n, H, W, C) float, valid (n, H, W) bool,
+    c1 (n, H, W, C) float64 preprocessed, statistics (4, n))``.
+    """
+    with phases("preprocess"):
+        c1 = pre.frames(i0, i1)
+    with phases("flow and warp"):
+        w, reg, valid, stats = backend.register(state, c1, raw[i0:i1], init, method, pool)
+    return w, reg, valid, c1, stats
 
 
 def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
@@ -9097,15 +9112,53 @@ def _accumulate_reference(ref_sum, c1, w, i0, start, fill, method):
         ref_sum += out.transpose(2, 1, 0)
 
 
-def _mean_frames(reader, raw_indices, chunk=64):
-    total = np.zeros((reader.height, reader.width, reader.n_channels))
-    for i in range(0, len(raw_indices), chunk):
-        total += reader.read_frames(raw_indices[i : i + chunk]).sum(axis=0, dtype=np.float64)
-    return total / len(raw_indices)
+class _ToolboxMethod:
+    """``stage1_method = "matlab"``: the toolbox's ``compensate_recording``.
+
+    The configured ``alpha``; every frame registered on its own against the reference
+    and warped as soon as its field is known.  This class is also the protocol of a
+    Stage 1 method: :class:`_RecordingRun` calls ``options`` while it builds the
+    reference, ``chunk_frames`` once, ``start`` with the first batch, ``correct`` for
+    every chunk of frames, ``finish`` after the last batch and ``summary`` for
+    status.json.
+    """
+
+    name = "matlab"
+
+    def options(self, opts, frames, span, name):
+        """The options a recording is corrected with: here the configured ones."""
+        return opts
+
+    def chunk_frames(self, chunk, H, W):
+        """Frames per chunk of work on the pool (``chunk``: the run's default)."""
+        return chunk
+
+    def start(self, run, c_ref, ref_raw):
+        """Called with the first batch: ``c_ref`` is the reference in preprocessed units."""
+
+    def correct(self, run, pre, raw, b0, i0, i1, init):
+        """Fields of batch frames ``[i0, i1)``; their warped frames go to the writer.
+
+        Returns ``(w (n, H, W, 2), c1 (n, H, W, C))``: the fields and the
+        preprocessed frames.
+        """
+        w, reg, valid, c1, st = _registered_frames(
+            pre, raw, i0, i1, run.backend, run.state, init, run.method, run.pool, run.phases
+        )
+        run.stats[:, b0 + i0 : b0 + i1] = st
+        run.hand_over(raw[i0:i1], reg, valid, w)
+        return w, c1
+
+    def finish(self, run):
+        """Called after the last batch."""
+
+    def summary(self):
+        """What status.json records of the method (None: nothing)."""
+        return None
 
 
 ###############################################################################
-### 8.2 Adaptive method: noise model and regularisation weight
+### 8.3 Adaptive method: noise model and regularisation weight
 ###############################################################################
 
 #: Relative noise (:func:`noise_level`) up to which ``stage1_method = "adaptive"`` keeps the
@@ -9160,7 +9213,7 @@ def adaptive_alpha(opts, frames, span):
 
 def _adapted_options(opts, frames, span, name):
     """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
-    if opts.stage1_method == "matlab" or len(frames) < 2:
+    if len(frames) < 2:
         return opts
     alpha, n = adaptive_alpha(opts, frames[:_NOISE_FRAMES], span)
     log.info(
@@ -9175,7 +9228,7 @@ def _adapted_options(opts, frames, span, name):
 
 
 ###############################################################################
-### 8.3 Adaptive method: translation tracker
+### 8.4 Adaptive method: translation tracker
 ###############################################################################
 
 #: Stage 1's temporal model (``stage1_method = "adaptive"``): half-width, in frames, of
@@ -9365,8 +9418,8 @@ class _Translations:
         energy = ((gx * gx + gy * gy) * weight).sum(axis=2) * taper**2
         self.pixel_weights = energy / energy.sum() if energy.sum() > 0 else None
         # Frames of 128 px and more a side are correlated 2x2-binned: the preprocessing
-        # has smoothed away what binning drops, and the FFTs cost a quarter (measured on
-        # a real 256x256 movie: estimation noise 0.091/0.116 px binned, 0.089/0.108 not).
+        # has smoothed away what binning drops, and the FFTs cost a quarter (the README's
+        # "Performance design" has the measured estimation noise).
         self.bin = binning or (2 if min(H, W) >= 128 else 1)
         self.scale = scale * self.bin  # px of the full frame per px correlated here
         small = self._binned(ref)
@@ -9433,7 +9486,7 @@ class _Translations:
 
 
 ###############################################################################
-### 8.4 Adaptive method: temporal model
+### 8.5 Adaptive method: temporal model
 ###############################################################################
 
 
@@ -9852,8 +9905,110 @@ class _Release(NamedTuple):
     norm: np.ndarray
 
 
+class _AdaptiveMethod(_ToolboxMethod):
+    """``stage1_method = "adaptive"`` (the default): where Stage 1 departs from the toolbox.
+
+    * ``alpha`` adapted to the recording's noise (:func:`adaptive_alpha`);
+    * the translation of every frame tracked by cross-correlation
+      (:class:`_Translations`) and the fields made consistent in time by the
+      temporal model (:class:`_TemporalModel`): a frame is warped once the model has
+      released its field, a block of frames at a time.
+
+    With ``update_reference = true`` the toolbox's reference update needs each chunk's
+    frames warped at once: the fields are then not smoothed over time.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, opts, name, quiet=False):
+        self.temporal = not opts.update_reference
+        if not self.temporal and not quiet:
+            log.info("%s: update_reference = true: fields are not smoothed over time", name)
+
+    def options(self, opts, frames, span, name):
+        """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
+        return _adapted_options(opts, frames, span, name)
+
+    def chunk_frames(self, chunk, H, W):
+        # Longer chunks: each chunk waits for its slowest frame several times (flows,
+        # temporal model), within about 64 MiB of fields per chunk.
+        if not self.temporal:
+            return chunk
+        return max(chunk, min(2 * chunk, 2**26 // (16 * H * W)))
+
+    def start(self, run, c_ref, ref_raw):
+        if not self.temporal:
+            return
+        self.tracker = _Translations(c_ref, _channel_weights(run.opts.weight, run.C))
+        self.model = _TemporalModel(
+            pixel_weights=self.tracker.pixel_weights, pool=run.pool, block=run.chunk
+        )
+        self.fill = np.ascontiguousarray(np.moveaxis(np.asarray(ref_raw, dtype=np.float64), 2, 0))
+
+    def correct(self, run, pre, raw, b0, i0, i1, init):
+        if not self.temporal:
+            return super().correct(run, pre, raw, b0, i0, i1, init)
+        with run.phases("preprocess"):
+            c1 = pre.frames(i0, i1)
+        slots = self.model.reserve(i1 - i0, (run.H, run.W))
+        got = [None] * (i1 - i0)
+
+        def measure(k0, k1, wk):
+            # In the pool's threads, right after each frame's flow: its translation
+            # (and, on every 4th frame, the estimation noise) and its field's remainder
+            # stored for the temporal model.
+            for k in range(k0, k1):
+                m = self.tracker.measure(c1[k], b0 + i0 + k)
+                got[k] = m, self.model.split(wk[k - k0], slots[k])
+
+        with run.phases("flow and translation"):
+            w = run.backend.flows(run.state, c1, init, run.pool, then=measure)
+        s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
+        with run.phases("temporal model"):
+            # a copy: pending frames must not keep a whole batch alive
+            done = self.model.add(slots, [g[1] for g in got], s, np.array(raw[i0:i1]), halves)
+        self._emit(run, done)
+        return w, c1
+
+    def finish(self, run):
+        if self.temporal:
+            self._emit(run, self.model.flush())
+
+    def summary(self):
+        return self.model.summary() if self.temporal else None
+
+    def _emit(self, run, blocks):
+        # Frames the temporal model released, a block at a time: their fields, then the
+        # frames warped by them with their statistics, handed to the writer.  The warps
+        # are queued on the pool without waiting for them (the writer does), so the
+        # pool's threads go on to the next chunk instead of idling at the end of each
+        # warp.
+        for block in blocks:
+            with run.phases("temporal model"):
+                uv = self.model.fields(block)  # (n, 2, H, W)
+            raw_d = np.stack(block.payloads)
+            reg = np.empty((*raw_d.shape[:3], run.C))
+            valid = np.empty(raw_d.shape[:3], dtype=bool)
+            # arguments, not names of this loop: the warps run after it has moved on
+            jobs = [
+                run.pool.submit(self._warp, run, block.t[j], uv[j], raw_d[j], reg[j], valid[j])
+                for j in range(len(uv))
+            ]
+            run.hand_over(raw_d, reg, valid, uv.transpose(0, 2, 3, 1), jobs)
+
+    def _warp(self, run, t, uv, raw_d, reg, valid):
+        run.stats[:, t] = _nb_warp_field(uv, raw_d, self.fill, run.method, reg, valid)
+
+
+def _stage1_method(opts, name="recording", quiet=False):
+    """The Stage 1 method of ``opts.stage1_method`` (``quiet``: log nothing)."""
+    if opts.stage1_method == "matlab":
+        return _ToolboxMethod()
+    return _AdaptiveMethod(opts, name, quiet)
+
+
 ###############################################################################
-### 8.5 Registration quality
+### 8.6 Registration quality
 ###############################################################################
 
 #: Residual motion: at most this many frames, evenly spaced, are kept while Stage 1
@@ -10065,7 +10220,7 @@ class _QualityAccumulator:
 
 
 ###############################################################################
-### 8.6 Correcting one recording
+### 8.7 Correcting one recording
 ###############################################################################
 
 
@@ -10077,10 +10232,8 @@ def _without_huge_pages():
     Stage 1 allocates and frees arrays of several MiB every chunk.  Where the system
     grants huge pages on request (``/sys/kernel/mm/transparent_hugepage/enabled`` =
     ``madvise``, the common default), every fresh one is faulted in and zeroed 2 MiB
-    at a time: measured on the default path at 256x256 (``fast``, 2 cores), the
-    kernel's page clearing took 16 % of the CPU time with them and 1.5 % without,
-    and the run 8.3 s against 7.5 s (medians of alternating runs).  numpy's switch is process-wide; without it
-    (other numpy versions) nothing changes.
+    at a time (see the README's "Performance design").  numpy's switch is
+    process-wide; without it (other numpy versions) nothing changes.
     """
     core = getattr(np, "_core", None) or getattr(np, "core", None)
     switch = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
@@ -10159,293 +10312,272 @@ def _fmt_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class _RecordingRun:
+    """One recording's Stage 1 correction into ``folder`` (see :func:`_correct_recording`).
+
+    The steps: the reference (:meth:`_reference`), the output writers
+    (:meth:`_open_writers`), each batch of frames (:meth:`_batch`: preprocessing,
+    then the method's ``correct`` chunk by chunk, handing warped frames to the writer
+    thread), and the average, reference and statistics (:meth:`_publish`).  Threads:
+    a pool of ``n_workers`` for the frames and one writer thread, which casts and
+    writes the corrected frames and adds them to the quality figures while the pool
+    computes the next ones.
+    """
+
+    def __init__(self, reader, folder, opts, n_workers, name, backend=None):
+        self.reader, self.folder, self.opts, self.name = reader, folder, opts, name
+        self.backend = backend if backend is not None else FlowregBackend()
+        self.phases = _Phases()
+        self.T = len(reader)
+        self.H, self.W, self.C = reader.height, reader.width, reader.n_channels
+        if self.T == 0:
+            msg = f"{name}: the recording has no frames"
+            raise InputError(msg)
+        self.out_dtype = (
+            np.dtype(opts.output_typename)
+            if opts.output_typename
+            else (reader.dtype if reader.bin_size == 1 else np.dtype(np.float64))
+        )
+        if self.out_dtype.kind not in "uif":
+            msg = f"{name}: cannot write data of type {self.out_dtype}"
+            raise InputError(msg)
+        self.method = _method_code(opts.interpolation_method)
+        self.sigma = np.atleast_2d(np.asarray(opts.sigma, dtype=np.float64))
+        self.sep = opts.channel_normalization == "separate"
+        self.ext = {"HDF5": "hdf5", "NWB": "nwb"}.get(opts.output_format.upper(), "tif")
+        self.stats = np.empty((4, self.T))
+        self.avg = np.zeros((self.H, self.W, self.C))
+        self.progress = _Progress(name, self.T)
+        self.writers = []
+        self.pending = []  # the jobs of the chunks the writer thread may still be writing
+        self.stage1 = _stage1_method(opts, name)
+        self.chunk = self.stage1.chunk_frames(2 * max(4, n_workers), self.H, self.W)
+        self.chunk = getattr(self.backend, "chunk_frames", None) or self.chunk
+        self.n_workers = n_workers
+        self.state = self.w_init = None
+
+    def run(self):
+        """Correct the recording; returns the record for status.json."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with (
+            _without_huge_pages(),
+            ThreadPoolExecutor(
+                max_workers=self.n_workers, thread_name_prefix="flowsession"
+            ) as self.pool,
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="flowsession-writer"
+            ) as self.writer,
+        ):
+            self._reference()
+            try:
+                self._open_writers()
+                batches = self.reader.iter_batches(self.opts.buffer_size)
+                while True:
+                    with self.phases("read"):
+                        b0, raw = next(batches, (None, None))
+                    if raw is None:
+                        break
+                    self._batch(b0, raw)
+                self.stage1.finish(self)
+                with self.phases("write"):
+                    self._wait_for_writer()
+                # The quality figures on the writer thread while the files are closed here.
+                self.quality_job = self.writer.submit(self.quality.finish)
+                self.idxw.add_alias("ch1", "idx")  # the name pyflowreg's idx.hdf uses
+                if self.ext == "nwb":
+                    self.comp.translation = self.quality.translation  # xy_translation
+                for wr in self.writers:
+                    wr.close()
+                    _kill_point("stage1.publish")
+            except BaseException:
+                # No write may race the removal of the partial files: every job of the
+                # writer is waited for, whatever it raised (a failed warp surfaces there).
+                for job in self.pending:
+                    with contextlib.suppress(BaseException):
+                        job.result()
+                for wr in self.writers:
+                    wr.abort()
+                raise
+        return self._publish()
+
+    def _reference(self):
+        name, T, H, W = self.name, self.T, self.H, self.W
+        log.info("%s: building the reference (%d frames, %dx%d)", name, T, H, W)
+        with self.phases("reference"):
+            self.ref_raw, self.opts = _reference_and_options(
+                self.reader, self.opts, self.pool, name, self.backend, self.stage1
+            )
+            self.params = _flow_params(self.opts, self.C)
+        log.info("%s: reference built in %.1f s", name, self.phases.seconds["reference"])
+        self.quality = _QualityAccumulator(self.ref_raw, T)
+
+    def _open_writers(self):
+        H, W, C, T, opts = self.H, self.W, self.C, self.T, self.opts
+        self.comp = comp = open_writer(
+            os.path.join(self.folder, f"compensated.{self.ext}"),
+            opts.output_format,
+            height=H,
+            width=W,
+            n_channels=C,
+            dtype=self.out_dtype,
+            **({"source": self.reader} if self.ext == "nwb" else {}),
+        )
+        self.writers.append(comp)
+        self.idxw = idxw = Hdf5VideoWriter(
+            os.path.join(self.folder, "idx.hdf"),
+            height=H,
+            width=W,
+            n_channels=1,
+            dtype=np.uint8,
+            dataset_names=["idx"],
+        )
+        self.writers.append(idxw)
+        self.wwr = None
+        if opts.save_w:
+            self.wwr = Hdf5VideoWriter(
+                os.path.join(self.folder, "w.hdf5"),
+                height=H,
+                width=W,
+                n_channels=2,
+                dtype=np.float32,
+                dataset_names=["u", "v"],
+            )
+            self.writers.append(self.wwr)
+        # Named if the disk fills up: the space this recording's videos need in all.
+        for wr in self.writers:
+            wr.needed = T * H * W * (C * self.out_dtype.itemsize + 1 + 8 * bool(opts.save_w))
+
+    def _start(self, raw):
+        # First batch: the reference in preprocessed units (smoothed, scaled by the
+        # smoothed raw batch's range) and the flow initialisation from the first 22
+        # frames.
+        sigma, sep, pool, n = self.sigma, self.sep, self.pool, len(raw)
+        with self.phases("initial flows"):
+            lo, hi, _ = _smoothed_range(raw, sigma, sep, pool)
+            c_ref = _normalise(
+                gaussian_filter_video(self.ref_raw[None], sigma)[0], lo, hi, clip=sep
+            )
+            self.state = self.backend.reference(self.params, c_ref, self.ref_raw)
+            first = _Preprocessed(raw[: min(INIT_FLOW_FRAMES, n)], sigma, sep, pool)
+            self.w_init = self.backend.flows(
+                self.state, first.frames(0, len(first.raw)), np.zeros((self.H, self.W, 2)), pool
+            ).mean(axis=0)
+            self.stage1.start(self, c_ref, self.ref_raw)
+
+    def _batch(self, b0, raw):
+        H, W, C, opts, n = self.H, self.W, self.C, self.opts, len(raw)
+        _kill_point("stage1.batch")
+        _check_finite(raw, self.name, b0)
+        with self.phases("preprocess"):
+            pre = _Preprocessed(raw, self.sigma, self.sep, self.pool)
+        if self.state is None:
+            self._start(raw)
+        w_init = self.w_init
+        init = self.backend.start(w_init if opts.update_initialization_w else np.zeros_like(w_init))
+        n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
+        ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
+        w_sum = np.zeros((H, W, 2))
+        w_tail = []
+        for i0 in range(0, n, self.chunk):
+            i1 = min(i0 + self.chunk, n)
+            w, c1 = self.stage1.correct(self, pre, raw, b0, i0, i1, init)
+            if n <= INIT_TAIL_MIN_FRAMES:  # the sum is needed only then
+                w_sum += w.sum(axis=0)
+            w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
+            w_tail = w_tail[-INIT_TAIL_FRAMES:]
+            if ref_sum is not None:
+                _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, self.method)
+            _kill_point("stage1.chunk")
+            _check_stop(f"in Stage 1 of {self.name} after frame {b0 + i1} of {self.T}")
+        if ref_sum is not None:
+            self.state = self.backend.reference(self.params, ref_sum / (n_ref + 1), self.ref_raw)
+        if n > INIT_TAIL_MIN_FRAMES:
+            # np.mean(w_tail, axis=0) without stacking the fields first: the same sums in
+            # the same order
+            w_init = w_tail[0].copy()
+            for wk in w_tail[1:]:
+                w_init += wk
+            w_init /= len(w_tail)
+        else:
+            w_init = w_sum / n
+        self.w_init = w_init
+
+    def hand_over(self, raw_c, reg, valid, w, jobs=()):
+        """Queue warped frames for the writer thread (``jobs``: their unfinished warps).
+
+        The writer casts and writes these frames (and adds them to the quality figures)
+        while the pool computes the next ones; "write" is the time spent waiting for it.
+        Two chunks may wait for the writer, so that one slow write does not stall the
+        pool.
+        """
+        with self.phases("write"):
+            self._wait_for_writer(keep=2)
+        self.pending.append(self.writer.submit(self._write_chunk, reg, valid, w, jobs))
+        self.pending.append(self.writer.submit(self.quality.add, raw_c, reg, valid, w))
+        self.progress.update(len(w))
+
+    def _write_chunk(self, reg, valid, w, jobs=()):
+        for job in jobs:  # the warps of these frames, still running on the pool
+            job.result()
+        out = cast_to_dtype(reg, self.out_dtype)
+        self.comp.append(out)
+        self.avg[...] += out.sum(axis=0, dtype=np.float64)
+        self.idxw.append(np.where(valid, np.uint8(255), np.uint8(0))[..., None])
+        if self.wwr is not None:
+            self.wwr.append(w.astype(np.float32))
+
+    def _wait_for_writer(self, keep=0):
+        # until at most `keep` jobs are left, oldest first
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
+
+    def _publish(self):
+        folder, name, stats = self.folder, self.name, self.stats
+        self.avg /= self.T
+        temporal_record = self.stage1.summary()
+        if temporal_record is not None:
+            log.info(
+                "%s: temporal model: translation noise %s px, smoothing decay %s (x, y, non-rigid)",
+                name,
+                temporal_record["translation_noise_px"],
+                temporal_record["decay"],
+            )
+        _kill_point("stage1.average")
+        atomic_save_npy(os.path.join(folder, "temporal_average.npy"), self.avg)
+        atomic_save_npy(os.path.join(folder, "reference_frame.npy"), self.ref_raw)
+        qual = self.quality_job.result()
+        if self.opts.save_meta_info:
+            atomic_save_npz(
+                os.path.join(folder, "statistics.npz"),
+                mean_disp=stats[0],
+                max_disp=stats[1],
+                mean_div=stats[2],
+                mean_translation=stats[3],
+                **qual,
+            )
+        return {
+            "frames": self.T,
+            "shape": [self.H, self.W, self.C],
+            "dtype": str(self.out_dtype),
+            "compensated": f"compensated.{self.ext}",
+            "backend": self.backend.name,
+            "phase_seconds": self.phases.rounded(),
+            **({"temporal_model": temporal_record} if temporal_record is not None else {}),
+        }
+
+
 def _correct_recording(reader, folder, opts, n_workers, name, backend=None):
     """Motion-correct one opened recording into ``folder``; returns the record for status.json.
 
     Every output is written under a temporary name and renamed at the end.
     ``backend`` computes flows and warps (default ``flowreg``).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    backend = backend if backend is not None else FlowregBackend()
-    phases = _Phases()
-    T = len(reader)
-    H, W, C = reader.height, reader.width, reader.n_channels
-    if T == 0:
-        msg = f"{name}: the recording has no frames"
-        raise InputError(msg)
-    out_dtype = (
-        np.dtype(opts.output_typename)
-        if opts.output_typename
-        else (reader.dtype if reader.bin_size == 1 else np.dtype(np.float64))
-    )
-    if out_dtype.kind not in "uif":
-        msg = f"{name}: cannot write data of type {out_dtype}"
-        raise InputError(msg)
-    method = _method_code(opts.interpolation_method)
-    sigma = np.atleast_2d(np.asarray(opts.sigma, dtype=np.float64))
-    sep = opts.channel_normalization == "separate"
-    params = _flow_params(opts, C)
-    ext = {"HDF5": "hdf5", "NWB": "nwb"}.get(opts.output_format.upper(), "tif")
-    stats = np.empty((4, T))
-    avg = np.zeros((H, W, C))
-    progress = _Progress(name, T)
-    writers = []
-    pending = []  # the jobs of the chunks the writer thread may still be writing, in order
-    # The temporal model of stage1_method = "adaptive" (not with the toolbox's reference
-    # update, which needs each chunk's preprocessed frames warped at once).
-    temporal = opts.stage1_method == "adaptive" and not opts.update_reference
-    # Frames per chunk of work on the pool; the default path's chunks are longer: each
-    # chunk waits for its slowest frame several times (flows, temporal model), within
-    # about 64 MiB of fields per chunk.
-    chunk = 2 * max(4, n_workers)
-    if temporal:
-        chunk = max(chunk, min(2 * chunk, 2**26 // (16 * H * W)))
-    chunk = getattr(backend, "chunk_frames", None) or chunk
-    if opts.stage1_method == "adaptive" and opts.update_reference:
-        log.info("%s: update_reference = true: fields are not smoothed over time", name)
-
-    def write_chunk(reg, valid, w, jobs=()):
-        for job in jobs:  # the warps of these frames, still running on the pool
-            job.result()
-        out = cast_to_dtype(reg, out_dtype)
-        comp.append(out)
-        avg[...] += out.sum(axis=0, dtype=np.float64)
-        idxw.append(np.where(valid, np.uint8(255), np.uint8(0))[..., None])
-        if wwr is not None:
-            wwr.append(w.astype(np.float32))
-
-    def wait_for_writer(keep=0):
-        # until at most `keep` jobs are left, oldest first
-        while len(pending) > keep:
-            pending.pop(0).result()
-
-    def emit(blocks):
-        # Frames the temporal model released, a block at a time: their fields, then
-        # the frames warped by them with their statistics, handed to the writer.  The
-        # warps are queued on the pool without waiting for them (the writer does), so
-        # the pool's threads go on to the next chunk instead of idling at the end of
-        # each warp.
-        for block in blocks:
-            with phases("temporal model"):
-                uv = model.fields(block)  # (n, 2, H, W)
-            raw_d = np.stack(block.payloads)
-            reg = np.empty((*raw_d.shape[:3], C))
-            valid = np.empty(raw_d.shape[:3], dtype=bool)
-
-            # arguments, not names of this loop: the warps run after it has moved on
-            jobs = [
-                pool.submit(warp, block.t[j], uv[j], raw_d[j], reg[j], valid[j])
-                for j in range(len(uv))
-            ]
-            hand_over(raw_d, reg, valid, uv.transpose(0, 2, 3, 1), jobs)
-
-    def warp(t, uv, raw_d, reg, valid):
-        stats[:, t] = _nb_warp_field(uv, raw_d, fill_nat, method, reg, valid)
-
-    def hand_over(raw_c, reg, valid, w, jobs=()):
-        # The writer thread casts and writes these frames (and adds them to the quality
-        # figures) while the pool computes the next ones; "write" is the time spent
-        # waiting for it (and for the frames' warps, ``jobs``).  Two chunks may wait for
-        # the writer, so that one slow write does not stall the pool.
-        with phases("write"):
-            wait_for_writer(keep=2)
-        pending.append(writer.submit(write_chunk, reg, valid, w, jobs))
-        pending.append(writer.submit(quality.add, raw_c, reg, valid, w))
-        progress.update(len(w))
-
-    with (
-        _without_huge_pages(),
-        ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="flowsession") as pool,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer") as writer,
-    ):
-        log.info("%s: building the reference (%d frames, %dx%d)", name, T, H, W)
-        with phases("reference"):
-            ref_raw, opts = _reference_and_options(reader, opts, pool, name, backend)
-            params = _flow_params(opts, C)
-        log.info("%s: reference built in %.1f s", name, phases.seconds["reference"])
-        quality = _QualityAccumulator(ref_raw, T)
-        try:
-            comp = open_writer(
-                os.path.join(folder, f"compensated.{ext}"),
-                opts.output_format,
-                height=H,
-                width=W,
-                n_channels=C,
-                dtype=out_dtype,
-                **({"source": reader} if ext == "nwb" else {}),
-            )
-            writers.append(comp)
-            idxw = Hdf5VideoWriter(
-                os.path.join(folder, "idx.hdf"),
-                height=H,
-                width=W,
-                n_channels=1,
-                dtype=np.uint8,
-                dataset_names=["idx"],
-            )
-            writers.append(idxw)
-            wwr = None
-            if opts.save_w:
-                wwr = Hdf5VideoWriter(
-                    os.path.join(folder, "w.hdf5"),
-                    height=H,
-                    width=W,
-                    n_channels=2,
-                    dtype=np.float32,
-                    dataset_names=["u", "v"],
-                )
-                writers.append(wwr)
-            # Named if the disk fills up: the space this recording's videos need in all.
-            for wr in writers:
-                wr.needed = T * H * W * (C * out_dtype.itemsize + 1 + 8 * bool(opts.save_w))
-            state = w_init = None
-            batches = reader.iter_batches(opts.buffer_size)
-            while True:
-                with phases("read"):
-                    b0, raw = next(batches, (None, None))
-                if raw is None:
-                    break
-                n = len(raw)
-                _kill_point("stage1.batch")
-                _check_finite(raw, name, b0)
-                with phases("preprocess"):
-                    pre = _Preprocessed(raw, sigma, sep, pool)
-                if state is None:
-                    # First batch: the reference in preprocessed units (smoothed, scaled by
-                    # the smoothed raw batch's range) and the flow initialisation from the
-                    # first 22 frames.
-                    with phases("initial flows"):
-                        lo, hi, _ = _smoothed_range(raw, sigma, sep, pool)
-                        c_ref = _normalise(
-                            gaussian_filter_video(ref_raw[None], sigma)[0], lo, hi, clip=sep
-                        )
-                        state = backend.reference(params, c_ref, ref_raw)
-                        first = _Preprocessed(raw[: min(INIT_FLOW_FRAMES, n)], sigma, sep, pool)
-                        w_init = backend.flows(
-                            state, first.frames(0, len(first.raw)), np.zeros((H, W, 2)), pool
-                        ).mean(axis=0)
-                        if temporal:
-                            tracker = _Translations(c_ref, _channel_weights(opts.weight, C))
-                            model = _TemporalModel(
-                                pixel_weights=tracker.pixel_weights, pool=pool, block=chunk
-                            )
-                            fill_nat = np.ascontiguousarray(
-                                np.moveaxis(np.asarray(ref_raw, dtype=np.float64), 2, 0)
-                            )
-                init = backend.start(
-                    w_init if opts.update_initialization_w else np.zeros_like(w_init)
-                )
-                n_ref = min(REFERENCE_UPDATE_FRAMES, n - 1)
-                ref_sum = np.zeros((H, W, C)) if opts.update_reference else None
-                w_sum = np.zeros((H, W, 2))
-                w_tail = []
-                for i0 in range(0, n, chunk):
-                    i1 = min(i0 + chunk, n)
-                    if temporal:
-                        with phases("preprocess"):
-                            c1 = pre.frames(i0, i1)
-                        slots = model.reserve(i1 - i0, (H, W))
-                        got = [None] * (i1 - i0)
-
-                        def measure(k0, k1, wk):
-                            # In the pool's threads, right after each frame's flow: its
-                            # translation (and, on every 4th frame, the estimation noise)
-                            # and its field's remainder stored for the temporal model.
-                            for k in range(k0, k1):
-                                m = tracker.measure(c1[k], b0 + i0 + k)
-                                got[k] = m, model.split(wk[k - k0], slots[k])
-
-                        with phases("flow and translation"):
-                            w = backend.flows(state, c1, init, pool, then=measure)
-                        s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
-                        with phases("temporal model"):
-                            # a copy: pending frames must not keep a whole batch alive
-                            done = model.add(
-                                slots, [g[1] for g in got], s, np.array(raw[i0:i1]), halves
-                            )
-                        emit(done)
-                    else:
-                        w, reg, valid, c1, st = _registered_frames(
-                            pre, raw, i0, i1, backend, state, init, method, pool, phases
-                        )
-                        stats[:, b0 + i0 : b0 + i1] = st
-                        hand_over(raw[i0:i1], reg, valid, w)
-                    if n <= INIT_TAIL_MIN_FRAMES:  # the sum is needed only then
-                        w_sum += w.sum(axis=0)
-                    w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
-                    w_tail = w_tail[-INIT_TAIL_FRAMES:]
-                    if ref_sum is not None:
-                        _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, method)
-                    _kill_point("stage1.chunk")
-                    _check_stop(f"in Stage 1 of {name} after frame {b0 + i1} of {T}")
-                if ref_sum is not None:
-                    state = backend.reference(params, ref_sum / (n_ref + 1), ref_raw)
-                if n > INIT_TAIL_MIN_FRAMES:
-                    # np.mean(w_tail, axis=0) without stacking the fields first: the same
-                    # sums in the same order
-                    w_init = w_tail[0].copy()
-                    for wk in w_tail[1:]:
-                        w_init += wk
-                    w_init /= len(w_tail)
-                else:
-                    w_init = w_sum / n
-            if temporal:
-                emit(model.flush())
-            with phases("write"):
-                wait_for_writer()
-            # The quality figures on the writer thread while the files are closed here.
-            qual_job = writer.submit(quality.finish)
-            idxw.add_alias("ch1", "idx")  # the dataset name pyflowreg's idx.hdf uses
-            if ext == "nwb":
-                comp.translation = quality.translation  # its xy_translation
-            for wr in writers:
-                wr.close()
-                _kill_point("stage1.publish")
-        except BaseException:
-            # No write may race the removal of the partial files: every job of the writer
-            # is waited for, whatever it raised (a failed warp surfaces there too).
-            for job in pending:
-                with contextlib.suppress(BaseException):
-                    job.result()
-            for wr in writers:
-                wr.abort()
-            raise
-    avg /= T
-    temporal_record = model.summary() if temporal else None
-    if temporal_record is not None:
-        log.info(
-            "%s: temporal model: translation noise %s px, smoothing decay %s (x, y, non-rigid)",
-            name,
-            temporal_record["translation_noise_px"],
-            temporal_record["decay"],
-        )
-    _kill_point("stage1.average")
-    atomic_save_npy(os.path.join(folder, "temporal_average.npy"), avg)
-    atomic_save_npy(os.path.join(folder, "reference_frame.npy"), ref_raw)
-    qual = qual_job.result()
-    if opts.save_meta_info:
-        atomic_save_npz(
-            os.path.join(folder, "statistics.npz"),
-            mean_disp=stats[0],
-            max_disp=stats[1],
-            mean_div=stats[2],
-            mean_translation=stats[3],
-            **qual,
-        )
-    return {
-        "frames": T,
-        "shape": [H, W, C],
-        "dtype": str(out_dtype),
-        "compensated": f"compensated.{ext}",
-        "backend": backend.name,
-        "phase_seconds": phases.rounded(),
-        **({"temporal_model": temporal_record} if temporal_record is not None else {}),
-    }
+    return _RecordingRun(reader, folder, opts, n_workers, name, backend).run()
 
 
 ###############################################################################
-### 8.7 Stage 1 driver: resume, locks, array tasks
+### 8.8 Stage 1 driver: resume, locks, array tasks
 ###############################################################################
 
 
@@ -10652,8 +10784,6 @@ def _smooth_normalise(avg, sigma):
     return _normalise(g, *_minmax(g, True))
 
 
-#: Stage 2 methods (``stage2_method``).
-STAGE2_METHODS = ("flowsession", "matlab")
 #: Defaults of ``sigma_smooth`` and ``alpha_between`` per method when they are unset.
 STAGE2_DEFAULTS = {"flowsession": (1.0, 5.0), "matlab": (6.0, 25.0)}
 #: Light smoothing (px) of the averages for the rigid step and the quality figures.

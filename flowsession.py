@@ -725,7 +725,9 @@ def _cfg_apply(obj, rules, source):
 
 
 _CFG_COUNT = ("an integer >= 1", lambda x: x >= 1)
+_CFG_NATURAL = ("an integer >= 0", lambda x: x >= 0)
 _CFG_POSITIVE = ("a number > 0", lambda x: x > 0)
+_CFG_FRACTION = ("a number in (0, 1]", lambda x: 0 < x <= 1)
 _CFG_CONSTANCY = (_cfg_choice, ("gc", "gray", "cs"), _CFG_CONSTANCY_ALIASES)
 _CFG_QUALITY = (_cfg_choice, tuple(_CFG_QUALITY_MIN_LEVEL))
 
@@ -736,7 +738,7 @@ _CFG_FLOW_RULES = {
     "weight": (_cfg_weight,),
     "levels": (_cfg_int, *_CFG_COUNT),
     "min_level": (_cfg_int, "an integer >= -1", lambda x: x >= -1),
-    "eta": (_cfg_float, "a number in (0, 1]", lambda x: 0 < x <= 1),
+    "eta": (_cfg_float, *_CFG_FRACTION),
     "update_lag": (_cfg_int, *_CFG_COUNT),
     "iterations": (_cfg_int, *_CFG_COUNT),
     "a_smooth": (_cfg_float, *_CFG_POSITIVE),
@@ -847,33 +849,6 @@ def _cfg_session_flow(mapping, source):
         )
         raise ConfigError(msg)
     return named
-
-
-def _positive(name, value, *, allow_zero=False):
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        msg = f"{name} must be a number, got {value!r}"
-        raise ConfigError(msg) from None
-    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
-        msg = f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        raise ConfigError(msg)
-    return x
-
-
-def _count(name, value, minimum):
-    try:
-        ok = (
-            not isinstance(value, (bool, np.bool_))
-            and float(value).is_integer()
-            and value >= minimum
-        )
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        msg = f"{name} must be an integer >= {minimum}, got {value!r}"
-        raise ConfigError(msg)
-    return int(value)
 
 
 def _channel_vector(name, value, n_channels, *, normalise=False, fill=None):
@@ -1488,6 +1463,21 @@ def _write_error(path, exc, written=None, needed=None):
     return OutputError(msg)
 
 
+def _partial_name(path):
+    """``(folder, temporary path)`` under which ``path`` is written before it is renamed
+    onto its name: ``.<name>.partial-<pid>`` in the same folder, so that the rename is
+    atomic (`_remove_stale_partials` finds the ones a killed process left)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return folder, os.path.join(folder, f".{name}.partial-{os.getpid()}")
+
+
+def _publish(tmp, path, folder):
+    """Rename the finished, fsynced temporary file ``tmp`` onto ``path``; fsync the folder."""
+    _kill_point("atomic:" + os.path.basename(path))
+    os.replace(tmp, path)
+    _fsync_path(folder, folder=True)
+
+
 def _atomic_write(path, write):
     """Write ``path`` through ``write(fileobj)`` into a temporary file, then rename.
 
@@ -1498,11 +1488,9 @@ def _atomic_write(path, write):
     (full disk) raises `OutputError` naming ``path``.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, partial = _partial_name(path)
     try:
-        fd, tmp = tempfile.mkstemp(
-            dir=folder, prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", suffix=""
-        )
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(partial) + "-", suffix="")
     except OSError as exc:
         raise _write_error(path, exc) from None
     try:
@@ -1515,15 +1503,13 @@ def _atomic_write(path, write):
         except OSError as exc:
             written = os.stat(tmp).st_size if os.path.exists(tmp) else None
             raise _write_error(path, exc, written) from None
-        _kill_point("atomic:" + os.path.basename(path))
-        os.replace(tmp, path)
+        _publish(tmp, path, folder)
     except BaseException:
         try:
             os.remove(tmp)
         except OSError:
             pass
         raise
-    _fsync_path(folder, folder=True)
 
 
 def _atomic_write_text(path, text):
@@ -1579,9 +1565,7 @@ class _AtomicVideoWriter:
         if self.dtype.kind not in "iuf":
             msg = f"output dtype must be integer or float, got {self.dtype}"
             raise ConfigError(msg)
-        folder, name = os.path.split(os.path.abspath(self.path))
-        self._folder = folder
-        self._tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+        self._folder, self._tmp = _partial_name(self.path)
         self._frames = 0
         self._open = True
         #: Bytes the caller expects to need in this folder (named when the disk is full).
@@ -1639,14 +1623,13 @@ class _AtomicVideoWriter:
         try:
             self._finish()
             _fsync_path(self._tmp)
-            os.replace(self._tmp, self.path)
+            _publish(self._tmp, self.path, self._folder)
         except (OSError, RuntimeError) as exc:
             raise self._failed(exc) from None
         except BaseException:
             self.abort()
             raise
         self._open = False
-        _fsync_path(self._folder, folder=True)
         log.debug("%s: %d frames written", self.path, self._frames)
 
     def abort(self):
@@ -3641,6 +3624,7 @@ def _load_status(folder):
 
 
 def _recording_folder(config, input_file):
+    """The output folder of a recording: ``output_root/<stem>`` (the one rule of every stage)."""
     return os.path.join(config.output_root_path, pathlib.Path(input_file).stem)
 
 
@@ -5367,17 +5351,15 @@ def _displacement_params(
     if al.size not in (1, 2):
         msg = f"alpha must be a number or a pair, got {alpha!r}"
         raise ConfigError(msg)
-    ax = _positive("alpha", al[0])
-    ay = _positive("alpha", al[-1])
-    eta = _positive("eta", eta)
-    if eta > 1:
-        msg = f"eta must be in (0, 1], got {eta!r}"
-        raise ConfigError(msg)
-    levels = _count("levels", o["levels"], 0)
-    min_level = _count("min_level", o["min_level"], 0)
-    iterations = _count("iterations", o["iterations"], 0)
-    update_lag = _count("update_lag", o["update_lag"], 1)
-    a_smooth = _positive("a_smooth", a_smooth)
+    src = "get_displacement"
+    ax = _cfg_float(al[0], "alpha", src, *_CFG_POSITIVE)
+    ay = _cfg_float(al[-1], "alpha", src, *_CFG_POSITIVE)
+    eta = _cfg_float(eta, "eta", src, *_CFG_FRACTION)
+    levels = _cfg_int(o["levels"], "levels", src, *_CFG_NATURAL)
+    min_level = _cfg_int(o["min_level"], "min_level", src, *_CFG_NATURAL)
+    iterations = _cfg_int(o["iterations"], "iterations", src, *_CFG_NATURAL)
+    update_lag = _cfg_int(o["update_lag"], "update_lag", src, *_CFG_COUNT)
+    a_smooth = _cfg_float(a_smooth, "a_smooth", src, *_CFG_POSITIVE)
     ad = _channel_vector("a_data", a_data, C)
     if np.any(ad <= 0):
         msg = f"a_data must be > 0, got {a_data!r}"
@@ -10647,7 +10629,7 @@ def compensate_single_recording(input_file, config, of_options_override=None, *,
     opts = options if options is not None else resolve_flow_options(config, of_options_override)
     input_file = os.fspath(input_file)
     name = os.path.basename(input_file)
-    folder = os.path.join(config.output_root_path, os.path.splitext(name)[0])
+    folder = _recording_folder(config, input_file)
     with _folder_lock(folder, name):
         return _compensate_locked(input_file, name, folder, config, opts)
 

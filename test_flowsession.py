@@ -4588,6 +4588,26 @@ def test_smoothing_decay_is_the_root_of_the_random_walk_smoother():
     assert fs._smoothing_decay(v2 - v1, v1 - v2 / 2) == pytest.approx(0.6096, abs=0.03)
 
 
+@pytest.mark.parametrize("shape", [(24, 32), (25, 31)])
+def test_tracker_dft_peak_is_the_rigid_steps_upsampled_dft_on_a_real_image(shape):
+    # The tracker's GIL-free peak search works on the half spectrum of a real
+    # correlation (bins 0 < kx < W / 2 counted twice); the rigid step's matrix DFT on
+    # the full spectrum.  Both evaluate the real part of the same inverse DFT, so on a
+    # grid of points they must pick the same one.
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=shape), rng.normal(size=shape)
+    H, W = shape
+    half_cross = np.fft.rfft2(a) * np.conj(np.fft.rfft2(b))
+    full_cross = np.fft.fft2(a) * np.conj(np.fft.fft2(b))
+    y0, x0, step, half = 1.0, -2.0, 0.25, 3
+    got = fs._nb_dft_peak(np.ascontiguousarray(half_cross), W, y0, x0, step, half)
+    grid = fs._xc_upsampled_dft(
+        full_cross, 2 * half + 1, 1.0 / step, (y0 - half * step, x0 - half * step)
+    )
+    i, j = np.unravel_index(np.argmax(grid.real), grid.shape)
+    assert got == (y0 + (i - half) * step, x0 + (j - half) * step)
+
+
 @pytest.mark.parametrize("shift", [(1.3, -0.7), (-2.45, 0.35), (0.0, 0.0)])
 def test_translations_recover_a_known_subpixel_shift(shift):
     # moving(y, x) = fixed(y - dy, x - dx): the field that registers it is (dx, dy).

@@ -1032,6 +1032,24 @@ class FlowOptions:
         return _cfg_flow_subset(*_cfg_read_flow_json(path))
 
 
+def _keyword_checked(cls):
+    """Give ``cls(...)`` (a config dataclass) the file loaders' error for a misspelt
+    keyword: a `ConfigError` naming it and the nearest valid one, not a bare TypeError."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        valid = [f.name for f in _cfg_fields(cls) if f.init] + ["source"]
+        _cfg_check_keys(kwargs, valid, cls.__name__)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+    return cls
+
+
+_keyword_checked(FlowOptions)
+
+
 def resolve_flow_options(config, runtime_overrides=None):
     """Stage 1 options of a session: defaults < config < runtime overrides.
 
@@ -1362,6 +1380,9 @@ class SessionConfig:
     def save_resolved(self, path):
         """Write :meth:`to_dict` atomically as JSON (e.g. next to the outputs)."""
         _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_keyword_checked(SessionConfig)
 
 
 def _cfg_check_toml_tables(data, session_keys, path):
@@ -13398,7 +13419,13 @@ def _build_parser():
         action="store_true",
         help="HPC array mode: process the recording of this array task",
     )
-    r.add_argument("-i", "--index", type=int, help="process only recording N (0-based)")
+    r.add_argument(
+        "-i",
+        "--index",
+        type=int,
+        help="Stage 1 of only task N (0-based): recording N, or in a volumetric session the "
+        "N-th (recording, plane) pair, planes of one recording in a row",
+    )
     r.add_argument(
         "--of-params",
         nargs="*",
@@ -13432,8 +13459,15 @@ def _build_parser():
     )
     m.add_argument("--size", type=int, default=256, help="frame size in pixels (default 256)")
     m.add_argument("--frames", type=int, default=200, help="frames (default 200)")
-    m.add_argument("--channels", type=int, default=1, choices=[1, 2, 3, 4])
-    m.add_argument("--preset", default="balanced", choices=["quality", "balanced", "fast"])
+    m.add_argument(
+        "--channels", type=int, default=1, choices=[1, 2, 3, 4], help="channels (default 1)"
+    )
+    m.add_argument(
+        "--preset",
+        default="balanced",
+        choices=["quality", "balanced", "fast"],
+        help="quality_setting (default balanced)",
+    )
     m.add_argument("--workers", type=int, default=-1, help="threads (default -1: all CPUs)")
     m.add_argument(
         "--method",
@@ -13465,15 +13499,21 @@ def _build_parser():
         help="make a small synthetic session with known motion, run "
         "all stages and compare with the truth",
     )
-    e.add_argument("--out", default="flowsession_example", help="folder to create")
-    e.add_argument("--recordings", type=int, default=3)
-    e.add_argument("--frames", type=int, default=60)
-    e.add_argument("--size", type=int, default=64)
+    e.add_argument(
+        "--out",
+        default="flowsession_example",
+        help="folder to create (default flowsession_example)",
+    )
+    e.add_argument("--recordings", type=int, default=3, help="recordings (default 3)")
+    e.add_argument("--frames", type=int, default=60, help="frames per recording (default 60)")
+    e.add_argument("--size", type=int, default=64, help="frame size in pixels (default 64)")
     e.set_defaults(func=_cmd_example)
     d = sub.add_parser("demo", help="register a built-in synthetic frame pair")
     d.add_argument("--size", type=int, default=128, help="frame size in pixels (default 128)")
-    d.add_argument("--alpha", type=float, default=1.5)
-    d.add_argument("--iterations", type=int, default=50)
+    d.add_argument("--alpha", type=float, default=1.5, help="smoothness weight alpha (default 1.5)")
+    d.add_argument(
+        "--iterations", type=int, default=50, help="SOR iterations per level (default 50)"
+    )
     d.set_defaults(func=_cmd_demo)
     for command in sub.choices.values():  # -v also after the command (run session.toml -v)
         command.add_argument(
@@ -13492,7 +13532,15 @@ def main(argv=None) -> int:
     )
     previous = _install_stop_handlers()
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so that a closed pipe is seen below
+        return code
+    except BrokenPipeError:
+        # The reader of the output went away (``flowsession status cfg | head``): not an
+        # error of the run.  Further output (at exit) goes nowhere.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the status of a process that SIGPIPE ended, as shells report it
     except Interrupted as exc:
         log.error("%s", exc)
         return 143 if _STOP["signal"] == "SIGTERM" else 130

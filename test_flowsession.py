@@ -6499,6 +6499,49 @@ def test_cli_papercuts(tmp_path, caplog):
     assert "/flowsession_example/" in ignored or "flowsession_example/" in ignored
 
 
+def test_every_command_line_option_has_a_help_text():
+    # `flowsession <command> --help` explains every option (the example, bench and demo
+    # options had none), and --index says what it counts in a volumetric session.
+    parser = fs._build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, fs.argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, fs.argparse._HelpAction):
+                continue
+            assert action.help, (name, action.option_strings or action.dest)
+    run = sub.choices["run"]
+    index = next(a for a in run._actions if "--index" in a.option_strings)
+    assert "plane" in index.help
+
+
+def test_misspelt_keyword_of_a_config_class_names_the_nearest_one(tmp_path):
+    # From Python, SessionConfig(n_worker=...) gets the same one-line error as the
+    # TOML file does, not a bare TypeError.
+    with pytest.raises(fs.ConfigError, match="unknown key 'n_worker'; did you mean 'n_workers'"):
+        fs.SessionConfig(root=tmp_path, n_worker=2)
+    with pytest.raises(fs.ConfigError, match="did you mean 'alpha'"):
+        fs.FlowOptions(alpah=3)
+    assert fs.SessionConfig(root=tmp_path, n_workers=2).n_workers == 2  # still works
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path):
+    # `flowsession status session.toml | head` must not end in a BrokenPipeError
+    # traceback or an "unexpected error" line when the reader stops early.
+    (tmp_path / "rec.tif").write_bytes(b"")
+    cfg = write(tmp_path / "s.toml", 'root = "."\npattern = "*.tif"\n')
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "flowsession.py"), "status", str(cfg)],
+        env=dict(os.environ, PYTHONPATH=str(HERE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    p.wait(timeout=300)
+    assert "BrokenPipe" not in err and "unexpected error" not in err, err
+    assert p.returncode in (0, 141), (p.returncode, err)
+
+
 def test_readme_test_command_skips_torch_tests_without_pytorch():
     # PyTorch hidden (an import of it fails): every torch test must skip, none fail.
     code = (

@@ -101,6 +101,20 @@ calls them.
         10.3 Synthetic data and benchmarks
         10.4 Command line
 
+Conventions
+-----------
+* A displacement field, at every public function and in every file, is ``w``
+  ``(H, W, 2)`` float: ``w[..., 0]`` is u (along columns, x), ``w[..., 1]`` is v
+  (along rows, y).  Inside the solver images are transposed planes, ``(C, W, H)``,
+  and fields two ``(W, H)`` planes u and v (`_to_internal`): the layout the
+  toolbox's SOR sweep walks contiguously.  The temporal model keeps a chunk's fields
+  as ``(n, 2, H, W)``.  Conversions happen at these boundaries only.
+* The pair registered: ``fixed`` (the reference) and ``moving``; the kernels that
+  mirror the toolbox keep its ``f1``/``f2``.
+* The recording the session is aligned onto is the center (pyflowreg's API calls
+  its index ``middle_idx``).
+* Interpolation kinds are ``INTERP_NEAREST``, ``INTERP_LINEAR``, ``INTERP_CUBIC``.
+
 MATLAB compatibility
 --------------------
 ``get_displacement`` reproduces the toolbox, including two of its quirks:
@@ -10274,7 +10288,8 @@ class _Progress:
     The rate is measured from the end of the first chunk on, so that neither the
     reference nor the compilation of the kernels (both before or in the first
     chunk) make the first estimate of the time left too long; until a second
-    chunk is done there is no estimate to show.
+    chunk is done there is no estimate to show.  The last line gives the rate of
+    the whole run.
     """
 
     def __init__(self, name, total, every=10.0):
@@ -10290,7 +10305,18 @@ class _Progress:
             self.first = (now, self.done)
             if self.done < self.total:
                 return
-        if now - self.last >= self.every or self.done >= self.total:
+        if self.done >= self.total:
+            # The last line: the rate of the whole run (the frames a temporal model
+            # held back arrive at the end in a burst; their rate would mean nothing).
+            log.info(
+                "%s: %d/%d frames, %.1f frames/s overall",
+                self.name,
+                self.done,
+                self.total,
+                self.done / max(now - self.t0, 1e-9),
+            )
+            return
+        if now - self.last >= self.every:
             t1, n1 = self.first
             if self.done > n1:
                 rate = (self.done - n1) / max(now - t1, 1e-9)

@@ -10676,6 +10676,8 @@ def compensate_single_recording(input_file, config, of_options_override=None, *,
     opts = options if options is not None else resolve_flow_options(config, of_options_override)
     input_file = os.fspath(input_file)
     name = os.path.basename(input_file)
+    if config.plane is not None:  # the logs of a volumetric session name the plane
+        name = f"{name} plane {config.plane}"
     folder = _recording_folder(config, input_file)
     with _folder_lock(folder, name):
         return _compensate_locked(input_file, name, folder, config, opts)

@@ -1654,6 +1654,15 @@ def test_planes_equal_plain_recordings(tmp_path):
     assert (vol / "compensated_outputs/plane0/file_00001/status.json").stat().st_mtime_ns == done
 
 
+def test_logs_of_a_volumetric_session_name_the_plane(tmp_path, caplog):
+    fs.synthetic_acquisition(tmp_path, n_frames=10, size=(24, 24), n_files=1)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage1(_small_session(tmp_path))
+    done = [r.getMessage() for r in caplog.records if "Stage 1 done" in r.getMessage()]
+    assert len(done) == 2, done
+    assert " plane 0: Stage 1 done" in done[0] and " plane 1: Stage 1 done" in done[1], done
+
+
 def test_plane_array_tasks_and_submit(tmp_path, monkeypatch):
     for name in ("a", "b"):
         fs.synthetic_acquisition(tmp_path / name, n_frames=9, size=(24, 24), n_files=2, stem=name)

@@ -717,6 +717,12 @@ def _cfg_bidi(value, key, source):
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     if _cfg_is_number(value):
+        if not abs(float(value)) <= BIDI_MAX_OFFSET:
+            msg = (
+                f"{source}: {key} = {value!r} is beyond the +-{BIDI_MAX_OFFSET:g} px a "
+                'scan phase can take; give the offset in pixels (e.g. 1.5) or "auto"'
+            )
+            raise ConfigError(msg)
         return float(value)
     raise _cfg_error(source, key, 'false, "auto" or an offset in pixels (e.g. 1.5)', value)
 
@@ -1303,6 +1309,7 @@ class SessionConfig:
         if self.parent is not None:  # one plane of a volumetric session
             return self.parent.discover_inputs()
         outputs = (self.output_root_path, self.final_results_path)
+        _cfg_check_outputs_apart(self, outputs)
         files = sorted(
             p for p in self.root.glob(self.pattern) if not _cfg_is_output(p, self.root, outputs)
         )
@@ -1332,6 +1339,7 @@ class SessionConfig:
                 )
                 raise ConfigError(msg)
             seen[p.stem] = p
+        _cfg_check_recordings_apart(self, files)
         return files
 
     def resolve_center(self, files):
@@ -1423,15 +1431,74 @@ def _cfg_is_output(path, root, outputs):
     flowsession's own folders (those with a lock file, and ``slurm/``) count as outputs."""
     real = pathlib.Path(os.path.realpath(path.parent)) / path.name
     real_root = pathlib.Path(os.path.realpath(root))
-    for folder in outputs:
+    for key, folder in zip(("output_root", "final_results"), outputs):
         folder = pathlib.Path(os.path.realpath(folder))
         if not real.is_relative_to(folder):
             continue
+        if real == folder:
+            _cfg_own_output_folder(path, folder, key)
+            return True
         if not real_root.is_relative_to(folder):
             return True
-        if (real.parent / ".flowsession.lock").exists() or real.parent == folder / "slurm":
-            return True
+        # A per-recording output folder (it holds a lock file), anything in one, or slurm/.
+        d = real
+        while d != folder:
+            if (d / ".flowsession.lock").exists() or d == folder / "slurm":
+                return True
+            d = d.parent
     return False
+
+
+def _cfg_own_output_folder(path, folder, key):
+    """InputError when ``path``, matched by the pattern, is the ``key`` folder but holds the
+    user's files rather than flowsession's outputs (a recording folder of the same name)."""
+    if not folder.is_dir():
+        return
+    names = set(os.listdir(folder))
+    if not names or names & {".flowsession.lock", "session_config.json", STATUS_FILE}:
+        return
+    msg = (
+        f"{path}: matches the pattern but is also the {key} folder, where flowsession "
+        f"writes its outputs; rename that recording folder or set {key} to another folder"
+    )
+    raise InputError(msg)
+
+
+def _cfg_check_outputs_apart(config, outputs):
+    """ConfigError when ``final_results`` is the recordings' folder itself: its aligned
+    videos would match the pattern and be read back as recordings."""
+    real_root = pathlib.Path(os.path.realpath(config.root))
+    if pathlib.Path(os.path.realpath(outputs[1])) == real_root:
+        msg = (
+            f"{config.source}: final_results is the folder of the recordings ({config.root}), "
+            "so its aligned videos would be read back as recordings; give it a folder of its "
+            'own, e.g. final_results = "final_results"'
+        )
+        raise ConfigError(msg)
+
+
+def _cfg_check_recordings_apart(config, files):
+    """ConfigError when an output folder would lie in a recording stored as a folder (its
+    outputs would be read back as frames, or written among its raw files)."""
+    targets = [
+        ("output_root", config.output_root_path),
+        ("final_results", config.final_results_path),
+    ]
+    for p in files:
+        if not p.is_dir():
+            continue
+        real = pathlib.Path(os.path.realpath(p))
+        own = ("the output folder of this recording", config.output_root_path / p.stem)
+        for key, folder in [*targets, own]:
+            if pathlib.Path(os.path.realpath(folder)).is_relative_to(real):
+                where = key if key.startswith("the") else f"{key} ({folder})"
+                msg = (
+                    f"{p}: {where} would lie inside this recording folder, so outputs would "
+                    "be read back as its frames or written among its raw files; set "
+                    "output_root and final_results to folders apart from the recordings "
+                    '(e.g. output_root = "compensated_outputs")'
+                )
+                raise ConfigError(msg)
 
 
 ###############################################################################
@@ -1768,7 +1835,8 @@ def _folder_lock(folder, what):
     import fcntl
 
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, ".flowsession.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    # 0o666 less the umask, as for every other output (a group may resume the session).
+    fd = os.open(os.path.join(folder, ".flowsession.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1998,6 +2066,18 @@ class _CorruptionLog(logging.Handler):
         message = record.getMessage()
         if _TIFF_CORRUPT_RE.search(message):
             self.messages.append(message)
+
+
+class _TiffMetadataNoise(logging.Filter):
+    """Drop tifffile's warnings about MetaMorph (UIC) metadata that flowsession never
+    reads (a Bruker series logs two for every frame file, e.g. ``no datetime before
+    year 1``)."""
+
+    def filter(self, record):
+        return "<tifffile.read_uic" not in record.getMessage()
+
+
+logging.getLogger("tifffile").addFilter(_TiffMetadataNoise())
 
 
 def _scanimage_channels(tif):
@@ -3250,6 +3330,20 @@ def _bruker_order(files, where):
         raise InputError(msg)
     keyed = {(int(m["cycle"]), int(m["index"]), int(m["ch"])): f for m, f in parts}
     channels = sorted({k[2] for k in keyed})
+    cycles = sorted({k[0] for k in keyed})
+    for cycle in cycles:
+        frames = sorted({k[1] for k in keyed if k[0] == cycle})
+        if frames != list(range(1, len(frames) + 1)):
+            gap = min(set(range(1, frames[-1] + 1)) - set(frames))
+            msg = (
+                f"{where}: Cycle{cycle:05d} has no frame {gap:06d} (frames up to "
+                f"{frames[-1]:06d}); restore it (a recording is never joined across a gap)"
+            )
+            raise InputError(msg)
+    if cycles != list(range(cycles[0], cycles[0] + len(cycles))):
+        gap = min(set(range(cycles[0], cycles[-1] + 1)) - set(cycles))
+        msg = f"{where}: Cycle{gap:05d} is missing; restore it (never joined across a gap)"
+        raise InputError(msg)
     for cycle, index in sorted({k[:2] for k in keyed}):
         missing = [c for c in channels if (cycle, index, c) not in keyed]
         if missing:
@@ -3279,6 +3373,13 @@ def recording_files(path):
     if path.is_file():
         return [path], "file"
     if path.is_dir():
+        dangling = [f for f in path.iterdir() if f.is_symlink() and not f.exists() and _readable(f)]
+        if dangling:
+            msg = (
+                f"{dangling[0]}: a link to a missing file in the recording folder; restore it "
+                "or remove the link (a recording never drops a file)"
+            )
+            raise InputError(msg)
         files = sorted(
             (f for f in path.iterdir() if f.is_file() and _readable(f)),
             key=lambda f: _natural_key(f.name),
@@ -3294,11 +3395,28 @@ def recording_files(path):
         siblings = sorted(parent.iterdir(), key=lambda f: _natural_key(f.name))
         parts = [f for f in siblings if (m := _SI_PART_RE.match(f.name)) and m["stem"] == path.name]
         if parts:
+            _check_si_parts(parts, path)
             return parts, "scanimage"
         series = [f for f in siblings if (m := _BRUKER_RE.match(f.name)) and m["stem"] == path.name]
         if series:
             return _bruker_order(series, path)[0], "bruker"
     msg = f"{path}: file not found; check the path"
+    raise InputError(msg)
+
+
+def _check_si_parts(parts, path):
+    """InputError when the parts of one ScanImage acquisition skip a number (the frames
+    on both sides of the gap would be joined as if they were consecutive)."""
+    numbers = [int(_SI_PART_RE.match(f.name)["part"]) for f in parts]
+    if numbers == list(range(1, len(parts) + 1)) or not _one_acquisition(parts):
+        return
+    missing = min(set(range(1, max(numbers) + 1)) - set(numbers))
+    suffix = parts[0].suffix
+    msg = (
+        f"{path.parent / f'{path.name}_{missing:05d}{suffix}'}: this part of the ScanImage "
+        f"acquisition {path.name} is missing ({len(parts)} parts up to {max(numbers):05d}); "
+        "restore it (a recording is never joined across a gap)"
+    )
     raise InputError(msg)
 
 
@@ -3434,11 +3552,14 @@ def recording_layout(path, n_planes=None, flyback_planes=None):
         if any(m is not None for m in metas):
             meta = next(m for m in metas if m is not None)
             for f, m in zip(files, metas, strict=True):
-                key = ("slices", "flyback_frames", "n_channels")
-                if m is None or any(m[k] != meta[k] for k in key):
+                key = ("slices", "flyback_frames", "n_channels", "zoom", "frame_rate")
+                differ = [k for k in key if m is not None and m[k] != meta[k]]
+                if m is None or differ:
+                    what = "none" if m is None else f"{differ[0]} {m[differ[0]]}"
                     msg = (
-                        f"{f}: its ScanImage metadata (slices, flyback, channels) differ from "
-                        f"{files[0].name}'s; one recording must be one acquisition"
+                        f"{f}: its ScanImage metadata ({what}) differ from {files[0].name}'s "
+                        f"({'' if m is None else meta[differ[0]]}); one recording must be one "
+                        "acquisition: leave the file out or make it a recording of its own"
                     )
                     raise InputError(msg)
             kind = "scanimage" if kind == "file" else kind
@@ -3460,7 +3581,12 @@ def recording_layout(path, n_planes=None, flyback_planes=None):
                     "needs one frame size"
                 )
                 raise InputError(msg)
-            dtype = np.result_type(dtype, r.dtype)
+            if r.dtype != dtype:
+                msg = (
+                    f"{f}: data type {r.dtype} differs from {dtype} in {files[0].name}; the "
+                    "files of one recording need one data type (convert the odd file)"
+                )
+                raise InputError(msg)
             units.append(r.n_frames)
     cycle = planes * group
     if sum(units) % cycle:
@@ -3576,6 +3702,8 @@ def _layout_key(config):
         "plane": config.plane,
     }
     plain = {"n_planes": None, "flyback_planes": None, "bidi_correction": False, "plane": None}
+    if config.nwb_series is not None:  # which NWB series are the frames
+        key["nwb_series"] = config.nwb_series
     return None if key == plain else key
 
 
@@ -3756,6 +3884,50 @@ def _video_frames(path):
             return len(r)
     except (FlowSessionError, OSError):
         return None
+
+
+def _check_stage1_done(config, input_file, folder, stage):
+    """InputError unless ``folder`` holds a finished Stage 1 of ``input_file`` as it is now,
+    made with the config's planes, whose video and ``idx.hdf`` have the recorded frames.
+    Call while holding the folder's lock."""
+    name = os.path.basename(input_file)
+    rec = _load_status(folder).get("stage1")
+    why = None
+    if not isinstance(rec, dict) or rec.get("state") != "done":
+        why = "has no finished Stage 1 (it was not run, or a rerun did not finish)"
+    elif rec.get("input") != _input_fingerprint(input_file):
+        why = "holds a Stage 1 of the input as it was before it changed"
+    elif rec.get("layout_key", None) not in (None, _digest(_layout_key(config))):
+        why = (
+            "holds a Stage 1 made with other n_planes, flyback_planes, bidi_correction or "
+            "nwb_series"
+        )
+    else:
+        try:
+            T = int(rec["frames"])
+            H, W, C = (int(x) for x in rec["shape"])
+            with open_video(os.path.join(folder, rec["compensated"])) as r:
+                if r.shape != (T, H, W, C):
+                    why = f"holds {rec['compensated']} of shape {r.shape}, not {(T, H, W, C)}"
+            with h5py.File(os.path.join(folder, "idx.hdf"), "r") as f:
+                if why is None and f["idx"].shape != (T, H, W):
+                    why = f"holds idx.hdf of shape {f['idx'].shape}, not {(T, H, W)}"
+            stats = os.path.join(folder, "statistics.npz")
+            if why is None and os.path.exists(stats):
+                try:
+                    with np.load(stats) as st:
+                        if st["mean_disp"].shape != (T,):
+                            why = "holds a statistics.npz of other frames"
+                except Exception as exc:  # a damaged file: name it
+                    why = f"holds a damaged statistics.npz ({type(exc).__name__}: {_why(exc)})"
+        except Exception as exc:  # any damage means: rerun Stage 1
+            why = f"holds a damaged Stage 1 output ({type(exc).__name__}: {_why(exc)})"
+    if why is not None:
+        msg = (
+            f"{name}: {folder} {why}; run Stage 1 for it first (flowsession run <config> "
+            f"--stage 1), {stage} needs it"
+        )
+        raise InputError(msg)
 
 
 def _load_average(folder, name, stage):
@@ -10703,6 +10875,7 @@ def _compensate_locked(input_file, name, folder, config, opts):
     backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
     with _open_recording(config, input_file, opts, name) as reader:
+        _check_frames_fit(reader, opts, name)
         info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name, backend)
         info.update(layout=reader.layout_info, bidi_offset=reader.bidi_offset)
         if reader.bidi_offset_end is not None:
@@ -10712,6 +10885,7 @@ def _compensate_locked(input_file, name, folder, config, opts):
     opts.save_json(os.path.join(folder, "options.json"))
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
+    info["layout_key"] = _digest(_layout_key(config))  # checked by Stages 2 and 3
     _kill_point("stage1.status")
     _atomic_save_json(os.path.join(folder, STATUS_FILE), {"stage1": info})
     log.info(
@@ -10722,6 +10896,25 @@ def _compensate_locked(input_file, name, folder, config, opts):
         info["frames"] / max(dt, 1e-9),
     )
     return folder
+
+
+def _check_frames_fit(reader, opts, name):
+    """ConfigError or InputError naming the recording when its channels do not fit
+    ``flow_options.weight`` or its frames are too small to register."""
+    try:
+        _channel_weights(opts.weight, reader.n_channels)
+    except ConfigError as exc:
+        msg = (
+            f"{name}: flow_options.weight = {opts.weight!r} does not fit its "
+            f"{reader.n_channels} channel(s): {exc}; fix flow_options.weight"
+        )
+        raise ConfigError(msg) from None
+    if min(reader.height, reader.width) < 2:
+        msg = (
+            f"{name}: frames of {reader.height} x {reader.width} px (H x W) cannot be "
+            "registered; each side needs at least 2 px (check the file's axes)"
+        )
+        raise InputError(msg)
 
 
 def _restore_options_json(folder, opts):
@@ -10907,13 +11100,15 @@ def stage2_rigid_shift(reference_average, average, upsample=4, weight=None):
     return best
 
 
-def stage2_alignment_quality(reference_average, average, w):
+def stage2_alignment_quality(reference_average, average, w, weight=None):
     """How well a field aligns one average onto the center's.
 
     Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
     [0, 1]; the correlation (Pearson) with the center's is taken over the whole
     frame before alignment and over the valid overlap (pixels whose source lies in
-    the frame) after warping by ``w``.
+    the frame) after warping by ``w``.  With channel weights ``weight`` (those of
+    ``flow_options.weight``, as `_stage2_weight` gives them) it is the weighted mean
+    of the channels' correlations: a channel of weight 0 is not judged.
 
     Returns
     -------
@@ -10925,8 +11120,24 @@ def stage2_alignment_quality(reference_average, average, w):
     """
     f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
     reg, ok = imregister_wrapper_w(g, w, f, "linear")
-    before = _masked_correlation(f, g, np.ones(f.shape[:2], dtype=bool))
-    after = _masked_correlation(f, reg, ok)
+    everywhere = np.ones(f.shape[:2], dtype=bool)
+    if weight is None:
+        before = _masked_correlation(f, g, everywhere)
+        after = _masked_correlation(f, reg, ok)
+    else:
+        used = [(c, x) for c, x in enumerate(weight) if x > 0]
+        total = sum(x for _, x in used)
+
+        def weighted(a, b, mask):
+            return (
+                sum(
+                    x * _masked_correlation(a[..., c : c + 1], b[..., c : c + 1], mask)
+                    for c, x in used
+                )
+                / total
+            )
+
+        before, after = weighted(f, g, everywhere), weighted(f, reg, ok)
     overlap = float(ok.mean())
     credible = bool(
         np.isfinite(after) and after >= STAGE2_MIN_CORRELATION and overlap >= STAGE2_MIN_OVERLAP
@@ -11059,12 +11270,14 @@ def run_stage2(config):
     # average that has since been replaced.
     center_folder = _recording_folder(config, center_file)
     with _folder_lock(center_folder, center_file.name):
+        _check_stage1_done(config, center_file, center_folder, "Stage 2")
         ref = _load_average(center_folder, center_file.name, "Stage 2")
     fields = []
     for i, f in enumerate(files):
         _check_stop(f"in Stage 2 before {f.name}")
         folder = _recording_folder(config, f)
         with _folder_lock(folder, f.name):
+            _check_stage1_done(config, f, folder, "Stage 2")
             avg = _load_average(folder, f.name, "Stage 2")
             if avg.shape != avgs[i].shape:
                 msg = f"{f.name}: its temporal average changed shape while Stage 2 ran; rerun it"
@@ -11140,7 +11353,7 @@ def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name
             lambda: compute_between_displacement(ref, avg, config, backend),
             f"in Stage 2 while aligning {name}",
         )
-        q = stage2_alignment_quality(ref, avg, w)
+        q = stage2_alignment_quality(ref, avg, w, _stage2_weight(config, avg.shape[2]))
         log.info(
             "Stage 2: %s -> %s: mean shift (%+.2f, %+.2f) px, correlation with the center "
             "%.2f -> %.2f over %.0f %% of the frame, %.1f s",
@@ -11284,30 +11497,46 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     files = config.discover_inputs()
     if middle_idx is None:
         middle_idx, _ = config.resolve_center(files)
-    avgs = _session_averages(config, files, "Stage 3")
-    ref = avgs[middle_idx]
-    H, W = ref.shape[:2]
     names = [f.stem for f in files]
     folders = [_recording_folder(config, f) for f in files]
-    if displacement_fields is None:
-        center_file = files[middle_idx]
-        displacement_fields = [
-            _load_current_field(config, f, folder, center_file, ref, avg)
-            for f, folder, avg in zip(files, folders, avgs)
-        ]
-    fields = [np.asarray(w, dtype=np.float64) for w in displacement_fields]
-    if len(fields) != len(files) or any(w.shape != (H, W, 2) for w in fields):
-        msg = f"Stage 3 needs one (H, W, 2) = ({H}, {W}, 2) field per recording; rerun Stage 2"
-        raise InputError(msg)
     out_dir = config.final_results_path
     _check_writable(out_dir, "final_results")
-    with _folder_lock(out_dir, "final_results"):
+    with _folder_lock(out_dir, "final_results"), contextlib.ExitStack() as held:
+        # Every recording's folder stays locked until Stage 3 is done: a Stage 1 rerun
+        # waits, so no video, average or field changes under it, and none of its
+        # temporary files is taken for one left by a killed run.
+        for f, folder in zip(files, folders, strict=True):
+            if not os.path.isdir(folder):
+                msg = f"{f.name}: {folder} is missing; run Stage 1 first, Stage 3 needs it"
+                raise InputError(msg)
+            held.enter_context(_folder_lock(folder, f.name))
+            _check_stage1_done(config, f, folder, "Stage 3")
+        avgs = _session_averages(config, files, "Stage 3")
+        ref = avgs[middle_idx]
+        H, W = ref.shape[:2]
+        center_file = files[middle_idx]
+        given = displacement_fields
+        if given is not None and len(given) != len(files):
+            msg = f"Stage 3 needs one field per recording ({len(files)}), got {len(given)}"
+            raise InputError(msg)
+        displacement_fields = [
+            _load_current_field(
+                config, f, folder, center_file, ref, avg, None if given is None else given[i]
+            )
+            for i, (f, folder, avg) in enumerate(zip(files, folders, avgs))
+        ]
+        fields = [np.asarray(w, dtype=np.float64) for w in displacement_fields]
+        if len(fields) != len(files) or any(w.shape != (H, W, 2) for w in fields):
+            msg = f"Stage 3 needs one (H, W, 2) = ({H}, {W}, 2) field per recording; rerun Stage 2"
+            raise InputError(msg)
         return _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir)
 
 
-def _load_current_field(config, f, folder, center_file, ref, avg):
+def _load_current_field(config, f, folder, center_file, ref, avg, given=None):
     """A recording's saved Stage-2 field, refused unless its record matches the current
-    center, both current averages and the Stage 2 parameters."""
+    center, both current averages and the Stage 2 parameters.  With ``given`` (the field
+    Stage 2 returned in this process) the record is checked the same way and ``given``
+    is returned: a Stage 1 rerun since then makes it stale."""
     path = os.path.join(folder, "w_to_reference.npz")
     rerun = "run Stage 2 first (flowsession run <config> --stage 2)"
     rec = _load_status(folder).get("stage2")
@@ -11329,6 +11558,8 @@ def _load_current_field(config, f, folder, center_file, ref, avg):
         detail = ", ".join(what.get(k, k) for k in changed)
         msg = f"{f.name}: {path} is out of date ({detail} changed since); {rerun}"
         raise InputError(msg)
+    if given is not None:
+        return given
     try:
         with np.load(path) as d:
             return np.stack([d["u"], d["v"]], -1).astype(np.float64)
@@ -11414,7 +11645,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         alignment=quality,
         in_session_mask=in_mask,
     )
-    _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, final)
+    _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final)
     quality_json = os.path.join(out_dir, "quality.json")
     members = list(written) + ([qc] if qc else []) + video_paths + [quality_json]
     status["stage3"] = {
@@ -11459,14 +11690,10 @@ def _verify_stage3(out_dir):
     return None
 
 
-def _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, final):
+def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
     """``quality.json`` of a session (Stage 1 summaries, Stage 2 alignment, thresholds) and
-    each recording's ``qc.png``."""
-    where = final if final.any() else np.ones_like(final)
-
-    def corr(a, b):
-        return np.nanmean([_qc_correlation(a[..., c], b[..., c], where) for c in range(a.shape[2])])
-
+    each recording's ``qc.png``.  The Stage 2 figures are those of the credibility check
+    (`stage2_alignment_quality`): one correlation, judged by one threshold."""
     stage2 = {}
     extra = {}
     with contextlib.suppress(OSError, ValueError, KeyError):
@@ -11482,8 +11709,9 @@ def _stage3_quality(out_dir, folders, names, avgs, averages_after, middle_idx, f
         _save_recording_qc(folder, name)
     for i, name in enumerate(names):
         rec = {
-            "stage2_corr_before": _nan_to_none(corr(avgs[middle_idx], avgs[i])),
-            "stage2_corr_after": _nan_to_none(corr(averages_after[middle_idx], averages_after[i])),
+            "stage2_corr_before": _nan_to_none(quality[i]["correlation_before"]),
+            "stage2_corr_after": _nan_to_none(quality[i]["correlation_after"]),
+            "stage2_overlap": _nan_to_none(quality[i]["overlap"]),
         }
         rec.update({f"stage2_{k}": _nan_to_none(v[i]) for k, v in extra.items()})
         stage2[name] = rec
@@ -11516,7 +11744,7 @@ def _stage3_alignment(config, files, middle_idx, avgs, ref, fields):
     """
     quality, in_mask = [], []
     for i, (f, avg, w) in enumerate(zip(files, avgs, fields)):
-        q = stage2_alignment_quality(ref, avg, w)
+        q = stage2_alignment_quality(ref, avg, w, _stage2_weight(config, avg.shape[2]))
         if i == middle_idx:
             q["credible"] = True
         elif not q["credible"]:
@@ -12202,8 +12430,15 @@ QUALITY_THRESHOLDS = {
     "aligned_to_center": (
         "stage2_corr_after",
         "min",
-        0.5,
-        "Pearson r of the aligned average with the center's over the session mask",
+        STAGE2_MIN_CORRELATION,
+        "Pearson r of the aligned average with the center's where the field maps inside "
+        "the frame (Stage 2's credibility check; weighted by flow_options.weight)",
+    ),
+    "aligned_overlap": (
+        "stage2_overlap",
+        "min",
+        STAGE2_MIN_OVERLAP,
+        "fraction of the frame the field maps inside the frame (Stage 2's credibility check)",
     ),
 }
 

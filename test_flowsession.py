@@ -6827,3 +6827,321 @@ def test_int16_with_negative_values_is_valid_input(tmp_path):
     assert fs.main(["run", str(cfg), "--stage", "1"]) == 0
     comp = _read_comp(root / "compensated_outputs" / "neg")
     assert comp.dtype == np.int16 and comp.min() < 0
+
+
+###############################################################################
+### Reliability: outputs apart from inputs, Stage 1 checked by later stages, series
+###############################################################################
+
+
+def _tiff_folder_recording(folder, n_frames=4, size=(8, 10), seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for t in range(n_frames):
+        tifffile.imwrite(folder / f"frame_{t:03d}.tif", rng.integers(0, 500, size, np.uint16))
+
+
+def test_output_folders_inside_recording_folders_are_refused(tmp_path):
+    root = tmp_path / "root"
+    for name in ("run1", "run2"):
+        _tiff_folder_recording(root / name)
+    # output_root "." puts run1's outputs into run1/ itself: read back as frames later.
+    cfg = fs.SessionConfig(root=root, pattern="run*", output_root=".")
+    with pytest.raises(fs.ConfigError, match=r"run1: the output folder of this recording would"):
+        cfg.discover_inputs()
+    cfg = fs.SessionConfig(root=root, pattern="run*", final_results="run2/results")
+    with pytest.raises(fs.ConfigError, match=r"run2: final_results \(.*\) would lie inside"):
+        cfg.discover_inputs()
+    ok = fs.SessionConfig(root=root, pattern="run*")
+    assert [p.name for p in ok.discover_inputs()] == ["run1", "run2"]
+    # final_results "." : the aligned videos would match the pattern of the recordings.
+    with pytest.raises(fs.ConfigError, match="final_results is the folder of the recordings"):
+        fs.SessionConfig(root=root, pattern="run*", final_results=".").discover_inputs()
+
+
+def test_a_recording_folder_named_like_an_output_folder_is_an_error(tmp_path):
+    root = tmp_path / "root"
+    for name in ("a", "final_results"):
+        _tiff_folder_recording(root / name)
+    cfg = fs.SessionConfig(root=root, pattern="*")
+    with pytest.raises(fs.InputError, match=r"final_results: matches the pattern but is also"):
+        cfg.discover_inputs()
+    # flowsession's own final_results (it holds the lock file) is skipped as before.
+    (root / "final_results").rename(root / "b")
+    (root / "final_results").mkdir()
+    (root / "final_results" / ".flowsession.lock").write_bytes(b"")
+    assert [p.name for p in cfg.discover_inputs()] == ["a", "b"]
+
+
+def test_output_root_dot_with_a_wide_pattern_skips_its_per_recording_folders(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("rec_a.tif", "rec_b.tif"):
+        tifffile.imwrite(root / name, np.zeros((3, 8, 8), np.uint16), photometric="minisblack")
+    out = root / "rec_a"  # what Stage 1 leaves with output_root = "."
+    out.mkdir()
+    (out / ".flowsession.lock").write_bytes(b"")
+    (out / "status.json").write_text("{}")
+    with h5py.File(out / "compensated.hdf5", "w") as f:
+        f["ch1"] = np.zeros((3, 8, 8), np.uint16)
+    cfg = fs.SessionConfig(root=root, pattern="rec*", output_root=".")
+    assert [p.name for p in cfg.discover_inputs()] == ["rec_a.tif", "rec_b.tif"]
+
+
+class _Killed(Exception):
+    """Stands for a kill at a kill point (the process stops there)."""
+
+
+def _die_at(monkeypatch, point):
+    def kill(name):
+        if name == point:
+            raise _Killed(name)
+
+    monkeypatch.setattr(fs, "_kill_point", kill)
+
+
+def test_stages_2_and_3_refuse_a_stage1_that_did_not_finish(tmp_path, monkeypatch):
+    cfg = _finished_session(tmp_path / "s", stages=3)
+    # rec_03 changes; its Stage 1 rerun dies after the new video, before the new average:
+    # Stage 2 and 3 must not pair the new video with the old average.
+    recs, _, _, _ = fs.synthetic_session(3, 20, (40, 48), 1, seed=9)
+    _write_h5(tmp_path / "s" / "rec_03.h5", recs[2])
+    _die_at(monkeypatch, "stage1.average")
+    with pytest.raises(_Killed):
+        fs.run_stage1(cfg)
+    monkeypatch.undo()
+    for stage in (fs.run_stage2, fs.run_stage3):
+        with pytest.raises(fs.InputError, match=r"rec_03\.h5: .*has no finished Stage 1.*Stage 1"):
+            stage(cfg)
+    fs.run_stage1(cfg)
+    fs.run_stage2(cfg)
+    fs.run_stage3(cfg)
+    # An idx.hdf holding 5 of the 20 frames.
+    idx = cfg.output_root_path / "rec_01" / "idx.hdf"
+    with h5py.File(idx, "r") as f:
+        short = f["idx"][:5]
+    with h5py.File(idx, "w") as f:
+        f["idx"] = short
+    for stage in (fs.run_stage2, fs.run_stage3):
+        with pytest.raises(fs.InputError, match=r"rec_01\.h5: .*idx\.hdf of shape \(5, 40, 48\)"):
+            stage(cfg)
+
+
+def test_stages_2_and_3_refuse_a_stage1_made_with_other_planes(tmp_path):
+    cfg = _finished_session(tmp_path / "s", n_frames=24, stages=1, n_planes=2)
+    # Three planes, the last a flyback: two kept planes again (plane0, plane1), other frames.
+    changed = dataclasses.replace(cfg, n_planes=3, flyback_planes=1)
+    for stage in (fs.run_stage2, fs.run_stage3):
+        with pytest.raises(fs.InputError, match=r"rec_0\d\.h5: .*other n_planes, flyback_planes"):
+            stage(changed)
+
+
+def _locked_elsewhere(folder):
+    """Whether another process finds ``folder``'s lock taken (POSIX locks are per process)."""
+    code = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n"
+        "    sys.exit(3)\n"
+    )
+    path = os.path.join(folder, ".flowsession.lock")
+    return subprocess.run([sys.executable, "-c", code, path], check=False).returncode == 3
+
+
+def test_stage3_holds_the_recording_locks_and_refuses_stale_fields(tmp_path, monkeypatch):
+    cfg = _finished_session(tmp_path / "s", stages=1)
+    middle, _, fields = fs.run_stage2(cfg)
+    folders = [cfg.output_root_path / f"rec_{r:02d}" for r in (1, 2, 3)]
+    seen = []
+    original = fs._align_video
+
+    def align(*args, **kw):
+        if not seen:
+            seen.extend(_locked_elsewhere(d) for d in folders)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(fs, "_align_video", align)
+    fs.run_stage3(cfg, middle, fields)
+    assert seen == [True, True, True]  # a Stage 1 rerun would have waited
+    monkeypatch.undo()
+    assert not any(_locked_elsewhere(d) for d in folders)  # released afterwards
+    # A Stage 1 rerun (rec_03 changed) after Stage 2 returned its fields: they are stale.
+    recs, _, _, _ = fs.synthetic_session(3, 20, (40, 48), 1, seed=9)
+    _write_h5(tmp_path / "s" / "rec_03.h5", recs[2])
+    fs.run_stage1(cfg)
+    with pytest.raises(fs.InputError, match=r"rec_03\.h5: .*has no Stage-2 record.*run Stage 2"):
+        fs.run_stage3(cfg, middle, fields)
+
+
+def _write_plain_nwb(path, series):
+    """A minimal NWB layout written with h5py: ``{name: (T, H, W) frames}`` as
+    TwoPhotonSeries in acquisition (what NwbReader reads; pynwb not needed)."""
+    with h5py.File(path, "w") as f:
+        for name, frames in series.items():
+            g = f.create_group(f"acquisition/{name}")
+            g.attrs["neurodata_type"] = "TwoPhotonSeries"
+            g["data"] = frames
+
+
+def test_resume_sees_a_change_of_nwb_series(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(6, (24, 28), 1, seed=2)
+    a = (frames[..., 0] * 100).astype(np.uint16)  # up to about 6000: + 5000 fits uint16
+    _write_plain_nwb(root / "rec.nwb", {"A": a, "B": a + 5000})
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2]}
+    cfg = fs.SessionConfig(
+        root=root, pattern="*.nwb", n_workers=1, nwb_series="A", flow_options=flow
+    )
+    out = fs.run_stage1(cfg)[0]
+    assert _read_comp(out).mean() < a.mean() + 100  # series A
+    fs.run_stage1(dataclasses.replace(cfg, nwb_series="B"))
+    # Series B is A + 5000 everywhere: its corrected mean is 5000 above (edge fill and
+    # interpolation move it by far less than the 2500 margin).
+    assert _read_comp(out).mean() > a.mean() + 2500
+
+
+def test_a_numbered_series_with_a_gap_is_an_error(tmp_path):
+    si = tmp_path / "si"
+    fs.synthetic_acquisition(si, n_planes=1, n_channels=1, n_frames=24, size=(16, 16))
+    (si / "file_00001_00002.tif").unlink()  # the middle part of the acquisition
+    cfg = fs.SessionConfig(root=si, pattern="*.tif")
+    with pytest.raises(fs.InputError, match=r"file_00001_00002\.tif: this part of the ScanImage"):
+        cfg.discover_inputs()
+    # Bruker: frame 000007 of 8 gone.
+    rec = tmp_path / "TSeries-001"
+    rec.mkdir()
+    for t in range(8):
+        if t != 6:
+            name = f"TSeries-001_Cycle00001_Ch1_{t + 1:06d}.ome.tif"
+            tifffile.imwrite(rec / name, np.full((6, 8), t, np.uint16))
+    with pytest.raises(fs.InputError, match=r"TSeries-001: Cycle00001 has no frame 000007"):
+        fs.recording_layout(rec)
+
+
+def test_dangling_links_mixed_dtypes_and_other_scanimage_settings_are_errors(tmp_path):
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    _imagej(rec / "a_1.tif", np.zeros((3, 12, 16, 1), np.uint16))
+    _imagej(rec / "a_2.tif", np.zeros((3, 12, 16, 1), np.uint16))
+    (rec / "a_3.tif").symlink_to(tmp_path / "gone.tif")
+    with pytest.raises(fs.InputError, match=r"a_3\.tif: a link to a missing file"):
+        fs.recording_layout(rec)
+    (rec / "a_3.tif").unlink()
+    _imagej(rec / "a_3.tif", np.zeros((3, 12, 16, 1), np.int16))
+    with pytest.raises(fs.InputError, match=r"a_3\.tif: data type int16 differs from uint16"):
+        fs.recording_layout(rec)
+    # Two parts of one ScanImage acquisition at other zoom, or at another frame rate.
+    for key, value in (
+        ("SI.hRoiManager.scanZoomFactor", 3),
+        ("SI.hRoiManager.scanFrameRate", 15.0),
+    ):
+        si = tmp_path / key
+        si.mkdir()
+        meta = fs._scanimage_frame_data(stem="file")
+        pages = np.zeros((4, 8, 8), np.int16)
+        fs._write_scanimage_tiff(si / "file_00001_00001.tif", pages, meta)
+        fs._write_scanimage_tiff(
+            si / "file_00001_00002.tif", pages, {**meta, key: value}, first_frame=5
+        )
+        (found,) = fs.SessionConfig(root=si, pattern="*.tif").discover_inputs()
+        what = "zoom 3" if "Zoom" in key else "frame_rate 15.0"
+        with pytest.raises(fs.InputError, match=rf"file_00001_00002\.tif: .*\({what}\) differ"):
+            fs.recording_layout(found)
+
+
+def test_stage2_credibility_judges_the_weighted_channels_only(tmp_path):
+    # Channel 1 shows one scene in every recording (aligned: r = 1 there); channel 2 of
+    # the others has the center's contrast inverted (r = -1 there, pooled r 0.05).  With
+    # weight [1, 0] only channel 1 counts.
+    yy, xx = np.mgrid[0:40, 0:48].astype(np.float64)
+    one, two = scene(xx, yy, size=48), scene(xx, yy, seed=10, size=48)
+    avgs = [np.stack([one, two if r == 1 else 1.0 - two], -1) for r in range(3)]
+    files = [pathlib.Path(f"rec_{r}.h5") for r in range(3)]
+    fields = [np.zeros((40, 48, 2))] * 3
+    weighted = fs.SessionConfig(root=tmp_path, flow_options={"weight": [1.0, 0.0]})
+    quality, in_mask = fs._stage3_alignment(weighted, files, 1, avgs, avgs[1], fields)
+    assert in_mask == [True, True, True]
+    assert quality[0]["correlation_after"] == pytest.approx(1.0)  # identical channel 1
+    # Equal weights: both channels judged; pooled noise channels fail the check.
+    plain = fs.SessionConfig(root=tmp_path)
+    _, in_mask = fs._stage3_alignment(plain, files, 1, avgs, avgs[1], fields)
+    assert in_mask == [False, True, False]
+
+
+def test_quality_flags_the_recording_stage2_found_not_credible(tmp_path):
+    cfg = _foreign_session(tmp_path)
+    fs.run_all_stages(cfg)
+    report = json.loads((cfg.final_results_path / "quality.json").read_text())
+    with np.load(cfg.final_results_path / "final_valid_idx.npz") as d:
+        credible, after = d["alignment_credible"], d["alignment_correlation_after"]
+    assert list(credible) == [True, True, False]
+    # One correlation: quality.json states the one the credibility check judged.
+    for i, name in enumerate(("rec_01", "rec_02", "rec_03")):
+        assert report["recordings"][name]["stage2_corr_after"] == pytest.approx(after[i])
+    assert "aligned_to_center" in report["recordings"]["rec_03"]["flags"]
+    assert report["thresholds"]["aligned_to_center"]["min"] == fs.STAGE2_MIN_CORRELATION
+    assert "rec_03" in report["session"]["flagged"]
+    rows, _ = fs.session_quality(cfg)
+    assert [r["recording"] for r in rows if "aligned_to_center" in r["flags"]] == ["rec_03.h5"]
+
+
+def test_bad_settings_and_damaged_records_are_named(tmp_path):
+    for bad in (1000, 1e300, -9):
+        with pytest.raises(fs.ConfigError, match=r"bidi_correction = .* is beyond the \+-8 px"):
+            fs.SessionConfig(root=tmp_path, bidi_correction=bad)
+    assert fs.SessionConfig(root=tmp_path, bidi_correction=-1.5).bidi_correction == -1.5
+    # A weight vector that leaves a one-channel recording nothing: key and recording named.
+    frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=1)
+    (tmp_path / "w").mkdir()
+    cfg = _stage1_config(tmp_path / "w", {"rec.h5": frames}, weight=[0.0, 1.0])
+    with pytest.raises(fs.ConfigError, match=r"rec\.h5: flow_options\.weight = .*1 channel"):
+        fs.run_stage1(cfg)
+    # Frames of one row.
+    (tmp_path / "row").mkdir()
+    cfg = _stage1_config(tmp_path / "row", {"row.h5": np.ones((6, 1, 16, 1))})
+    with pytest.raises(fs.InputError, match=r"row\.h5: frames of 1 x 16 px"):
+        fs.run_stage1(cfg)
+
+
+def test_lock_files_follow_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        with fs._folder_lock(tmp_path / "out", "out"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / ".flowsession.lock").stat().st_mode & 0o777 == 0o664
+
+
+def test_stage3_names_a_damaged_statistics_file_or_status_record(tmp_path):
+    cfg = _finished_session(tmp_path / "s", stages=2)
+    folder = cfg.output_root_path / "rec_01"
+    stats = folder / "statistics.npz"
+    good = stats.read_bytes()
+    stats.write_bytes(good[:200])
+    with pytest.raises(fs.InputError, match=r"rec_01\.h5: .*damaged statistics\.npz"):
+        fs.run_stage3(cfg)
+    stats.write_bytes(good)
+    status = folder / "status.json"
+    status.write_text(json.dumps({**json.loads(status.read_text()), "stage1": 5}))
+    with pytest.raises(fs.InputError, match=r"rec_01\.h5: .*rec_01 has no finished Stage 1"):
+        fs.run_stage3(cfg)
+
+
+def test_unread_metamorph_metadata_does_not_flood_the_log(tmp_path, caplog):
+    # A UIC1 tag whose CreateTime points at zeros: tifffile logs a warning per file read.
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for t in range(3):
+        tifffile.imwrite(
+            rec / f"frame_{t}.tif",
+            np.zeros((8, 8), np.uint16),
+            extratags=[(33628, 4, 2, (16, 8), True)],
+        )
+    caplog.set_level(logging.INFO)
+    lay = fs.recording_layout(rec)
+    with fs.RecordingReader(lay) as r:
+        assert r.read(0, 3).shape == (3, 8, 8, 1)
+    noise = [m for m in caplog.messages if "read_uic" in m]
+    assert noise == []

@@ -11039,6 +11039,41 @@ def _stage2_prepare(avg, sigma):
     return _smooth_normalise(a[..., None] if a.ndim == 2 else a, sigma)
 
 
+#: Local brightness and contrast normalisation of the "flowsession" Stage 2: Gaussian
+#: window (px; at most a sixth of the smaller side) of the local mean and standard
+#: deviation, the floor of that deviation (fraction of its mean over the frame: dark
+#: flat regions are not raised to full contrast) and the clip (deviations).
+STAGE2_LOCAL_SIGMA = 12.0
+STAGE2_LOCAL_FLOOR = 0.25
+STAGE2_LOCAL_CLIP = 3.0
+
+
+def _stage2_structure(avg, sigma=STAGE2_RIGID_SIGMA):
+    """``avg`` compared on structure: lightly smoothed (``sigma``), then
+    per channel the local mean removed and the result divided by the local standard
+    deviation (Gaussian window ``STAGE2_LOCAL_SIGMA``), clipped to +-``STAGE2_LOCAL_CLIP``.
+
+    A dim, low-contrast or unevenly lit average (another day's laser power, detector
+    gain, vignetting) then compares with the center's on its cells and vessels rather
+    than on its lighting. ``(H, W, C)`` float64; a constant channel gives zeros.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    g = _stage2_prepare(avg, sigma)
+    s = min(STAGE2_LOCAL_SIGMA, min(g.shape[:2]) / 6.0)
+    out = np.zeros_like(g)
+    for k in range(g.shape[2]):
+        x = g[..., k]
+        mean = gaussian_filter(x, s, mode="reflect")
+        dev = np.sqrt(np.maximum(gaussian_filter(x * x, s, mode="reflect") - mean * mean, 0.0))
+        floor = STAGE2_LOCAL_FLOOR * float(np.mean(dev))
+        if floor > 0:
+            out[..., k] = np.clip(
+                (x - mean) / np.maximum(dev, floor), -STAGE2_LOCAL_CLIP, STAGE2_LOCAL_CLIP
+            )
+    return out
+
+
 def _shift_overlap_correlation(fixed, moving, dx, dy):
     """(correlation, overlap fraction) of ``fixed`` and ``moving`` displaced by a constant shift."""
     H, W = fixed.shape[:2]
@@ -11066,47 +11101,184 @@ def _xc_candidate_peaks(fixed, moving, weight, count=4):
     return out
 
 
+#: A rigid candidate other than the plain sub-pixel cross-correlation peak replaces it
+#: only when its overlap correlation (structure images) is higher by this much: the
+#: scores of two shifts of one pair differ by noise alone by a few hundredths (a dim,
+#: vignetted 512-px average's wrong integer peak scored 0.47 against the right peak's
+#: 0.45 on brightness-scaled images).
+STAGE2_CANDIDATE_MARGIN = 0.05
+
+
 def stage2_rigid_shift(reference_average, average, upsample=4, weight=None):
     """Rigid step of the "flowsession" Stage 2: ``(dx, dy, correlation, overlap)``.
 
-    Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
-    [0, 1]. Candidates: the sub-pixel cross-correlation peak without a window and
-    with the overlap Hann window (``estimate_rigid_shift``), and the four strongest
-    integer peaks of the unwindowed correlation. Each candidate is scored by the
-    correlation of the two averages over their overlap after the shift; candidates
-    overlapping less than ``STAGE2_MIN_OVERLAP`` of the frame are skipped. On small
-    frames the window can hide the true peak (its taper leaves little content when
-    the shift is a third of the frame), and the highest correlation peak can be a
-    wrap-around one; the overlap score decides between them. ``weight``: per-channel
-    weights (default equal); channels of weight 0 take no part.
+    Both averages are compared on structure (``_stage2_structure``: lightly smoothed,
+    local mean and contrast normalised). Candidates: the plain sub-pixel
+    cross-correlation peak (no window), the peak with the overlap Hann window
+    (``estimate_rigid_shift``), and the four strongest integer peaks of the unwindowed
+    correlation. Each candidate is scored by the correlation of the two structure
+    images over their overlap after the shift; candidates overlapping less than
+    ``STAGE2_MIN_OVERLAP`` of the frame are skipped. On small frames the window can hide
+    the true peak (its taper leaves little content when the shift is a third of the
+    frame), and the highest correlation peak can be a wrap-around one; the overlap
+    score decides between them, but another candidate replaces the plain peak only when
+    it scores ``STAGE2_CANDIDATE_MARGIN`` higher. ``weight``: per-channel weights
+    (default equal); channels of weight 0 take no part.
     """
-    f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
+    f, g = (_stage2_structure(a) for a in (reference_average, average))
     wt = np.ones(f.shape[2]) if weight is None else np.asarray(weight, dtype=np.float64)
+    flat = (np.ptp(f, axis=(0, 1)) == 0) | (np.ptp(g, axis=(0, 1)) == 0)
+    wt = np.where(flat, 0.0, wt)
     cands = [
         estimate_rigid_shift(f, g, upsample=upsample, weight=wt, window=win)
         for win in (False, True)
     ]
-    flat = (np.ptp(f, axis=(0, 1)) == 0) | (np.ptp(g, axis=(0, 1)) == 0)
-    cands += _xc_candidate_peaks(f, g, np.where(flat, 0.0, wt))
+    cands += _xc_candidate_peaks(f, g, wt)
     used = wt > 0
     f, g = f[..., used], g[..., used]
     best = (0.0, 0.0, -np.inf, 0.0)
-    for dx, dy in cands:
+    for i, (dx, dy) in enumerate(cands):
         corr, overlap = _shift_overlap_correlation(f, g, dx, dy)
-        if overlap >= STAGE2_MIN_OVERLAP and np.isfinite(corr) and corr > best[2]:
+        if overlap < STAGE2_MIN_OVERLAP or not np.isfinite(corr):
+            continue
+        margin = 0.0 if i == 0 or not np.isfinite(best[2]) else STAGE2_CANDIDATE_MARGIN
+        if corr > best[2] + margin:
             best = (dx, dy, corr, overlap)
     if not np.isfinite(best[2]):
         best = (0.0, 0.0, float("nan"), 1.0)
     return best
 
 
+#: Global model of the "flowsession" Stage 2 between the rigid step and the flow:
+#: "similarity" (rotation, scale, translation), "affine" or "translation" (none).
+STAGE2_GLOBAL_MODEL = "similarity"
+#: The global model is kept only where it raises the overlap correlation of the
+#: structure images over the rigid shift's by at least this much (a fit to noise
+#: does not), and stays within these bounds (a remounted animal: a few degrees).
+STAGE2_GLOBAL_GAIN = 0.01
+STAGE2_GLOBAL_MAX_ANGLE = 10.0
+STAGE2_GLOBAL_MAX_SCALE = 0.1
+
+
+def _stage2_structure_sum(avg, weight):
+    """One structure image ``(H, W)``: the channels of ``_stage2_structure`` weighted."""
+    f = _stage2_structure(avg)
+    wt = np.ones(f.shape[2]) if weight is None else np.asarray(weight, dtype=np.float64)
+    return np.tensordot(f, wt / max(float(wt.sum()), 1e-12), axes=([2], [0]))
+
+
+def _affine_field(shape, M, t):
+    """Displacement ``T(x) - x`` of ``T(x) = c + M (x - c) + t`` (x = (col, row), c the
+    frame's center), ``(H, W, 2)``."""
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    xc, yc = xx - (W - 1) / 2.0, yy - (H - 1) / 2.0
+    d = np.empty((H, W, 2))
+    d[..., 0] = (M[0, 0] - 1.0) * xc + M[0, 1] * yc + t[0]
+    d[..., 1] = M[1, 0] * xc + (M[1, 1] - 1.0) * yc + t[1]
+    return d
+
+
+def _gauss_newton_affine(f, g, M, t, model, iterations=20):
+    """Refine ``T(x) = c + M (x - c) + t`` so that ``g(T(x)) ~ f(x)`` (robust Gauss-Newton,
+    Huber weights at 1.345 robust deviations, forward additive), on a pyramid."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    H, W = f.shape
+    M, t = M.copy(), np.asarray(t, dtype=np.float64).copy()
+    factors = [k for k in (4, 2, 1) if min(H, W) / k >= 32] or [1]
+    for k in factors:
+        if k > 1:
+            fl, gl = (gaussian_filter(a, 0.5 * k)[::k, ::k] for a in (f, g))
+        else:
+            fl, gl = f, g
+        h, w = fl.shape
+        # level pixel i sits at original pixel k * i; the centers map accordingly
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        xc = xx * k - (W - 1) / 2.0
+        yc = yy * k - (H - 1) / 2.0
+        gy_img, gx_img = np.gradient(gl)
+        for _ in range(iterations):
+            X = ((W - 1) / 2.0 + M[0, 0] * xc + M[0, 1] * yc + t[0]) / k
+            Y = ((H - 1) / 2.0 + M[1, 0] * xc + M[1, 1] * yc + t[1]) / k
+            ok = (X >= 1) & (X <= w - 2) & (Y >= 1) & (Y <= h - 2)
+            if ok.sum() < 100:
+                return None
+            pts = [Y[ok], X[ok]]
+            r = map_coordinates(gl, pts, order=1) - fl[ok]
+            gx = map_coordinates(gx_img, pts, order=1) / k
+            gy = map_coordinates(gy_img, pts, order=1) / k
+            x0, y0 = xc[ok], yc[ok]
+            if model == "similarity":
+                J = np.stack([gx, gy, gx * x0 + gy * y0, gy * x0 - gx * y0], axis=1)
+            else:
+                J = np.stack([gx, gy, gx * x0, gx * y0, gy * x0, gy * y0], axis=1)
+            scale = 1.4826 * float(np.median(np.abs(r))) + 1e-12
+            wts = np.minimum(1.0, 1.345 * scale / np.maximum(np.abs(r), 1e-12))
+            A = J.T @ (J * wts[:, None])
+            try:
+                dp = -np.linalg.solve(A, J.T @ (wts * r))
+            except np.linalg.LinAlgError:
+                return None
+            t += dp[:2]
+            if model == "similarity":
+                M += np.array([[dp[2], -dp[3]], [dp[3], dp[2]]])
+            else:
+                M += dp[2:].reshape(2, 2)
+            if np.abs(dp[:2]).max() < 0.01 * k and np.abs(dp[2:]).max() < 1e-5:
+                break
+    return M, t
+
+
+def stage2_global_transform(reference_average, average, dx, dy, weight=None, model=None):
+    """Global model of the "flowsession" Stage 2 from the rigid shift ``(dx, dy)``.
+
+    Fits ``T(x) = c + M (x - c) + t`` (``model``: ``STAGE2_GLOBAL_MODEL`` by default)
+    to the structure images of both averages (``_stage2_structure``: another day's
+    lighting does not pull it) by robust Gauss-Newton on a pyramid, and keeps it only
+    where it stays within ``STAGE2_GLOBAL_MAX_ANGLE`` degrees and a scale change of
+    ``STAGE2_GLOBAL_MAX_SCALE`` and raises their overlap correlation over the rigid
+    shift's by ``STAGE2_GLOBAL_GAIN``.
+
+    Returns
+    -------
+    (M, t, kept) : (2, 2) array, (2,) array, bool
+        The identity and ``(dx, dy)`` with ``kept`` False where the model is not kept.
+    """
+    model = STAGE2_GLOBAL_MODEL if model is None else model
+    M0, t0 = np.eye(2), np.array([dx, dy], dtype=np.float64)
+    if model == "translation":
+        return M0, t0, False
+    f, g = (_stage2_structure_sum(a, weight) for a in (reference_average, average))
+    fit = _gauss_newton_affine(f, g, M0, t0, model)
+    if fit is None:
+        return M0, t0, False
+    M, t = fit
+    sv = np.linalg.svd(M, compute_uv=False)
+    angle = math.degrees(math.atan2(M[1, 0] - M[0, 1], M[0, 0] + M[1, 1]))
+    if (
+        not np.all(np.isfinite(M))
+        or abs(angle) > STAGE2_GLOBAL_MAX_ANGLE
+        or np.abs(sv - 1.0).max() > STAGE2_GLOBAL_MAX_SCALE
+    ):
+        return M0, t0, False
+    scores = []
+    for d in (_affine_field(f.shape, M0, t0), _affine_field(f.shape, M, t)):
+        reg, ok = imregister_wrapper_w(g[..., None], d, f[..., None], "linear")
+        scores.append(_masked_correlation(f[..., None], reg, ok))
+    if not (np.isfinite(scores[1]) and scores[1] >= scores[0] + STAGE2_GLOBAL_GAIN):
+        return M0, t0, False
+    return M, t, True
+
+
 def stage2_alignment_quality(reference_average, average, w, weight=None):
     """How well a field aligns one average onto the center's.
 
-    Both averages are lightly smoothed (``STAGE2_RIGID_SIGMA``) and scaled to
-    [0, 1]; the correlation (Pearson) with the center's is taken over the whole
-    frame before alignment and over the valid overlap (pixels whose source lies in
-    the frame) after warping by ``w``.  With channel weights ``weight`` (those of
+    Both averages are compared on structure (``_stage2_structure``: lightly
+    smoothed, local mean and contrast normalised, so another day's lighting neither
+    hides nor fakes a match); the correlation (Pearson) with the center's is taken
+    over the whole frame before alignment and over the valid overlap (pixels whose
+    source lies in the frame) after warping by ``w``.  With channel weights ``weight`` (those of
     ``flow_options.weight``, as `_stage2_weight` gives them) it is the weighted mean
     of the channels' correlations: a channel of weight 0 is not judged.
 
@@ -11118,7 +11290,7 @@ def stage2_alignment_quality(reference_average, average, w, weight=None):
         least ``STAGE2_MIN_CORRELATION`` over at least ``STAGE2_MIN_OVERLAP`` of the
         frame (a recording of another field of view, or a lost match, fails it).
     """
-    f, g = (_stage2_prepare(a, STAGE2_RIGID_SIGMA) for a in (reference_average, average))
+    f, g = (_stage2_structure(a) for a in (reference_average, average))
     reg, ok = imregister_wrapper_w(g, w, f, "linear")
     everywhere = np.ones(f.shape[:2], dtype=bool)
     if weight is None:
@@ -11202,8 +11374,16 @@ def compute_between_displacement(reference_average, average, config, backend=Non
         # initial field in only through the smoothness term, which a 10-20 px
         # shift defeats with the census term.
         init = None
+        # the flow compares structure too: local mean and contrast normalised, mapped
+        # to [0, 1] (measured in benchmarks/stage2.py: 0.35 against 0.40 px at 128 px,
+        # 0.18 against 0.21 px at 256 px, and the dim and relit real-image cases better)
+        img1, img2 = (
+            (_stage2_structure(a, sigma) + STAGE2_LOCAL_CLIP) / (2 * STAGE2_LOCAL_CLIP)
+            for a in (ref, avg)
+        )
         dx, dy, _, _ = stage2_rigid_shift(ref, avg, config.cc_upsample, weight)
-        shift[..., 0], shift[..., 1] = dx, dy
+        M, t, _ = stage2_global_transform(ref, avg, dx, dy, weight)
+        shift = _affine_field((H, W), M, t)
         img2 = imregister_wrapper(img2, shift[..., 0], shift[..., 1], img1, "cubic")
         eta = GET_DISPLACEMENT_DEFAULTS["eta"]
         extra = dict(STAGE2_FLOW, levels=_stage2_levels(H, W, eta), matlab_quirks=False)
@@ -11215,7 +11395,12 @@ def compute_between_displacement(reference_average, average, config, backend=Non
         weight=weight,
         **extra,
     )
-    return backend.pair(params, img1, img2, init) + shift
+    u = backend.pair(params, img1, img2, init)
+    if config.stage2_method == "matlab":
+        return u + shift
+    # the flow found u on the average warped by T: the field is T(x + u(x)) - x
+    L = M - np.eye(2)
+    return u + shift + np.einsum("ij,hwj->hwi", L, u)
 
 
 def _stage2_weight(config, n_channels):
@@ -11296,6 +11481,7 @@ def run_stage2(config):
                     backend,
                 )
             )
+    _stage2_chains(config, files, middle_idx, ref, avgs, fields, backend)
     with _folder_lock(center_folder, center_file.name):
         if _array_digest(_load_average(center_folder, center_file.name, "Stage 2")) != (
             _array_digest(ref)
@@ -11306,6 +11492,72 @@ def run_stage2(config):
             )
             raise InputError(msg)
     return middle_idx, center_file, fields
+
+
+def _compose_fields(w_first, w_then):
+    """The field of two alignments in a row: ``w_first`` takes the center's pixel x to
+    ``x + w_first(x)`` in an intermediate recording, ``w_then`` takes that on to the
+    recording aligned: ``w(x) = w_first(x) + w_then(x + w_first(x))`` (linear)."""
+    H, W = w_first.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    from scipy.ndimage import map_coordinates
+
+    pts = [yy + w_first[..., 1], xx + w_first[..., 0]]
+    return w_first + np.stack(
+        [map_coordinates(w_then[..., k], pts, order=1, mode="nearest") for k in (0, 1)], -1
+    )
+
+
+def _stage2_chains(config, files, middle_idx, ref, avgs, fields, backend):
+    """A recording that does not credibly match the center is aligned onto each
+    recording that does, and its field composed through that one onto the center's
+    grid; the most credible chain (highest correlation with the center) replaces the
+    direct field, saved with the intermediate recording's name in its Stage-2 record
+    (``via``). ``fields`` is updated in place; only where no chain is credible does the
+    recording stay as it was (warned about)."""
+    if config.stage2_method == "matlab" or len(files) < 3:
+        return
+    quality = [
+        None if i == middle_idx else stage2_alignment_quality(ref, avgs[i], fields[i])
+        for i in range(len(files))
+    ]
+    good = [i for i, q in enumerate(quality) if q is not None and q["credible"]]
+    for i, q in enumerate(quality):
+        if q is None or q["credible"] or not good:
+            continue
+        folder = _recording_folder(config, files[i])
+        best = None
+        for j in good:
+            _check_stop(f"in Stage 2 while aligning {files[i].name} through {files[j].name}")
+            w_ij = _interruptible(
+                lambda j=j: compute_between_displacement(avgs[j], avgs[i], config, backend),
+                f"in Stage 2 while aligning {files[i].name}",
+            )
+            w = _compose_fields(fields[j], w_ij)
+            qc = stage2_alignment_quality(ref, avgs[i], w)
+            if qc["credible"] and (best is None or qc["correlation_after"] > best[2]):
+                best = (j, w, qc["correlation_after"])
+        if best is None:
+            log.warning(
+                "Stage 2: %s: no chain through another recording is credible either",
+                files[i].name,
+            )
+            continue
+        j, w, corr = best
+        log.info(
+            "Stage 2: %s aligned onto the center through %s (correlation with the center "
+            "%.2f, directly %.2f)",
+            files[i].name,
+            files[j].name,
+            corr,
+            q["correlation_after"],
+        )
+        with _folder_lock(folder, files[i].name):
+            atomic_save_npz(os.path.join(folder, "w_to_reference.npz"), u=w[..., 0], v=w[..., 1])
+            rec = dict(_load_status(folder).get("stage2", {}))
+            rec.update(via=files[j].name, via_average=_array_digest(avgs[j]))
+            _update_status(folder, "stage2", rec)
+        fields[i] = w
 
 
 def _stage2_expected(config, center_file, ref, avg):
@@ -11714,6 +11966,9 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
             "stage2_overlap": _nan_to_none(quality[i]["overlap"]),
         }
         rec.update({f"stage2_{k}": _nan_to_none(v[i]) for k, v in extra.items()})
+        # the path of the Stage-2 field: through another recording where the direct
+        # alignment onto the center was not credible, else direct (None)
+        rec["stage2_via"] = _load_status(folders[i]).get("stage2", {}).get("via")
         stage2[name] = rec
     report = save_quality_report(
         os.path.join(out_dir, "quality.json"),

@@ -5321,10 +5321,11 @@ def test_final_status_of_the_wrong_shape_is_treated_as_damaged(tmp_path, caplog)
     assert "damaged" in caplog.text
 
 
-def test_a_stop_request_ends_a_long_stage2_flow_at_once(tmp_path):
+def test_a_stop_request_ends_a_long_stage2_flow_at_once(tmp_path, monkeypatch):
     # Stage 2 reads the temporal averages (two 128x128 images, one shifted; the recordings
-    # are placeholders); enough solver iterations that one flow takes seconds (3000
-    # took 3.7 s on a shared core).
+    # are placeholders, so the check that their Stage 1 finished is bypassed); enough
+    # solver iterations that one flow takes seconds (3000 took 3.7 s on a shared core).
+    monkeypatch.setattr(fs, "_check_stage1_done", lambda *args: None)
     root = tmp_path / "s"
     root.mkdir()
     f1, f2, _ = fs.synthetic_pair(size=(128, 128), shift=(2.6, -1.7))
@@ -7145,3 +7146,159 @@ def test_unread_metamorph_metadata_does_not_flood_the_log(tmp_path, caplog):
         assert r.read(0, 3).shape == (3, 8, 8, 1)
     noise = [m for m in caplog.messages if "read_uic" in m]
     assert noise == []
+
+
+###############################################################################
+### Stage 2 across days: structure, global model, chains
+###############################################################################
+
+
+def _day_light(img, kind):
+    """``img`` (H, W) under another day's light: ``ramp`` (gain 1 -> 0.1 across x) or
+    ``spot`` (a light spot near the lower left corner falling to 5 %)."""
+    H, W = img.shape
+    yy, xx = np.mgrid[0:H, 0:W] / max(H, W)
+    if kind == "ramp":
+        return img * (1.0 - 0.9 * xx)
+    return img * (0.05 + 0.95 * np.exp(-((xx - 0.15) ** 2 + (yy - 0.85) ** 2) / 0.08))
+
+
+def _dim_day(size, seed, shift):
+    """(center, dim day) of a blob scene: the center unevenly lit, the day shifted by
+    ``shift``, lit by a spot, in the grey levels 4-34 with noise of 1 grey level."""
+    fixed, moving = pair((size, size), seed, shift)
+    center = 200.0 * _day_light(fixed[..., 0], "ramp") + 20.0
+    day = _day_light(moving[..., 0], "spot")
+    noise = np.random.default_rng(seed).normal(0.0, 1.0, day.shape)
+    day = np.round(4.0 + 30.0 * day / day.max() + noise)
+    return center[..., None], day[..., None]
+
+
+# Cases where the brightness-scaled overlap score picked a wrong integer peak
+# (37-72 px off, correlation 0.51-0.55 < 0.6: the recording was lost).
+DIM_DAYS = [(96, 3, (9.5, -21.25)), (96, 3, (23.25, 6.0)), (128, 11, (9.5, -21.25))]
+
+
+@pytest.mark.parametrize("size,seed,shift", DIM_DAYS)
+def test_stage2_rigid_step_finds_a_dim_unevenly_lit_day(size, seed, shift):
+    center, day = _dim_day(size, seed, shift)
+    dx, dy, corr, overlap = fs.stage2_rigid_shift(center, day)
+    # the failure is a wrong peak tens of px off; the sub-pixel part (1/4-px grid, 31
+    # grey levels lit down to 5 % in a corner: measured 0.0-0.71 px) is the flow's to refine
+    assert math.hypot(dx - shift[0], dy - shift[1]) < 1.0, (dx, dy, corr)
+    assert corr > fs.STAGE2_MIN_CORRELATION and overlap > 0.5
+
+
+@pytest.mark.parametrize("size,seed,shift", DIM_DAYS)
+def test_stage2_aligns_a_dim_unevenly_lit_day_and_calls_it_credible(tmp_path, size, seed, shift):
+    center, day = _dim_day(size, seed, shift)
+    w = fs.compute_between_displacement(center, day, fs.SessionConfig(root=tmp_path))
+    q = fs.stage2_alignment_quality(center, day, w)
+    b = 12  # pixels whose match lies inside both frames, borders excluded
+    yy, xx = np.mgrid[0:size, 0:size]
+    inside = (xx + shift[0] >= b) & (xx + shift[0] <= size - 1 - b) & (xx >= b) & (yy >= b)
+    inside &= (yy + shift[1] >= b) & (yy + shift[1] <= size - 1 - b) & (xx < size - b)
+    inside &= yy < size - b
+    err = np.hypot(w[..., 0] - shift[0], w[..., 1] - shift[1])[inside]
+    # a pure shift: the flow adds no motion; 0.5 px leaves room for the dim day's
+    # 31 grey levels and noise in its darkest corner
+    assert np.median(err) < 0.5, (np.median(err), q)
+    assert q["credible"], q
+
+
+def _similar_day(scene, angle, scale, t):
+    """``scene`` seen through ``S(x) = c + s R(angle) (x - c) + t`` (cubic), and the field
+    that registers it back onto ``scene``: ``S^-1(p) - p``, analytic."""
+    from scipy.ndimage import map_coordinates
+
+    H, W = scene.shape
+    c = np.array([(W - 1) / 2, (H - 1) / 2])
+    yy, xx = np.mgrid[0:H, 0:W].astype(float)
+    a = math.radians(angle)
+    R = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    X = c[0] + R[0, 0] * (xx - c[0]) + R[0, 1] * (yy - c[1]) + t[0]
+    Y = c[1] + R[1, 0] * (xx - c[0]) + R[1, 1] * (yy - c[1]) + t[1]
+    img = map_coordinates(scene, [Y, X], order=3, mode="nearest")
+    Ri = np.linalg.inv(R)
+    px, py = xx - c[0] - t[0], yy - c[1] - t[1]
+    g = np.stack(
+        [
+            c[0] + Ri[0, 0] * px + Ri[0, 1] * py - xx,
+            c[1] + Ri[1, 0] * px + Ri[1, 1] * py - yy,
+        ],
+        axis=-1,
+    )
+    return img, R, g
+
+
+@pytest.mark.parametrize("angle,scale", [(3.0, 1.02), (-3.0, 0.98)])
+def test_stage2_recovers_a_rotated_scaled_relit_day(tmp_path, angle, scale):
+    # A remounted animal: the day's view rotated by 3 degrees and scaled by 2 %, under a
+    # gain ramp (1 -> 0.3 across x) plus an offset.
+    scene = blobs((128, 128), 4, density=0.03)
+    day, R, g = _similar_day(scene, angle, scale, (4.0, -6.0))
+    day = np.linspace(1.0, 0.3, 128)[None, :] * day + 0.2
+    M, t, kept = fs.stage2_global_transform(scene, day, 4.0, -6.0)
+    assert kept
+    # the fitted model maps the center's pixel p to the day's pixel showing it: S^-1(p)
+    # = c + R^-1 (p - c - t) (the blobs' cubic resampling and the light change leave a
+    # few thousandths)
+    np.testing.assert_allclose(M, np.linalg.inv(R), atol=2e-3)
+    np.testing.assert_allclose(t, -np.linalg.inv(R) @ (4.0, -6.0), atol=0.1)
+    w = fs.compute_between_displacement(scene, day, fs.SessionConfig(root=tmp_path))
+    err = np.hypot(*(w - g)[16:-16, 16:-16].transpose(2, 0, 1))
+    # measured 0.007-0.009 px median, 0.015-0.027 px 90th percentile; translation and
+    # flow alone left 0.09-0.15 / 0.22-0.37 px
+    assert np.median(err) < 0.03 and np.percentile(err, 90) < 0.1, (
+        np.median(err),
+        np.percentile(err, 90),
+    )
+    assert fs.stage2_alignment_quality(scene, day, w)["credible"]
+
+
+def test_stage2_global_model_is_not_kept_for_a_pure_shift(tmp_path):
+    # Nothing to rotate: the fit may not raise the correlation by STAGE2_GLOBAL_GAIN,
+    # so the field stays the rigid shift plus the flow (the toolbox-like path).
+    fixed, moving = pair((96, 96), 5, (7.25, -3.5))
+    M, t, kept = fs.stage2_global_transform(fixed, moving, 7.25, -3.5)
+    assert not kept
+    np.testing.assert_array_equal(M, np.eye(2))
+    np.testing.assert_array_equal(t, (7.25, -3.5))
+
+
+def test_stage2_aligns_a_lost_recording_through_another(tmp_path, monkeypatch, caplog):
+    # The direct alignment of rec_03 onto the center (rec_02) goes wrong (a wrong peak
+    # 25 px off, as a dim day's once did); rec_03 onto rec_01 and rec_01 onto the center
+    # are right, so rec_03 reaches the center through rec_01, and says so.
+    recs, _, truth, center = fs.synthetic_session(3, 16, (64, 64), 1, seed=7)
+    cfg = _session_files(tmp_path, recs)
+    fs.run_stage1(cfg)
+    avg3 = np.load(cfg.output_root_path / "rec_03" / "temporal_average.npy")
+    ref = np.load(cfg.output_root_path / "rec_02" / "temporal_average.npy")
+    real = fs.compute_between_displacement
+
+    def wrong_onto_center(reference, average, config, backend=None):
+        w = real(reference, average, config, backend)
+        if np.array_equal(reference, ref) and np.array_equal(average, avg3):
+            w = w + 25.0
+        return w
+
+    monkeypatch.setattr(fs, "compute_between_displacement", wrong_onto_center)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    middle, _, fields = fs.run_stage2(cfg)
+    assert middle == center == 1
+    assert "rec_03.h5 aligned onto the center through rec_01.h5" in caplog.text
+    # the composed field against the truth, beside the direct field (right this time)
+    direct = real(ref, avg3, cfg)
+    err, err_direct = (
+        np.median(np.hypot(*(w - truth[2])[8:-8, 8:-8].transpose(2, 0, 1)))
+        for w in (fields[2], direct)
+    )
+    # measured 0.45 against 0.45 px (the truth ignores each Stage-1 reference's own
+    # offset, so the direct field errs as much); two alignments in a row may add 0.1 px
+    assert err < err_direct + 0.1 and err < 1.0, (err, err_direct)
+    with np.load(cfg.output_root_path / "rec_03" / "w_to_reference.npz") as d:
+        np.testing.assert_allclose(np.stack([d["u"], d["v"]], -1), fields[2])
+    rec = fs._load_status(str(cfg.output_root_path / "rec_03"))["stage2"]
+    assert rec["via"] == "rec_01.h5" and rec["state"] == "done"
+    assert fs.stage2_alignment_quality(ref, avg3, fields[2])["credible"]

@@ -16,11 +16,28 @@ printed per method.  pyflowreg's ``compute_between_displacement`` runs with its
 ``SessionConfig`` defaults on the same averages when ``--pyflowreg-python`` exists.
 
     python benchmarks/stage2.py --sizes 64 128 256 --frames 30 --session 4
+
+Cross-day cases from a real mean image (``--mean FILE``, a 2-D ``.npy`` or TIFF; ``--rois``
+a neurofinder ``regions.json`` of its cells): a center session (the image plus noise) and
+five others, each the image seen through a known similarity transform plus a smooth
+deformation, with one day-to-day change each: ``shift`` (translation and deformation only),
+``dim`` (the whole image in grey levels 4-59, another vignetting), ``vignette`` (brightness
+falling to 35 % towards one corner, an offset), ``rot+3`` (rotated 3 degrees, scaled +2 %),
+``rot-3 cells`` (rotated -3 degrees, scaled -2 %, every cell's brightness multiplied by a
+random gain between 0.3 and 2.5: bright one day, dark the next), all with shot-like noise.
+Per case and method: endpoint error (px, mean over the overlap, 8 % border excluded) and,
+with ``--rois``, the cells' masks brought into the center's grid through the field against
+their true place: median centroid distance (px) and mean IoU.  ``--before FILE``: another
+``flowsession.py`` (e.g. ``git show main:flowsession.py > /tmp/before/flowsession.py``) adds
+its default method as a column.
+
+    python benchmarks/stage2.py --sizes --mean mean.npy --rois regions.json
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -141,6 +158,174 @@ def run_pyflowreg(python, averages, work):
         [python, "-c", PFR, src, dst, work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     return np.load(dst)
+
+
+CROSS_DAY = {
+    # name: (dx, dy, rotation deg, scale, appearance change)
+    "shift": (12.0, -7.0, 0.0, 1.0, None),
+    "dim": (-9.0, 14.0, 0.0, 1.0, "dim"),
+    "vignette": (6.0, 9.0, 0.0, 1.0, "vignette"),
+    "rot+3 dim": (-5.0, -11.0, 3.0, 1.02, "dim"),
+    "rot-3 cells": (8.0, 4.0, -3.0, 0.98, "cells"),
+}
+
+
+def load_days(path, n):
+    """``n`` images ``(n, H, W)`` of one plane: a 2-D image repeated, or the means of ``n``
+    consecutive blocks of a movie ``(T, H, W)`` (each day then has its own activity)."""
+    if path.endswith(".npy"):
+        img = np.load(path)
+    else:
+        import tifffile
+
+        img = tifffile.imread(path)
+    img = np.asarray(img, dtype=np.float64)
+    if img.ndim == 2:
+        return np.repeat(img[None], n, axis=0)
+    return np.stack([b.mean(axis=0) for b in np.array_split(img, n)])
+
+
+def roi_masks(path, shape):
+    """Boolean masks of a neurofinder ``regions.json`` (``coordinates`` as (row, col))."""
+    out = []
+    with open(path) as fh:
+        for region in json.load(fh):
+            c = np.asarray(region["coordinates"], dtype=int).reshape(-1, 2)
+            m = np.zeros(shape, dtype=bool)
+            ok = (c[:, 0] >= 0) & (c[:, 0] < shape[0]) & (c[:, 1] >= 0) & (c[:, 1] < shape[1])
+            m[c[ok, 0], c[ok, 1]] = True
+            if m.sum() >= 10:
+                out.append(m)
+    return out
+
+
+def day_map(shape, dx, dy, angle, scale, seed, amp=1.5):
+    """``S(q) - q``: where pixel q of the day's image samples the anatomy (center's grid)."""
+    from scipy.ndimage import gaussian_filter
+
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    cy, cx = (H - 1) / 2, (W - 1) / 2
+    t = math.radians(angle)
+    x0, y0 = xx - cx, yy - cy
+    sx = cx + scale * (math.cos(t) * x0 - math.sin(t) * y0) + dx
+    sy = cy + scale * (math.sin(t) * x0 + math.cos(t) * y0) + dy
+    rng = np.random.default_rng(seed)
+    smooth = [gaussian_filter(rng.standard_normal(shape), H / 8, mode="wrap") for _ in range(2)]
+    smooth = [amp * s / np.abs(s).max() for s in smooth]
+    return np.stack([sx + smooth[0] - xx, sy + smooth[1] - yy], axis=-1)
+
+
+def invert_map(d):
+    """The registration field w with ``S(p + w(p)) = p`` (fixed-point iteration)."""
+    from scipy.ndimage import map_coordinates
+
+    H, W = d.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    w = -d.copy()
+    for _ in range(30):
+        coords = [yy + w[..., 1], xx + w[..., 0]]
+        dq = np.stack(
+            [map_coordinates(d[..., k], coords, order=1, mode="nearest") for k in (0, 1)], -1
+        )
+        w = -dq
+    return w
+
+
+def sample(img, d, order=3):
+    from scipy.ndimage import map_coordinates
+
+    H, W = img.shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    return map_coordinates(img, [yy + d[..., 1], xx + d[..., 0]], order=order, mode="nearest")
+
+
+def appearance(img, change, rng, masks):
+    """One day's look: cells' brightness (before the warp, in the anatomy's grid)."""
+    if change != "cells" or not masks:
+        return img
+    gain = np.ones(img.shape)
+    for m in masks:
+        gain[m] = rng.uniform(0.3, 2.5)
+    from scipy.ndimage import gaussian_filter
+
+    return img * gaussian_filter(gain, 1.0)
+
+
+def lighting(img, change, rng):
+    """One day's light, focus and detector: vignetting, dimming, noise (in the day's grid)."""
+    from scipy.ndimage import gaussian_filter
+
+    H, W = img.shape
+    yy, xx = np.mgrid[0:H, 0:W] / max(H, W)
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    x = (img - lo) / (hi - lo)
+    photons = 200.0
+    if change == "dim":  # another focus and a light spot off the center
+        spot = np.exp(-((xx - 0.25) ** 2 + (yy - 0.7) ** 2) / 0.3)
+        x = gaussian_filter(x, 1.0) * (0.2 + 0.8 * spot)
+        photons = 40.0
+    elif change == "vignette":
+        x = x * (1.0 - 0.75 * np.hypot(xx, yy) / math.sqrt(2)) + 0.15
+    x = rng.poisson(np.clip(x, 0, None) * photons) / photons
+    if change == "dim":  # a few dozen grey levels, as a badly set detector gives
+        return np.clip(np.round(4 + 55 * x / max(np.percentile(x, 99.9), 1e-9)), 0, 255)
+    return 1000.0 * x
+
+
+def cross_day_session(days, masks, seed):
+    """Averages ``(N, H, W, 1)`` (the center first), true fields ``G`` and day maps ``D``
+    ``(N, H, W, 2)``, and the cases' names; ``days``: one real image per session."""
+    rng = np.random.default_rng(seed)
+    shape = days.shape[1:]
+    zero = np.zeros(shape + (2,))
+    avgs, G, D, names = [lighting(days[0], None, rng)], [zero], [zero], ["center"]
+    for k, (name, (dx, dy, angle, scale, change)) in enumerate(CROSS_DAY.items()):
+        d = day_map(shape, dx, dy, angle, scale, seed + k)
+        img = appearance(days[(k + 1) % len(days)], change, rng, masks)
+        avgs.append(lighting(sample(img, d), change, rng))
+        G.append(invert_map(d))
+        D.append(d)
+        names.append(name)
+    return np.stack(avgs)[..., None], np.stack(G), np.stack(D), names
+
+
+def cell_scores(w, g, d, masks):
+    """Median centroid distance (px) and mean IoU of the cells' masks brought into the
+    center's grid through ``w`` against their true place (cells inside the overlap only).
+
+    The day's image shows anatomy point ``S(q) = q + d(q)`` at its pixel q, so a cell's
+    mask ``m`` in the day's grid is ``m(S(q))`` and, brought back through w, ``m(S(p + w(p)))``;
+    the true field g gives back m itself."""
+    from scipy.ndimage import map_coordinates
+
+    H, W = w.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    qy, qx = yy + w[..., 1], xx + w[..., 0]
+    sx = qx + map_coordinates(d[..., 0], [qy, qx], order=1, mode="nearest")
+    sy = qy + map_coordinates(d[..., 1], [qy, qx], order=1, mode="nearest")
+    outside = (qx < 0) | (qx > W - 1) | (qy < 0) | (qy > H - 1)
+    inside = eval_mask(g, 2)
+    dist, iou = [], []
+    for m in masks:
+        if not inside[m].all():
+            continue
+        r0, r1 = np.nonzero(m.any(axis=1))[0][[0, -1]]
+        c0, c1 = np.nonzero(m.any(axis=0))[0][[0, -1]]
+        pad = 40
+        sl = (slice(max(r0 - pad, 0), r1 + pad + 1), slice(max(c0 - pad, 0), c1 + pad + 1))
+        back = map_coordinates(m.astype(np.float64), [sy[sl], sx[sl]], order=1, cval=0.0)
+        got = (back >= 0.5) & ~outside[sl]
+        ms = m[sl]
+        if not got.any():
+            dist.append(float("inf"))
+            iou.append(0.0)
+            continue
+        c_true = np.array(np.nonzero(ms)).mean(axis=1)
+        c_got = np.array(np.nonzero(got)).mean(axis=1)
+        dist.append(float(np.hypot(*(c_true - c_got))))
+        iou.append(float((ms & got).sum() / (ms | got).sum()))
+    return float(np.median(dist)), float(np.mean(iou))
 
 
 def main():

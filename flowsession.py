@@ -939,7 +939,10 @@ class FlowOptions:
         Per-channel Gaussian ``[sigma_row, sigma_col, sigma_time]``, >= 0; a triple is one row.
     reference_frames : None, sequence of int, or {'start': a, 'stop': b}
         0-based frames averaged into the reference; a dict means ``range(a, b)``.  None is
-        the toolbox default, MATLAB ``50:500`` (0-based 49..499) clipped to the recording.
+        the toolbox default, MATLAB ``50:500`` (0-based 49..499) clipped to the recording;
+        with ``stage1_method = "adaptive"`` that range is extended back from its end to at
+        least 50 frames (all frames of a shorter recording), so the reference does not drop
+        to a single frame at 50 frames.
     channel_normalization : {'joint', 'separate'}
     interpolation_method : {'cubic', 'linear', 'nearest'}
     output_format : {'HDF5', 'TIFF'}
@@ -9115,6 +9118,11 @@ def _reference_indices(opts, n_frames, name, quiet=False):
     if opts.reference_frames is None:
         first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
         idx = [i for i in range(first - 1, last) if i < n_frames]
+        if idx and opts.stage1_method == "adaptive":
+            # At least `first` frames (all of a shorter recording): the range is extended
+            # back from its end, so the reference changes smoothly with the length.
+            end = min(n_frames, last)
+            idx = list(range(max(0, min(first - 1, end - first)), end))
         if not idx and not quiet:
             log.info(
                 "%s: %d frames, fewer than the default reference range (frames 50-500); "
@@ -9429,6 +9437,16 @@ TEMPORAL_WARMUP = 4 * TEMPORAL_RADIUS
 #: The remainders' kernel reaching this many frames or more each side is summed by
 #: recursion (`_nb_temporal_recursive`), shorter ones term by term (`_nb_temporal_block`).
 TEMPORAL_RECURSIVE_REACH = 4
+#: A change of the translation between two frames beyond this many standard deviations
+#: of its estimation noise (both axes together) is motion, not noise: the smoothing
+#: stops there instead of averaging across it.
+TEMPORAL_JUMP = 4.5
+#: Frame pairs across a jump are left out of the motion statistics that set the smoothing
+#: while they are at most this share of all pairs.
+TEMPORAL_JUMP_SHARE = 0.2
+#: Lowest estimation noise (px) the jump test assumes: the translation is measured on a
+#: 1/20 px grid.
+TEMPORAL_NOISE_FLOOR = 0.05
 #: Translation tracking: fraction of each side under the cosine taper, and the sub-pixel
 #: grid (1 / upsample px) of the correlation peak.
 TRANSLATION_TAPER = 0.25
@@ -9887,6 +9905,12 @@ class _TemporalModel:
         self.d_sum = np.zeros(2)  # its squared frame-to-frame changes
         self.fuse = np.ones(2)  # weight of s (against the fields' own translation)
         self.noise = np.full(2, np.nan)  # noise variance of s per axis (NaN: unmeasured)
+        self.track_noise = np.full(2, np.nan)  # that of the fused translation
+        # The lag sums' share from frame pairs across a jump, left out of the statistics
+        # unless jumps are common (then they are the recording's kind of motion).
+        self.jump_sums = np.zeros((2, 3))
+        self.jump_counts = np.zeros(2)
+        self.last_jump = False
 
     def push(self, w, s, payloads, halves=None):
         """Fields ``w (n, H, W, 2)``, translations ``s (n, 2)``, one payload per frame and
@@ -9917,12 +9941,19 @@ class _TemporalModel:
             if self.last_d is not None:
                 self.d_sum += (d - self.last_d) ** 2
             self.last_d = d
+            jump = bool(self.last) and self._is_jump(cur[0] - self.last[-1][0])
             for lag in (1, 2):
                 if len(self.last) >= lag:
                     s0, r0 = self.last[-lag]
-                    self.sums[lag - 1, :2] += (cur[0] - s0) ** 2
-                    self.sums[lag - 1, 2] += _nb_subsampled_sq_diff(self.ring, cur[1], r0)
+                    sq = np.append(
+                        (cur[0] - s0) ** 2, _nb_subsampled_sq_diff(self.ring, cur[1], r0)
+                    )
+                    self.sums[lag - 1] += sq
                     self.counts[lag - 1] += 1
+                    if jump or (lag == 2 and self.last_jump):
+                        self.jump_sums[lag - 1] += sq
+                        self.jump_counts[lag - 1] += 1
+            self.last_jump = jump
             self.moments += (cur[0], cur[0] ** 2)
             if halves is not None and np.isfinite(halves[k]).all():
                 self.split_sum += np.asarray(halves[k], dtype=np.float64) ** 2
@@ -9930,9 +9961,18 @@ class _TemporalModel:
             self.last = (self.last + [cur])[-2:]
             self.items.append([self.pushed, np.concatenate([cur[0], mean]), slots[k], payloads[k]])
             self.pushed += 1
+        self._update_decay()  # the noise the next frames' jumps are judged by
         if self.pushed < self.warmup:
             return []
         return self._release(self.pushed - 1 - self.radius)
+
+    def _is_jump(self, diff):
+        """Whether a change ``diff (2,)`` of the translation between two frames is a jump:
+        beyond ``TEMPORAL_JUMP`` standard deviations of its estimation noise."""
+        var = np.maximum(self.track_noise, TEMPORAL_NOISE_FLOOR**2)
+        if not np.isfinite(var).all():
+            return False
+        return bool((np.asarray(diff) ** 2 / (2.0 * var)).sum() > TEMPORAL_JUMP**2)
 
     def _slot(self, shape):
         """A free slot of the ring of remainders (the ring grows when full)."""
@@ -9966,10 +10006,13 @@ class _TemporalModel:
         }
 
     def _update_decay(self):
-        if self.counts[1] == 0:
+        sums, counts = self.sums, self.counts
+        if self.jump_counts[0] <= TEMPORAL_JUMP_SHARE * counts[0]:
+            sums, counts = sums - self.jump_sums, counts - self.jump_counts
+        if counts[1] == 0:
             return
-        v1 = self.sums[0] / self.counts[0]
-        v2 = self.sums[1] / self.counts[1]
+        v1 = sums[0] / counts[0]
+        v2 = sums[1] / counts[1]
         q_r, r_r = v2[2] - v1[2], v1[2] - 0.5 * v2[2]
         if self.n_split >= 4:
             # Each noise estimate errs upwards in its own case: the half-frame one by
@@ -9985,6 +10028,7 @@ class _TemporalModel:
             self.fuse = r_m / (r_m + np.maximum(noise, 1e-12))
             self.noise = noise
             fused = noise * r_m / (noise + r_m)
+            self.track_noise = fused
             self.decay[:2] = [_smoothing_decay(q, r) for q, r in zip(steps, fused)]
             n = self.pushed
             var = self.moments[1] / n - (self.moments[0] / n) ** 2 - noise
@@ -9995,9 +10039,26 @@ class _TemporalModel:
             keep = float(np.clip(1.0 - np.max(jumpy), 0.0, 1.0))
         else:
             self.noise = v1[:2] - 0.5 * v2[:2]
+            self.track_noise = self.noise
             self.decay[:2] = [_smoothing_decay(v2[k] - v1[k], self.noise[k]) for k in (0, 1)]
             keep = 1.0
         self.decay[2] = keep * _smoothing_decay(q_r, r_r)
+        # Statistics from fewer than `warmup` frames (a short recording) are uncertain:
+        # the smoothing shrinks towards none in proportion.
+        self.decay *= min(1.0, max(self.pushed - 1, 0) / max(self.warmup - 1, 1))
+
+    def _segments(self, tr):
+        """Segment number ``(m,)`` of each of consecutive frames with translations ``tr (m,
+        2)``: a new segment starts where the translation changes between two frames by more
+        than its estimation noise allows (``TEMPORAL_JUMP`` standard deviations of the
+        difference, both axes together)."""
+        seg = np.zeros(len(tr), np.int64)
+        var = np.maximum(self.track_noise, TEMPORAL_NOISE_FLOOR**2)
+        if len(tr) < 2 or not np.isfinite(var).all():
+            return seg
+        z = ((np.diff(tr, axis=0) ** 2) / (2.0 * var)).sum(axis=1)
+        seg[1:] = np.cumsum(z > TEMPORAL_JUMP**2)
+        return seg
 
     def _release(self, last):
         """`_Release` blocks for frames ``released .. last``; frees the ring slots that no
@@ -10015,11 +10076,18 @@ class _TemporalModel:
             kern = self.decay[:, None, None] ** lag  # (3, n, m); 0 ** 0 == 1
             kern[:, lag > R] = 0.0
             kern[kern < 1e-4] = 0.0  # frames that would not change the field
-            total = kern.sum(axis=2, keepdims=True)
-            kern /= total
             near = self.items[lo - first : hi - first + 1]
             tr = np.array([it[1] for it in near])  # (m, 4): s, m
             tr = self.fuse * tr[:, :2] + (1.0 - self.fuse) * tr[:, 2:]
+            seg = self._segments(tr)
+            cut = False
+            if seg[-1] > 0:
+                # No smoothing across a jump: neighbours beyond it weigh nothing.
+                other = seg[ts - lo][:, None] != seg[None, :]
+                cut = bool((kern[2][other] > 0).any())
+                kern[:, other] = 0.0
+            total = kern.sum(axis=2, keepdims=True)
+            kern /= total
             s = np.stack([kern[0] @ tr[:, 0], kern[1] @ tr[:, 1]], axis=1)  # (n, 2)
             slots = np.array([it[2] for it in near], dtype=np.int64)
             payloads = [self.items[t - first][3] for t in ts]
@@ -10031,7 +10099,7 @@ class _TemporalModel:
                     s,
                     payloads,
                     float(self.decay[2]),
-                    reach,
+                    -1 if cut else reach,
                     int(ts[0] - lo),
                     1.0 / total[2, :, 0],
                 )

@@ -7302,3 +7302,99 @@ def test_stage2_aligns_a_lost_recording_through_another(tmp_path, monkeypatch, c
     rec = fs._load_status(str(cfg.output_root_path / "rec_03"))["stage2"]
     assert rec["via"] == "rec_01.h5" and rec["state"] == "done"
     assert fs.stage2_alignment_quality(ref, avg3, fields[2])["credible"]
+
+
+###############################################################################
+### Sudden motion: the temporal model keeps jumps; the reference by length
+###############################################################################
+
+
+def _jumping_fields(T, H, W, jumps, seed):
+    # Fields of a still recording with 0.1 px of noise (translation and field) and the
+    # rigid offsets ``jumps`` {first frame: (dx, dy)} added from that frame on, and a
+    # non-rigid pattern of 0.5 px that flips sign at the first jump.
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((T, 2))
+    for t0, d in jumps.items():
+        truth[t0:] += d
+    pattern = 0.5 * np.stack(np.meshgrid(np.linspace(-1, 1, W), np.linspace(-1, 1, H)), -1)
+    pattern -= pattern.mean(axis=(0, 1))
+    sign = np.where(np.arange(T) < min(jumps), 1.0, -1.0)
+    field = truth[:, None, None] + sign[:, None, None, None] * pattern
+    w = field + rng.normal(0, 0.1, (T, H, W, 2))
+    s = truth + rng.normal(0, 0.1, (T, 2))
+    return w, s, field
+
+
+def test_temporal_model_stops_smoothing_at_a_jump():
+    # A 3 px jump at frame 80 of an otherwise still recording: smoothing across it (the
+    # model before jumps were kept) leaves about half the jump, 1.5 px, on the frames next
+    # to it; kept, each side is smoothed on its own and the error stays at the noise
+    # level.  0.25 px: 2.5x the per-frame noise, far below what averaging across leaves.
+    T, H, W = 160, 6, 5
+    w, s, field = _jumping_fields(T, H, W, {80: (3.0, -1.0)}, seed=11)
+    f = np.stack([x[1] for x in _temporal(w, s)])
+    err = np.abs(f - field).max(axis=(1, 2, 3))
+    assert err[76:84].max() < 0.25
+    # Away from the jump the noise is still smoothed (< 30 % of 0.1 px per axis left).
+    assert np.abs(f - field)[:60].std() < 0.03
+
+
+def test_temporal_model_keeps_a_twitch_of_two_frames():
+    # A 3 px twitch on frames 100 and 101 comes through on both frames (smoothed across,
+    # it would be spread thin over its neighbours and nearly vanish).
+    T, H, W = 160, 6, 5
+    w, s, field = _jumping_fields(T, H, W, {100: (2.0, 2.2), 102: (-2.0, -2.2)}, seed=12)
+    f = np.stack([x[1] for x in _temporal(w, s)])
+    err = np.abs(f - field).max(axis=(1, 2, 3))
+    assert err[97:105].max() < 0.35  # two frames of noise averaged at most: 0.1 / sqrt(2) x 5
+    assert np.abs(f - field)[:80].std() < 0.03
+
+
+@pytest.mark.parametrize(
+    ("n", "first", "end"),
+    [
+        (49, 0, 49),
+        (50, 0, 50),
+        (51, 1, 51),
+        (60, 10, 60),
+        (98, 48, 98),
+        (99, 49, 99),
+        (600, 49, 500),
+    ],
+)
+def test_default_reference_grows_smoothly_with_the_recording(n, first, end):
+    # The default reference (stage1_method "adaptive") averages at least 50 frames when
+    # there are: frames 50-500 (1-based) extended back from their end.  A 50-frame
+    # recording used to get one frame (frame 50) while a 49-frame one got all 49.
+    opts = fs.FlowOptions()
+    assert fs._reference_indices(opts, n, "r", quiet=True) == list(range(first, end))
+    # The toolbox keeps its own rule: frames 50-500, or all frames below 50.
+    toolbox = fs._reference_indices(opts.replace(stage1_method="matlab"), n, "r", quiet=True)
+    assert toolbox == (list(range(49, min(n, 500))) if n >= 50 else list(range(n)))
+
+
+def test_default_reference_size_has_no_cliff():
+    opts = fs.FlowOptions()
+    sizes = [len(fs._reference_indices(opts, n, "r", quiet=True)) for n in range(1, 700)]
+    assert all(0 <= b - a <= 1 for a, b in zip(sizes, sizes[1:]))
+
+
+def test_temporal_model_keeps_the_motion_of_a_short_recording():
+    # 30 frames that move by 2 px independently every frame plus a 7 px jump, measured
+    # with 0.1 px of noise, and half-frame differences that read large (unreliable on
+    # such motion): the noise estimate takes the motion for noise.  Statistics from 30
+    # frames are too uncertain to smooth 7 px away; the model before this rule smoothed
+    # it to a mean error of 0.38 px.  0.3 px: three times the noise.
+    rng = np.random.default_rng(5)
+    T, H, W = 30, 6, 5
+    truth = rng.normal(0, 2.0, (T, 2))
+    truth[15:] += (6.0, -4.0)
+    s = truth + rng.normal(0, 0.1, (T, 2))
+    w = truth[:, None, None] + rng.normal(0, 0.1, (T, H, W, 2))
+    halves = np.full((T, 2), np.nan)
+    halves[::4] = rng.normal(0, 3.0, (len(halves[::4]), 2))
+    model = fs._TemporalModel()
+    blocks = model.push(w, s, list(range(T)), halves) + model.flush()
+    f = np.concatenate([model.fields(b) for b in blocks]).mean(axis=(2, 3))
+    assert np.abs(f - truth).mean() < 0.3

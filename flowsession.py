@@ -9116,13 +9116,7 @@ def _reference_indices(opts, n_frames, name, quiet=False):
 
     ``quiet``: no note about a short recording (the checks before Stage 1 run)."""
     if opts.reference_frames is None:
-        first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
-        idx = [i for i in range(first - 1, last) if i < n_frames]
-        if idx and opts.stage1_method == "adaptive":
-            # At least `first` frames (all of a shorter recording): the range is extended
-            # back from its end, so the reference changes smoothly with the length.
-            end = min(n_frames, last)
-            idx = list(range(max(0, min(first - 1, end - first)), end))
+        idx = _stage1_method(opts, name, quiet=True).default_reference(n_frames)
         if not idx and not quiet:
             log.info(
                 "%s: %d frames, fewer than the default reference range (frames 50-500); "
@@ -9329,6 +9323,13 @@ class _ToolboxMethod:
     def chunk_frames(self, chunk, H, W):
         """Frames per chunk of work on the pool (``chunk``: the run's default)."""
         return chunk
+
+    def default_reference(self, n_frames):
+        """0-based default reference frames of a recording of ``n_frames`` frames: MATLAB
+        ``50:500`` (``DEFAULT_REFERENCE_RANGE``) clipped to the recording (empty below 50
+        frames: then all frames are used)."""
+        first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
+        return [i for i in range(first - 1, last) if i < n_frames]
 
     def start(self, run, c_ref, ref_raw):
         """Called with the first batch: ``c_ref`` is the reference in preprocessed units."""
@@ -10166,6 +10167,7 @@ class _AdaptiveMethod(_ToolboxMethod):
     """``stage1_method = "adaptive"`` (the default): where Stage 1 departs from the toolbox.
 
     * ``alpha`` adapted to the recording's noise (:func:`adaptive_alpha`);
+    * the default reference frames extended to at least 50 (``default_reference``);
     * the translation of every frame tracked by cross-correlation
       (:class:`_Translations`) and the fields made consistent in time by the
       temporal model (:class:`_TemporalModel`): a frame is warped once the model has
@@ -10185,6 +10187,17 @@ class _AdaptiveMethod(_ToolboxMethod):
     def options(self, opts, frames, span, name):
         """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
         return _adapted_options(opts, frames, span, name)
+
+    def default_reference(self, n_frames):
+        """The toolbox's range extended back from its end to at least 50 frames (all frames
+        of a shorter recording), so the reference changes smoothly with the length instead
+        of dropping to one frame at 50 frames."""
+        idx = super().default_reference(n_frames)
+        if idx:
+            first, last = DEFAULT_REFERENCE_RANGE
+            end = min(n_frames, last)
+            idx = list(range(max(0, min(first - 1, end - first)), end))
+        return idx
 
     def chunk_frames(self, chunk, H, W):
         # Longer chunks: each chunk waits for its slowest frame several times (flows,

@@ -11105,6 +11105,20 @@ STAGE2_FLOW = {"a_smooth": 0.5, "a_data": 0.75}
 #: 64-px frames highest), matched synthetic sessions 0.85-0.98 after alignment.
 STAGE2_MIN_CORRELATION = 0.6
 STAGE2_MIN_OVERLAP = 0.25
+#: On structure images the best chance correlation of unrelated content falls with
+#: the overlap's pixel count n as about STAGE2_CHANCE / sqrt(n) (measured: 0.35-0.56
+#: at 1700-2400 px of 64-px blob frames, 0.16-0.20 at 9000-15000 px of 128-px ones,
+#: 0.05-0.14 on 512-px real mean images), so the threshold is that, between
+#: STAGE2_MIN_CORRELATION_LARGE and STAGE2_MIN_CORRELATION: a large frame's match
+#: that another day's appearance lowers to 0.4 is not given up.
+STAGE2_CHANCE = 24.0
+STAGE2_MIN_CORRELATION_LARGE = 0.3
+
+
+def _stage2_min_correlation(n_pixels):
+    """The correlation a match over ``n_pixels`` of overlap must reach to be credible."""
+    chance = STAGE2_CHANCE / math.sqrt(max(n_pixels, 1))
+    return min(STAGE2_MIN_CORRELATION, max(STAGE2_MIN_CORRELATION_LARGE, chance))
 
 
 def _stage2_sigma_alpha(config):
@@ -11129,7 +11143,30 @@ STAGE2_LOCAL_FLOOR = 0.25
 STAGE2_LOCAL_CLIP = 3.0
 
 
+#: The last few structure images (read-only), by the digest of their average: Stage 2
+#: compares the center's with every recording's, the rigid step, the global model, the
+#: flow and the checks each with the same ones.
+_STAGE2_STRUCTURES = {}
+_STAGE2_STRUCTURES_LOCK = threading.Lock()
+
+
 def _stage2_structure(avg, sigma=STAGE2_RIGID_SIGMA):
+    """``_stage2_structure_of`` of ``avg``, computed once for the last few averages."""
+    a = np.asarray(avg, dtype=np.float64)
+    key = (_array_digest(a), a.shape, float(sigma))
+    with _STAGE2_STRUCTURES_LOCK:
+        out = _STAGE2_STRUCTURES.get(key)
+    if out is None:
+        out = _stage2_structure_of(a, sigma)
+        out.flags.writeable = False
+        with _STAGE2_STRUCTURES_LOCK:
+            while len(_STAGE2_STRUCTURES) >= 8:
+                _STAGE2_STRUCTURES.pop(next(iter(_STAGE2_STRUCTURES)))
+            _STAGE2_STRUCTURES[key] = out
+    return out
+
+
+def _stage2_structure_of(avg, sigma):
     """``avg`` compared on structure: lightly smoothed (``sigma``), then
     per channel the local mean removed and the result divided by the local standard
     deviation (Gaussian window ``STAGE2_LOCAL_SIGMA``), clipped to +-``STAGE2_LOCAL_CLIP``.
@@ -11239,6 +11276,11 @@ STAGE2_GLOBAL_MODEL = "similarity"
 STAGE2_GLOBAL_GAIN = 0.01
 STAGE2_GLOBAL_MAX_ANGLE = 10.0
 STAGE2_GLOBAL_MAX_SCALE = 0.1
+#: Smaller side (px) below which no global model is fitted: on 64-px synthetic sessions
+#: a smooth deformation passed for a 2.5-2.9 degree rotation and the flow after it
+#: ended worse (0.85 against 0.74 px, benchmarks/stage2.py); from 128 px it helps or
+#: is neutral.
+STAGE2_GLOBAL_MIN_SIZE = 128
 
 
 def _stage2_structure_sum(avg, weight):
@@ -11267,7 +11309,10 @@ def _gauss_newton_affine(f, g, M, t, model, iterations=20):
 
     H, W = f.shape
     M, t = M.copy(), np.asarray(t, dtype=np.float64).copy()
-    factors = [k for k in (4, 2, 1) if min(H, W) / k >= 32] or [1]
+    # levels of 32 px and more; from 256 px the flow after it refines what a half-
+    # resolution fit leaves (and the full-resolution level would double the time)
+    finest = 2 if min(H, W) >= 256 else 1
+    factors = [k for k in (4, 2, 1) if min(H, W) / k >= 32 and k >= finest] or [1]
     for k in factors:
         if k > 1:
             fl, gl = (gaussian_filter(a, 0.5 * k)[::k, ::k] for a in (f, g))
@@ -11319,7 +11364,8 @@ def stage2_global_transform(reference_average, average, dx, dy, weight=None, mod
     lighting does not pull it) by robust Gauss-Newton on a pyramid, and keeps it only
     where it stays within ``STAGE2_GLOBAL_MAX_ANGLE`` degrees and a scale change of
     ``STAGE2_GLOBAL_MAX_SCALE`` and raises their overlap correlation over the rigid
-    shift's by ``STAGE2_GLOBAL_GAIN``.
+    shift's by ``STAGE2_GLOBAL_GAIN``; frames smaller than ``STAGE2_GLOBAL_MIN_SIZE``
+    get none.
 
     Returns
     -------
@@ -11328,7 +11374,7 @@ def stage2_global_transform(reference_average, average, dx, dy, weight=None, mod
     """
     model = STAGE2_GLOBAL_MODEL if model is None else model
     M0, t0 = np.eye(2), np.array([dx, dy], dtype=np.float64)
-    if model == "translation":
+    if model == "translation" or min(np.shape(reference_average)[:2]) < STAGE2_GLOBAL_MIN_SIZE:
         return M0, t0, False
     f, g = (_stage2_structure_sum(a, weight) for a in (reference_average, average))
     fit = _gauss_newton_affine(f, g, M0, t0, model)
@@ -11392,13 +11438,13 @@ def stage2_alignment_quality(reference_average, average, w, weight=None):
 
         before, after = weighted(f, g, everywhere), weighted(f, reg, ok)
     overlap = float(ok.mean())
-    credible = bool(
-        np.isfinite(after) and after >= STAGE2_MIN_CORRELATION and overlap >= STAGE2_MIN_OVERLAP
-    )
+    least = _stage2_min_correlation(int(ok.sum()))
+    credible = bool(np.isfinite(after) and after >= least and overlap >= STAGE2_MIN_OVERLAP)
     return {
         "correlation_before": before,
         "correlation_after": after,
         "overlap": overlap,
+        "min_correlation": least,
         "credible": credible,
     }
 
@@ -11418,9 +11464,11 @@ def compute_between_displacement(reference_average, average, config, backend=Non
 
     * ``"flowsession"`` (default): the rigid step of ``stage2_rigid_shift``
       (sub-pixel to ``1 / cc_upsample`` px, candidates checked by their overlap
-      correlation), then variational optical flow started from that shift between
-      the averages smoothed with ``sigma_smooth`` (default 1) and scaled to [0, 1],
-      with ``alpha_between`` (default 5), ``iterations_between``,
+      correlation), the global model of ``stage2_global_transform`` (a similarity
+      transform where it helps), then variational optical flow started from that
+      model between the averages' structure images (``_stage2_structure`` with
+      ``sigma_smooth``, default 1, mapped to [0, 1]), the model composed into the
+      returned field, with ``alpha_between`` (default 5), ``iterations_between``,
       ``stage2_constancy_assumption``, the robust smoothness and data terms
       (``a_smooth`` 0.5, ``a_data`` 1), true grid spacing (no MATLAB quirks), and a
       pyramid that stops at ``STAGE2_COARSEST`` px.
@@ -11655,7 +11703,8 @@ def _stage2_doubt(q):
     """Why ``stage2_alignment_quality`` found an alignment not credible, in words."""
     if q["overlap"] < STAGE2_MIN_OVERLAP:
         return f"overlap {q['overlap']:.0%} < {STAGE2_MIN_OVERLAP:.0%} of the frame"
-    return f"correlation with the center {q['correlation_after']:.2f} < {STAGE2_MIN_CORRELATION}"
+    least = q.get("min_correlation", STAGE2_MIN_CORRELATION)
+    return f"correlation with the center {q['correlation_after']:.2f} < {least:.2f}"
 
 
 def _check_averages_vary(files, avgs):
@@ -12045,6 +12094,9 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
             "stage2_corr_before": _nan_to_none(quality[i]["correlation_before"]),
             "stage2_corr_after": _nan_to_none(quality[i]["correlation_after"]),
             "stage2_overlap": _nan_to_none(quality[i]["overlap"]),
+            "stage2_min_correlation": _nan_to_none(
+                quality[i].get("min_correlation", STAGE2_MIN_CORRELATION)
+            ),
         }
         rec.update({f"stage2_{k}": _nan_to_none(v[i]) for k, v in extra.items()})
         # the path of the Stage-2 field: through another recording where the direct
@@ -12768,7 +12820,9 @@ QUALITY_THRESHOLDS = {
         "min",
         STAGE2_MIN_CORRELATION,
         "Pearson r of the aligned average with the center's where the field maps inside "
-        "the frame (Stage 2's credibility check; weighted by flow_options.weight)",
+        "the frame (Stage 2's credibility check; weighted by flow_options.weight); on "
+        "large frames the check's lower threshold for the overlap's size, "
+        "stage2_min_correlation, applies",
     ),
     "aligned_overlap": (
         "stage2_overlap",
@@ -12824,6 +12878,8 @@ def _quality_flags(summary):
     """Names of the `QUALITY_THRESHOLDS` a summary fails (a missing value fails nothing)."""
     flags = []
     for name, (key, kind, limit, _) in QUALITY_THRESHOLDS.items():
+        if name == "aligned_to_center" and summary.get("stage2_min_correlation") is not None:
+            limit = summary["stage2_min_correlation"]  # Stage 2's own threshold for its frame
         value = summary.get(key)
         if value is not None and (value < limit if kind == "min" else value > limit):
             flags.append(name)

@@ -7070,6 +7070,16 @@ def test_stage2_credibility_judges_the_weighted_channels_only(tmp_path):
     assert in_mask == [False, True, False]
 
 
+def test_quality_flags_use_the_threshold_stage2_judged_by():
+    # Stage 2 accepts a lower correlation on a large frame (its threshold follows the
+    # overlap's size); quality.json must not flag what Stage 2 found credible, and must
+    # flag what it did not.
+    rec = {"stage2_corr_after": 0.5, "stage2_overlap": 0.9, "stage2_min_correlation": 0.4}
+    assert "aligned_to_center" not in fs._quality_flags(rec)
+    assert "aligned_to_center" in fs._quality_flags({**rec, "stage2_min_correlation": 0.55})
+    assert "aligned_to_center" in fs._quality_flags({"stage2_corr_after": 0.5})  # 0.6
+
+
 def test_quality_flags_the_recording_stage2_found_not_credible(tmp_path):
     cfg = _foreign_session(tmp_path)
     fs.run_all_stages(cfg)
@@ -7259,7 +7269,7 @@ def test_stage2_recovers_a_rotated_scaled_relit_day(tmp_path, angle, scale):
 def test_stage2_global_model_is_not_kept_for_a_pure_shift(tmp_path):
     # Nothing to rotate: the fit may not raise the correlation by STAGE2_GLOBAL_GAIN,
     # so the field stays the rigid shift plus the flow (the toolbox-like path).
-    fixed, moving = pair((96, 96), 5, (7.25, -3.5))
+    fixed, moving = pair((160, 160), 5, (7.25, -3.5))
     M, t, kept = fs.stage2_global_transform(fixed, moving, 7.25, -3.5)
     assert not kept
     np.testing.assert_array_equal(M, np.eye(2))
@@ -7302,6 +7312,31 @@ def test_stage2_aligns_a_lost_recording_through_another(tmp_path, monkeypatch, c
     rec = fs._load_status(str(cfg.output_root_path / "rec_03"))["stage2"]
     assert rec["via"] == "rec_01.h5" and rec["state"] == "done"
     assert fs.stage2_alignment_quality(ref, avg3, fields[2])["credible"]
+    fs.run_stage3(cfg)
+    report = json.loads((cfg.final_results_path / "quality.json").read_text())
+    vias = {name: r["stage2_via"] for name, r in report["recordings"].items()}
+    assert vias == {"rec_01": None, "rec_02": None, "rec_03": "rec_01.h5"}, vias
+    with np.load(cfg.final_results_path / "final_valid_idx.npz") as d:
+        np.testing.assert_array_equal(d["in_session_mask"], [True, True, True])
+
+
+def test_stage2_half_the_cells_shared_is_credible_on_a_large_frame():
+    # Another day where only half the scene's content is shared (the rest of the cells
+    # silent or new): correctly aligned it correlates about 0.5 with the center, far above
+    # what unrelated content reaches on a 192-px frame at its best shift (< 0.2), so it is
+    # credible; a fixed 0.6 gave it up.
+    shift = (6.25, -4.5)
+    center = 0.5 * blobs((192, 192), 3) + 0.5 * blobs((192, 192), 5)
+    day = 0.5 * blobs((192, 192), 3, shift) + 0.5 * blobs((192, 192), 6, shift)
+    w = np.empty((192, 192, 2))
+    w[..., 0], w[..., 1] = shift
+    q = fs.stage2_alignment_quality(center, day, w)
+    assert 0.45 < q["correlation_after"] < fs.STAGE2_MIN_CORRELATION and q["credible"], q
+    other = blobs((192, 192), 77)
+    dx, dy, corr, _ = fs.stage2_rigid_shift(center, other)
+    w[..., 0], w[..., 1] = dx, dy
+    q = fs.stage2_alignment_quality(center, other, w)
+    assert corr < 0.2 and not q["credible"], (corr, q)
 
 
 ###############################################################################

@@ -17,21 +17,22 @@ printed per method.  pyflowreg's ``compute_between_displacement`` runs with its
 
     python benchmarks/stage2.py --sizes 64 128 256 --frames 30 --session 4
 
-Cross-day cases from a real mean image (``--mean FILE``, a 2-D ``.npy`` or TIFF; ``--rois``
-a neurofinder ``regions.json`` of its cells): a center session (the image plus noise) and
-five others, each the image seen through a known similarity transform plus a smooth
-deformation, with one day-to-day change each: ``shift`` (translation and deformation only),
-``dim`` (the whole image in grey levels 4-59, another vignetting), ``vignette`` (brightness
-falling to 35 % towards one corner, an offset), ``rot+3`` (rotated 3 degrees, scaled +2 %),
-``rot-3 cells`` (rotated -3 degrees, scaled -2 %, every cell's brightness multiplied by a
-random gain between 0.3 and 2.5: bright one day, dark the next), all with shot-like noise.
-Per case and method: endpoint error (px, mean over the overlap, 8 % border excluded) and,
-with ``--rois``, the cells' masks brought into the center's grid through the field against
-their true place: median centroid distance (px) and mean IoU.  ``--before FILE``: another
-``flowsession.py`` (e.g. ``git show main:flowsession.py > /tmp/before/flowsession.py``) adds
-its default method as a column.
+Cross-day cases from a real recording (``--mean FILE``: a movie ``(T, H, W)`` or one image,
+``.npy`` or TIFF; ``--rois``: a neurofinder ``regions.json`` of its cells): six sessions, each
+the mean of its own sixth of the movie (its own activity), the center as it is and five others
+seen through a known similarity transform plus a smooth deformation of 1.5 px, with one
+day-to-day change each: ``shift`` (none), ``dim`` (grey levels 4-59 up to the 99.9th
+percentile under a light spot, defocused), ``vignette`` (brightness falling to 25 % towards
+one corner, an offset), ``rot+3 dim`` (rotated 3 degrees, scaled +2 %, dim), ``rot-3 cells``
+(rotated -3 degrees, scaled -2 %, every cell's brightness multiplied by a random gain between
+0.3 and 2.5: bright one day, dark the next), all with shot noise.  Per case and method:
+endpoint error (px, mean over the overlap, 8 % border excluded) and, with ``--rois``, the
+cells' masks brought into the center's grid through the field against their true place:
+median centroid distance (px) and mean IoU.  ``--before FILE``: another ``flowsession.py``
+(e.g. ``git show main:flowsession.py > /tmp/before/flowsession.py``) adds its default method
+as a column; ``translation+flow`` is the default method without its global model.
 
-    python benchmarks/stage2.py --sizes --mean mean.npy --rois regions.json
+    python benchmarks/stage2.py --sizes --mean movie.npy --rois regions.json --before b/flowsession.py
 """
 
 import argparse
@@ -328,9 +329,110 @@ def cell_scores(w, g, d, masks):
     return float(np.median(dist)), float(np.mean(iou))
 
 
+def load_before(path):
+    """The module of another ``flowsession.py``, imported by name as ``flowsession_before``
+    from a copy beside it (Numba's cache needs a module it can import again)."""
+    import importlib
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(path))
+    copy = os.path.join(folder, "flowsession_before.py")
+    if not os.path.exists(copy) or open(copy, "rb").read() != open(path, "rb").read():
+        shutil.copyfile(path, copy)
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("flowsession_before")
+    finally:
+        sys.path.remove(folder)
+
+
+def cross_day_fields(averages, cfg, before=None):
+    """Fields ``(N, H, W, 2)`` per method on the cross-day session, credibility, seconds."""
+    variants = {"rigid": None}
+    if before is not None:
+        variants["before"] = before
+    variants.update({"translation+flow": "translation", "flowsession": fs, "matlab": "matlab"})
+    out, credible, seconds = {}, {}, {}
+    for name, how in variants.items():
+        t0 = time.monotonic()
+        fields, ok = [np.zeros(averages.shape[1:3] + (2,))], [True]
+        for avg in averages[1:]:
+            if how is None:
+                dx, dy, _, _ = fs.stage2_rigid_shift(averages[0], avg, cfg.cc_upsample)
+                w = np.empty(avg.shape[:2] + (2,))
+                w[..., 0], w[..., 1] = dx, dy
+            elif how == "matlab":
+                w = fs.compute_between_displacement(
+                    averages[0], avg, dataclasses.replace(cfg, stage2_method="matlab")
+                )
+            elif how == "translation":
+                model, fs.STAGE2_GLOBAL_MODEL = fs.STAGE2_GLOBAL_MODEL, "translation"
+                try:
+                    w = fs.compute_between_displacement(averages[0], avg, cfg)
+                finally:
+                    fs.STAGE2_GLOBAL_MODEL = model
+            else:
+                c = how.SessionConfig(root=cfg.root, pattern="*.none")
+                w = how.compute_between_displacement(averages[0], avg, c)
+            fields.append(w)
+            ok.append(fs.stage2_alignment_quality(averages[0], avg, w)["credible"])
+        out[name], credible[name] = np.stack(fields), ok
+        seconds[name] = time.monotonic() - t0
+    return out, credible, seconds
+
+
+def cross_day(a):
+    """The cross-day table: per case and method, endpoint error / centroid / IoU."""
+    days = load_days(a.mean, 1 + len(CROSS_DAY))
+    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+    averages, G, D, names = cross_day_session(days, masks, a.cross_seed)
+    work = tempfile.mkdtemp(prefix="fs-stage2-")
+    cfg = fs.SessionConfig(root=work, pattern="*.none")
+    before = load_before(a.before) if a.before else None
+    fields, credible, seconds = cross_day_fields(averages, cfg, before)
+    pfr = run_pyflowreg(a.pyflowreg_python, averages, work)
+    if pfr is not None:
+        fields["pyflowreg"] = pfr
+        credible["pyflowreg"] = [
+            fs.stage2_alignment_quality(averages[0], avg, w)["credible"]
+            for avg, w in zip(averages, pfr)
+        ]
+    methods = list(fields)
+    H, W = averages.shape[1:3]
+    print(
+        f"Cross-day cases from {os.path.basename(a.mean)} ({H}x{W}, {len(masks)} cells): "
+        "endpoint error px / median cell centroid error px / mean cell IoU; "
+        "* = flagged not credible"
+    )
+    print(f"{'case':12}" + "".join(f"{n:>24}" for n in methods))
+    border = max(4, round(0.08 * min(H, W)))
+    totals = {n: [] for n in methods}
+    for k in range(1, len(averages)):
+        cells = []
+        for n in methods:
+            e = epe(fields[n][k], G[k], eval_mask(G[k], border))
+            c, i = cell_scores(fields[n][k], G[k], D[k], masks) if masks else (np.nan, np.nan)
+            totals[n].append((e, c, i))
+            flag = " " if credible[n][k] else "*"
+            cells.append(f"{e:>9.2f} {c:>6.2f} {i:>5.3f}{flag}")
+        print(f"{names[k]:12}" + "".join(f"{x:>24}" for x in cells), flush=True)
+    print(
+        f"{'mean':12}"
+        + "".join(
+            f"{'{:>9.2f} {:>6.2f} {:>5.3f} '.format(*np.mean(totals[n], axis=0)):>24}"
+            for n in methods
+        )
+    )
+    print(
+        f"{'seconds':12}"
+        + "".join(f"{seconds.get(n, float('nan')):>23.1f} " for n in methods)
+        + f"  ({len(averages) - 1} alignments)"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256])
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--session", type=int, default=4)
     ap.add_argument("--seed", type=int, default=3)
@@ -340,7 +442,15 @@ def main():
         "--pyflowreg-python",
         default=os.path.expanduser("~/.cache/flowsession-bench/pfr-venv/bin/python"),
     )
+    ap.add_argument("--mean", help="a real mean image or movie for the cross-day cases")
+    ap.add_argument("--rois", help="neurofinder regions.json of the cells of --mean")
+    ap.add_argument("--before", help="another flowsession.py whose default is compared")
+    ap.add_argument("--cross-seed", type=int, default=1)
     a = ap.parse_args()
+    if a.mean:
+        cross_day(a)
+    if not a.sizes:
+        return
     work = tempfile.mkdtemp(prefix="fs-stage2-")
     cfg = fs.SessionConfig(root=work, pattern="*.none")
     names = list(METHODS) + ["pyflowreg"]

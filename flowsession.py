@@ -2094,6 +2094,10 @@ def _scanimage_channels(tif):
             f"{page.software}\n{page.description}",
         )
         value = found and found.group(1)
+        if not value:  # ScanImage 3.x
+            data = {}
+            _si3_as_si(data, _SI3_LINE_RE.findall(page.description.replace("\r", "\n")))
+            value = data.get("SI.hChannels.channelSave")
     n = len(re.findall(r"\d+", str(value))) if value else 0
     return n or None
 
@@ -3217,11 +3221,16 @@ def open_writer(path, fmt, **kw):
 _READABLE_SUFFIXES = _TIFF_SUFFIXES + _HDF5_SUFFIXES + (".mat",)
 #: ScanImage acquisitions split over files: ``<stem>_00001.tif``, ``<stem>_00002.tif``, ...
 _SI_PART_RE = re.compile(r"^(?P<stem>.+)_(?P<part>\d{5})\.tiff?$", re.IGNORECASE)
-#: Bruker one-file-per-frame-per-channel: ``<stem>_Cycle00001_Ch1_000001.ome.tif``.
+#: Bruker one-file-per-frame-per-channel: ``<stem>_Cycle00001_Ch1_000001.ome.tif``, and as
+#: PrairieView 3.x names them, ``<stem>_Cycle001_CurrentSettings_Ch2_000001.tif``.
 _BRUKER_RE = re.compile(
-    r"^(?P<stem>.+)_Cycle(?P<cycle>\d+)_Ch(?P<ch>\d+)_(?P<index>\d+)\.ome\.tiff?$", re.IGNORECASE
+    r"^(?P<stem>.+?)_Cycle(?P<cycle>\d+)(?:_[A-Za-z][A-Za-z0-9]*)*_Ch(?P<ch>\d+)_"
+    r"(?P<index>\d+)(?:\.ome)?\.tiff?$",
+    re.IGNORECASE,
 )
 _SI_LINE_RE = re.compile(r"^\s*(SI\.[\w.]+)\s*=\s*(.*?)\s*$", re.MULTILINE)
+#: ScanImage 3.x header lines (``state.acq.frameRate=15.625``), CR-separated in the files.
+_SI3_LINE_RE = re.compile(r"^\s*(state\.[\w.]+)\s*=\s*(.*?)\s*$", re.MULTILINE)
 _SI_ACQ_RE = re.compile(r"acquisitionNumbers\s*=\s*(\d+)")
 
 
@@ -3248,6 +3257,33 @@ def _si_int(data, *keys):
         if _cfg_is_number(value) and float(value).is_integer():
             return int(value)
     return None
+
+
+def _si3_as_si(data, lines):
+    """Add the ScanImage 3.x header ``lines`` ((key, value) pairs) to ``data`` under the
+    names ScanImage 2015+ gives the same settings (where the file has none of those)."""
+    si3 = {key: _si_value(value) for key, value in lines}
+    if not si3:
+        return
+    saved = [k for k in range(1, 5) if si3.get(f"state.acq.savingChannel{k}") == 1]
+    n_saved = si3.get("state.acq.numberOfChannelsSave")
+    if not saved and _cfg_is_number(n_saved):
+        saved = list(range(1, int(n_saved) + 1))
+    version = si3.get("state.software.version")
+    mapped = {
+        "SI.VERSION_MAJOR": None if version is None else str(version),
+        "SI.hRoiManager.scanFrameRate": si3.get("state.acq.frameRate"),
+        "SI.hRoiManager.scanZoomFactor": si3.get("state.acq.zoomFactor"),
+        "SI.hScan2D.bidirectional": si3.get("state.acq.bidirectionalScan"),
+        "SI.hChannels.channelSave": saved or None,
+        "SI.hStackManager.numSlices": si3.get("state.acq.numberOfZSlices"),
+        "SI.hStackManager.framesPerSlice": si3.get("state.acq.numberOfFrames"),
+    }
+    for key, value in mapped.items():
+        if value is not None:
+            data.setdefault(key, value)
+    if version is not None:
+        data.setdefault("SI.VERSION_MINOR", "")
 
 
 def scanimage_metadata(path):
@@ -3281,6 +3317,7 @@ def scanimage_metadata(path):
         raise InputError(msg) from exc
     for key, value in _SI_LINE_RE.findall(text):
         data.setdefault(key, _si_value(value))
+    _si3_as_si(data, _SI3_LINE_RE.findall(text.replace("\r", "\n")))
     enabled = [data[k] for k in ("SI.hFastZ.enable", "SI.hStackManager.enable") if k in data]
     slices = _si_int(data, "SI.hStackManager.actualNumSlices", "SI.hStackManager.numSlices")
     if slices is None or (enabled and not any(bool(e) for e in enabled)):
@@ -3358,6 +3395,61 @@ def _bruker_order(files, where):
     return [keyed[k] for k in sorted(keyed)], channels
 
 
+def bruker_metadata(files):
+    """PrairieView metadata of a Bruker series from its XML (``<stem>.xml`` beside the
+    frames), or None when there is none.
+
+    Reads both layouts: ``PVStateValue`` (PrairieView 5) and ``Key`` elements (3.x).
+
+    Returns
+    -------
+    dict or None
+        ``version, frame_period (s), frame_rate (Hz), microns_per_pixel ([x, y]),
+        channels, cycles, frames`` (None where the XML does not say).
+    """
+    import xml.etree.ElementTree as ET
+
+    first = pathlib.Path(files[0])
+    xml = first.parent / f"{_BRUKER_RE.match(first.name)['stem']}.xml"
+    if not xml.is_file():
+        return None
+    try:
+        root = ET.parse(xml).getroot()
+    except (OSError, ET.ParseError) as exc:
+        msg = f"{xml}: cannot read the PrairieView XML ({_why(exc)}); re-copy it or remove it"
+        raise InputError(msg) from exc
+    values, pixel = {}, {}
+    for el in root.iter():
+        key = el.get("key")
+        if key is None:
+            continue
+        if key == "micronsPerPixel":
+            pixel.update({v.get("index"): v.get("value") for v in el.iter("IndexedValue")})
+        elif key.startswith("micronsPerPixel_"):
+            pixel.setdefault(key.split("_", 1)[1], el.get("value"))
+        elif el.get("value") is not None:
+            values.setdefault(key, el.get("value"))
+
+    def number(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return None
+
+    period = number(values.get("framePeriod"))
+    xy = [number(pixel.get("XAxis")), number(pixel.get("YAxis"))]
+    channels = sorted({int(f.get("channel")) for f in root.iter("File") if f.get("channel")})
+    return {
+        "version": root.get("version"),
+        "frame_period": period,
+        "frame_rate": 1.0 / period if period else None,
+        "microns_per_pixel": xy if any(v is not None for v in xy) else None,
+        "channels": channels or None,
+        "cycles": len(root.findall(".//Sequence")) or None,
+        "frames": len(root.findall(".//Frame")) or None,
+    }
+
+
 def recording_files(path):
     """The files of one recording, in reading order, and its layout.
 
@@ -3390,8 +3482,9 @@ def recording_files(path):
         if not files:
             msg = f"{path}: the folder has no readable files ({', '.join(_READABLE_SUFFIXES)})"
             raise InputError(msg)
-        if any(_BRUKER_RE.match(f.name) for f in files):
-            return _bruker_order(files, path)[0], "bruker"
+        frames = [f for f in files if _BRUKER_RE.match(f.name)]
+        if frames:  # the frames by their names; the XML, .cfg, .env, .mat... are not frames
+            return _bruker_order(frames, path)[0], "bruker"
         return files, "folder"
     parent = path.parent
     if parent.is_dir():
@@ -3862,6 +3955,8 @@ def _open_recording(config, path, opts, name, *, estimate=True):
             "flyback_planes": lay.flyback,
             "plane": plane,
         }
+        if lay.kind == "bruker" and (pv := bruker_metadata(lay.files)) is not None:
+            layout["bruker"] = pv
     layout["n_channels"] = reader.n_channels
     offset = end = None
     if bidi:
@@ -3875,7 +3970,9 @@ def _open_recording(config, path, opts, name, *, estimate=True):
         except BaseException:
             reader.close()
             raise
+        estimated = getattr(reader, "bidi_estimate", None)
         reader = BidiReader(reader, offset, bin_size=opts.bin_size)
+        reader.bidi_estimate = estimated
     reader.bidi_offset, reader.bidi_offset_end = offset, end
     reader.layout_info, reader.scanimage = layout, meta
     return reader
@@ -4398,6 +4495,18 @@ def _recording_bidi(reader, opts, name):
         return [r for i in binned for r in range(i * b, min((i + 1) * b, reader.n_frames))]
 
     offset = estimate_bidi_offset(_mean_frames(reader, raw(idx)))
+    low, high = _bidi_interval(reader, [raw([i]) for i in idx], offset)
+    reader.bidi_estimate = {"estimate": offset, "interval_95": [low, high]}
+    if offset != 0.0 and low <= 0.0 <= high:
+        log.info(
+            "%s: bidirectional scan phase %+.3f px cannot be told from zero (95 %% of the "
+            "estimates over resampled reference frames lie in %+.3f ... %+.3f px); none applied",
+            name,
+            offset,
+            low,
+            high,
+        )
+        offset = 0.0
     last = list(range(max(0, n_binned - len(idx)), n_binned))
     end = None
     if last != list(idx):
@@ -4419,6 +4528,32 @@ def _recording_bidi(reader, opts, name):
             end,
         )
     return offset, end
+
+
+#: Groups of reference frames behind the scan phase's 95 % interval (one estimate each
+#: without one group: a delete-a-group jackknife; each estimate costs about 1 s at 512 px).
+BIDI_GROUPS = 10
+
+
+def _bidi_interval(reader, groups, offset):
+    """95 % interval of the scan phase ``offset`` estimated from the reference frames
+    (``groups``: the raw frames of each): a delete-a-group jackknife over up to
+    `BIDI_GROUPS` interleaved groups of frames, ``offset +- t(0.975, K-1) * SE``.  One
+    frame gives no spread: ``(offset, offset)``."""
+    from scipy.stats import t as student
+
+    means = np.stack([_mean_frames(reader, g) for g in groups])
+    k = min(BIDI_GROUPS, len(means))
+    if k < 2:
+        return offset, offset
+    total = means.sum(axis=0)
+    parts = [means[j::k] for j in range(k)]
+    est = np.array(
+        [estimate_bidi_offset((total - p.sum(axis=0)) / (len(means) - len(p))) for p in parts]
+    )
+    se = math.sqrt((k - 1) / k * float(np.sum((est - est.mean()) ** 2)))
+    half = float(student.ppf(0.975, k - 1)) * se
+    return offset - half, offset + half
 
 
 #: A scan phase that differs by more than this (px) between the reference frames and the
@@ -10961,6 +11096,8 @@ def _compensate_locked(input_file, name, folder, config, opts):
         info.update(layout=reader.layout_info, bidi_offset=reader.bidi_offset)
         if reader.bidi_offset_end is not None:
             info["bidi_offset_end"] = reader.bidi_offset_end
+        if getattr(reader, "bidi_estimate", None) is not None:
+            info["bidi_estimate"] = reader.bidi_estimate
         if reader.scanimage is not None:
             info["scanimage"] = reader.scanimage
     opts.save_json(os.path.join(folder, "options.json"))
@@ -12102,6 +12239,7 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
         # the path of the Stage-2 field: through another recording where the direct
         # alignment onto the center was not credible, else direct (None)
         rec["stage2_via"] = _load_status(folders[i]).get("stage2", {}).get("via")
+        rec.update(_bidi_quality(folders[i]))
         stage2[name] = rec
     report = save_quality_report(
         os.path.join(out_dir, "quality.json"),
@@ -12118,6 +12256,20 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
         ", ".join(s["flagged"]) or "none",
     )
     return report
+
+
+def _bidi_quality(folder):
+    """The scan phase Stage 1 applied to a recording and, with ``"auto"``, its estimate
+    and 95 % interval (keys for ``quality.json``; none without ``bidi_correction``)."""
+    rec = _load_status(folder).get("stage1", {})
+    if not isinstance(rec, dict) or rec.get("bidi_offset") is None:
+        return {}
+    out = {"bidi_offset_px": rec["bidi_offset"]}
+    est = rec.get("bidi_estimate")
+    if isinstance(est, dict):
+        out["bidi_estimate_px"] = est.get("estimate")
+        out["bidi_interval_95_px"] = est.get("interval_95")
+    return out
 
 
 def _fmt_num(x, fmt=".3f"):
@@ -12654,6 +12806,13 @@ def _save_recording_qc(folder, name):
     if "mean_before" not in st:
         return False
     keys = ("mean_disp", "max_disp", "corr_before", "corr_after", "valid_fraction")
+    bidi = _bidi_quality(folder)
+    if bidi:
+        name = f"{name} (bidi {bidi['bidi_offset_px']:+.2f} px"
+        if bidi.get("bidi_interval_95_px"):
+            low, high = bidi["bidi_interval_95_px"]
+            name += f"; estimate {bidi['bidi_estimate_px']:+.2f}, 95 % {low:+.2f} to {high:+.2f}"
+        name += ")"
     return bool(
         save_recording_qc_figure(
             os.path.join(folder, "qc.png"),

@@ -7108,9 +7108,10 @@ def test_bad_settings_and_damaged_records_are_named(tmp_path):
     cfg = _stage1_config(tmp_path / "w", {"rec.h5": frames}, weight=[0.0, 1.0])
     with pytest.raises(fs.ConfigError, match=r"rec\.h5: flow_options\.weight = .*1 channel"):
         fs.run_stage1(cfg)
-    # Frames of one row.
+    # Frames of one row (not constant: the old failure was numpy's unnamed ValueError).
     (tmp_path / "row").mkdir()
-    cfg = _stage1_config(tmp_path / "row", {"row.h5": np.ones((6, 1, 16, 1))})
+    row = np.random.default_rng(0).integers(0, 100, (6, 1, 16, 1)).astype(np.uint16)
+    cfg = _stage1_config(tmp_path / "row", {"row.h5": row})
     with pytest.raises(fs.InputError, match=r"row\.h5: frames of 1 x 16 px"):
         fs.run_stage1(cfg)
 
@@ -7156,6 +7157,132 @@ def test_unread_metamorph_metadata_does_not_flood_the_log(tmp_path, caplog):
         assert r.read(0, 3).shape == (3, 8, 8, 1)
     noise = [m for m in caplog.messages if "read_uic" in m]
     assert noise == []
+
+
+def _si3_header(**over):
+    """A ScanImage 3.8 image description: ``state.*=value`` lines ending in CR, as the
+    toolbox writes them (keys as in a real 3.8 file; values of a two-channel run)."""
+    keys = {
+        "state.configPath": "'C:\\Configurations'",
+        "state.software.version": "3.8",
+        "state.acq.numberOfZSlices": "1",
+        "state.acq.numberOfFrames": "5",
+        "state.acq.frameRate": "15.625",
+        "state.acq.zoomFactor": "2.5",
+        "state.acq.bidirectionalScan": "1",
+        "state.acq.numberOfChannelsSave": "2",
+        "state.acq.savingChannel1": "1",
+        "state.acq.savingChannel2": "1",
+        "state.acq.savingChannel3": "0",
+        "state.acq.savingChannel4": "0",
+    }
+    keys.update(over)
+    return "".join(f"{k}={v}\r" for k, v in keys.items())
+
+
+def test_scanimage3_headers_are_read(tmp_path):
+    pages = np.arange(10 * 8 * 8, dtype=np.int16).reshape(10, 8, 8)
+    path = tmp_path / "si38.tif"
+    tifffile.imwrite(
+        path, pages, description=_si3_header(), metadata=None, photometric="minisblack"
+    )
+    meta = fs.scanimage_metadata(path)
+    assert meta["version"] == "3.8"
+    assert (meta["frame_rate"], meta["zoom"], meta["bidirectional"]) == (15.625, 2.5, True)
+    assert (meta["n_channels"], meta["channels_saved"]) == (2, [1, 2])
+    # Two saved channels: pages alternate channel 1, channel 2 (never read as time).
+    with fs.open_video(path) as r:
+        assert r.shape == (5, 8, 8, 2)
+        np.testing.assert_array_equal(r.read(0, 5)[..., 1], pages[1::2])
+    lay = fs.recording_layout(path)
+    assert (lay.kind, lay.n_channels) == ("scanimage", 2)
+
+
+_PV3_XML = """<?xml version="1.0" encoding="utf-8"?>
+<PVScan version="3.0.0.15" date="4/8/2011 11:30:12 AM" notes="">
+  <Sequence type="TSeries Timed Element" cycle="1">
+{frames}
+  </Sequence>
+</PVScan>
+"""
+_PV3_FRAME = """    <Frame relativeTime="{t:.3f}" index="{i}" label="CurrentSettings">
+      <File channel="2" channelName="Ch2" filename="{name}" />
+      <PVStateShard>
+        <Key key="framePeriod" permissions="Read, Write, Save" value="0.0647" />
+        <Key key="micronsPerPixel_XAxis" permissions="Read, Write, Save" value="0.8" />
+        <Key key="micronsPerPixel_YAxis" permissions="Read, Write, Save" value="0.8" />
+      </PVStateShard>
+    </Frame>"""
+
+
+def test_prairieview3_series_is_read_by_its_frame_names_and_xml(tmp_path):
+    rec = tmp_path / "TSeries-04082011-1130-001"
+    rec.mkdir()
+    stem = rec.name
+    video = np.random.default_rng(2).integers(0, 4000, (6, 12, 16), dtype=np.uint16)
+    frames = []
+    for t in range(6):
+        name = f"{stem}_Cycle001_CurrentSettings_Ch2_{t + 1:06d}.tif"
+        tifffile.imwrite(rec / name, video[t])
+        frames.append(_PV3_FRAME.format(t=0.0647 * t, i=t + 1, name=name))
+    (rec / f"{stem}.xml").write_text(_PV3_XML.format(frames="\n".join(frames)))
+    # What else a real acquisition folder holds: none of it is a frame.
+    (rec / f"{stem}.cfg").write_text("<PVConfig/>")
+    (rec / f"{stem}.env").write_text("<Environment/>")
+    (rec / "References").mkdir()
+    tifffile.imwrite(rec / "References" / f"{stem}-Reference-Ch2.tif", video[0])
+    (rec / "roi_analysis.mat").write_bytes(b"not a MAT file of this recording")
+    (found,) = fs.SessionConfig(root=tmp_path, pattern="TSeries*").discover_inputs()
+    lay = fs.recording_layout(found)
+    assert (lay.kind, lay.n_channels, len(lay.files)) == ("bruker", 1, 6)
+    with fs.RecordingReader(lay) as r:
+        np.testing.assert_array_equal(r.read(0, 6)[..., 0], video)
+    meta = fs.bruker_metadata(lay.files)
+    assert meta["frame_period"] == 0.0647 and meta["frame_rate"] == pytest.approx(1 / 0.0647)
+    assert meta["microns_per_pixel"] == [0.8, 0.8]
+    assert (meta["channels"], meta["cycles"], meta["frames"]) == ([2], 1, 6)
+    assert meta["version"] == "3.0.0.15"
+    # Stage 1 keeps the XML's figures in the recording's completion record.
+    cfg = fs.SessionConfig(
+        root=tmp_path,
+        pattern="TSeries*",
+        n_workers=1,
+        flow_options={"quality_setting": "fast", "reference_frames": [0, 1, 2]},
+    )
+    (out,) = fs.run_stage1(cfg)
+    record = json.loads((pathlib.Path(out) / "status.json").read_text())["stage1"]
+    assert record["layout"]["bruker"]["frame_period"] == 0.0647
+
+
+def test_a_scan_phase_that_cannot_be_told_from_zero_is_reported_not_applied(tmp_path):
+    # No scan phase, dim and noisy (0.5 photons per unit): the estimate over the 20
+    # reference frames is +0.118 px, but its 95 % interval (delete-a-group jackknife
+    # over 10 groups of frames) is -0.017 ... +0.253 px, so it is not applied.
+    frames, _ = fs.synthetic_recording(
+        20, (32, 32), 1, seed=4, photons=0.5, bidi=0.0, jitter=0.3, wobble=0.1
+    )
+    _imagej(tmp_path / "dim.tif", frames)
+    flow = {"quality_setting": "fast", "reference_frames": list(range(20))}
+    config = fs.SessionConfig(root=tmp_path, bidi_correction="auto", n_workers=1, flow_options=flow)
+    opts = fs.resolve_flow_options(config)
+    with fs._open_recording(config, tmp_path / "dim.tif", opts, "dim.tif") as r:
+        assert r.bidi_offset == 0.0
+        est = r.bidi_estimate
+        assert est["estimate"] > fs.BIDI_MIN_OFFSET
+        low, high = est["interval_95"]
+        assert low < 0.0 < high
+    # Stated in quality.json and the recording's record.
+    fs.run_all_stages(config)
+    rec = json.loads((config.final_results_path / "quality.json").read_text())["recordings"]["dim"]
+    assert rec["bidi_offset_px"] == 0.0
+    assert rec["bidi_estimate_px"] == pytest.approx(est["estimate"])
+    assert rec["bidi_interval_95_px"] == pytest.approx([low, high])
+    # A real phase (1.5 px) is told from zero and applied.
+    frames, _ = fs.synthetic_recording(20, (32, 32), 1, seed=1, bidi=1.5)
+    _imagej(tmp_path / "bidi.tif", frames)
+    with fs._open_recording(config, tmp_path / "bidi.tif", opts, "bidi.tif") as r:
+        assert abs(r.bidi_offset - 1.5) < 0.1
+        assert r.bidi_estimate["interval_95"][0] > 1.3
 
 
 ###############################################################################

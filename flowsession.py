@@ -9574,9 +9574,9 @@ TEMPORAL_WARMUP = 4 * TEMPORAL_RADIUS
 #: recursion (`_nb_temporal_recursive`), shorter ones term by term (`_nb_temporal_block`).
 TEMPORAL_RECURSIVE_REACH = 4
 #: A change of the translation between two frames beyond this many standard deviations
-#: of its estimation noise (both axes together) is motion, not noise: the smoothing
-#: stops there instead of averaging across it.
-TEMPORAL_JUMP = 4.5
+#: of what its estimation noise and the recording's ordinary motion allow (both axes
+#: together) is a jump: the smoothing stops there instead of averaging across it.
+TEMPORAL_JUMP = 6.0
 #: Frame pairs across a jump are left out of the motion statistics that set the smoothing
 #: while they are at most this share of all pairs.
 TEMPORAL_JUMP_SHARE = 0.2
@@ -10042,6 +10042,7 @@ class _TemporalModel:
         self.fuse = np.ones(2)  # weight of s (against the fields' own translation)
         self.noise = np.full(2, np.nan)  # noise variance of s per axis (NaN: unmeasured)
         self.track_noise = np.full(2, np.nan)  # that of the fused translation
+        self.track_steps = np.zeros(2)  # variance of its motion from frame to frame
         # The lag sums' share from frame pairs across a jump, left out of the statistics
         # unless jumps are common (then they are the recording's kind of motion).
         self.jump_sums = np.zeros((2, 3))
@@ -10105,10 +10106,16 @@ class _TemporalModel:
     def _is_jump(self, diff):
         """Whether a change ``diff (2,)`` of the translation between two frames is a jump:
         beyond ``TEMPORAL_JUMP`` standard deviations of its estimation noise."""
-        var = np.maximum(self.track_noise, TEMPORAL_NOISE_FLOOR**2)
+        var = self._jump_variance()
         if not np.isfinite(var).all():
             return False
-        return bool((np.asarray(diff) ** 2 / (2.0 * var)).sum() > TEMPORAL_JUMP**2)
+        return bool((np.asarray(diff) ** 2 / var).sum() > TEMPORAL_JUMP**2)
+
+    def _jump_variance(self):
+        """Variance ``(2,)`` of the translation's change between two frames that the model
+        expects: twice the estimation noise (not below ``TEMPORAL_NOISE_FLOOR``) plus the
+        step variance of the recording's ordinary motion."""
+        return 2.0 * np.maximum(self.track_noise, TEMPORAL_NOISE_FLOOR**2) + self.track_steps
 
     def _slot(self, shape):
         """A free slot of the ring of remainders (the ring grows when full)."""
@@ -10156,6 +10163,7 @@ class _TemporalModel:
             # jumps every frame; the smaller of the two is kept.
             noise = np.minimum(self.split_sum / self.n_split / 4.0, v1[:2] - 0.5 * v2[:2])
             steps = v1[:2] - 2.0 * noise
+            self.track_steps = np.maximum(steps, 0.0)
             # The fields' own translation m is a second estimate: its noise r_m from
             # the changes of m - s (2 (r_m + r_s) per frame); fused by inverse variance.
             # Both see the same photons, so their errors correlate and this r_m reads
@@ -10176,6 +10184,7 @@ class _TemporalModel:
         else:
             self.noise = v1[:2] - 0.5 * v2[:2]
             self.track_noise = self.noise
+            self.track_steps = np.maximum(v2[:2] - v1[:2], 0.0)
             self.decay[:2] = [_smoothing_decay(v2[k] - v1[k], self.noise[k]) for k in (0, 1)]
             keep = 1.0
         self.decay[2] = keep * _smoothing_decay(q_r, r_r)
@@ -10186,13 +10195,13 @@ class _TemporalModel:
     def _segments(self, tr):
         """Segment number ``(m,)`` of each of consecutive frames with translations ``tr (m,
         2)``: a new segment starts where the translation changes between two frames by more
-        than its estimation noise allows (``TEMPORAL_JUMP`` standard deviations of the
-        difference, both axes together)."""
+        than its estimation noise and ordinary motion allow (``TEMPORAL_JUMP`` standard
+        deviations of `_jump_variance`, both axes together)."""
         seg = np.zeros(len(tr), np.int64)
-        var = np.maximum(self.track_noise, TEMPORAL_NOISE_FLOOR**2)
+        var = self._jump_variance()
         if len(tr) < 2 or not np.isfinite(var).all():
             return seg
-        z = ((np.diff(tr, axis=0) ** 2) / (2.0 * var)).sum(axis=1)
+        z = ((np.diff(tr, axis=0) ** 2) / var).sum(axis=1)
         seg[1:] = np.cumsum(z > TEMPORAL_JUMP**2)
         return seg
 

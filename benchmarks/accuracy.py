@@ -61,27 +61,32 @@ sys.path.insert(0, os.path.dirname(HERE))
 import flowsession as fs  # noqa: E402
 
 
+def _ar1(rng, T, std, rho, size):
+    """An AR(1) series (T, *size) of stationary std ``std`` and lag-1 correlation ``rho``."""
+    x = np.zeros((T, *size))
+    x[0] = rng.normal(0, std, size)
+    for t in range(1, T):
+        x[t] = rho * x[t - 1] + rng.normal(0, std * np.sqrt(1 - rho**2), size)
+    return x
+
+
+def _dense(nodes, H, W, grid):
+    """Node displacements (T, grid, grid, 2) upsampled (cubic) to fields (T, H, W, 2)."""
+    d = np.empty((len(nodes), H, W, 2))
+    zoom = (H / grid, W / grid)
+    for t in range(len(nodes)):
+        for k in range(2):
+            d[t, ..., k] = ndimage.zoom(nodes[t, ..., k], zoom, order=3, mode="nearest")[:H, :W]
+    return d
+
+
 def known_motion(shape, seed=0, rigid_std=1.5, nonrigid_std=0.5, grid=5):
     """Forward field d (T, H, W, 2) (x, y) of the known motion: rigid AR(1) + smooth AR(1)."""
     T, H, W = shape
     rng = np.random.default_rng(seed)
-    rho_r, rho_n = 0.97, 0.9
-    rigid = np.zeros((T, 2))
-    rigid[0] = rng.normal(0, rigid_std, 2)
-    for t in range(1, T):
-        rigid[t] = rho_r * rigid[t - 1] + rng.normal(0, rigid_std * np.sqrt(1 - rho_r**2), 2)
-    nodes = np.zeros((T, grid, grid, 2))
-    nodes[0] = rng.normal(0, nonrigid_std, (grid, grid, 2))
-    for t in range(1, T):
-        noise = rng.normal(0, nonrigid_std * np.sqrt(1 - rho_n**2), (grid, grid, 2))
-        nodes[t] = rho_n * nodes[t - 1] + noise
-    d = np.empty((T, H, W, 2))
-    zoom = (H / grid, W / grid)
-    for t in range(T):
-        for k in range(2):
-            d[t, ..., k] = ndimage.zoom(nodes[t, ..., k], zoom, order=3, mode="nearest")[:H, :W]
-        d[t] += rigid[t]
-    return d
+    rigid = _ar1(rng, T, rigid_std, 0.97, (2,))
+    nodes = _ar1(rng, T, nonrigid_std, 0.9, (grid, grid, 2))
+    return _dense(nodes, H, W, grid) + rigid[:, None, None, :]
 
 
 def bouts_motion(shape, seed=0, drift_std=0.3, nonrigid_std=0.5, grid=5, tau=40.0):
@@ -89,11 +94,7 @@ def bouts_motion(shape, seed=0, drift_std=0.3, nonrigid_std=0.5, grid=5, tau=40.
     event frames (T,) bool: each event's frame and the two after it."""
     T, H, W = shape
     rng = np.random.default_rng(seed + 1000)
-    rho = 0.97
-    rigid = np.zeros((T, 2))
-    rigid[0] = rng.normal(0, drift_std, 2)
-    for t in range(1, T):
-        rigid[t] = rho * rigid[t - 1] + rng.normal(0, drift_std * np.sqrt(1 - rho**2), 2)
+    rigid = _ar1(rng, T, drift_std, 0.97, (2,))
     events = np.zeros(T, bool)
     boost = np.ones(T)
     t0 = int(rng.integers(15, 46))
@@ -110,19 +111,8 @@ def bouts_motion(shape, seed=0, drift_std=0.3, nonrigid_std=0.5, grid=5, tau=40.
         events[t0 : t0 + 3] = True
         boost[t0 : t0 + 3] = 2.0
         t0 += int(rng.integers(15, 46))
-    rho_n = 0.9
-    nodes = np.zeros((T, grid, grid, 2))
-    nodes[0] = rng.normal(0, nonrigid_std, (grid, grid, 2))
-    for t in range(1, T):
-        noise = rng.normal(0, nonrigid_std * np.sqrt(1 - rho_n**2), (grid, grid, 2))
-        nodes[t] = rho_n * nodes[t - 1] + noise
-    d = np.empty((T, H, W, 2))
-    zoom = (H / grid, W / grid)
-    for t in range(T):
-        for k in range(2):
-            d[t, ..., k] = ndimage.zoom(nodes[t, ..., k], zoom, order=3, mode="nearest")[:H, :W]
-        d[t] *= boost[t]
-        d[t] += rigid[t]
+    nodes = _ar1(rng, T, nonrigid_std, 0.9, (grid, grid, 2))
+    d = _dense(nodes, H, W, grid) * boost[:, None, None, None] + rigid[:, None, None, :]
     return d, events
 
 

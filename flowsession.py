@@ -12641,13 +12641,6 @@ def _qc_normalise(image):
     return np.nan_to_num(np.clip((image - lo) / (hi - lo), 0.0, 1.0))
 
 
-def _qc_correlation(a, b, where):
-    a, b = a[where], b[where]
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def save_qc_figure(
     path,
     *,
@@ -12764,7 +12757,7 @@ def save_qc_figure(
             ax.imshow(np.stack([ref[stage], img, ref[stage]], axis=-1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            r = _qc_correlation(ref[stage], img, where)
+            r = _masked_correlation(ref[stage], img, where)
             label = f"{names[i]} (center)" if i == center else names[i]
             ax.set_title(f"{label}\n{stage}, Pearson r = {r:.3f}", fontsize="small")
             if stage == "after" and alignment is not None:

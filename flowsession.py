@@ -1458,7 +1458,7 @@ def _cfg_own_output_folder(path, folder, key):
     if not folder.is_dir():
         return
     names = set(os.listdir(folder))
-    if not names or names & {".flowsession.lock", "session_config.json", STATUS_FILE}:
+    if not names or names & {".flowsession.lock", SESSION_CONFIG_FILE, STATUS_FILE}:
         return
     msg = (
         f"{path}: matches the pattern but is also the {key} folder, where flowsession "
@@ -3767,6 +3767,73 @@ class RecordingReader(VideoReader):
 STATUS_FILE = "status.json"
 
 
+#: The session-level outputs: the quality report (in ``final_results``) and the resolved
+#: session config (in ``output_root``).
+QUALITY_FILE = "quality.json"
+SESSION_CONFIG_FILE = "session_config.json"
+
+
+class _Outputs:
+    """Every output path of one recording's folder (``output_root/<stem>``; a plane's is
+    ``output_root/plane<k>/<stem>``, see `_recording_folder`): the one place their names
+    are written."""
+
+    def __init__(self, folder):
+        self.folder = os.fspath(folder)
+
+    def _path(self, name):
+        return os.path.join(self.folder, name)
+
+    @staticmethod
+    def compensated_name(ext):
+        """The corrected video's file name, ``compensated.<ext>`` (hdf5, tif or nwb)."""
+        return f"compensated.{ext}"
+
+    def compensated(self, ext):
+        """The corrected video's path."""
+        return self._path(self.compensated_name(ext))
+
+    @property
+    def idx(self):
+        """Per-frame valid masks (``idx.hdf``)."""
+        return self._path("idx.hdf")
+
+    @property
+    def w(self):
+        """The displacement fields (``w.hdf5``, with ``save_w``)."""
+        return self._path("w.hdf5")
+
+    @property
+    def average(self):
+        """The temporal average of the corrected video."""
+        return self._path("temporal_average.npy")
+
+    @property
+    def reference(self):
+        """The reference frame Stage 1 registered onto."""
+        return self._path("reference_frame.npy")
+
+    @property
+    def statistics(self):
+        """Per-frame statistics and the quality figures (``statistics.npz``)."""
+        return self._path("statistics.npz")
+
+    @property
+    def options(self):
+        """The options Stage 1 ran with (``options.json``)."""
+        return self._path("options.json")
+
+    @property
+    def status(self):
+        """The completion records of the stages (``status.json``)."""
+        return self._path(STATUS_FILE)
+
+    @property
+    def field(self):
+        """Stage 2's field onto the center (``w_to_reference.npz``)."""
+        return self._path("w_to_reference.npz")
+
+
 def _input_fingerprint(path):
     if not os.path.isfile(path):
         return _recording_fingerprint(path)
@@ -3870,7 +3937,7 @@ def _digest(obj):
 
 def _load_status(folder):
     """The folder's status record, or ``{}`` (a missing or unreadable file is logged)."""
-    path = os.path.join(folder, STATUS_FILE)
+    path = _Outputs(folder).status
     try:
         with open(path, encoding="utf-8") as fh:
             status = json.load(fh)
@@ -3890,7 +3957,7 @@ def _recording_folder(config, input_file):
 def _update_status(folder, key, record):
     status = _load_status(folder)
     status[key] = record
-    _atomic_save_json(os.path.join(folder, STATUS_FILE), status)
+    _atomic_save_json(_Outputs(folder).status, status)
 
 
 def _array_digest(a):
@@ -3912,8 +3979,9 @@ def _file_digest(path):
 
 def _compensated_name(folder):
     """The corrected video Stage 1 wrote into ``folder`` (its status record says which)."""
-    name = _load_status(folder).get("stage1", {}).get("compensated", "compensated.hdf5")
-    return name if name in ("compensated.hdf5", "compensated.nwb") else "compensated.hdf5"
+    default = _Outputs.compensated_name("hdf5")
+    name = _load_status(folder).get("stage1", {}).get("compensated", default)
+    return name if name in (default, _Outputs.compensated_name("nwb")) else default
 
 
 def _qc_names(names, folders):
@@ -4009,10 +4077,10 @@ def _check_stage1_done(config, input_file, folder, stage):
             with open_video(os.path.join(folder, rec["compensated"])) as r:
                 if r.shape != (T, H, W, C):
                     why = f"holds {rec['compensated']} of shape {r.shape}, not {(T, H, W, C)}"
-            with h5py.File(os.path.join(folder, "idx.hdf"), "r") as f:
+            with h5py.File(_Outputs(folder).idx, "r") as f:
                 if why is None and f["idx"].shape != (T, H, W):
                     why = f"holds idx.hdf of shape {f['idx'].shape}, not {(T, H, W)}"
-            stats = os.path.join(folder, "statistics.npz")
+            stats = _Outputs(folder).statistics
             if why is None and os.path.exists(stats):
                 try:
                     with np.load(stats) as st:
@@ -4031,7 +4099,7 @@ def _check_stage1_done(config, input_file, folder, stage):
 
 
 def _load_average(folder, name, stage):
-    path = os.path.join(folder, "temporal_average.npy")
+    path = _Outputs(folder).average
     try:
         avg = np.load(path)
     except FileNotFoundError:
@@ -10841,7 +10909,7 @@ class _RecordingRun:
     def _open_writers(self):
         H, W, C, T, opts = self.H, self.W, self.C, self.T, self.opts
         self.comp = comp = open_writer(
-            os.path.join(self.folder, f"compensated.{self.ext}"),
+            _Outputs(self.folder).compensated(self.ext),
             opts.output_format,
             height=H,
             width=W,
@@ -10851,7 +10919,7 @@ class _RecordingRun:
         )
         self.writers.append(comp)
         self.idxw = idxw = Hdf5VideoWriter(
-            os.path.join(self.folder, "idx.hdf"),
+            _Outputs(self.folder).idx,
             height=H,
             width=W,
             n_channels=1,
@@ -10862,7 +10930,7 @@ class _RecordingRun:
         self.wwr = None
         if opts.save_w:
             self.wwr = Hdf5VideoWriter(
-                os.path.join(self.folder, "w.hdf5"),
+                _Outputs(self.folder).w,
                 height=H,
                 width=W,
                 n_channels=2,
@@ -10970,12 +11038,12 @@ class _RecordingRun:
                 temporal_record["decay"],
             )
         _kill_point("stage1.average")
-        atomic_save_npy(os.path.join(folder, "temporal_average.npy"), self.avg)
-        atomic_save_npy(os.path.join(folder, "reference_frame.npy"), self.ref_raw)
+        atomic_save_npy(_Outputs(folder).average, self.avg)
+        atomic_save_npy(_Outputs(folder).reference, self.ref_raw)
         qual = self.quality_job.result()
         if self.opts.save_meta_info:
             atomic_save_npz(
-                os.path.join(folder, "statistics.npz"),
+                _Outputs(folder).statistics,
                 mean_disp=stats[0],
                 max_disp=stats[1],
                 mean_div=stats[2],
@@ -10986,7 +11054,7 @@ class _RecordingRun:
             "frames": self.T,
             "shape": [self.H, self.W, self.C],
             "dtype": str(self.out_dtype),
-            "compensated": f"compensated.{self.ext}",
+            "compensated": _Outputs.compensated_name(self.ext),
             "backend": self.backend.name,
             "phase_seconds": self.phases.rounded(),
             **({"temporal_model": temporal_record} if temporal_record is not None else {}),
@@ -11031,21 +11099,21 @@ def _verify_stage1(folder, status, expected, opts):
         with open_video(os.path.join(folder, rec["compensated"])) as r:
             if r.shape != (T, H, W, C):
                 return f"{rec['compensated']} has shape {r.shape}, expected {(T, H, W, C)}"
-        with h5py.File(os.path.join(folder, "idx.hdf"), "r") as f:
+        with h5py.File(_Outputs(folder).idx, "r") as f:
             if f["idx"].shape != (T, H, W):
                 return f"idx.hdf has shape {f['idx'].shape}, expected {(T, H, W)}"
         if opts.save_w:
-            with h5py.File(os.path.join(folder, "w.hdf5"), "r") as f:
+            with h5py.File(_Outputs(folder).w, "r") as f:
                 if f["u"].shape != (T, H, W) or f["v"].shape != (T, H, W):
                     return "w.hdf5 has the wrong shape"
-        avg = np.load(os.path.join(folder, "temporal_average.npy"))
+        avg = np.load(_Outputs(folder).average)
         if avg.shape != (H, W, C) or not np.all(np.isfinite(avg)):
             return "temporal_average.npy is damaged"
-        ref = np.load(os.path.join(folder, "reference_frame.npy"))
+        ref = np.load(_Outputs(folder).reference)
         if ref.shape != (H, W, C):
             return "reference_frame.npy is damaged"
         if opts.save_meta_info:
-            with np.load(os.path.join(folder, "statistics.npz")) as st:
+            with np.load(_Outputs(folder).statistics) as st:
                 if any(
                     st[k].shape != (T,)
                     for k in (
@@ -11095,7 +11163,7 @@ def _compensate_locked(input_file, name, folder, config, opts):
     # Results of later stages in this folder depend on Stage 1: drop the record first,
     # so that a crash from here on leaves nothing that looks finished.
     if status:
-        os.remove(os.path.join(folder, STATUS_FILE))
+        os.remove(_Outputs(folder).status)
     t0 = time.monotonic()
     backend = make_backend(config.flow_backend, config.backend_params)
     _check_data_term(backend, opts.constancy_assumption, "flow_options.constancy_assumption")
@@ -11109,12 +11177,12 @@ def _compensate_locked(input_file, name, folder, config, opts):
             info["bidi_estimate"] = reader.bidi_estimate
         if reader.scanimage is not None:
             info["scanimage"] = reader.scanimage
-    opts.save_json(os.path.join(folder, "options.json"))
+    opts.save_json(_Outputs(folder).options)
     dt = time.monotonic() - t0
     info.update(expected, state="done", seconds=round(dt, 3))
     info["layout_key"] = _digest(_layout_key(config))  # checked by Stages 2 and 3
     _kill_point("stage1.status")
-    _atomic_save_json(os.path.join(folder, STATUS_FILE), {"stage1": info})
+    _atomic_save_json(_Outputs(folder).status, {"stage1": info})
     log.info(
         "%s: Stage 1 done, %d frames in %s (%.1f frames/s)",
         name,
@@ -11147,7 +11215,7 @@ def _check_frames_fit(reader, opts, name):
 def _restore_options_json(folder, opts):
     """Rewrite ``options.json`` of a finished recording when it is missing or not the
     options its completion record was made with (they match: the record's digest does)."""
-    path = os.path.join(folder, "options.json")
+    path = _Outputs(folder).options
     try:
         with open(path, encoding="utf-8") as fh:
             if json.load(fh) == opts.to_dict():
@@ -11191,7 +11259,7 @@ def run_stage1(config, of_options_override=None, task_index=None):
     if opts.output_format == "NWB":
         _import_pynwb()  # fails now, not after the first recording
     _check_writable(config.output_root_path, "output_root")
-    config.save_resolved(os.path.join(config.output_root_path, "session_config.json"))
+    config.save_resolved(os.path.join(config.output_root_path, SESSION_CONFIG_FILE))
     folders = []
     for k, f in enumerate(files):
         _check_stop("before Stage 1 of " + f.name)
@@ -11828,7 +11896,7 @@ def _stage2_chains(config, files, middle_idx, ref, avgs, fields, backend):
             q["correlation_after"],
         )
         with _folder_lock(folder, files[i].name):
-            atomic_save_npz(os.path.join(folder, "w_to_reference.npz"), u=w[..., 0], v=w[..., 1])
+            atomic_save_npz(_Outputs(folder).field, u=w[..., 0], v=w[..., 1])
             rec = dict(_load_status(folder).get("stage2", {}))
             rec.update(via=files[j].name, via_average=_array_digest(avgs[j]))
             _update_status(folder, "stage2", rec)
@@ -11868,7 +11936,7 @@ def _check_averages_vary(files, avgs):
 
 
 def _stage2_one(config, folder, name, expected, is_center, ref, avg, center_name, backend):
-    path = os.path.join(folder, "w_to_reference.npz")
+    path = _Outputs(folder).field
     w = _load_stage2_field(folder, path, expected, ref.shape[:2]) if config.resume else None
     if w is not None:
         log.info("Stage 2: %s already aligned, skipping", name)
@@ -12065,7 +12133,7 @@ def _load_current_field(config, f, folder, center_file, ref, avg, given=None):
     center, both current averages and the Stage 2 parameters.  With ``given`` (the field
     Stage 2 returned in this process) the record is checked the same way and ``given``
     is returned: a Stage 1 rerun since then makes it stale."""
-    path = os.path.join(folder, "w_to_reference.npz")
+    path = _Outputs(folder).field
     rerun = "run Stage 2 first (flowsession run <config> --stage 2)"
     rec = _load_status(folder).get("stage2")
     if not os.path.exists(path):
@@ -12099,7 +12167,7 @@ def _load_current_field(config, f, folder, center_file, ref, avg, given=None):
 def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields, out_dir):
     from concurrent.futures import ThreadPoolExecutor
 
-    per_seq = [_mask_over_time(os.path.join(d, "idx.hdf"), f.name) for d, f in zip(folders, files)]
+    per_seq = [_mask_over_time(_Outputs(d).idx, f.name) for d, f in zip(folders, files)]
     aligned = [imregister_binary(m, w[..., 0], w[..., 1]) for m, w in zip(per_seq, fields)]
     quality, in_mask = _stage3_alignment(config, files, middle_idx, avgs, ref, fields)
     final = np.logical_and.reduce([a for a, keep in zip(aligned, in_mask) if keep])
@@ -12158,7 +12226,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     traces = []
     for d in folders:
         try:
-            with np.load(os.path.join(d, "statistics.npz")) as st:
+            with np.load(_Outputs(d).statistics) as st:
                 traces.append(st["mean_disp"])
         except OSError:
             traces.append(np.zeros(0))
@@ -12174,7 +12242,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         in_session_mask=in_mask,
     )
     _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final)
-    quality_json = os.path.join(out_dir, "quality.json")
+    quality_json = os.path.join(out_dir, QUALITY_FILE)
     members = list(written) + ([qc] if qc else []) + video_paths + [quality_json]
     status["stage3"] = {
         "state": "done",
@@ -12251,7 +12319,7 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
         rec.update(_bidi_quality(folders[i]))
         stage2[name] = rec
     report = save_quality_report(
-        os.path.join(out_dir, "quality.json"),
+        os.path.join(out_dir, QUALITY_FILE),
         names,
         [recording_quality(d) for d in folders],
         stage2=stage2,
@@ -12799,10 +12867,10 @@ def _save_recording_qc(folder, name):
     """``<recording>/qc.png`` from the recording's Stage 1 outputs; False when they hold
     no quality figures (an older version's) or matplotlib is missing."""
     try:
-        with np.load(os.path.join(folder, "statistics.npz")) as st:
+        with np.load(_Outputs(folder).statistics) as st:
             st = {k: st[k] for k in st.files}
-        reference = np.load(os.path.join(folder, "reference_frame.npy"))
-        mean_after = np.load(os.path.join(folder, "temporal_average.npy"))
+        reference = np.load(_Outputs(folder).reference)
+        mean_after = np.load(_Outputs(folder).average)
     except (OSError, ValueError):
         return False
     if "mean_before" not in st:
@@ -13006,7 +13074,7 @@ def recording_quality(folder):
     the file is missing or holds no quality keys (an output of an older version).
     """
     try:
-        with np.load(os.path.join(folder, "statistics.npz")) as st:
+        with np.load(_Outputs(folder).statistics) as st:
             if "corr_after" not in st:
                 return None
             st = {k: st[k] for k in st.files}
@@ -13444,7 +13512,7 @@ def session_quality(config):
     has written it.  Returns ``(rows, session summary or None)``."""
     report = {}
     with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(config.final_results_path, "quality.json"), encoding="utf-8") as fh:
+        with open(os.path.join(config.final_results_path, QUALITY_FILE), encoding="utf-8") as fh:
             report = json.load(fh)
     rows = []
     for f in config.discover_inputs():
@@ -14052,7 +14120,7 @@ def _cmd_example(args):
     for f in files:
         out = _recording_folder(config, f)
         w1_true, w2_true = truth[f.name]
-        with h5py.File(os.path.join(out, "w.hdf5"), "r") as h:
+        with h5py.File(_Outputs(out).w, "r") as h:
             err = (np.stack([h["u"][:], h["v"][:]], axis=-1) - w1_true)[:, b:-b, b:-b]
         delta.append(err.mean(axis=(0, 1, 2)))  # where this recording's reference sits
         rel = err - err.mean(axis=0)
@@ -14063,7 +14131,7 @@ def _cmd_example(args):
         print(f"  {f.name:12s} {e1:6.3f} px   (without correction {e0:.3f} px)")
     print("Stage 2: endpoint error of the field onto the center against the truth")
     for k, f in enumerate(files):
-        with np.load(os.path.join(_recording_folder(config, f), "w_to_reference.npz")) as d:
+        with np.load(_Outputs(_recording_folder(config, f)).field) as d:
             w = np.stack([d["u"], d["v"]], axis=-1)
         expected = truth[f.name][1] + (delta[center] - delta[k])
         err = np.hypot(*(w - expected)[b:-b, b:-b].transpose(2, 0, 1)).mean()
@@ -14117,7 +14185,7 @@ def _cmd_bench(args):
         t0 = time.perf_counter()
         out = run_stage1(cfg)[0]
         dt = time.perf_counter() - t0
-        with h5py.File(os.path.join(out, "w.hdf5"), "r") as f:
+        with h5py.File(_Outputs(out).w, "r") as f:
             w = np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
         phases = _load_status(out).get("stage1", {}).get("phase_seconds", {})
     finally:

@@ -6613,6 +6613,15 @@ class FlowBackend:
         self._each_batch(n, pool, work)
         return w, reg, valid, stats
 
+    def warp(self, raw, uv, fill, method, reg, valid):
+        """One raw frame ``raw (H, W, C)`` warped by its field ``uv (2, H, W)`` (u, v planes)
+        into ``reg (H, W, C)`` and ``valid (H, W)``; out-of-grid pixels take ``fill (C, H,
+        W)``; returns the frame's statistics ``(4,)`` (see ``_frame_statistics``).  The
+        default Stage 1 path warps each frame the temporal model releases through this;
+        here on the CPU (``_nb_warp_field``), for every backend that does not keep its
+        fields on its device."""
+        return _nb_warp_field(uv, raw, fill, method, reg, valid)
+
     def pair(self, params, fixed, moving, init=None):
         """``w (H, W, 2)`` of one pair (Stage 2): ``moving`` registered onto ``fixed``."""
         fixed = np.asarray(fixed, dtype=np.float64)
@@ -10479,7 +10488,7 @@ class _AdaptiveMethod(_ToolboxMethod):
             run.hand_over(raw_d, reg, valid, uv.transpose(0, 2, 3, 1), jobs)
 
     def _warp(self, run, t, uv, raw_d, reg, valid):
-        run.stats[:, t] = _nb_warp_field(uv, raw_d, self.fill, run.method, reg, valid)
+        run.stats[:, t] = run.backend.warp(raw_d, uv, self.fill, run.method, reg, valid)
 
 
 def _stage1_method(opts, name="recording", quiet=False):

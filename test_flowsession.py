@@ -2923,6 +2923,23 @@ def test_flowreg_backend_params_are_checked(params, match):
         fs.make_backend("flowreg", params)
 
 
+def test_default_stage1_path_warps_through_the_backend(tmp_path, monkeypatch):
+    # The backend protocol's warp is what the default path warps every released frame
+    # with (so a backend that keeps its fields on its device can warp there too).
+    calls = []
+    warp = fs.FlowregBackend.warp
+
+    def spy(self, raw, uv, fill, method, reg, valid):
+        calls.append(raw.shape)
+        return warp(self, raw, uv, fill, method, reg, valid)
+
+    monkeypatch.setattr(fs.FlowregBackend, "warp", spy)
+    frames, _ = fs.synthetic_recording(12, (32, 32), 1, seed=2)
+    cfg = _stage1_config(tmp_path, {"rec.h5": frames}, quality_setting="fast")
+    fs.run_stage1(cfg)
+    assert calls == [(32, 32, 1)] * 12
+
+
 def test_flows_callback_start_and_toolbox_warp_agree_with_plain_calls():
     # flows(..., then=...) hands each frame's own field to the callback; an init from
     # start() (converted once) gives the same fields as the plain array; the flowreg

@@ -264,6 +264,25 @@ def test_effective_min_level(quality, expected):
     assert explicit.effective_min_level == 2 and explicit.quality_setting == quality
 
 
+def test_all_names_every_public_name():
+    # __all__ is the public index: every public function, class and constant the module
+    # defines is in it, in sorted order.
+    import ast
+
+    public = set()
+    for node in ast.parse((HERE / "flowsession.py").read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            targets = [e for t in node.targets for e in getattr(t, "elts", [t])]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+        else:
+            continue
+        public |= {n for n in names if not n.startswith("_") and n != "log"}
+    assert sorted(public - set(fs.__all__)) == []
+    assert fs.__all__ == sorted(fs.__all__) and all(hasattr(fs, n) for n in fs.__all__)
+
+
 def test_every_field_has_a_rule():
     assert list(fs._CFG_FLOW_RULES) == [f.name for f in fs.dataclasses.fields(fs.FlowOptions)]
     session = [f.name for f in fs._cfg_fields(fs.SessionConfig)]  # settings, not plane/parent

@@ -430,6 +430,140 @@ def cross_day(a):
     )
 
 
+def session_of(averages, root, frames=3):
+    """A session folder of one recording per average (``frames`` copies of it, uint16
+    TIFF) whose Stage 1 has run, centred on the first; returns its ``SessionConfig``."""
+    import tifffile
+
+    os.makedirs(root, exist_ok=True)
+    for k, avg in enumerate(averages):
+        a = np.asarray(avg, dtype=np.float64)[..., 0]
+        img = np.round(60000.0 * (a - a.min()) / max(np.ptp(a), 1e-12)).astype(np.uint16)
+        tifffile.imwrite(
+            os.path.join(root, f"rec_{k:02d}.tif"),
+            np.repeat(img[None], frames, 0),
+            imagej=True,
+            metadata={"axes": "TYX"},
+        )
+    cfg = fs.SessionConfig(
+        root=root,
+        pattern="rec_*.tif",
+        center="rec_00.tif",
+        n_workers=2,
+        flow_options={"quality_setting": "fast", "reference_frames": list(range(frames))},
+    )
+    fs.run_stage1(cfg)
+    return cfg
+
+
+def stage2_timing(a):
+    """Wall time of ``run_stage2`` on the cross-day session (six 512-px averages from
+    ``--mean``), without and with the error estimate, in one run, and the load around it."""
+    days = load_days(a.mean, 1 + len(CROSS_DAY))
+    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+    averages, _, _, _ = cross_day_session(days, masks, a.cross_seed)
+    cfg = dataclasses.replace(
+        session_of(averages, tempfile.mkdtemp(prefix="fs-stage2-time-")), resume=False
+    )
+    print(f"Stage 2 of {len(averages)} recordings of {averages.shape[1]}x{averages.shape[2]}:")
+    for _ in range(a.repeats):
+        for label, on in (("without the error estimate", False), ("with the error estimate", True)):
+            fs.STAGE2_ESTIMATE = on
+            load0 = os.getloadavg()[0]
+            t0 = time.monotonic()
+            fs.run_stage2(cfg)
+            dt = time.monotonic() - t0
+            print(
+                f"  {label:28} {dt:6.1f} s   (load average {load0:.1f} before, "
+                f"{os.getloadavg()[0]:.1f} after)",
+                flush=True,
+            )
+    fs.STAGE2_ESTIMATE = True
+
+
+def wrong_field(shape, amp, seed):
+    """A smooth error field of mean size about ``amp`` px (a wrong alignment)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    e = np.stack([gaussian_filter(rng.standard_normal(shape), shape[0] / 6) for _ in (0, 1)], -1)
+    e += rng.standard_normal(2)[None, None, :] * np.abs(e).mean()
+    return amp * e / np.hypot(e[..., 0], e[..., 1]).mean()
+
+
+def estimate_rows(label, averages, fields, G, names, cfg, spoil=()):
+    """(case, recording, true endpoint error, estimate) of each non-center recording, the
+    fields of ``spoil`` (index, error field) given an error first."""
+    fields = fields.copy()
+    for k, err in spoil:
+        fields[k] = fields[k] + err
+    H, W = averages.shape[1:3]
+    border = max(4, round(0.08 * min(H, W)))
+    t0 = time.monotonic()
+    est = fs._stage2_error_estimates(averages, fields, 0, cfg)
+    dt = time.monotonic() - t0
+    rows = []
+    for k in range(1, len(averages)):
+        true = epe(fields[k], G[k], eval_mask(G[k], border))
+        rows.append((label, names[k], true, est[k]))
+    return rows, dt
+
+
+def estimate_table(a):
+    """Estimated against true Stage-2 error per recording: the cross-day cases (``--mean``)
+    and a make_synth session, as Stage 2 aligns them and with one or two recordings
+    given a wrong field (a smooth error of known size added to the computed one)."""
+    work = tempfile.mkdtemp(prefix="fs-stage2-est-")
+    cfg = fs.SessionConfig(root=work, pattern="*.none")
+    sessions = []
+    if a.mean:
+        days = load_days(a.mean, 1 + len(CROSS_DAY))
+        masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+        averages, G, _, names = cross_day_session(days, masks, a.cross_seed)
+        sessions.append(("real", averages, G, names))
+    for size in a.sizes:
+        averages, G = make_session(work, size, a.frames, 6, a.seed, a.make_synth)
+        sessions.append((f"synth{size}", averages, G, [f"rec_{k:02d}" for k in range(6)]))
+    rows, times = [], []
+    for label, averages, G, names in sessions:
+        fields = np.stack(
+            [np.zeros(averages.shape[1:3] + (2,))]
+            + [fs.compute_between_displacement(averages[0], avg, cfg) for avg in averages[1:]]
+        )
+        shape = averages.shape[1:3]
+        cases = [
+            (f"{label}", ()),
+            (f"{label}, 2nd +3 px", ((2, wrong_field(shape, 3.0, 1)),)),
+            (f"{label}, 4th +1 px", ((4, wrong_field(shape, 1.0, 2)),)),
+            (
+                f"{label}, 1st +8, 3rd +0.7 px",
+                ((1, wrong_field(shape, 8.0, 3)), (3, wrong_field(shape, 0.7, 4))),
+            ),
+            (f"{label}, 5th +25 px", ((5, wrong_field(shape, 25.0, 5)),)),
+        ]
+        for case, spoil in cases:
+            r, dt = estimate_rows(case, averages, fields, G, names, cfg, spoil)
+            rows += r
+            times.append(dt)
+            for case_, name, true, est in r:
+                e = "-" if est is None else f"{est:.2f}"
+                print(f"{case_:28} {name:12} {true:8.2f} {e:>8}", flush=True)
+    t = np.array([r[2] for r in rows])
+    e = np.array([np.nan if r[3] is None else r[3] for r in rows])
+    ok = np.isfinite(e)
+    ratio = e[ok] / t[ok]
+    print(
+        f"{ok.sum()} recordings: Pearson r {np.corrcoef(t[ok], e[ok])[0, 1]:.3f}, "
+        f"of the logs {np.corrcoef(np.log(t[ok]), np.log(e[ok]))[0, 1]:.3f}; estimate / "
+        f"true: median {np.median(ratio):.2f}, 10th-90th percentile "
+        f"{np.percentile(ratio, 10):.2f}-{np.percentile(ratio, 90):.2f}; "
+        f"{np.mean(times):.1f} s per estimate"
+    )
+    print(
+        json.dumps([[c, n, round(x, 3), None if y is None else round(y, 3)] for c, n, x, y in rows])
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256])
@@ -446,7 +580,24 @@ def main():
     ap.add_argument("--rois", help="neurofinder regions.json of the cells of --mean")
     ap.add_argument("--before", help="another flowsession.py whose default is compared")
     ap.add_argument("--cross-seed", type=int, default=1)
+    ap.add_argument(
+        "--timing",
+        action="store_true",
+        help="time run_stage2 on the --mean session without and with the error estimate",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="--timing: alternating repeats")
+    ap.add_argument(
+        "--estimate",
+        action="store_true",
+        help="the error estimate against the true error (--mean cases, make_synth --sizes)",
+    )
     a = ap.parse_args()
+    if a.estimate:
+        estimate_table(a)
+        return
+    if a.timing:
+        stage2_timing(a)
+        return
     if a.mean:
         cross_day(a)
     if not a.sizes:

@@ -12432,6 +12432,10 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         alignment=quality,
         in_session_mask=in_mask,
     )
+    for q, d in zip(quality, folders, strict=True):
+        # the QC figure says how each field was reached and how far it may be off
+        rec = _load_status(d).get("stage2", {})
+        q["via"], q["estimated_error_px"] = rec.get("via"), rec.get("estimated_error_px")
     traces = []
     for d in folders:
         try:
@@ -12524,7 +12528,11 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
         rec.update({f"stage2_{k}": _nan_to_none(v[i]) for k, v in extra.items()})
         # the path of the Stage-2 field: through another recording where the direct
         # alignment onto the center was not credible, else direct (None)
-        rec["stage2_via"] = _load_status(folders[i]).get("stage2", {}).get("via")
+        stage2_rec = _load_status(folders[i]).get("stage2", {})
+        rec["stage2_via"] = stage2_rec.get("via")
+        # the alignment error estimated from the cycles between recordings (px; None for
+        # the center, with fewer than three recordings, and for stage2_method "matlab")
+        rec["stage2_estimated_error_px"] = stage2_rec.get("estimated_error_px")
         rec.update(_bidi_quality(folders[i]))
         stage2[name] = rec
     report = save_quality_report(
@@ -12894,6 +12902,10 @@ def _alignment_arrays(alignment, in_session_mask, n):
 def _qc_mark_alignment(ax, q, in_session_mask, i):
     """Stage 2 quality under an "after" panel; red frame and label when not credible."""
     text = f"overlap r {q['correlation_before']:.2f} -> {q['correlation_after']:.2f}"
+    if q.get("estimated_error_px") is not None:
+        text += f"\nestimated error {q['estimated_error_px']:.2f} px"
+    if q.get("via"):
+        text += f"\naligned via {q['via']}"
     color = "black"
     if not q["credible"]:
         left_out = in_session_mask is not None and not in_session_mask[i]
@@ -12964,7 +12976,10 @@ def save_qc_figure(
     alignment : sequence of N dict, optional
         ``stage2_alignment_quality`` per recording: its correlation with the
         center in the valid overlap, before -> after, under the "after" panel; a
-        recording that is not credible is framed in red and labelled so.
+        recording that is not credible is framed in red and labelled so. Optional
+        keys ``estimated_error_px`` (Stage 2's estimate from the cycles between
+        recordings) and ``via`` (the recording its field was composed through) are
+        written there too.
     in_session_mask : sequence of N bool, optional
         Whether each recording entered the final mask (the label says if not).
 
@@ -13685,6 +13700,9 @@ def session_status(config):
             "stage3": "done" if stage3[final][0] and f.stem in stage3[final][1] else "-",
             "task_state": states.get(task, "") if task else "",
             "error": "",
+            "stage2_via": st.get("stage2", {}).get("via"),
+            "stage2_error_px": st.get("stage2", {}).get("estimated_error_px"),
+            "stage2_center": st.get("stage2", {}).get("center") == f.name,
         }
         if task:
             logf = os.path.join(
@@ -14457,12 +14475,26 @@ def _cmd_status(args):
         planes = None
     for k, cfg in enumerate(planes or [config]):
         _print_quality(*session_quality(cfg), title=f"quality plane{k}" if planes else "quality")
+    _print_stage2_paths(rows)
     failed = [
         r
         for r in rows
         if r["task_state"] in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
     ]
     return 1 if failed else 0
+
+
+def _print_stage2_paths(rows):
+    """Per recording aligned by Stage 2: its estimated alignment error and the path its
+    field took onto the center (direct, or via another recording)."""
+    done = [r for r in rows if r.get("stage2") == "done"]
+    if not any(r.get("stage2_error_px") is not None or r.get("stage2_via") for r in done):
+        return
+    print(f"\n{'stage 2':24} {'est. error px':>13} path onto the center")
+    for r in done:
+        path = f"via {r['stage2_via']}" if r.get("stage2_via") else "direct"
+        path = "(the center)" if r.get("stage2_center") else path
+        print(f"{r['recording']:24} {_fmt_num(r.get('stage2_error_px'), '.2f'):>13} {path}")
 
 
 def _print_quality(rows, session, title="quality"):

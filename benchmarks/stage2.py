@@ -33,6 +33,19 @@ median centroid distance (px) and mean IoU.  ``--before FILE``: another ``flowse
 as a column; ``translation+flow`` is the default method without its global model.
 
     python benchmarks/stage2.py --sizes --mean movie.npy --rois regions.json --before b/flowsession.py
+
+The error estimate (``--estimate``): per recording of the cross-day session and of a make_synth
+session of six recordings (``--sizes``), Stage 2's estimated error against the true one, as
+aligned and with one or two fields given a smooth error of known size. ``--timing``: the
+cross-day session written as six 3-frame recordings, Stage 1 run, then ``run_stage2`` timed
+without and with the estimate, alternating ``--repeats`` times. ``--safeguard``: whether a
+recording ends worse than its rigid shift or its field's affine part, on the cross-day cases
+and on days that share only part of their content with the center, and what the structure
+correlation and the cycle estimate would choose.
+
+    python benchmarks/stage2.py --estimate --sizes 256 --mean movie.npy --rois regions.json
+    python benchmarks/stage2.py --timing --repeats 2 --mean movie.npy --rois regions.json
+    python benchmarks/stage2.py --safeguard --mean movie.npy --rois regions.json
 """
 
 import argparse
@@ -564,6 +577,86 @@ def estimate_table(a):
     )
 
 
+def affine_part(w, border):
+    """The least-squares affine fit of a field (its global part), inside ``border``."""
+    H, W = w.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    sl = (slice(border, H - border), slice(border, W - border))
+    A = np.stack([np.ones(xx[sl].size), xx[sl].ravel(), yy[sl].ravel()], 1)
+    out = np.empty_like(w)
+    for k in (0, 1):
+        c = np.linalg.lstsq(A, w[sl][..., k].ravel(), rcond=None)[0]
+        out[..., k] = c[0] + c[1] * xx + c[2] * yy
+    return out
+
+
+def safeguard_table(a):
+    """Would a recording end better on the global part of its field than on the flow's?
+    Per recording of the cross-day sessions (``--mean``, seeds 3 and 4) and of sessions
+    whose days share only part of their content with the center (the rest the movie
+    turned upside down): the true error of the rigid shift, of the Stage-2 field's affine
+    part and of the field; the structure correlation and the cycle estimate of the affine
+    part and of the field (and of the rigid shift); and the rules "keep the affine part
+    (the rigid shift) where the field's estimate is over twice its estimate and 0.3 px
+    more"."""
+    days = load_days(a.mean, 1 + len(CROSS_DAY))
+    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+    cfg = fs.SessionConfig(root=tempfile.mkdtemp(prefix="fs-stage2-guard-"), pattern="*.none")
+    flip = days[:, ::-1, ::-1].copy()
+    sessions = [(f"real s{seed}", days, masks, seed) for seed in (3, 4)]
+    for share, seed in ((0.45, 3), (0.3, 5), (0.2, 6), (0.2, 3)):
+        mixed = share * days + (1.0 - share) * np.roll(flip, 1, axis=0)
+        sessions.append((f"shared {share:.0%} s{seed}", mixed, [], seed))
+    print(
+        f"{'session':16} {'recording':12} {'rigid':>6} {'affine':>6} {'field':>6} "
+        f"{'r aff':>6} {'r fld':>6} {'e rig':>6} {'e aff':>6} {'e fld':>6} guard"
+    )
+    res = []
+    for label, d, m, seed in sessions:
+        averages, G, _, names = cross_day_session(d, m, seed)
+        if label.startswith("shared"):  # the center as it is: only the days mix
+            averages[0] = lighting(days[0], None, np.random.default_rng(0))[..., None]
+        H, W = averages.shape[1:3]
+        border = max(4, round(0.08 * min(H, W)))
+        zero = np.zeros((H, W, 2))
+        fields, parts, rigid = [zero], [zero], [zero]
+        for avg in averages[1:]:
+            w = fs.compute_between_displacement(averages[0], avg, cfg)
+            dx, dy, _, _ = fs.stage2_rigid_shift(averages[0], avg, cfg.cc_upsample)
+            fields.append(w)
+            parts.append(affine_part(w, border))
+            rigid.append(np.broadcast_to(np.array([dx, dy]), (H, W, 2)))
+        e_f = fs._stage2_error_estimates(averages, fields, 0, cfg)
+        e_a = fs._stage2_error_estimates(averages, parts, 0, cfg)
+        e_r = fs._stage2_error_estimates(averages, rigid, 0, cfg)
+        for k in range(1, len(averages)):
+            mask = eval_mask(G[k], border)
+            tr, ta, tf = (epe(x[k], G[k], mask) for x in (rigid, parts, fields))
+            ra, rf = (
+                fs.stage2_alignment_quality(averages[0], averages[k], x[k])["correlation_after"]
+                for x in (parts, fields)
+            )
+            keep_part = e_f[k] > 2 * e_a[k] and e_f[k] - e_a[k] > 0.3
+            keep_rigid = e_f[k] > 2 * e_r[k] and e_f[k] - e_r[k] > 0.3
+            res.append((tr, ta, tf, ta if keep_part else tf, ra > rf, tr if keep_rigid else tf))
+            print(
+                f"{label:16} {names[k]:12} {tr:6.2f} {ta:6.2f} {tf:6.2f} {ra:6.3f} {rf:6.3f} "
+                f"{e_r[k]:6.2f} {e_a[k]:6.2f} {e_f[k]:6.2f} "
+                f"{'affine part' if keep_part else '-'} {'rigid' if keep_rigid else '-'}",
+                flush=True,
+            )
+    r = np.array(res)
+    print(
+        f"{len(r)} recordings: the field worse than the rigid shift in {int((r[:, 2] > r[:, 0]).sum())}, "
+        f"than its affine part in {int((r[:, 2] > r[:, 1]).sum())}; the correlation prefers the "
+        f"affine part in {int(r[:, 4].sum())}; mean error: field {r[:, 2].mean():.3f}, affine "
+        f"part {r[:, 1].mean():.3f}, with the rule {r[:, 3].mean():.3f} px "
+        f"(worse than the field in {int((r[:, 3] > r[:, 2] + 1e-9).sum())}), with the rigid "
+        f"rule {r[:, 5].mean():.3f} px (worse than the field in "
+        f"{int((r[:, 5] > r[:, 2] + 1e-9).sum())})"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256])
@@ -591,7 +684,15 @@ def main():
         action="store_true",
         help="the error estimate against the true error (--mean cases, make_synth --sizes)",
     )
+    ap.add_argument(
+        "--safeguard",
+        action="store_true",
+        help="the field against its affine part and the rigid shift, and a cycle-based guard",
+    )
     a = ap.parse_args()
+    if a.safeguard:
+        safeguard_table(a)
+        return
     if a.estimate:
         estimate_table(a)
         return

@@ -185,6 +185,11 @@ __all__ = [
     "STAGE2_CHANCE",
     "STAGE2_COARSEST",
     "STAGE2_DEFAULTS",
+    "STAGE2_ESTIMATE",
+    "STAGE2_ESTIMATE_BORDER",
+    "STAGE2_ESTIMATE_GAIN",
+    "STAGE2_ESTIMATE_NEIGHBOURS",
+    "STAGE2_ESTIMATE_SIDE",
     "STAGE2_FLOW",
     "STAGE2_GLOBAL_GAIN",
     "STAGE2_GLOBAL_MAX_ANGLE",
@@ -9331,8 +9336,11 @@ def _masked_correlation(a, b, mask):
     if x.size < 2:
         return float("nan")
     x, y = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
-    return float(np.dot(x, y) / den) if den > 0 else float("nan")
+    # einsum, not np.dot: BLAS's threads, on cores other work keeps busy, made each call
+    # of a 512-px frame take tens of ms instead of a fraction of one (Stage 2 calls it
+    # dozens of times a recording)
+    den = math.sqrt(float(np.einsum("i,i->", x, x)) * float(np.einsum("i,i->", y, y)))
+    return float(np.einsum("i,i->", x, y) / den) if den > 0 else float("nan")
 
 
 ###############################################################################
@@ -11856,6 +11864,7 @@ def run_stage2(config):
                 )
             )
     _stage2_chains(config, files, middle_idx, ref, avgs, fields, backend)
+    _stage2_record_estimates(config, files, middle_idx, avgs, fields, backend)
     with _folder_lock(center_folder, center_file.name):
         if _array_digest(_load_average(center_folder, center_file.name, "Stage 2")) != (
             _array_digest(ref)
@@ -11932,6 +11941,180 @@ def _stage2_chains(config, files, middle_idx, ref, avgs, fields, backend):
             rec.update(via=files[j].name, via_average=_array_digest(avgs[j]))
             _update_status(folder, "stage2", rec)
         fields[i] = w
+
+
+#: The alignment error estimate of the "flowsession" Stage 2 (``_stage2_error_estimates``):
+#: its pair alignments run on the averages reduced (Gaussian of half the factor, then
+#: every f-th pixel) to a smaller side of at least STAGE2_ESTIMATE_SIDE px: 3.2 s for the
+#: 10 pairs of six 512-px days on two loaded cores against 8.2 s at 256 px. The cycles
+#: cannot see the part of the error every path shares (measured at 256 px: 0.55-0.65 of the
+#: true error on well aligned recordings, 1.0 on wrong ones); the coarser pairs add about
+#: that much error of their own, so at 128 px the estimate over true error is 0.86-1.32
+#: (10th-90th percentile, median 1.02, gain 1) over the 50 recordings of
+#: ``benchmarks/stage2.py --estimate``. Each recording is paired with the next
+#: STAGE2_ESTIMATE_NEIGHBOURS in session order (cyclically), so the pairs grow with N, not
+#: N^2 (all pairs up to 5 recordings besides the center); STAGE2_ESTIMATE_GAIN scales the
+#: result; the discrepancy is averaged inside a border of STAGE2_ESTIMATE_BORDER.
+STAGE2_ESTIMATE = True
+STAGE2_ESTIMATE_SIDE = 128
+STAGE2_ESTIMATE_NEIGHBOURS = 2
+STAGE2_ESTIMATE_GAIN = 1.0
+STAGE2_ESTIMATE_BORDER = 0.08
+
+
+def _stage2_record_estimates(config, files, middle_idx, avgs, fields, backend):
+    """``_stage2_error_estimates`` of the session's fields, logged and written into each
+    recording's Stage-2 record (``estimated_error_px``; ``estimate_key`` names the averages
+    and fields it was made from, so a rerun that changed none of them reuses it)."""
+    if not STAGE2_ESTIMATE:
+        return
+    folders = [_recording_folder(config, f) for f in files]
+    key = _digest(
+        [_array_digest(a) for a in avgs]
+        + [_array_digest(np.asarray(w, dtype=np.float64)) for w in fields]
+        + [_stage2_params(config)]
+    )
+    records = [_load_status(d).get("stage2", {}) for d in folders]
+    if all(r.get("estimate_key") == key and "estimated_error_px" in r for r in records):
+        return
+    t0 = time.monotonic()
+    est = _interruptible(
+        lambda: _stage2_error_estimates(avgs, fields, middle_idx, config, backend),
+        "in Stage 2 while estimating the alignment errors",
+    )
+    if any(e is not None for e in est):
+        log.info(
+            "Stage 2: estimated alignment error from the cycles between recordings "
+            "(px): %s (%.1f s)",
+            ", ".join(
+                f"{f.name} {_fmt_num(e, '.2f')}" for f, e in zip(files, est) if e is not None
+            ),
+            time.monotonic() - t0,
+        )
+    for f, d, e in zip(files, folders, est):
+        with _folder_lock(d, f.name):
+            rec = dict(_load_status(d).get("stage2", {}))
+            if rec.get("state") != "done":
+                continue
+            rec.update(estimated_error_px=e, estimate_key=key)
+            _update_status(d, "stage2", rec)
+
+
+def _stage2_cycle_pairs(n, neighbours=None):
+    """Pairs ``(a, b)``, a < b, of ``n`` recordings: each with its next ``neighbours``
+    (cyclically); every recording is in a triangle from 3 recordings on."""
+    k = min(STAGE2_ESTIMATE_NEIGHBOURS if neighbours is None else neighbours, n // 2)
+    return sorted({tuple(sorted((i, (i + s) % n))) for i in range(n) for s in range(1, k + 1)})
+
+
+def _stage2_reduced(a, f):
+    """``a`` ``(H, W, C)`` reduced by the integer factor ``f`` (Gaussian of ``f / 2``, then
+    every f-th pixel: pixel i of the result is pixel ``f i`` of ``a``)."""
+    a = np.asarray(a, dtype=np.float64)
+    a = a[..., None] if a.ndim == 2 else a
+    if f == 1:
+        return a
+    g = gaussian_filter_video(a[None], [[0.5 * f, 0.5 * f, 0.0]] * a.shape[2])[0]
+    return np.ascontiguousarray(g[::f, ::f])
+
+
+def _stage2_cycle_discrepancy(w_a, w_b, w_ba, border):
+    """Mean ``|w_a - (w_b then w_ba)|`` (px) over the pixels inside ``border`` whose
+    matches through ``w_a`` and ``w_b`` lie in the frame; NaN where none do."""
+    H, W = w_a.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W]
+    keep = np.zeros((H, W), dtype=bool)
+    keep[border : H - border, border : W - border] = True
+    for w in (w_a, w_b):
+        x, y = xx + w[..., 0], yy + w[..., 1]
+        keep &= (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    if keep.sum() < 64:
+        return float("nan")
+    d = w_a - _compose_fields(w_b, w_ba)
+    return float(np.hypot(d[..., 0], d[..., 1])[keep].mean())
+
+
+def _stage2_error_estimates(averages, fields, center, config, backend=None):
+    """Estimated alignment error (px) of each recording's Stage-2 field, without the truth.
+
+    The recordings other than the center are aligned onto each other in pairs
+    (``_stage2_cycle_pairs``; ``compute_between_displacement`` on the averages reduced to
+    ``STAGE2_ESTIMATE_SIDE`` px). Each pair (a, b) closes a cycle: the center's grid
+    through b's field and the pair's onto a against a's own field; their mean distance
+    ``D_ab`` holds both recordings' errors, so ``e_a^2 + e_b^2 = D_ab^2`` over the pairs is
+    solved for every ``e`` (least squares, minimum norm, clipped at 0) and
+    ``STAGE2_ESTIMATE_GAIN * e`` reported. A pair whose own alignment is not credible
+    closes no cycle. None for the center, for every recording of a session of fewer than
+    three (no cycle), for one that no credible pair reaches, and for ``stage2_method =
+    "matlab"`` (the toolbox's recipe reports none). With three recordings the one cycle
+    cannot tell which of the two erred: each gets ``D / sqrt(2)``.
+
+    What it cannot see: an error every path shares (all alignments wrong alike, e.g. the
+    center's own blur or a deformation all days share against it) cancels in the cycles;
+    a recording aligned through another (``via``) shares that one's path, so its cycle
+    through it reads only the pair's error.
+    """
+    n = len(averages)
+    out = [None] * n
+    others = [i for i in range(n) if i != center]
+    if config.stage2_method == "matlab" or len(others) < 2:
+        return out
+    if backend is None:
+        backend = make_backend(config.flow_backend, config.backend_params)
+    H, W = np.shape(averages[0])[:2]
+    f = max(1, min(H, W) // STAGE2_ESTIMATE_SIDE)
+    low = {i: _stage2_reduced(averages[i], f) for i in others}
+    w_low = {i: np.asarray(fields[i], dtype=np.float64)[::f, ::f] / f for i in others}
+    h, w = low[others[0]].shape[:2]
+    border = max(2, round(STAGE2_ESTIMATE_BORDER * min(h, w)))
+    rows, rhs = [], []
+    for a, b in _stage2_cycle_pairs(len(others)):
+        ia, ib = others[a], others[b]
+        _check_stop("in Stage 2 while estimating the alignment errors")
+        w_ba = compute_between_displacement(low[ib], low[ia], config, backend)
+        if not stage2_alignment_quality(low[ib], low[ia], w_ba)["credible"]:
+            log.debug("Stage 2 estimate: the pair %d -> %d is not credible", ia, ib)
+            continue
+        d = f * _stage2_cycle_discrepancy(w_low[ia], w_low[ib], w_ba, border)
+        if np.isfinite(d):
+            row = np.zeros(len(others))
+            row[[a, b]] = 1.0
+            rows.append(row)
+            rhs.append(d)
+    if not rows:
+        return out
+    e = _stage2_share_errors(np.array(rows), np.array(rhs))
+    for k, i in enumerate(others):
+        if np.isfinite(e[k]):
+            out[i] = STAGE2_ESTIMATE_GAIN * float(e[k])
+    return out
+
+
+def _stage2_share_errors(A, D, rounds=10):
+    """Per recording the error ``e`` that pairs' cycle discrepancies ``D`` (one per row of
+    ``A``, which marks the pair's two recordings) hold: ``D_ab^2 = e_a^2 + e_b^2``.
+
+    Each pair's ``D_ab^2`` is shared between its two recordings in proportion to their
+    present ``e^2`` and each recording's shares averaged, repeated from ``e_a = min_b
+    D_ab`` (no recording errs more than its best cycle shows). A recording tens of px off
+    then takes its pairs' discrepancies whole and lends the others none of their noise,
+    which solving the squares directly (differences of nearly equal large numbers) would.
+    Equal errors get ``D / sqrt(2)`` each. NaN for a recording no pair reaches."""
+    D = np.asarray(D, dtype=np.float64)
+    count = A.sum(axis=0)
+    pairs = [tuple(np.flatnonzero(row)) for row in A]
+    e2 = np.full(A.shape[1], np.inf)
+    for (a, b), d in zip(pairs, D):
+        e2[a], e2[b] = min(e2[a], d * d), min(e2[b], d * d)
+    e2 = np.where(np.isfinite(e2), np.maximum(e2, 1e-12), 0.0)
+    for _ in range(rounds):
+        new = np.zeros_like(e2)
+        for (a, b), d in zip(pairs, D):
+            share = e2[a] / (e2[a] + e2[b])
+            new[a] += d * d * share
+            new[b] += d * d * (1.0 - share)
+        e2 = np.maximum(new / np.maximum(count, 1), 1e-12)
+    return np.where(count > 0, np.sqrt(e2), np.nan)
 
 
 def _stage2_expected(config, center_file, ref, avg):
@@ -12254,6 +12437,10 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         alignment=quality,
         in_session_mask=in_mask,
     )
+    for q, d in zip(quality, folders, strict=True):
+        # the QC figure says how each field was reached and how far it may be off
+        rec = _load_status(d).get("stage2", {})
+        q["via"], q["estimated_error_px"] = rec.get("via"), rec.get("estimated_error_px")
     traces = []
     for d in folders:
         try:
@@ -12346,7 +12533,11 @@ def _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final):
         rec.update({f"stage2_{k}": _nan_to_none(v[i]) for k, v in extra.items()})
         # the path of the Stage-2 field: through another recording where the direct
         # alignment onto the center was not credible, else direct (None)
-        rec["stage2_via"] = _load_status(folders[i]).get("stage2", {}).get("via")
+        stage2_rec = _load_status(folders[i]).get("stage2", {})
+        rec["stage2_via"] = stage2_rec.get("via")
+        # the alignment error estimated from the cycles between recordings (px; None for
+        # the center, with fewer than three recordings, and for stage2_method "matlab")
+        rec["stage2_estimated_error_px"] = stage2_rec.get("estimated_error_px")
         rec.update(_bidi_quality(folders[i]))
         stage2[name] = rec
     report = save_quality_report(
@@ -12716,6 +12907,10 @@ def _alignment_arrays(alignment, in_session_mask, n):
 def _qc_mark_alignment(ax, q, in_session_mask, i):
     """Stage 2 quality under an "after" panel; red frame and label when not credible."""
     text = f"overlap r {q['correlation_before']:.2f} -> {q['correlation_after']:.2f}"
+    if q.get("estimated_error_px") is not None:
+        text += f"\nestimated error {q['estimated_error_px']:.2f} px"
+    if q.get("via"):
+        text += f"\naligned via {q['via']}"
     color = "black"
     if not q["credible"]:
         left_out = in_session_mask is not None and not in_session_mask[i]
@@ -12786,7 +12981,10 @@ def save_qc_figure(
     alignment : sequence of N dict, optional
         ``stage2_alignment_quality`` per recording: its correlation with the
         center in the valid overlap, before -> after, under the "after" panel; a
-        recording that is not credible is framed in red and labelled so.
+        recording that is not credible is framed in red and labelled so. Optional
+        keys ``estimated_error_px`` (Stage 2's estimate from the cycles between
+        recordings) and ``via`` (the recording its field was composed through) are
+        written there too.
     in_session_mask : sequence of N bool, optional
         Whether each recording entered the final mask (the label says if not).
 
@@ -13507,6 +13705,9 @@ def session_status(config):
             "stage3": "done" if stage3[final][0] and f.stem in stage3[final][1] else "-",
             "task_state": states.get(task, "") if task else "",
             "error": "",
+            "stage2_via": st.get("stage2", {}).get("via"),
+            "stage2_error_px": st.get("stage2", {}).get("estimated_error_px"),
+            "stage2_center": st.get("stage2", {}).get("center") == f.name,
         }
         if task:
             logf = os.path.join(
@@ -14279,12 +14480,26 @@ def _cmd_status(args):
         planes = None
     for k, cfg in enumerate(planes or [config]):
         _print_quality(*session_quality(cfg), title=f"quality plane{k}" if planes else "quality")
+    _print_stage2_paths(rows)
     failed = [
         r
         for r in rows
         if r["task_state"] in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
     ]
     return 1 if failed else 0
+
+
+def _print_stage2_paths(rows):
+    """Per recording aligned by Stage 2: its estimated alignment error and the path its
+    field took onto the center (direct, or via another recording)."""
+    done = [r for r in rows if r.get("stage2") == "done"]
+    if not any(r.get("stage2_error_px") is not None or r.get("stage2_via") for r in done):
+        return
+    print(f"\n{'stage 2':24} {'est. error px':>13} path onto the center")
+    for r in done:
+        path = f"via {r['stage2_via']}" if r.get("stage2_via") else "direct"
+        path = "(the center)" if r.get("stage2_center") else path
+        print(f"{r['recording']:24} {_fmt_num(r.get('stage2_error_px'), '.2f'):>13} {path}")
 
 
 def _print_quality(rows, session, title="quality"):

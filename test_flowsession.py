@@ -7596,3 +7596,122 @@ def test_temporal_model_keeps_the_motion_of_a_short_recording():
     blocks = model.push(w, s, list(range(T)), halves) + model.flush()
     f = np.concatenate([model.fields(b) for b in blocks]).mean(axis=(2, 3))
     assert np.abs(f - truth).mean() < 0.3
+
+
+###############################################################################
+### Stage 2: error estimate and chain path
+###############################################################################
+
+
+def _shifted_session(n, size=128, seed=4):
+    """``n`` averages ``(H, W, 1)`` of one blob scene, recording k moved by a known shift
+    (recording 0 the center), and those shifts."""
+    shifts = [(0.0, 0.0)] + [
+        (3.0 * math.cos(1.3 * k) + k, 4.0 * math.sin(0.7 * k) - k) for k in range(1, n)
+    ]
+    avgs = [blobs((size, size), seed, s)[..., None] for s in shifts]
+    return avgs, shifts
+
+
+def _true_error(w, shift, b=16):
+    """Mean endpoint error of a field against a constant shift, a border of b px excluded."""
+    return float(np.hypot(w[b:-b, b:-b, 0] - shift[0], w[b:-b, b:-b, 1] - shift[1]).mean())
+
+
+def test_stage2_error_estimate_finds_a_recording_given_a_wrong_field(tmp_path):
+    # Five recordings besides the center, aligned by Stage 2; one field is then given a
+    # 3-px error (as a wrong alignment would leave). The cycles through the other four
+    # single it out: its estimate near its true error, the others' small.
+    avgs, shifts = _shifted_session(6)
+    cfg = fs.SessionConfig(root=tmp_path)
+    fields = [np.zeros((128, 128, 2))] + [
+        fs.compute_between_displacement(avgs[0], a, cfg) for a in avgs[1:]
+    ]
+    fields[3] = fields[3] + np.array([2.4, -1.8])
+    true = [_true_error(w, s) for w, s in zip(fields, shifts)]
+    est = fs._stage2_error_estimates(avgs, fields, 0, cfg)
+    assert est[0] is None
+    # measured 3.00 px against 2.99 true; the benchmark's estimate / true error of ten
+    # wrong fields was 0.86-1.19, hence 0.8-1.25
+    assert 0.8 * true[3] < est[3] < 1.25 * true[3], (est, true)
+    # the well aligned ones (measured 0.007-0.018 px, true 0.003-0.013 on these exact
+    # shifts): far below it
+    for k in (1, 2, 4, 5):
+        assert est[k] < 0.5 and est[k] < est[3] / 5, (k, est, true)
+
+
+def test_stage2_error_estimate_is_null_without_a_cycle(tmp_path):
+    # Two recordings: the only alignment closes no cycle, so there is no estimate, not a
+    # made-up number; the toolbox's recipe reports none either.
+    avgs, shifts = _shifted_session(3, size=96)
+    cfg = fs.SessionConfig(root=tmp_path)
+    w = fs.compute_between_displacement(avgs[0], avgs[1], cfg)
+    assert fs._stage2_error_estimates(avgs[:2], [np.zeros_like(w), w], 0, cfg) == [None, None]
+    matlab = dataclasses.replace(cfg, stage2_method="matlab")
+    fields = [np.zeros_like(w), w, fs.compute_between_displacement(avgs[0], avgs[2], cfg)]
+    assert fs._stage2_error_estimates(avgs, fields, 0, matlab) == [None, None, None]
+    # three recordings: one cycle, shared equally between its two (it cannot tell which
+    # erred); a 2-px error on one is seen as about 2 / sqrt(2) on each (measured 1.417
+    # against 1.414; the bounds those of a wrong field above)
+    fields[2] = fields[2] + np.array([2.0, 0.0])
+    est = fs._stage2_error_estimates(avgs, fields, 0, cfg)
+    assert est[0] is None and est[1] == pytest.approx(est[2])
+    assert 2.0 / math.sqrt(2) * 0.8 < est[1] < 2.0 / math.sqrt(2) * 1.25, est
+
+
+def test_stage2_estimate_and_chain_path_in_quality_status_and_qc(
+    tmp_path, monkeypatch, caplog, capsys
+):
+    # The lost-recording session: rec_03 reaches the center (rec_02) through rec_01.
+    # quality.json, `flowsession status` and the session QC figure say so, with each
+    # recording's estimated error.
+    recs, _, _, _ = fs.synthetic_session(3, 16, (64, 64), 1, seed=7)
+    cfg = _session_files(tmp_path, recs)
+    fs.run_stage1(cfg)
+    avg3 = np.load(cfg.output_root_path / "rec_03" / "temporal_average.npy")
+    ref = np.load(cfg.output_root_path / "rec_02" / "temporal_average.npy")
+    real = fs.compute_between_displacement
+
+    def wrong_onto_center(reference, average, config, backend=None):
+        w = real(reference, average, config, backend)
+        if np.array_equal(reference, ref) and np.array_equal(average, avg3):
+            w = w + 25.0
+        return w
+
+    monkeypatch.setattr(fs, "compute_between_displacement", wrong_onto_center)
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage2(cfg)
+    assert "estimated alignment error from the cycles" in caplog.text
+    records = {
+        n: fs._load_status(str(cfg.output_root_path / n))["stage2"]
+        for n in ("rec_01", "rec_02", "rec_03")
+    }
+    assert records["rec_02"]["estimated_error_px"] is None  # the center
+    # one cycle (rec_01, rec_03): each gets the same share; rec_03's field runs through
+    # rec_01, so the cycle shares its path and reads small (a documented blind spot)
+    e1, e3 = records["rec_01"]["estimated_error_px"], records["rec_03"]["estimated_error_px"]
+    assert e1 == pytest.approx(e3) and 0.0 <= e1 < 1.0, records
+    labels = {}
+    real_mark = fs._qc_mark_alignment
+
+    def mark(ax, q, in_session_mask, i):
+        real_mark(ax, q, in_session_mask, i)
+        labels[i] = ax.get_xlabel()
+
+    monkeypatch.setattr(fs, "_qc_mark_alignment", mark)
+    fs.run_stage3(cfg)
+    report = json.loads((cfg.final_results_path / "quality.json").read_text())
+    est = {n: r["stage2_estimated_error_px"] for n, r in report["recordings"].items()}
+    assert est == {"rec_01": e1, "rec_02": None, "rec_03": e3}, est
+    if _has("matplotlib"):
+        assert (
+            "aligned via rec_01.h5" in labels[2] and f"estimated error {e3:.2f} px" in (labels[2])
+        ), labels
+        assert "via" not in labels[0] and f"estimated error {e1:.2f} px" in labels[0]
+        assert "estimated error" not in labels[1] and "via" not in labels[1]
+    capsys.readouterr()
+    fs._print_stage2_paths(fs.session_status(cfg))
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert lines["rec_03.h5"].endswith("via rec_01.h5") and f"{e3:.2f}" in lines["rec_03.h5"]
+    assert lines["rec_01.h5"].endswith("direct") and f"{e1:.2f}" in lines["rec_01.h5"]
+    assert lines["rec_02.h5"].endswith("(the center)")

@@ -33,6 +33,19 @@ median centroid distance (px) and mean IoU.  ``--before FILE``: another ``flowse
 as a column; ``translation+flow`` is the default method without its global model.
 
     python benchmarks/stage2.py --sizes --mean movie.npy --rois regions.json --before b/flowsession.py
+
+The error estimate (``--estimate``): per recording of the cross-day session and of a make_synth
+session of six recordings (``--sizes``), Stage 2's estimated error against the true one, as
+aligned and with one or two fields given a smooth error of known size. ``--timing``: the
+cross-day session written as six 3-frame recordings, Stage 1 run, then ``run_stage2`` timed
+without and with the estimate, alternating ``--repeats`` times. ``--safeguard``: whether a
+recording ends worse than its rigid shift or its field's affine part, on the cross-day cases
+and on days that share only part of their content with the center, and what the structure
+correlation and the cycle estimate would choose.
+
+    python benchmarks/stage2.py --estimate --sizes 256 --mean movie.npy --rois regions.json
+    python benchmarks/stage2.py --timing --repeats 2 --mean movie.npy --rois regions.json
+    python benchmarks/stage2.py --safeguard --mean movie.npy --rois regions.json
 """
 
 import argparse
@@ -430,6 +443,220 @@ def cross_day(a):
     )
 
 
+def session_of(averages, root, frames=3):
+    """A session folder of one recording per average (``frames`` copies of it, uint16
+    TIFF) whose Stage 1 has run, centred on the first; returns its ``SessionConfig``."""
+    import tifffile
+
+    os.makedirs(root, exist_ok=True)
+    for k, avg in enumerate(averages):
+        a = np.asarray(avg, dtype=np.float64)[..., 0]
+        img = np.round(60000.0 * (a - a.min()) / max(np.ptp(a), 1e-12)).astype(np.uint16)
+        tifffile.imwrite(
+            os.path.join(root, f"rec_{k:02d}.tif"),
+            np.repeat(img[None], frames, 0),
+            imagej=True,
+            metadata={"axes": "TYX"},
+        )
+    cfg = fs.SessionConfig(
+        root=root,
+        pattern="rec_*.tif",
+        center="rec_00.tif",
+        n_workers=2,
+        flow_options={"quality_setting": "fast", "reference_frames": list(range(frames))},
+    )
+    fs.run_stage1(cfg)
+    return cfg
+
+
+def stage2_timing(a):
+    """Wall time of ``run_stage2`` on the cross-day session (six 512-px averages from
+    ``--mean``), without and with the error estimate, in one run, and the load around it."""
+    days = load_days(a.mean, 1 + len(CROSS_DAY))
+    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+    averages, _, _, _ = cross_day_session(days, masks, a.cross_seed)
+    cfg = dataclasses.replace(
+        session_of(averages, tempfile.mkdtemp(prefix="fs-stage2-time-")), resume=False
+    )
+    print(f"Stage 2 of {len(averages)} recordings of {averages.shape[1]}x{averages.shape[2]}:")
+    for _ in range(a.repeats):
+        for label, on in (("without the error estimate", False), ("with the error estimate", True)):
+            fs.STAGE2_ESTIMATE = on
+            load0 = os.getloadavg()[0]
+            t0 = time.monotonic()
+            fs.run_stage2(cfg)
+            dt = time.monotonic() - t0
+            print(
+                f"  {label:28} {dt:6.1f} s   (load average {load0:.1f} before, "
+                f"{os.getloadavg()[0]:.1f} after)",
+                flush=True,
+            )
+    fs.STAGE2_ESTIMATE = True
+
+
+def wrong_field(shape, amp, seed):
+    """A smooth error field of mean size about ``amp`` px (a wrong alignment)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    e = np.stack([gaussian_filter(rng.standard_normal(shape), shape[0] / 6) for _ in (0, 1)], -1)
+    e += rng.standard_normal(2)[None, None, :] * np.abs(e).mean()
+    return amp * e / np.hypot(e[..., 0], e[..., 1]).mean()
+
+
+def estimate_rows(label, averages, fields, G, names, cfg, spoil=()):
+    """(case, recording, true endpoint error, estimate) of each non-center recording, the
+    fields of ``spoil`` (index, error field) given an error first."""
+    fields = fields.copy()
+    for k, err in spoil:
+        fields[k] = fields[k] + err
+    H, W = averages.shape[1:3]
+    border = max(4, round(0.08 * min(H, W)))
+    t0 = time.monotonic()
+    est = fs._stage2_error_estimates(averages, fields, 0, cfg)
+    dt = time.monotonic() - t0
+    rows = []
+    for k in range(1, len(averages)):
+        true = epe(fields[k], G[k], eval_mask(G[k], border))
+        rows.append((label, names[k], true, est[k]))
+    return rows, dt
+
+
+def estimate_table(a):
+    """Estimated against true Stage-2 error per recording: the cross-day cases (``--mean``)
+    and a make_synth session, as Stage 2 aligns them and with one or two recordings
+    given a wrong field (a smooth error of known size added to the computed one)."""
+    work = tempfile.mkdtemp(prefix="fs-stage2-est-")
+    cfg = fs.SessionConfig(root=work, pattern="*.none")
+    sessions = []
+    if a.mean:
+        days = load_days(a.mean, 1 + len(CROSS_DAY))
+        masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+        averages, G, _, names = cross_day_session(days, masks, a.cross_seed)
+        sessions.append(("real", averages, G, names))
+    for size in a.sizes:
+        averages, G = make_session(work, size, a.frames, 6, a.seed, a.make_synth)
+        sessions.append((f"synth{size}", averages, G, [f"rec_{k:02d}" for k in range(6)]))
+    rows, times = [], []
+    for label, averages, G, names in sessions:
+        fields = np.stack(
+            [np.zeros(averages.shape[1:3] + (2,))]
+            + [fs.compute_between_displacement(averages[0], avg, cfg) for avg in averages[1:]]
+        )
+        shape = averages.shape[1:3]
+        cases = [
+            (f"{label}", ()),
+            (f"{label}, 2nd +3 px", ((2, wrong_field(shape, 3.0, 1)),)),
+            (f"{label}, 4th +1 px", ((4, wrong_field(shape, 1.0, 2)),)),
+            (
+                f"{label}, 1st +8, 3rd +0.7 px",
+                ((1, wrong_field(shape, 8.0, 3)), (3, wrong_field(shape, 0.7, 4))),
+            ),
+            (f"{label}, 5th +25 px", ((5, wrong_field(shape, 25.0, 5)),)),
+        ]
+        for case, spoil in cases:
+            r, dt = estimate_rows(case, averages, fields, G, names, cfg, spoil)
+            rows += r
+            times.append(dt)
+            for case_, name, true, est in r:
+                e = "-" if est is None else f"{est:.2f}"
+                print(f"{case_:28} {name:12} {true:8.2f} {e:>8}", flush=True)
+    t = np.array([r[2] for r in rows])
+    e = np.array([np.nan if r[3] is None else r[3] for r in rows])
+    ok = np.isfinite(e)
+    ratio = e[ok] / t[ok]
+    print(
+        f"{ok.sum()} recordings: Pearson r {np.corrcoef(t[ok], e[ok])[0, 1]:.3f}, "
+        f"of the logs {np.corrcoef(np.log(t[ok]), np.log(e[ok]))[0, 1]:.3f}; estimate / "
+        f"true: median {np.median(ratio):.2f}, 10th-90th percentile "
+        f"{np.percentile(ratio, 10):.2f}-{np.percentile(ratio, 90):.2f}; "
+        f"{np.mean(times):.1f} s per estimate"
+    )
+    print(
+        json.dumps([[c, n, round(x, 3), None if y is None else round(y, 3)] for c, n, x, y in rows])
+    )
+
+
+def affine_part(w, border):
+    """The least-squares affine fit of a field (its global part), inside ``border``."""
+    H, W = w.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    sl = (slice(border, H - border), slice(border, W - border))
+    A = np.stack([np.ones(xx[sl].size), xx[sl].ravel(), yy[sl].ravel()], 1)
+    out = np.empty_like(w)
+    for k in (0, 1):
+        c = np.linalg.lstsq(A, w[sl][..., k].ravel(), rcond=None)[0]
+        out[..., k] = c[0] + c[1] * xx + c[2] * yy
+    return out
+
+
+def safeguard_table(a):
+    """Would a recording end better on the global part of its field than on the flow's?
+    Per recording of the cross-day sessions (``--mean``, seeds 3 and 4) and of sessions
+    whose days share only part of their content with the center (the rest the movie
+    turned upside down): the true error of the rigid shift, of the Stage-2 field's affine
+    part and of the field; the structure correlation and the cycle estimate of the affine
+    part and of the field (and of the rigid shift); and the rules "keep the affine part
+    (the rigid shift) where the field's estimate is over twice its estimate and 0.3 px
+    more"."""
+    days = load_days(a.mean, 1 + len(CROSS_DAY))
+    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+    cfg = fs.SessionConfig(root=tempfile.mkdtemp(prefix="fs-stage2-guard-"), pattern="*.none")
+    flip = days[:, ::-1, ::-1].copy()
+    sessions = [(f"real s{seed}", days, masks, seed) for seed in (3, 4)]
+    for share, seed in ((0.45, 3), (0.3, 5), (0.2, 6), (0.2, 3)):
+        mixed = share * days + (1.0 - share) * np.roll(flip, 1, axis=0)
+        sessions.append((f"shared {share:.0%} s{seed}", mixed, [], seed))
+    print(
+        f"{'session':16} {'recording':12} {'rigid':>6} {'affine':>6} {'field':>6} "
+        f"{'r aff':>6} {'r fld':>6} {'e rig':>6} {'e aff':>6} {'e fld':>6} guard"
+    )
+    res = []
+    for label, d, m, seed in sessions:
+        averages, G, _, names = cross_day_session(d, m, seed)
+        if label.startswith("shared"):  # the center as it is: only the days mix
+            averages[0] = lighting(days[0], None, np.random.default_rng(0))[..., None]
+        H, W = averages.shape[1:3]
+        border = max(4, round(0.08 * min(H, W)))
+        zero = np.zeros((H, W, 2))
+        fields, parts, rigid = [zero], [zero], [zero]
+        for avg in averages[1:]:
+            w = fs.compute_between_displacement(averages[0], avg, cfg)
+            dx, dy, _, _ = fs.stage2_rigid_shift(averages[0], avg, cfg.cc_upsample)
+            fields.append(w)
+            parts.append(affine_part(w, border))
+            rigid.append(np.broadcast_to(np.array([dx, dy]), (H, W, 2)))
+        e_f = fs._stage2_error_estimates(averages, fields, 0, cfg)
+        e_a = fs._stage2_error_estimates(averages, parts, 0, cfg)
+        e_r = fs._stage2_error_estimates(averages, rigid, 0, cfg)
+        for k in range(1, len(averages)):
+            mask = eval_mask(G[k], border)
+            tr, ta, tf = (epe(x[k], G[k], mask) for x in (rigid, parts, fields))
+            ra, rf = (
+                fs.stage2_alignment_quality(averages[0], averages[k], x[k])["correlation_after"]
+                for x in (parts, fields)
+            )
+            keep_part = e_f[k] > 2 * e_a[k] and e_f[k] - e_a[k] > 0.3
+            keep_rigid = e_f[k] > 2 * e_r[k] and e_f[k] - e_r[k] > 0.3
+            res.append((tr, ta, tf, ta if keep_part else tf, ra > rf, tr if keep_rigid else tf))
+            print(
+                f"{label:16} {names[k]:12} {tr:6.2f} {ta:6.2f} {tf:6.2f} {ra:6.3f} {rf:6.3f} "
+                f"{e_r[k]:6.2f} {e_a[k]:6.2f} {e_f[k]:6.2f} "
+                f"{'affine part' if keep_part else '-'} {'rigid' if keep_rigid else '-'}",
+                flush=True,
+            )
+    r = np.array(res)
+    print(
+        f"{len(r)} recordings: the field worse than the rigid shift in {int((r[:, 2] > r[:, 0]).sum())}, "
+        f"than its affine part in {int((r[:, 2] > r[:, 1]).sum())}; the correlation prefers the "
+        f"affine part in {int(r[:, 4].sum())}; mean error: field {r[:, 2].mean():.3f}, affine "
+        f"part {r[:, 1].mean():.3f}, with the rule {r[:, 3].mean():.3f} px "
+        f"(worse than the field in {int((r[:, 3] > r[:, 2] + 1e-9).sum())}), with the rigid "
+        f"rule {r[:, 5].mean():.3f} px (worse than the field in "
+        f"{int((r[:, 5] > r[:, 2] + 1e-9).sum())})"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256])
@@ -446,7 +673,32 @@ def main():
     ap.add_argument("--rois", help="neurofinder regions.json of the cells of --mean")
     ap.add_argument("--before", help="another flowsession.py whose default is compared")
     ap.add_argument("--cross-seed", type=int, default=1)
+    ap.add_argument(
+        "--timing",
+        action="store_true",
+        help="time run_stage2 on the --mean session without and with the error estimate",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="--timing: alternating repeats")
+    ap.add_argument(
+        "--estimate",
+        action="store_true",
+        help="the error estimate against the true error (--mean cases, make_synth --sizes)",
+    )
+    ap.add_argument(
+        "--safeguard",
+        action="store_true",
+        help="the field against its affine part and the rigid shift, and a cycle-based guard",
+    )
     a = ap.parse_args()
+    if a.safeguard:
+        safeguard_table(a)
+        return
+    if a.estimate:
+        estimate_table(a)
+        return
+    if a.timing:
+        stage2_timing(a)
+        return
     if a.mean:
         cross_day(a)
     if not a.sizes:

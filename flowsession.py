@@ -2502,6 +2502,27 @@ def _nwb_type(group):
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def _nwb_channel_number(series, name):
+    """Sort key of a corrected stack: its channel number from the series' comments
+    (``channel k of n``, written by `NwbVideoWriter`), else its name in natural order."""
+    comments = series.attrs.get("comments", "")
+    comments = comments.decode(errors="replace") if isinstance(comments, bytes) else str(comments)
+    m = re.search(r"channel (\d+) of \d+", comments)
+    return (0, int(m.group(1)), ()) if m else (1, 0, _natural_key(name))
+
+
+def _nwb_series_timing(series):
+    """``(rate, starting_time, None)`` or ``(None, None, timestamps)`` of an NWB series
+    group (read with h5py), or None when it states neither."""
+    start = series.get("starting_time")
+    if isinstance(start, h5py.Dataset) and start.attrs.get("rate") is not None:
+        return float(start.attrs["rate"]), float(start[()]), None
+    stamps = series.get("timestamps")
+    if isinstance(stamps, h5py.Dataset) and stamps.ndim == 1:
+        return None, None, np.asarray(stamps[:], dtype=np.float64)
+    return None
+
+
 def _nwb_find_series(f, path):
     """``{name: group path}`` of the imaging series of an NWB file: those in
     ``acquisition``, else the corrected stacks of a ``MotionCorrection`` container
@@ -2520,6 +2541,10 @@ def _nwb_find_series(f, path):
                     for name, stack in container.items():
                         if isinstance(stack, h5py.Group) and "corrected" in stack:
                             found[name] = stack["corrected"].name
+        # The stacks of a file flowsession wrote are its channels, in the order their
+        # comments give ("channel k of n"; HDF5 lists groups by name).
+        order = {n: _nwb_channel_number(f[p], n) for n, p in found.items()}
+        found = dict(sorted(found.items(), key=lambda item: order[item[0]]))
     if not found:
         msg = (
             f"{path}: no TwoPhotonSeries in the NWB file's acquisition (nor corrected image "
@@ -2546,6 +2571,8 @@ class NwbReader(Hdf5Reader):
             with h5py.File(path, "r") as f:
                 found = _nwb_find_series(f, path)
                 names = list(found) if series is None else None
+                if series is None and all(p.endswith("/corrected") for p in found.values()):
+                    series = names  # a corrected file: every stack, one per channel
                 if series is not None:
                     names = [series] if isinstance(series, str) else list(series)
                     missing = [n for n in names if n not in found]
@@ -2571,6 +2598,8 @@ class NwbReader(Hdf5Reader):
                             "or external files)"
                         )
                         raise InputError(msg)
+                #: per series: (rate, starting_time, None), (None, None, timestamps) or None
+                self.nwb_timing = [_nwb_series_timing(f[found[n]]) for n in names]
         except OSError as exc:
             msg = f"{path}: cannot open as NWB/HDF5 ({_why(exc)}); the file may be truncated"
             raise InputError(msg) from exc
@@ -2990,6 +3019,46 @@ def _nwb_copy_metadata(src):
     return out
 
 
+def _source_timing(source):
+    """When the frames a reader yields were taken: ``(rate, starting_time, None)`` for
+    regular frames, ``(rate, first, timestamps)`` where the input gives time stamps (the
+    rate from their median step), or None where the input states no timing.
+
+    The timing comes from the NWB series, the ScanImage header (frame rate) or the
+    PrairieView XML (frame period).  A plane of ``P`` interleaved planes has every
+    ``P``-th frame (plane ``k`` starts ``k`` frame periods in); a binned reader's frames
+    start every ``bin_size`` frames.
+    """
+    bin_size = getattr(source, "bin_size", 1)
+    meta = getattr(source, "scanimage", None)
+    bruker = (getattr(source, "layout_info", None) or {}).get("bruker") or {}
+    inner = getattr(source, "_inner", source)  # under the scan-phase correction
+    planes, plane, timing = 1, 0, None
+    if isinstance(inner, RecordingReader):
+        lay = inner.layout
+        planes, plane, meta = lay.n_planes, inner.plane, meta or lay.metadata
+        if len(lay.files) == 1 and lay.files[0].suffix.lower() == _NWB_SUFFIX:
+            with NwbReader(lay.files[0], series=lay.nwb_series) as r:
+                timing = r.nwb_timing[0]
+    elif isinstance(inner, NwbReader):
+        timing = inner.nwb_timing[0]
+    if timing is None and meta is not None and meta.get("frame_rate"):
+        timing = (float(meta["frame_rate"]), 0.0, None)
+    if timing is None and bruker.get("frame_rate"):
+        timing = (float(bruker["frame_rate"]), 0.0, None)
+    if timing is None:
+        return None
+    rate, start, stamps = timing
+    if stamps is None:
+        return rate / (planes * bin_size), start + plane / rate, None
+    stamps = stamps[plane::planes][::bin_size]
+    if len(stamps) == 0:
+        return None
+    steps = np.diff(stamps)
+    step = float(np.median(steps)) if len(steps) else 0.0
+    return (1.0 / step if step > 0 else None), float(stamps[0]), stamps
+
+
 class NwbVideoWriter(_AtomicVideoWriter):
     """Write corrected frames as an NWB file (needs pynwb), atomically.
 
@@ -3007,6 +3076,11 @@ class NwbVideoWriter(_AtomicVideoWriter):
     session start is the input file's modification time and the imaging plane
     says that the input states no optical metadata.
 
+    The timing is the input's (`_source_timing`): a rate and start, or the input's
+    time stamps (those of a plane, every ``bin_size``-th), carried to the corrected
+    series and the translation.  A recording of several files (a ScanImage acquisition)
+    refers to all of them.
+
     pynwb writes the file's structure once; the frames are then appended with
     h5py, so memory stays at one batch.
     """
@@ -3015,6 +3089,7 @@ class NwbVideoWriter(_AtomicVideoWriter):
         super().__init__(path, height=height, width=width, n_channels=n_channels, dtype=dtype)
         pynwb = _import_pynwb()
         self.translation = None
+        self._stamps = None  # the input's time stamps, when it has them
         try:
             self._names = self._write_structure(pynwb, source)
             self._file = h5py.File(self._tmp, "r+")
@@ -3026,6 +3101,11 @@ class NwbVideoWriter(_AtomicVideoWriter):
         base = "processing/ophys/MotionCorrection"
         self._dsets = [self._file[f"{base}/{n}/corrected/data"] for n in self._names]
         self._xy = [self._file[f"{base}/{n}/xy_translation/data"] for n in self._names]
+        self._ts = []
+        if self._stamps is not None:
+            for n in self._names:
+                for series in ("corrected", "xy_translation"):
+                    self._ts.append(self._file[f"{base}/{n}/{series}/timestamps"])
 
     def _write_structure(self, pynwb, source):
         import datetime
@@ -3046,7 +3126,12 @@ class NwbVideoWriter(_AtomicVideoWriter):
         src_io = None
         try:
             originals, meta = [None] * C, {}
-            bin_size = getattr(source, "bin_size", 1)
+            found = _source_timing(source) if source is not None else None
+            timing = {"rate": 1.0, "starting_time": 0.0}  # not stated by the input
+            if found is not None:
+                timing = {"rate": found[0] or 1.0, "starting_time": found[1]}
+                if found[2] is not None:
+                    self._stamps = found[2]
             # A reader wrapped by the scan-phase correction: the file is the inner one's.
             source = getattr(source, "_inner", source)
             if isinstance(source, NwbReader):
@@ -3063,8 +3148,16 @@ class NwbVideoWriter(_AtomicVideoWriter):
             else:
                 names = [f"ch{c + 1}" for c in range(C)]
             input_path = os.path.abspath(source.path) if source is not None else None
+            # The files the frames come from (several for a ScanImage acquisition or a
+            # Bruker series, whose path is no file) and the frame each one starts at.
+            files, first_frames = [input_path] if input_path else [], [0]
+            if isinstance(source, RecordingReader):
+                lay = source.layout
+                files = [os.path.abspath(f) for f in lay.files]
+                per_frame = lay.n_planes * lay.group
+                first_frames = [int(u) // per_frame for u in np.cumsum([0] + lay.units[:-1])]
             if "session_start_time" not in meta:
-                mtime = os.stat(input_path).st_mtime if input_path else time.time()
+                mtime = min(os.stat(f).st_mtime for f in files) if files else time.time()
                 meta["session_start_time"] = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
                 meta["session_description"] = (
                     f"motion-corrected {os.path.basename(input_path)}"
@@ -3085,16 +3178,7 @@ class NwbVideoWriter(_AtomicVideoWriter):
             planes = {}
             for c, name in enumerate(names):
                 orig = originals[c]
-                timing = {"rate": 1.0, "starting_time": 0.0}
                 if orig is not None:
-                    if orig.rate is not None:
-                        timing = {
-                            "rate": float(orig.rate) / bin_size,
-                            "starting_time": float(orig.starting_time or 0.0),
-                        }
-                    elif orig.timestamps is not None:
-                        ts = np.asarray(orig.timestamps[:], dtype=np.float64)[::bin_size]
-                        timing = {"timestamps": ts}
                     plane = orig.imaging_plane
                     if plane.name not in planes:
                         dev = plane.device
@@ -3137,6 +3221,7 @@ class NwbVideoWriter(_AtomicVideoWriter):
                             description="not stated by the input file",
                             device=dev,
                             excitation_lambda=float("nan"),
+                            imaging_rate=found[0] if found is not None else None,
                             indicator="not stated by the input file",
                             location="not stated by the input file",
                         )
@@ -3151,9 +3236,9 @@ class NwbVideoWriter(_AtomicVideoWriter):
                     orig = ImageSeries(
                         name=f"original_{name}",
                         description=f"channel {c + 1} of the input file, before motion correction",
-                        external_file=[input_path or ""],
+                        external_file=files or [""],
                         format="external",
-                        starting_frame=[0],
+                        starting_frame=first_frames if files else [0],
                         unit=unit,
                         **timing,
                         **extra,
@@ -3169,14 +3254,15 @@ class NwbVideoWriter(_AtomicVideoWriter):
                     ),
                     imaging_plane=ip,
                     unit=unit,
-                    **timing,
+                    comments=f"channel {c + 1} of {C}",  # the order the reader restores
+                    **self._timing(timing, H5DataIO),
                 )
                 xy = pynwb.TimeSeries(
                     name="xy_translation",
                     description="per-frame mean displacement (x along columns, y along rows)",
                     data=H5DataIO(data=np.zeros((0, 2)), maxshape=(None, 2)),
                     unit="pixels",
-                    **timing,
+                    **self._timing(timing, H5DataIO),
                 )
                 stacks.append(
                     CorrectedImageStack(
@@ -3195,6 +3281,13 @@ class NwbVideoWriter(_AtomicVideoWriter):
                 src_io.close()
         return names
 
+    def _timing(self, timing, H5DataIO):
+        """A series' timing: the rate, or (input with time stamps) an empty, growable
+        ``timestamps`` filled at `close` (the data are empty until then)."""
+        if self._stamps is None:
+            return timing
+        return {"timestamps": H5DataIO(data=np.zeros(0), maxshape=(None,))}
+
     def _write(self, data):
         first, total = self._frames, self._frames + data.shape[0]
         for c, d in enumerate(self._dsets):
@@ -3208,6 +3301,13 @@ class NwbVideoWriter(_AtomicVideoWriter):
         for d in self._xy:
             d.resize(self._frames, axis=0)
             d[:] = xy
+        if self._ts:
+            stamps = np.full(self._frames, np.nan)
+            n = min(self._frames, len(self._stamps))
+            stamps[:n] = self._stamps[:n]
+            for d in self._ts:
+                d.resize(self._frames, axis=0)
+                d[:] = stamps
         self._file.flush()
         self._file.close()
 
@@ -3598,6 +3698,7 @@ class RecordingLayout(NamedTuple):
     unit_channels: int
     dtype: object
     metadata: dict | None
+    nwb_series: object = None  # NWB files: the series the frames are (config.nwb_series)
 
     @property
     def n_channels(self):
@@ -3650,14 +3751,14 @@ def recording_planes(path, n_planes=None, flyback_planes=None):
     return _planes_from(meta, n_planes, flyback_planes, files[0])
 
 
-def recording_layout(path, n_planes=None, flyback_planes=None):
+def recording_layout(path, n_planes=None, flyback_planes=None, nwb_series=None):
     """Check and describe one recording: its files, planes, channels and frame counts.
 
     Every file is opened once (and closed).  Raises `InputError` or `ConfigError`, naming
     the folder or file, for a folder without readable files, files whose frame size or
     channel count differ, ScanImage metadata that differ between files or contradict
     ``n_planes`` / ``flyback_planes``, and a total that is not whole plane x channel
-    cycles.
+    cycles.  NWB files are read at ``nwb_series`` (default: their only imaging series).
     """
     files, kind = recording_files(path)
     name = os.fspath(path)
@@ -3687,7 +3788,9 @@ def recording_layout(path, n_planes=None, flyback_planes=None):
     pages = kind in ("scanimage", "bruker")
     for f in files:
         with open_video(
-            f, channels=1 if pages and f.suffix.lower() in _TIFF_SUFFIXES else None
+            f,
+            channels=1 if pages and f.suffix.lower() in _TIFF_SUFFIXES else None,
+            nwb_series=nwb_series,
         ) as r:
             shape = (r.height, r.width, r.n_channels)
             if first is None:
@@ -3716,7 +3819,18 @@ def recording_layout(path, n_planes=None, flyback_planes=None):
         )
         raise InputError(msg)
     return RecordingLayout(
-        name, files, kind, group, planes, flyback, units, *first[:2], first[2], dtype, meta
+        name,
+        files,
+        kind,
+        group,
+        planes,
+        flyback,
+        units,
+        *first[:2],
+        first[2],
+        dtype,
+        meta,
+        nwb_series,
     )
 
 
@@ -3751,7 +3865,9 @@ class RecordingReader(VideoReader):
                 self._open.pop(next(iter(self._open))).close()
             f = self.layout.files[k]
             pages = self._pages and f.suffix.lower() in _TIFF_SUFFIXES
-            self._open[k] = open_video(f, channels=1 if pages else None)
+            self._open[k] = open_video(
+                f, channels=1 if pages else None, nwb_series=self.layout.nwb_series
+            )
         return self._open[k]
 
     def _read_raw(self, start, stop):
@@ -4035,7 +4151,9 @@ def _open_recording(config, path, opts, name, *, estimate=True):
         meta = None
         layout = {"kind": "file", "files": 1, "n_planes": 1}
     else:  # ScanImage files too, so that a partial last frame is an error, not dropped
-        lay = recording_layout(path, config.n_planes, config.flyback_planes)
+        lay = recording_layout(
+            path, config.n_planes, config.flyback_planes, nwb_series=config.nwb_series
+        )
         reader = RecordingReader(lay, plane, bin_size=bins)
         meta = lay.metadata
         layout = {
@@ -4065,6 +4183,9 @@ def _open_recording(config, path, opts, name, *, estimate=True):
         reader.bidi_estimate = estimated
     reader.bidi_offset, reader.bidi_offset_end = offset, end
     reader.layout_info, reader.scanimage = layout, meta
+    timing = _source_timing(reader)
+    if timing is not None and timing[0] is not None:
+        layout["frame_rate"] = timing[0]  # of the frames written (a plane's, binned)
     return reader
 
 

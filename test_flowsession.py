@@ -7596,3 +7596,137 @@ def test_temporal_model_keeps_the_motion_of_a_short_recording():
     blocks = model.push(w, s, list(range(T)), halves) + model.flush()
     f = np.concatenate([model.fields(b) for b in blocks]).mean(axis=(2, 3))
     assert np.abs(f - truth).mean() < 0.3
+
+
+###############################################################################
+### Reliability: NWB corners, honest residual motion, first hour
+###############################################################################
+
+
+def _nwb_stack(path, name):
+    """The pynwb CorrectedImageStack ``name`` of a compensated.nwb (open while in the block)."""
+    pynwb = pytest.importorskip("pynwb", reason="pynwb is optional (pip install pynwb)")
+    io = pynwb.NWBHDF5IO(str(path), "r")
+    return io, io.read().processing["ophys"]["MotionCorrection"][name]
+
+
+def test_nwb_output_of_a_scanimage_acquisition_names_its_files_and_keeps_the_rate(tmp_path):
+    pynwb = pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    si = tmp_path / "si"
+    fs.synthetic_acquisition(si, n_planes=1, n_channels=1, n_frames=12, size=(24, 24))
+    cfg = fs.SessionConfig(root=si, pattern="*.tif", n_workers=1, flow_options=flow)
+    path = pathlib.Path(fs.run_stage1(cfg)[0]) / "compensated.nwb"
+    assert pynwb.validate(path=str(path)) == []
+    io, stack = _nwb_stack(path, "ch1")
+    with io:
+        # The synthetic acquisition's header says 30 frames/s (scanFrameRate).
+        assert stack.corrected.rate == 30.0 and stack.original.rate == 30.0
+        parts = [os.path.basename(p) for p in stack.original.external_file[:]]
+        assert parts == [f"file_00001_{k:05d}.tif" for k in (1, 2, 3)]
+        assert stack.corrected.data.shape == (12, 24, 24)
+    # Two planes: each plane's frames come at the volume rate (30 / 2 per s), plane 1 a
+    # frame period after plane 0; status.json says the rate too.
+    vol = tmp_path / "vol"
+    fs.synthetic_acquisition(vol, n_planes=2, n_channels=1, n_frames=8, size=(20, 20))
+    cfg = fs.SessionConfig(root=vol, pattern="*.tif", n_workers=1, flow_options=flow)
+    for k, folder in enumerate(fs.run_stage1(cfg)):
+        io, stack = _nwb_stack(pathlib.Path(folder) / "compensated.nwb", "ch1")
+        with io:
+            assert stack.corrected.rate == 15.0
+            assert stack.corrected.starting_time == pytest.approx(k / 30.0, abs=1e-12)
+        status = json.loads((pathlib.Path(folder) / "status.json").read_text())
+        assert status["stage1"]["layout"]["frame_rate"] == 15.0
+
+
+def test_nwb_output_with_two_channels_is_read_back_in_order_and_resumed(tmp_path, caplog):
+    pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    root = tmp_path / "s"
+    root.mkdir()
+    for r in range(2):
+        frames, _ = fs.synthetic_recording(8, (24, 28), 2, seed=r)
+        frames = (frames * 100).astype(np.uint16)
+        frames[..., 1] += 20000  # channel 2 far brighter: a swap of channels shows
+        _write_h5(root / f"rec{r}.h5", frames)
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=1, flow_options=flow)
+    folders = fs.run_stage1(cfg)
+    with fs.open_video(pathlib.Path(folders[0]) / "compensated.nwb") as r:
+        assert r.shape == (8, 24, 28, 2)
+        frames = r.read(0, 8)
+    assert frames[..., 1].mean() > frames[..., 0].mean() + 15000
+    with caplog.at_level(logging.INFO, logger="flowsession"):
+        fs.run_stage1(cfg)
+    assert caplog.text.count("Stage 1 already complete, skipping") == 2
+    assert "recomputing" not in caplog.text
+    fs.run_all_stages(cfg)  # Stages 2 and 3 read the two-channel compensated.nwb
+    assert (cfg.final_results_path / "quality.json").exists()
+
+
+def test_nwb_input_with_timestamps_is_corrected_and_keeps_them(tmp_path):
+    import datetime
+
+    pynwb = pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    from pynwb.ophys import OpticalChannel, TwoPhotonSeries
+
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(9, (24, 28), 1, seed=1)
+    # 30 frames/s with jitter: the median step is 1/30 s, the frames are not regular
+    stamps = 5.0 + np.arange(9) / 30.0 + np.array([0, 1, -1, 2, 0, -2, 1, 0, 3]) * 1e-3
+    nwb = pynwb.NWBFile(
+        session_description="timestamps",
+        identifier="ts",
+        session_start_time=datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
+    )
+    dev = nwb.create_device(name="M", description="microscope")
+    plane = nwb.create_imaging_plane(
+        name="P",
+        optical_channel=OpticalChannel(name="G", description="g", emission_lambda=520.0),
+        description="plane",
+        device=dev,
+        excitation_lambda=920.0,
+        indicator="GCaMP",
+        location="V1",
+    )
+    data = (frames[..., 0] * 100).astype(np.uint16)
+    nwb.add_acquisition(
+        TwoPhotonSeries(
+            name="TwoPhotonSeries", data=data, imaging_plane=plane, timestamps=stamps, unit="n/a"
+        )
+    )
+    with pynwb.NWBHDF5IO(str(root / "rec.nwb"), "w") as io:
+        io.write(nwb)
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    cfg = fs.SessionConfig(root=root, pattern="*.nwb", n_workers=1, flow_options=flow)
+    folder = pathlib.Path(fs.run_stage1(cfg)[0])
+    path = folder / "compensated.nwb"
+    assert pynwb.validate(path=str(path)) == []
+    io, stack = _nwb_stack(path, "TwoPhotonSeries")
+    with io:
+        np.testing.assert_array_equal(stack.corrected.timestamps[:], stamps)
+        np.testing.assert_array_equal(stack.xy_translation.timestamps[:], stamps)
+        assert stack.corrected.data.shape == (9, 24, 28)
+    rate = json.loads((folder / "status.json").read_text())["stage1"]["layout"]["frame_rate"]
+    assert rate == pytest.approx(30.0, rel=1e-9)  # 1 / median step, exact to rounding
+
+
+def test_nwb_series_chooses_the_series_of_a_volumetric_nwb_recording(tmp_path):
+    # Two planes interleaved frame by frame in series A and B (B = A + 5000): with
+    # n_planes = 2 the series named by nwb_series is read (it used to be refused as
+    # "2 imaging series" or, with one series per file, ignored).  Written with h5py.
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(12, (24, 28), 1, seed=2)
+    a = (frames[..., 0] * 100).astype(np.uint16)  # up to about 6000: + 5000 fits uint16
+    _write_plain_nwb(root / "rec.nwb", {"A": a, "B": a + 5000})
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2]}
+    cfg = fs.SessionConfig(
+        root=root, pattern="*.nwb", n_workers=1, nwb_series="B", n_planes=2, flow_options=flow
+    )
+    folders = fs.run_stage1(cfg)
+    assert len(folders) == 2
+    for k, folder in enumerate(folders):
+        # plane k is frames k, k + 2, ... of B: its corrected mean is 5000 above A's
+        # (fill and interpolation move it by far less than the 2500 margin)
+        assert _read_comp(folder).mean() > a[k::2].mean() + 2500

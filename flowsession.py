@@ -10651,6 +10651,13 @@ def _stage1_method(opts, name="recording", quiet=False):
 QUALITY_PC_FRAMES = 200
 QUALITY_PC_SIZE = 128
 QUALITY_N_PCS = 5
+#: binned pixels along the border left out of the residual motion (interpolation there
+#: reads the frame's edge)
+QUALITY_PC_MARGIN = 2
+#: the part of the ends' decorrelation beyond noise a shift must explain to count as
+#: motion (`_credible_shift`); 0.75 kept every synthetic motion of 0.9-1.7 px (bright
+#: and dim) and no shift of noise, activity or an ignored channel (README, "Quality")
+QUALITY_SHIFT_EXPLAINED = 0.75
 
 
 @_njit
@@ -10737,6 +10744,52 @@ def _crispness(mean_image, where):
     return math.sqrt(total)
 
 
+def _credible_shift(ends, halves, trusted):
+    """The rigid shift ``(dx, dy)`` from ``ends[0]`` to ``ends[1]`` (two mean images),
+    or None when its peak is not credible as motion.
+
+    ``halves`` are the two halves of each end's frames (every other frame: low a, low b,
+    high a, high b).  Credible: (1) the halves reproduce the shift (their two shifts differ
+    by less than the shift), and (2) it explains at least `QUALITY_SHIFT_EXPLAINED` of the
+    decorrelation of the ends that is not noise: with ``r0`` the correlation of the ends,
+    ``r1`` after the shift and ``rc`` the noise ceiling (the Spearman-Brown correlation of
+    each end's halves, geometric mean), ``(r1 - r0) / (rc - r0)``.  A peak in noise fails
+    (1), a change of brightness (activity) that cross-correlation reads as a small shift
+    fails (2).
+    """
+    from scipy import ndimage
+
+    low, high = ends
+    s = np.array(estimate_rigid_shift(low, high, upsample=10))
+    if not s.any():
+        return s
+    a = np.array(estimate_rigid_shift(halves[0], halves[2], upsample=10))
+    b = np.array(estimate_rigid_shift(halves[1], halves[3], upsample=10))
+    if math.hypot(*(a - b)) >= math.hypot(*s):
+        return None
+    inside = ndimage.binary_erosion(trusted, iterations=1 + math.ceil(np.abs(s).max()))
+    if inside.sum() < 16:
+        return None
+
+    def r(x, y):
+        x, y = x[inside], y[inside]
+        x, y = x - x.mean(), y - y.mean()
+        den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+        return float((x * y).sum()) / den if den > 0 else 0.0
+
+    def ceiling(x, y):
+        rh = max(r(x, y), 0.0)
+        return 2 * rh / (1 + rh)
+
+    # high sampled at p + s: onto low's grid (fixed(p) ~ moving(p + s))
+    moved = ndimage.shift(high, (-s[1], -s[0]), order=3, mode="nearest")
+    r0, r1 = r(low, high), r(low, moved)
+    rc = math.sqrt(ceiling(halves[0], halves[1]) * ceiling(halves[2], halves[3]))
+    if rc <= r0 or (r1 - r0) < QUALITY_SHIFT_EXPLAINED * (rc - r0):
+        return None
+    return s
+
+
 class _QualityAccumulator:
     """Registration quality of one recording, collected chunk by chunk in Stage 1.
 
@@ -10745,10 +10798,12 @@ class _QualityAccumulator:
     stored in ``statistics.npz``.  Memory: two mean images, the frames kept for
     the residual-motion figure (at most ``QUALITY_PC_FRAMES`` binned to at most
     ``QUALITY_PC_SIZE`` pixels a side, before and after) and a few numbers per
-    frame.
+    frame.  The residual motion sees the channels as the flow does (``weight``,
+    `_channel_weights`; a channel of weight 0 is left out) and the pixels valid in
+    every kept frame, away from the border.
     """
 
-    def __init__(self, reference, n_frames):
+    def __init__(self, reference, n_frames, weight=None):
         self.reference = np.asarray(reference, dtype=np.float64)
         H, W, C = self.reference.shape
         self.corr_before = np.full(n_frames, np.nan)
@@ -10766,9 +10821,14 @@ class _QualityAccumulator:
         # float16: the frames are scaled to units of the reference's spread (below), so
         # 3 significant digits are plenty for principal components and mean frames.
         self.samples = {k: np.zeros((len(self.keep), hb, wb), np.float16) for k in ("b", "a")}
-        # Channels enter the principal components scaled by the reference's spread.
+        # Channels enter the principal components scaled by the reference's spread and
+        # weighted as in the flow's data term.
         sd = self.reference.reshape(-1, C).std(axis=0)
         self.scale = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+        if weight is not None:
+            self.scale = self.scale * _channel_weights(weight, C) * C
+        # binned pixels valid in every kept frame (no fill of the warp in them)
+        self.sample_valid = np.ones((hb, wb), dtype=bool)
         self.t = 0
 
     def _binned(self, frame):
@@ -10792,20 +10852,39 @@ class _QualityAccumulator:
         self.valid_fraction[t0 : t0 + n] = counts / (H * W)
         _nb_field_means(np.asarray(w, dtype=np.float64), self.translation[t0 : t0 + n])
         lo, hi = np.searchsorted(self.keep, [t0, t0 + n])
+        b = self.bin
+        hb, wb = self.sample_valid.shape
         for j in range(lo, hi):
             k = self.keep[j] - t0
             self.samples["b"][j] = self._binned(raw[k])
             self.samples["a"][j] = self._binned(registered[k])
+            self.sample_valid &= valid[k, : hb * b, : wb * b].reshape(hb, b, wb, b).all(axis=(1, 3))
         self.t += n
 
-    def _residual_motion(self, frames):
+    def _residual_motion(self, frames, trusted=None):
         """Shift (px) between the mean frames at the two ends of each top principal
-        component of ``frames`` ``(K, h, w)``: NaN when too few frames or pixels."""
+        component of ``frames`` ``(K, h, w)``: NaN when too few frames or pixels.
+
+        Only ``trusted`` pixels count (default: those valid in every kept frame), less a
+        border of `QUALITY_PC_MARGIN` binned pixels.  A shift counts only when its peak is
+        credible (`_credible_shift`); otherwise it is the noise of the estimate or a
+        change of brightness (a dim recording, a channel of noise, activity), not motion,
+        and counts as 0.
+        """
         out = np.full(QUALITY_N_PCS, np.nan)
         K = len(frames)
         if K < 4 or min(frames.shape[1:]) < 8:
             return out
-        X = frames.reshape(K, -1).astype(np.float32)
+        if trusted is None:
+            trusted = self.sample_valid
+        if trusted.shape != frames.shape[1:]:
+            trusted = np.ones(frames.shape[1:], dtype=bool)
+        trusted = trusted.copy()
+        e = QUALITY_PC_MARGIN
+        trusted[:e], trusted[-e:], trusted[:, :e], trusted[:, -e:] = False, False, False, False
+        if trusted.sum() < 64:
+            return out
+        X = frames[:, trusted].astype(np.float32)
         X -= X.mean(axis=0)
         # The frames' scores on the principal components: eigenvectors of the K x K
         # Gram matrix (no copy of the frames in float64, no K x pixels factor).
@@ -10813,16 +10892,25 @@ class _QualityAccumulator:
         del X
         ev, u = ev[::-1], u[:, ::-1]
         m = max(1, K // 4)
+
+        def mean(k):
+            img = frames[k].mean(axis=0, dtype=np.float64)
+            img[~trusted] = img[trusted].mean()  # the untrusted pixels say nothing
+            return img
+
         for p in range(min(QUALITY_N_PCS, K - 1)):
             if ev[p] <= 1e-10 * max(ev[0], 1e-300):
                 break
             order = np.argsort(u[:, p])
-            low = frames[order[:m]].mean(axis=0, dtype=np.float64)
-            high = frames[order[-m:]].mean(axis=0, dtype=np.float64)
-            if np.ptp(low) == 0 or np.ptp(high) == 0:
+            low, high = order[:m], order[-m:]
+            ends = [mean(low), mean(high)]
+            if np.ptp(ends[0]) == 0 or np.ptp(ends[1]) == 0:
                 continue
-            dx, dy = estimate_rigid_shift(low, high, upsample=10)
-            out[p] = self.bin * math.hypot(dx, dy)
+            if m < 2:  # too few frames to tell a shift from noise
+                continue
+            halves = [mean(k) for k in (low[::2], low[1::2], high[::2], high[1::2])]
+            s = _credible_shift(ends, halves, trusted)
+            out[p] = self.bin * math.hypot(*s) if s is not None else 0.0
         return out
 
     def finish(self):
@@ -11056,7 +11144,7 @@ class _RecordingRun:
             )
             self.params = _flow_params(self.opts, self.C)
         log.info("%s: reference built in %.1f s", name, self.phases.seconds["reference"])
-        self.quality = _QualityAccumulator(self.ref_raw, T)
+        self.quality = _QualityAccumulator(self.ref_raw, T, self.opts.weight)
 
     def _open_writers(self):
         H, W, C, T, opts = self.H, self.W, self.C, self.T, self.opts

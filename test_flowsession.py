@@ -7730,3 +7730,39 @@ def test_nwb_series_chooses_the_series_of_a_volumetric_nwb_recording(tmp_path):
         # plane k is frames k, k + 2, ... of B: its corrected mean is 5000 above A's
         # (fill and interpolation move it by far less than the 2500 margin)
         assert _read_comp(folder).mean() > a[k::2].mean() + 2500
+
+
+def _residual_motion_of(tmp_path, frames, weight=None):
+    """residual_motion_before_px / residual_motion_px of one recording after Stage 1."""
+    root = tmp_path / "s"
+    root.mkdir()
+    _write_h5(root / "rec.h5", frames)
+    flow = {"quality_setting": "fast", "reference_frames": list(range(10))}
+    if weight is not None:
+        flow["weight"] = weight
+    cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=1, flow_options=flow)
+    q = fs.recording_quality(fs.run_stage1(cfg)[0])
+    return q["residual_motion_before_px"], q["residual_motion_px"]
+
+
+def test_residual_motion_ignores_a_channel_of_noise_the_flow_ignores(tmp_path):
+    # 30 frames of 64 x 64 that move by 0.5 px sd (and 0.3 px of wobble) in channel 1; channel
+    # 2 is Poisson noise, weight [1, 0]: the flow ignores it, so must the residual motion.
+    # Before: 0.85 px after correction (flagged) from the noise channel's shifts.
+    frames, _ = fs.synthetic_recording(30, (64, 64), 1, seed=0, jitter=0.5, wobble=0.3)
+    noise = np.random.default_rng(0).poisson(200, frames.shape[:3]).astype(np.uint16)
+    frames = np.concatenate([frames, noise[..., None]], axis=-1)
+    before, after = _residual_motion_of(tmp_path, frames, weight=[1.0, 0.0])
+    assert before > 0.5  # the raw frames' motion is still seen (1.36 px measured)
+    assert after < 0.5  # the flag's threshold: no longer flagged (0.0 measured)
+
+
+def test_residual_motion_does_not_count_the_noise_of_a_dim_recording(tmp_path):
+    # The same motion at 0.3 photons per unit (a dim recording): the shift between the
+    # means at the ends of a principal component is then mostly noise (0.6 px after
+    # correction before this rule); only a shift the halves of the frames reproduce and
+    # that explains the ends' difference counts.
+    frames, _ = fs.synthetic_recording(30, (64, 64), 1, seed=2, jitter=0.5, wobble=0.3, photons=0.3)
+    before, after = _residual_motion_of(tmp_path, frames)
+    assert before > 0.5  # 0.9 px measured: the motion is seen through the noise
+    assert after < 0.5

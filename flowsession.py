@@ -2103,6 +2103,15 @@ class _TiffMetadataNoise(logging.Filter):
 
 
 logging.getLogger("tifffile").addFilter(_TiffMetadataNoise())
+# tifffile divides MetaMorph (UIC2/UIC3) rationals as it parses them; zero denominators
+# (a Bruker series has them in every frame file) make numpy warn from tifffile's own
+# module.  Only those: other RuntimeWarnings, tifffile's included, are still shown.
+warnings.filterwarnings(
+    "ignore",
+    message=r"(invalid value|divide by zero) encountered in divide",
+    category=RuntimeWarning,
+    module=r"tifffile\.tifffile$",
+)
 
 
 def _scanimage_channels(tif):

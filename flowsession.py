@@ -1356,14 +1356,15 @@ class SessionConfig:
             raise ConfigError(msg)
         seen = {}
         for p in files:
-            if p.stem in seen:
+            stem = _recording_stem(p)
+            if stem in seen:
                 msg = (
-                    f"{seen[p.stem].relative_to(self.root)} and {p.relative_to(self.root)} "
-                    f"share the stem '{p.stem}', so their output folders would collide; "
+                    f"{seen[stem].relative_to(self.root)} and {p.relative_to(self.root)} "
+                    f"share the stem '{stem}', so their output folders would collide; "
                     "narrow the pattern or rename one"
                 )
                 raise ConfigError(msg)
-            seen[p.stem] = p
+            seen[stem] = p
         _cfg_check_recordings_apart(self, files)
         return files
 
@@ -1513,7 +1514,7 @@ def _cfg_check_recordings_apart(config, files):
         if not p.is_dir():
             continue
         real = pathlib.Path(os.path.realpath(p))
-        own = ("the output folder of this recording", config.output_root_path / p.stem)
+        own = ("the output folder of this recording", config.output_root_path / _recording_stem(p))
         for key, folder in [*targets, own]:
             if pathlib.Path(os.path.realpath(folder)).is_relative_to(real):
                 where = key if key.startswith("the") else f"{key} ({folder})"
@@ -1850,6 +1851,15 @@ def _remove_stale_partials(folder):
                 os.remove(os.path.join(folder, name))
 
 
+#: What the lock file says to whoever finds it (it stays: it marks flowsession's own
+#: folders, and removing a file another process may be waiting on is a race).
+_LOCK_TEXT = (
+    "flowsession lock file: a run holds a lock on it while it works on this folder (POSIX "
+    "lockf; released when the run ends or dies). It is kept between runs and marks the "
+    "folder as flowsession's; delete it only when no flowsession run uses the folder.\n"
+)
+
+
 @contextlib.contextmanager
 def _folder_lock(folder, what):
     """Hold an exclusive lock on ``folder`` (POSIX ``lockf`` on ``folder/.flowsession.lock``).
@@ -1874,6 +1884,8 @@ def _folder_lock(folder, what):
                 except OSError:
                     _check_stop(f"while waiting for the lock on {what}")
                     time.sleep(0.2)
+        if os.fstat(fd).st_size == 0:  # new: say what it is (under the lock, written once)
+            os.write(fd, _LOCK_TEXT.encode("ascii"))
         _remove_stale_partials(folder)
         yield
     finally:
@@ -3656,11 +3668,13 @@ def group_recordings(paths):
     ``file_00002.tif``) stay separate.  Bruker ``<stem>_Cycle..._ChN_...ome.tif`` files
     become ``<stem>``.  Folders are recordings; but where files match too, a folder
     without readable files is skipped (it is then only a folder whose name matched).
-    Other paths are kept; the order is kept.
+    Other paths are kept; the order is kept.  An acquisition is read whole: where
+    ``paths`` hold some of its files but not all, `InputError` names the first left out.
     """
     paths = list(paths)
     if any(p.is_file() for p in paths):
         paths = [p for p in paths if not p.is_dir() or any(_readable(f) for f in p.iterdir())]
+    given = set(paths)
     out, seen, acquisitions = [], set(), {}
     for p in paths:
         target = p
@@ -3675,7 +3689,25 @@ def group_recordings(paths):
         if target not in seen:
             seen.add(target)
             out.append(target)
+            if target != p:
+                _check_all_parts_given(target, given)
     return out
+
+
+def _check_all_parts_given(target, given):
+    """InputError when the pattern matched some files of the acquisition ``target`` but not
+    all (its planes and channels continue from file to file: it is read whole)."""
+    files, kind = recording_files(target)
+    left = [f for f in files if f not in given]
+    if left:
+        what = "ScanImage acquisition" if kind == "scanimage" else "Bruker series"
+        msg = (
+            f"{left[0]}: part of the {what} {target.name} but not matched by the pattern "
+            f"({len(files) - len(left)} of its {len(files)} files are); a recording is read "
+            "whole: widen the pattern to take all its files, or move the acquisition's files "
+            "you do not want out of the folder"
+        )
+        raise InputError(msg)
 
 
 def _one_acquisition(files):
@@ -4096,9 +4128,16 @@ def _load_status(folder):
     return status if isinstance(status, dict) else {}
 
 
+def _recording_stem(path):
+    """The name of a recording's outputs: a file's stem (``rec_01.h5``: ``rec_01``), the
+    whole name of a folder or an acquisition (``run.1``: ``run.1``, not ``run``)."""
+    path = pathlib.Path(path)
+    return path.stem if path.is_file() else path.name
+
+
 def _recording_folder(config, input_file):
     """The output folder of a recording: ``output_root/<stem>`` (the one rule of every stage)."""
-    return os.path.join(config.output_root_path, pathlib.Path(input_file).stem)
+    return os.path.join(config.output_root_path, _recording_stem(input_file))
 
 
 def _update_status(folder, key, record):
@@ -11508,7 +11547,9 @@ def run_stage1(config, of_options_override=None, task_index=None):
     if opts.output_format == "NWB":
         _import_pynwb()  # fails now, not after the first recording
     _check_writable(config.output_root_path, "output_root")
-    config.save_resolved(os.path.join(config.output_root_path, SESSION_CONFIG_FILE))
+    # Under output_root's lock, which removes what a killed write left (a .partial file).
+    with _folder_lock(config.output_root_path, "output_root"):
+        config.save_resolved(os.path.join(config.output_root_path, SESSION_CONFIG_FILE))
     folders = []
     for k, f in enumerate(files):
         _check_stop("before Stage 1 of " + f.name)
@@ -12342,7 +12383,7 @@ def run_stage3(config, middle_idx=None, displacement_fields=None):
     files = config.discover_inputs()
     if middle_idx is None:
         middle_idx, _ = config.resolve_center(files)
-    names = [f.stem for f in files]
+    names = [_recording_stem(f) for f in files]
     folders = [_recording_folder(config, f) for f in files]
     out_dir = config.final_results_path
     _check_writable(out_dir, "final_results")
@@ -12454,6 +12495,8 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
             done[name] = {"key": expected, "frames": n}
             status["aligned"] = done
             _atomic_save_json(status_path, status)
+    _remove_stale_aligned(out_dir, video_paths, names, status, status_path)
+    _check_stop("in Stage 3 after the aligned videos")
     averages_after = [align_sequence(a[None], w, ref)[0] for a, w in zip(avgs, fields)]
     _kill_point("stage3.bundle")
     written = save_final_results(
@@ -12472,6 +12515,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         alignment=quality,
         in_session_mask=in_mask,
     )
+    _check_stop("in Stage 3 after the result bundle")
     traces = []
     for d in folders:
         try:
@@ -12491,6 +12535,7 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
         in_session_mask=in_mask,
     )
     _stage3_quality(out_dir, folders, names, avgs, quality, middle_idx, final)
+    _check_stop("in Stage 3 before its completion record")
     quality_json = os.path.join(out_dir, QUALITY_FILE)
     members = list(written) + ([qc] if qc else []) + video_paths + [quality_json]
     status["stage3"] = {
@@ -12502,6 +12547,28 @@ def _stage3_locked(config, files, folders, names, middle_idx, avgs, ref, fields,
     _kill_point("stage3.status")
     _atomic_save_json(status_path, status)
     return final
+
+
+_ALIGNED_RE = re.compile(r"^aligned_.+\.(tif|hdf5)$")
+
+
+def _remove_stale_aligned(out_dir, video_paths, names, status, status_path):
+    """Delete aligned videos in ``final_results`` that are not this session's (a recording
+    that left it, or the other ``align_output_format``), saying so, and their records."""
+    current = {os.path.basename(p) for p in video_paths}
+    for name in sorted(os.listdir(out_dir)):
+        if _ALIGNED_RE.match(name) and name not in current:
+            log.warning(
+                "Stage 3: removing %s: no longer one of this session's aligned videos (its "
+                "recording left the session, or align_output_format changed)",
+                os.path.join(out_dir, name),
+            )
+            os.remove(os.path.join(out_dir, name))
+    done = status.get("aligned", {})
+    gone = [n for n in done if n not in names]
+    if gone:
+        status["aligned"] = {n: r for n, r in done.items() if n in names}
+        _atomic_save_json(status_path, status)
 
 
 def _valid_entries(status, key, path):
@@ -13722,7 +13789,9 @@ def session_status(config):
             "recording": label,
             "stage1": "done" if st.get("stage1", {}).get("state") == "done" else "-",
             "stage2": "done" if st.get("stage2", {}).get("state") == "done" else "-",
-            "stage3": "done" if stage3[final][0] and f.stem in stage3[final][1] else "-",
+            "stage3": "done"
+            if stage3[final][0] and _recording_stem(f) in stage3[final][1]
+            else "-",
             "task_state": states.get(task, "") if task else "",
             "error": "",
         }
@@ -13769,7 +13838,7 @@ def session_quality(config):
         if q is None:
             rows.append({"recording": f.name})
             continue
-        q.update(report.get("recordings", {}).get(f.stem, {}))
+        q.update(report.get("recordings", {}).get(_recording_stem(f), {}))
         q["flags"] = _quality_flags(q)
         rows.append({"recording": f.name, **q})
     return rows, report.get("session")
@@ -14405,7 +14474,31 @@ def _cmd_example(args):
     return 0 if ok else 1
 
 
+def _memory_mib(key):
+    """``VmRSS`` or ``VmHWM`` (peak) of this process in MiB from ``/proc``, or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_memory():
+    """Reset this process's peak resident memory (``VmHWM``) to its current size (Linux
+    >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _memory_mib("VmHWM") is not None
+
+
 def _cmd_bench(args):
+    import gc
     import resource
     import shutil
 
@@ -14416,6 +14509,11 @@ def _cmd_bench(args):
         with h5py.File(os.path.join(tmp, "bench.h5"), "w") as f:
             for c in range(args.channels):
                 f[f"ch{c + 1}"] = frames[..., c]
+        # The synthetic data leave memory before the correction starts, so that its peak
+        # is the correction's own (the true fields come back from disk afterwards).
+        np.save(os.path.join(tmp, "truth.npy"), w_true)
+        del frames, w_true
+        gc.collect()
         cfg = SessionConfig(
             root=tmp,
             pattern="*.h5",
@@ -14431,12 +14529,24 @@ def _cmd_bench(args):
             backend_params=_parse_of_params(args.backend_param, "--backend-param", "device=0"),
         )
         workers = cfg.n_workers_effective()
+        own = _reset_peak_memory()
+        before = _memory_mib("VmRSS")
         t0 = time.perf_counter()
         out = run_stage1(cfg)[0]
         dt = time.perf_counter() - t0
+        if own:
+            peak = _memory_mib("VmHWM")
+            where = f"this process while correcting; {before:.1f} MiB in use before it started"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+            where = "this process, the synthetic data included"
         with h5py.File(_Outputs(out).w, "r") as f:
             w = np.stack([f["u"][:], f["v"][:]], axis=-1).astype(np.float64)
         phases = _load_status(out).get("stage1", {}).get("phase_seconds", {})
+        w_true = np.load(os.path.join(tmp, "truth.npy"))
+        if args.profile:
+            with open_video(os.path.join(tmp, "bench.h5")) as r:
+                frames = r.read(0, len(r))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     b = max(4, args.size // 16)
@@ -14445,7 +14555,6 @@ def _cmd_bench(args):
     moved = w_true[:, b:-b, b:-b] - w_true[:, b:-b, b:-b].mean(axis=0)
     epe = np.hypot(err[..., 0], err[..., 1]).mean()
     epe0 = np.hypot(moved[..., 0], moved[..., 1]).mean()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(
         f"flowsession {__version__} Stage 1 bench: {args.size}x{args.size}, {args.frames} frames, "
         f"{args.channels} channel(s), preset {args.preset}, stage1_method {args.method}, "
@@ -14461,7 +14570,7 @@ def _cmd_bench(args):
         f"  endpoint error        {epe:10.3f} px (without correction {epe0:.3f} px; "
         f"{b}-px border excluded)"
     )
-    print(f"  peak memory           {peak:10.1f} MiB (this process)")
+    print(f"  peak memory           {peak:10.1f} MiB ({where})")
     print("  wall time by phase    " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     if args.profile:
         _print_profile(frames, resolve_flow_options(cfg), workers)

@@ -7802,3 +7802,117 @@ def test_tifffile_warnings_about_unread_metadata_stay_out_of_the_log(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "RuntimeWarning" in line]
     assert len(lines) == 1 and "<string>" in lines[0], done.stderr  # only the user's own
+
+
+def _rss_mib():
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_bench_peak_memory_is_the_corrections_own(monkeypatch, capsys):
+    # The synthetic data are made before the correction; memory they took and gave back
+    # (here 600 MiB of scratch, touched) is not the correction's.  The figure used to be the
+    # process's lifetime peak (ru_maxrss), which holds it.
+    made = fs._bench_recording
+
+    def generous(*args, **kw):
+        scratch = np.ones(600 * 2**20 // 8)  # touched, so resident
+        out = made(*args, **kw)
+        del scratch
+        return out
+
+    args = ["bench", "--size", "48", "--frames", "16", "--preset", "fast", "--workers", "1"]
+    assert fs.main(args) == 0  # the kernels compiled (or loaded) before the measurement
+    monkeypatch.setattr(fs, "_bench_recording", generous)
+    before = _rss_mib()
+    capsys.readouterr()
+    assert fs.main(args) == 0
+    out = capsys.readouterr().out
+    peak = float(out.split("peak memory")[1].split()[0])
+    # 48 x 48 x 16 frames need a few MiB; 300 MiB is far below the 600 MiB of scratch.
+    assert peak < before + 300, out
+
+
+def test_a_pattern_that_takes_some_parts_of_an_acquisition_is_an_error(tmp_path):
+    si = tmp_path / "si"
+    fs.synthetic_acquisition(si, n_planes=1, n_channels=1, n_frames=24, size=(16, 16))
+    cfg = fs.SessionConfig(root=si, pattern="file_00001_0000[12].tif")
+    # The recording is read whole (planes and channels continue across the parts): a
+    # pattern that leaves a part out used to be ignored and all three parts read.
+    with pytest.raises(fs.InputError, match=r"file_00001_00003\.tif.*not matched by the pattern"):
+        cfg.discover_inputs()
+    assert fs.SessionConfig(root=si, pattern="file_00001_*.tif").discover_inputs() == [
+        si / "file_00001"
+    ]
+
+
+def test_lock_files_say_what_they_are(tmp_path):
+    # The lock file stays (it marks flowsession's own folders, and removing a file another
+    # process may be waiting on is a race); it says what it is instead of being empty.
+    frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=1)
+    cfg = _stage1_config(tmp_path, {"a.h5": frames}, quality_setting="fast")
+    folder = pathlib.Path(fs.run_stage1(cfg)[0])
+    text = (folder / ".flowsession.lock").read_text()
+    assert "flowsession" in text and "delete" in text
+    fs.run_stage1(cfg)  # a second run keeps one copy of the text
+    assert (folder / ".flowsession.lock").read_text() == text
+
+
+def test_a_stop_request_after_stage3s_videos_stops_it(tmp_path, monkeypatch):
+    cfg = _finished_session(tmp_path / "s", n_frames=12, stages=2)
+    real = fs.save_final_results
+
+    def stop_then_save(*args, **kw):
+        fs._STOP["signal"] = "SIGTERM"  # arrives once the aligned videos are written
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fs, "save_final_results", stop_then_save)
+    try:
+        with pytest.raises(fs.Interrupted, match="stopped by SIGTERM in Stage 3"):
+            fs.run_stage3(cfg)
+    finally:
+        fs._STOP["signal"] = None
+    assert "stage3" not in json.loads((cfg.final_results_path / "status.json").read_text())
+
+
+def test_a_killed_write_of_session_config_leaves_no_partial(tmp_path):
+    frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=1)
+    cfg = _stage1_config(tmp_path, {"a.h5": frames}, quality_setting="fast")
+    out = cfg.output_root_path
+    out.mkdir(parents=True)
+    stale = out / ".session_config.json.partial-999999-abc123"  # a run killed mid-write
+    stale.write_text('{"root": ')
+    fs.run_stage1(cfg)
+    assert not stale.exists()
+    assert json.loads((out / "session_config.json").read_text())["pattern"] == "*.h5"
+
+
+def test_recording_folders_with_dots_keep_their_whole_names(tmp_path):
+    root = tmp_path / "s"
+    for r, name in enumerate(("run.1", "run.2")):
+        (root / name).mkdir(parents=True)
+        frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=r)
+        tifffile.imwrite(root / name / "frames.tif", frames[..., 0])
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2]}
+    cfg = fs.SessionConfig(root=root, pattern="run.*", n_workers=1, flow_options=flow)
+    # Both used to be "run" (a stem), refused as colliding output folders.
+    folders = fs.run_stage1(cfg)
+    assert [pathlib.Path(f).name for f in folders] == ["run.1", "run.2"]
+
+
+def test_stage3_removes_the_aligned_video_of_a_removed_recording(tmp_path, caplog):
+    cfg = _finished_session(tmp_path / "s", n_frames=12, stages=3)
+    out = cfg.final_results_path
+    assert (out / "aligned_rec_03.tif").exists()
+    (pathlib.Path(cfg.root) / "rec_03.h5").unlink()
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage2(cfg)
+    fs.run_stage3(cfg)
+    assert sorted(p.name for p in out.glob("aligned_*")) == [
+        "aligned_rec_01.tif",
+        "aligned_rec_02.tif",
+    ]
+    assert any("aligned_rec_03.tif" in m and "no longer" in m for m in caplog.messages)
+    status = json.loads((out / "status.json").read_text())
+    assert sorted(status["aligned"]) == ["rec_01", "rec_02"]

@@ -7916,3 +7916,24 @@ def test_stage3_removes_the_aligned_video_of_a_removed_recording(tmp_path, caplo
     assert any("aligned_rec_03.tif" in m and "no longer" in m for m in caplog.messages)
     status = json.loads((out / "status.json").read_text())
     assert sorted(status["aligned"]) == ["rec_01", "rec_02"]
+
+
+def test_nwb_output_keeps_the_order_of_the_named_series(tmp_path):
+    # nwb_series = ["red", "green"]: channel 1 is red.  HDF5 lists the corrected stacks by
+    # name (green before red); reading the output back must keep the channels' order.
+    pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(8, (24, 28), 2, seed=3)
+    frames = (frames * 100).astype(np.uint16)
+    frames[..., 0] += 20000  # red, far brighter
+    _write_nwb(root / "rec.nwb", frames, series=("red", "green"))
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    cfg = fs.SessionConfig(
+        root=root, pattern="*.nwb", n_workers=1, nwb_series=["red", "green"], flow_options=flow
+    )
+    folder = pathlib.Path(fs.run_stage1(cfg)[0])
+    with fs.open_video(folder / "compensated.nwb") as r:
+        assert r.nwb_series == ["red", "green"]
+        out = r.read(0, 8)
+    assert out[..., 0].mean() > out[..., 1].mean() + 15000

@@ -174,7 +174,9 @@ __all__ = [
     "QUALITY_FILE",
     "QUALITY_N_PCS",
     "QUALITY_PC_FRAMES",
+    "QUALITY_PC_MARGIN",
     "QUALITY_PC_SIZE",
+    "QUALITY_SHIFT_EXPLAINED",
     "QUALITY_THRESHOLDS",
     "REFERENCE_UPDATE_FRAMES",
     "RecordingLayout",
@@ -4232,8 +4234,7 @@ def _open_recording(config, path, opts, name, *, estimate=True):
     reader.bidi_offset, reader.bidi_offset_end = offset, end
     reader.layout_info, reader.scanimage = layout, meta
     timing = _source_timing(reader)
-    if timing is not None and timing[0] is not None:
-        layout["frame_rate"] = timing[0]  # of the frames written (a plane's, binned)
+    reader.frame_rate = timing[0] if timing is not None else None  # a plane's, binned
     return reader
 
 
@@ -11459,6 +11460,8 @@ def _compensate_locked(input_file, name, folder, config, opts):
         _check_frames_fit(reader, opts, name)
         info = _correct_recording(reader, folder, opts, config.n_workers_effective(), name, backend)
         info.update(layout=reader.layout_info, bidi_offset=reader.bidi_offset)
+        if reader.frame_rate is not None:
+            info["frame_rate"] = reader.frame_rate
         if reader.bidi_offset_end is not None:
             info["bidi_offset_end"] = reader.bidi_offset_end
         if getattr(reader, "bidi_estimate", None) is not None:

@@ -7636,7 +7636,7 @@ def test_nwb_output_of_a_scanimage_acquisition_names_its_files_and_keeps_the_rat
             assert stack.corrected.rate == 15.0
             assert stack.corrected.starting_time == pytest.approx(k / 30.0, abs=1e-12)
         status = json.loads((pathlib.Path(folder) / "status.json").read_text())
-        assert status["stage1"]["layout"]["frame_rate"] == 15.0
+        assert status["stage1"]["frame_rate"] == 15.0
 
 
 def test_nwb_output_with_two_channels_is_read_back_in_order_and_resumed(tmp_path, caplog):
@@ -7707,7 +7707,7 @@ def test_nwb_input_with_timestamps_is_corrected_and_keeps_them(tmp_path):
         np.testing.assert_array_equal(stack.corrected.timestamps[:], stamps)
         np.testing.assert_array_equal(stack.xy_translation.timestamps[:], stamps)
         assert stack.corrected.data.shape == (9, 24, 28)
-    rate = json.loads((folder / "status.json").read_text())["stage1"]["layout"]["frame_rate"]
+    rate = json.loads((folder / "status.json").read_text())["stage1"]["frame_rate"]
     assert rate == pytest.approx(30.0, rel=1e-9)  # 1 / median step, exact to rounding
 
 

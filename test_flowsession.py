@@ -7715,3 +7715,344 @@ def test_stage2_estimate_and_chain_path_in_quality_status_and_qc(
     assert lines["rec_03.h5"].endswith("via rec_01.h5") and f"{e3:.2f}" in lines["rec_03.h5"]
     assert lines["rec_01.h5"].endswith("direct") and f"{e1:.2f}" in lines["rec_01.h5"]
     assert lines["rec_02.h5"].endswith("(the center)")
+
+
+###############################################################################
+### Reliability: NWB corners, honest residual motion, first hour
+###############################################################################
+
+
+def _nwb_stack(path, name):
+    """The pynwb CorrectedImageStack ``name`` of a compensated.nwb (open while in the block)."""
+    pynwb = pytest.importorskip("pynwb", reason="pynwb is optional (pip install pynwb)")
+    io = pynwb.NWBHDF5IO(str(path), "r")
+    return io, io.read().processing["ophys"]["MotionCorrection"][name]
+
+
+def test_nwb_output_of_a_scanimage_acquisition_names_its_files_and_keeps_the_rate(tmp_path):
+    pynwb = pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    si = tmp_path / "si"
+    fs.synthetic_acquisition(si, n_planes=1, n_channels=1, n_frames=12, size=(24, 24))
+    cfg = fs.SessionConfig(root=si, pattern="*.tif", n_workers=1, flow_options=flow)
+    path = pathlib.Path(fs.run_stage1(cfg)[0]) / "compensated.nwb"
+    assert pynwb.validate(path=str(path)) == []
+    io, stack = _nwb_stack(path, "ch1")
+    with io:
+        # The synthetic acquisition's header says 30 frames/s (scanFrameRate).
+        assert stack.corrected.rate == 30.0 and stack.original.rate == 30.0
+        parts = [os.path.basename(p) for p in stack.original.external_file[:]]
+        assert parts == [f"file_00001_{k:05d}.tif" for k in (1, 2, 3)]
+        assert stack.corrected.data.shape == (12, 24, 24)
+    # Two planes: each plane's frames come at the volume rate (30 / 2 per s), plane 1 a
+    # frame period after plane 0; status.json says the rate too.
+    vol = tmp_path / "vol"
+    fs.synthetic_acquisition(vol, n_planes=2, n_channels=1, n_frames=8, size=(20, 20))
+    cfg = fs.SessionConfig(root=vol, pattern="*.tif", n_workers=1, flow_options=flow)
+    for k, folder in enumerate(fs.run_stage1(cfg)):
+        io, stack = _nwb_stack(pathlib.Path(folder) / "compensated.nwb", "ch1")
+        with io:
+            assert stack.corrected.rate == 15.0
+            assert stack.corrected.starting_time == pytest.approx(k / 30.0, abs=1e-12)
+        status = json.loads((pathlib.Path(folder) / "status.json").read_text())
+        assert status["stage1"]["frame_rate"] == 15.0
+
+
+def test_nwb_output_with_two_channels_is_read_back_in_order_and_resumed(tmp_path, caplog):
+    pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    root = tmp_path / "s"
+    root.mkdir()
+    for r in range(2):
+        frames, _ = fs.synthetic_recording(8, (24, 28), 2, seed=r)
+        frames = (frames * 100).astype(np.uint16)
+        frames[..., 1] += 20000  # channel 2 far brighter: a swap of channels shows
+        _write_h5(root / f"rec{r}.h5", frames)
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=1, flow_options=flow)
+    folders = fs.run_stage1(cfg)
+    with fs.open_video(pathlib.Path(folders[0]) / "compensated.nwb") as r:
+        assert r.shape == (8, 24, 28, 2)
+        frames = r.read(0, 8)
+    assert frames[..., 1].mean() > frames[..., 0].mean() + 15000
+    with caplog.at_level(logging.INFO, logger="flowsession"):
+        fs.run_stage1(cfg)
+    assert caplog.text.count("Stage 1 already complete, skipping") == 2
+    assert "recomputing" not in caplog.text
+    fs.run_all_stages(cfg)  # Stages 2 and 3 read the two-channel compensated.nwb
+    assert (cfg.final_results_path / "quality.json").exists()
+
+
+def test_nwb_input_with_timestamps_is_corrected_and_keeps_them(tmp_path):
+    import datetime
+
+    pynwb = pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    from pynwb.ophys import OpticalChannel, TwoPhotonSeries
+
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(9, (24, 28), 1, seed=1)
+    # 30 frames/s with jitter: the median step is 1/30 s, the frames are not regular
+    stamps = 5.0 + np.arange(9) / 30.0 + np.array([0, 1, -1, 2, 0, -2, 1, 0, 3]) * 1e-3
+    nwb = pynwb.NWBFile(
+        session_description="timestamps",
+        identifier="ts",
+        session_start_time=datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
+    )
+    dev = nwb.create_device(name="M", description="microscope")
+    plane = nwb.create_imaging_plane(
+        name="P",
+        optical_channel=OpticalChannel(name="G", description="g", emission_lambda=520.0),
+        description="plane",
+        device=dev,
+        excitation_lambda=920.0,
+        indicator="GCaMP",
+        location="V1",
+    )
+    data = (frames[..., 0] * 100).astype(np.uint16)
+    nwb.add_acquisition(
+        TwoPhotonSeries(
+            name="TwoPhotonSeries", data=data, imaging_plane=plane, timestamps=stamps, unit="n/a"
+        )
+    )
+    with pynwb.NWBHDF5IO(str(root / "rec.nwb"), "w") as io:
+        io.write(nwb)
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    cfg = fs.SessionConfig(root=root, pattern="*.nwb", n_workers=1, flow_options=flow)
+    folder = pathlib.Path(fs.run_stage1(cfg)[0])
+    path = folder / "compensated.nwb"
+    assert pynwb.validate(path=str(path)) == []
+    io, stack = _nwb_stack(path, "TwoPhotonSeries")
+    with io:
+        np.testing.assert_array_equal(stack.corrected.timestamps[:], stamps)
+        np.testing.assert_array_equal(stack.xy_translation.timestamps[:], stamps)
+        assert stack.corrected.data.shape == (9, 24, 28)
+    rate = json.loads((folder / "status.json").read_text())["stage1"]["frame_rate"]
+    assert rate == pytest.approx(30.0, rel=1e-9)  # 1 / median step, exact to rounding
+
+
+def test_nwb_series_chooses_the_series_of_a_volumetric_nwb_recording(tmp_path):
+    # Two planes interleaved frame by frame in series A and B (B = A + 5000): with
+    # n_planes = 2 the series named by nwb_series is read (it used to be refused as
+    # "2 imaging series" or, with one series per file, ignored).  Written with h5py.
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(12, (24, 28), 1, seed=2)
+    a = (frames[..., 0] * 100).astype(np.uint16)  # up to about 6000: + 5000 fits uint16
+    _write_plain_nwb(root / "rec.nwb", {"A": a, "B": a + 5000})
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2]}
+    cfg = fs.SessionConfig(
+        root=root, pattern="*.nwb", n_workers=1, nwb_series="B", n_planes=2, flow_options=flow
+    )
+    folders = fs.run_stage1(cfg)
+    assert len(folders) == 2
+    for k, folder in enumerate(folders):
+        # plane k is frames k, k + 2, ... of B: its corrected mean is 5000 above A's
+        # (fill and interpolation move it by far less than the 2500 margin)
+        assert _read_comp(folder).mean() > a[k::2].mean() + 2500
+
+
+def _residual_motion_of(tmp_path, frames, weight=None):
+    """residual_motion_before_px / residual_motion_px of one recording after Stage 1."""
+    root = tmp_path / "s"
+    root.mkdir()
+    _write_h5(root / "rec.h5", frames)
+    flow = {"quality_setting": "fast", "reference_frames": list(range(10))}
+    if weight is not None:
+        flow["weight"] = weight
+    cfg = fs.SessionConfig(root=root, pattern="*.h5", n_workers=1, flow_options=flow)
+    q = fs.recording_quality(fs.run_stage1(cfg)[0])
+    return q["residual_motion_before_px"], q["residual_motion_px"]
+
+
+def test_residual_motion_ignores_a_channel_of_noise_the_flow_ignores(tmp_path):
+    # 30 frames of 64 x 64 that move by 0.5 px sd (and 0.3 px of wobble) in channel 1; channel
+    # 2 is Poisson noise, weight [1, 0]: the flow ignores it, so must the residual motion.
+    # Before: 0.85 px after correction (flagged) from the noise channel's shifts.
+    frames, _ = fs.synthetic_recording(30, (64, 64), 1, seed=0, jitter=0.5, wobble=0.3)
+    noise = np.random.default_rng(0).poisson(200, frames.shape[:3]).astype(np.uint16)
+    frames = np.concatenate([frames, noise[..., None]], axis=-1)
+    before, after = _residual_motion_of(tmp_path, frames, weight=[1.0, 0.0])
+    assert before > 0.5  # the raw frames' motion is still seen (1.36 px measured)
+    assert after < 0.5  # the flag's threshold: no longer flagged (0.0 measured)
+
+
+def test_residual_motion_does_not_count_the_noise_of_a_dim_recording(tmp_path):
+    # The same motion at 0.3 photons per unit (a dim recording): the shift between the
+    # means at the ends of a principal component is then mostly noise (0.6 px after
+    # correction before this rule); only a shift the halves of the frames reproduce and
+    # that explains the ends' difference counts.
+    frames, _ = fs.synthetic_recording(30, (64, 64), 1, seed=2, jitter=0.5, wobble=0.3, photons=0.3)
+    before, after = _residual_motion_of(tmp_path, frames)
+    assert before > 0.5  # 0.9 px measured: the motion is seen through the noise
+    assert after < 0.5
+
+
+def test_tifffile_warnings_about_unread_metadata_stay_out_of_the_log(tmp_path):
+    # MetaMorph UIC1 and UIC2 tags, UIC2 with zero denominators (as on a real Bruker
+    # series): tifffile
+    # divides 0 by 0 while parsing it and numpy warns (RuntimeWarning) for every file.
+    # Run in a fresh interpreter with warnings shown (-W default): pytest's own warning
+    # capture would decide what is shown here.  The user's own 0 / 0 still warns: the
+    # filter is tifffile's metadata arithmetic only.
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for t in range(3):
+        tifffile.imwrite(
+            rec / f"frame_{t}.tif",
+            np.full((8, 8), t, np.uint16),
+            extratags=[(33628, 4, 2, (16, 8), True), (33629, 5, 1, (0, 0), True)],
+            metadata=None,  # no tifffile header: the file reads as MetaMorph (STK)
+        )
+    code = (
+        "import numpy as np, flowsession as fs\n"
+        f"lay = fs.recording_layout({str(rec)!r})\n"
+        "with fs.RecordingReader(lay) as r:\n"
+        "    assert r.read(0, 3)[:, 0, 0, 0].tolist() == [0, 1, 2]\n"
+        "np.zeros(1) / np.zeros(1)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(lines) == 1 and "<string>" in lines[0], done.stderr  # only the user's own
+
+
+def _rss_mib():
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_bench_peak_memory_is_the_corrections_own(monkeypatch, capsys):
+    # The synthetic data are made before the correction; memory they took and gave back
+    # (here 600 MiB of scratch, touched) is not the correction's.  The figure used to be the
+    # process's lifetime peak (ru_maxrss), which holds it.
+    made = fs._bench_recording
+
+    def generous(*args, **kw):
+        scratch = np.ones(600 * 2**20 // 8)  # touched, so resident
+        out = made(*args, **kw)
+        del scratch
+        return out
+
+    args = ["bench", "--size", "48", "--frames", "16", "--preset", "fast", "--workers", "1"]
+    assert fs.main(args) == 0  # the kernels compiled (or loaded) before the measurement
+    monkeypatch.setattr(fs, "_bench_recording", generous)
+    before = _rss_mib()
+    capsys.readouterr()
+    assert fs.main(args) == 0
+    out = capsys.readouterr().out
+    peak = float(out.split("peak memory")[1].split()[0])
+    # 48 x 48 x 16 frames need a few MiB; 300 MiB is far below the 600 MiB of scratch.
+    assert peak < before + 300, out
+
+
+def test_a_pattern_that_takes_some_parts_of_an_acquisition_is_an_error(tmp_path):
+    si = tmp_path / "si"
+    fs.synthetic_acquisition(si, n_planes=1, n_channels=1, n_frames=24, size=(16, 16))
+    cfg = fs.SessionConfig(root=si, pattern="file_00001_0000[12].tif")
+    # The recording is read whole (planes and channels continue across the parts): a
+    # pattern that leaves a part out used to be ignored and all three parts read.
+    with pytest.raises(fs.InputError, match=r"file_00001_00003\.tif.*not matched by the pattern"):
+        cfg.discover_inputs()
+    assert fs.SessionConfig(root=si, pattern="file_00001_*.tif").discover_inputs() == [
+        si / "file_00001"
+    ]
+
+
+def test_lock_files_say_what_they_are(tmp_path):
+    # The lock file stays (it marks flowsession's own folders, and removing a file another
+    # process may be waiting on is a race); it says what it is instead of being empty.
+    frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=1)
+    cfg = _stage1_config(tmp_path, {"a.h5": frames}, quality_setting="fast")
+    folder = pathlib.Path(fs.run_stage1(cfg)[0])
+    text = (folder / ".flowsession.lock").read_text()
+    assert "flowsession" in text and "delete" in text
+    fs.run_stage1(cfg)  # a second run keeps one copy of the text
+    assert (folder / ".flowsession.lock").read_text() == text
+
+
+def test_a_stop_request_after_stage3s_videos_stops_it(tmp_path, monkeypatch):
+    cfg = _finished_session(tmp_path / "s", n_frames=12, stages=2)
+    real = fs.save_final_results
+
+    def stop_then_save(*args, **kw):
+        fs._STOP["signal"] = "SIGTERM"  # arrives once the aligned videos are written
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fs, "save_final_results", stop_then_save)
+    try:
+        with pytest.raises(fs.Interrupted, match="stopped by SIGTERM in Stage 3"):
+            fs.run_stage3(cfg)
+    finally:
+        fs._STOP["signal"] = None
+    assert "stage3" not in json.loads((cfg.final_results_path / "status.json").read_text())
+
+
+def test_a_killed_write_of_session_config_leaves_no_partial(tmp_path):
+    frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=1)
+    cfg = _stage1_config(tmp_path, {"a.h5": frames}, quality_setting="fast")
+    out = cfg.output_root_path
+    out.mkdir(parents=True)
+    stale = out / ".session_config.json.partial-999999-abc123"  # a run killed mid-write
+    stale.write_text('{"root": ')
+    fs.run_stage1(cfg)
+    assert not stale.exists()
+    assert json.loads((out / "session_config.json").read_text())["pattern"] == "*.h5"
+
+
+def test_recording_folders_with_dots_keep_their_whole_names(tmp_path):
+    root = tmp_path / "s"
+    for r, name in enumerate(("run.1", "run.2")):
+        (root / name).mkdir(parents=True)
+        frames, _ = fs.synthetic_recording(6, (16, 16), 1, seed=r)
+        tifffile.imwrite(root / name / "frames.tif", frames[..., 0])
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2]}
+    cfg = fs.SessionConfig(root=root, pattern="run.*", n_workers=1, flow_options=flow)
+    # Both used to be "run" (a stem), refused as colliding output folders.
+    folders = fs.run_stage1(cfg)
+    assert [pathlib.Path(f).name for f in folders] == ["run.1", "run.2"]
+
+
+def test_stage3_removes_the_aligned_video_of_a_removed_recording(tmp_path, caplog):
+    cfg = _finished_session(tmp_path / "s", n_frames=12, stages=3)
+    out = cfg.final_results_path
+    assert (out / "aligned_rec_03.tif").exists()
+    (pathlib.Path(cfg.root) / "rec_03.h5").unlink()
+    caplog.set_level(logging.INFO, logger="flowsession")
+    fs.run_stage2(cfg)
+    fs.run_stage3(cfg)
+    assert sorted(p.name for p in out.glob("aligned_*")) == [
+        "aligned_rec_01.tif",
+        "aligned_rec_02.tif",
+    ]
+    assert any("aligned_rec_03.tif" in m and "no longer" in m for m in caplog.messages)
+    status = json.loads((out / "status.json").read_text())
+    assert sorted(status["aligned"]) == ["rec_01", "rec_02"]
+
+
+def test_nwb_output_keeps_the_order_of_the_named_series(tmp_path):
+    # nwb_series = ["red", "green"]: channel 1 is red.  HDF5 lists the corrected stacks by
+    # name (green before red); reading the output back must keep the channels' order.
+    pytest.importorskip("pynwb", reason="NWB output needs pynwb")
+    root = tmp_path / "s"
+    root.mkdir()
+    frames, _ = fs.synthetic_recording(8, (24, 28), 2, seed=3)
+    frames = (frames * 100).astype(np.uint16)
+    frames[..., 0] += 20000  # red, far brighter
+    _write_nwb(root / "rec.nwb", frames, series=("red", "green"))
+    flow = {"quality_setting": "fast", "reference_frames": [0, 1, 2], "output_format": "NWB"}
+    cfg = fs.SessionConfig(
+        root=root, pattern="*.nwb", n_workers=1, nwb_series=["red", "green"], flow_options=flow
+    )
+    folder = pathlib.Path(fs.run_stage1(cfg)[0])
+    with fs.open_video(folder / "compensated.nwb") as r:
+        assert r.nwb_series == ["red", "green"]
+        out = r.read(0, 8)
+    assert out[..., 0].mean() > out[..., 1].mean() + 15000

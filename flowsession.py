@@ -176,6 +176,7 @@ __all__ = [
     "QUALITY_PC_FRAMES",
     "QUALITY_PC_SIZE",
     "QUALITY_THRESHOLDS",
+    "REFERENCE_ALIGN_ROUNDS",
     "REFERENCE_UPDATE_FRAMES",
     "RecordingLayout",
     "RecordingReader",

@@ -10292,6 +10292,11 @@ class _TemporalModel:
             # non-rigid motion (the halves move apart), the lag one by motion that
             # jumps every frame; the smaller of the two is kept.
             noise = np.minimum(self.split_sum / self.n_split / 4.0, v1[:2] - 0.5 * v2[:2])
+            if self.pushed < self.warmup:
+                # Fewer frames than the warm-up (a short recording): a lag estimate that
+                # is not positive comes from steps the jump test of the first frames
+                # missed, not from exact measurements; the half-frame one is kept.
+                noise = np.where(noise > 0.0, noise, self.split_sum / self.n_split / 4.0)
             steps = v1[:2] - 2.0 * noise
             self.track_steps = np.maximum(steps, 0.0)
             # The fields' own translation m is a second estimate: its noise r_m from

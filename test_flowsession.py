@@ -7661,3 +7661,27 @@ def test_translation_tracker_is_not_pulled_towards_no_shift():
         # field (translation) that corrects it is d
         frame = ndimage.shift(img, (dy, dx), order=3, mode="nearest")
         np.testing.assert_allclose(tracker(frame[..., None]), (dx, dy), atol=0.08)
+
+
+def test_short_recording_trusts_no_negative_noise_estimate():
+    # 30 frames that hold still between steps of a few px, pushed at once: the jump test
+    # has no statistics yet for the first frames and misses the steps, whose lag
+    # statistics then read a negative noise variance.  The tracked translation was taken
+    # as exact and replaced the fields' own (weight 1); with fewer frames than the
+    # warm-up the half-frame estimate (0.2 px per axis here) is kept instead, and both
+    # translations, equally noisy, weigh about the same.
+    rng = np.random.default_rng(8)
+    T, H, W = 30, 6, 5
+    truth = np.zeros((T, 2))
+    for t0, d in ((6, (1.5, -1.0)), (13, (9.0, 3.0)), (21, (-1.2, 1.4))):
+        truth[t0:] += d
+    s = truth + rng.normal(0, 0.2, (T, 2))
+    w = truth[:, None, None] + rng.normal(0, 0.2, (T, 1, 1, 2))
+    w = w + rng.normal(0, 0.05, (T, H, W, 2))
+    halves = np.full((T, 2), np.nan)
+    halves[::4] = rng.normal(0, 0.4, (len(halves[::4]), 2))  # variance 4 x the noise
+    model = fs._TemporalModel()
+    model.push(w, s, list(range(T)), halves)
+    # 0.2 px: the half-frame estimate from 8 frames is within a factor 2 of it
+    assert (np.sqrt(model.noise) > 0.1).all() and (np.sqrt(model.noise) < 0.4).all()
+    assert (model.fuse < 0.9).all()

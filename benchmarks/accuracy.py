@@ -41,6 +41,20 @@ Data sets:
   at commit bc3757c, central 256x256 crop); no data licence is stated, so it is not shipped.
 
     python benchmarks/accuracy.py --frames 200 --size 256 --real movie.tif
+
+Recordings that move (``--raw FILE ...`` and/or ``--short``; then only these are measured): per
+method the rigid motion left in the corrected movie -- each frame's shift against the mean of
+the other frames (tapered cross-correlation after a 1-px blur, over the interior), as the norm
+of the per-axis standard deviations / the largest shift, px; every method's fields applied by
+the same bilinear warp.  ``--raw``: real raw recordings (TIFF, .npy or the first 3-d data set
+of an HDF5 file), for instance ``sima/tests/data/example.tif`` of github.com/losonczylab/sima
+(20 frames 128x256 that move within and between frames; GPL-2.0, not shipped).  ``--short``:
+two short recordings cut from ``--real`` and moved by known jumps (`jumps_motion`): 20 frames
+of a 128-row band, jumps to 8.5 px, and 30 frames of the whole frame binned 4x4 to 64x64, jumps
+to 13 px; their EPE-rel is printed too, and the residual of the cut before it was moved (the
+measure's floor on noisy frames).
+
+    python benchmarks/accuracy.py --presets balanced --raw example.tif --short --real movie.tif
 """
 
 import argparse

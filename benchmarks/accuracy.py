@@ -41,6 +41,20 @@ Data sets:
   at commit bc3757c, central 256x256 crop); no data licence is stated, so it is not shipped.
 
     python benchmarks/accuracy.py --frames 200 --size 256 --real movie.tif
+
+Recordings that move (``--raw FILE ...`` and/or ``--short``; then only these are measured): per
+method the rigid motion left in the corrected movie -- each frame's shift against the mean of
+the other frames (tapered cross-correlation after a 1-px blur, over the interior), as the norm
+of the per-axis standard deviations / the largest shift, px; every method's fields applied by
+the same bilinear warp.  ``--raw``: real raw recordings (TIFF, .npy or the first 3-d data set
+of an HDF5 file), for instance ``sima/tests/data/example.tif`` of github.com/losonczylab/sima
+(20 frames 128x256 that move within and between frames; GPL-2.0, not shipped).  ``--short``:
+two short recordings cut from ``--real`` and moved by known jumps (`jumps_motion`): 20 frames
+of a 128-row band, jumps to 8.5 px, and 30 frames of the whole frame binned 4x4 to 64x64, jumps
+to 13 px; their EPE-rel is printed too, and the residual of the cut before it was moved (the
+measure's floor on noisy frames).
+
+    python benchmarks/accuracy.py --presets balanced --raw example.tif --short --real movie.tif
 """
 
 import argparse
@@ -154,6 +168,92 @@ def epe_rel(w, truth, b, frames=None):
     return invented(w - truth, b, frames)
 
 
+def _shift(frame, ref):
+    """Rigid shift (dx, dy) of ``frame`` against ``ref`` (both (H, W)), px: the peak of their
+    cross-correlation (both tapered by a Hann window and made zero-mean under it), refined by
+    a parabola through the peak and its neighbours on each axis."""
+    H, W = ref.shape
+    win = np.outer(np.hanning(H), np.hanning(W))
+    a, b = frame * win, ref * win
+    a = (a - win * (a.sum() / win.sum())) * win
+    b = (b - win * (b.sum() / win.sum())) * win
+    c = np.fft.irfft2(np.fft.rfft2(a) * np.conj(np.fft.rfft2(b)), s=(H, W))
+    c = np.fft.fftshift(c)
+    i, j = np.unravel_index(np.argmax(c), c.shape)
+    out = []
+    for p, n, axis in ((j, W, 1), (i, H, 0)):
+        lo, mid, hi = (c[i, (p + k) % n] if axis else c[(p + k) % n, j] for k in (-1, 0, 1))
+        den = lo - 2 * mid + hi
+        out.append(p - n // 2 + (0.5 * (lo - hi) / den if den < 0 else 0.0))
+    return np.array(out)
+
+
+def residual_motion(movie, border):
+    """Rigid motion left in a movie ``(T, H, W)``: each frame's shift (`_shift`, after a
+    Gaussian blur of 1 px against noise) against the mean of the other frames, over the
+    interior (``border`` px off each side).  NaN pixels (sampled outside the frame, see
+    `unwarp`) count in neither: the mean of the others is taken where they are valid, and
+    they are filled with the mean of their image before the blur.  Returns (norm of the
+    per-axis standard deviations of the shifts, the largest shift's length), px."""
+    m = np.asarray(movie, np.float64)[:, border : movie.shape[1] - border]
+    m = m[:, :, border : m.shape[2] - border]
+    valid = np.isfinite(m)
+    total, count = np.where(valid, m, 0.0).sum(axis=0), valid.sum(axis=0)
+
+    def filled(img, ok):
+        return ndimage.gaussian_filter(np.where(ok, img, img[ok].mean() if ok.any() else 0), 1)
+
+    s = []
+    for t in range(len(m)):
+        n = count - valid[t]
+        others = np.where(n > 0, (total - np.where(valid[t], m[t], 0.0)) / np.maximum(n, 1), np.nan)
+        s.append(_shift(filled(m[t], valid[t]), filled(others, np.isfinite(others))))
+    s = np.array(s)
+    return float(np.hypot(*s.std(axis=0))), float(np.hypot(*(s - s.mean(axis=0)).T).max())
+
+
+def unwarp(movie, w):
+    """The movie ``(T, H, W)`` corrected by fields ``w`` ``(T, H, W, 2)``: frame t at p + w(p)
+    (bilinear; NaN where p + w(p) is outside the frame), the same warp for every method."""
+    T, H, W = movie.shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    out = np.empty((T, H, W))
+    for t in range(T):
+        out[t] = ndimage.map_coordinates(
+            np.asarray(movie[t], np.float64),
+            [yy + w[t, ..., 1], xx + w[t, ..., 0]],
+            order=1,
+            mode="constant",
+            cval=np.nan,
+        )
+    return out
+
+
+def jumps_motion(shape, seed=0, largest=13.0, n_jumps=3, nonrigid_std=0.3, grid=5):
+    """Forward field d (T, H, W, 2) of a short recording that jumps: the frame holds still
+    (a drift of 0.2 px standard deviation) between ``n_jumps`` jumps at random frames, each
+    to a new place up to ``largest`` px from the start in a random direction (the largest
+    exactly ``largest`` px away), one of them a twitch of 1-2 frames that comes back; a
+    smooth non-rigid field of ``nonrigid_std`` px per node."""
+    T, H, W = shape
+    rng = np.random.default_rng(seed + 2000)
+    rigid = _ar1(rng, T, 0.2, 0.9, (2,))
+    at = np.sort(rng.choice(np.arange(2, T - 2), n_jumps, replace=False))
+    amps = rng.uniform(0.4, 1.0, n_jumps) * largest
+    amps[rng.integers(n_jumps)] = largest
+    place = np.zeros((T, 2))
+    for k, t0 in enumerate(at):
+        angle = rng.uniform(0, 2 * np.pi)
+        to = amps[k] * np.array([np.cos(angle), np.sin(angle)])
+        if k == n_jumps - 1:  # a twitch of 1-2 frames that comes back
+            place[t0 : t0 + int(rng.integers(1, 3))] = to
+        else:
+            place[t0:] = to
+    rigid += place
+    nodes = _ar1(rng, T, nonrigid_std, 0.9, (grid, grid, 2))
+    return _dense(nodes, H, W, grid) + rigid[:, None, None, :]
+
+
 def run_flowsession(movie, preset, method, workers):
     tmp = tempfile.mkdtemp(prefix="flowsession-accuracy-")
     try:
@@ -191,6 +291,9 @@ def run_suite2p(movie):
 
     settings = default_settings()["registration"]
     T, H, W = movie.shape
+    # suite2p's non-rigid step needs at least two blocks along each side: on smaller
+    # frames its blocks shrink to half the side (its default elsewhere)
+    settings["block_size"] = [min(b, n // 2) for b, n in zip(settings["block_size"], (H, W))]
     f_reg = np.ascontiguousarray(np.clip(movie, -32768, 32767).astype(np.int16))
     t0 = time.perf_counter()
     out = registration_wrapper(f_reg, settings=settings, device=torch.device("cpu"))
@@ -225,6 +328,15 @@ def synth_still(make_synth, photons, size, frames, seed, folder):
 def load_movie(path, frames):
     if path.endswith(".npy"):
         m = np.load(path)
+    elif path.endswith((".h5", ".hdf5")):
+        with h5py.File(path, "r") as f:
+            sets = []
+            f.visititems(lambda n, o: sets.append(n) if getattr(o, "ndim", 0) == 3 else None)
+            if not sets:
+                raise SystemExit(f"{path}: no 3-d data set (T, H, W) in this HDF5 file")
+            m = f[sets[0]][:]
+            if m.shape[-1] < m.shape[0] and m.shape[-1] < m.shape[1]:
+                m = np.moveaxis(m, -1, 0)  # (H, W, T), as some tools store it
     else:
         import tifffile
 
@@ -252,7 +364,41 @@ def main():
     ap.add_argument("--presets", nargs="*", default=["fast", "balanced"])
     ap.add_argument("--methods", nargs="*", default=["adaptive", "matlab"])
     ap.add_argument("--no-suite2p", action="store_true")
+    ap.add_argument(
+        "--raw",
+        nargs="*",
+        default=[],
+        help="real raw recordings that move (TIFF, .npy or HDF5): the rigid motion each method "
+        "leaves in them",
+    )
+    ap.add_argument(
+        "--short",
+        action="store_true",
+        help="short recordings cut from --real, moved by known jumps (20 frames 128x256 up to "
+        "8.5 px, 30 frames 64x64 up to 13 px)",
+    )
     a = ap.parse_args()
+    s2p_missing = "switched off (--no-suite2p)" if a.no_suite2p else suite2p_available()
+    if a.raw or a.short:
+        short = []
+        if a.short:
+            if not a.real:
+                raise SystemExit("--short cuts its recordings from --real FILE: give it")
+            still = load_movie(a.real, None)
+            T, H, W = still.shape
+            # 20 frames: a 128-row band across the middle; 30 frames: the whole frame
+            # binned 4x4 to 64x64 (a low-zoom scan: a 64x64 crop is too noisy to align)
+            cut20 = still[:20, (H - 128) // 2 : (H - 128) // 2 + 128, :256]
+            cut30 = still[:30, : H // 4 * 4, : W // 4 * 4].astype(np.float64)
+            cut30 = cut30.reshape(30, H // 4, 4, W // 4, 4).mean(axis=(2, 4))
+            for cut, largest in ((cut20, 8.5), (cut30.astype(still.dtype), 13.0)):
+                d = jumps_motion(cut.shape, seed=a.seed, largest=largest)
+                moved, truth = move(cut, d)
+                T, h, w = cut.shape
+                short.append((f"{T} frames {h}x{w}, jumps to {largest:g} px", moved, truth, cut))
+        raw = [(os.path.basename(f), load_movie(f, a.frames), None, None) for f in a.raw]
+        moving_table(raw + short, a.presets, s2p_missing, a.workers)
+        return
 
     tmp = tempfile.mkdtemp(prefix="flowsession-accuracy-data-")
     data = []
@@ -272,7 +418,6 @@ def main():
         raise SystemExit("no data set: give --real FILE or --make-synth PATH")
 
     methods = [(f"flowsession {p} {m}", p, m) for p in a.presets for m in a.methods]
-    s2p_missing = "switched off (--no-suite2p)" if a.no_suite2p else suite2p_available()
     if s2p_missing is None:
         methods.append(("suite2p (rigid + non-rigid)", None, None))
     warm = data[0][1][:30]
@@ -331,6 +476,55 @@ def main():
     print(head)
     for r in rows:
         print(_row(r))
+
+
+def moving_table(recordings, presets, s2p_missing, workers):
+    """Recordings that move, ``(name, movie, truth or None, still or None)``: per method the
+    rigid motion left in the corrected movie (`residual_motion`: norm of per-axis std /
+    largest, px) and, where the motion is known, the EPE-rel over all frames (in brackets);
+    ``still``: the movie before it was moved, whose residual is the measure's floor (what
+    noise alone makes it read)."""
+    run_flowsession(recordings[0][1][:30], presets[0], None, workers)  # warm the caches
+    cols = [(f"{p} default", p, None) for p in presets]
+    cols += [(f'{p} "matlab"', p, "matlab") for p in presets]
+    if s2p_missing is None:
+        cols.append(("suite2p", None, None))
+    table = []
+    for name, movie, truth, still in recordings:
+        H, W = movie.shape[1:]
+        b = min(20, min(H, W) // 8)
+        if truth is not None:  # not the content `move` mirrored in at the edges
+            b = max(b, int(np.ceil(np.abs(truth).max())) + 1)
+        floor = "-" if still is None else "{:.2f} / {:.2f}".format(*residual_motion(still, b))
+        row = [("uncorrected", residual_motion(movie, b), None)]
+        if truth is not None:
+            row[0] = (*row[0][:2], epe_rel(np.zeros_like(truth), truth, b))
+        for label, preset, method in cols:
+            if preset is None:
+                w, _ = run_suite2p(movie)
+            else:
+                w, _ = run_flowsession(movie, preset, method, workers)
+            epe = None if truth is None else epe_rel(w, truth, b)
+            row.append((label, residual_motion(unwarp(movie, w), b), epe))
+            print(
+                f"{name}: {label}: residual {row[-1][1][0]:.2f} / {row[-1][1][1]:.2f} px"
+                + ("" if epe is None else f", EPE-rel {epe:.3f} px"),
+                flush=True,
+            )
+        table.append((f"{name} ({len(movie)}x{H}x{W}, border {b})", floor, row))
+    print()
+    print("Rigid motion left (each frame against the mean of the others: norm of the per-axis")
+    print("std / largest, px); in brackets EPE-rel (px) where the motion is known; floor: the")
+    print("residual of the movie before it was moved")
+    print("| recording | floor | " + " | ".join(lab for lab, _, _ in table[0][2]) + " |")
+    print("|---" * (len(table[0][2]) + 2) + "|")
+    for name, floor, row in table:
+        cells = [
+            f"{r[0]:.2f} / {r[1]:.2f}" + ("" if e is None else f" ({e:.3f})") for _, r, e in row
+        ]
+        print(f"| {name} | {floor} | " + " | ".join(cells) + " |")
+    if s2p_missing is not None:
+        print(f"suite2p absent: {s2p_missing}")
 
 
 def _row(r):

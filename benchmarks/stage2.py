@@ -355,6 +355,67 @@ def cross_day_session(days, masks, seed):
     return np.stack(avgs)[..., None], np.stack(G), np.stack(D), names
 
 
+# Harder cross-day cases (``--hard``): on top of each case's light, every non-center day has
+# its own set of active cells (each cell's brightness times a log-normal gain, a quarter of
+# them nearly dark: cells that appear and disappear), a focal plane a little off (the whole
+# image blurred, a third of the cells swollen and dimmed as a z-shift shows them), its own
+# neuropil (a smooth +-40 % modulation of everything outside the cells), a smooth deformation
+# of 2.5 px, and the remount of the ``rot`` cases.
+CROSS_DAY_HARD = {
+    # name: (dx, dy, rotation deg, scale, lighting change)
+    "other plane": (10.0, -6.0, 0.0, 1.0, "plane"),
+    "cells rot+3": (-7.0, 9.0, 3.0, 1.02, None),
+    "dim rot-3": (5.0, 12.0, -3.0, 0.98, "dim"),
+    "vignette rot+3": (-11.0, -4.0, 3.0, 0.99, "vignette"),
+    "neuropil rot-3": (6.0, 5.0, -3.0, 1.01, None),
+}
+
+
+def hard_appearance(img, masks, rng, neuropil=0.4, plane=0.0):
+    """Another day's cells, focus and neuropil (in the anatomy's grid); ``plane``: the
+    weight of another focal plane's cells mixed in (the image turned by 90 degrees), half
+    the cells nearly dark (a session sharing few cells)."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    H, W = img.shape
+    cells = np.zeros((H, W), dtype=bool)
+    gain = np.ones((H, W))
+    swollen = np.zeros((H, W), dtype=bool)
+    for m in masks:
+        g = 0.4 if rng.random() < (0.5 if plane else 0.25) else float(rng.lognormal(0.0, 0.5))
+        gain[m] = g
+        cells |= m
+        if rng.random() < 1 / 3:
+            swollen |= binary_dilation(m, iterations=2)
+    field = gaussian_filter(rng.standard_normal((H, W)), H / 16, mode="wrap")
+    field /= np.abs(field).max()
+    background = np.where(cells, 1.0, 1.0 + neuropil * field)
+    out = img * gaussian_filter(gain, 1.0) * gaussian_filter(background, 1.0)
+    blurred = gaussian_filter(out, 2.0) * 0.8
+    out = np.where(swollen, np.maximum(blurred, 0.8 * out), out)
+    if plane:
+        out = (1 - plane) * out + plane * np.rot90(out) * out.mean() / np.rot90(out).mean()
+    return gaussian_filter(out, 0.7)
+
+
+def cross_day_session_hard(days, masks, seed):
+    """``cross_day_session`` of the ``CROSS_DAY_HARD`` cases."""
+    rng = np.random.default_rng(seed)
+    shape = days.shape[1:]
+    zero = np.zeros(shape + (2,))
+    avgs, G, D, names = [lighting(days[0], None, rng)], [zero], [zero], ["center"]
+    for k, (name, (dx, dy, angle, scale, change)) in enumerate(CROSS_DAY_HARD.items()):
+        d = day_map(shape, dx, dy, angle, scale, seed + 10 + k, amp=2.5)
+        plane = 0.5 if change == "plane" else 0.0
+        img = hard_appearance(days[(k + 1) % len(days)], masks, rng, plane=plane)
+        change = None if change == "plane" else change
+        avgs.append(lighting(sample(img, d), change, rng))
+        G.append(invert_map(d))
+        D.append(d)
+        names.append(name)
+    return np.stack(avgs)[..., None], np.stack(G), np.stack(D), names
+
+
 def cell_scores(w, g, d, masks):
     """Median centroid distance (px) and mean IoU of the cells' masks brought into the
     center's grid through ``w`` against their true place (cells inside the overlap only).
@@ -449,7 +510,8 @@ def cross_day(a):
     """The cross-day table: per case and method, endpoint error / centroid / IoU."""
     days = load_days(a.mean, 1 + len(CROSS_DAY))
     masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
-    averages, G, D, names = cross_day_session(days, masks, a.cross_seed)
+    make = cross_day_session_hard if a.hard else cross_day_session
+    averages, G, D, names = make(days, masks, a.cross_seed)
     work = tempfile.mkdtemp(prefix="fs-stage2-")
     cfg = fs.SessionConfig(root=work, pattern="*.none")
     before = load_before(a.before) if a.before else None
@@ -625,6 +687,7 @@ def main():
     ap.add_argument("--rois", help="neurofinder regions.json of the cells of --mean")
     ap.add_argument("--before", help="another flowsession.py whose default is compared")
     ap.add_argument("--cross-seed", type=int, default=1)
+    ap.add_argument("--hard", action="store_true", help="the harder cross-day cases")
     ap.add_argument("--cellreg", help="CellReg's SampleData folder (spatial_footprints_*.mat)")
     ap.add_argument(
         "--cellreg-rotate",

@@ -181,6 +181,8 @@ __all__ = [
     "RecordingReader",
     "SESSION_CONFIG_FILE",
     "SOR_OMEGA",
+    "STAGE2_ALPHA",
+    "STAGE2_ALPHA_R",
     "STAGE2_CANDIDATE_MARGIN",
     "STAGE2_CHANCE",
     "STAGE2_COARSEST",

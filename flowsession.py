@@ -183,6 +183,7 @@ __all__ = [
     "SOR_OMEGA",
     "STAGE2_ALPHA",
     "STAGE2_ALPHA_R",
+    "STAGE2_ALPHA_SIDE",
     "STAGE2_CANDIDATE_MARGIN",
     "STAGE2_CHANCE",
     "STAGE2_COARSEST",
@@ -11708,9 +11709,13 @@ def stage2_alignment_quality(reference_average, average, w, weight=None):
 #: STAGE2_ALPHA[0] where r <= STAGE2_ALPHA_R[0] (another day that shares few of its
 #: cells: 0.2-0.4), geometric in between.  The less the averages share, the less the
 #: flow may follow what differs between them: a strongly regularised flow keeps to the
-#: global model and its smooth bending (benchmarks/stage2.py).
+#: global model and its smooth bending (benchmarks/stage2.py).  On frames whose smaller
+#: side is below STAGE2_ALPHA_SIDE px alpha shrinks in proportion: a field's detail spans
+#: fewer pixels there (64-px synthetic sessions: 0.54 px at alpha 10, 0.65 px at 20, 0.73 px
+#: at 30; at 128 px 0.282 px at 10 and 0.285 px at 30 alike).
 STAGE2_ALPHA = (150.0, 30.0)
 STAGE2_ALPHA_R = (0.4, 0.9)
+STAGE2_ALPHA_SIDE = 128
 
 
 def _stage2_alpha(reference_average, average, shift, weight):
@@ -11721,7 +11726,8 @@ def _stage2_alpha(reference_average, average, shift, weight):
     lo, hi = STAGE2_ALPHA_R
     x = 0.0 if not np.isfinite(r) else min(max((r - lo) / (hi - lo), 0.0), 1.0)
     strong, weak = STAGE2_ALPHA
-    return float(strong * (weak / strong) ** x), float(r)
+    size = min(1.0, min(np.shape(reference_average)[:2]) / STAGE2_ALPHA_SIDE)
+    return float(size * strong * (weak / strong) ** x), float(r)
 
 
 def _stage2_levels(H, W, eta):
@@ -11820,6 +11826,9 @@ def _stage2_weight(config, n_channels):
 def _stage2_params(config):
     weight = resolve_flow_options(config).weight
     extra = {} if len(set(weight)) == 1 else {"weight": list(weight)}
+    if config.stage2_method == "flowsession":
+        # the default flow's own terms: a field saved under other ones is not current
+        extra["flow"] = [STAGE2_FLOW, STAGE2_ALPHA, STAGE2_ALPHA_R, STAGE2_ALPHA_SIDE]
     return extra | {
         k: getattr(config, k)
         for k in (

@@ -7634,7 +7634,7 @@ def test_stage2_flow_does_not_follow_what_another_day_does_not_share(tmp_path, s
 def test_stage2_alpha_follows_how_alike_the_averages_are():
     # The same content takes the weakest regularisation, unrelated content the strongest
     # (the flow then keeps to the global model), half the content shared lies between.
-    S = 160
+    S = fs.STAGE2_ALPHA_SIDE
     scene = blobs((S, S), 4)
     zero = np.zeros((S, S, 2))
     same, r_same = fs._stage2_alpha(scene, scene, zero, None)
@@ -7645,6 +7645,11 @@ def test_stage2_alpha_follows_how_alike_the_averages_are():
     assert r_other < fs.STAGE2_ALPHA_R[0] and other == fs.STAGE2_ALPHA[0]
     assert fs.STAGE2_ALPHA_R[0] < r_half < fs.STAGE2_ALPHA_R[1], r_half
     assert fs.STAGE2_ALPHA[1] < half < fs.STAGE2_ALPHA[0], half
+    # a frame of half that side takes half the alpha
+    small = blobs((S // 2, S // 2), 4)
+    assert fs._stage2_alpha(small, small, zero[: S // 2, : S // 2], None)[0] == pytest.approx(
+        fs.STAGE2_ALPHA[1] / 2
+    )
 
 
 def test_stage2_alpha_between_set_by_the_user_is_used_as_is(tmp_path, monkeypatch):
@@ -7663,3 +7668,17 @@ def test_stage2_alpha_between_set_by_the_user_is_used_as_is(tmp_path, monkeypatc
         center, day, fs.SessionConfig(root=tmp_path, alpha_between=500.0)
     )
     assert np.abs(w5 - w500).max() > 0.05
+
+
+def test_stage2_field_saved_under_another_default_flow_is_not_current(tmp_path, monkeypatch):
+    # A field saved by a version whose default flow had other terms (the robust smoothness
+    # and alpha 5 before) must be recomputed, not reused; the toolbox recipe's record does
+    # not depend on them.
+    ref, avg = np.zeros((8, 8, 1)), np.ones((8, 8, 1))
+    cfg = fs.SessionConfig(root=tmp_path)
+    toolbox = fs.SessionConfig(root=tmp_path, stage2_method="matlab")
+    before = [fs._stage2_expected(c, "c.h5", ref, avg) for c in (cfg, toolbox)]
+    monkeypatch.setattr(fs, "STAGE2_FLOW", {"a_smooth": 0.5, "a_data": 0.75})
+    after = [fs._stage2_expected(c, "c.h5", ref, avg) for c in (cfg, toolbox)]
+    assert before[0]["params"] != after[0]["params"]
+    assert before[1] == after[1]

@@ -33,6 +33,19 @@ median centroid distance (px) and mean IoU.  ``--before FILE``: another ``flowse
 as a column; ``translation+flow`` is the default method without its global model.
 
     python benchmarks/stage2.py --sizes --mean movie.npy --rois regions.json --before b/flowsession.py
+
+``--hard``: harder cross-day cases (``CROSS_DAY_HARD``: each day its own active cells, a small
+z-shift, its own neuropil, another plane's cells, 2.5 px of deformation, +-3 degrees).
+``--cellreg DIR``: CellReg's five real sample sessions (``SampleData``, github.com/zivlab/CellReg,
+GPL-2), scored by the cells' mutual nearest-neighbour pairs; ``--cellreg-rotate`` turns them.
+ROICaT's column needs ``--roicat-python``: an interpreter with ``roicat`` (no extras) and
+``opencv-contrib-python-headless``, ``sparse``, ``optuna``, ``richfile``, ``tqdm``, ``psutil``:
+
+    python3 -m venv --system-site-packages /tmp/roicat-venv
+    /tmp/roicat-venv/bin/python -m pip install roicat opencv-contrib-python-headless \
+        sparse optuna richfile tqdm psutil
+    python benchmarks/stage2.py --sizes --cellreg CellReg/SampleData --roicat-python \
+        /tmp/roicat-venv/bin/python
 """
 
 import argparse

@@ -7682,3 +7682,15 @@ def test_stage2_field_saved_under_another_default_flow_is_not_current(tmp_path, 
     after = [fs._stage2_expected(c, "c.h5", ref, avg) for c in (cfg, toolbox)]
     assert before[0]["params"] != after[0]["params"]
     assert before[1] == after[1]
+
+
+@pytest.mark.parametrize("seed", [77, 80])
+def test_stage2_flow_does_not_make_an_unrelated_scene_credible(tmp_path, seed):
+    # Another field of view on a 192-px frame: the flow may not bend it into a match.
+    # Measured after the default flow: 0.205-0.215 (threshold 0.25 on this overlap); the
+    # robust smoothness term with alpha 5 before reached 0.46-0.49 and called it credible.
+    center = 0.5 * blobs((192, 192), 3) + 0.5 * blobs((192, 192), 5)
+    other = blobs((192, 192), seed)
+    w = fs.compute_between_displacement(center, other, fs.SessionConfig(root=tmp_path))
+    q = fs.stage2_alignment_quality(center, other, w)
+    assert q["correlation_after"] < 0.25 and not q["credible"], q

@@ -184,6 +184,9 @@ __all__ = [
     "RecordingReader",
     "SESSION_CONFIG_FILE",
     "SOR_OMEGA",
+    "STAGE2_ALPHA",
+    "STAGE2_ALPHA_R",
+    "STAGE2_ALPHA_SIDE",
     "STAGE2_CANDIDATE_MARGIN",
     "STAGE2_CHANCE",
     "STAGE2_COARSEST",
@@ -1171,7 +1174,8 @@ class SessionConfig:
         (default) or the toolbox's.
     sigma_smooth, alpha_between : float or None
         Stage 2 Gaussian sigma (>= 0) and smoothness weight (> 0); None takes the
-        method's default (flowsession 1 and 5, matlab 6 and 25).
+        method's default (flowsession 1 and an alpha from how alike the averages are,
+        30-150; matlab 6 and 25).
     stage2_constancy_assumption : {'gc', 'gray', 'cs'}
     keep_unmatched : bool
         Keep recordings whose Stage 2 alignment is not credible in the session mask.
@@ -11690,16 +11694,21 @@ def _smooth_normalise(avg, sigma):
     return _normalise(g, *_minmax(g, True))
 
 
-#: Defaults of ``sigma_smooth`` and ``alpha_between`` per method when they are unset.
-STAGE2_DEFAULTS = {"flowsession": (1.0, 5.0), "matlab": (6.0, 25.0)}
+#: Defaults of ``sigma_smooth`` and ``alpha_between`` per method when they are unset
+#: (the "flowsession" alpha: ``_stage2_alpha``, from how alike the averages are).
+STAGE2_DEFAULTS = {"flowsession": (1.0, None), "matlab": (6.0, 25.0)}
 #: Light smoothing (px) of the averages for the rigid step and the quality figures.
 STAGE2_RIGID_SIGMA = 1.0
 #: Coarsest pyramid level (px, smaller side) of the "flowsession" flow, which starts
 #: from the rigid shift: coarser levels only blur the few pixels of residual motion
 #: and, on 64-128 px averages, lose the field (measured in benchmarks/stage2.py).
 STAGE2_COARSEST = 24
-#: Robustness exponents of the "flowsession" flow (``get_displacement``'s a_smooth, a_data).
-STAGE2_FLOW = {"a_smooth": 0.5, "a_data": 0.75}
+#: Robustness exponents of the "flowsession" flow (``get_displacement``'s a_smooth, a_data):
+#: a quadratic smoothness term (a_smooth 1), so that the field bends smoothly like tissue
+#: and does not break at the cells that another day shows otherwise (benchmarks/stage2.py:
+#: with its alpha below, 0.29 against 0.35 px at 128 px and 0.15 against 0.18 px at 256 px,
+#: and fewer cells misplaced on the real-image cross-day cases than with a_smooth 0.5).
+STAGE2_FLOW = {"a_smooth": 1.0, "a_data": 0.75}
 #: A recording whose aligned average correlates with the center's below this (or
 #: overlaps it on less than STAGE2_MIN_OVERLAP of the frame) is not credibly matched.
 #: Measured: unrelated fields of view reach 0.2-0.57 at their best shift (sparse
@@ -11711,9 +11720,12 @@ STAGE2_MIN_OVERLAP = 0.25
 #: at 1700-2400 px of 64-px blob frames, 0.16-0.20 at 9000-15000 px of 128-px ones,
 #: 0.05-0.14 on 512-px real mean images), so the threshold is that, between
 #: STAGE2_MIN_CORRELATION_LARGE and STAGE2_MIN_CORRELATION: a large frame's match
-#: that another day's appearance lowers to 0.4 is not given up.
+#: that another day's appearance lowers to 0.4 is not given up.  After the default flow
+#: (which keeps to the global model where little is shared) unrelated content reaches
+#: 0.21 on 192-px blob frames and 0.07-0.14 on 512-px real mean images, while 512-px days
+#: that share a quarter to a half of their cells, correctly aligned, reach 0.27-0.38.
 STAGE2_CHANCE = 24.0
-STAGE2_MIN_CORRELATION_LARGE = 0.3
+STAGE2_MIN_CORRELATION_LARGE = 0.25
 
 
 def _stage2_min_correlation(n_pixels):
@@ -12050,6 +12062,33 @@ def stage2_alignment_quality(reference_average, average, w, weight=None):
     }
 
 
+#: ``alpha_between`` of the "flowsession" flow where it is unset, from the structure
+#: correlation r of the two averages after the global model: STAGE2_ALPHA[1] where
+#: r >= STAGE2_ALPHA_R[1] (the same content: synthetic sessions reach 0.9-0.93),
+#: STAGE2_ALPHA[0] where r <= STAGE2_ALPHA_R[0] (another day that shares few of its
+#: cells: 0.2-0.4), geometric in between.  The less the averages share, the less the
+#: flow may follow what differs between them: a strongly regularised flow keeps to the
+#: global model and its smooth bending (benchmarks/stage2.py).  On frames whose smaller
+#: side is below STAGE2_ALPHA_SIDE px alpha shrinks in proportion: a field's detail spans
+#: fewer pixels there (64-px synthetic sessions: 0.54 px at alpha 10, 0.65 px at 20, 0.73 px
+#: at 30; at 128 px 0.282 px at 10 and 0.285 px at 30 alike).
+STAGE2_ALPHA = (150.0, 30.0)
+STAGE2_ALPHA_R = (0.4, 0.9)
+STAGE2_ALPHA_SIDE = 128
+
+
+def _stage2_alpha(reference_average, average, shift, weight):
+    """The adaptive ``alpha_between`` (``STAGE2_ALPHA``) and the correlation it followed."""
+    f, g = (_stage2_structure_sum(a, weight) for a in (reference_average, average))
+    reg, ok = imregister_wrapper_w(g[..., None], shift, f[..., None], "linear")
+    r = _masked_correlation(f[..., None], reg, ok)
+    lo, hi = STAGE2_ALPHA_R
+    x = 0.0 if not np.isfinite(r) else min(max((r - lo) / (hi - lo), 0.0), 1.0)
+    strong, weak = STAGE2_ALPHA
+    size = min(1.0, min(np.shape(reference_average)[:2]) / STAGE2_ALPHA_SIDE)
+    return float(size * strong * (weak / strong) ** x), float(r)
+
+
 def _stage2_levels(H, W, eta):
     """Pyramid levels whose coarsest smaller side is still >= STAGE2_COARSEST px."""
     side = min(H, W)
@@ -12069,10 +12108,11 @@ def compute_between_displacement(reference_average, average, config, backend=Non
       transform where it helps), then variational optical flow started from that
       model between the averages' structure images (``_stage2_structure`` with
       ``sigma_smooth``, default 1, mapped to [0, 1]), the model composed into the
-      returned field, with ``alpha_between`` (default 5), ``iterations_between``,
-      ``stage2_constancy_assumption``, the robust smoothness and data terms
-      (``a_smooth`` 0.5, ``a_data`` 1), true grid spacing (no MATLAB quirks), and a
-      pyramid that stops at ``STAGE2_COARSEST`` px.
+      returned field, with ``alpha_between`` (default: ``_stage2_alpha``, 30 for
+      averages alike up to 150 for days that share few cells), ``iterations_between``,
+      ``stage2_constancy_assumption``, a quadratic smoothness term and a robust data
+      term (``a_smooth`` 1, ``a_data`` 0.75), true grid spacing (no MATLAB quirks), and
+      a pyramid that stops at ``STAGE2_COARSEST`` px.
     * ``"matlab"``: the toolbox's recipe: integer shift of
       ``get_displacement_cc`` (normalised cross-correlation, ``cc_upsample`` unused),
       then ``get_displacement`` between ``mat2gray(imgaussfilt(., sigma_smooth))``
@@ -12114,6 +12154,8 @@ def compute_between_displacement(reference_average, average, config, backend=Non
         dx, dy, _, _ = stage2_rigid_shift(ref, avg, config.cc_upsample, weight)
         M, t, _ = stage2_global_transform(ref, avg, dx, dy, weight)
         shift = _affine_field((H, W), M, t)
+        if alpha is None:
+            alpha, _ = _stage2_alpha(ref, avg, shift, weight)
         img2 = imregister_wrapper(img2, shift[..., 0], shift[..., 1], img1, "cubic")
         eta = GET_DISPLACEMENT_DEFAULTS["eta"]
         extra = dict(STAGE2_FLOW, levels=_stage2_levels(H, W, eta), matlab_quirks=False)
@@ -12143,6 +12185,9 @@ def _stage2_weight(config, n_channels):
 def _stage2_params(config):
     weight = resolve_flow_options(config).weight
     extra = {} if len(set(weight)) == 1 else {"weight": list(weight)}
+    if config.stage2_method == "flowsession":
+        # the default flow's own terms: a field saved under other ones is not current
+        extra["flow"] = [STAGE2_FLOW, STAGE2_ALPHA, STAGE2_ALPHA_R, STAGE2_ALPHA_SIDE]
     return extra | {
         k: getattr(config, k)
         for k in (

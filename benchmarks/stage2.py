@@ -34,6 +34,19 @@ as a column; ``translation+flow`` is the default method without its global model
 
     python benchmarks/stage2.py --sizes --mean movie.npy --rois regions.json --before b/flowsession.py
 
+``--hard``: harder cross-day cases (``CROSS_DAY_HARD``: each day its own active cells, a small
+z-shift, its own neuropil, another plane's cells, 2.5 px of deformation, +-3 degrees).
+``--cellreg DIR``: CellReg's five real sample sessions (``SampleData``, github.com/zivlab/CellReg,
+GPL-2), scored by the cells' mutual nearest-neighbour pairs; ``--cellreg-rotate`` turns them.
+ROICaT's column needs ``--roicat-python``: an interpreter with ``roicat`` (no extras) and
+``opencv-contrib-python-headless``, ``sparse``, ``optuna``, ``richfile``, ``tqdm``, ``psutil``:
+
+    python3 -m venv --system-site-packages /tmp/roicat-venv
+    /tmp/roicat-venv/bin/python -m pip install roicat opencv-contrib-python-headless \
+        sparse optuna richfile tqdm psutil
+    python benchmarks/stage2.py --sizes --cellreg CellReg/SampleData --roicat-python \
+        /tmp/roicat-venv/bin/python
+
 The error estimate (``--estimate``): per recording of the cross-day session and of a make_synth
 session of six recordings (``--sizes``), Stage 2's estimated error against the true one, as
 aligned and with one or two fields given a smooth error of known size. ``--timing``: the
@@ -80,6 +93,70 @@ for a in avgs[1:]:
     out.append(compute_between_displacement(avgs[0], a, cfg))
 np.save(sys.argv[2], np.stack(out).astype(np.float64))
 """
+
+
+# ROICaT's non-deep alignment as its pipeline runs it on mean images only: local brightness
+# normalisation, ECC (euclidean) onto the center, then DeepFlow from the geometric result.  The
+# package's __init__ imports its deep-learning parts, so only ``helpers``, ``util`` and
+# ``tracking.alignment`` are loaded (and a torchvision that fails to import is stubbed: the
+# ECC + DeepFlow path does not use it).
+ROICAT = r"""
+import sys, types, importlib.util, numpy as np
+try:
+    import torchvision  # noqa: F401
+except Exception:
+    sys.modules["torchvision"] = types.ModuleType("torchvision")
+for name in ("roicat", "roicat.tracking"):
+    spec = importlib.util.find_spec(name)
+    mod = types.ModuleType(name)
+    mod.__path__ = list(spec.submodule_search_locations)
+    sys.modules[name] = mod
+from roicat.tracking import alignment
+d = np.load(sys.argv[1])
+ims = [a[..., 0].astype(np.float32) for a in d["averages"]]
+al = alignment.Aligner(use_match_search=True, um_per_pixel=1.0, device="cpu", verbose=False)
+fov = al.augment_FOV_images(FOV_images=ims, spatialFootprints=None, normalize_FOV_intensities=True,
+                            use_CLAHE=False, local_norm_sigma_um=12.0)
+ecc = {"mode_transform": "euclidean", "n_iter": 200, "termination_eps": 1e-09,
+       "gaussFiltSize": 1, "auto_fix_gaussFilt_step": 10}
+al.fit_geometric(template=0, ims_moving=fov, template_method="image", method="ECC_cv2",
+                 kwargs_method={"ECC_cv2": ecc}, constraint="affine", verbose=False)
+al.transform_images_geometric(fov)
+remap = al.fit_nonrigid(template=0, ims_moving=al.ims_registered_geo,
+                        remappingIdx_init=al.remappingIdx_geo, template_method="image",
+                        method="DeepFlow", kwargs_method={"DeepFlow": {}})
+H, W = ims[0].shape
+yy, xx = np.mgrid[0:H, 0:W]
+out = [np.stack([r[..., 0] - xx, r[..., 1] - yy], axis=-1) for r in remap]
+out[0][:] = 0.0
+np.save(sys.argv[2], np.nan_to_num(np.stack(out).astype(np.float64)))
+"""
+
+
+def run_roicat(python, averages, work):
+    """ROICaT's fields ``(N, H, W, 2)`` onto ``averages[0]``, or None (reason printed)."""
+    if not python or not os.path.exists(python):
+        print(f"ROICaT skipped: no interpreter at {python} (--roicat-python)")
+        return None
+    src, dst = os.path.join(work, "roicat_in.npz"), os.path.join(work, "roicat_out.npy")
+    np.savez(src, averages=averages)
+    run = subprocess.run([python, "-c", ROICAT, src, dst], capture_output=True, text=True)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"ROICaT skipped: {last}")
+        return None
+    return np.load(dst)
+
+
+def add_roicat(fields, credible, averages, python, work):
+    """Adds ROICaT's column to ``fields`` and ``credible`` where it runs."""
+    got = run_roicat(python, averages, work) if python else None
+    if got is not None:
+        fields["roicat"] = got
+        credible["roicat"] = [
+            fs.stage2_alignment_quality(averages[0], avg, w)["credible"]
+            for avg, w in zip(averages, got)
+        ]
 
 
 def make_session(work, size, frames, n, seed, synth=SYNTH):
@@ -304,6 +381,67 @@ def cross_day_session(days, masks, seed):
     return np.stack(avgs)[..., None], np.stack(G), np.stack(D), names
 
 
+# Harder cross-day cases (``--hard``): on top of each case's light, every non-center day has
+# its own set of active cells (each cell's brightness times a log-normal gain, a quarter of
+# them nearly dark: cells that appear and disappear), a focal plane a little off (the whole
+# image blurred, a third of the cells swollen and dimmed as a z-shift shows them), its own
+# neuropil (a smooth +-40 % modulation of everything outside the cells), a smooth deformation
+# of 2.5 px, and the remount of the ``rot`` cases.
+CROSS_DAY_HARD = {
+    # name: (dx, dy, rotation deg, scale, lighting change)
+    "other plane": (10.0, -6.0, 0.0, 1.0, "plane"),
+    "cells rot+3": (-7.0, 9.0, 3.0, 1.02, None),
+    "dim rot-3": (5.0, 12.0, -3.0, 0.98, "dim"),
+    "vignette rot+3": (-11.0, -4.0, 3.0, 0.99, "vignette"),
+    "neuropil rot-3": (6.0, 5.0, -3.0, 1.01, None),
+}
+
+
+def hard_appearance(img, masks, rng, neuropil=0.4, plane=0.0):
+    """Another day's cells, focus and neuropil (in the anatomy's grid); ``plane``: the
+    weight of another focal plane's cells mixed in (the image turned by 90 degrees), half
+    the cells nearly dark (a session sharing few cells)."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    H, W = img.shape
+    cells = np.zeros((H, W), dtype=bool)
+    gain = np.ones((H, W))
+    swollen = np.zeros((H, W), dtype=bool)
+    for m in masks:
+        g = 0.4 if rng.random() < (0.5 if plane else 0.25) else float(rng.lognormal(0.0, 0.5))
+        gain[m] = g
+        cells |= m
+        if rng.random() < 1 / 3:
+            swollen |= binary_dilation(m, iterations=2)
+    field = gaussian_filter(rng.standard_normal((H, W)), H / 16, mode="wrap")
+    field /= np.abs(field).max()
+    background = np.where(cells, 1.0, 1.0 + neuropil * field)
+    out = img * gaussian_filter(gain, 1.0) * gaussian_filter(background, 1.0)
+    blurred = gaussian_filter(out, 2.0) * 0.8
+    out = np.where(swollen, np.maximum(blurred, 0.8 * out), out)
+    if plane:
+        out = (1 - plane) * out + plane * np.rot90(out) * out.mean() / np.rot90(out).mean()
+    return gaussian_filter(out, 0.7)
+
+
+def cross_day_session_hard(days, masks, seed):
+    """``cross_day_session`` of the ``CROSS_DAY_HARD`` cases."""
+    rng = np.random.default_rng(seed)
+    shape = days.shape[1:]
+    zero = np.zeros(shape + (2,))
+    avgs, G, D, names = [lighting(days[0], None, rng)], [zero], [zero], ["center"]
+    for k, (name, (dx, dy, angle, scale, change)) in enumerate(CROSS_DAY_HARD.items()):
+        d = day_map(shape, dx, dy, angle, scale, seed + 10 + k, amp=2.5)
+        plane = 0.5 if change == "plane" else 0.0
+        img = hard_appearance(days[(k + 1) % len(days)], masks, rng, plane=plane)
+        change = None if change == "plane" else change
+        avgs.append(lighting(sample(img, d), change, rng))
+        G.append(invert_map(d))
+        D.append(d)
+        names.append(name)
+    return np.stack(avgs)[..., None], np.stack(G), np.stack(D), names
+
+
 def cell_scores(w, g, d, masks):
     """Median centroid distance (px) and mean IoU of the cells' masks brought into the
     center's grid through ``w`` against their true place (cells inside the overlap only).
@@ -398,7 +536,8 @@ def cross_day(a):
     """The cross-day table: per case and method, endpoint error / centroid / IoU."""
     days = load_days(a.mean, 1 + len(CROSS_DAY))
     masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
-    averages, G, D, names = cross_day_session(days, masks, a.cross_seed)
+    make = cross_day_session_hard if a.hard else cross_day_session
+    averages, G, D, names = make(days, masks, a.cross_seed)
     work = tempfile.mkdtemp(prefix="fs-stage2-")
     cfg = fs.SessionConfig(root=work, pattern="*.none")
     before = load_before(a.before) if a.before else None
@@ -410,6 +549,7 @@ def cross_day(a):
             fs.stage2_alignment_quality(averages[0], avg, w)["credible"]
             for avg, w in zip(averages, pfr)
         ]
+    add_roicat(fields, credible, averages, a.roicat_python, work)
     methods = list(fields)
     H, W = averages.shape[1:3]
     print(
@@ -440,6 +580,115 @@ def cross_day(a):
         f"{'seconds':12}"
         + "".join(f"{seconds.get(n, float('nan')):>23.1f} " for n in methods)
         + f"  ({len(averages) - 1} alignments)"
+    )
+
+
+def load_cellreg(folder):
+    """CellReg's sample sessions (``spatial_footprints_0N.mat``, ``allFiltersMat`` cells x H x W,
+    github.com/zivlab/CellReg ``SampleData``, GPL-2): one image per session, the sum of its
+    cells' footprints each scaled to a peak of 1, zero-padded to one shape, and each cell's
+    footprint-weighted centroid ``(x, y)`` in its own session's grid."""
+    import glob
+
+    from scipy.io import loadmat
+
+    paths = sorted(glob.glob(os.path.join(folder, "spatial_footprints_*.mat")))
+    if len(paths) < 2:
+        raise SystemExit(f"--cellreg {folder}: no spatial_footprints_*.mat (CellReg SampleData)")
+    footprints = [loadmat(p)["allFiltersMat"].astype(np.float64) for p in paths]
+    H = max(f.shape[1] for f in footprints)
+    W = max(f.shape[2] for f in footprints)
+    images, centroids = [], []
+    for f in footprints:
+        f = f / np.maximum(f.max(axis=(1, 2), keepdims=True), 1e-12)
+        img = np.zeros((H, W))
+        img[: f.shape[1], : f.shape[2]] = f.sum(axis=0)
+        images.append(img)
+        yy, xx = np.mgrid[0 : f.shape[1], 0 : f.shape[2]]
+        mass = f.sum(axis=(1, 2))
+        centroids.append(
+            np.stack([(f * xx).sum(axis=(1, 2)) / mass, (f * yy).sum(axis=(1, 2)) / mass], -1)
+        )
+    return np.stack(images), centroids, [os.path.basename(p) for p in paths]
+
+
+def to_center_grid(points, w):
+    """Points ``(n, 2)`` of a session's grid in the center's grid: p with p + w(p) = q."""
+    from scipy.ndimage import map_coordinates
+
+    p = points.copy()
+    for _ in range(20):
+        wp = np.stack(
+            [
+                map_coordinates(w[..., k], [p[:, 1], p[:, 0]], order=1, mode="nearest")
+                for k in (0, 1)
+            ],
+            -1,
+        )
+        p = points - wp
+    return p
+
+
+def landmark_scores(center, moved, radius):
+    """Cells paired as mutual nearest neighbours closer than ``radius`` px: how many, and the
+    median distance of the pairs (px)."""
+    from scipy.spatial import cKDTree
+
+    d1, i1 = cKDTree(moved).query(center)
+    _, i2 = cKDTree(center).query(moved)
+    pair = (i2[i1] == np.arange(len(center))) & (d1 < radius)
+    return int(pair.sum()), float(np.median(d1[pair])) if pair.any() else float("nan")
+
+
+def cellreg_case(a):
+    """CellReg's five real sessions (one-photon, days apart, cells only): each session aligned
+    onto the first (CellReg's own reference), its cells' centroids brought into the first
+    session's grid; cells paired as mutual nearest neighbours within 6 px (CellReg's 14 um at
+    its 2.35 um per px): pairs found / median pair distance.  No independent matching exists,
+    so this measures how well the cells' positions agree after the alignment, not the truth."""
+    images, cents, names = load_cellreg(a.cellreg)
+    if a.cellreg_rotate:  # a remounted animal: every later session turned and scaled a little
+        for k in range(1, len(images)):
+            sign = 1 if k % 2 else -1
+            d = day_map(images.shape[1:], 4.0 * sign, -3.0, 3.0 * sign, 1 + 0.02 * sign, k, 0.0)
+            images[k] = sample(images[k], d, order=1)
+            cents[k] = to_center_grid(cents[k], d)
+            names[k] += f" rot{sign * 3:+d}"
+    averages = images[..., None] * 1000.0
+    work = tempfile.mkdtemp(prefix="fs-stage2-")
+    cfg = fs.SessionConfig(root=work, pattern="*.none")
+    before = load_before(a.before) if a.before else None
+    fields, credible, seconds = cross_day_fields(averages, cfg, before)
+    pfr = run_pyflowreg(a.pyflowreg_python, averages, work)
+    if pfr is not None:
+        fields["pyflowreg"] = pfr
+        credible["pyflowreg"] = [
+            fs.stage2_alignment_quality(averages[0], avg, w)["credible"]
+            for avg, w in zip(averages, pfr)
+        ]
+    add_roicat(fields, credible, averages, a.roicat_python, work)
+    methods = list(fields)
+    H, W = images.shape[1:]
+    print(
+        f"CellReg sample sessions ({H}x{W}, {sum(map(len, cents))} cells): mutual nearest "
+        "neighbours within 6 px: pairs / median distance px; * = flagged not credible"
+    )
+    print(f"{'session':24}" + "".join(f"{n:>18}" for n in methods))
+    totals = {n: [] for n in methods}
+    for k in range(1, len(images)):
+        cells = []
+        for n in methods:
+            moved = to_center_grid(cents[k], fields[n][k])
+            npair, dist = landmark_scores(cents[0], moved, 6.0)
+            totals[n].append((npair, dist))
+            flag = " " if credible[n][k] else "*"
+            cells.append(f"{npair:>9d} {dist:>6.2f}{flag}")
+        print(f"{names[k]:24}" + "".join(f"{x:>18}" for x in cells), flush=True)
+    print(
+        f"{'mean':24}"
+        + "".join(
+            f"{'{:>9.1f} {:>6.2f} '.format(*np.mean(totals[n], axis=0)):>18}" for n in methods
+        )
     )
 
 
@@ -669,10 +918,22 @@ def main():
         "--pyflowreg-python",
         default=os.path.expanduser("~/.cache/flowsession-bench/pfr-venv/bin/python"),
     )
+    ap.add_argument(
+        "--roicat-python",
+        default=os.path.expanduser("~/.cache/flowsession-bench/roicat-venv/bin/python"),
+        help="an interpreter with roicat and opencv-contrib-python-headless (DeepFlow)",
+    )
     ap.add_argument("--mean", help="a real mean image or movie for the cross-day cases")
     ap.add_argument("--rois", help="neurofinder regions.json of the cells of --mean")
     ap.add_argument("--before", help="another flowsession.py whose default is compared")
     ap.add_argument("--cross-seed", type=int, default=1)
+    ap.add_argument("--hard", action="store_true", help="the harder cross-day cases")
+    ap.add_argument("--cellreg", help="CellReg's SampleData folder (spatial_footprints_*.mat)")
+    ap.add_argument(
+        "--cellreg-rotate",
+        action="store_true",
+        help="turn the CellReg sessions after the first by +-3 degrees, scale +-2 %%",
+    )
     ap.add_argument(
         "--timing",
         action="store_true",
@@ -699,13 +960,15 @@ def main():
     if a.timing:
         stage2_timing(a)
         return
+    if a.cellreg:
+        cellreg_case(a)
     if a.mean:
         cross_day(a)
     if not a.sizes:
         return
     work = tempfile.mkdtemp(prefix="fs-stage2-")
     cfg = fs.SessionConfig(root=work, pattern="*.none")
-    names = list(METHODS) + ["pyflowreg"]
+    names = list(METHODS) + ["pyflowreg", "roicat"]
     print(
         f"Stage 2 endpoint error (px), {a.session} recordings of {a.frames} frames, center "
         "rec_00; mean over the other recordings (+light: the relit recording alone); "
@@ -731,6 +994,7 @@ def main():
                     fs.stage2_alignment_quality(avgs[0], avg, w)["credible"]
                     for avg, w in zip(avgs, pfr)
                 ]
+            add_roicat(fields, credible, avgs, a.roicat_python, work)
             row = {"case": case}
             cells = []
             for n in names:

@@ -8724,7 +8724,10 @@ class TorchBackend(FlowBackend):
             return self._field(u, v), reg, ok.transpose(1, 2).cpu().numpy(), None
 
     def device_fields(self):
-        return _TorchFields(self)
+        # On device "cpu" the fields are in host memory already: the host path's temporal
+        # model and warps, which overlap the next chunk's flows in the worker threads,
+        # are faster there (torch's ops run one after another in the calling thread).
+        return None if self.device.type == "cpu" else _TorchFields(self)
 
 
 def _tc_frame_statistics(u, v):

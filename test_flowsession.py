@@ -7688,6 +7688,9 @@ def _compare_outputs(host, dev, frame_tol, field_tol):
 
 @pytest.mark.torch
 def test_torch_default_path_runs_on_the_device_and_matches_the_host_path(tmp_path, monkeypatch):
+    # On device "cpu" flowreg_torch keeps the host path (its fields are in host memory
+    # already, and the host path is faster there); the device path, which runs on a
+    # CUDA device, is forced here with the same torch code on the CPU.
     # 130 frames (past the temporal model's 64-frame warm-up, so frames are released
     # chunk by chunk) on flowreg_torch (device "cpu", float64), in batches of 110 and
     # 20 frames: the next batch's initial field from the last 21 fields of the first,
@@ -7703,7 +7706,12 @@ def test_torch_default_path_runs_on_the_device_and_matches_the_host_path(tmp_pat
     run = functools.partial(
         _stage1_on, tmp_path, monkeypatch, frames=frames, backend="flowreg_torch", params=params
     )
+    assert fs.make_backend("flowreg_torch", params).device_fields() is None
     host, _ = run(name="host", device=False, save_w=True, buffer_size=110)
+    on_device = functools.partial(
+        monkeypatch.setattr, fs.TorchBackend, "device_fields", lambda be: fs._TorchFields(be)
+    )
+    on_device()
     dev, method = run(name="dev", save_w=True, buffer_size=110)
     # the temporal model's ring of remainders is a tensor on the backend's device
     assert isinstance(method.model.ring, torch.Tensor)
@@ -7718,6 +7726,7 @@ def test_torch_default_path_runs_on_the_device_and_matches_the_host_path(tmp_pat
     spy = torch.Tensor.numpy
     monkeypatch.setattr(torch.Tensor, "numpy", lambda t, *a, **k: _record_pull(spy(t, *a, **k)))
     _PULLED["arrays"] = []
+    on_device()
     run(name="spied", buffer_size=110)
     assert any(shape[-3:] == (H, W, C) for shape, _ in _PULLED["arrays"])  # the frames
     assert _fields_pulled(H, W) <= fs.INIT_TAIL_FRAMES + math.ceil(T / 8)
@@ -7788,7 +7797,7 @@ def _device_ops(kind, precision="float64"):
     be = fs.make_backend("flowreg_torch", {"device": "cpu", "dtype": precision})
     return (
         be,
-        be.device_fields(),
+        fs._TorchFields(be),  # what device_fields() gives on a CUDA device
         lambda a: torch.as_tensor(np.ascontiguousarray(a)),
         (lambda d: d.numpy()),
     )

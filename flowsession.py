@@ -10515,7 +10515,8 @@ class _TemporalModel:
     thread and `add` do the same in steps) and returns the frames whose neighbours
     are all known, as `_Release` blocks of at most ``block`` frames; `fields`
     computes a block's fields.  `flush` releases the rest.  The remainders wait in a
-    float32 ring ``(N, 2, H, W)``.
+    float32 ring ``(N, 2, H, W)`` (with ``ops``, `FlowBackend.device_fields`: ``(N, 2, W,
+    H)`` on the backend's device).
     """
 
     def __init__(

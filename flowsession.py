@@ -6824,6 +6824,26 @@ class FlowBackend:
         fields on its device."""
         return _nb_warp_field(uv, raw, fill, method, reg, valid)
 
+    def device_fields(self):
+        """The field operations of the default Stage 1 path on this backend's device, or
+        None (here): the fields come to the host, the temporal model keeps them in numpy
+        arrays and ``warp`` warps each frame on the CPU.  A backend that keeps its fields
+        on its device returns an object with
+
+        * ``flows(state, frames, init, then)``: as ``flows``, but ``then(k0, k1, wk)``
+          gets each batch's fields on the device, ``(m, 2, W, H)`` (u, v planes in the
+          solver's layout), and the chunk's fields are returned as a `_ChunkOnDevice`;
+        * ``grown(ring, n, shape)``, ``split(w, weights, ring, slot)``, ``sq_diff(ring,
+          a, b)`` and ``fields(ring, block)``: `_TemporalModel`'s ring of remainders
+          ``(N, 2, W, H)`` float32 and its sums, on the device;
+        * ``warp(state, uv, raw, method, save_w)``: raw frames ``(n, H, W, C)`` warped
+          there by a block's fields; returns the warped frames ``(n, H, W, C)``, their
+          valid masks, their statistics ``(4, n)`` (``_frame_statistics``), the fields'
+          means ``(n, 2)`` and, with ``save_w``, the fields ``(n, H, W, 2)`` (else None):
+          all that comes back to the host.
+        """
+        return None
+
     def pair(self, params, fixed, moving, init=None):
         """``w (H, W, 2)`` of one pair (Stage 2): ``moving`` registered onto ``fixed``."""
         fixed = np.asarray(fixed, dtype=np.float64)
@@ -6831,6 +6851,30 @@ class FlowBackend:
         state = self.reference(params, fixed)
         init = self._start(np.zeros((H, W, 2)) if init is None else init)
         return self._flows(state, np.asarray(moving, dtype=np.float64)[None], init)[0]
+
+
+class _ChunkOnDevice:
+    """The fields ``(n, 2, W, H)`` of a chunk of frames that stay on a backend's device
+    (`FlowBackend.device_fields`), as Stage 1's batch loop reads them for the next
+    batch's initial field: ``len``, ``sum(axis=0)`` (host ``(H, W, 2)`` float64, summed
+    on the device) and ``[a:b]`` (host ``(m, H, W, 2)`` float64 of those frames only)."""
+
+    def __init__(self, fields, to_host, total):
+        self.fields, self.to_host, self.total = fields, to_host, total
+
+    def __len__(self):
+        return len(self.fields)
+
+    def __getitem__(self, index):
+        frames = range(len(self.fields))[index]
+        if len(frames) == 0:
+            _, _, W, H = self.fields.shape
+            return np.empty((0, H, W, 2))
+        return self.to_host(self.fields[frames.start : frames.stop])
+
+    def sum(self, axis=0):
+        assert axis == 0
+        return self.total(self.fields)
 
 
 class _CpuState(NamedTuple):
@@ -7584,6 +7628,101 @@ def _cuda_kernels(precision):
             for r in range(5):
                 out[k, r] = sums[r, 0]
 
+    # ---- the default Stage 1 path's temporal model (_CudaFields) -------------
+
+    @cuda.jit
+    def _cu_field_mean(w, weights, uniform, out):
+        """One block: ``out[c]`` the mean of plane c of a field ``w (2, nx, ny)`` in float64,
+        weighted by ``weights (nx, ny)`` summing to 1 unless ``uniform`` (the sums of
+        ``_nb_split_field``)."""
+        t = _cuda.threadIdx.x
+        nx = w.shape[1]
+        ny = w.shape[2]
+        sums = _cuda.shared.array((2, STATS_THREADS), np.float64)
+        s0 = 0.0
+        s1 = 0.0
+        for i in range(t, nx * ny, STATS_THREADS):
+            x = i // ny
+            y = i % ny
+            g = 1.0 if uniform else weights[x, y]
+            s0 += g * np.float64(w[0, x, y])
+            s1 += g * np.float64(w[1, x, y])
+        sums[0, t] = s0
+        sums[1, t] = s1
+        _cuda.syncthreads()
+        step = STATS_THREADS // 2
+        while step > 0:
+            if t < step:
+                sums[0, t] += sums[0, t + step]
+                sums[1, t] += sums[1, t + step]
+            _cuda.syncthreads()
+            step //= 2
+        if t == 0:
+            for c in range(2):
+                out[c] = sums[c, 0] / (nx * ny) if uniform else sums[c, 0]
+
+    @cuda.jit
+    def _cu_split_rest(w, mean, ring, slot):
+        """``ring[slot, c] = w[c] - mean[c]`` (float64, stored float32): a field's remainder."""
+        y, x, c = _cuda.grid(3)
+        if c < 2 and x < w.shape[1] and y < w.shape[2]:
+            ring[slot, c, x, y] = np.float64(w[c, x, y]) - mean[c]
+
+    @cuda.jit
+    def _cu_subsampled_sq_diff(ring, a, b, out):
+        """One block: ``out[0]`` the sum of ``(ring[a] - ring[b]) ** 2`` over every 4th pixel
+        along both axes in float64 (``_nb_subsampled_sq_diff`` before its division)."""
+        t = _cuda.threadIdx.x
+        nx = ring.shape[2]
+        ny = ring.shape[3]
+        mx = (nx + 3) // 4
+        my = (ny + 3) // 4
+        sums = _cuda.shared.array(STATS_THREADS, np.float64)
+        acc = 0.0
+        for i in range(t, 2 * mx * my, STATS_THREADS):
+            c = i // (mx * my)
+            x = 4 * ((i // my) % mx)
+            y = 4 * (i % my)
+            d = np.float64(ring[a, c, x, y]) - np.float64(ring[b, c, x, y])
+            acc += d * d
+        sums[t] = acc
+        _cuda.syncthreads()
+        step = STATS_THREADS // 2
+        while step > 0:
+            if t < step:
+                sums[t] += sums[t + step]
+            _cuda.syncthreads()
+            step //= 2
+        if t == 0:
+            out[0] = sums[0]
+
+    @cuda.jit
+    def _cu_temporal_fields(ring, slots, kern, s, out):
+        """``_nb_temporal_block`` of a released block in the solver's layout: ``out[j, c] =
+        s[j, c] + sum_i kern[j, i] * ring[slots[i], c]`` summed in float64 in the same
+        order, ``out (n, 2, nx, ny)``; z runs over the ``2 n`` planes ``(j, c)``."""
+        y, x, q = _cuda.grid(3)
+        j = q // 2
+        c = q % 2
+        if j >= out.shape[0] or x >= out.shape[2] or y >= out.shape[3]:
+            return
+        acc = s[j, c]
+        for i in range(kern.shape[1]):
+            k = kern[j, i]
+            if k != 0.0:
+                acc += k * np.float64(ring[slots[i], c, x, y])
+        out[j, c, x, y] = acc
+
+    @cuda.jit
+    def _cu_fields_total(w, out):
+        """``out[c] = sum_k w[k, c]`` in float64 (the chunk sum of `_ChunkOnDevice`)."""
+        y, x, c = _cuda.grid(3)
+        if c < 2 and x < w.shape[2] and y < w.shape[3]:
+            acc = 0.0
+            for k in range(w.shape[0]):
+                acc += np.float64(w[k, c, x, y])
+            out[c, x, y] = acc
+
     def launch(kernel, shape, *args):
         """Run ``kernel`` over the index space ``shape = (planes, n1, n2)``: thread x over
         n2, y over n1, z over the planes."""
@@ -7986,6 +8125,152 @@ class CudaBackend(FlowBackend):
     def _register_batch(self, state, frames, raw, init, method):
         w, reg, valid, sums = self._run(state, frames, raw, init, method)
         return w.astype(np.float64), reg, valid, sums
+
+    def device_fields(self):
+        return _CudaFields(self)
+
+
+def _statistics_from_sums(sums, npx):
+    """The statistics ``(4, n)`` of ``_frame_statistics`` from the per-frame sums ``(n, 5)``
+    of ``_cu_frame_sums`` over ``npx`` pixels (as ``FlowBackend.register`` turns them)."""
+    return np.stack(
+        [
+            sums[:, 0] / npx,
+            sums[:, 1],
+            sums[:, 2] / npx,
+            np.hypot(sums[:, 3] / npx, sums[:, 4] / npx),
+        ]
+    )
+
+
+class _CudaFields:
+    """`FlowBackend.device_fields` of `CudaBackend`: the default Stage 1 path's fields,
+    the temporal model's ring and sums and the warp on the GPU.  Fields are device
+    arrays ``(n, 2, W, H)`` of the backend's precision (the temporal model sums in
+    float64, as on the CPU); the ring holds float32 remainders, as on the CPU.  What
+    comes back: each frame's mean and two sums of squares for the model's statistics,
+    the warped frames, masks, statistics and the fields that are saved."""
+
+    def __init__(self, backend):
+        self.be = backend
+        self.k = backend._k
+        self.weights = (None, None)  # (host pixel weights, their device copy (W, H))
+
+    def flows(self, state, frames, init, then):
+        be, k = self.be, self.k
+        n, H, W, C = frames.shape
+        ui, vi = _field_internal(np.asarray(be._started(init), dtype=np.float64))
+        with be._gpu():
+            out = be._cuda.device_array((n, 2, W, H), be.dtype)
+            step = be._batch(n, C, W, H)
+            for i0 in range(0, n, step):
+                i1 = min(n, i0 + step)
+                u, v = be._displacement(state, be._upload_planes(frames[i0:i1], "frames"), ui, vi)
+                k.launch(k._cu_copy, u.shape, u, out[i0:i1, 0])
+                k.launch(k._cu_copy, v.shape, v, out[i0:i1, 1])
+                then(i0, i1, out[i0:i1])
+        return _ChunkOnDevice(out, self._to_host, self._total)
+
+    def _to_host(self, w):
+        be, k = self.be, self.k
+        m, _, W, H = w.shape
+        with be._gpu():
+            w_dev = be._work("w_out", (m, H, W, 2))
+            mask = be._work("mask_out", (m, H, W), np.uint8)
+            ok = be._work("valid", (m, W, H), np.uint8)
+            k.launch(k._cu_fields_out, (m, W, H), w[:, 0], w[:, 1], ok, w_dev, mask)
+            return w_dev.copy_to_host().astype(np.float64)
+
+    def _total(self, w):
+        be, k = self.be, self.k
+        _, _, W, H = w.shape
+        with be._gpu():
+            out = be._work("fields_total", (2, W, H), np.float64)
+            k.launch(k._cu_fields_total, out.shape, w, out)
+            return out.copy_to_host().transpose(2, 1, 0)
+
+    def grown(self, ring, n, shape):
+        be, k = self.be, self.k
+        H, W = shape
+        with be._gpu():
+            new = be._cuda.device_array((n, 2, W, H), np.float32)
+            if ring is not None:
+                old = ring.reshape(2 * len(ring), W, H)
+                k.launch(k._cu_copy, old.shape, old, new[: len(ring)].reshape(old.shape))
+        return new
+
+    def split(self, w, weights, ring, slot):
+        be, k = self.be, self.k
+        with be._gpu():
+            if weights is not None and self.weights[0] is not weights:
+                self.weights = (weights, be._cuda.to_device(np.ascontiguousarray(weights.T)))
+            wt = self.weights[1] if weights is not None else be._work("no_weights", (1, 1), "f8")
+            mean = be._work("field_mean", (2,), np.float64)
+            k._cu_field_mean[1, k.STATS_THREADS](w, wt, weights is None, mean)
+            k.launch(k._cu_split_rest, w.shape, w, mean, ring, slot)
+            return mean.copy_to_host()
+
+    def sq_diff(self, ring, a, b):
+        be, k = self.be, self.k
+        _, _, nx, ny = ring.shape
+        with be._gpu():
+            out = be._work("sq_diff", (1,), np.float64)
+            k._cu_subsampled_sq_diff[1, k.STATS_THREADS](ring, a, b, out)
+            return float(out.copy_to_host()[0]) / (2 * ((nx + 3) // 4) * ((ny + 3) // 4))
+
+    def fields(self, ring, block):
+        be, k = self.be, self.k
+        n = len(block.t)
+        _, _, W, H = ring.shape
+        to = be._cuda.to_device
+        with be._gpu():
+            out = be._cuda.device_array((n, 2, W, H), be.dtype)
+            k.launch(
+                k._cu_temporal_fields,
+                (2 * n, W, H),
+                ring,
+                to(np.ascontiguousarray(block.slots, dtype=np.int64)),
+                to(np.ascontiguousarray(block.kern, dtype=np.float64)),
+                to(np.ascontiguousarray(block.s, dtype=np.float64)),
+                out,
+            )
+        return out
+
+    def warp(self, state, uv, raw, method, save_w):
+        be, k = self.be, self.k
+        n, H, W, C = raw.shape
+        one = be.dtype.type(1.0)
+        u, v = uv[:, 0], uv[:, 1]
+        with be._gpu():
+            planes = be._upload_planes(raw, "raw")
+            out = be._work("registered", planes.shape)
+            ok = be._work("valid", (n, W, H), np.uint8)
+            k.launch(
+                k._cu_warp_plane,
+                (n, W, H),
+                planes,
+                u,
+                v,
+                one,
+                one,
+                state.fill,
+                int(method),
+                out,
+                ok,
+            )
+            reg_dev = be._work("registered_out", (n, H, W, C))
+            k.launch(k._cu_from_planes, out.shape, out, reg_dev)
+            w_dev = be._work("w_out", (n, H, W, 2))
+            mask_dev = be._work("mask_out", (n, H, W), np.uint8)
+            k.launch(k._cu_fields_out, (n, W, H), u, v, ok, w_dev, mask_dev)
+            sums_dev = be._work("frame_sums", (n, 5), np.float64)
+            k._cu_frame_sums[n, k.STATS_THREADS](u, v, sums_dev)
+            reg = reg_dev.copy_to_host()
+            valid = mask_dev.copy_to_host().view(bool)
+            sums = sums_dev.copy_to_host()
+            w = w_dev.copy_to_host().astype(np.float64) if save_w else None
+        npx = H * W
+        return reg, valid, _statistics_from_sums(sums, npx), sums[:, 3:5] / npx, w
 
 
 ###############################################################################
@@ -8617,6 +8902,128 @@ class TorchBackend(FlowBackend):
             out, ok = _tc_warp(self._tensor(raw), u, v, 1.0, 1.0, state.fill, method)
             reg = out.permute(0, 3, 2, 1).cpu().numpy()
             return self._field(u, v), reg, ok.transpose(1, 2).cpu().numpy(), None
+
+    def device_fields(self):
+        # On device "cpu" the fields are in host memory already: the host path's temporal
+        # model and warps, which overlap the next chunk's flows in the worker threads,
+        # are faster there (torch's ops run one after another in the calling thread).
+        return None if self.device.type == "cpu" else _TorchFields(self)
+
+
+def _tc_frame_statistics(u, v):
+    """``_nb_frame_statistics`` of every frame of fields ``u, v (n, nx, ny)`` (the solver's
+    layout: x along columns) in float64: the statistics ``(4, n)`` and the fields' means
+    ``(n, 2)``, as tensors."""
+    import torch
+
+    u = u.to(torch.float64)
+    v = v.to(torch.float64)
+    n, nx, ny = u.shape
+    xs = torch.arange(nx, device=u.device)
+    ys = torch.arange(ny, device=u.device)
+    x0, x1 = (xs - 1).clamp(min=0), (xs + 1).clamp(max=nx - 1)
+    y0, y1 = (ys - 1).clamp(min=0), (ys + 1).clamp(max=ny - 1)
+    du = u[:, x1] - u[:, x0]  # Sobel: central differences along x, smoothed along y
+    gx = du[:, :, y0] + 2.0 * du + du[:, :, y1]
+    dv = v[:, :, y1] - v[:, :, y0]
+    gy = dv[:, x0] + 2.0 * dv + dv[:, x1]
+    npx = nx * ny
+    mag = torch.sqrt(u * u + v * v).reshape(n, -1)
+    means = torch.stack([u.reshape(n, -1).sum(1), v.reshape(n, -1).sum(1)], 1) / npx
+    stats = torch.stack(
+        [
+            mag.sum(1) / npx,
+            mag.amax(1),
+            (gx + gy).reshape(n, -1).sum(1) / npx,
+            torch.hypot(means[:, 0], means[:, 1]),
+        ]
+    )
+    return stats, means
+
+
+class _TorchFields:
+    """`FlowBackend.device_fields` of `TorchBackend`: the default Stage 1 path's fields,
+    the temporal model's ring and sums and the warp (``_tc_warp``) on the torch device.
+    Fields are tensors ``(n, 2, W, H)`` of the backend's dtype (the temporal model sums
+    in float64, as on the CPU); the ring holds float32 remainders, as on the CPU.  What
+    comes back: each frame's mean and two sums of squares for the model's statistics,
+    the warped frames, masks, statistics and the fields that are saved."""
+
+    def __init__(self, backend):
+        self.be = backend
+        self.torch = backend.torch
+        self.weights = (None, None)  # (host pixel weights, their tensor (W, H))
+
+    def _as(self, a, dtype):
+        return self.torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=self.be.device)
+
+    def flows(self, state, frames, init, then):
+        be, torch = self.be, self.torch
+        parts = []
+        with torch.inference_mode():
+            init = be._started(init)
+            for k0 in range(0, len(frames), be.batch_frames):
+                k1 = min(len(frames), k0 + be.batch_frames)
+                wk = torch.stack(be._displacement(state, frames[k0:k1], init), dim=1)
+                then(k0, k1, wk)
+                parts.append(wk)
+        return _ChunkOnDevice(torch.cat(parts), self._to_host, self._total)
+
+    def _to_host(self, w):
+        return w.permute(0, 3, 2, 1).to(self.torch.float64).cpu().numpy()
+
+    def _total(self, w):
+        with self.torch.inference_mode():
+            return w.to(self.torch.float64).sum(0).permute(2, 1, 0).cpu().numpy()
+
+    def grown(self, ring, n, shape):
+        torch = self.torch
+        H, W = shape
+        with torch.inference_mode():
+            new = torch.empty((n, 2, W, H), dtype=torch.float32, device=self.be.device)
+            if ring is not None:
+                new[: len(ring)] = ring
+        return new
+
+    def split(self, w, weights, ring, slot):
+        torch = self.torch
+        with torch.inference_mode():
+            w = w.to(torch.float64)
+            if weights is None:
+                mean = w.sum((1, 2)) / (w.shape[1] * w.shape[2])
+            else:
+                if self.weights[0] is not weights:
+                    self.weights = (weights, self._as(weights.T, torch.float64))
+                mean = (w * self.weights[1]).sum((1, 2))
+            ring[slot] = (w - mean[:, None, None]).to(torch.float32)
+            return mean.cpu().numpy()
+
+    def sq_diff(self, ring, a, b):
+        torch = self.torch
+        with torch.inference_mode():
+            d = ring[a, :, ::4, ::4].to(torch.float64) - ring[b, :, ::4, ::4].to(torch.float64)
+            return float((d * d).mean())
+
+    def fields(self, ring, block):
+        torch = self.torch
+        with torch.inference_mode():
+            used = np.flatnonzero((block.kern != 0.0).any(axis=0))  # frames with weight
+            kern = self._as(block.kern[:, used], torch.float64)
+            near = ring[self._as(block.slots[used], torch.int64)].to(torch.float64)
+            out = torch.tensordot(kern, near, dims=1)  # (n, 2, W, H)
+            out += self._as(block.s, torch.float64)[:, :, None, None]
+            return out.to(self.be.dtype)
+
+    def warp(self, state, uv, raw, method, save_w):
+        be, torch = self.be, self.torch
+        with torch.inference_mode():
+            u, v = uv[:, 0], uv[:, 1]
+            out, ok = _tc_warp(be._tensor(raw), u, v, 1.0, 1.0, state.fill, method)
+            reg = out.permute(0, 3, 2, 1).cpu().numpy()
+            valid = ok.transpose(1, 2).cpu().numpy()
+            stats, means = _tc_frame_statistics(u, v)
+            w = self._to_host(uv) if save_w else None
+            return reg, valid, stats.cpu().numpy(), means.cpu().numpy(), w
 
 
 ###############################################################################
@@ -10321,7 +10728,8 @@ class _TemporalModel:
     thread and `add` do the same in steps) and returns the frames whose neighbours
     are all known, as `_Release` blocks of at most ``block`` frames; `fields`
     computes a block's fields.  `flush` releases the rest.  The remainders wait in a
-    float32 ring ``(N, 2, H, W)``.
+    float32 ring ``(N, 2, H, W)`` (with ``ops``, `FlowBackend.device_fields`: ``(N, 2, W,
+    H)`` on the backend's device).
     """
 
     def __init__(
@@ -10331,8 +10739,11 @@ class _TemporalModel:
         pixel_weights=None,
         pool=None,
         block=16,
+        ops=None,
     ):
         self.pixel_weights = pixel_weights
+        # the ring and its sums on a backend's device (FlowBackend.device_fields); None: numpy
+        self.ops = ops
         self.pool = pool  # threads for the released fields
         self.radius = int(radius)
         self.warmup = int(warmup)
@@ -10377,6 +10788,8 @@ class _TemporalModel:
     def split(self, w, slot):
         """Store the remainder of one field ``w (H, W, 2)`` in ``slot``; returns its mean
         ``(2,)`` (weighted by ``pixel_weights``).  Safe in several threads at once."""
+        if self.ops is not None:
+            return self.ops.split(w, self.pixel_weights, self.ring, slot)
         weights = self.pixel_weights if self.pixel_weights is not None else np.empty((0, 0))
         return np.array(_nb_split_field(np.asarray(w, dtype=np.float64), weights, self.ring[slot]))
 
@@ -10394,9 +10807,7 @@ class _TemporalModel:
             for lag in (1, 2):
                 if len(self.last) >= lag:
                     s0, r0 = self.last[-lag]
-                    sq = np.append(
-                        (cur[0] - s0) ** 2, _nb_subsampled_sq_diff(self.ring, cur[1], r0)
-                    )
+                    sq = np.append((cur[0] - s0) ** 2, self._sq_diff(cur[1], r0))
                     self.sums[lag - 1] += sq
                     self.counts[lag - 1] += 1
                     if jump or (lag == 2 and self.last_jump):
@@ -10414,6 +10825,12 @@ class _TemporalModel:
         if self.pushed < self.warmup:
             return []
         return self._release(self.pushed - 1 - self.radius)
+
+    def _sq_diff(self, a, b):
+        """`_nb_subsampled_sq_diff` of ring slots a and b (on the device with ``ops``)."""
+        if self.ops is not None:
+            return self.ops.sq_diff(self.ring, a, b)
+        return _nb_subsampled_sq_diff(self.ring, a, b)
 
     def _is_jump(self, diff):
         """Whether a change ``diff (2,)`` of the translation between two frames is a jump:
@@ -10434,9 +10851,12 @@ class _TemporalModel:
         if not self.free:
             n = 0 if self.ring is None else len(self.ring)
             grow = max(self.radius, n // 4) if n else self.warmup + 2 * self.radius + 1
-            ring = np.empty((n + grow, 2, *shape), np.float32)
-            if n:
-                ring[:n] = self.ring
+            if self.ops is not None:
+                ring = self.ops.grown(self.ring, n + grow, shape)
+            else:
+                ring = np.empty((n + grow, 2, *shape), np.float32)
+                if n:
+                    ring[:n] = self.ring
             self.ring = ring
             self.free = list(range(n + grow - 1, n - 1, -1))
         return self.free.pop()
@@ -10575,7 +10995,9 @@ class _TemporalModel:
 
     def fields(self, block):
         """The fields ``(n, 2, H, W)`` float64 of a `_Release` block (rows split over the
-        pool's threads)."""
+        pool's threads); with ``ops``, ``(n, 2, W, H)`` on the device."""
+        if self.ops is not None:
+            return self.ops.fields(self.ring, block)
         H, W = self.ring.shape[2:]
         out = np.empty((len(block.t), 2, H, W))
 
@@ -10721,8 +11143,10 @@ class _AdaptiveMethod(_ToolboxMethod):
         if not self.temporal:
             return
         self.tracker = _Translations(c_ref, _channel_weights(run.opts.weight, run.C))
+        # fields, temporal model and warp on the backend's device, if it keeps them there
+        self.ops = run.backend.device_fields()
         self.model = _TemporalModel(
-            pixel_weights=self.tracker.pixel_weights, pool=run.pool, block=run.chunk
+            pixel_weights=self.tracker.pixel_weights, pool=run.pool, block=run.chunk, ops=self.ops
         )
         self.fill = np.ascontiguousarray(np.moveaxis(np.asarray(ref_raw, dtype=np.float64), 2, 0))
 
@@ -10743,7 +11167,10 @@ class _AdaptiveMethod(_ToolboxMethod):
                 got[k] = m, self.model.split(wk[k - k0], slots[k])
 
         with run.phases("flow and translation"):
-            w = run.backend.flows(run.state, c1, init, run.pool, then=measure)
+            if self.ops is None:
+                w = run.backend.flows(run.state, c1, init, run.pool, then=measure)
+            else:  # the fields stay on the device (a _ChunkOnDevice)
+                w = self.ops.flows(run.state, c1, init, measure)
         s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
         with run.phases("temporal model"):
             # a copy: pending frames must not keep a whole batch alive
@@ -10768,6 +11195,9 @@ class _AdaptiveMethod(_ToolboxMethod):
             with run.phases("temporal model"):
                 uv = self.model.fields(block)  # (n, 2, H, W)
             raw_d = np.stack(block.payloads)
+            if self.ops is not None:
+                self._emit_on_device(run, block, uv, raw_d)
+                continue
             reg = np.empty((*raw_d.shape[:3], run.C))
             valid = np.empty(raw_d.shape[:3], dtype=bool)
             # arguments, not names of this loop: the warps run after it has moved on
@@ -10779,6 +11209,18 @@ class _AdaptiveMethod(_ToolboxMethod):
 
     def _warp(self, run, t, uv, raw_d, reg, valid):
         run.stats[:, t] = run.backend.warp(raw_d, uv, self.fill, run.method, reg, valid)
+
+    def _emit_on_device(self, run, block, uv, raw_d):
+        # A block warped on the backend's device by its fields there (uv (n, 2, W, H)):
+        # the frames, masks and statistics come back, the fields only when saved.  The
+        # quality figures need only each field's mean: unsaved fields are handed over as
+        # one-pixel fields holding it.
+        with run.phases("warp"):
+            reg, valid, stats, means, w = self.ops.warp(
+                run.state, uv, raw_d, run.method, run.wwr is not None
+            )
+        run.stats[:, block.t] = stats
+        run.hand_over(raw_d, reg, valid, means[:, None, None, :] if w is None else w)
 
 
 def _stage1_method(opts, name="recording", quiet=False):
@@ -11365,8 +11807,9 @@ class _RecordingRun:
             w, c1 = self.stage1.correct(self, pre, raw, b0, i0, i1, init)
             if n <= INIT_TAIL_MIN_FRAMES:  # the sum is needed only then
                 w_sum += w.sum(axis=0)
-            w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
-            w_tail = w_tail[-INIT_TAIL_FRAMES:]
+            else:  # and the tail only otherwise
+                w_tail.extend(w[max(0, n - INIT_TAIL_FRAMES - i0) :])
+                w_tail = w_tail[-INIT_TAIL_FRAMES:]
             if ref_sum is not None:
                 _accumulate_reference(ref_sum, c1, w, i0, n - 1 - n_ref, pre.mean, self.method)
             _kill_point("stage1.chunk")

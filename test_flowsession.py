@@ -7,6 +7,7 @@ written next to the comparison with its reason.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -8243,3 +8244,297 @@ def test_stage2_flow_does_not_make_an_unrelated_scene_credible(tmp_path, seed):
     w = fs.compute_between_displacement(center, other, fs.SessionConfig(root=tmp_path))
     q = fs.stage2_alignment_quality(center, other, w)
     assert q["correlation_after"] < 0.25 and not q["credible"], q
+
+
+###############################################################################
+### Stage 1: the default path on the device
+###############################################################################
+
+#
+# With flowreg_torch and flowreg_cuda the default path (stage1_method "adaptive")
+# keeps every frame's field on the backend's device: the flows, the temporal model's
+# ring of remainders and its sums, the released fields and the warp of the raw frames
+# run there (FlowBackend.device_fields).  Each test runs the same backend twice on
+# the same recording, once so (the device path) and once with device_fields() None
+# (the host path: the fields come to the CPU, the temporal model and the warp run in
+# numpy and Numba, as for flowreg), and compares the outputs; and it counts what the
+# device path brings back to the host while frames are corrected.
+
+
+def _stage1_on(tmp_path, monkeypatch, name, frames, backend, params, device=True, **flow):
+    """Stage 1 of ``frames`` on ``backend`` (``device``: the default path on its device,
+    else on the host); returns the output folder and the Stage 1 method object."""
+    if not device:
+        monkeypatch.setattr(
+            type(fs.make_backend(backend, params)), "device_fields", lambda s: None, raising=False
+        )
+    seen = []
+    start = fs._AdaptiveMethod.start
+
+    def started(self, run, c_ref, ref_raw):
+        seen.append(self)
+        start(self, run, c_ref, ref_raw)
+        _PULLED["on"] = True  # the frames' correction begins: count from here
+
+    monkeypatch.setattr(fs._AdaptiveMethod, "start", started)
+    (tmp_path / name).mkdir()
+    cfg = _stage1_config(tmp_path / name, {"rec.h5": frames}, quality_setting="fast", **flow)
+    cfg = dataclasses.replace(cfg, flow_backend=backend, backend_params=params)
+    try:
+        out = fs.run_stage1(cfg)[0]
+    finally:
+        _PULLED["on"] = False
+        monkeypatch.undo()
+    return out, seen[0]
+
+
+#: What came back to the host while frames were corrected: (shape, dtype) per transfer.
+_PULLED = {"on": False, "arrays": []}
+
+
+def _record_pull(a):
+    """``a``, a numpy array that came back from the device, recorded."""
+    if _PULLED["on"]:
+        _PULLED["arrays"].append((a.shape, a.dtype))
+    return a
+
+
+def _fields_pulled(H, W):
+    """Fields that came back, counted in frames: float arrays ending in the solver's
+    ``(W, H)`` planes or in ``(H, W, 2)`` (``H != W``, one channel: frames end in ``(H, W,
+    1)``)."""
+    floats = sum(
+        math.prod(shape)
+        for shape, dt in _PULLED["arrays"]
+        if dt.kind == "f" and (shape[-2:] == (W, H) or shape[-3:] == (H, W, 2))
+    )
+    return floats / (2 * H * W)
+
+
+def _compare_outputs(host, dev, frame_tol, field_tol):
+    """The device path's Stage 1 outputs against the host path's."""
+    reg_h, reg_d = _read_comp(host), _read_comp(dev)
+    assert reg_d.shape == reg_h.shape and reg_d.dtype == reg_h.dtype
+    np.testing.assert_allclose(reg_d, reg_h, rtol=0, atol=frame_tol * np.abs(reg_h).max())
+    w_h = _read_w(host)
+    assert np.abs(w_h).max() > 0.5  # fields that move the frames
+    if os.path.exists(os.path.join(dev, "w.hdf5")):
+        np.testing.assert_allclose(_read_w(dev), w_h, rtol=0, atol=field_tol)
+    with (
+        h5py.File(os.path.join(host, "idx.hdf")) as fh,
+        h5py.File(os.path.join(dev, "idx.hdf")) as fd,
+    ):
+        idx_h, idx_d = fh["idx"][:], fd["idx"][:]
+    assert 0 < (idx_h == 0).sum() and (idx_d != idx_h).sum() == 0
+    st_h = np.load(os.path.join(host, "statistics.npz"))
+    st_d = np.load(os.path.join(dev, "statistics.npz"))
+    for key in ("mean_disp", "max_disp", "mean_div", "mean_translation", "translation"):
+        np.testing.assert_allclose(st_d[key], st_h[key], rtol=0, atol=field_tol, err_msg=key)
+    np.testing.assert_allclose(st_d["corr_after"], st_h["corr_after"], rtol=0, atol=frame_tol)
+
+
+@pytest.mark.torch
+def test_torch_default_path_runs_on_the_device_and_matches_the_host_path(tmp_path, monkeypatch):
+    # On device "cpu" flowreg_torch keeps the host path (its fields are in host memory
+    # already, and the host path is faster there); the device path, which runs on a
+    # CUDA device, is forced here with the same torch code on the CPU.
+    # 130 frames (past the temporal model's 64-frame warm-up, so frames are released
+    # chunk by chunk) on flowreg_torch (device "cpu", float64), in batches of 110 and
+    # 20 frames: the next batch's initial field from the last 21 fields of the first,
+    # the sum of the second's.  The device path sums the same float64 numbers as the
+    # host path in another order (tensordot instead of the row recursion, torch
+    # reductions for the means): 1e-15 relative, measured identical after the float32
+    # output cast.  Allowed: one float32 rounding step of the outputs, 1e-6 px for
+    # fields (|w| < 4 px) and 1e-6 of the frames' range.
+    torch = _need("torch")
+    T, H, W, C = 130, 32, 36, 1
+    frames = fs.synthetic_recording(T, (H, W), C, seed=5)[0].astype(np.float32)
+    params = {"device": "cpu"}
+    run = functools.partial(
+        _stage1_on, tmp_path, monkeypatch, frames=frames, backend="flowreg_torch", params=params
+    )
+    assert fs.make_backend("flowreg_torch", params).device_fields() is None
+    host, _ = run(name="host", device=False, save_w=True, buffer_size=110)
+    on_device = functools.partial(
+        monkeypatch.setattr, fs.TorchBackend, "device_fields", lambda be: fs._TorchFields(be)
+    )
+    on_device()
+    dev, method = run(name="dev", save_w=True, buffer_size=110)
+    # the temporal model's ring of remainders is a tensor on the backend's device
+    assert isinstance(method.model.ring, torch.Tensor)
+    assert method.model.ring.dtype == torch.float32 and method.model.ring.shape[1:] == (2, W, H)
+    _compare_outputs(host, dev, 1e-6, 1e-6)
+
+    # Without save_w no field comes back per frame: only the corrected frames, their
+    # masks and small numbers per frame, and for the next batch's initial field the
+    # last 21 fields of a batch of more than 100 frames or the sum of each chunk's
+    # fields (chunks of at least 8 frames) in a shorter one.  Measured 23 fields (21
+    # + 2 chunks of 16 frames); the host path brings every frame's field back (130).
+    spy = torch.Tensor.numpy
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda t, *a, **k: _record_pull(spy(t, *a, **k)))
+    _PULLED["arrays"] = []
+    on_device()
+    run(name="spied", buffer_size=110)
+    assert any(shape[-3:] == (H, W, C) for shape, _ in _PULLED["arrays"])  # the frames
+    assert _fields_pulled(H, W) <= fs.INIT_TAIL_FRAMES + math.ceil(T / 8)
+
+
+def _fake_cuda_flows(self, st, f2, ui0, vi0):
+    # Stands in for CudaBackend._displacement, whose solver is too slow for the
+    # simulator: each frame's field is its own preprocessed pixels (u = v, 0..1 px, a
+    # different field for every frame), made on the device as the solver's are.
+    k = self._k
+    u, v = self._work("u_out", f2.shape), self._work("v_out", f2.shape)
+    k.launch(k._cu_copy, f2.shape, f2, u)
+    k.launch(k._cu_copy, f2.shape, f2, v)
+    return u, v
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("precision", "frame_tol", "field_tol"), [("float64", 1e-9, 1e-6)])
+def test_cuda_default_path_runs_on_the_device_and_matches_the_host_path(
+    tmp_path, monkeypatch, precision, frame_tol, field_tol
+):
+    # flowreg_cuda under Numba's simulator, its flows replaced by _fake_cuda_flows (the
+    # same fields on both paths).  float64: the temporal model's sums are the host's in
+    # the same order (the means and the sums of squares in another), the warp the same
+    # expressions: rounding only.  Allowed: one float32 rounding step of the saved
+    # fields (1e-6 px at |w| < 4 px) and 1e-9 of the frames' range (float64 output).
+    from numba import cuda
+
+    T, H, W, C = 10, 10, 12, 1
+    frames = fs.synthetic_recording(T, (H, W), C, seed=7)[0].astype(np.float64)
+    params = {"precision": precision}
+    device_array = type(cuda.device_array(1))
+    run = functools.partial(
+        _stage1_on, tmp_path, monkeypatch, frames=frames, backend="flowreg_cuda"
+    )
+    monkeypatch.setattr(fs.CudaBackend, "_displacement", _fake_cuda_flows)
+    host, _ = run(name="host", params=params, device=False, save_w=True)
+    # The device path without save_w, counting what comes back while frames are corrected.
+    spy = device_array.copy_to_host
+    monkeypatch.setattr(fs.CudaBackend, "_displacement", _fake_cuda_flows)
+    monkeypatch.setattr(
+        device_array, "copy_to_host", lambda a, *x, **k: _record_pull(spy(a, *x, **k))
+    )
+    _PULLED["arrays"] = []
+    dev, method = run(name="dev", params=params)
+    # the temporal model's ring of remainders is a device array
+    assert isinstance(method.model.ring, device_array) and method.model.ring.shape[1:] == (2, W, H)
+    _compare_outputs(host, dev, frame_tol, field_tol)  # frames, masks, the fields' statistics
+    # No field comes back per frame (without save_w; as in the torch test): measured 1
+    # (the chunk's sum); the host path brings every frame's field back (measured 10).
+    assert any(shape[-3:] == (H, W, C) for shape, _ in _PULLED["arrays"])  # the frames
+    assert _fields_pulled(H, W) <= math.ceil(T / 8)
+
+
+def _device_ops(kind, precision="float64"):
+    """(the field operations of a backend's device, array -> device, device -> numpy)."""
+    if kind == "cuda":
+        from numba import cuda
+
+        be = fs.CudaBackend({"precision": precision})
+        return (
+            be,
+            be.device_fields(),
+            lambda a: cuda.to_device(np.ascontiguousarray(a)),
+            (lambda d: d.copy_to_host()),
+        )
+    torch = _need("torch")
+    be = fs.make_backend("flowreg_torch", {"device": "cpu", "dtype": precision})
+    return (
+        be,
+        fs._TorchFields(be),  # what device_fields() gives on a CUDA device
+        lambda a: torch.as_tensor(np.ascontiguousarray(a)),
+        (lambda d: d.numpy()),
+    )
+
+
+_ON_DEVICES = [
+    pytest.param("cuda", marks=pytest.mark.cuda),
+    pytest.param("torch", marks=pytest.mark.torch),
+]
+
+
+@pytest.mark.parametrize("kind", _ON_DEVICES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_temporal_model_on_the_device_matches_the_numpy_model(kind, weighted):
+    # The same fields pushed into the numpy model and into one whose ring and sums
+    # live on the device (float64 fields): the released fields and the statistics
+    # agree to rounding.  The device sums each field term by term in the numpy block
+    # sum's order; the numpy model uses the recursion for reaches >= 4 (a decay near 1
+    # here, radius 6) and sums the means and squares in another order: 1e-12 relative.
+    # The ring outgrows its first size (chunks of 25 frames), and nothing of field
+    # size comes back to the host while the model works.
+    be, ops, to_dev, to_host = _device_ops(kind)
+    rng = np.random.default_rng(8)
+    T, H, W = 40, 6, 5
+    w = 0.5 + rng.normal(0, 0.2, (T, H, W, 2)) + np.linspace(0, 1, T)[:, None, None, None]
+    s = w.mean(axis=(1, 2)) + rng.normal(0, 0.05, (T, 2))
+    halves = np.where(np.arange(T)[:, None] % 4 == 0, rng.normal(0, 0.1, (T, 2)), np.nan)
+    pw = None
+    if weighted:
+        pw = rng.random((H, W))
+        pw /= pw.sum()
+    kw = dict(radius=6, warmup=10, block=4, pixel_weights=pw)
+    host, dev = fs._TemporalModel(**kw), fs._TemporalModel(**kw, ops=ops)
+    got, want = [], []
+    _PULLED["arrays"] = []
+    for i0 in range(0, T, 25):
+        i1 = min(T, i0 + 25)
+        blocks = host.push(w[i0:i1], s[i0:i1], list(range(i0, i1)), halves[i0:i1])
+        want += [(b, host.fields(b)) for b in blocks]  # before the slots are reused
+        slots = dev.reserve(i1 - i0, (H, W))
+        wd = to_dev(w[i0:i1].transpose(0, 3, 2, 1))  # (n, 2, W, H), the solver's layout
+        _PULLED["on"] = True
+        means = [dev.split(wd[k], slots[k]) for k in range(i1 - i0)]
+        blocks = dev.add(slots, means, s[i0:i1], list(range(i0, i1)), halves[i0:i1])
+        fields = [dev.fields(b) for b in blocks]
+        _PULLED["on"] = False
+        got += [(b, to_host(f)) for b, f in zip(blocks, fields)]
+    assert len(dev.ring) > 23  # grown beyond warmup + 2 radius + 1 slots
+    want += [(b, host.fields(b)) for b in host.flush()]
+    got += [(b, to_host(dev.fields(b))) for b in dev.flush()]
+    assert [b.t.tolist() for b, _ in want] == [b.t.tolist() for b, _ in got]
+    assert any(b.reach >= fs.TEMPORAL_RECURSIVE_REACH for b, _ in want)
+    for (_, f), (_, ref) in zip(got, want):
+        _close(f.transpose(0, 1, 3, 2), ref)
+    np.testing.assert_allclose(dev.decay, host.decay, rtol=1e-12, atol=0)
+    assert 0.1 < host.decay[2] < 1.0
+    np.testing.assert_allclose(dev.noise, host.noise, rtol=1e-12, atol=0)
+    assert all(math.prod(shape) <= 2 for shape, _ in _PULLED["arrays"])
+
+
+@pytest.mark.parametrize("kind", _ON_DEVICES)
+@pytest.mark.parametrize("method", [0, 1, 2])
+@pytest.mark.parametrize(("precision", "tol"), [("float64", 1e-12), ("float32", 1e-5)])
+def test_device_warp_matches_the_cpu_warp(kind, method, precision, tol):
+    # A block of frames warped on the device by fields there against FlowBackend.warp
+    # (the CPU kernel of the default path, frame by frame, float64): the same
+    # interpolation, fill and valid mask.  float64: 1e-12 relative (a GPU fuses
+    # multiply-adds; the statistics and means are sums in another order).  float32:
+    # fields, positions (x + u, 6e-8 relative of up to 16 px) and the interpolation
+    # rounded to single precision, ~1e-6 of the range: 1e-5 relative.
+    be, ops, to_dev, _ = _device_ops(kind, precision)
+    p, ref, frames, _ = _cuda_case(C=2, n=3, seed=4)
+    H, W, C = ref.shape
+    rng = np.random.default_rng(2)
+    raw = 100.0 + 40.0 * frames
+    fill = 100.0 + 40.0 * ref
+    uv = rng.normal(0, 1.5, (3, 2, H, W))  # (n, 2, H, W): some points leave the grid
+    uv = uv.astype(precision).astype(np.float64)  # the fields as the device holds them
+    state = be.reference(p, ref, fill)
+    reg, valid, stats, means, w = ops.warp(
+        state, to_dev(uv.transpose(0, 1, 3, 2).astype(precision)), raw, method, save_w=True
+    )
+    cpu = fs.FlowBackend()
+    fill_c = np.ascontiguousarray(np.moveaxis(fill, 2, 0))
+    for k in range(3):
+        reg_c, valid_c = np.empty((H, W, C)), np.empty((H, W), bool)
+        stats_c = cpu.warp(raw[k], uv[k], fill_c, method, reg_c, valid_c)
+        _close(reg[k], reg_c, tol)
+        np.testing.assert_array_equal(valid[k], valid_c)
+        assert 0 < valid_c.sum() < valid_c.size
+        np.testing.assert_allclose(stats[:, k], stats_c, rtol=tol, atol=1e-14)
+        np.testing.assert_allclose(means[k], uv[k].mean(axis=(1, 2)), rtol=tol, atol=1e-14)
+        np.testing.assert_array_equal(w[k], uv[k].transpose(1, 2, 0))

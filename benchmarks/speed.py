@@ -12,6 +12,12 @@ noisy machines still give a fair comparison.
 
     git worktree add /tmp/old <commit>
     python benchmarks/speed.py --against /tmp/old --presets fast balanced quality
+
+``--backend`` (and ``--backend-param KEY=VALUE``) runs every variant on another flow
+backend, e.g. the default path of ``flowreg_torch`` before and after a change:
+
+    python benchmarks/speed.py --against /tmp/old --backend flowreg_torch \
+        --backend-param device=cpu --presets fast --size 128 --frames 200
 """
 
 import argparse
@@ -26,10 +32,11 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 print = functools.partial(print, flush=True)  # figures appear as they are measured
 
 
-def bench(checkout, preset, size, frames, method=None):
-    """frames/s of one ``bench`` run of ``checkout`` (a fresh process)."""
+def bench(checkout, preset, size, frames, method=None, backend=()):
+    """frames/s of one ``bench`` run of ``checkout`` (a fresh process); ``backend``: more
+    arguments of ``bench`` (``--backend``, ``--backend-param``)."""
     cmd = [sys.executable, os.path.join(checkout, "flowsession.py"), "bench"]
-    cmd += ["--size", str(size), "--frames", str(frames), "--preset", preset]
+    cmd += ["--size", str(size), "--frames", str(frames), "--preset", preset, *backend]
     if method:
         cmd += ["--method", method]
     env = dict(os.environ, PYTHONPATH=checkout)
@@ -47,21 +54,31 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--frames", type=int, default=800)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backend", default="flowreg", help="flow_backend of every variant")
+    ap.add_argument(
+        "--backend-param", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)"
+    )
     args = ap.parse_args()
+    backend = ["--backend", args.backend]
+    for kv in args.backend_param:
+        backend += ["--backend-param", kv]
     variants = {
         "other checkout": (args.against, None),
         "adaptive (default)": (HERE, "adaptive"),
         "matlab": (HERE, "matlab"),
     }
-    print(f"Stage 1 bench, {args.size}x{args.size}, {args.frames} frames, {args.rounds} rounds")
+    print(
+        f"Stage 1 bench, {args.size}x{args.size}, {args.frames} frames, {args.rounds} rounds, "
+        f"flow_backend {args.backend} {' '.join(args.backend_param)}"
+    )
     print(f"other checkout: {os.path.abspath(args.against)}")
     for preset in args.presets:
         for checkout, method in variants.values():  # warm-up: compilation
-            bench(checkout, preset, args.size, 60, method)
+            bench(checkout, preset, args.size, 60, method, backend)
         fps = {k: [] for k in variants}
         for _ in range(args.rounds):
             for name, (checkout, method) in variants.items():
-                fps[name].append(bench(checkout, preset, args.size, args.frames, method))
+                fps[name].append(bench(checkout, preset, args.size, args.frames, method, backend))
         base = statistics.median(fps["other checkout"])
         print(f"\npreset {preset}")
         print(f"  {'variant':20s} {'median fps':>10s} {'min-max':>14s} {'ratio':>7s}")

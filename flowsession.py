@@ -10067,6 +10067,7 @@ def _reference_and_options(reader, opts, pool, name="recording", backend=None, s
     c1 = _normalise(g, lo, hi, in_place=True)
     del g
     tmp = stage1.align_reference_frames(c1, tmp, opts, pool, name)
+    opts = stage1.checked_options(opts, c1, name)
     C = tmp.shape[3]
     params = _flow_params(opts, C, alpha_offset=2.0)
     state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0, dtype=np.float64))
@@ -10160,6 +10161,11 @@ class _ToolboxMethod:
         """The reference frames before they are registered onto their mean: here as they
         are (``c1``: preprocessed, ``raw``; returns ``raw``)."""
         return raw
+
+    def checked_options(self, opts, c1, name):
+        """The options once the reference frames ``c1`` (preprocessed, aligned) are known:
+        here ``opts`` as they are."""
+        return opts
 
     def start(self, run, c_ref, ref_raw):
         """Called with the first batch: ``c_ref`` is the reference in preprocessed units."""
@@ -11075,6 +11081,46 @@ def _whole_pixel_alignment(c1, weight, pool=None):
     return shifts
 
 
+#: :func:`_row_motion` ratio above which the reference frames are taken to move within a
+#: frame.  Measured on the first 16 reference frames: 7.4 on a real 20-frame recording whose
+#: rows sit up to 9 px apart (scan-time motion); 0.9-1.6 on real and synthetic frames that are
+#: still, moved rigidly (jumps up to 13 px), smoothly or by bouts.
+_ROW_MOTION_RATIO = 3.5
+#: Where frames move within a frame, alpha stays at most this many times the configured one.
+#: On that real recording (residual rigid motion, px, balanced: 0.59 with the noise-raised
+#: alpha 213): 0.18 at 1x, 0.23 at 3x, 0.40 at 10x; on a synthetic noisy recording with rows
+#: 8 px apart in 3 of 16 frames, 3x follows the rows within 1 px, and the still frames'
+#: fields, noisier than at the raised alpha, stay within 1 px (1.7 px at 1x).
+_ROW_MOTION_ALPHA = 3.0
+
+
+def _row_motion(c1, opts):
+    """How much preprocessed frames ``c1`` ``(n, H, W, C)`` move within a frame.
+
+    Each frame is registered onto the mean of all with ``opts`` (the configured alpha);
+    of each field (an eighth of each side left out) the per-row means and the per-column
+    means are taken.  Motion during a frame's scan moves its rows by different amounts:
+    the largest range of the row means over the frames, divided by the median range of
+    the column means (what noise and ordinary non-rigid motion give), is the ratio.
+    Returns ``(ratio, largest row range px)``.
+    """
+    n, H, W, C = c1.shape
+    p = _flow_params(opts, C)
+    f1 = np.ascontiguousarray(np.transpose(c1.mean(axis=0), (2, 1, 0)))
+    zero = np.zeros((W, H))
+    by, bx = H // 8, W // 8
+    rows, cols = [], []
+    for k in range(n):
+        f2 = np.ascontiguousarray(np.transpose(c1[k], (2, 1, 0)))
+        u, v = _flow_internal(p, f1, f2, zero, zero)
+        w = np.stack([u.T, v.T], axis=-1)[by : H - by, bx : W - bx]
+        rows.append(np.ptp(w.mean(axis=1), axis=0).max())
+        cols.append(np.ptp(w.mean(axis=0), axis=0).max())
+    spread = float(np.median(cols))
+    largest = float(max(rows))
+    return (largest / spread if spread > 0 else 0.0), largest
+
+
 class _AdaptiveMethod(_ToolboxMethod):
     """``stage1_method = "adaptive"`` (the default): where Stage 1 departs from the toolbox.
 
@@ -11098,7 +11144,32 @@ class _AdaptiveMethod(_ToolboxMethod):
 
     def options(self, opts, frames, span, name):
         """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
+        self.configured = opts
         return _adapted_options(opts, frames, span, name)
+
+    def checked_options(self, opts, c1, name):
+        """``opts``, with alpha at most ``_ROW_MOTION_ALPHA`` times the configured one where
+        the reference frames move within a frame (:func:`_row_motion`): an alpha raised for
+        noise holds the field nearly rigid, and it cannot follow rows of one frame that
+        sit several pixels apart."""
+        configured = getattr(self, "configured", opts)
+        if np.array_equal(np.atleast_1d(opts.alpha), np.atleast_1d(configured.alpha)):
+            return opts
+        ratio, rows = _row_motion(c1[:_NOISE_FRAMES], configured)
+        if ratio <= _ROW_MOTION_RATIO:
+            return opts
+        log.info(
+            "%s: motion within frames (rows up to %.1f px apart, %.1f x the spread across "
+            "columns): alpha at most %g x the configured %s",
+            name,
+            rows,
+            ratio,
+            _ROW_MOTION_ALPHA,
+            configured.alpha,
+        )
+        al = np.atleast_1d(np.asarray(configured.alpha, dtype=np.float64)) * _ROW_MOTION_ALPHA
+        al = np.minimum(al, np.atleast_1d(np.asarray(opts.alpha, dtype=np.float64)))
+        return opts.replace(alpha=(float(al[0]), float(al[-1])))
 
     def default_reference(self, n_frames):
         """The toolbox's range extended back from its end to at least 50 frames (all frames

@@ -7442,10 +7442,12 @@ def test_stage2_global_model_is_not_kept_for_a_pure_shift(tmp_path):
     np.testing.assert_array_equal(t, (7.25, -3.5))
 
 
-def test_stage2_aligns_a_lost_recording_through_another(tmp_path, monkeypatch, caplog):
-    # The direct alignment of rec_03 onto the center (rec_02) goes wrong (a wrong peak
-    # 25 px off, as a dim day's once did); rec_03 onto rec_01 and rec_01 onto the center
-    # are right, so rec_03 reaches the center through rec_01, and says so.
+def _lost_recording_session(tmp_path, monkeypatch):
+    """Three synthetic recordings after Stage 1, whose rec_03 goes wrong onto the center
+    (rec_02): its direct field is made 25 px off (a wrong peak, as a dim day's once was),
+    while rec_03 onto rec_01 and rec_01 onto the center stay right. Returns the session's
+    config, synthetic_session's truth and center index, the averages of rec_02 and rec_03,
+    and rec_03's field straight onto the center without the fault."""
     recs, _, truth, center = fs.synthetic_session(3, 16, (64, 64), 1, seed=7)
     cfg = _session_files(tmp_path, recs)
     fs.run_stage1(cfg)
@@ -7460,12 +7462,19 @@ def test_stage2_aligns_a_lost_recording_through_another(tmp_path, monkeypatch, c
         return w
 
     monkeypatch.setattr(fs, "compute_between_displacement", wrong_onto_center)
+    return cfg, truth, center, ref, avg3, real(ref, avg3, cfg)
+
+
+def test_stage2_aligns_a_lost_recording_through_another(tmp_path, monkeypatch, caplog):
+    # The direct alignment of rec_03 onto the center (rec_02) goes wrong (a wrong peak
+    # 25 px off, as a dim day's once did); rec_03 onto rec_01 and rec_01 onto the center
+    # are right, so rec_03 reaches the center through rec_01, and says so.
+    cfg, truth, center, ref, avg3, direct = _lost_recording_session(tmp_path, monkeypatch)
     caplog.set_level(logging.INFO, logger="flowsession")
     middle, _, fields = fs.run_stage2(cfg)
     assert middle == center == 1
     assert "rec_03.h5 aligned onto the center through rec_01.h5" in caplog.text
-    # the composed field against the truth, beside the direct field (right this time)
-    direct = real(ref, avg3, cfg)
+    # the composed field against the truth, beside the direct field (right without the fault)
     err, err_direct = (
         np.median(np.hypot(*(w - truth[2])[8:-8, 8:-8].transpose(2, 0, 1)))
         for w in (fields[2], direct)
@@ -7668,20 +7677,7 @@ def test_stage2_estimate_and_chain_path_in_quality_status_and_qc(
     # The lost-recording session: rec_03 reaches the center (rec_02) through rec_01.
     # quality.json, `flowsession status` and the session QC figure say so, with each
     # recording's estimated error.
-    recs, _, _, _ = fs.synthetic_session(3, 16, (64, 64), 1, seed=7)
-    cfg = _session_files(tmp_path, recs)
-    fs.run_stage1(cfg)
-    avg3 = np.load(cfg.output_root_path / "rec_03" / "temporal_average.npy")
-    ref = np.load(cfg.output_root_path / "rec_02" / "temporal_average.npy")
-    real = fs.compute_between_displacement
-
-    def wrong_onto_center(reference, average, config, backend=None):
-        w = real(reference, average, config, backend)
-        if np.array_equal(reference, ref) and np.array_equal(average, avg3):
-            w = w + 25.0
-        return w
-
-    monkeypatch.setattr(fs, "compute_between_displacement", wrong_onto_center)
+    cfg = _lost_recording_session(tmp_path, monkeypatch)[0]
     caplog.set_level(logging.INFO, logger="flowsession")
     fs.run_stage2(cfg)
     assert "estimated alignment error from the cycles" in caplog.text

@@ -532,12 +532,10 @@ def cross_day_fields(averages, cfg, before=None):
     return out, credible, seconds
 
 
-def cross_day(a):
-    """The cross-day table: per case and method, endpoint error / centroid / IoU."""
-    days = load_days(a.mean, 1 + len(CROSS_DAY))
-    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
-    make = cross_day_session_hard if a.hard else cross_day_session
-    averages, G, D, names = make(days, masks, a.cross_seed)
+def every_method(a, averages):
+    """Every method's fields onto ``averages[0]``: flowsession's variants (and ``--before``),
+    then pyflowreg and ROICaT where their interpreters run; with each one's credibility flags
+    (Stage 2's own check) and seconds."""
     work = tempfile.mkdtemp(prefix="fs-stage2-")
     cfg = fs.SessionConfig(root=work, pattern="*.none")
     before = load_before(a.before) if a.before else None
@@ -550,6 +548,16 @@ def cross_day(a):
             for avg, w in zip(averages, pfr)
         ]
     add_roicat(fields, credible, averages, a.roicat_python, work)
+    return fields, credible, seconds
+
+
+def cross_day(a):
+    """The cross-day table: per case and method, endpoint error / centroid / IoU."""
+    days = load_days(a.mean, 1 + len(CROSS_DAY))
+    masks = roi_masks(a.rois, days.shape[1:]) if a.rois else []
+    make = cross_day_session_hard if a.hard else cross_day_session
+    averages, G, D, names = make(days, masks, a.cross_seed)
+    fields, credible, seconds = every_method(a, averages)
     methods = list(fields)
     H, W = averages.shape[1:3]
     print(
@@ -655,18 +663,7 @@ def cellreg_case(a):
             cents[k] = to_center_grid(cents[k], d)
             names[k] += f" rot{sign * 3:+d}"
     averages = images[..., None] * 1000.0
-    work = tempfile.mkdtemp(prefix="fs-stage2-")
-    cfg = fs.SessionConfig(root=work, pattern="*.none")
-    before = load_before(a.before) if a.before else None
-    fields, credible, seconds = cross_day_fields(averages, cfg, before)
-    pfr = run_pyflowreg(a.pyflowreg_python, averages, work)
-    if pfr is not None:
-        fields["pyflowreg"] = pfr
-        credible["pyflowreg"] = [
-            fs.stage2_alignment_quality(averages[0], avg, w)["credible"]
-            for avg, w in zip(averages, pfr)
-        ]
-    add_roicat(fields, credible, averages, a.roicat_python, work)
+    fields, credible, seconds = every_method(a, averages)
     methods = list(fields)
     H, W = images.shape[1:]
     print(

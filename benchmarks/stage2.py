@@ -540,6 +540,13 @@ def every_method(a, averages):
     cfg = fs.SessionConfig(root=work, pattern="*.none")
     before = load_before(a.before) if a.before else None
     fields, credible, seconds = cross_day_fields(averages, cfg, before)
+    add_peers(fields, credible, averages, a, work)
+    return fields, credible, seconds
+
+
+def add_peers(fields, credible, averages, a, work):
+    """pyflowreg's and ROICaT's fields onto ``averages[0]`` beside flowsession's, where their
+    interpreters run, each judged by Stage 2's own credibility check."""
     pfr = run_pyflowreg(a.pyflowreg_python, averages, work)
     if pfr is not None:
         fields["pyflowreg"] = pfr
@@ -548,7 +555,6 @@ def every_method(a, averages):
             for avg, w in zip(averages, pfr)
         ]
     add_roicat(fields, credible, averages, a.roicat_python, work)
-    return fields, credible, seconds
 
 
 def cross_day(a):
@@ -984,14 +990,7 @@ def main():
         ):
             t0 = time.monotonic()
             fields, credible = run_methods(avgs, cfg)
-            pfr = run_pyflowreg(a.pyflowreg_python, avgs, work)
-            if pfr is not None:
-                fields["pyflowreg"] = pfr
-                credible["pyflowreg"] = [
-                    fs.stage2_alignment_quality(avgs[0], avg, w)["credible"]
-                    for avg, w in zip(avgs, pfr)
-                ]
-            add_roicat(fields, credible, avgs, a.roicat_python, work)
+            add_peers(fields, credible, avgs, a, work)
             row = {"case": case}
             cells = []
             for n in names:

@@ -10063,7 +10063,7 @@ def _reference_and_options(reader, opts, pool, name="recording", backend=None, s
     sep = opts.channel_normalization == "separate"
     g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
     lo, hi = _minmax(g, sep)
-    opts = stage1.options(opts, tmp, np.asarray(hi) - lo, name)
+    opts = stage1.options(opts, tmp, np.asarray(hi) - lo, name, len(reader))
     c1 = _normalise(g, lo, hi, in_place=True)
     del g
     tmp = stage1.align_reference_frames(c1, tmp, opts, pool, name)
@@ -10142,8 +10142,9 @@ class _ToolboxMethod:
 
     name = "matlab"
 
-    def options(self, opts, frames, span, name):
-        """The options a recording is corrected with: here the configured ones."""
+    def options(self, opts, frames, span, name, n_frames=None):
+        """The options a recording of ``n_frames`` frames is corrected with: here the
+        configured ones."""
         return opts
 
     def chunk_frames(self, chunk, H, W):
@@ -10200,6 +10201,16 @@ class _ToolboxMethod:
 #: synthetic two-photon recordings (make_synth, 2 and 10 photons/px) for the lowest endpoint
 #: error of Stage 1 under known motion; see the README's "Accuracy on noisy recordings".
 _NOISE_REFERENCE = 3e-4
+#: Share of the power ``2 a_data`` by which alpha grows with the noise at the presets that
+#: stop at a coarse pyramid level (absent: 1).  Measured on a real two-photon movie moved by
+#: known smooth and sudden motion and on make_synth at 2 photons/px (README, "Accuracy on
+#: noisy recordings"): with the temporal model averaging the noise over time, the full power
+#: held the fields of noisy recordings so stiff that they followed about a third of the real
+#: movie's non-rigid motion.  Each share is the smallest that still invents no more motion on
+#: a still movie than suite2p there: at the relative noise of both (1e-2 to 1.3e-2) alpha is
+#: 0.27x the full power's at ``balanced`` and 0.57x at ``fast``; less noisy recordings lose
+#: less (0.63x and 0.82x at 1e-3), and below ``_NOISE_REFERENCE`` nothing changes.
+_NOISE_POWER_PRESET = {"balanced": 0.61, "fast": 0.83}
 #: Reference frames (the first ones) read for the noise estimate.
 _NOISE_FRAMES = 16
 
@@ -10224,13 +10235,17 @@ def noise_level(frames, sigma, span):
     return np.divide(std * norm, span, out=np.zeros_like(std), where=span > 0)
 
 
-def adaptive_alpha(opts, frames, span):
+def adaptive_alpha(opts, frames, span, n_frames=None):
     """The ``alpha`` (row, column) Stage 1 uses for a recording with raw frames ``frames``.
 
     ``span``: the range of the smoothed frames (see :func:`noise_level`).
     ``stage1_method = "matlab"``: ``opts.alpha`` as given.  ``"adaptive"``: ``opts.alpha``
     times ``max(1, n / n0) ** (2 a_data)``, with n the largest per-channel
-    :func:`noise_level` and n0 = ``_NOISE_REFERENCE``.  Why this power: the data term
+    :func:`noise_level` and n0 = ``_NOISE_REFERENCE``; at ``balanced`` and ``fast`` the
+    power is a share ``_NOISE_POWER_PRESET`` of that for a recording of ``n_frames`` >= 2
+    ``TEMPORAL_WARMUP`` frames (None: a long one), the full power up to ``TEMPORAL_WARMUP``
+    frames and in between in proportion.
+    Why this power: the data term
     penalises a residual r as (r^2 + eps)^a_data, about |r|^(2 a_data), and noise scales
     the residuals by n; scaling the smoothness weight by the same power keeps the
     balance between data and smoothness that the configured alpha sets for clean data.
@@ -10241,15 +10256,22 @@ def adaptive_alpha(opts, frames, span):
     if opts.stage1_method == "matlab":
         return alpha, float("nan")
     n = float(np.max(noise_level(frames, np.atleast_2d(opts.sigma), span)))
-    power = 2.0 * float(np.mean(opts.a_data))
+    # The lower power rests on the temporal model's averaging, which a short recording
+    # lacks: up to the model's warm-up the full power, then the share in proportion to the
+    # length, whole from twice the warm-up on.
+    share = _NOISE_POWER_PRESET.get(opts.quality_setting, 1.0)
+    if n_frames is not None:
+        ramp = min(1.0, max(n_frames - TEMPORAL_WARMUP, 0) / TEMPORAL_WARMUP)
+        share = 1.0 - (1.0 - share) * ramp
+    power = 2.0 * float(np.mean(opts.a_data)) * share
     return alpha * max(1.0, n / _NOISE_REFERENCE) ** power, n
 
 
-def _adapted_options(opts, frames, span, name):
+def _adapted_options(opts, frames, span, name, n_frames=None):
     """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
     if len(frames) < 2:
         return opts
-    alpha, n = adaptive_alpha(opts, frames[:_NOISE_FRAMES], span)
+    alpha, n = adaptive_alpha(opts, frames[:_NOISE_FRAMES], span, n_frames)
     log.info(
         "%s: relative noise %.2e, alpha %.3g x %.3g (configured %s)",
         name,
@@ -10266,11 +10288,14 @@ def _adapted_options(opts, frames, span, name):
 ###############################################################################
 
 #: Stage 1's temporal model (``stage1_method = "adaptive"``): half-width, in frames, of
-#: the two-sided smoothing of the fields over time.
-TEMPORAL_RADIUS = 16
+#: the two-sided smoothing of the fields over time.  On a still recording the smoothing is a
+#: plain mean over 2 x this + 1 frames, which sets how much noise is left in its fields:
+#: 32 rather than 16 lets the noise-adapted alpha be lower (fields that follow non-rigid
+#: motion) for the same motion invented on a still movie.
+TEMPORAL_RADIUS = 32
 #: Frames whose fields are known before the first is released: the noise and motion
 #: statistics that set the smoothing come from at least this many frames.
-TEMPORAL_WARMUP = 4 * TEMPORAL_RADIUS
+TEMPORAL_WARMUP = 64
 #: The remainders' kernel reaching this many frames or more each side is summed by
 #: recursion (`_nb_temporal_recursive`), shorter ones term by term (`_nb_temporal_block`).
 TEMPORAL_RECURSIVE_REACH = 4
@@ -11142,10 +11167,10 @@ class _AdaptiveMethod(_ToolboxMethod):
         if not self.temporal and not quiet:
             log.info("%s: update_reference = true: fields are not smoothed over time", name)
 
-    def options(self, opts, frames, span, name):
+    def options(self, opts, frames, span, name, n_frames=None):
         """``opts`` with the alpha of :func:`adaptive_alpha` for a recording (logged)."""
         self.configured = opts
-        return _adapted_options(opts, frames, span, name)
+        return _adapted_options(opts, frames, span, name, n_frames)
 
     def checked_options(self, opts, c1, name):
         """``opts``, with alpha at most ``_ROW_MOTION_ALPHA`` times the configured one where

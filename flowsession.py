@@ -10201,16 +10201,16 @@ class _ToolboxMethod:
 #: synthetic two-photon recordings (make_synth, 2 and 10 photons/px) for the lowest endpoint
 #: error of Stage 1 under known motion; see the README's "Accuracy on noisy recordings".
 _NOISE_REFERENCE = 3e-4
-#: Share of the power ``2 a_data`` by which alpha grows with the noise at the presets that
-#: stop at a coarse pyramid level (absent: 1).  Measured on a real two-photon movie moved by
-#: known smooth and sudden motion and on make_synth at 2 photons/px (README, "Accuracy on
-#: noisy recordings"): with the temporal model averaging the noise over time, the full power
-#: held the fields of noisy recordings so stiff that they followed about a third of the real
-#: movie's non-rigid motion.  Each share is the smallest that still invents no more motion on
-#: a still movie than suite2p there: at the relative noise of both (1e-2 to 1.3e-2) alpha is
-#: 0.27x the full power's at ``balanced`` and 0.57x at ``fast``; less noisy recordings lose
-#: less (0.63x and 0.82x at 1e-3), and below ``_NOISE_REFERENCE`` nothing changes.
-_NOISE_POWER_PRESET = {"balanced": 0.61, "fast": 0.83}
+#: The most the noise may raise alpha, as a multiple of the configured one, at the presets that
+#: stop at a coarse pyramid level (absent: no limit), on recordings of 2 ``TEMPORAL_WARMUP``
+#: frames or more.  Beyond it the temporal model, whose smoothing grows with the noise, takes
+#: the noise out of the fields over time, and a stiffer field only follows less of the motion:
+#: with the full power the fields of a real two-photon movie (alpha 29x) followed about a third
+#: of its non-rigid motion.  Measured on that movie moved by known smooth and sudden motion and
+#: on make_synth at 2 and 10 photons/px (README, "Accuracy on noisy recordings"): each limit is
+#: about the lowest that still invents no more motion on a still movie than suite2p at 2
+#: photons/px; at 10 photons/px (12x) ``fast`` is not limited and ``balanced`` loses little.
+_NOISE_ALPHA_LIMIT = {"balanced": 8.5, "fast": 18.0}
 #: Reference frames (the first ones) read for the noise estimate.
 _NOISE_FRAMES = 16
 
@@ -10241,10 +10241,10 @@ def adaptive_alpha(opts, frames, span, n_frames=None):
     ``span``: the range of the smoothed frames (see :func:`noise_level`).
     ``stage1_method = "matlab"``: ``opts.alpha`` as given.  ``"adaptive"``: ``opts.alpha``
     times ``max(1, n / n0) ** (2 a_data)``, with n the largest per-channel
-    :func:`noise_level` and n0 = ``_NOISE_REFERENCE``; at ``balanced`` and ``fast`` the
-    power is a share ``_NOISE_POWER_PRESET`` of that for a recording of ``n_frames`` >= 2
-    ``TEMPORAL_WARMUP`` frames (None: a long one), the full power up to ``TEMPORAL_WARMUP``
-    frames and in between in proportion.
+    :func:`noise_level` and n0 = ``_NOISE_REFERENCE``; at ``balanced`` and ``fast`` that
+    factor is at most ``_NOISE_ALPHA_LIMIT`` for a recording of ``n_frames`` >= 2
+    ``TEMPORAL_WARMUP`` frames (None: a long one), not limited up to ``TEMPORAL_WARMUP``
+    frames, and in between limited in proportion (geometrically).
     Why this power: the data term
     penalises a residual r as (r^2 + eps)^a_data, about |r|^(2 a_data), and noise scales
     the residuals by n; scaling the smoothness weight by the same power keeps the
@@ -10256,15 +10256,18 @@ def adaptive_alpha(opts, frames, span, n_frames=None):
     if opts.stage1_method == "matlab":
         return alpha, float("nan")
     n = float(np.max(noise_level(frames, np.atleast_2d(opts.sigma), span)))
-    # The lower power rests on the temporal model's averaging, which a short recording
-    # lacks: up to the model's warm-up the full power, then the share in proportion to the
-    # length, whole from twice the warm-up on.
-    share = _NOISE_POWER_PRESET.get(opts.quality_setting, 1.0)
-    if n_frames is not None:
-        ramp = min(1.0, max(n_frames - TEMPORAL_WARMUP, 0) / TEMPORAL_WARMUP)
-        share = 1.0 - (1.0 - share) * ramp
-    power = 2.0 * float(np.mean(opts.a_data)) * share
-    return alpha * max(1.0, n / _NOISE_REFERENCE) ** power, n
+    power = 2.0 * float(np.mean(opts.a_data))
+    gain = max(1.0, n / _NOISE_REFERENCE) ** power
+    limit = _NOISE_ALPHA_LIMIT.get(opts.quality_setting)
+    if limit is not None and gain > limit:
+        # The limit rests on the temporal model's averaging, which a short recording lacks:
+        # up to the model's warm-up none, then (geometrically) in proportion to the length,
+        # whole from twice the warm-up on.
+        ramp = 1.0
+        if n_frames is not None:
+            ramp = min(1.0, max(n_frames - TEMPORAL_WARMUP, 0) / TEMPORAL_WARMUP)
+        gain *= (limit / gain) ** ramp
+    return alpha * gain, n
 
 
 def _adapted_options(opts, frames, span, name, n_frames=None):

@@ -7043,6 +7043,23 @@ def _cuda_kernels(precision):
         return _cu_lesser(_cu_greater(i, lo), hi)
 
     @dev
+    def _cu_block_reduce(sums, rows, max_row, t):
+        """Tree reduction over the threads of one block, called by every thread after it
+        wrote its column ``t`` of the shared ``sums (R, STATS_THREADS)``: rows ``r < rows``
+        summed into ``sums[r, 0]`` (row ``max_row``: the largest; -1: none)."""
+        _cuda.syncthreads()
+        step = STATS_THREADS // 2
+        while step > 0:
+            if t < step:
+                for r in range(rows):
+                    if r == max_row:
+                        sums[r, t] = _cu_greater(sums[r, t], sums[r, t + step])
+                    else:
+                        sums[r, t] += sums[r, t + step]
+            _cuda.syncthreads()
+            step //= 2
+
+    @dev
     def _cu_cell(pos, n):
         """``_nb_cell``: left sample index and fraction of ``pos >= 0``."""
         i = int(pos)
@@ -7613,17 +7630,7 @@ def _cuda_kernels(precision):
         sums[2, t] = s_div
         sums[3, t] = s_u
         sums[4, t] = s_v
-        _cuda.syncthreads()
-        step = STATS_THREADS // 2
-        while step > 0:
-            if t < step:
-                sums[0, t] += sums[0, t + step]
-                sums[1, t] = _cu_greater(sums[1, t], sums[1, t + step])
-                sums[2, t] += sums[2, t + step]
-                sums[3, t] += sums[3, t + step]
-                sums[4, t] += sums[4, t + step]
-            _cuda.syncthreads()
-            step //= 2
+        _cu_block_reduce(sums, 5, 1, t)
         if t == 0:
             for r in range(5):
                 out[k, r] = sums[r, 0]
@@ -7649,14 +7656,7 @@ def _cuda_kernels(precision):
             s1 += g * np.float64(w[1, x, y])
         sums[0, t] = s0
         sums[1, t] = s1
-        _cuda.syncthreads()
-        step = STATS_THREADS // 2
-        while step > 0:
-            if t < step:
-                sums[0, t] += sums[0, t + step]
-                sums[1, t] += sums[1, t + step]
-            _cuda.syncthreads()
-            step //= 2
+        _cu_block_reduce(sums, 2, -1, t)
         if t == 0:
             for c in range(2):
                 out[c] = sums[c, 0] / (nx * ny) if uniform else sums[c, 0]
@@ -7677,7 +7677,7 @@ def _cuda_kernels(precision):
         ny = ring.shape[3]
         mx = (nx + 3) // 4
         my = (ny + 3) // 4
-        sums = _cuda.shared.array(STATS_THREADS, np.float64)
+        sums = _cuda.shared.array((1, STATS_THREADS), np.float64)
         acc = 0.0
         for i in range(t, 2 * mx * my, STATS_THREADS):
             c = i // (mx * my)
@@ -7685,16 +7685,10 @@ def _cuda_kernels(precision):
             y = 4 * (i % my)
             d = np.float64(ring[a, c, x, y]) - np.float64(ring[b, c, x, y])
             acc += d * d
-        sums[t] = acc
-        _cuda.syncthreads()
-        step = STATS_THREADS // 2
-        while step > 0:
-            if t < step:
-                sums[t] += sums[t + step]
-            _cuda.syncthreads()
-            step //= 2
+        sums[0, t] = acc
+        _cu_block_reduce(sums, 1, -1, t)
         if t == 0:
-            out[0] = sums[0]
+            out[0] = sums[0, 0]
 
     @cuda.jit
     def _cu_temporal_fields(ring, slots, kern, s, out):

@@ -8079,36 +8079,42 @@ class CudaBackend(FlowBackend):
                 m = i1 - i0
                 f2 = self._upload_planes(frames[i0:i1], "frames")
                 u, v = self._displacement(state, f2, ui, vi)
-                w_dev = self._work("w_out", (m, H, W, 2))
-                mask_dev = self._work("mask_out", (m, H, W), np.uint8)
-                ok = self._work("valid", (m, W, H), np.uint8)
                 if raw is not None:
-                    planes = self._upload_planes(raw[i0:i1], "raw")
-                    out = self._work("registered", planes.shape)
-                    k.launch(
-                        k._cu_warp_plane,
-                        (m, W, H),
-                        planes,
-                        u,
-                        v,
-                        self.dtype.type(1.0),
-                        self.dtype.type(1.0),
-                        state.fill,
-                        int(method),
-                        out,
-                        ok,
+                    reg_dev, w_dev, mask_dev, sums_dev = self._warp_on_device(
+                        state, raw[i0:i1], u, v, method
                     )
-                    reg_dev = self._work("registered_out", (m, H, W, C))
-                    k.launch(k._cu_from_planes, out.shape, out, reg_dev)
                     reg[i0:i1] = reg_dev.copy_to_host()
-                k.launch(k._cu_fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
-                w[i0:i1] = w_dev.copy_to_host()
-                if raw is not None:
                     valid[i0:i1] = mask_dev.copy_to_host().view(bool)
-                    sums_dev = self._work("frame_sums", (m, 5), np.float64)
-                    k._cu_frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
                     sums[i0:i1] = sums_dev.copy_to_host()
+                else:
+                    w_dev = self._work("w_out", (m, H, W, 2))
+                    mask_dev = self._work("mask_out", (m, H, W), np.uint8)
+                    ok = self._work("valid", (m, W, H), np.uint8)
+                    k.launch(k._cu_fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
+                w[i0:i1] = w_dev.copy_to_host()
         return w, reg, valid, sums
+
+    def _warp_on_device(self, state, raw, u, v, method):
+        """On the device: the raw frames ``raw (m, H, W, C)`` warped by the fields ``u, v``
+        (solver layout), the fields in the caller's layout, the valid masks and the sums of
+        ``_cu_frame_sums``; returns those four device arrays (inside ``_gpu``)."""
+        m, H, W, C = raw.shape
+        k = self._k
+        one = self.dtype.type(1.0)
+        planes = self._upload_planes(raw, "raw")
+        out = self._work("registered", planes.shape)
+        ok = self._work("valid", (m, W, H), np.uint8)
+        k.launch(
+            k._cu_warp_plane, (m, W, H), planes, u, v, one, one, state.fill, int(method), out, ok
+        )
+        reg_dev = self._work("registered_out", (m, H, W, C))
+        k.launch(k._cu_from_planes, out.shape, out, reg_dev)
+        w_dev = self._work("w_out", (m, H, W, 2))
+        mask_dev = self._work("mask_out", (m, H, W), np.uint8)
+        k.launch(k._cu_fields_out, (m, W, H), u, v, ok, w_dev, mask_dev)
+        sums_dev = self._work("frame_sums", (m, 5), np.float64)
+        k._cu_frame_sums[m, k.STATS_THREADS](u, v, sums_dev)
+        return reg_dev, w_dev, mask_dev, sums_dev
 
     def _batch_frames(self, n):
         return max(n, 1)  # _run splits into batches that fit the GPU's memory
@@ -8231,34 +8237,12 @@ class _CudaFields:
         return out
 
     def warp(self, state, uv, raw, method, save_w):
-        be, k = self.be, self.k
+        be = self.be
         n, H, W, C = raw.shape
-        one = be.dtype.type(1.0)
-        u, v = uv[:, 0], uv[:, 1]
         with be._gpu():
-            planes = be._upload_planes(raw, "raw")
-            out = be._work("registered", planes.shape)
-            ok = be._work("valid", (n, W, H), np.uint8)
-            k.launch(
-                k._cu_warp_plane,
-                (n, W, H),
-                planes,
-                u,
-                v,
-                one,
-                one,
-                state.fill,
-                int(method),
-                out,
-                ok,
+            reg_dev, w_dev, mask_dev, sums_dev = be._warp_on_device(
+                state, raw, uv[:, 0], uv[:, 1], method
             )
-            reg_dev = be._work("registered_out", (n, H, W, C))
-            k.launch(k._cu_from_planes, out.shape, out, reg_dev)
-            w_dev = be._work("w_out", (n, H, W, 2))
-            mask_dev = be._work("mask_out", (n, H, W), np.uint8)
-            k.launch(k._cu_fields_out, (n, W, H), u, v, ok, w_dev, mask_dev)
-            sums_dev = be._work("frame_sums", (n, 5), np.float64)
-            k._cu_frame_sums[n, k.STATS_THREADS](u, v, sums_dev)
             reg = reg_dev.copy_to_host()
             valid = mask_dev.copy_to_host().view(bool)
             sums = sums_dev.copy_to_host()

@@ -4923,9 +4923,38 @@ def _nb_resize_weights(in_len, out_len):
 
 
 @_njit
+def _nb_area_weights(in_len, out_len):
+    """Weights and source indices, laid out as ``_nb_resize_weights``, of the mean over
+    each output sample's share of the input (``out_len <= in_len``): output o covers
+    ``[o s, (o + 1) s)`` with ``s = in_len / out_len``, each input sample weighed by its
+    overlap with it.  Non-negative, so a mean of motion tensors stays a motion tensor
+    (positive semi-definite), which a bicubic kernel's negative lobes do not keep."""
+    s = in_len / out_len
+    ntap = int(math.ceil(s)) + 1
+    wts = np.zeros((out_len, ntap))
+    idx = np.zeros((out_len, ntap), np.int64)
+    for o in range(out_len):
+        a = o * s
+        b = a + s
+        first = int(math.floor(a))
+        for t in range(ntap):
+            j = first + t
+            idx[o, t] = min(j, in_len - 1)
+            if j < in_len:
+                wts[o, t] = max(0.0, min(b, j + 1.0) - max(a, float(j))) / s
+    return wts, idx
+
+
+@_njit
 def _nb_resize_axis0(src, out_len):
-    n0, n1 = src.shape
-    wts, idx = _nb_resize_weights(n0, out_len)
+    return _nb_apply_axis0(src, *_nb_resize_weights(src.shape[0], out_len))
+
+
+@_njit
+def _nb_apply_axis0(src, wts, idx):
+    """``out[o] = sum_t wts[o, t] * src[idx[o, t]]`` along axis 0 (a resize's table)."""
+    n1 = src.shape[1]
+    out_len = wts.shape[0]
     out = np.zeros((out_len, n1))
     for o in range(out_len):
         for t in range(wts.shape[1]):
@@ -4969,6 +4998,15 @@ def _nb_resize(src, nx_out, ny_out):
     if nx_out < nx:
         return _nb_resize_axis1(_nb_resize_axis0(src, nx_out), ny_out)
     return _nb_resize_axis0(_nb_resize_axis1(src, ny_out), nx_out)
+
+
+@_njit
+def _nb_area_mean(src, nx_out, ny_out):
+    """Mean of a plane ``(nx, ny)`` over the area of each pixel of a coarser grid
+    ``(nx_out, ny_out)`` (``_nb_area_weights`` along each axis, axis 0 first)."""
+    nx, ny = src.shape
+    out = _nb_apply_axis0(src, *_nb_area_weights(nx, nx_out))
+    return _nb_apply_axis0(out.T.copy(), *_nb_area_weights(ny, ny_out)).T.copy()
 
 
 @_njit
@@ -5938,18 +5976,21 @@ class _FlowParams(NamedTuple):
     wmap: np.ndarray
     local: bool
     red_black: bool = False
+    data_offset: int = 0  # the finest level's data term this many levels finer (_nb_pyramid_plan)
 
 
 def _displacement_params(
-    shape, *, weight=None, const_assumption="gc", matlab_quirks=True, **options
+    shape, *, weight=None, const_assumption="gc", matlab_quirks=True, data_offset=0, **options
 ):
     """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
     (int C is enough unless ``weight`` is a spatial map).
 
     ``options``: the numeric options of ``get_displacement`` (alpha, update_lag,
     iterations, min_level, levels, eta, a_smooth, a_data); the ones not given take
-    ``GET_DISPLACEMENT_DEFAULTS``.  The one constructor of ``_FlowParams``: Stage 1
-    and Stage 2 build theirs through it (:func:`_flow_params`).
+    ``GET_DISPLACEMENT_DEFAULTS``.  ``data_offset``: the finest level solved takes its
+    data term from this many levels finer (0: its own, the toolbox; see
+    ``_nb_pyramid_plan``).  The one constructor of ``_FlowParams``: Stage 1 and Stage 2
+    build theirs through it (:func:`_flow_params`).
     """
     unknown = sorted(set(options) - set(GET_DISPLACEMENT_DEFAULTS))
     if unknown:
@@ -6015,6 +6056,7 @@ def _displacement_params(
         wvec,
         wmap,
         local,
+        data_offset=_cfg_int(data_offset, "data_offset", src, *_CFG_NATURAL),
     )
     return params
 
@@ -6039,6 +6081,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0):
         weight=opts.weight,
         const_assumption=opts.constancy_assumption,
         matlab_quirks=opts.matlab_quirks,
+        data_offset=_stage1_data_offset(opts),
     )
 
 
@@ -6092,6 +6135,14 @@ class _Level(NamedTuple):
     alpha_x: float  # alpha * eta^(-i/2), alpha itself on the finest level solved
     alpha_y: float
     median: bool  # the 5x5 median of the increments runs: min(lx, ly) > 5
+    # The level whose images give this one's data term: itself (the toolbox), or for the
+    # finest level solved with ``data_offset``, a finer one (sizes, spacings and where its
+    # reference starts in the flat pyramid).
+    dx: int
+    dy: int
+    dhx: float
+    dhy: float
+    doffset: int
 
 
 #: ``_Level`` as a record, the row of a plan array (what compiled code takes).
@@ -6104,11 +6155,18 @@ _LEVEL_DTYPE = np.dtype(
 
 
 @_njit
-def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks):
+def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks, data_offset):
     """The level rules of ``get_displacement.m``, written once: a record array of
     ``_LEVEL_DTYPE`` with one row per level solved, coarsest first, for stacks of
     ``C`` channels of ``(n, m)`` = (W, H) pixels.  Every driver (CPU, CUDA, torch)
-    and the benchmark's byte count walk this plan."""
+    and the benchmark's byte count walk this plan.
+
+    ``data_offset`` > 0 (not in the toolbox): the finest level solved takes its data
+    term from the level that many finer (at most full size), averaged over the area
+    of each of its pixels (``_nb_area_weights``), so a coarse grid of unknowns sees
+    the finer image structure; the finer level's reference follows the last level
+    in the flat pyramid (``doffset``).  Every other row's data level is itself.
+    """
     top, lo, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
     plan = np.empty(top - lo + 1, _LEVEL_DTYPE)
     offset = 0
@@ -6127,6 +6185,21 @@ def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks):
         plan[k].alpha_y = alpha_y * scale
         plan[k].median = min(lx, ly) > 5
         offset += C * lx * ly
+        plan[k].dx = lx
+        plan[k].dy = ly
+        plan[k].dhx = plan[k].hx
+        plan[k].dhy = plan[k].hy
+        plan[k].doffset = plan[k].offset
+        if i == lo and data_offset > 0:
+            d = max(i - data_offset, 0)
+            dx = int(_nb_round(n * eta ** min(d, max_x)))
+            dy = int(_nb_round(m * eta ** min(d, max_y)))
+            if dx > lx or dy > ly:
+                plan[k].dx = dx
+                plan[k].dy = dy
+                plan[k].dhx = m / dy if quirks else n / dx
+                plan[k].dhy = n / dx if quirks else m / dy
+                plan[k].doffset = offset
     return plan
 
 
@@ -6134,7 +6207,14 @@ def _pyramid_plan(p, shape):
     """The plan (``_nb_pyramid_plan``) of ``_FlowParams`` ``p`` for transposed stacks of
     ``shape = (C, W, H)``: a record array, one row per level, coarsest first."""
     C, n, m = (int(s) for s in shape)
-    return _nb_pyramid_plan(C, n, m, p.eta, p.levels, p.min_level, p.alpha_x, p.alpha_y, p.quirks)
+    return _nb_pyramid_plan(
+        C, n, m, p.eta, p.levels, p.min_level, p.alpha_x, p.alpha_y, p.quirks, p.data_offset
+    )
+
+
+def _data_level(lev):
+    """Whether plan row ``lev`` takes its data term from a finer level."""
+    return lev.dx != lev.lx or lev.dy != lev.ly
 
 
 def _plan_levels(plan):
@@ -6172,12 +6252,53 @@ def _nb_reference_pyramid(f1, plan):
     """
     C = f1.shape[0]
     last = plan[plan.shape[0] - 1]
-    out = np.empty(last.offset + C * last.lx * last.ly)
+    out = np.empty(max(last.offset + C * last.lx * last.ly, last.doffset + C * last.dx * last.dy))
     for k in range(plan.shape[0]):
         lev = plan[k]
         size = C * lev.lx * lev.ly
         _nb_copy_flat(out[lev.offset : lev.offset + size], _nb_resize_stack(f1, lev.lx, lev.ly))
+        if lev.doffset != lev.offset:
+            size = C * lev.dx * lev.dy
+            _nb_copy_flat(
+                out[lev.doffset : lev.doffset + size], _nb_resize_stack(f1, lev.dx, lev.dy)
+            )
     return out
+
+
+@_njit
+def _nb_level_tensors(kind, F1, f2, ui, vi, hx, hy, warp, times, row):
+    """The motion tensor ``(6, C, lx + 2, ly + 2)`` of one level of the driver: the
+    moving stack ``f2`` resized to the reference level ``F1 (C, lx, ly)``, warped by
+    ``(ui, vi)`` when ``warp`` (not on the coarsest level, as the toolbox), and the data
+    term ``kind`` (0 gc, 1 gray, 2 census) of the pair.  ``times, row``: ``_nb_lap``."""
+    t = _nb_tick(times)
+    C, lx, ly = F1.shape
+    F2 = _nb_resize_stack(f2, lx, ly)
+    t = _nb_lap(times, row, _STEP_RESIZE, t)
+    tmp = F2
+    if warp:
+        tmp = np.empty_like(F2)
+        valid = np.empty((lx, ly), np.bool_)
+        for c in range(C):
+            # np.int64: a literal 2 would compile a second specialisation
+            _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], np.int64(INTERP_CUBIC), tmp[c], valid)
+        t = _nb_lap(times, row, _STEP_WARP, t)
+    J = np.empty((6, C, lx + 2, ly + 2))
+    for c in range(C):
+        if kind == 0:
+            _nb_tensor_gc(
+                F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
+            )
+        elif kind == 2:
+            _nb_tensor_cs(
+                F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
+            )
+        else:
+            _nb_tensor_gray(
+                F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
+            )
+    _nb_lap(times, row, _STEP_TENSORS, t)
+    return J
 
 
 @_njit
@@ -6208,44 +6329,40 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
             F1 = pyramid[lev.offset : lev.offset + C * lx * ly].reshape((C, lx, ly))
         else:
             F1 = _nb_resize_stack(f1, lx, ly)
-        F2 = _nb_resize_stack(f2, lx, ly)
         if k == 0:
             ui = _nb_resize(u_init, lx, ly)
             vi = _nb_resize(v_init, lx, ly)
-            tmp = F2
-            t = _nb_lap(times, k, _STEP_RESIZE, t)
         else:
             ui = _nb_resize(np.ascontiguousarray(u[1:-1, 1:-1]), lx, ly)
             vi = _nb_resize(np.ascontiguousarray(v[1:-1, 1:-1]), lx, ly)
-            t = _nb_lap(times, k, _STEP_RESIZE, t)
-            tmp = np.empty_like(F2)
-            valid = np.empty((lx, ly), np.bool_)
-            for c in range(C):
-                # np.int64: a literal 2 would compile a second specialisation
-                _nb_warp_plane(F2[c], ui, vi, hx, hy, F1[c], np.int64(INTERP_CUBIC), tmp[c], valid)
-            t = _nb_lap(times, k, _STEP_WARP, t)
-        u = _nb_pad_edge(ui)
-        v = _nb_pad_edge(vi)
         NX = lx + 2
         NY = ly + 2
-        J = np.empty((6, C, NX, NY))
+        if lev.dx != lx or lev.dy != ly:
+            # The data term of a finer level, averaged over each pixel's area.
+            dx = lev.dx
+            dy = lev.dy
+            if use_pyramid:
+                G1 = pyramid[lev.doffset : lev.doffset + C * dx * dy].reshape((C, dx, dy))
+            else:
+                G1 = _nb_resize_stack(f1, dx, dy)
+            gu = _nb_resize(ui, dx, dy)
+            gv = _nb_resize(vi, dx, dy)
+            Jd = _nb_level_tensors(p.kind, G1, f2, gu, gv, lev.dhx, lev.dhy, k > 0, times, k)
+            t = _nb_tick(times)
+            J = np.zeros((6, C, NX, NY))
+            for j in range(6):
+                for c in range(C):
+                    _nb_copy2(J[j, c, 1:-1, 1:-1], _nb_area_mean(Jd[j, c, 1:-1, 1:-1], lx, ly))
+        else:
+            J = _nb_level_tensors(p.kind, F1, f2, ui, vi, hx, hy, k > 0, times, k)
+            t = _nb_tick(times)
+        u = _nb_pad_edge(ui)
+        v = _nb_pad_edge(vi)
         if p.local:
             weight = np.zeros((C, NX, NY))
         else:
             weight = np.empty((C, 1, 1))
         for c in range(C):
-            if p.kind == 0:
-                _nb_tensor_gc(
-                    F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
-                )
-            elif p.kind == 2:
-                _nb_tensor_cs(
-                    F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
-                )
-            else:
-                _nb_tensor_gray(
-                    F1[c], tmp[c], hx, hy, J[0, c], J[1, c], J[2, c], J[3, c], J[4, c], J[5, c]
-                )
             if p.local:
                 _nb_copy2(weight[c, 1:-1, 1:-1], _nb_resize(p.wmap[c], lx, ly))
             else:
@@ -6327,14 +6444,20 @@ def _reference_pyramid(p, f1, plan=None):
 
 def _pyramid_levels(p, f1, plan=None):
     """The levels of ``_reference_pyramid(p, f1)`` as a list of ``(C, lx, ly)`` views,
-    coarsest first."""
+    coarsest first, then the finest level's data level when it has one (``_data_level``)."""
     plan = _pyramid_plan(p, f1.shape) if plan is None else plan
     flat = _reference_pyramid(p, f1, plan)
     C = f1.shape[0]
-    return [
+    levels = _plan_levels(plan)
+    out = [
         flat[lev.offset : lev.offset + C * lev.lx * lev.ly].reshape(C, lev.lx, lev.ly)
-        for lev in _plan_levels(plan)
+        for lev in levels
     ]
+    last = levels[-1]
+    if _data_level(last):
+        size = C * last.dx * last.dy
+        out.append(flat[last.doffset : last.doffset + size].reshape(C, last.dx, last.dy))
+    return out
 
 
 ###############################################################################
@@ -7836,11 +7959,12 @@ class CudaBackend(FlowBackend):
             self._buffers[name] = buf
         return buf[:size].reshape(shape)
 
-    def _table(self, in_len, out_len):
-        """Device copies of ``_nb_resize_weights(in_len, out_len)``."""
-        key = (in_len, out_len)
+    def _table(self, in_len, out_len, area=False):
+        """Device copies of ``_nb_resize_weights(in_len, out_len)`` (``area``:
+        ``_nb_area_weights``)."""
+        key = (in_len, out_len, area)
         if key not in self._tables:
-            wts, idx = _nb_resize_weights(in_len, out_len)
+            wts, idx = (_nb_area_weights if area else _nb_resize_weights)(in_len, out_len)
             self._tables[key] = (
                 self._cuda.to_device(wts.astype(self.dtype)),
                 self._cuda.to_device(idx.astype(np.int32)),
@@ -7855,8 +7979,9 @@ class CudaBackend(FlowBackend):
 
     # ---- steps --------------------------------------------------------------
 
-    def _resize(self, src, nx_out, ny_out, out, tmp_name):
-        """``_nb_resize`` of every plane of ``src (P, nx, ny)`` into ``out (P, nx_out, ny_out)``."""
+    def _resize(self, src, nx_out, ny_out, out, tmp_name, area=False):
+        """``_nb_resize`` of every plane of ``src (P, nx, ny)`` into ``out (P, nx_out, ny_out)``
+        (``area``: ``_nb_area_mean``, axis 0 first)."""
         k = self._k
         P, nx, ny = src.shape
         if nx_out == nx and ny_out == ny:
@@ -7864,14 +7989,23 @@ class CudaBackend(FlowBackend):
             return
 
         def ax0(s, o):
-            w, i = self._table(s.shape[1], o.shape[1])
+            w, i = self._table(s.shape[1], o.shape[1], area)
             k.launch(k._cu_resize_axis0, o.shape, s, w, i, o)
 
         def ax1(s, o):
-            w, i = self._table(s.shape[2], o.shape[2])
+            w, i = self._table(s.shape[2], o.shape[2], area)
             k.launch(k._cu_resize_axis1, o.shape, s, w, i, o)
 
-        if ny_out / ny <= nx_out / nx:
+        if area or ny_out / ny > nx_out / nx:
+            if nx_out == nx:
+                ax1(src, out)
+            elif ny_out == ny:
+                ax0(src, out)
+            else:
+                tmp = self._work(tmp_name, (P, nx_out, ny))
+                ax0(src, tmp)
+                ax1(tmp, out)
+        elif ny_out / ny <= nx_out / nx:
             if ny_out == ny:
                 ax0(src, out)
             elif nx_out == nx:
@@ -7973,17 +8107,13 @@ class CudaBackend(FlowBackend):
         preprocessed frames, ``ui0, vi0 (W, H)`` host initial field.  Returns device
         ``(u, v)``, each ``(n, W, H)``."""
         k = self._k
-        F = self.dtype.type
         p = st.params
         C, nw, mh = st.shape
         n = f2.shape[0] // C
         u = v = None
         for j, lev in enumerate(st.levels):
-            lx, ly, hx, hy = lev.lx, lev.ly, lev.hx, lev.hy
+            lx, ly = lev.lx, lev.ly
             NX, NY = lx + 2, ly + 2
-            F1 = st.pyramid[j]
-            F2 = self._work("F2", (n * C, lx, ly))
-            self._resize(f2, lx, ly, F2, "F2tmp")
             side = "ab"[lev.level % 2]
             un = self._work("u" + side, (n, NX, NY))
             vn = self._work("v" + side, (n, NX, NY))
@@ -7991,29 +8121,38 @@ class CudaBackend(FlowBackend):
                 for src, dst in ((ui0, un), (vi0, vn)):
                     init = _nb_pad_edge(_nb_resize(src, lx, ly)).astype(self.dtype)
                     k.launch(k._cu_broadcast, dst.shape, self._cuda.to_device(init), dst)
-                moved = F2
             else:
                 self._resize(u[:, 1:-1, 1:-1], lx, ly, un[:, 1:-1, 1:-1], "field_tmp")
                 self._resize(v[:, 1:-1, 1:-1], lx, ly, vn[:, 1:-1, 1:-1], "field_tmp")
                 self._halo(un, vn)
-                moved = self._work("F2warped", (n * C, lx, ly))
-                scratch = self._work("valid_level", (n, lx, ly), np.uint8)
-                k.launch(
-                    k._cu_warp_plane,
-                    (n, lx, ly),
-                    F2,
+            if _data_level(lev):
+                # The data term of a finer level, averaged over each pixel's area.
+                dx, dy = lev.dx, lev.dy
+                gu = self._work("u_data", (n, dx, dy))
+                gv = self._work("v_data", (n, dx, dy))
+                self._resize(un[:, 1:-1, 1:-1], dx, dy, gu, "field_tmp")
+                self._resize(vn[:, 1:-1, 1:-1], dx, dy, gv, "field_tmp")
+                Jd = self._level_tensor(
+                    p, st.pyramid[-1], f2, gu, gv, lev.dhx, lev.dhy, j > 0, "J_data"
+                )
+                J = self._work("J", (6, n * C, NX, NY))
+                planes = J.reshape(6 * n * C, NX, NY)
+                k.launch(k._cu_fill, planes.shape, planes, 0.0)
+                for c in range(6):
+                    self._resize(
+                        Jd[c][:, 1:-1, 1:-1], lx, ly, J[c][:, 1:-1, 1:-1], "J_tmp", area=True
+                    )
+            else:
+                J = self._level_tensor(
+                    p,
+                    st.pyramid[j],
+                    f2,
                     un[:, 1:-1, 1:-1],
                     vn[:, 1:-1, 1:-1],
-                    F(hx),
-                    F(hy),
-                    F1,
-                    2,
-                    moved,
-                    scratch,
+                    lev.hx,
+                    lev.hy,
+                    j > 0,
                 )
-            J = self._work("J", (6, n * C, NX, NY))
-            tensor = k._cu_tensor_gc if p.kind == 0 else k._cu_tensor_gray
-            k.launch(tensor, J.shape[1:], F1, moved, F(hx), F(hy), *(J[c] for c in range(6)))
             du = self._work("du", (n, NX, NY))
             dv = self._work("dv", (n, NX, NY))
             sp = _solver_params(p, lev)
@@ -8025,6 +8164,27 @@ class CudaBackend(FlowBackend):
         self._resize(u[:, 1:-1, 1:-1], nw, mh, out_u, "field_tmp")
         self._resize(v[:, 1:-1, 1:-1], nw, mh, out_v, "field_tmp")
         return out_u, out_v
+
+    def _level_tensor(self, p, F1, f2, ui, vi, hx, hy, warp, name="J"):
+        """``_nb_level_tensors`` of a batch: ``f2 (n * C, W, H)`` resized to the level of
+        ``F1 (C, lx, ly)``, warped by ``ui, vi (n, lx, ly)`` when ``warp``; returns the
+        device tensor ``(6, n * C, lx + 2, ly + 2)`` (the work array ``name``)."""
+        k = self._k
+        F = self.dtype.type
+        C, lx, ly = F1.shape
+        P = f2.shape[0]
+        n = P // C
+        F2 = self._work("F2", (P, lx, ly))
+        self._resize(f2, lx, ly, F2, "F2tmp")
+        moved = F2
+        if warp:
+            moved = self._work("F2warped", (P, lx, ly))
+            scratch = self._work("valid_level", (n, lx, ly), np.uint8)
+            k.launch(k._cu_warp_plane, (n, lx, ly), F2, ui, vi, F(hx), F(hy), F1, 2, moved, scratch)
+        J = self._work(name, (6, P, lx + 2, ly + 2))
+        tensor = k._cu_tensor_gc if p.kind == 0 else k._cu_tensor_gray
+        k.launch(tensor, J.shape[1:], F1, moved, F(hx), F(hy), *(J[c] for c in range(6)))
+        return J
 
     def _upload_planes(self, frames, name):
         """Frames ``(n, H, W, C)`` (any numeric dtype) -> device planes ``(n * C, W, H)``."""
@@ -8268,11 +8428,12 @@ class _CudaFields:
 # rounding.  torch is imported only inside these functions.
 
 
-def _tc_resize_matrix(in_len, out_len, like):
-    """Dense ``(out_len, in_len)`` matrix of MATLAB ``imresize`` along one axis."""
+def _tc_resize_matrix(in_len, out_len, like, area=False):
+    """Dense ``(out_len, in_len)`` matrix of MATLAB ``imresize`` along one axis (``area``:
+    of ``_nb_area_weights``)."""
     import torch
 
-    wts, idx = _nb_resize_weights(in_len, out_len)
+    wts, idx = (_nb_area_weights if area else _nb_resize_weights)(in_len, out_len)
     mat = np.zeros((out_len, in_len))
     np.add.at(mat, (np.repeat(np.arange(out_len), wts.shape[1]), idx.ravel()), wts.ravel())
     return torch.as_tensor(mat, dtype=like.dtype, device=like.device)
@@ -8296,6 +8457,15 @@ def _tc_resize(src, nx_out, ny_out):
     if ny_out / ny <= nx_out / nx:
         return axis0(axis1(src))
     return axis1(axis0(src))
+
+
+def _tc_area_mean(src, nx_out, ny_out):
+    """``_nb_area_mean`` of every plane of ``src (..., nx, ny)``."""
+    import torch
+
+    nx, ny = src.shape[-2:]
+    rows = torch.matmul(_tc_resize_matrix(nx, nx_out, src, area=True), src)
+    return torch.matmul(rows, _tc_resize_matrix(ny, ny_out, src, area=True).T)
 
 
 def _tc_keys(x):
@@ -8709,8 +8879,21 @@ def _tc_medfilt5(src):
 
 def _tc_reference_pyramid(levels, f1):
     """``_nb_reference_pyramid`` of ``f1 (1, C, nx, ny)`` at the ``_Level`` rows ``levels``
-    of its plan: its levels, coarsest first."""
-    return [_tc_resize(f1, lev.lx, lev.ly) for lev in levels]
+    of its plan: its levels, coarsest first, then the finest level's data level when it
+    has one (``_data_level``)."""
+    last = levels[-1]
+    data = [_tc_resize(f1, last.dx, last.dy)] if _data_level(last) else []
+    return [_tc_resize(f1, lev.lx, lev.ly) for lev in levels] + data
+
+
+def _tc_level_tensor(kind, F1, f2, ui, vi, hx, hy, warp):
+    """``_nb_level_tensors`` of a batch: ``f2 (n, C, nx, ny)`` resized to the level of
+    ``F1 (1, C, lx, ly)``, warped by ``ui, vi (n, lx, ly)`` when ``warp``, and its tensor
+    ``(6, n, C, lx + 2, ly + 2)``."""
+    lx, ly = F1.shape[-2:]
+    F2 = _tc_resize(f2, lx, ly)
+    moved = _tc_warp(F2, ui, vi, hx, hy, F1, 2)[0] if warp else F2
+    return _tc_tensor(F1, moved, hx, hy, kind)
 
 
 def _tc_get_displacement(p, levels, pyramid, f2, u_init, v_init, wmap=None):
@@ -8731,19 +8914,30 @@ def _tc_get_displacement(p, levels, pyramid, f2, u_init, v_init, wmap=None):
     u = v = None
     for j, lev in enumerate(levels):
         lx, ly, hx, hy = lev.lx, lev.ly, lev.hx, lev.hy
-        F1 = pyramid[j]
-        F2 = _tc_resize(f2, lx, ly)
         if j == 0:
             ui = _tc_resize(u_init, lx, ly).expand(nb, lx, ly)
             vi = _tc_resize(v_init, lx, ly).expand(nb, lx, ly)
-            tmp = F2
         else:
             ui = _tc_resize(u[:, 1:-1, 1:-1], lx, ly)
             vi = _tc_resize(v[:, 1:-1, 1:-1], lx, ly)
-            tmp = _tc_warp(F2, ui, vi, hx, hy, F1, 2)[0]
+        if _data_level(lev):
+            dx, dy = lev.dx, lev.dy
+            Jd = _tc_level_tensor(
+                p.kind,
+                pyramid[-1],
+                f2,
+                _tc_resize(ui, dx, dy),
+                _tc_resize(vi, dx, dy),
+                lev.dhx,
+                lev.dhy,
+                j > 0,
+            )
+            J = torch.zeros((*Jd.shape[:3], lx + 2, ly + 2), dtype=Jd.dtype, device=Jd.device)
+            J[..., 1:-1, 1:-1] = _tc_area_mean(Jd[..., 1:-1, 1:-1], lx, ly)
+        else:
+            J = _tc_level_tensor(p.kind, pyramid[j], f2, ui, vi, hx, hy, j > 0)
         u = _tc_pad_edge(ui)
         v = _tc_pad_edge(vi)
-        J = _tc_tensor(F1, tmp, hx, hy, p.kind)
         weight = _tc_resize(wmap, lx, ly) if p.local else wvec
         du, dv = _tc_level_solver(J, weight, a_data, u, v, _solver_params(p, lev))
         if lev.median:
@@ -10185,10 +10379,18 @@ _NOISE_REFERENCE = 3e-4
 #: the noise out of the fields over time, and a stiffer field only follows less of the motion:
 #: with the full power the fields of a real two-photon movie (alpha 29x) followed about a third
 #: of its non-rigid motion.  Measured on that movie moved by known smooth and sudden motion and
-#: on make_synth at 2 and 10 photons/px (README, "Accuracy on noisy recordings"): each limit is
-#: about the lowest that still invents no more motion on a still movie than suite2p at 2
-#: photons/px; at 10 photons/px (12x) ``fast`` is not limited and ``balanced`` loses little.
-_NOISE_ALPHA_LIMIT = {"balanced": 8.5, "fast": 18.0}
+#: on make_synth at 2 and 10 photons/px (README, "Accuracy on noisy recordings"), with the
+#: data term of ``_DATA_OFFSET``: each limit is about the lowest that still invents no more
+#: motion on a still movie than suite2p, on the real movie and on make_synth at 2 photons/px
+#: (``fast`` at 8: 0.088 px there against suite2p's 0.064).
+_NOISE_ALPHA_LIMIT = {"balanced": 7.0, "fast": 10.0}
+#: Levels finer than the finest level solved whose images give that level's data term, at
+#: the presets that stop at a coarse level (``stage1_method = "adaptive"``; absent: its own,
+#: the toolbox).  The unknowns stay on the coarse grid; each of its pixels sums the finer
+#: pixels' motion tensors over its area, so the fields see the cells' structure that the
+#: coarse images have blurred away.  Measured on a real two-photon movie moved by known
+#: motion and on make_synth at 2 and 10 photons/px (README, "Accuracy on noisy recordings").
+_DATA_OFFSET = {"balanced": 2, "fast": 2}
 #: Reference frames (the first ones) read for the noise estimate.
 _NOISE_FRAMES = 16
 
@@ -10246,6 +10448,14 @@ def adaptive_alpha(opts, frames, span, n_frames=None):
             ramp = min(1.0, max(n_frames - TEMPORAL_WARMUP, 0) / TEMPORAL_WARMUP)
         gain *= (limit / gain) ** ramp
     return alpha * gain, n
+
+
+def _stage1_data_offset(opts):
+    """``data_offset`` of Stage 1's flow (``_nb_pyramid_plan``): ``_DATA_OFFSET`` of the
+    preset under ``stage1_method = "adaptive"``, 0 (the toolbox) otherwise."""
+    if opts.stage1_method != "adaptive":
+        return 0
+    return _DATA_OFFSET.get(opts.quality_setting, 0)
 
 
 def _adapted_options(opts, frames, span, name, n_frames=None):
@@ -11111,7 +11321,8 @@ def _row_motion(c1, opts):
     Returns ``(ratio, largest row range px)``.
     """
     n, H, W, C = c1.shape
-    p = _flow_params(opts, C)
+    # The thresholds were measured on the preset's own data term.
+    p = _flow_params(opts, C)._replace(data_offset=0)
     f1 = np.ascontiguousarray(np.transpose(c1.mean(axis=0), (2, 1, 0)))
     zero = np.zeros((W, H))
     by, bx = H // 8, W // 8

@@ -6266,6 +6266,16 @@ def _nb_reference_pyramid(f1, plan):
 
 
 @_njit
+def _nb_level_reference(f1, pyramid, offset, lx, ly):
+    """The reference ``(C, lx, ly)`` of a level: its part of the flat ``pyramid`` from
+    ``offset`` (``_nb_reference_pyramid``), or ``f1`` resized when that is empty."""
+    C = f1.shape[0]
+    if pyramid.size > 0:
+        return pyramid[offset : offset + C * lx * ly].reshape((C, lx, ly))
+    return _nb_resize_stack(f1, lx, ly)
+
+
+@_njit
 def _nb_level_tensors(kind, F1, f2, ui, vi, hx, hy, warp, times, row):
     """The motion tensor ``(6, C, lx + 2, ly + 2)`` of one level of the driver: the
     moving stack ``f2`` resized to the reference level ``F1 (C, lx, ly)``, warped by
@@ -6315,7 +6325,6 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
     """
     C = f1.shape[0]
     n, m = out_u.shape
-    use_pyramid = pyramid.size > 0
     u = np.zeros((1, 1))
     v = np.zeros((1, 1))
     for k in range(plan.shape[0]):
@@ -6325,10 +6334,6 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
         ly = lev.ly
         hx = lev.hx
         hy = lev.hy
-        if use_pyramid:
-            F1 = pyramid[lev.offset : lev.offset + C * lx * ly].reshape((C, lx, ly))
-        else:
-            F1 = _nb_resize_stack(f1, lx, ly)
         if k == 0:
             ui = _nb_resize(u_init, lx, ly)
             vi = _nb_resize(v_init, lx, ly)
@@ -6341,10 +6346,7 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
             # The data term of a finer level, averaged over each pixel's area.
             dx = lev.dx
             dy = lev.dy
-            if use_pyramid:
-                G1 = pyramid[lev.doffset : lev.doffset + C * dx * dy].reshape((C, dx, dy))
-            else:
-                G1 = _nb_resize_stack(f1, dx, dy)
+            G1 = _nb_level_reference(f1, pyramid, lev.doffset, dx, dy)
             gu = _nb_resize(ui, dx, dy)
             gv = _nb_resize(vi, dx, dy)
             Jd = _nb_level_tensors(p.kind, G1, f2, gu, gv, lev.dhx, lev.dhy, k > 0, times, k)
@@ -6354,6 +6356,7 @@ def _nb_get_displacement(f1, f2, u_init, v_init, p, plan, pyramid, out_u, out_v,
                 for c in range(C):
                     _nb_copy2(J[j, c, 1:-1, 1:-1], _nb_area_mean(Jd[j, c, 1:-1, 1:-1], lx, ly))
         else:
+            F1 = _nb_level_reference(f1, pyramid, lev.offset, lx, ly)
             J = _nb_level_tensors(p.kind, F1, f2, ui, vi, hx, hy, k > 0, times, k)
             t = _nb_tick(times)
         u = _nb_pad_edge(ui)
@@ -7996,32 +7999,18 @@ class CudaBackend(FlowBackend):
             w, i = self._table(s.shape[2], o.shape[2], area)
             k.launch(k._cu_resize_axis1, o.shape, s, w, i, o)
 
-        if area or ny_out / ny > nx_out / nx:
-            if nx_out == nx:
-                ax1(src, out)
-            elif ny_out == ny:
-                ax0(src, out)
-            else:
-                tmp = self._work(tmp_name, (P, nx_out, ny))
-                ax0(src, tmp)
-                ax1(tmp, out)
-        elif ny_out / ny <= nx_out / nx:
-            if ny_out == ny:
-                ax0(src, out)
-            elif nx_out == nx:
-                ax1(src, out)
-            else:
-                tmp = self._work(tmp_name, (P, nx, ny_out))
-                ax1(src, tmp)
-                ax0(tmp, out)
-        elif nx_out == nx:
+        if nx_out == nx:
             ax1(src, out)
         elif ny_out == ny:
             ax0(src, out)
-        else:
+        elif area or ny_out / ny > nx_out / nx:
             tmp = self._work(tmp_name, (P, nx_out, ny))
             ax0(src, tmp)
             ax1(tmp, out)
+        else:
+            tmp = self._work(tmp_name, (P, nx, ny_out))
+            ax1(src, tmp)
+            ax0(tmp, out)
 
     def _halo(self, f, g):
         k = self._k

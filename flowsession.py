@@ -6061,9 +6061,10 @@ def _displacement_params(
     return params
 
 
-def _flow_params(opts, n_channels, *, alpha_offset=0.0):
+def _flow_params(opts, n_channels, *, alpha_offset=0.0, n_frames=None):
     """``_FlowParams`` of a recording's :class:`FlowOptions` for ``n_channels`` channels
-    (``alpha_offset`` added to both alphas: the toolbox's reference registration)."""
+    (``alpha_offset`` added to both alphas: the toolbox's reference registration) and
+    ``n_frames`` frames (None: a long one; see ``_stage1_data_offset``)."""
     if np.size(opts.a_data) not in (1, n_channels):
         msg = f"flow_options.a_data has {np.size(opts.a_data)} entries for {n_channels} channels"
         raise ConfigError(msg)
@@ -6081,7 +6082,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0):
         weight=opts.weight,
         const_assumption=opts.constancy_assumption,
         matlab_quirks=opts.matlab_quirks,
-        data_offset=_stage1_data_offset(opts),
+        data_offset=_stage1_data_offset(opts, n_frames),
     )
 
 
@@ -10230,7 +10231,7 @@ def _reference_and_options(reader, opts, pool, name="recording", backend=None, s
     tmp = stage1.align_reference_frames(c1, tmp, opts, pool, name)
     opts = stage1.checked_options(opts, c1, name)
     C = tmp.shape[3]
-    params = _flow_params(opts, C, alpha_offset=2.0)
+    params = _flow_params(opts, C, alpha_offset=2.0, n_frames=len(reader))
     state = backend.reference(params, c1.mean(axis=0), tmp.mean(axis=0, dtype=np.float64))
     n, H, W = tmp.shape[:3]
     # The frames are registered independently (same zero initialisation), so in
@@ -10439,10 +10440,16 @@ def adaptive_alpha(opts, frames, span, n_frames=None):
     return alpha * gain, n
 
 
-def _stage1_data_offset(opts):
-    """``data_offset`` of Stage 1's flow (``_nb_pyramid_plan``): ``_DATA_OFFSET`` of the
-    preset under ``stage1_method = "adaptive"``, 0 (the toolbox) otherwise."""
+def _stage1_data_offset(opts, n_frames=None):
+    """``data_offset`` of Stage 1's flow (``_nb_pyramid_plan``) for a recording of
+    ``n_frames`` frames (None: a long one): ``_DATA_OFFSET`` of the preset under
+    ``stage1_method = "adaptive"`` on recordings longer than ``TEMPORAL_WARMUP`` frames,
+    where the alpha it was measured with (``_NOISE_ALPHA_LIMIT``) applies; 0 (the
+    level's own data term, as the toolbox) otherwise.  At the unlimited alpha of a short
+    recording that jumps, the finer data term left more motion (README)."""
     if opts.stage1_method != "adaptive":
+        return 0
+    if n_frames is not None and n_frames <= TEMPORAL_WARMUP:
         return 0
     return _DATA_OFFSET.get(opts.quality_setting, 0)
 
@@ -12008,7 +12015,7 @@ class _RecordingRun:
             self.ref_raw, self.opts = _reference_and_options(
                 self.reader, self.opts, self.pool, name, self.backend, self.stage1
             )
-            self.params = _flow_params(self.opts, self.C)
+            self.params = _flow_params(self.opts, self.C, n_frames=self.T)
         log.info("%s: reference built in %.1f s", name, self.phases.seconds["reference"])
         self.quality = _QualityAccumulator(self.ref_raw, T, self.opts.weight)
 

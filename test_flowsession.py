@@ -4707,14 +4707,17 @@ def test_a_data_term_from_a_finer_level_follows_fine_structure_better():
 
 def test_stage1_takes_the_finer_data_term_at_the_coarse_adaptive_presets_only():
     # The toolbox path (MATLAB parity) and quality (min_level 0: nothing finer) keep the
-    # level's own data term; the within-frame check keeps its measured thresholds' term.
+    # level's own data term, and so does a recording no longer than the temporal model's
+    # warm-up (where the alpha limit it was measured with does not apply).
     for preset in ("quality", "balanced", "fast"):
         matlab = fs.FlowOptions(quality_setting=preset, stage1_method="matlab")
         assert fs._flow_params(matlab, 1).data_offset == 0
         adaptive = fs.FlowOptions(quality_setting=preset)
-        p = fs._flow_params(adaptive, 1)
-        plan = fs._plan_levels(fs._pyramid_plan(p, (1, 256, 256)))
-        assert fs._data_level(plan[-1]) == (preset != "quality")
+        for n_frames in (None, fs.TEMPORAL_WARMUP, fs.TEMPORAL_WARMUP + 1):
+            p = fs._flow_params(adaptive, 1, n_frames=n_frames)
+            plan = fs._plan_levels(fs._pyramid_plan(p, (1, 256, 256)))
+            long = n_frames is None or n_frames > fs.TEMPORAL_WARMUP
+            assert fs._data_level(plan[-1]) == (preset != "quality" and long)
 
 
 def _nonrigid_error(tmp_path, frames, truth, name):

@@ -6451,16 +6451,11 @@ def _pyramid_levels(p, f1, plan=None):
     coarsest first, then the finest level's data level when it has one (``_data_level``)."""
     plan = _pyramid_plan(p, f1.shape) if plan is None else plan
     flat = _reference_pyramid(p, f1, plan)
-    C = f1.shape[0]
     levels = _plan_levels(plan)
-    out = [
-        flat[lev.offset : lev.offset + C * lev.lx * lev.ly].reshape(C, lev.lx, lev.ly)
-        for lev in levels
-    ]
+    out = [_nb_level_reference(f1, flat, lev.offset, lev.lx, lev.ly) for lev in levels]
     last = levels[-1]
     if _data_level(last):
-        size = C * last.dx * last.dy
-        out.append(flat[last.doffset : last.doffset + size].reshape(C, last.dx, last.dy))
+        out.append(_nb_level_reference(f1, flat, last.doffset, last.dx, last.dy))
     return out
 
 

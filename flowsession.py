@@ -214,6 +214,7 @@ __all__ = [
     "SessionConfig",
     "TEMPORAL_JUMP",
     "TEMPORAL_JUMP_SHARE",
+    "TEMPORAL_MOTION_MARGIN",
     "TEMPORAL_NOISE_FLOOR",
     "TEMPORAL_RADIUS",
     "TEMPORAL_RECURSIVE_REACH",
@@ -10488,6 +10489,13 @@ TEMPORAL_JUMP = 6.0
 #: Frame pairs across a jump are left out of the motion statistics that set the smoothing
 #: while they are at most this share of all pairs.
 TEMPORAL_JUMP_SHARE = 0.2
+#: The translation's motion tells whether the remainder's motion changes every frame (which
+#: switches its smoothing off) as far as it stands out of the estimation noise: not at all up
+#: to half this many noise standard deviations (of motion beyond the noise), in full from this
+#: many on.  On a still recording (make_synth, 2 photons/px) the motion beyond the noise
+#: estimate, which errs low as the smaller of two, read up to 1.1 noise standard deviations;
+#: counted from 1 on, it switched the smoothing of the first 32 frames off at random.
+TEMPORAL_MOTION_MARGIN = 3.0
 #: Lowest estimation noise (px) the jump test assumes: the translation is measured on a
 #: 1/20 px grid.
 TEMPORAL_NOISE_FLOOR = 0.05
@@ -11128,8 +11136,13 @@ class _TemporalModel:
             var = self.moments[1] / n - (self.moments[0] / n) ** 2 - noise
             # Share of the motion variance that changes between consecutive frames:
             # ~0 for slow motion, ~1 for motion that jumps every frame.
-            moving = var > noise
-            jumpy = np.where(moving, steps / (2.0 * np.where(moving, var, 1.0)), 0.0)
+            # That share counts only as far as the motion stands out of the estimation
+            # noise: a still recording's variance beyond its noise estimate is itself noise
+            # (the estimate errs low, as the smaller of two), and read as motion that
+            # jumps every frame it switched the remainder's smoothing off.
+            excess = np.sqrt(np.maximum(var, 0.0) / np.maximum(noise, 1e-12))
+            evidence = np.clip(2.0 * excess / TEMPORAL_MOTION_MARGIN - 1.0, 0.0, 1.0)
+            jumpy = evidence * steps / (2.0 * np.maximum(var, 1e-12))
             keep = float(np.clip(1.0 - np.max(jumpy), 0.0, 1.0))
         else:
             self.noise = v1[:2] - 0.5 * v2[:2]

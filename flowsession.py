@@ -179,6 +179,8 @@ __all__ = [
     "QUALITY_SHIFT_EXPLAINED",
     "QUALITY_THRESHOLDS",
     "REFERENCE_ALIGN_ROUNDS",
+    "REFERENCE_SEED_FRAMES",
+    "REFERENCE_SEED_GAIN",
     "REFERENCE_UPDATE_FRAMES",
     "RecordingLayout",
     "RecordingReader",
@@ -213,12 +215,15 @@ __all__ = [
     "STATUS_FILE",
     "SessionConfig",
     "TEMPORAL_JUMP",
+    "TEMPORAL_JUMP_REMAINDER",
     "TEMPORAL_JUMP_SHARE",
+    "TEMPORAL_JUMP_WINDOW",
     "TEMPORAL_MOTION_MARGIN",
     "TEMPORAL_NOISE_FLOOR",
     "TEMPORAL_RADIUS",
     "TEMPORAL_RECURSIVE_REACH",
     "TEMPORAL_WARMUP",
+    "TRACK_RESCUE_PX",
     "TRANSLATION_TAPER",
     "TRANSLATION_UPSAMPLE",
     "TiffReader",
@@ -303,6 +308,7 @@ __all__ = [
 ###############################################################################
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -10486,6 +10492,14 @@ TEMPORAL_RECURSIVE_REACH = 4
 #: of what its estimation noise and the recording's ordinary motion allow (both axes
 #: together) is a jump: the smoothing stops there instead of averaging across it.
 TEMPORAL_JUMP = 6.0
+#: A change of the remainder between two frames (mean square over the frame) beyond this
+#: many times its median over the recording is a jump too (motion within a frame's scan, a
+#: sudden deformation): the smoothing stops there.  Pooled over the frame, the change of a
+#: still recording's remainder varies little (0.9-1.05 times its median on a 64x64 test
+#: movie); a frame whose rows moved 8 px apart during its scan changed it 16-20 times.
+TEMPORAL_JUMP_REMAINDER = 9.0
+#: Frame pairs over which that median is taken (the most recent ones).
+TEMPORAL_JUMP_WINDOW = 1024
 #: Frame pairs across a jump are left out of the motion statistics that set the smoothing
 #: while they are at most this share of all pairs.
 TEMPORAL_JUMP_SHARE = 0.2
@@ -10496,9 +10510,14 @@ TEMPORAL_JUMP_SHARE = 0.2
 #: estimate, which errs low as the smaller of two, read up to 1.1 noise standard deviations;
 #: counted from 1 on, it switched the smoothing of the first 32 frames off at random.
 TEMPORAL_MOTION_MARGIN = 3.0
+#: Median of the square of a standard normal variable (chi-square, one degree of freedom).
+_CHI2_1_MEDIAN = 0.454936
 #: Lowest estimation noise (px) the jump test assumes: the translation is measured on a
 #: 1/20 px grid.
 TEMPORAL_NOISE_FLOOR = 0.05
+#: A frame whose field's translation is more than this many px from the tracked one is
+#: solved again from the tracked translation (`_AdaptiveMethod._rescue`).
+TRACK_RESCUE_PX = 2.0
 #: Translation tracking: fraction of each side under the cosine taper, and the sub-pixel
 #: grid (1 / upsample px) of the correlation peak.
 TRANSLATION_TAPER = 0.25
@@ -10977,8 +10996,7 @@ class _TemporalModel:
         self.sums = np.zeros((2, 3))  # rows: lag 1, lag 2; columns: s_x, s_y, r
         self.counts = np.zeros(2)
         self.moments = np.zeros((2, 2))  # sums of s and s ** 2 per axis
-        self.split_sum = np.zeros(2)  # sum of squared half-frame differences per axis
-        self.n_split = 0
+        self.split_sq = []  # squared half-frame differences per axis, (2,) each
         self.last = []  # the last two (s, ring slot of r)
         self.decay = np.zeros(3)
         self.last_d = None  # the last difference field translation - s
@@ -10992,6 +11010,8 @@ class _TemporalModel:
         self.jump_sums = np.zeros((2, 3))
         self.jump_counts = np.zeros(2)
         self.last_jump = False
+        # lag-1 mean squared changes of the remainder, the last TEMPORAL_JUMP_WINDOW
+        self.remainder_changes = collections.deque(maxlen=TEMPORAL_JUMP_WINDOW)
 
     def push(self, w, s, payloads, halves=None):
         """Fields ``w (n, H, W, 2)``, translations ``s (n, 2)``, one payload per frame and
@@ -11025,22 +11045,29 @@ class _TemporalModel:
                 self.d_sum += (d - self.last_d) ** 2
             self.last_d = d
             jump = bool(self.last) and self._is_jump(cur[0] - self.last[-1][0])
+            diffs = {}  # lag: squared changes (s_x, s_y, remainder)
             for lag in (1, 2):
                 if len(self.last) >= lag:
                     s0, r0 = self.last[-lag]
-                    sq = np.append((cur[0] - s0) ** 2, self._sq_diff(cur[1], r0))
-                    self.sums[lag - 1] += sq
-                    self.counts[lag - 1] += 1
-                    if jump or (lag == 2 and self.last_jump):
-                        self.jump_sums[lag - 1] += sq
-                        self.jump_counts[lag - 1] += 1
+                    diffs[lag] = np.append((cur[0] - s0) ** 2, self._sq_diff(cur[1], r0))
+            # A jump of the remainder alone (motion within the frame, a sudden deformation)
+            # cuts the smoothing as a jump of the translation does.
+            jump_r = 1 in diffs and self._is_remainder_jump(diffs[1][2])
+            jump = jump or jump_r
+            for lag, sq in diffs.items():
+                self.sums[lag - 1] += sq
+                self.counts[lag - 1] += 1
+                if jump or (lag == 2 and self.last_jump):
+                    self.jump_sums[lag - 1] += sq
+                    self.jump_counts[lag - 1] += 1
             self.last_jump = jump
             self.moments += (cur[0], cur[0] ** 2)
             if halves is not None and np.isfinite(halves[k]).all():
-                self.split_sum += np.asarray(halves[k], dtype=np.float64) ** 2
-                self.n_split += 1
+                self.split_sq.append(np.asarray(halves[k], dtype=np.float64) ** 2)
             self.last = (self.last + [cur])[-2:]
-            self.items.append([self.pushed, np.concatenate([cur[0], mean]), slots[k], payloads[k]])
+            self.items.append(
+                [self.pushed, np.concatenate([cur[0], mean]), slots[k], payloads[k], jump_r]
+            )
             self.pushed += 1
         self._update_decay()  # the noise the next frames' jumps are judged by
         if self.pushed < self.warmup:
@@ -11110,16 +11137,27 @@ class _TemporalModel:
         v1 = sums[0] / counts[0]
         v2 = sums[1] / counts[1]
         q_r, r_r = v2[2] - v1[2], v1[2] - 0.5 * v2[2]
-        if self.n_split >= 4:
+        if len(self.split_sq) >= 4:
+            # The half-frame estimate leaves out differences beyond TEMPORAL_JUMP standard
+            # deviations (from their median, at least the floor): a half whose correlation
+            # failed (a half of a small frame moved by a large part of its height) reads
+            # many pixels off, and one such frame among 8 set the noise of a 30-frame
+            # recording to 2.3 px, so the translation was smoothed across a 7.6 px jump.
+            # Not the median itself: on the 1/20 px grid small differences read 0.
+            sq = np.array(self.split_sq)
+            typical = np.median(sq, axis=0) / _CHI2_1_MEDIAN
+            cap = TEMPORAL_JUMP**2 * np.maximum(typical, 4.0 * TEMPORAL_NOISE_FLOOR**2)
+            kept = sq <= cap
+            split = np.where(kept, sq, 0.0).sum(axis=0) / np.maximum(kept.sum(axis=0), 1) / 4.0
             # Each noise estimate errs upwards in its own case: the half-frame one by
             # non-rigid motion (the halves move apart), the lag one by motion that
             # jumps every frame; the smaller of the two is kept.
-            noise = np.minimum(self.split_sum / self.n_split / 4.0, v1[:2] - 0.5 * v2[:2])
+            noise = np.minimum(split, v1[:2] - 0.5 * v2[:2])
             if self.pushed < self.warmup:
                 # Fewer frames than the warm-up (a short recording): a lag estimate that
                 # is not positive comes from steps the jump test of the first frames
                 # missed, not from exact measurements; the half-frame one is kept.
-                noise = np.where(noise > 0.0, noise, self.split_sum / self.n_split / 4.0)
+                noise = np.where(noise > 0.0, noise, split)
             steps = v1[:2] - 2.0 * noise
             self.track_steps = np.maximum(steps, 0.0)
             # The fields' own translation m is a second estimate: its noise r_m from
@@ -11155,17 +11193,31 @@ class _TemporalModel:
         # the smoothing shrinks towards none in proportion.
         self.decay *= min(1.0, max(self.pushed - 1, 0) / max(self.warmup - 1, 1))
 
-    def _segments(self, tr):
+    def _is_remainder_jump(self, sq):
+        """Whether the remainder changed between two frames by ``sq`` (the mean squared
+        difference of `_sq_diff`) more than ``TEMPORAL_JUMP_REMAINDER`` times the median
+        of that change over the last ``TEMPORAL_JUMP_WINDOW`` frame pairs (at least 4);
+        ``sq`` joins them."""
+        seen = self.remainder_changes
+        jump = len(seen) >= 4 and sq > TEMPORAL_JUMP_REMAINDER * float(np.median(seen))
+        seen.append(float(sq))
+        return bool(jump)
+
+    def _segments(self, tr, jump_r=None):
         """Segment number ``(m,)`` of each of consecutive frames with translations ``tr (m,
         2)``: a new segment starts where the translation changes between two frames by more
         than its estimation noise and ordinary motion allow (``TEMPORAL_JUMP`` standard
-        deviations of `_jump_variance`, both axes together)."""
+        deviations of `_jump_variance`, both axes together), and where ``jump_r (m,)`` says
+        the remainder jumped from the frame before (`_is_remainder_jump`)."""
         seg = np.zeros(len(tr), np.int64)
+        new = np.zeros(len(tr), bool)
+        if jump_r is not None:
+            new[1:] = np.asarray(jump_r, bool)[1:]
         var = self._jump_variance()
-        if len(tr) < 2 or not np.isfinite(var).all():
-            return seg
-        z = ((np.diff(tr, axis=0) ** 2) / var).sum(axis=1)
-        seg[1:] = np.cumsum(z > TEMPORAL_JUMP**2)
+        if len(tr) >= 2 and np.isfinite(var).all():
+            z = ((np.diff(tr, axis=0) ** 2) / var).sum(axis=1)
+            new[1:] |= z > TEMPORAL_JUMP**2
+        seg[1:] = np.cumsum(new[1:])
         return seg
 
     def _release(self, last):
@@ -11187,7 +11239,7 @@ class _TemporalModel:
             near = self.items[lo - first : hi - first + 1]
             tr = np.array([it[1] for it in near])  # (m, 4): s, m
             tr = self.fuse * tr[:, :2] + (1.0 - self.fuse) * tr[:, 2:]
-            seg = self._segments(tr)
+            seg = self._segments(tr, [it[4] for it in near])
             cut = False
             if seg[-1] > 0:
                 # No smoothing across a jump: neighbours beyond it weigh nothing.
@@ -11272,33 +11324,108 @@ class _Release(NamedTuple):
     norm: np.ndarray
 
 
-#: Rounds of `_whole_pixel_alignment`: each measures the frames against the mean of the
-#: frames as the previous round moved them.
+#: Rounds of `_whole_pixel_alignment` from each start: the first measures the frames
+#: against the start's mean, each later one against the mean of the frames as the previous
+#: round moved them.
 REFERENCE_ALIGN_ROUNDS = 2
+#: `_seed_frames`: at most this many frames besides the seed frame, and at most a quarter
+#: of the reference frames.
+REFERENCE_SEED_FRAMES = 20
+#: `_whole_pixel_alignment` keeps the shifts found from the seed's mean where its moved
+#: frames leave less than this share of the decorrelation (1 - their mean correlation
+#: with their mean) that those from the plain mean leave.  Measured: 0.73 on 30 real
+#: 64x64 frames that jump between places 15 px apart for similar times (the plain mean's
+#: alignment failed there, 7.5 px of error); 0.97-1.03 on real and short recordings where
+#: both found the jumps (the plain mean, of more frames, is then kept).
+REFERENCE_SEED_GAIN = 0.9
+
+
+def _binned_frames(frames, weight, margin=0):
+    """Preprocessed frames ``(H, W, C)`` (a sequence) as rows ``(n, P)`` for
+    correlations: ``margin`` px off each side, channels weighted by ``weight``, binned to
+    about 64 px a side, mean removed, unit norm (zero rows stay zero)."""
+    wt = np.asarray(weight, dtype=np.float64)
+    rows = []
+    for f in frames:
+        f = f[margin : f.shape[0] - margin, margin : f.shape[1] - margin]
+        H, W, C = f.shape
+        if not wt.any():
+            wt = np.ones(C)
+        b = max(1, min(H, W) // 64)
+        h, w = H // b, W // b
+        img = (f[: h * b, : w * b] * wt).sum(axis=2)
+        rows.append(img.reshape(h, b, w, b).mean(axis=(1, 3)).ravel())
+    x = np.array(rows)
+    x -= x.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1)
+    return x / np.where(norm > 0, norm, 1.0)[:, None]
+
+
+def _seed_frames(c1, weight):
+    """Indices of reference frames that sit at one place: the frame whose ``k`` best
+    correlations (`_binned_frames`) with the others are highest on average, and those
+    ``k`` frames (``k``: ``REFERENCE_SEED_FRAMES``, at most a quarter of the frames, at
+    least 1).  A recording that jumps between places has a mean that blends them, and a
+    frame measured against the blend finds its own place in it (no shift); frames at one
+    place correlate best with each other, so their mean shows one place."""
+    n = len(c1)
+    k = max(1, min(REFERENCE_SEED_FRAMES, n // 4))
+    x = _binned_frames(c1, weight)
+    cc = x @ x.T
+    np.fill_diagonal(cc, -np.inf)
+    order = np.argsort(-cc, axis=1, kind="stable")[:, :k]
+    best = int(np.argmax(np.take_along_axis(cc, order, axis=1).mean(axis=1)))
+    return np.concatenate([[best], order[best]])
+
+
+def _moved_frames(c1, shifts):
+    """The frames ``c1`` moved by their whole-pixel ``shifts`` (`_moved_whole`), lazily."""
+    return (_moved_whole(f, *d) if np.any(d) else f for f, d in zip(c1, shifts))
 
 
 def _whole_pixel_alignment(c1, weight, pool=None):
     """Whole-pixel shifts ``(n, 2)`` int (dx, dy; the field convention) that move the
     preprocessed frames ``c1`` ``(n, H, W, C)`` onto each other: each frame's translation
-    (`_Translations`) onto the mean of the frames, in ``REFERENCE_ALIGN_ROUNDS`` rounds
-    (the mean of the frames as the last round moved them), rounded, their median
-    subtracted so the frames keep their typical place."""
+    (`_Translations`) onto a mean, in ``REFERENCE_ALIGN_ROUNDS`` rounds (the first onto
+    the start's mean, then onto the mean of the frames as the last round moved them),
+    rounded, their median subtracted so the frames keep their typical place.  Two starts:
+    the mean of all frames, and that of `_seed_frames`; where they differ, the seed's
+    are kept if their moved frames are left clearly less decorrelated from their mean
+    (``REFERENCE_SEED_GAIN``; mean correlation of `_binned_frames`), else the plain
+    mean's.  The mean of a recording that jumps between places for similar times blends
+    them, and its frames find their own place in the blend; the seed's mean is at one
+    place.  Elsewhere the plain mean, of more frames, is the less noisy start."""
     n = len(c1)
-    shifts = np.zeros((n, 2), np.int64)
     if n < 2:
-        return shifts
-    for _ in range(REFERENCE_ALIGN_ROUNDS):
-        mean = np.zeros(c1.shape[1:])
-        for k in range(n):
-            mean += _moved_whole(c1[k], *shifts[k]) if shifts[k].any() else c1[k]
-        tracker = _Translations(mean / n, weight, split=False)
-        measured = list(pool.map(tracker, c1)) if pool is not None else [tracker(f) for f in c1]
-        new = np.rint(np.array(measured)).astype(np.int64)
-        new -= np.rint(np.median(new, axis=0)).astype(np.int64)
-        if np.array_equal(new, shifts):
-            break
-        shifts = new
-    return shifts
+        return np.zeros((n, 2), np.int64)
+    found = []
+    for start in (None, _seed_frames(c1, weight)):
+        shifts = np.zeros((n, 2), np.int64)
+        for r in range(REFERENCE_ALIGN_ROUNDS):
+            if r == 0 and start is not None:
+                mean = c1[start].mean(axis=0)
+            else:
+                mean = sum(_moved_frames(c1, shifts)) / n
+            tracker = _Translations(mean, weight, split=False)
+            measured = list(pool.map(tracker, c1)) if pool is not None else [tracker(f) for f in c1]
+            new = np.rint(np.array(measured)).astype(np.int64)
+            new -= np.rint(np.median(new, axis=0)).astype(np.int64)
+            if np.array_equal(new, shifts):
+                break
+            shifts = new
+        found.append(shifts)
+    if np.array_equal(*found):
+        return found[0]
+    # Scored over the part of the frame that no shift moves in from beyond its edge.
+    H, W = c1.shape[1:3]
+    margin = min(int(max(np.abs(f).max() for f in found)), (min(H, W) - 16) // 2)
+    scores = []
+    for shifts in found:
+        x = _binned_frames(_moved_frames(c1, shifts), weight, max(margin, 0))
+        mean = x.mean(axis=0)
+        scores.append(float((x @ mean).mean() / max(np.linalg.norm(mean), 1e-300)))
+    plain, seeded = (1.0 - x for x in scores)  # what the moved frames leave decorrelated
+    return found[1] if seeded < REFERENCE_SEED_GAIN * plain else found[0]
 
 
 #: :func:`_row_motion` ratio above which the reference frames are taken to move within a
@@ -11441,6 +11568,9 @@ class _AdaptiveMethod(_ToolboxMethod):
             pixel_weights=self.tracker.pixel_weights, pool=run.pool, block=run.chunk, ops=self.ops
         )
         self.fill = np.ascontiguousarray(np.moveaxis(np.asarray(ref_raw, dtype=np.float64), 2, 0))
+        self.c_ref = np.asarray(c_ref, dtype=np.float64)
+        self.weights = _channel_weights(run.opts.weight, run.C)
+        self.rescued = [0, 0]  # frames whose flow was solved again from the tracker; kept
 
     def correct(self, run, pre, raw, b0, i0, i1, init):
         if not self.temporal:
@@ -11464,15 +11594,86 @@ class _AdaptiveMethod(_ToolboxMethod):
             else:  # the fields stay on the device (a _ChunkOnDevice)
                 w = self.ops.flows(run.state, c1, init, measure)
         s, halves = np.stack([g[0] for g in got]).transpose(1, 0, 2)
+        means = np.array([g[1] for g in got])
+        missed = np.flatnonzero(np.hypot(*(s - means).T) > TRACK_RESCUE_PX)
+        if missed.size:
+            with run.phases("flow and translation"):
+                w = self._rescue(run, c1, w, s, means, slots, missed)
+            for k in missed:
+                got[k] = got[k][0], means[k]
         with run.phases("temporal model"):
             # a copy: pending frames must not keep a whole batch alive
             done = self.model.add(slots, [g[1] for g in got], s, np.array(raw[i0:i1]), halves)
         self._emit(run, done)
         return w, c1
 
+    def _rescue(self, run, c1, w, s, means, slots, missed):
+        """Frames ``missed`` of a chunk whose field's translation ``means[k]`` is more than
+        ``TRACK_RESCUE_PX`` from the tracked one ``s[k]``: the pyramid, started from the
+        batch's initial field, found no way to a jump that the cross-correlation saw.
+        Each is solved again from the tracked translation, and the field that warps the
+        frame closer to the reference (mean squared difference over the pixels both keep
+        in the frame) is kept: its remainder goes to the temporal model's slot, its mean
+        to ``means``, and on the host the field to ``w`` (returned)."""
+        H, W = run.H, run.W
+        for k in missed:
+            start = run.backend.start(np.broadcast_to(s[k], (H, W, 2)).copy())
+            if self.ops is None:
+                new = run.backend.flows(run.state, c1[k : k + 1], start)
+                old_w, new_w = w[k], new[0]
+            else:
+                new = self.ops.flows(run.state, c1[k : k + 1], start, lambda *a: None)
+                old_w, new_w = w[k : k + 1][0], new[0:1][0]
+            self.rescued[0] += 1
+            if self._misfit(c1[k], new_w, old_w) >= self._misfit(c1[k], old_w, new_w):
+                continue
+            self.rescued[1] += 1
+            if self.ops is None:
+                w[k] = new_w
+                means[k] = self.model.split(new_w, slots[k])
+            else:
+                means[k] = self.model.split(new.fields[0], slots[k])
+                # the chunk's fields on the device (the next batch's initial field)
+                dst = w.fields[k]
+                if hasattr(dst, "copy_"):  # a torch tensor
+                    dst.copy_(new.fields[0])
+                else:  # a Numba device array
+                    dst.copy_to_device(new.fields[0])
+        return w
+
+    def _misfit(self, frame, wk, other=None):
+        """Mean squared difference, channels weighted, between the preprocessed ``frame``
+        warped by ``wk`` ``(H, W, 2)`` and the reference, over the pixels that ``wk`` (and
+        ``other``, when given) keep in the frame (so two fields are compared on the same
+        pixels); inf where none are."""
+        H, W, C = frame.shape
+        zero = np.zeros((C, H, W))
+        reg, valid = np.empty((H, W, C)), np.empty((H, W), dtype=bool)
+        _nb_warp_field(
+            np.ascontiguousarray(np.moveaxis(wk, 2, 0)), frame, zero, INTERP_LINEAR, reg, valid
+        )
+        if other is not None:
+            reg2, valid2 = np.empty((H, W, C)), np.empty((H, W), dtype=bool)
+            uv = np.ascontiguousarray(np.moveaxis(other, 2, 0))
+            _nb_warp_field(uv, frame, zero, INTERP_LINEAR, reg2, valid2)
+            valid &= valid2
+        if not valid.any():
+            return np.inf
+        d = ((reg - self.c_ref) ** 2 * self.weights).sum(axis=2)
+        return float(d[valid].mean())
+
     def finish(self, run):
         if self.temporal:
             self._emit(run, self.model.flush())
+            if self.rescued[0]:
+                log.info(
+                    "%s: %d frames whose flow missed the tracked translation by more than "
+                    "%g px solved again from it; %d kept",
+                    run.name,
+                    self.rescued[0],
+                    TRACK_RESCUE_PX,
+                    self.rescued[1],
+                )
 
     def summary(self):
         return self.model.summary() if self.temporal else None

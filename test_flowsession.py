@@ -7740,6 +7740,28 @@ def test_temporal_model_stops_smoothing_at_a_jump():
     assert np.abs(f - field)[:60].std() < 0.03
 
 
+def test_temporal_model_keeps_a_frame_whose_remainder_alone_jumps():
+    # A still recording (0.1 px of noise) in which frames 60 and 110 deform by 1.5 px
+    # (rows apart, as motion during a frame's scan gives) while their translation stays:
+    # the translation's jump test cannot see it, and smoothed with the still neighbours
+    # the deformation all but vanished (measured 0.2 px of it left).  The remainder's own
+    # jump (its change 9x its median) cuts the smoothing, and each such frame keeps its
+    # deformation within 0.35 px (a frame's own noise, 0.1 px, up to 3.5 standard
+    # deviations), while the still frames are smoothed as before.
+    rng = np.random.default_rng(13)
+    T, H, W = 160, 8, 6
+    pattern = np.zeros((H, W, 2))
+    pattern[..., 0] = np.linspace(-1.5, 1.5, H)[:, None]
+    field = np.zeros((T, H, W, 2))
+    field[[60, 110]] = pattern
+    w = field + rng.normal(0, 0.1, (T, H, W, 2))
+    s = rng.normal(0, 0.1, (T, 2))
+    f = np.stack([x[1] for x in _temporal(w, s)])
+    err = np.abs(f - field).max(axis=(1, 2, 3))
+    assert err[[60, 110]].max() < 0.35
+    assert np.abs(f - field)[:50].std() < 0.03
+
+
 def test_temporal_model_keeps_a_twitch_of_two_frames():
     # A 3 px twitch on frames 100 and 101 comes through on both frames (smoothed across,
     # it would be spread thin over its neighbours and nearly vanish).
@@ -8296,6 +8318,90 @@ def test_reference_frames_of_a_jumping_recording_are_moved_onto_each_other(tmp_p
     np.testing.assert_array_equal(fs._whole_pixel_alignment(c1, np.ones(1)), -places)
 
 
+def test_reference_frames_at_two_places_for_equal_times_are_moved_onto_one(tmp_path):
+    # 30 frames: 15 at one place, 15 moved 4 px left and 14 px down.  Measured against the
+    # plain mean, which blends both places equally, each frame finds its own place in the
+    # blend: no shifts (the alignment before the seed start: 14 px off).  The mean of the
+    # frames that correlate best with each other (`_seed_frames`) shows one place, and
+    # the frames are moved onto it exactly.
+    places = np.array([(0, 0)] * 15 + [(-4, 14)] * 15)
+    path, _ = _jumping_recording(tmp_path, places)
+    c1 = ndimage.gaussian_filter(tifffile.imread(path).astype(float), (0, 1, 1))[..., None]
+    seed = fs._seed_frames(c1, np.ones(1))
+    assert len(seed) == 1 + 30 // 4 and len(set(places[seed, 1].tolist())) == 1
+    shifts = fs._whole_pixel_alignment(c1, np.ones(1))
+    np.testing.assert_array_equal(shifts - shifts[0], -(places - places[0]))
+    # A still recording keeps every frame in place.
+    still = np.repeat(c1[:1], 8, axis=0) + np.random.default_rng(0).normal(0, 0.01, (8, 64, 64, 1))
+    assert not fs._whole_pixel_alignment(still, np.ones(1)).any()
+
+
+def _rescue_setup(shift, size=64, seed=3):
+    """A Stage 1 run's pieces for `_AdaptiveMethod._rescue` on the CPU: a smooth texture
+    as the reference (preprocessed, 0..1) and one frame of it moved by whole pixels
+    ``shift`` (dx, dy: it shows the texture at p + shift, so the field that corrects it
+    is -shift), with its field from a zero start, its tracked translation and
+    the temporal model's slot holding the field's remainder."""
+    import types
+
+    rng = np.random.default_rng(seed)
+    pad = 20
+    big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), 2.0)
+    big = (big - big.min()) / np.ptp(big)
+    ref = big[pad : pad + size, pad : pad + size, None]
+    dx, dy = shift
+    frame = big[pad + dy : pad + dy + size, pad + dx : pad + dx + size, None]
+    opts = fs.FlowOptions(quality_setting="balanced")
+    be = fs.make_backend("flowreg", {})
+    run = types.SimpleNamespace(
+        H=size, W=size, C=1, opts=opts, backend=be, pool=None, chunk=8, name="rec"
+    )
+    run.state = be.reference(fs._flow_params(opts, 1), ref, ref)
+    method = fs._AdaptiveMethod(opts, "rec")
+    method.start(run, ref, ref)
+    c1 = frame[None].astype(np.float64)
+    w = be.flows(run.state, c1, np.zeros((size, size, 2)))
+    s = np.array([method.tracker(c1[0])])
+    slots = method.model.reserve(1, (size, size))
+    means = np.array([method.model.split(w[0], slots[0])])
+    return run, method, c1, w, s, means, slots
+
+
+def test_a_frame_whose_flow_missed_a_jump_is_solved_again_from_the_tracked_translation():
+    # A frame 14 px up and 4 left of the reference (64x64): the pyramid, started from
+    # no motion, stops far short (its mean field is more than 2 px off), while the
+    # cross-correlation finds the shift.  Solved again from the tracked translation, the
+    # field warps the frame closer to the reference and is kept: over the frame's interior
+    # (16 px off each side) within 0.2 px of the shift (measured 0.07), its weighted mean
+    # within 0.4 px (0.29: the rows that come in from beyond the reference's edge), and
+    # the temporal model's slot holds its remainder.
+    run, method, c1, w, s, means, slots = _rescue_setup((4, 14))
+    np.testing.assert_allclose(s[0], (-4, -14), atol=0.1)
+    assert np.hypot(*(means[0] - s[0])) > fs.TRACK_RESCUE_PX
+    before = w.copy()
+    w = method._rescue(run, c1, w, s, means, slots, [0])
+    assert method.rescued == [1, 1]
+    np.testing.assert_allclose(means[0], (-4, -14), atol=0.4)
+    np.testing.assert_allclose(w[0][16:-16, 16:-16].mean(axis=(0, 1)), (-4, -14), atol=0.2)
+    assert np.abs(w - before).max() > 5
+    rest = method.model.ring[slots[0]]  # (2, H, W) float32: the new field less its mean
+    np.testing.assert_allclose(rest, np.moveaxis(w[0] - means[0], 2, 0), atol=1e-5)
+
+
+def test_a_field_that_fits_better_than_the_tracked_translation_is_kept():
+    # A frame 1 px from the reference, whose flow is right, given a wrong tracked
+    # translation 6 px away (as a false correlation peak would give): solved again from
+    # there, the field fits worse, and the frame's own is kept.
+    run, method, c1, w, s, means, slots = _rescue_setup((1, 0))
+    np.testing.assert_allclose(means[0], (-1, 0), atol=0.2)
+    wrong = s + (6.0, -3.0)
+    before, mean_before = w.copy(), means.copy()
+    w = method._rescue(run, c1, w, wrong, means, slots, [0])
+    assert method.rescued == [1, 0]
+    np.testing.assert_array_equal(w, before)
+    np.testing.assert_array_equal(means, mean_before)
+
+
 def test_translation_tracker_is_not_pulled_towards_no_shift():
     # The tracker's taper stays in place while the frame's content moves under it; on a
     # 64-px frame that pulled the estimate of a 6.3 px shift 0.15 px short (6.15), and
@@ -8595,10 +8701,16 @@ def test_cuda_default_path_runs_on_the_device_and_matches_the_host_path(
     run = functools.partial(
         _stage1_on, tmp_path, monkeypatch, frames=frames, backend="flowreg_cuda"
     )
+    # The fake fields (pixel values) are no translation the tracker would find: without
+    # this every frame would be solved again (the test below), whose fields come back to
+    # choose between them.
+    no_rescue = functools.partial(monkeypatch.setattr, fs, "TRACK_RESCUE_PX", np.inf)
+    no_rescue()
     monkeypatch.setattr(fs.CudaBackend, "_displacement", _fake_cuda_flows)
     host, _ = run(name="host", params=params, device=False, save_w=True)
     # The device path without save_w, counting what comes back while frames are corrected.
     spy = device_array.copy_to_host
+    no_rescue()
     monkeypatch.setattr(fs.CudaBackend, "_displacement", _fake_cuda_flows)
     monkeypatch.setattr(
         device_array, "copy_to_host", lambda a, *x, **k: _record_pull(spy(a, *x, **k))
@@ -8612,6 +8724,18 @@ def test_cuda_default_path_runs_on_the_device_and_matches_the_host_path(
     # (the chunk's sum); the host path brings every frame's field back (measured 10).
     assert any(shape[-3:] == (H, W, C) for shape, _ in _PULLED["arrays"])  # the frames
     assert _fields_pulled(H, W) <= math.ceil(T / 8)
+
+
+def _fake_cuda_flows_from_init(self, st, f2, ui0, vi0):
+    # _fake_cuda_flows plus the initial field, so a frame solved again from another start
+    # gets another field.
+    def host(a):
+        return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+    u, v = _fake_cuda_flows(self, st, f2, ui0, vi0)
+    u.copy_to_device(np.ascontiguousarray(host(u) + host(ui0)))
+    v.copy_to_device(np.ascontiguousarray(host(v) + host(vi0)))
+    return u, v
 
 
 def _device_ops(kind, precision="float64"):
@@ -8640,6 +8764,50 @@ _ON_DEVICES = [
     pytest.param("cuda", marks=pytest.mark.cuda),
     pytest.param("torch", marks=pytest.mark.torch),
 ]
+
+
+@pytest.mark.parametrize("kind", _ON_DEVICES)
+def test_frames_solved_again_on_the_device_match_the_host_path(tmp_path, monkeypatch, kind):
+    # Every frame taken as one whose flow missed its tracked translation
+    # (TRACK_RESCUE_PX = 0): solved again from it on the device, the better field chosen
+    # on the host, its remainder stored in the device's ring and the chunk's field
+    # replaced there (the next batch starts from the fields).  The outputs match the host
+    # path's, where the same happens in numpy (tolerances as in the tests above).  CUDA
+    # under the simulator with flows that depend on the start (_fake_cuda_flows_from_init).
+    T, H, W, C = 12, 10, 12, 1
+    frames = fs.synthetic_recording(T, (H, W), C, seed=7)[0].astype(np.float64)
+    if kind == "cuda":
+        backend, params, tol = "flowreg_cuda", {"precision": "float64"}, (1e-9, 1e-6)
+        patch = (fs.CudaBackend, "_displacement", _fake_cuda_flows_from_init)
+        device = (fs.CudaBackend, "device_fields", fs.CudaBackend.device_fields)
+    else:
+        _need("torch")
+        backend, params, tol = "flowreg_torch", {"device": "cpu"}, (1e-6, 1e-6)
+        patch = None
+        device = (fs.TorchBackend, "device_fields", lambda be: fs._TorchFields(be))
+    outs, rescued = [], []
+    for name, on_device in (("host", False), ("dev", True)):
+        monkeypatch.setattr(fs, "TRACK_RESCUE_PX", 0.0)
+        if patch:
+            monkeypatch.setattr(*patch)
+        if on_device:
+            monkeypatch.setattr(*device)
+        out, method = _stage1_on(
+            tmp_path,
+            monkeypatch,
+            name,
+            frames,
+            backend,
+            params,
+            device=on_device,
+            save_w=True,
+            buffer_size=8,
+        )
+        assert (method.ops is not None) == on_device
+        outs.append(out)
+        rescued.append(method.rescued)
+    assert rescued[0] == rescued[1] and rescued[0][0] == T and rescued[0][1] > 0
+    _compare_outputs(*outs, *tol)
 
 
 @pytest.mark.parametrize("kind", _ON_DEVICES)

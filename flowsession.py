@@ -10493,7 +10493,7 @@ TEMPORAL_RECURSIVE_REACH = 4
 #: together) is a jump: the smoothing stops there instead of averaging across it.
 TEMPORAL_JUMP = 6.0
 #: A change of the remainder between two frames (mean square over the frame) beyond this
-#: many times its median over the recording is a jump too (motion within a frame's scan, a
+#: many times its median over the recent frame pairs is a jump too (motion within a frame's scan, a
 #: sudden deformation): the smoothing stops there.  Pooled over the frame, the change of a
 #: still recording's remainder varies little (0.9-1.05 times its median on a 64x64 test
 #: movie); a frame whose rows moved 8 px apart during its scan changed it 16-20 times.

@@ -11342,19 +11342,18 @@ REFERENCE_SEED_GAIN = 0.9
 
 def _binned_frames(frames, weight, margin=0):
     """Preprocessed frames ``(H, W, C)`` (a sequence) as rows ``(n, P)`` for
-    correlations: ``margin`` px off each side, channels weighted by ``weight``, binned to
-    about 64 px a side, mean removed, unit norm (zero rows stay zero)."""
+    correlations: ``margin`` px off each side, channels weighted by ``weight``
+    (`_nb_binned_channels`), binned to about 64 px a side, mean removed, unit norm (zero
+    rows stay zero)."""
     wt = np.asarray(weight, dtype=np.float64)
     rows = []
     for f in frames:
         f = f[margin : f.shape[0] - margin, margin : f.shape[1] - margin]
         H, W, C = f.shape
-        if not wt.any():
-            wt = np.ones(C)
         b = max(1, min(H, W) // 64)
-        h, w = H // b, W // b
-        img = (f[: h * b, : w * b] * wt).sum(axis=2)
-        rows.append(img.reshape(h, b, w, b).mean(axis=(1, 3)).ravel())
+        out = np.empty((H // b, W // b))
+        _nb_binned_channels(f, wt if wt.any() else np.ones(C), b, out)
+        rows.append(out.ravel())
     x = np.array(rows)
     x -= x.mean(axis=1, keepdims=True)
     norm = np.linalg.norm(x, axis=1)
@@ -11625,7 +11624,8 @@ class _AdaptiveMethod(_ToolboxMethod):
                 new = self.ops.flows(run.state, c1[k : k + 1], start, lambda *a: None)
                 old_w, new_w = w[k : k + 1][0], new[0:1][0]
             self.rescued[0] += 1
-            if self._misfit(c1[k], new_w, old_w) >= self._misfit(c1[k], old_w, new_w):
+            misfit_new, misfit_old = self._misfits(c1[k], new_w, old_w)
+            if misfit_new >= misfit_old:
                 continue
             self.rescued[1] += 1
             if self.ops is None:
@@ -11641,26 +11641,24 @@ class _AdaptiveMethod(_ToolboxMethod):
                     dst.copy_to_device(new.fields[0])
         return w
 
-    def _misfit(self, frame, wk, other=None):
+    def _misfits(self, frame, *fields):
         """Mean squared difference, channels weighted, between the preprocessed ``frame``
-        warped by ``wk`` ``(H, W, 2)`` and the reference, over the pixels that ``wk`` (and
-        ``other``, when given) keep in the frame (so two fields are compared on the same
-        pixels); inf where none are."""
+        warped by each of ``fields`` ``(H, W, 2)`` and the reference, over the pixels that
+        every field keeps in the frame (so the fields are compared on the same pixels);
+        inf where there are none."""
         H, W, C = frame.shape
         zero = np.zeros((C, H, W))
-        reg, valid = np.empty((H, W, C)), np.empty((H, W), dtype=bool)
-        _nb_warp_field(
-            np.ascontiguousarray(np.moveaxis(wk, 2, 0)), frame, zero, INTERP_LINEAR, reg, valid
-        )
-        if other is not None:
-            reg2, valid2 = np.empty((H, W, C)), np.empty((H, W), dtype=bool)
-            uv = np.ascontiguousarray(np.moveaxis(other, 2, 0))
-            _nb_warp_field(uv, frame, zero, INTERP_LINEAR, reg2, valid2)
-            valid &= valid2
-        if not valid.any():
-            return np.inf
-        d = ((reg - self.c_ref) ** 2 * self.weights).sum(axis=2)
-        return float(d[valid].mean())
+        both = np.ones((H, W), dtype=bool)
+        errors = []
+        for wk in fields:
+            reg, valid = np.empty((H, W, C)), np.empty((H, W), dtype=bool)
+            uv = np.ascontiguousarray(np.moveaxis(wk, 2, 0))
+            _nb_warp_field(uv, frame, zero, INTERP_LINEAR, reg, valid)
+            errors.append(((reg - self.c_ref) ** 2 * self.weights).sum(axis=2))
+            both &= valid
+        if not both.any():
+            return [np.inf] * len(fields)
+        return [float(e[both].mean()) for e in errors]
 
     def finish(self, run):
         if self.temporal:

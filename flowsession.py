@@ -4489,12 +4489,23 @@ def _nb_smooth_frames(raw, i0, i1, lo, scale, k_row, k_col, k_time, out):
 
 
 def _smooth_frames(
-    raw, sigma, i0, i1, pool, lo=None, hi=None, offset=(0.0, 0.0, 0.0), then_range=None
+    raw,
+    sigma,
+    i0,
+    i1,
+    pool,
+    lo=None,
+    hi=None,
+    offset=(0.0, 0.0, 0.0),
+    then_range=None,
+    out=None,
 ):
     """``_smooth`` of ``[i0, i1)`` computed in pieces on the thread pool (the kernel
     releases the GIL); identical to one call.  ``then_range``: ``(lo, hi)`` each piece
-    is then normalised to (`_normalise`), in the same task."""
-    out = np.empty((i1 - i0, *raw.shape[1:]))
+    is then normalised to (`_normalise`), in the same task.  Into ``out`` (float64
+    ``(i1 - i0, H, W, C)``) when given."""
+    if out is None:
+        out = np.empty((i1 - i0, *raw.shape[1:]))
 
     def piece(a):
         b = min(a + _SMOOTH_STEP, i1)
@@ -10204,6 +10215,11 @@ def compute_reference(reader, opts, pool, name="recording", backend=None):
     return _reference_and_options(reader, opts, pool, name, backend)[0]
 
 
+#: What `compute_reference` adds to ``sigma`` (rows, columns, frames) for the reference
+#: frames, as the toolbox does.
+_REFERENCE_SMOOTHING = (1.0, 1.0, 0.5)
+
+
 def _reference_and_options(reader, opts, pool, name="recording", backend=None, stage1=None):
     """`compute_reference` and the options of the recording (``stage1.options``: for the
     adaptive method, alpha adapted to its noise)."""
@@ -10225,12 +10241,12 @@ def _reference_and_options(reader, opts, pool, name="recording", backend=None, s
         return tmp[0].astype(np.float64), opts
     sigma = np.atleast_2d(opts.sigma)
     sep = opts.channel_normalization == "separate"
-    g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=(1.0, 1.0, 0.5))
+    g = _smooth_frames(tmp, sigma, 0, len(tmp), pool, offset=_REFERENCE_SMOOTHING)
     lo, hi = _minmax(g, sep)
     opts = stage1.options(opts, tmp, np.asarray(hi) - lo, name, len(reader))
     c1 = _normalise(g, lo, hi, in_place=True)
     del g
-    tmp = stage1.align_reference_frames(c1, tmp, opts, pool, name)
+    tmp = stage1.align_reference_frames(c1, tmp, opts, pool, name, (lo, hi))
     opts = stage1.checked_options(opts, c1, name)
     C = tmp.shape[3]
     params = _flow_params(opts, C, alpha_offset=2.0, n_frames=len(reader))
@@ -10322,9 +10338,10 @@ class _ToolboxMethod:
         first, last = DEFAULT_REFERENCE_RANGE  # 1-based, both included
         return [i for i in range(first - 1, last) if i < n_frames]
 
-    def align_reference_frames(self, c1, raw, opts, pool, name):
+    def align_reference_frames(self, c1, raw, opts, pool, name, limits):
         """The reference frames before they are registered onto their mean: here as they
-        are (``c1``: preprocessed, ``raw``; returns ``raw``)."""
+        are (``c1``: preprocessed with the normalisation ``limits`` ``(lo, hi)``, ``raw``;
+        returns ``raw``)."""
         return raw
 
     def checked_options(self, opts, c1, name):
@@ -11529,25 +11546,36 @@ class _AdaptiveMethod(_ToolboxMethod):
             idx = list(range(max(0, min(first - 1, end - first)), end))
         return idx
 
-    def align_reference_frames(self, c1, raw, opts, pool, name):
+    def align_reference_frames(self, c1, raw, opts, pool, name, limits):
         """The reference frames moved by whole pixels onto each other before they are
         registered onto their mean (`_whole_pixel_alignment`): the mean they are registered
-        onto is then sharp, not a blend of the places a moving recording visits.  ``c1`` is
-        moved in place; returns the moved ``raw``."""
+        onto is then sharp, not a blend of the places a moving recording visits.  Returns
+        the moved ``raw``; ``c1`` (preprocessed as `_reference_and_options` does, with the
+        normalisation ``limits``) is recomputed in place from it.
+
+        The shifts are measured on frames smoothed in space only.  The reference's
+        smoothing over time (the toolbox's ``sigma`` + 0.5 frames) mixes a third of each
+        frame's neighbours into it, and where those sit elsewhere (frames that alternate
+        between two places) each frame correlated best with the mix at no shift; once the
+        frames are moved, that smoothing mixes frames at one place."""
+        sigma, n = np.atleast_2d(opts.sigma), len(raw)
+        space, time = _REFERENCE_SMOOTHING[:2], -float(np.max(sigma[:, 2]))  # sigma_t 0: none
+        _smooth_frames(raw, sigma, 0, n, pool, offset=(*space, time), then_range=limits, out=c1)
         shifts = _whole_pixel_alignment(c1, _channel_weights(opts.weight, c1.shape[3]), pool)
-        if not shifts.any():
-            return raw
-        log.info(
-            "%s: reference frames moved by whole pixels onto each other (up to %d px)",
-            name,
-            int(np.abs(shifts).max()),
+        if shifts.any():
+            log.info(
+                "%s: reference frames moved by whole pixels onto each other (up to %d px)",
+                name,
+                int(np.abs(shifts).max()),
+            )
+            if not raw.flags.writeable:
+                raw = np.array(raw)
+            for k, (dx, dy) in enumerate(shifts):
+                if dx or dy:
+                    raw[k] = _moved_whole(raw[k], dx, dy)
+        _smooth_frames(
+            raw, sigma, 0, n, pool, offset=_REFERENCE_SMOOTHING, then_range=limits, out=c1
         )
-        if not raw.flags.writeable:
-            raw = np.array(raw)
-        for k, (dx, dy) in enumerate(shifts):
-            if dx or dy:
-                c1[k] = _moved_whole(c1[k], dx, dy)
-                raw[k] = _moved_whole(raw[k], dx, dy)
         return raw
 
     def chunk_frames(self, chunk, H, W):

@@ -8364,6 +8364,18 @@ def test_reference_frames_that_alternate_between_two_places_every_frame_are_alig
     assert _alternating_error(tmp_path, places, 64) < 0.3
 
 
+def test_short_recording_that_alternates_every_frame_is_not_smoothed(tmp_path):
+    # 12 frames, every other one 4 px to the right.  The temporal model tells motion from
+    # noise by the half-frame translations; measured on every fourth frame only, a 12-frame
+    # recording had 3 of the 4 it needs and fell back on the lag statistics, which read
+    # motion that changes every frame as noise (3.9 px): the translations were smoothed
+    # towards each other and 0.98 px of error was left (measured).  Now they are measured
+    # on every frame of the warm-up: 0.08 px (0.10 at balanced and fast); bound 0.3.
+    places = np.zeros((12, 2), int)
+    places[1::2, 0] = 4
+    assert _alternating_error(tmp_path, places, 96) < 0.3
+
+
 def _rescue_setup(shift, size=64, seed=3):
     """A Stage 1 run's pieces for `_AdaptiveMethod._rescue` on the CPU: a smooth texture
     as the reference (preprocessed, 0..1) and one frame of it moved by whole pixels
@@ -8444,6 +8456,31 @@ def test_translation_tracker_is_not_pulled_towards_no_shift():
         # field (translation) that corrects it is d
         frame = ndimage.shift(img, (dy, dx), order=3, mode="nearest")
         np.testing.assert_allclose(tracker(frame[..., None]), (dx, dy), atol=0.08)
+
+
+def test_half_frame_translations_of_a_frame_far_off_agree():
+    # The difference of a frame's top and bottom halves' translations is what the temporal
+    # model reads its estimation noise from.  A half of a 64-px frame 9-12 px off shows
+    # much that its half of the reference does not; on a coarse texture (like a binned
+    # real movie) the halves then disagreed by up to 1.3 px here (measured), and on a
+    # 30-frame cut of the real movie whose frames sat 9 px off for 16 frames by 7 px,
+    # which set the noise to 2.7 px and smoothed the translation across its jumps.  Each
+    # half is now measured on the frame moved back by the whole px found: within 0.25
+    # px (measured); bound 0.5.
+    rng = np.random.default_rng(5)
+    size, pad = 64, 20
+    big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), 5.0)
+    big = (big - big.min()) / np.ptp(big)
+    tracker = fs._Translations(big[pad : pad + size, pad : pad + size, None], np.ones(1))
+    for dx, dy in ((0, 9), (0, -9), (9, 0), (0, 12)):
+        frame = big[pad + dy : pad + dy + size, pad + dx : pad + dx + size, None]
+        frame = frame + rng.normal(0, 0.02, frame.shape)
+        found, halves = tracker.measure(frame, 0)
+        np.testing.assert_allclose(found, (-dx, -dy), atol=0.25)
+        assert np.abs(halves).max() < 0.5, (dx, dy, halves)
+        # on every frame of the warm-up, on every fourth after it
+        assert np.isfinite(tracker.measure(frame, 1)[1]).all()
+        assert np.isnan(tracker.measure(frame, fs.TEMPORAL_WARMUP + 1)[1]).all()
 
 
 def test_short_recording_trusts_no_negative_noise_estimate():

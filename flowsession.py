@@ -11620,8 +11620,8 @@ class _AdaptiveMethod(_ToolboxMethod):
 
         def measure(k0, k1, wk):
             # In the pool's threads, right after each frame's flow: its translation
-            # (and, on every 4th frame, the estimation noise) and its field's remainder
-            # stored for the temporal model.
+            # (and, on the frames `_Translations.measure` says, the estimation noise) and its
+            # field's remainder stored for the temporal model.
             for k in range(k0, k1):
                 m = self.tracker.measure(c1[k], b0 + i0 + k)
                 got[k] = m, self.model.split(wk[k - k0], slots[k])

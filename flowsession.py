@@ -10800,8 +10800,8 @@ class _Translations:
         if t < TEMPORAL_WARMUP or t % 4 == 0:
             # Measured on the frame moved back by the whole binned px found, as `_estimate`
             # measures it: the halves' difference does not change, and a half of a frame far
-            # off no longer shows what its half of the reference does not (a 64-px frame 12
-            # px off read differences of px, and the noise estimate 2.7 px).
+            # off no longer shows what its half of the reference does not (a real 64-px frame 9
+            # px off read differences of 7 px, and the noise estimate 2.7 px).
             ix, iy = (int(v) for v in np.rint(found / self.scale))
             halves = self._halves(_moved_whole(small, ix, iy) if ix or iy else small)
         return np.stack([found, halves])

@@ -10539,6 +10539,13 @@ TRACK_RESCUE_PX = 2.0
 #: grid (1 / upsample px) of the correlation peak.
 TRANSLATION_TAPER = 0.25
 TRANSLATION_UPSAMPLE = 20
+#: A correlation peak further than this share of a side from no shift is checked by the
+#: correlation over the part frame and reference share (`_overlap_peak`): the circular
+#: correlation wraps shifts past half a side, and the taper leaves little to correlate
+#: well before that (a real 64x64 frame 23 px off read 39 px the other way).
+TRANSLATION_FAR = 0.125
+#: ... where shifts are considered that leave at least this share of the frame shared.
+TRANSLATION_MIN_OVERLAP = 0.2
 
 
 def _taper(n, fraction):
@@ -10678,6 +10685,48 @@ def _nb_correlation_peak(corr, cross, upsample):
     return _nb_dft_peak(cross, W, y, x, 1.0 / upsample, math.ceil(0.15 * upsample))
 
 
+def _overlap_peak(frame, ref, weight, min_overlap):
+    """Whole-pixel ``(dx, dy)`` (the field convention) of the peak of the normalised
+    cross-correlation of ``frame`` and ``ref`` ``(h, w, C)`` over the part they share at
+    each shift (not circular: the means and norms are those of the overlap), channels
+    summed with ``weight``; shifts that leave less than ``min_overlap`` of the frame
+    shared are not considered.  An FFT correlation of frames padded to twice their size
+    for each of the six sums it needs."""
+    from scipy import fft as sfft
+
+    h, w, C = frame.shape
+    shape = (sfft.next_fast_len(2 * h - 1), sfft.next_fast_len(2 * w - 1, real=True))
+
+    def spec(x):
+        return sfft.rfft2(x, s=shape)
+
+    def corr(x, y):  # sum over p of x(p + s) y(p), at every shift s (circular index)
+        return sfft.irfft2(x * np.conj(y), s=shape)
+
+    ones = spec(np.ones((h, w)))
+    count = np.maximum(np.rint(corr(ones, ones)), 1.0)
+    total = np.zeros(shape)
+    for k in range(C):
+        if weight[k] <= 0:
+            continue
+        f, g = frame[..., k], ref[..., k]
+        F, G = spec(f), spec(g)
+        sf, sg = corr(F, ones), corr(ones, G)
+        vf = corr(spec(f * f), ones) - sf * sf / count
+        vg = corr(ones, spec(g * g)) - sg * sg / count
+        cov = corr(F, G) - sf * sg / count
+        den = np.sqrt(np.maximum(vf, 0.0) * np.maximum(vg, 0.0))
+        total += weight[k] * np.divide(cov, den, out=np.zeros(shape), where=den > 1e-12 * den.max())
+    # A correlation over fewer pixels reaches a given value more easily by chance: each
+    # shift's is weighed by the square root of the share of the frame it is taken over.
+    total *= np.sqrt(count / (h * w))
+    total[count < min_overlap * h * w] = -np.inf
+    i, j = np.unravel_index(int(np.argmax(total)), shape)
+    dy = i - shape[0] if i > shape[0] // 2 else i
+    dx = j - shape[1] if j > shape[1] // 2 else j
+    return int(dx), int(dy)
+
+
 def _moved_whole(frame, dx, dy):
     """``frame`` ``(H, W, ...)`` sampled at p + (dx, dy) (whole pixels, the field
     convention), the nearest edge value beyond the frame."""
@@ -10727,6 +10776,7 @@ class _Translations:
         self.bin = binning or (2 if min(H, W) >= 128 else 1)
         self.scale = scale * self.bin  # px of the full frame per px correlated here
         small = self._binned(ref)
+        self.small, self.weight = small, weight
         h, w = small.shape[:2]
         self.taper = np.outer(_taper(h, TRANSLATION_TAPER), _taper(w, TRANSLATION_TAPER))
         self.spectra = []
@@ -10770,6 +10820,9 @@ class _Translations:
         acts only on the fraction left."""
         x, y = self._correlate(small)
         ix, iy = round(x), round(y)
+        h, w = self.taper.shape
+        if abs(x) > TRANSLATION_FAR * w or abs(y) > TRANSLATION_FAR * h:
+            ix, iy = _overlap_peak(small, self.small, self.weight, TRANSLATION_MIN_OVERLAP)
         if ix or iy:
             x, y = self._correlate(_moved_whole(small, ix, iy))
             x, y = x + ix, y + iy

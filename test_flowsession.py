@@ -8278,7 +8278,7 @@ def _jumping_recording(tmp_path, places, seed=21, size=64, photons=400.0):
     # A short recording of a smooth random texture that sits at whole-pixel ``places``
     # ((T, 2) dx, dy: frame t shows the texture at p + places[t]), with Poisson noise.
     rng = np.random.default_rng(seed)
-    pad = 16
+    pad = max(16, int(np.abs(places).max()))
     big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), 2.0)
     big = (big - big.min()) / np.ptp(big)
     frames = []
@@ -8481,6 +8481,51 @@ def test_half_frame_translations_of_a_frame_far_off_agree():
         # on every frame of the warm-up, on every fourth after it
         assert np.isfinite(tracker.measure(frame, 1)[1]).all()
         assert np.isnan(tracker.measure(frame, fs.TEMPORAL_WARMUP + 1)[1]).all()
+
+
+def test_overlap_peak_is_the_best_correlation_over_the_shared_part():
+    # Independent oracle: for every whole-pixel shift that leaves at least a fifth of the
+    # frame shared, the correlation coefficient of the two overlapping parts computed
+    # directly, times the square root of the shared share; `_overlap_peak` must pick the
+    # same shift (it computes the six sums by padded FFTs).
+    rng = np.random.default_rng(2)
+    h, w = 24, 20
+    big = ndimage.gaussian_filter(rng.random((h + 24, w + 24)), 1.5)
+    ref = big[12 : 12 + h, 12 : 12 + w]
+    for dx, dy in ((3, -5), (-9, 8), (11, 10)):
+        frame = big[12 + dy : 12 + dy + h, 12 + dx : 12 + dx + w] + rng.normal(0, 0.01, (h, w))
+        best, arg = -np.inf, None
+        for sy in range(-h + 1, h):
+            for sx in range(-w + 1, w):
+                # frame(p + s) against ref(p) where both are inside
+                ry, rx = slice(max(0, -sy), min(h, h - sy)), slice(max(0, -sx), min(w, w - sx))
+                fy, fx = slice(max(0, sy), min(h, h + sy)), slice(max(0, sx), min(w, w + sx))
+                a, b = frame[fy, fx].ravel(), ref[ry, rx].ravel()
+                if a.size < 0.2 * h * w:
+                    continue
+                r = np.corrcoef(a, b)[0, 1] * np.sqrt(a.size / (h * w))
+                if r > best:
+                    best, arg = r, (sx, sy)
+        assert arg == (-dx, -dy)  # frame(p) shows ref(p + d): it goes back by -d
+        assert fs._overlap_peak(frame[..., None], ref[..., None], np.ones(1), 0.2) == arg
+
+
+def test_translation_of_a_frame_a_third_of_its_side_off_is_not_wrapped():
+    # A 64x64 frame of a coarse texture (like a binned real movie) 24-30 px off: the
+    # circular correlation's peak lies past half a side, or where the taper has left too
+    # little to correlate, and read 38-44 px off (measured, each shift here).  A peak
+    # further than TRANSLATION_FAR of a side is checked over the part frame and reference
+    # share: 0.15-0.7 px off (measured; at such shifts the taper still pulls the sub-pixel
+    # part); bound 1 px.
+    rng = np.random.default_rng(5)
+    size, pad = 64, 40
+    big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), 3.0)
+    big = (big - big.min()) / np.ptp(big)
+    tracker = fs._Translations(big[pad : pad + size, pad : pad + size, None], np.ones(1))
+    for dx, dy in ((-30, -18), (-24, -30), (-30, 24), (-12, -30), (-18, -30)):
+        frame = big[pad + dy : pad + dy + size, pad + dx : pad + dx + size, None]
+        frame = frame + rng.normal(0, 0.02, frame.shape)
+        np.testing.assert_allclose(tracker(frame), (-dx, -dy), atol=1.0)
 
 
 def test_short_recording_trusts_no_negative_noise_estimate():

@@ -10540,12 +10540,17 @@ TRACK_RESCUE_PX = 2.0
 TRANSLATION_TAPER = 0.25
 TRANSLATION_UPSAMPLE = 20
 #: A correlation peak further than this share of a side from no shift is checked by the
-#: correlation over the part frame and reference share (`_overlap_peak`): the circular
+#: correlation over the part frame and reference share (`_OverlapCorrelation`): the circular
 #: correlation wraps shifts past half a side, and the taper leaves little to correlate
 #: well before that (a real 64x64 frame 23 px off read 39 px the other way).
 TRANSLATION_FAR = 0.125
 #: ... where shifts are considered that leave at least this share of the frame shared.
 TRANSLATION_MIN_OVERLAP = 0.2
+#: A frame far off can also put the circular peak near no shift (a real 64x64 frame 20 px
+#: off read 8 px off): every frame's peak is compared with that correlation over the shared
+#: part on frames binned to about this many px a side, and checked at full size where
+#: the two differ by more than 2 binned px.
+TRANSLATION_CHECK_SIZE = 32
 
 
 def _taper(n, fraction):
@@ -10685,46 +10690,78 @@ def _nb_correlation_peak(corr, cross, upsample):
     return _nb_dft_peak(cross, W, y, x, 1.0 / upsample, math.ceil(0.15 * upsample))
 
 
-def _overlap_peak(frame, ref, weight, min_overlap):
+class _OverlapCorrelation:
     """Whole-pixel ``(dx, dy)`` (the field convention) of the peak of the normalised
-    cross-correlation of ``frame`` and ``ref`` ``(h, w, C)`` over the part they share at
+    cross-correlation of a frame with ``ref`` ``(h, w, C)`` over the part they share at
     each shift (not circular: the means and norms are those of the overlap), channels
-    summed with ``weight``; shifts that leave less than ``min_overlap`` of the frame
-    shared are not considered.  An FFT correlation of frames padded to twice their size
-    for each of the six sums it needs."""
-    from scipy import fft as sfft
+    summed with ``weight``.  Shifts that leave less than ``min_overlap`` of the frame
+    shared are not considered, and each shift's correlation is weighed by the square root
+    of the share it is taken over: over fewer pixels a correlation reaches a given value
+    more easily by chance.  FFT correlations of frames padded to twice their size; the
+    reference's sums are computed once."""
 
-    h, w, C = frame.shape
-    shape = (sfft.next_fast_len(2 * h - 1), sfft.next_fast_len(2 * w - 1, real=True))
+    def __init__(self, ref, weight, min_overlap):
+        from scipy import fft as sfft
 
-    def spec(x):
-        return sfft.rfft2(x, s=shape)
+        self.fft = sfft
+        h, w, C = ref.shape
+        self.shape = (sfft.next_fast_len(2 * h - 1), sfft.next_fast_len(2 * w - 1, real=True))
+        self.ones = self._spec(np.ones((h, w)))
+        count = np.maximum(np.rint(self._corr(self.ones, self.ones)), 1.0)
+        self.count, self.share = count, np.sqrt(count / (h * w))
+        self.excluded = count < min_overlap * h * w
+        self.channels = []
+        for k in range(C):
+            if weight[k] > 0:
+                g = ref[..., k]
+                G = self._spec(g)
+                sg = self._corr(self.ones, G)
+                vg = self._corr(self.ones, self._spec(g * g)) - sg * sg / count
+                self.channels.append((k, weight[k], G, sg, np.maximum(vg, 0.0)))
 
-    def corr(x, y):  # sum over p of x(p + s) y(p), at every shift s (circular index)
-        return sfft.irfft2(x * np.conj(y), s=shape)
+    def _spec(self, x):
+        return self.fft.rfft2(x, s=self.shape)
 
-    ones = spec(np.ones((h, w)))
-    count = np.maximum(np.rint(corr(ones, ones)), 1.0)
-    total = np.zeros(shape)
-    for k in range(C):
-        if weight[k] <= 0:
-            continue
-        f, g = frame[..., k], ref[..., k]
-        F, G = spec(f), spec(g)
-        sf, sg = corr(F, ones), corr(ones, G)
-        vf = corr(spec(f * f), ones) - sf * sf / count
-        vg = corr(ones, spec(g * g)) - sg * sg / count
-        cov = corr(F, G) - sf * sg / count
-        den = np.sqrt(np.maximum(vf, 0.0) * np.maximum(vg, 0.0))
-        total += weight[k] * np.divide(cov, den, out=np.zeros(shape), where=den > 1e-12 * den.max())
-    # A correlation over fewer pixels reaches a given value more easily by chance: each
-    # shift's is weighed by the square root of the share of the frame it is taken over.
-    total *= np.sqrt(count / (h * w))
-    total[count < min_overlap * h * w] = -np.inf
-    i, j = np.unravel_index(int(np.argmax(total)), shape)
-    dy = i - shape[0] if i > shape[0] // 2 else i
-    dx = j - shape[1] if j > shape[1] // 2 else j
-    return int(dx), int(dy)
+    def _corr(self, x, y):  # sum over p of x(p + s) y(p), at every shift s (circular index)
+        return self.fft.irfft2(x * np.conj(y), s=self.shape)
+
+    def __call__(self, frame, near=None, reach=0):
+        """The peak for ``frame`` ``(h, w, C)``; with ``near`` ``(dx, dy)``, the peak
+        within ``reach`` px of it on each axis."""
+        total = np.zeros(self.shape)
+        count = self.count
+        for k, weight, G, sg, vg in self.channels:
+            f = frame[..., k]
+            F = self._spec(f)
+            sf = self._corr(F, self.ones)
+            vf = np.maximum(self._corr(self._spec(f * f), self.ones) - sf * sf / count, 0.0)
+            cov = self._corr(F, G) - sf * sg / count
+            den = np.sqrt(vf * vg)
+            ok = den > 1e-12 * max(float(den.max()), 1e-300)
+            total += weight * np.divide(cov, den, out=np.zeros(self.shape), where=ok)
+        total *= self.share
+        total[self.excluded] = -np.inf
+        if near is not None:
+            keep = np.full(self.shape, -np.inf)
+            rows = np.arange(near[1] - reach, near[1] + reach + 1) % self.shape[0]
+            cols = np.arange(near[0] - reach, near[0] + reach + 1) % self.shape[1]
+            keep[np.ix_(rows, cols)] = 0.0
+            total += keep
+        i, j = np.unravel_index(int(np.argmax(total)), self.shape)
+        dy = i - self.shape[0] if i > self.shape[0] // 2 else i
+        dx = j - self.shape[1] if j > self.shape[1] // 2 else j
+        return int(dx), int(dy)
+
+
+def _block_mean(img, k):
+    """``img`` ``(H, W, C)`` as float64, binned k x k (block means; the last rows and
+    columns that do not fill a block left out)."""
+    img = np.asarray(img, dtype=np.float64)
+    if k == 1:
+        return np.ascontiguousarray(img)
+    out = np.empty((img.shape[0] // k, img.shape[1] // k, img.shape[2]))
+    _nb_binned(img, k, out)
+    return out
 
 
 def _moved_whole(frame, dx, dy):
@@ -10756,7 +10793,7 @@ class _Translations:
     interpreter lock, so frames can be measured in several threads at once.
     """
 
-    def __init__(self, ref, weight, split=True, binning=None, scale=1):
+    def __init__(self, ref, weight, split=True, binning=None, scale=1, check=True):
         from scipy import fft as sfft
 
         self.fft = sfft
@@ -10776,9 +10813,17 @@ class _Translations:
         self.bin = binning or (2 if min(H, W) >= 128 else 1)
         self.scale = scale * self.bin  # px of the full frame per px correlated here
         small = self._binned(ref)
-        self.small, self.weight = small, weight
         h, w = small.shape[:2]
         self.taper = np.outer(_taper(h, TRANSLATION_TAPER), _taper(w, TRANSLATION_TAPER))
+        # The check of frames far off (`_estimate`): over the shared part, binned to
+        # about TRANSLATION_CHECK_SIZE px a side for every frame, at full size (made when
+        # first needed) where that disagrees with the circular peak.
+        self.small, self.weight, self.full, self.coarse = small, weight, None, None
+        if check:
+            self.coarse_bin = max(1, min(h, w) // TRANSLATION_CHECK_SIZE)
+            self.coarse = _OverlapCorrelation(
+                _block_mean(small, self.coarse_bin), weight, TRANSLATION_MIN_OVERLAP
+            )
         self.spectra = []
         for k in range(C):
             f, scale = self._spectrum(small, k) if weight[k] > 0 else (None, 0.0)
@@ -10787,8 +10832,8 @@ class _Translations:
         if split and h >= 32 and w >= 16:
             # The halves of the binned frame, measured without further binning.
             self.parts = (
-                _Translations(small[: h // 2], weight, False, 1, self.bin),
-                _Translations(small[h // 2 : 2 * (h // 2)], weight, False, 1, self.bin),
+                _Translations(small[: h // 2], weight, False, 1, self.bin, False),
+                _Translations(small[h // 2 : 2 * (h // 2)], weight, False, 1, self.bin, False),
             )
 
     def _spectrum(self, img, k):
@@ -10799,13 +10844,7 @@ class _Translations:
         return self.fft.rfft2(a), (1.0 / norm if norm > 0 else 1.0)
 
     def _binned(self, img):
-        img = np.asarray(img, dtype=np.float64)
-        b = self.bin
-        if b == 1:
-            return np.ascontiguousarray(img)
-        out = np.empty((img.shape[0] // b, img.shape[1] // b, img.shape[2]))
-        _nb_binned(img, b, out)
-        return out
+        return _block_mean(img, self.bin)
 
     def __call__(self, frame):
         return self._estimate(self._binned(frame))
@@ -10817,12 +10856,29 @@ class _Translations:
         the peak towards no shift (by about a tenth of the shift on 64-px frames, a
         fiftieth on 256-px ones): a frame found a whole (binned) pixel or more away is
         measured again moved back by those whole pixels (`_moved_whole`), where that pull
-        acts only on the fraction left."""
+        acts only on the fraction left.  Those whole pixels come from `_OverlapCorrelation`
+        where the circular peak is further than ``TRANSLATION_FAR`` of a side out, or more
+        than 2 binned px from that correlation's peak on the frame binned to about
+        ``TRANSLATION_CHECK_SIZE`` px (the circular one wraps, and the taper leaves little of
+        a frame far off to correlate)."""
         x, y = self._correlate(small)
         ix, iy = round(x), round(y)
-        h, w = self.taper.shape
-        if abs(x) > TRANSLATION_FAR * w or abs(y) > TRANSLATION_FAR * h:
-            ix, iy = _overlap_peak(small, self.small, self.weight, TRANSLATION_MIN_OVERLAP)
+        if self.coarse is not None:
+            h, w = self.taper.shape
+            k = self.coarse_bin
+            cx, cy = self.coarse(_block_mean(small, k))
+            cx, cy = cx * k, cy * k
+            far = abs(x) > TRANSLATION_FAR * w or abs(y) > TRANSLATION_FAR * h
+            if k == 1:
+                if far or abs(cx - x) > 2 or abs(cy - y) > 2:
+                    ix, iy = cx, cy
+            elif far or abs(cx - x) > 2 * k or abs(cy - y) > 2 * k:
+                # The binned correlation, less noisy, says where; full size, how far.
+                if self.full is None:
+                    self.full = _OverlapCorrelation(
+                        self.small, self.weight, TRANSLATION_MIN_OVERLAP
+                    )
+                ix, iy = self.full(small, (cx, cy), k)
         if ix or iy:
             x, y = self._correlate(_moved_whole(small, ix, iy))
             x, y = x + ix, y + iy
@@ -11463,6 +11519,25 @@ def _moved_frames(c1, shifts):
     return (_moved_whole(f, *d) if np.any(d) else f for f, d in zip(c1, shifts))
 
 
+def _covered_mean(c1, shifts):
+    """Mean ``(H, W, C)`` of the frames ``c1`` moved by their whole-pixel ``shifts``, each
+    pixel over the frames whose content covers it (the nearest edge value that
+    `_moved_whole` puts beyond a frame left out; the plain mean where no frame covers it).
+    Frames moved far leave bands of repeated edge rows, which in a plain mean pulled a
+    frame 24 px off back towards no shift (a real 64x64 cut)."""
+    n, H, W, C = c1.shape
+    total, plain = np.zeros((H, W, C)), np.zeros((H, W, C))
+    count = np.zeros((H, W, 1))
+    for f, (dx, dy) in zip(c1, shifts):
+        moved = _moved_whole(f, dx, dy) if dx or dy else f
+        plain += moved
+        rows = slice(max(0, -dy), min(H, H - dy))
+        cols = slice(max(0, -dx), min(W, W - dx))
+        total[rows, cols] += moved[rows, cols]
+        count[rows, cols] += 1.0
+    return np.where(count > 0, total / np.maximum(count, 1.0), plain / n)
+
+
 def _whole_pixel_alignment(c1, weight, pool=None):
     """Whole-pixel shifts ``(n, 2)`` int (dx, dy; the field convention) that move the
     preprocessed frames ``c1`` ``(n, H, W, C)`` onto each other: each frame's translation
@@ -11485,7 +11560,7 @@ def _whole_pixel_alignment(c1, weight, pool=None):
             if r == 0 and start is not None:
                 mean = c1[start].mean(axis=0)
             else:
-                mean = sum(_moved_frames(c1, shifts)) / n
+                mean = _covered_mean(c1, shifts)
             tracker = _Translations(mean, weight, split=False)
             measured = list(pool.map(tracker, c1)) if pool is not None else [tracker(f) for f in c1]
             new = np.rint(np.array(measured)).astype(np.int64)

@@ -8458,6 +8458,21 @@ def test_translation_tracker_is_not_pulled_towards_no_shift():
         np.testing.assert_allclose(tracker(frame[..., None]), (dx, dy), atol=0.08)
 
 
+def _texture_tracker(seed, sigma, pad, size=64):
+    """A smooth random texture ``(size + 2 pad)^2`` (0..1, Gaussian ``sigma``), the
+    tracker of its central ``size^2`` part, and ``crop(dx, dy)``: the ``(size, size, 1)``
+    frame that shows the texture at p + (dx, dy)."""
+    rng = np.random.default_rng(seed)
+    big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), sigma)
+    big = (big - big.min()) / np.ptp(big)
+    tracker = fs._Translations(big[pad : pad + size, pad : pad + size, None], np.ones(1))
+
+    def crop(dx, dy):
+        return big[pad + dy : pad + dy + size, pad + dx : pad + dx + size, None]
+
+    return rng, tracker, crop
+
+
 def test_half_frame_translations_of_a_frame_far_off_agree():
     # The difference of a frame's top and bottom halves' translations is what the temporal
     # model reads its estimation noise from.  A half of a 64-px frame 9-12 px off shows
@@ -8467,13 +8482,9 @@ def test_half_frame_translations_of_a_frame_far_off_agree():
     # which set the noise to 2.7 px and smoothed the translation across its jumps.  Each
     # half is now measured on the frame moved back by the whole px found: within 0.25
     # px (measured); bound 0.5.
-    rng = np.random.default_rng(5)
-    size, pad = 64, 20
-    big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), 5.0)
-    big = (big - big.min()) / np.ptp(big)
-    tracker = fs._Translations(big[pad : pad + size, pad : pad + size, None], np.ones(1))
+    rng, tracker, crop = _texture_tracker(5, 5.0, 20)
     for dx, dy in ((0, 9), (0, -9), (9, 0), (0, 12)):
-        frame = big[pad + dy : pad + dy + size, pad + dx : pad + dx + size, None]
+        frame = crop(dx, dy)
         frame = frame + rng.normal(0, 0.02, frame.shape)
         found, halves = tracker.measure(frame, 0)
         np.testing.assert_allclose(found, (-dx, -dy), atol=0.25)
@@ -8517,13 +8528,9 @@ def test_translation_of_a_frame_a_third_of_its_side_off_is_not_wrapped():
     # further than TRANSLATION_FAR of a side is checked over the part frame and reference
     # share: 0.15-0.7 px off (measured; at such shifts the taper still pulls the sub-pixel
     # part); bound 1 px.
-    rng = np.random.default_rng(5)
-    size, pad = 64, 40
-    big = ndimage.gaussian_filter(rng.random((size + 2 * pad, size + 2 * pad)), 3.0)
-    big = (big - big.min()) / np.ptp(big)
-    tracker = fs._Translations(big[pad : pad + size, pad : pad + size, None], np.ones(1))
+    rng, tracker, crop = _texture_tracker(5, 3.0, 40)
     for dx, dy in ((-30, -18), (-24, -30), (-30, 24), (-12, -30), (-18, -30)):
-        frame = big[pad + dy : pad + dy + size, pad + dx : pad + dx + size, None]
+        frame = crop(dx, dy)
         frame = frame + rng.normal(0, 0.02, frame.shape)
         np.testing.assert_allclose(tracker(frame), (-dx, -dy), atol=1.0)
 

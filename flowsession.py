@@ -5998,10 +5998,20 @@ class _FlowParams(NamedTuple):
     local: bool
     red_black: bool = False
     data_offset: int = 0  # the finest level's data term this many levels finer (_nb_pyramid_plan)
+    warps: int = (
+        1  # solves of that finest level, each from the frame warped anew (_nb_pyramid_plan)
+    )
 
 
 def _displacement_params(
-    shape, *, weight=None, const_assumption="gc", matlab_quirks=True, data_offset=0, **options
+    shape,
+    *,
+    weight=None,
+    const_assumption="gc",
+    matlab_quirks=True,
+    data_offset=0,
+    warps=1,
+    **options,
 ):
     """Checked ``_FlowParams`` of ``get_displacement`` for images of ``shape`` (H, W, C)
     (int C is enough unless ``weight`` is a spatial map).
@@ -6010,7 +6020,7 @@ def _displacement_params(
     iterations, min_level, levels, eta, a_smooth, a_data); the ones not given take
     ``GET_DISPLACEMENT_DEFAULTS``.  ``data_offset``: the finest level solved takes its
     data term from this many levels finer (0: its own, the toolbox; see
-    ``_nb_pyramid_plan``).  The one constructor of ``_FlowParams``: Stage 1 and Stage 2
+    ``_nb_pyramid_plan``), and with ``data_offset`` > 0 is solved ``warps`` times.  The one constructor of ``_FlowParams``: Stage 1 and Stage 2
     build theirs through it (:func:`_flow_params`).
     """
     unknown = sorted(set(options) - set(GET_DISPLACEMENT_DEFAULTS))
@@ -6078,6 +6088,7 @@ def _displacement_params(
         wmap,
         local,
         data_offset=_cfg_int(data_offset, "data_offset", src, *_CFG_NATURAL),
+        warps=_cfg_int(warps, "warps", src, *_CFG_COUNT),
     )
     return params
 
@@ -6094,7 +6105,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0, n_frames=None):
         n_channels,
         alpha=(al[0] + alpha_offset, al[-1] + alpha_offset),
         update_lag=opts.update_lag,
-        iterations=opts.iterations,
+        iterations=_stage1_iterations(opts, n_frames),
         min_level=opts.effective_min_level,
         levels=opts.levels,
         eta=opts.eta,
@@ -6104,6 +6115,7 @@ def _flow_params(opts, n_channels, *, alpha_offset=0.0, n_frames=None):
         const_assumption=opts.constancy_assumption,
         matlab_quirks=opts.matlab_quirks,
         data_offset=_stage1_data_offset(opts, n_frames),
+        warps=_stage1_warps(opts, n_frames),
     )
 
 
@@ -6165,6 +6177,7 @@ class _Level(NamedTuple):
     dhx: float
     dhy: float
     doffset: int
+    iterations: int  # SOR sweeps on this row
 
 
 #: ``_Level`` as a record, the row of a plan array (what compiled code takes).
@@ -6177,7 +6190,9 @@ _LEVEL_DTYPE = np.dtype(
 
 
 @_njit
-def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks, data_offset):
+def _nb_pyramid_plan(
+    C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks, data_offset, iterations, warps
+):
     """The level rules of ``get_displacement.m``, written once: a record array of
     ``_LEVEL_DTYPE`` with one row per level solved, coarsest first, for stacks of
     ``C`` channels of ``(n, m)`` = (W, H) pixels.  Every driver (CPU, CUDA, torch)
@@ -6187,13 +6202,21 @@ def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks, 
     term from the level that many finer (at most full size), averaged over the area
     of each of its pixels (``_nb_area_weights``), so a coarse grid of unknowns sees
     the finer image structure; the finer level's reference follows the last level
-    in the flat pyramid (``doffset``).  Every other row's data level is itself.
+    in the flat pyramid (``doffset``).  Every other row's data level is itself.  With
+    ``data_offset`` > 0 that finest level is solved ``warps`` times (not in the toolbox): its
+    row repeated, each solve from the field so far, so the frame is warped and the data
+    term linearised anew.  Every row sweeps ``iterations`` times.
     """
     top, lo, max_x, max_y = _nb_levels(m, n, eta, levels, min_level)
-    plan = np.empty(top - lo + 1, _LEVEL_DTYPE)
+    extra = warps - 1 if data_offset > 0 else 0
+    plan = np.empty(top - lo + 1 + extra, _LEVEL_DTYPE)
     offset = 0
-    for k in range(top - lo + 1):
-        i = top - k
+    for k in range(top - lo + 1 + extra):
+        i = max(top - k, lo)
+        if i == lo and k > top - lo:
+            # a repeated solve of the finest level: the same row as the first one
+            plan[k] = plan[k - 1]
+            continue
         lx = int(_nb_round(n * eta ** min(i, max_x)))
         ly = int(_nb_round(m * eta ** min(i, max_y)))
         scale = 1.0 if i == lo else eta ** (-0.5 * i)
@@ -6212,6 +6235,7 @@ def _nb_pyramid_plan(C, n, m, eta, levels, min_level, alpha_x, alpha_y, quirks, 
         plan[k].dhx = plan[k].hx
         plan[k].dhy = plan[k].hy
         plan[k].doffset = plan[k].offset
+        plan[k].iterations = iterations
         if i == lo and data_offset > 0:
             d = max(i - data_offset, 0)
             dx = int(_nb_round(n * eta ** min(d, max_x)))
@@ -6230,7 +6254,18 @@ def _pyramid_plan(p, shape):
     ``shape = (C, W, H)``: a record array, one row per level, coarsest first."""
     C, n, m = (int(s) for s in shape)
     return _nb_pyramid_plan(
-        C, n, m, p.eta, p.levels, p.min_level, p.alpha_x, p.alpha_y, p.quirks, p.data_offset
+        C,
+        n,
+        m,
+        p.eta,
+        p.levels,
+        p.min_level,
+        p.alpha_x,
+        p.alpha_y,
+        p.quirks,
+        p.data_offset,
+        p.iterations,
+        p.warps,
     )
 
 
@@ -6254,7 +6289,7 @@ def _solver_params(p, level):
         level.alpha_y,
         level.hx,
         level.hy,
-        p.iterations,
+        level.iterations,
         p.update_lag,
         p.a_smooth,
         not p.quirks,
@@ -8120,7 +8155,7 @@ class CudaBackend(FlowBackend):
         for j, lev in enumerate(st.levels):
             lx, ly = lev.lx, lev.ly
             NX, NY = lx + 2, ly + 2
-            side = "ab"[lev.level % 2]
+            side = "ab"[j % 2]  # a row's buffers are not the row's before it
             un = self._work("u" + side, (n, NX, NY))
             vn = self._work("v" + side, (n, NX, NY))
             if j == 0:
@@ -10403,6 +10438,13 @@ _NOISE_ALPHA_LIMIT = {"balanced": 7.0, "fast": 10.0}
 #: coarse images have blurred away.  Measured on a real two-photon movie moved by known
 #: motion and on make_synth at 2 and 10 photons/px (README, "Accuracy on noisy recordings").
 _DATA_OFFSET = {"balanced": 2, "fast": 2}
+#: Solves of the finest level with the finer data term of ``_DATA_OFFSET``, each from the
+#: frame warped by the field so far (``_nb_pyramid_plan``; absent: one, the toolbox), and the
+#: SOR sweeps of every level halved (rounded up): the coarser levels only start the finest
+#: one, and a single linearisation of its data term left the fields short of the motion.
+#: About the cost of the toolbox's plan.  Measured on a real two-photon movie moved by known
+#: motion (README, "Accuracy on noisy recordings").
+_FINEST_WARPS = {"fast": 3}
 #: Reference frames (the first ones) read for the noise estimate.
 _NOISE_FRAMES = 16
 
@@ -10474,6 +10516,22 @@ def _stage1_data_offset(opts, n_frames=None):
     if n_frames is not None and n_frames <= TEMPORAL_WARMUP:
         return 0
     return _DATA_OFFSET.get(opts.quality_setting, 0)
+
+
+def _stage1_warps(opts, n_frames=None):
+    """``warps`` of Stage 1's flow (``_nb_pyramid_plan``): ``_FINEST_WARPS`` of the preset
+    where `_stage1_data_offset` gives a finer data term, else 1 (the toolbox)."""
+    if _stage1_data_offset(opts, n_frames) == 0:
+        return 1
+    return _FINEST_WARPS.get(opts.quality_setting, 1)
+
+
+def _stage1_iterations(opts, n_frames=None):
+    """SOR sweeps per level of Stage 1's flow: ``opts.iterations``, halved (rounded up)
+    where the finest level is solved several times (`_stage1_warps`)."""
+    if _stage1_warps(opts, n_frames) > 1:
+        return -(-opts.iterations // 2)
+    return opts.iterations
 
 
 def _adapted_options(opts, frames, span, name, n_frames=None):
@@ -11611,7 +11669,7 @@ def _row_motion(c1, opts):
     """
     n, H, W, C = c1.shape
     # The thresholds were measured on the preset's own data term.
-    p = _flow_params(opts, C)._replace(data_offset=0)
+    p = _flow_params(opts, C)._replace(data_offset=0, warps=1, iterations=opts.iterations)
     f1 = np.ascontiguousarray(np.transpose(c1.mean(axis=0), (2, 1, 0)))
     zero = np.zeros((W, H))
     by, bx = H // 8, W // 8
@@ -15663,8 +15721,8 @@ def _flow_bytes(p, H, W, C):
         sweep = 72 + (0 if p.a_smooth == 1.0 else 16)
         refresh = (6 * C + 9 + (C if p.local else 0)) * 8
         total += N * (
-            p.iterations * sweep
-            + (p.iterations // p.update_lag + 1) * refresh
+            lev.iterations * sweep
+            + (lev.iterations // p.update_lag + 1) * refresh
             + 8 * C * 8
             + 2 * C * 8
             + 3 * 2 * 8
@@ -15692,12 +15750,18 @@ def _print_profile(frames, opts, workers):
     runs = runs[1:]
     table = {}
     for rows in runs:
+        run = {}  # a level solved several times (warps): its solves summed
         for lev, lx, ly, step, sec in rows:
-            table.setdefault((lev, lx, ly), {}).setdefault(step, []).append(sec)
+            key = (lev, lx, ly), step
+            run[key] = run.get(key, 0.0) + sec
+        for (level, step), sec in run.items():
+            table.setdefault(level, {}).setdefault(step, []).append(sec)
     steps = ["resize", "warp", "tensors", "refresh", "sweeps", "median", "final"]
     print(
         f"\nFlow of one frame, step by step (one thread, median of 3 runs, ms; "
-        f"{p.iterations} SOR sweeps per level, refresh every {p.update_lag}):"
+        f"{p.iterations} SOR sweeps per level, refresh every {p.update_lag}"
+        + (f"; the finest solved {p.warps} times" if len(plan) > 1 and plan[-1] == plan[-2] else "")
+        + "):"
     )
     print("  level      size  " + "".join(f"{s:>9s}" for s in steps) + "    total")
     totals = dict.fromkeys(steps, 0.0)

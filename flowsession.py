@@ -970,8 +970,9 @@ class FlowOptions:
     weight : sequence of float
         Per-channel data-term weights, >= 0, not all 0; stored normalised to sum 1.
     levels, update_lag, iterations, bin_size, buffer_size : int
-        Pyramid levels, SOR iterations between nonlinearity updates / per level, temporal
-        binning, frames per batch; each >= 1.
+        Pyramid levels, SOR iterations between nonlinearity updates / per level (Stage 1 at
+        ``fast``, adaptive: half, its finest level solved three times), temporal binning,
+        frames per batch; each >= 1.
     min_level : int
         Finest level solved, >= -1; -1 takes it from the preset, a value >= 0 overrides it.
     eta : float

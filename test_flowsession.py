@@ -3345,34 +3345,25 @@ def test_cuda_flows_two_channels_gray_local_weights_match_cpu():
 
 
 @pytest.mark.cuda
-def test_cuda_data_level_matches_cpu_red_black():
+@pytest.mark.parametrize(
+    "kw, alone, change",
+    [({}, {"data_offset": 0}, 0.1), ({"warps": 3}, {"warps": 1}, 1e-3)],
+    ids=["data-level", "repeated-finest-level"],
+)
+def test_cuda_data_level_matches_cpu_red_black(kw, alone, change):
     # The finest level (1 of 16 x 15) takes its data term from full size (data_offset 1):
     # the device's area means and finer warp and tensor equal the CPU's up to rounding
-    # (measured 2e-13 px), and the data term changes the fields (0.43 px).
-    p, ref, frames, init = _cuda_case(min_level=1, data_offset=1)
+    # (measured 2e-13 px), and the data term changes the fields (0.43 px).  With warps 3
+    # that row comes three times in a row (the device's buffers alternate by row, not by
+    # level number): the device equals the CPU, and the repeated solves change the fields.
+    p, ref, frames, init = _cuda_case(min_level=1, data_offset=1, **kw)
     cpu = fs.FlowregBackend({"sor_order": "red_black"})
     gpu = _cuda_ns()
     with _pool() as pool:
         wc = cpu.flows(cpu.reference(p, ref), frames, init, pool)
-        own = cpu.flows(cpu.reference(p._replace(data_offset=0), ref), frames, init, pool)
+        own = cpu.flows(cpu.reference(p._replace(**alone), ref), frames, init, pool)
     wg = gpu.flows(gpu.reference(p, ref), frames, init, None)
-    assert np.abs(wc - own).max() > 0.1
-    np.testing.assert_allclose(wg, wc, rtol=0, atol=1e-10)
-
-
-@pytest.mark.cuda
-def test_cuda_repeated_finest_level_matches_cpu_red_black():
-    # warps 3: the finest level's row three times in a row (its buffers alternate by row,
-    # not by level number): the device equals the CPU up to rounding, and the repeated
-    # solves change the fields.
-    p, ref, frames, init = _cuda_case(min_level=1, data_offset=1, warps=3)
-    cpu = fs.FlowregBackend({"sor_order": "red_black"})
-    gpu = _cuda_ns()
-    with _pool() as pool:
-        wc = cpu.flows(cpu.reference(p, ref), frames, init, pool)
-        once = cpu.flows(cpu.reference(p._replace(warps=1), ref), frames, init, pool)
-    wg = gpu.flows(gpu.reference(p, ref), frames, init, None)
-    assert np.abs(wc - once).max() > 1e-3
+    assert np.abs(wc - own).max() > change
     np.testing.assert_allclose(wg, wc, rtol=0, atol=1e-10)
 
 

@@ -5999,9 +5999,8 @@ class _FlowParams(NamedTuple):
     local: bool
     red_black: bool = False
     data_offset: int = 0  # the finest level's data term this many levels finer (_nb_pyramid_plan)
-    warps: int = (
-        1  # solves of that finest level, each from the frame warped anew (_nb_pyramid_plan)
-    )
+    # solves of that finest level, each from the frame warped anew (_nb_pyramid_plan)
+    warps: int = 1
 
 
 def _displacement_params(
@@ -6021,8 +6020,9 @@ def _displacement_params(
     iterations, min_level, levels, eta, a_smooth, a_data); the ones not given take
     ``GET_DISPLACEMENT_DEFAULTS``.  ``data_offset``: the finest level solved takes its
     data term from this many levels finer (0: its own, the toolbox; see
-    ``_nb_pyramid_plan``), and with ``data_offset`` > 0 is solved ``warps`` times.  The one constructor of ``_FlowParams``: Stage 1 and Stage 2
-    build theirs through it (:func:`_flow_params`).
+    ``_nb_pyramid_plan``), and with ``data_offset`` > 0 is solved ``warps`` times.  The
+    one constructor of ``_FlowParams``: Stage 1 and Stage 2 build theirs through it
+    (:func:`_flow_params`).
     """
     unknown = sorted(set(options) - set(GET_DISPLACEMENT_DEFAULTS))
     if unknown:

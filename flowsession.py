@@ -6213,11 +6213,11 @@ def _nb_pyramid_plan(
     plan = np.empty(top - lo + 1 + extra, _LEVEL_DTYPE)
     offset = 0
     for k in range(top - lo + 1 + extra):
-        i = max(top - k, lo)
-        if i == lo and k > top - lo:
+        if k > top - lo:
             # a repeated solve of the finest level: the same row as the first one
             plan[k] = plan[k - 1]
             continue
+        i = top - k
         lx = int(_nb_round(n * eta ** min(i, max_x)))
         ly = int(_nb_round(m * eta ** min(i, max_y)))
         scale = 1.0 if i == lo else eta ** (-0.5 * i)
